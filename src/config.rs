@@ -1,0 +1,166 @@
+//! The daemon's configuration file (`portcullis.toml`) and its embedded default.
+//!
+//! Paths in a config file are resolved relative to the file's own directory, so
+//! that `portcullis serve --config /etc/portcullis/portcullis.toml` does not depend
+//! on the working directory of whoever started it. Without a file, the embedded
+//! default resolves paths relative to the working directory, which is what the
+//! quickstart expects.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+/// The listen address of the embedded default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:2222";
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Optional notification settings (`[notify]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    /// URL that receives a JSON POST for every request lifecycle event.
+    pub webhook: Option<String>,
+}
+
+/// The file as written by the operator; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    policies: Option<PathBuf>,
+    host_key: Option<PathBuf>,
+    auditors: Option<Vec<String>>,
+    record_input: Option<bool>,
+    notify: Option<Notify>,
+    log_format: Option<LogFormat>,
+    connect_timeout: Option<String>,
+}
+
+/// The resolved configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub policies: PathBuf,
+    /// The bastion's own SSH host key; generated on first start when missing.
+    pub host_key: PathBuf,
+    /// Principals (`user` or `group:NAME`) allowed to use the auditor commands.
+    pub auditors: Vec<String>,
+    pub record_input: bool,
+    pub notify: Notify,
+    pub log_format: LogFormat,
+    /// How long the bastion waits for a target's TCP connect and SSH handshake.
+    pub connect_timeout: Duration,
+}
+
+impl Config {
+    /// Loads `path`, or the embedded default when `path` is `None`.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        match path {
+            None => Config::resolve(RawConfig::default(), Path::new(".")),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read config file {}", path.display()))?;
+                let raw: RawConfig = toml::from_str(&text).map_err(|err| {
+                    anyhow::anyhow!("{}: {}", path.display(), describe_toml_error(&text, &err))
+                })?;
+                let base = path.parent().unwrap_or(Path::new("."));
+                Config::resolve(raw, base)
+                    .with_context(|| format!("invalid config file {}", path.display()))
+            }
+        }
+    }
+
+    fn resolve(raw: RawConfig, base: &Path) -> Result<Config> {
+        let at = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let data_dir = at(raw
+            .data_dir
+            .unwrap_or_else(|| PathBuf::from("portcullis-data")));
+        let host_key = raw
+            .host_key
+            .map(&at)
+            .unwrap_or_else(|| data_dir.join("host_ed25519"));
+        let connect_timeout = match raw.connect_timeout {
+            Some(text) => crate::duration::parse(&text)
+                .with_context(|| format!("connect_timeout = {text:?}"))?,
+            None => Duration::from_secs(10),
+        };
+        Ok(Config {
+            listen: raw
+                .listen
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
+            policies: at(raw.policies.unwrap_or_else(|| PathBuf::from("policies"))),
+            host_key,
+            data_dir,
+            auditors: raw
+                .auditors
+                .unwrap_or_else(|| vec!["group:auditors".to_string()]),
+            record_input: raw.record_input.unwrap_or(true),
+            notify: raw.notify.unwrap_or_default(),
+            log_format: raw.log_format.unwrap_or_default(),
+            connect_timeout,
+        })
+    }
+}
+
+/// Renders a TOML error as `line N: message`, so operators find the spot.
+pub fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message();
+    match err.span() {
+        Some(span) => format!("line {}: {message}", line_of(text, span.start)),
+        None => message.to_string(),
+    }
+}
+
+/// The 1-based line number of byte `offset` in `text`.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_matches_the_design() {
+        let config = Config::load(None).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:2222");
+        assert_eq!(config.data_dir, Path::new("./portcullis-data"));
+        assert_eq!(config.policies, Path::new("./policies"));
+        assert_eq!(config.auditors, vec!["group:auditors"]);
+        assert!(config.record_input);
+    }
+
+    #[test]
+    fn unknown_keys_are_an_error_with_a_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\nlisten_port = 3\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("listen_port"), "{err}");
+    }
+
+    #[test]
+    fn paths_are_relative_to_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, "data_dir = \"d\"\npolicies = \"/abs/p\"\n").unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        assert_eq!(config.data_dir, dir.path().join("d"));
+        assert_eq!(config.host_key, dir.path().join("d/host_ed25519"));
+        assert_eq!(config.policies, Path::new("/abs/p"));
+    }
+}

@@ -1,0 +1,14 @@
+//! portcullis: a privileged SSH bastion with just-in-time access approval.
+//!
+//! Engineers reach production hosts through the bastion with a plain OpenSSH client;
+//! the bastion authenticates them by key, decides every channel request against the
+//! policy, and proxies the session to the target with its own credentials.
+
+pub mod config;
+pub mod control;
+pub mod duration;
+pub mod grant;
+pub mod keys;
+pub mod policy;
+pub mod proxy;
+pub mod server;

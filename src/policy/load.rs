@@ -1,0 +1,500 @@
+//! Reading a policy directory and turning the raw files into a validated [`Policy`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use russh::keys::PublicKey;
+use serde::de::DeserializeOwned;
+
+use super::error::{PolicyError, PolicyErrors, Reporter};
+use super::files::{FlowsFile, RawFlow, RawTarget, RawUser, TargetsFile, UsersFile};
+use super::{is_valid_login, is_valid_name, Flow, Policy, Target, User, GROUP_PREFIX};
+
+const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
+
+/// Loads and validates `users.toml`, `targets.toml` and `flows.toml` from `dir`.
+///
+/// A missing file counts as empty, so a bastion with no `flows.toml` simply has no
+/// flows. Every error found is reported, not just the first.
+pub fn load_dir(dir: &Path) -> Result<Policy, PolicyErrors> {
+    let mut errors = Vec::new();
+    if !dir.is_dir() {
+        errors.push(PolicyError {
+            file: dir.to_path_buf(),
+            line: None,
+            key: String::new(),
+            message: "policy directory not found: create it with users.toml and targets.toml (see policies/ in the repository)".into(),
+        });
+        return Err(PolicyErrors(errors));
+    }
+    let users = read::<UsersFile>(&dir.join("users.toml"), &mut errors)
+        .map(|(text, file)| build_users(&dir.join("users.toml"), &text, file, &mut errors));
+    let targets = read::<TargetsFile>(&dir.join("targets.toml"), &mut errors)
+        .map(|(text, file)| build_targets(&dir.join("targets.toml"), &text, file, &mut errors));
+    let flows = read::<FlowsFile>(&dir.join("flows.toml"), &mut errors)
+        .map(|(text, file)| build_flows(&dir.join("flows.toml"), &text, file, &mut errors));
+    match (users, targets, flows) {
+        (Some(users), Some(targets), Some(flows)) if errors.is_empty() => {
+            Ok(Policy::new(users, targets, flows))
+        }
+        _ => Err(PolicyErrors(errors)),
+    }
+}
+
+/// Reads one file; a missing file is an empty one.
+fn read<T: DeserializeOwned + Default>(
+    path: &Path,
+    errors: &mut Vec<PolicyError>,
+) -> Option<(String, T)> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Some((String::new(), T::default()))
+        }
+        Err(err) => {
+            errors.push(PolicyError {
+                file: path.to_path_buf(),
+                line: None,
+                key: String::new(),
+                message: format!("cannot read: {err}"),
+            });
+            return None;
+        }
+    };
+    match toml::from_str(&text) {
+        Ok(file) => Some((text, file)),
+        Err(err) => {
+            Reporter {
+                file: path,
+                text: &text,
+                errors,
+            }
+            .error(
+                err.span().map(|span| span.start),
+                "",
+                err.message().to_string(),
+            );
+            None
+        }
+    }
+}
+
+fn build_users(
+    path: &Path,
+    text: &str,
+    file: UsersFile,
+    errors: &mut Vec<PolicyError>,
+) -> BTreeMap<String, User> {
+    let mut report = Reporter {
+        file: path,
+        text,
+        errors,
+    };
+    let mut seen_keys: HashSet<String> = HashSet::new();
+    let mut users = BTreeMap::new();
+    for (name, raw) in file.users {
+        let key_path = format!("users.{}", name.get_ref());
+        if !is_valid_name(name.get_ref()) {
+            report.error(
+                Some(name.span().start),
+                &key_path,
+                "user names use letters, digits, '-', '_' and '.' (at most 64)",
+            );
+            continue;
+        }
+        if name.get_ref() == crate::server::CONTROL_USER {
+            report.error(
+                Some(name.span().start),
+                &key_path,
+                "'portcullis' is the reserved control-plane username; pick another name",
+            );
+        }
+        let user = build_user(name.get_ref(), raw, &key_path, &mut seen_keys, &mut report);
+        users.insert(name.into_inner(), user);
+    }
+    users
+}
+
+fn build_user(
+    name: &str,
+    raw: RawUser,
+    key_path: &str,
+    seen_keys: &mut HashSet<String>,
+    report: &mut Reporter,
+) -> User {
+    let mut keys = Vec::new();
+    for (i, line) in raw.keys.iter().enumerate() {
+        let at = Some(line.span().start);
+        match PublicKey::from_openssh(line.get_ref().trim()) {
+            Ok(key) => {
+                if !seen_keys.insert(super::fingerprint(&key)) {
+                    report.error(at, format!("{key_path}.keys[{i}]"), "this key is already listed (for this or another user); a key identifies exactly one user");
+                }
+                keys.push(key);
+            }
+            Err(err) => report.error(
+                at,
+                format!("{key_path}.keys[{i}]"),
+                format!("not an OpenSSH public key ({err}); paste the whole line of the .pub file, e.g. \"ssh-ed25519 AAAA... alice@laptop\""),
+            ),
+        }
+    }
+    if raw.keys.is_empty() {
+        report.error(
+            None,
+            format!("{key_path}.keys"),
+            "a user needs at least one public key",
+        );
+    }
+    let mut groups = Vec::new();
+    for group in raw.groups {
+        if is_valid_name(group.get_ref()) {
+            groups.push(group.into_inner());
+        } else {
+            report.error(
+                Some(group.span().start),
+                format!("{key_path}.groups"),
+                format!("invalid group name {:?}", group.get_ref()),
+            );
+        }
+    }
+    User {
+        name: name.to_string(),
+        keys,
+        groups,
+    }
+}
+
+fn build_targets(
+    path: &Path,
+    text: &str,
+    file: TargetsFile,
+    errors: &mut Vec<PolicyError>,
+) -> BTreeMap<String, Target> {
+    let mut report = Reporter {
+        file: path,
+        text,
+        errors,
+    };
+    let mut targets = BTreeMap::new();
+    for (name, raw) in file.targets {
+        let key_path = format!("targets.{}", name.get_ref());
+        if !is_valid_name(name.get_ref()) || name.get_ref() == crate::server::CONTROL_USER {
+            report.error(Some(name.span().start), &key_path, "target names use letters, digits, '-', '_' and '.' (at most 64), and 'portcullis' is reserved");
+            continue;
+        }
+        if let Some(target) = build_target(name.get_ref(), raw, &key_path, &mut report) {
+            targets.insert(name.into_inner(), target);
+        }
+    }
+    targets
+}
+
+fn build_target(
+    name: &str,
+    raw: RawTarget,
+    key_path: &str,
+    report: &mut Reporter,
+) -> Option<Target> {
+    let before = report.errors.len();
+    let address = normalize_address(raw.address.get_ref());
+    if address.is_none() {
+        report.error(
+            Some(raw.address.span().start),
+            format!("{key_path}.address"),
+            "expected \"host:port\" or \"host\" (port 22), e.g. \"10.0.0.5:22\"",
+        );
+    }
+    let host_key = PublicKey::from_openssh(raw.host_key.get_ref().trim());
+    if let Err(err) = &host_key {
+        report.error(
+            Some(raw.host_key.span().start),
+            format!("{key_path}.host_key"),
+            format!("not an OpenSSH public key ({err}); copy the target's /etc/ssh/ssh_host_ed25519_key.pub, or run ssh-keyscan -t ed25519 HOST"),
+        );
+    }
+    let logins_at = Some(raw.logins.span().start);
+    let logins: Vec<String> = raw
+        .logins
+        .into_inner()
+        .into_iter()
+        .map(|l| l.into_inner())
+        .collect();
+    if logins.is_empty() {
+        report.error(
+            logins_at,
+            format!("{key_path}.logins"),
+            "list at least one login; the first is the default",
+        );
+    }
+    for login in logins.iter().filter(|login| !is_valid_login(login)) {
+        report.error(
+            logins_at,
+            format!("{key_path}.logins"),
+            format!("invalid login {login:?}"),
+        );
+    }
+    if report.errors.len() != before {
+        return None;
+    }
+    Some(Target {
+        name: name.to_string(),
+        address: address?,
+        host_key: host_key.ok()?,
+        logins,
+        labels: raw.labels,
+    })
+}
+
+/// `host:port`, `host` (port 22) or `[v6]:port`, returned as `host:port`.
+fn normalize_address(address: &str) -> Option<String> {
+    let address = address.trim();
+    if address.is_empty() || address.contains(char::is_whitespace) {
+        return None;
+    }
+    if address.parse::<std::net::SocketAddr>().is_ok() {
+        return Some(address.to_string());
+    }
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => {
+            let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+            (!host.is_empty()).then(|| format!("{host}:{port}"))
+        }
+        Some(_) => None,
+        None => Some(format!("{address}:22")),
+    }
+}
+
+fn build_flows(
+    path: &Path,
+    text: &str,
+    file: FlowsFile,
+    errors: &mut Vec<PolicyError>,
+) -> Vec<Flow> {
+    let mut report = Reporter {
+        file: path,
+        text,
+        errors,
+    };
+    let mut names = HashSet::new();
+    let mut flows = Vec::new();
+    for (i, raw) in file.flows.into_iter().enumerate() {
+        let at = raw.span().start;
+        let raw = raw.into_inner();
+        let key_path = format!("flows[{i}] ({})", raw.name.get_ref());
+        if !names.insert(raw.name.get_ref().clone()) {
+            report.error(
+                Some(raw.name.span().start),
+                format!("{key_path}.name"),
+                "flow names must be unique",
+            );
+        }
+        if let Some(flow) = build_flow(raw, &key_path, at, &mut report) {
+            flows.push(flow);
+        }
+    }
+    flows
+}
+
+fn build_flow(raw: RawFlow, key_path: &str, at: usize, report: &mut Reporter) -> Option<Flow> {
+    let before = report.errors.len();
+    let mut duration =
+        |value: &Option<toml::Spanned<String>>, key: &str, default: Duration| match value {
+            None => default,
+            Some(text) => crate::duration::parse(text.get_ref()).unwrap_or_else(|err| {
+                report.error(
+                    Some(text.span().start),
+                    format!("{key_path}.{key}"),
+                    err.to_string(),
+                );
+                default
+            }),
+        };
+    let max_ttl = duration(&raw.max_ttl, "max_ttl", DEFAULT_MAX_TTL);
+    let pending_ttl = duration(&raw.pending_ttl, "pending_ttl", DEFAULT_PENDING_TTL);
+    let approvals = match &raw.approvals {
+        None => 1,
+        Some(n) if (1..=10).contains(n.get_ref()) => *n.get_ref() as u32,
+        Some(n) => {
+            report.error(
+                Some(n.span().start),
+                format!("{key_path}.approvals"),
+                "approvals must be between 1 and 10",
+            );
+            1
+        }
+    };
+    let step_up_totp = match &raw.step_up {
+        None => false,
+        Some(value) if value.get_ref() == "totp" => true,
+        Some(value) => {
+            report.error(
+                Some(value.span().start),
+                format!("{key_path}.step_up"),
+                "the only step-up method is \"totp\"",
+            );
+            false
+        }
+    };
+    if raw.requesters.is_empty() {
+        report.error(
+            Some(at),
+            format!("{key_path}.requesters"),
+            "name who may request, e.g. [\"group:engineers\"]",
+        );
+    }
+    if raw.approvers.is_empty() && !raw.auto_approve {
+        report.error(
+            Some(at),
+            format!("{key_path}.approvers"),
+            "a flow without auto_approve = true needs approvers, e.g. [\"group:sre-leads\"]",
+        );
+    }
+    let principals =
+        |list: Vec<toml::Spanned<String>>, key: &str, report: &mut Reporter| -> Vec<String> {
+            let mut out = Vec::new();
+            for principal in list {
+                let name = principal
+                    .get_ref()
+                    .strip_prefix(GROUP_PREFIX)
+                    .unwrap_or(principal.get_ref());
+                if is_valid_name(name) {
+                    out.push(principal.into_inner());
+                } else {
+                    report.error(
+                        Some(principal.span().start),
+                        format!("{key_path}.{key}"),
+                        format!(
+                            "{:?} is neither a user name nor group:NAME",
+                            principal.get_ref()
+                        ),
+                    );
+                }
+            }
+            out
+        };
+    let requesters = principals(raw.requesters, "requesters", report);
+    let approvers = principals(raw.approvers, "approvers", report);
+    let commands = raw.commands.into_iter().map(|c| c.into_inner()).collect();
+    if report.errors.len() != before {
+        return None;
+    }
+    Some(Flow {
+        name: raw.name.into_inner(),
+        matches: raw.matches,
+        requesters,
+        approvers,
+        approvals,
+        max_ttl,
+        pending_ttl,
+        step_up_totp,
+        shell: raw.shell,
+        auto_approve: raw.auto_approve,
+        commands,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBnPj0TH2hTmIobo5mbbFnqBThDCSdHTvEKAbAeRh9+H alice@laptop";
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    fn target_toml(host_key: &str) -> String {
+        format!("[targets.db]\naddress = \"127.0.0.1:22\"\nhost_key = \"{host_key}\"\nlogins = [\"postgres\"]\nlabels = {{ env = \"production\" }}\n")
+    }
+
+    #[test]
+    fn loads_a_valid_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "users.toml",
+            &format!("[users.alice]\nkeys = [\"{KEY}\"]\ngroups = [\"engineers\"]\n"),
+        );
+        write(dir.path(), "targets.toml", &target_toml(KEY));
+        write(dir.path(), "flows.toml", "[[flows]]\nname = \"prod\"\nmatch = { env = \"production\" }\nrequesters = [\"group:engineers\"]\napprovers = [\"bob\"]\nmax_ttl = \"1h\"\n");
+        let policy = load_dir(dir.path()).unwrap();
+        let key = PublicKey::from_openssh(KEY).unwrap();
+        assert_eq!(policy.user_by_key(&key).unwrap().name, "alice");
+        let target = &policy.targets["db"];
+        assert_eq!(target.default_login(), "postgres");
+        assert_eq!(policy.flow_for(target).unwrap().name, "prod");
+        assert!(policy.is_member("alice", &["group:engineers".into()]));
+        assert!(!policy.is_member("alice", &["bob".into()]));
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "users.toml",
+            &format!("[users.alice]\nkeys = [\"{KEY}\"]\n"),
+        );
+        write(
+            dir.path(),
+            "targets.toml",
+            &target_toml("ssh-ed25519 garbage"),
+        );
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("targets.toml:3: targets.db.host_key: not an OpenSSH public key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_syntax_errors_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "users.toml",
+            "[users.alice]\nkeys = []\nkeyz = 1\n",
+        );
+        write(dir.path(), "targets.toml", "[targets.x\n");
+        let err = load_dir(dir.path()).unwrap_err();
+        assert_eq!(err.0.len(), 2, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("users.toml:3") && text.contains("keyz"),
+            "{text}"
+        );
+        assert!(text.contains("targets.toml:1"), "{text}");
+    }
+
+    #[test]
+    fn duplicate_keys_and_bad_flows_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "users.toml",
+            &format!("[users.alice]\nkeys = [\"{KEY}\"]\n[users.bob]\nkeys = [\"{KEY}\"]\n"),
+        );
+        write(dir.path(), "flows.toml", "[[flows]]\nname = \"x\"\nrequesters = [\"bad name\"]\napprovals = 0\nmax_ttl = \"soon\"\n");
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(text.contains("already listed"), "{text}");
+        assert!(text.contains("approvals must be between"), "{text}");
+        assert!(text.contains("max_ttl"), "{text}");
+        assert!(text.contains("needs approvers"), "{text}");
+        assert!(text.contains("neither a user name"), "{text}");
+    }
+
+    #[test]
+    fn addresses_are_normalized() {
+        assert_eq!(normalize_address("10.0.0.5"), Some("10.0.0.5:22".into()));
+        assert_eq!(
+            normalize_address("db.internal:2200"),
+            Some("db.internal:2200".into())
+        );
+        assert_eq!(normalize_address("[::1]:22"), Some("[::1]:22".into()));
+        assert_eq!(normalize_address("host:0"), None);
+        assert_eq!(normalize_address("a b"), None);
+    }
+}

@@ -1,0 +1,170 @@
+//! Policies: who may connect (users and their keys), where to (targets with pinned host
+//! keys), and under which approval flow. Loaded from `policies/*.toml`, validated as a
+//! whole, and swapped in atomically so a bad edit never replaces a good policy.
+
+mod error;
+mod files;
+mod load;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use russh::keys::{HashAlg, PublicKey};
+
+pub use error::{PolicyError, PolicyErrors};
+pub use load::load_dir;
+
+/// Principal prefix for group membership in `requesters`, `approvers`, `auditors`.
+pub const GROUP_PREFIX: &str = "group:";
+
+/// An engineer, approver or auditor, identified by their SSH keys.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: String,
+    pub keys: Vec<PublicKey>,
+    pub groups: Vec<String>,
+}
+
+/// A host the bastion can proxy to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    /// `host:port` as given (port defaults to 22).
+    pub address: String,
+    /// The only host key the bastion accepts from this target.
+    pub host_key: PublicKey,
+    /// Permitted logins; the first is the default.
+    pub logins: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Target {
+    pub fn default_login(&self) -> &str {
+        &self.logins[0]
+    }
+}
+
+/// How requests for matching targets are approved.
+#[derive(Debug, Clone)]
+pub struct Flow {
+    pub name: String,
+    pub matches: BTreeMap<String, String>,
+    pub requesters: Vec<String>,
+    pub approvers: Vec<String>,
+    pub approvals: u32,
+    pub max_ttl: Duration,
+    pub pending_ttl: Duration,
+    pub step_up_totp: bool,
+    pub shell: bool,
+    pub auto_approve: bool,
+    pub commands: Vec<String>,
+}
+
+impl Flow {
+    /// A flow applies to a target when every `match` label is equal on the target.
+    pub fn matches(&self, target: &Target) -> bool {
+        self.matches
+            .iter()
+            .all(|(key, value)| target.labels.get(key) == Some(value))
+    }
+}
+
+/// A validated, immutable policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub users: BTreeMap<String, User>,
+    pub targets: BTreeMap<String, Target>,
+    pub flows: Vec<Flow>,
+    /// SHA-256 key fingerprint → user name.
+    by_fingerprint: HashMap<String, String>,
+}
+
+impl Policy {
+    fn new(
+        users: BTreeMap<String, User>,
+        targets: BTreeMap<String, Target>,
+        flows: Vec<Flow>,
+    ) -> Policy {
+        let by_fingerprint = users
+            .values()
+            .flat_map(|user| {
+                user.keys
+                    .iter()
+                    .map(move |key| (fingerprint(key), user.name.clone()))
+            })
+            .collect();
+        Policy {
+            users,
+            targets,
+            flows,
+            by_fingerprint,
+        }
+    }
+
+    /// The user who owns `key`, if any.
+    pub fn user_by_key(&self, key: &PublicKey) -> Option<&User> {
+        let name = self.by_fingerprint.get(&fingerprint(key))?;
+        self.users.get(name)
+    }
+
+    /// The first flow whose `match` fits the target's labels.
+    pub fn flow_for(&self, target: &Target) -> Option<&Flow> {
+        self.flows.iter().find(|flow| flow.matches(target))
+    }
+
+    /// Whether `user` is named by any of `principals` (`alice` or `group:sre`).
+    pub fn is_member(&self, user: &str, principals: &[String]) -> bool {
+        let groups = self
+            .users
+            .get(user)
+            .map(|u| u.groups.as_slice())
+            .unwrap_or(&[]);
+        principals
+            .iter()
+            .any(|principal| match principal.strip_prefix(GROUP_PREFIX) {
+                Some(group) => groups.iter().any(|g| g == group),
+                None => principal == user,
+            })
+    }
+}
+
+/// The `SHA256:…` fingerprint OpenSSH prints for a key.
+pub fn fingerprint(key: &PublicKey) -> String {
+    key.fingerprint(HashAlg::Sha256).to_string()
+}
+
+/// Target, user and group names: short, printable, safe in usernames and logs.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with(['-', '.'])
+}
+
+/// Unix login names as accepted by common `useradd` implementations.
+pub fn is_valid_login(login: &str) -> bool {
+    !login.is_empty()
+        && login.len() <= 32
+        && login
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !login.starts_with(['-', '.'])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(is_valid_name("db-prod-1"));
+        assert!(is_valid_name("web.eu_1"));
+        for bad in ["", "-x", ".x", "a b", "a@b", "a:b", "ä", &"x".repeat(65)] {
+            assert!(!is_valid_name(bad), "{bad:?}");
+        }
+        assert!(is_valid_login("postgres"));
+        assert!(!is_valid_login("root;id"));
+    }
+}

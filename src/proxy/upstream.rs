@@ -1,0 +1,172 @@
+//! The bastion's SSH client towards targets: connect with a timeout, insist on the
+//! pinned host key, authenticate with the bastion's own identity.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::client::{self, Handle};
+use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
+use thiserror::Error;
+
+use crate::policy::{fingerprint, Target};
+
+/// Why a target could not be reached; each message tells the user what happened.
+#[derive(Debug, Error)]
+pub enum UpstreamError {
+    #[error("cannot reach target '{target}' at {address}: {source}")]
+    Unreachable {
+        target: String,
+        address: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "target '{target}' at {address} did not complete the SSH handshake within {timeout:?}"
+    )]
+    Timeout {
+        target: String,
+        address: String,
+        timeout: Duration,
+    },
+    #[error(
+        "host key mismatch for target '{target}': expected {expected} (pinned in targets.toml), \
+         the target presented {seen}; refusing to connect. If the target's key really changed, \
+         update host_key in targets.toml"
+    )]
+    HostKeyMismatch {
+        target: String,
+        expected: String,
+        seen: String,
+    },
+    #[error(
+        "target '{target}' refused the bastion's key for login '{login}': add the bastion's upstream \
+         key (see `portcullis keys`) to ~{login}/.ssh/authorized_keys on the target"
+    )]
+    AuthRejected { target: String, login: String },
+    #[error("SSH error talking to target '{target}': {source}")]
+    Protocol {
+        target: String,
+        source: russh::Error,
+    },
+}
+
+/// russh client handler that only accepts the pinned host key and remembers what it saw.
+pub struct PinnedHostKey {
+    expected: PublicKey,
+    seen: Arc<Mutex<Option<PublicKey>>>,
+}
+
+impl client::Handler for PinnedHostKey {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let russh::keys::PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            return Ok(false); // host certificates are not pinned keys
+        };
+        *self.seen.lock().expect("host key slot poisoned") = Some(key.clone());
+        Ok(key.key_data() == self.expected.key_data())
+    }
+}
+
+pub type Upstream = Handle<PinnedHostKey>;
+
+/// Client settings towards targets, mirroring the server side's flow control.
+pub fn client_config() -> client::Config {
+    client::Config {
+        client_id: russh::SshId::Standard(
+            format!("SSH-2.0-portcullis_{}", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        window_size: crate::server::WINDOW_SIZE,
+        maximum_packet_size: crate::server::MAX_PACKET_SIZE,
+        preferred: crate::server::preferred_algorithms(),
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Opens an authenticated SSH connection to `target` as `login`.
+pub async fn connect(
+    config: Arc<client::Config>,
+    target: &Target,
+    login: &str,
+    identity: Arc<PrivateKey>,
+    timeout: Duration,
+) -> Result<Upstream, UpstreamError> {
+    let seen = Arc::new(Mutex::new(None));
+    let handler = PinnedHostKey {
+        expected: target.host_key.clone(),
+        seen: seen.clone(),
+    };
+    let connecting = client::connect(config, target.address.as_str(), handler);
+    let result = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| UpstreamError::Timeout {
+            target: target.name.clone(),
+            address: target.address.clone(),
+            timeout,
+        })?;
+    let mut handle = result.map_err(|err| match err {
+        russh::Error::UnknownKey => UpstreamError::HostKeyMismatch {
+            target: target.name.clone(),
+            expected: fingerprint(&target.host_key),
+            seen: seen
+                .lock()
+                .expect("host key slot poisoned")
+                .as_ref()
+                .map(fingerprint)
+                .unwrap_or_else(|| "a host certificate".into()),
+        },
+        russh::Error::IO(source) => UpstreamError::Unreachable {
+            target: target.name.clone(),
+            address: target.address.clone(),
+            source,
+        },
+        source => UpstreamError::Protocol {
+            target: target.name.clone(),
+            source,
+        },
+    })?;
+    let key = PrivateKeyWithHashAlg::new(identity, None);
+    let auth = handle
+        .authenticate_publickey(login, key)
+        .await
+        .map_err(|source| UpstreamError::Protocol {
+            target: target.name.clone(),
+            source,
+        })?;
+    if !auth.success() {
+        return Err(UpstreamError::AuthRejected {
+            target: target.name.clone(),
+            login: login.to_string(),
+        });
+    }
+    Ok(handle)
+}
+
+/// One upstream connection per client connection, opened on first use and shared by
+/// all its channels (OpenSSH ControlMaster multiplexes several sessions on one).
+#[derive(Default)]
+pub struct UpstreamSlot {
+    connection: tokio::sync::Mutex<Option<Arc<Upstream>>>,
+}
+
+impl UpstreamSlot {
+    /// The open connection, or a new one from `open` if there is none or it has closed.
+    pub async fn get_or_connect<F>(&self, open: F) -> Result<Arc<Upstream>, UpstreamError>
+    where
+        F: std::future::Future<Output = Result<Upstream, UpstreamError>>,
+    {
+        let mut slot = self.connection.lock().await;
+        if let Some(upstream) = slot.as_ref().filter(|upstream| !upstream.is_closed()) {
+            return Ok(upstream.clone());
+        }
+        let upstream = Arc::new(open.await?);
+        *slot = Some(upstream.clone());
+        Ok(upstream)
+    }
+}

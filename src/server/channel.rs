@@ -1,0 +1,205 @@
+//! One session channel from accept to close: collect the set-up requests (pty, env),
+//! wait for the request that starts the session (shell, exec or subsystem), then hand
+//! the channel to the control plane or to the proxy.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use russh::server::{Handle, Msg};
+use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty};
+
+use super::handler::env_allowed;
+use super::route::{InvalidUsername, Route};
+use super::State;
+use crate::grant::Action;
+use crate::proxy::UpstreamSlot;
+
+/// Who is on this connection and where they asked to go.
+#[derive(Debug)]
+pub struct Identity {
+    pub user: String,
+    pub route: Result<Route, InvalidUsername>,
+    pub peer: Option<SocketAddr>,
+}
+
+/// What a channel task needs from its connection.
+pub struct ChannelContext {
+    pub state: Arc<State>,
+    pub identity: Arc<Identity>,
+    pub upstream: Arc<UpstreamSlot>,
+    pub handle: Handle,
+}
+
+/// The pseudo-terminal a client asked for.
+#[derive(Debug, Clone)]
+pub struct PtyRequest {
+    pub term: String,
+    pub cols: u32,
+    pub rows: u32,
+    pub pix_width: u32,
+    pub pix_height: u32,
+    pub modes: Vec<(Pty, u32)>,
+}
+
+/// Everything the client sent before starting the session, replayed to the target.
+#[derive(Debug, Default)]
+pub struct SessionSetup {
+    pub pty: Option<PtyRequest>,
+    pub env: Vec<(String, String)>,
+}
+
+/// The request that starts the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    Shell,
+    Exec(Vec<u8>),
+    Subsystem(String),
+}
+
+impl Start {
+    pub fn action(&self) -> Action<'_> {
+        match self {
+            Start::Shell => Action::Shell,
+            Start::Exec(command) => Action::Exec(command),
+            Start::Subsystem(name) => Action::Subsystem(name),
+        }
+    }
+}
+
+/// The client's side of a session channel: the reader feeds the client-to-target
+/// direction, [`ClientOut`] everything sent back.
+pub struct ClientChannel {
+    pub reader: ChannelReadHalf,
+    pub out: ClientOut,
+}
+
+/// Writes towards the client.
+pub struct ClientOut {
+    pub writer: ChannelWriteHalf<Msg>,
+    pub handle: Handle,
+    /// Whether the client has a pty: messages then need `\r\n` line ends.
+    pub pty: bool,
+}
+
+impl ClientOut {
+    /// Writes a message to the client's stderr and ends the session with `status`.
+    pub async fn fail(&self, message: &str, status: u32) {
+        self.notice(message).await;
+        self.exit(status).await;
+    }
+
+    /// A `portcullis: ...` line on the client's stderr.
+    pub async fn notice(&self, message: &str) {
+        self.stderr(&format!("portcullis: {message}\n")).await;
+    }
+
+    /// Writes to the client's stderr, translating line ends for a pty.
+    pub async fn stderr(&self, text: &str) {
+        let _ = self
+            .writer
+            .extended_data_bytes(1, self.for_terminal(text))
+            .await;
+    }
+
+    /// Writes to the client's stdout, translating line ends for a pty.
+    pub async fn stdout(&self, text: &str) {
+        let _ = self.writer.data_bytes(self.for_terminal(text)).await;
+    }
+
+    fn for_terminal(&self, text: &str) -> Bytes {
+        if self.pty {
+            Bytes::from(text.replace('\n', "\r\n"))
+        } else {
+            Bytes::copy_from_slice(text.as_bytes())
+        }
+    }
+
+    /// Sends exit status, EOF and close: the orderly end of a session.
+    pub async fn exit(&self, status: u32) {
+        let _ = self.writer.exit_status(status).await;
+        self.close().await;
+    }
+
+    /// Sends EOF and close.
+    pub async fn close(&self) {
+        let _ = self.writer.eof().await;
+        let _ = self.writer.close().await;
+    }
+}
+
+/// Drives one session channel to its end.
+pub async fn serve_channel(context: ChannelContext, channel: Channel<Msg>) {
+    let (mut reader, writer) = channel.split();
+    let Some((setup, start)) = read_setup(&mut reader).await else {
+        return; // closed before anything started
+    };
+    let client = ClientChannel {
+        reader,
+        out: ClientOut {
+            writer,
+            handle: context.handle.clone(),
+            pty: setup.pty.is_some(),
+        },
+    };
+    match &context.identity.route {
+        Err(invalid) => client.out.fail(&invalid.to_string(), 1).await,
+        Ok(Route::Control) => crate::control::run(&context, client, start).await,
+        Ok(Route::Target { target, login }) => {
+            crate::proxy::run(&context, client, setup, start, target, login.as_deref()).await
+        }
+    }
+}
+
+/// Collects pty, env and window changes until the session-starting request arrives.
+async fn read_setup(reader: &mut ChannelReadHalf) -> Option<(SessionSetup, Start)> {
+    let mut setup = SessionSetup::default();
+    loop {
+        match reader.wait().await? {
+            ChannelMsg::RequestPty {
+                term,
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+                terminal_modes,
+                ..
+            } => {
+                setup.pty = Some(PtyRequest {
+                    term,
+                    cols: col_width,
+                    rows: row_height,
+                    pix_width,
+                    pix_height,
+                    modes: terminal_modes,
+                });
+            }
+            ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            } => {
+                if let Some(pty) = setup.pty.as_mut() {
+                    (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
+                        (col_width, row_height, pix_width, pix_height);
+                }
+            }
+            ChannelMsg::SetEnv {
+                variable_name,
+                variable_value,
+                ..
+            } if env_allowed(&variable_name) => {
+                setup.env.push((variable_name, variable_value));
+            }
+            ChannelMsg::RequestShell { .. } => return Some((setup, Start::Shell)),
+            ChannelMsg::Exec { command, .. } => return Some((setup, Start::Exec(command))),
+            ChannelMsg::RequestSubsystem { name, .. } => {
+                return Some((setup, Start::Subsystem(name)))
+            }
+            ChannelMsg::Close => return None,
+            // Data before the session starts has nowhere to go (OpenSSH never sends it).
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Per-connection russh handler: authentication, channel admission and request replies.
+//!
+//! russh delivers every channel event twice: to these callbacks and to the
+//! `Channel<Msg>` we hand to the channel task. The callbacks only *reply* (in order,
+//! as the protocol requires, since russh keeps one want-reply flag per channel); the
+//! channel task does the work from the queue, so events stay ordered with the data.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use russh::keys::PublicKey;
+use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId};
+
+use super::channel::{serve_channel, ChannelContext, Identity};
+use super::route::Route;
+use super::State;
+use crate::policy::fingerprint;
+use crate::proxy::UpstreamSlot;
+
+/// Creates one [`Connection`] per accepted TCP connection.
+pub struct Acceptor {
+    state: Arc<State>,
+}
+
+impl Acceptor {
+    pub fn new(state: Arc<State>) -> Acceptor {
+        Acceptor { state }
+    }
+}
+
+impl russh::server::Server for Acceptor {
+    type Handler = Connection;
+
+    fn new_client(&mut self, peer: Option<SocketAddr>) -> Connection {
+        Connection {
+            state: self.state.clone(),
+            peer,
+            identity: None,
+            upstream: Arc::new(UpstreamSlot::default()),
+        }
+    }
+
+    fn handle_session_error(&mut self, error: russh::Error) {
+        tracing::debug!(%error, "connection ended with an error");
+    }
+}
+
+pub struct Connection {
+    state: Arc<State>,
+    peer: Option<SocketAddr>,
+    /// Set once public-key authentication succeeded.
+    identity: Option<Arc<Identity>>,
+    /// The upstream SSH connection, shared by this connection's channels.
+    upstream: Arc<UpstreamSlot>,
+}
+
+impl Connection {
+    fn known_user(&self, key: &PublicKey) -> Option<String> {
+        self.state
+            .policy()
+            .user_by_key(key)
+            .map(|user| user.name.clone())
+    }
+
+    fn peer(&self) -> String {
+        self.peer
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "-".into())
+    }
+}
+
+/// Environment variables passed to targets; everything else is refused, as sshd's
+/// default `AcceptEnv` would. `TERM` travels with the pty request.
+pub fn env_allowed(name: &str) -> bool {
+    name == "LANG" || name == "TZ" || name.starts_with("LC_")
+}
+
+impl russh::server::Handler for Connection {
+    type Error = russh::Error;
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Telling the client early that a key is unknown saves it a signature.
+        Ok(match self.known_user(offer.public_key) {
+            Some(_) => Auth::Accept,
+            None => Auth::reject(),
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        username: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        let fp = fingerprint(key.public_key);
+        let Some(user) = self.known_user(key.public_key) else {
+            tracing::warn!(peer = %self.peer(), key = %fp, username, "authentication refused: unknown key");
+            return Ok(Auth::reject());
+        };
+        tracing::info!(peer = %self.peer(), %user, key = %fp, username, "authenticated");
+        self.identity = Some(Arc::new(Identity {
+            user,
+            route: Route::parse(username),
+            peer: self.peer,
+        }));
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(identity) = self.identity.clone() else {
+            return Ok(()); // dropping `reply` refuses the channel
+        };
+        reply.accept().await;
+        let context = ChannelContext {
+            state: self.state.clone(),
+            identity,
+            upstream: self.upstream.clone(),
+            handle: session.handle(),
+        };
+        tokio::spawn(serve_channel(context, channel));
+        Ok(())
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        _channel: Channel<Msg>,
+        host: &str,
+        port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        tracing::warn!(peer = %self.peer(), host, port, "refused port forwarding (direct-tcpip)");
+        Ok(())
+    }
+
+    async fn channel_open_x11(
+        &mut self,
+        _channel: Channel<Msg>,
+        _originator_address: &str,
+        _originator_port: u32,
+        _reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        tracing::warn!(peer = %self.peer(), "refused X11 channel");
+        Ok(())
+    }
+
+    async fn channel_open_direct_streamlocal(
+        &mut self,
+        _channel: Channel<Msg>,
+        socket_path: &str,
+        _reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        tracing::warn!(peer = %self.peer(), socket_path, "refused unix socket forwarding");
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        tracing::warn!(peer = %self.peer(), address, port = *port, "refused remote port forwarding");
+        Ok(false)
+    }
+
+    async fn streamlocal_forward(
+        &mut self,
+        socket_path: &str,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        tracing::warn!(peer = %self.peer(), socket_path, "refused remote unix socket forwarding");
+        Ok(false)
+    }
+
+    async fn agent_request(
+        &mut self,
+        _channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        tracing::info!(peer = %self.peer(), "refused agent forwarding");
+        Ok(false)
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _protocol: &str,
+        _cookie: &str,
+        _screen: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        tracing::info!(peer = %self.peer(), "refused X11 forwarding");
+        session.channel_failure(channel)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _cols: u32,
+        _rows: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if env_allowed(name) {
+            session.channel_success(channel)
+        } else {
+            session.channel_failure(channel)
+        }
+    }
+
+    // Shell, exec and subsystem are always accepted at the protocol level: a refusal is
+    // explained on stderr with a non-zero exit status, which OpenSSH shows to the user,
+    // instead of the bare "exec request failed" a protocol failure would produce.
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _command: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)
+    }
+}

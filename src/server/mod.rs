@@ -1,0 +1,159 @@
+//! The SSH front door: listens, authenticates engineers by public key, and hands each
+//! session channel to the control plane or to the proxy.
+
+mod channel;
+mod handler;
+mod route;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use russh::server::Server as _;
+use russh::{cipher, kex, Preferred};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::keys::KeySet;
+use crate::policy::{self, Policy, PolicyErrors};
+
+pub use channel::{
+    ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start,
+};
+pub use route::{InvalidUsername, Route, CONTROL_USER};
+
+/// Everything connections share: configuration, keys and the current policy.
+pub struct State {
+    pub config: Config,
+    pub keys: KeySet,
+    policy: RwLock<Arc<Policy>>,
+}
+
+impl State {
+    pub fn new(config: Config, keys: KeySet, policy: Policy) -> State {
+        State {
+            config,
+            keys,
+            policy: RwLock::new(Arc::new(policy)),
+        }
+    }
+
+    /// The policy in force right now; callers keep the `Arc` for one decision.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy.read().expect("policy lock poisoned").clone()
+    }
+
+    /// Re-reads the policy directory; on error the previous policy stays in force.
+    pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
+        let fresh = policy::load_dir(&self.config.policies)?;
+        *self.policy.write().expect("policy lock poisoned") = Arc::new(fresh);
+        Ok(())
+    }
+}
+
+/// Algorithms offered to clients and targets: post-quantum hybrid key exchange first,
+/// AEAD ciphers only (AES-GCM first: it runs on AES-NI through aws-lc-rs).
+pub fn preferred_algorithms() -> Preferred {
+    Preferred {
+        kex: std::borrow::Cow::Borrowed(&[
+            kex::MLKEM768X25519_SHA256,
+            kex::CURVE25519,
+            kex::CURVE25519_PRE_RFC_8731,
+            kex::EXTENSION_SUPPORT_AS_SERVER,
+            kex::EXTENSION_SUPPORT_AS_CLIENT,
+            kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+            kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+        ]),
+        cipher: std::borrow::Cow::Borrowed(&[
+            cipher::AES_256_GCM,
+            cipher::CHACHA20_POLY1305,
+            cipher::AES_128_GCM,
+        ]),
+        ..Preferred::default()
+    }
+}
+
+/// Flow-control settings shared by both sides of the relay. Large windows keep bulk
+/// copies from stalling on round trips; the per-channel message queue stays at russh's
+/// bounded default so a slow reader still makes the writer wait.
+pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
+pub const MAX_PACKET_SIZE: u32 = 64 * 1024;
+
+fn russh_config(keys: &KeySet) -> russh::server::Config {
+    russh::server::Config {
+        server_id: russh::SshId::Standard(
+            format!("SSH-2.0-portcullis_{}", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        methods: russh::MethodSet::from(&[russh::MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(500),
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![keys.host.clone()],
+        window_size: WINDOW_SIZE,
+        maximum_packet_size: MAX_PACKET_SIZE,
+        preferred: preferred_algorithms(),
+        max_auth_attempts: 6,
+        inactivity_timeout: None,
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 3,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+/// Runs the bastion until SIGTERM or Ctrl-C.
+pub async fn serve(config: Config) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
+    let keys = KeySet::load_or_create(&config)?;
+    let policy = policy::load_dir(&config.policies).map_err(|errors| {
+        anyhow::anyhow!("the policy has errors; fix them and start again:\n{errors}")
+    })?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let russh_config = Arc::new(russh_config(&keys));
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        users = policy.users.len(),
+        targets = policy.targets.len(),
+        flows = policy.flows.len(),
+        "portcullis listening"
+    );
+    let state = Arc::new(State::new(config, keys, policy));
+    tokio::spawn(reload_on_sighup(state.clone()));
+    let mut server = handler::Acceptor::new(state);
+    let running = server.run_on_socket(russh_config, &listener);
+    let shutdown = running.handle();
+    tokio::select! {
+        result = running => result.context("server stopped")?,
+        _ = termination() => {
+            tracing::info!("shutting down");
+            shutdown.shutdown("portcullis is shutting down".into());
+        }
+    }
+    Ok(())
+}
+
+async fn termination() {
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+async fn reload_on_sighup(state: Arc<State>) {
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install SIGHUP handler; policy reload disabled");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        match state.reload_policy() {
+            Ok(()) => tracing::info!("policy reloaded"),
+            Err(errors) => {
+                tracing::error!(%errors, "policy reload failed; keeping the previous policy")
+            }
+        }
+    }
+}
