@@ -43,7 +43,7 @@ pub struct Permit {
 
 #[derive(Debug, Clone)]
 pub enum Decision {
-    Allow(Permit),
+    Allow(Box<Permit>),
     /// The reason is shown to the user: it says what was wrong and what they can use.
     Deny(String),
 }
@@ -68,10 +68,10 @@ pub fn authorize(policy: &Policy, request: &AccessRequest) -> Decision {
             target.logins.join(", ")
         ));
     }
-    Decision::Allow(Permit {
+    Decision::Allow(Box::new(Permit {
         target: target.clone(),
         login: login.to_string(),
-    })
+    }))
 }
 
 fn list_or_none<'a>(names: impl Iterator<Item = &'a String>) -> String {

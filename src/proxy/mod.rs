@@ -1,6 +1,7 @@
 //! Proxied sessions: authorise, connect to the target, replay the client's set-up and
 //! relay the channel.
 
+mod pipe;
 mod relay;
 mod upstream;
 

@@ -1,17 +1,22 @@
 //! The byte path between a client's session channel and the target's.
 //!
-//! Two pumps, one per direction, polled concurrently in the channel's task. Each pump
-//! waits only on its own direction: writes wait for the receiver's SSH window, and the
-//! reads come from russh's bounded per-channel queues. A slow reader therefore makes its
-//! writer wait, nothing is buffered beyond those queues and windows, and one direction
-//! stalling never stops the other.
+//! Each direction is a [`drain`] (russh queue → byte-bounded [`pipe`]) joined with a
+//! writer (pipe → the peer, waiting for the peer's SSH window). A slow reader makes its
+//! writer wait once the pipe is full; neither direction ever blocks the other.
 
 use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
+use std::pin::pin;
+use std::task::Poll;
 
 use russh::client;
-use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf};
+use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 
+use super::pipe::{drain, pipe, Overdraft, PipeRx};
 use crate::server::{ClientChannel, ClientOut};
+
+/// How long a target may take to confirm a close the client started.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The replies the target owes us, in the order the requests were sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,29 +43,66 @@ pub async fn relay(
 ) -> Outcome {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
+    let (to_target_tx, to_target_rx) = pipe();
+    let (to_client_tx, to_client_rx) = pipe();
+    let to_target_overdraft = to_target_tx.overdraft();
+    let to_client_overdraft = to_client_tx.overdraft();
     let mut outcome = Outcome::default();
-    let mut to_target = 0u64;
-    tokio::select! {
-        _ = client_to_target(reader, &up_writer, &mut to_target) => {
-            // The client closed its channel: close the target's too.
-            let _ = up_writer.close().await;
+    let mut bytes_to_target = 0;
+    {
+        let client_side = async {
+            tokio::join!(
+                drain(reader, to_target_tx),
+                write_to_target(
+                    to_target_rx,
+                    &up_writer,
+                    &to_client_overdraft,
+                    &mut bytes_to_target
+                )
+            );
+        };
+        let target_side = async {
+            tokio::join!(
+                drain(up_reader, to_client_tx),
+                write_to_client(
+                    to_client_rx,
+                    &out,
+                    &to_target_overdraft,
+                    pending,
+                    &mut outcome
+                )
+            );
+        };
+        let (mut client_side, mut target_side) = (pin!(client_side), pin!(target_side));
+        tokio::select! {
+            _ = &mut client_side => {
+                // The client closed its channel. Close the target's too, but keep relaying
+                // until the target confirms: sshd may still send the exit status, which
+                // OpenSSH clients (ControlMaster in particular) wait for.
+                let _ = up_writer.close().await;
+                if tokio::time::timeout(CLOSE_GRACE, &mut target_side).await.is_err() {
+                    tracing::debug!("target did not confirm the channel close in time");
+                }
+            }
+            _ = &mut target_side => {}
         }
-        _ = target_to_client(up_reader, &out, pending, &mut outcome) => {}
     }
-    outcome.bytes_to_target = to_target;
+    outcome.bytes_to_target = bytes_to_target;
     outcome
 }
 
-async fn client_to_target(
-    mut reader: ChannelReadHalf,
+async fn write_to_target(
+    mut pipe: PipeRx,
     target: &ChannelWriteHalf<client::Msg>,
+    overdraft: &Overdraft,
     bytes: &mut u64,
 ) {
-    while let Some(msg) = reader.wait().await {
+    let mut held = 0;
+    while let Some(msg) = pipe.recv(&mut held).await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 *bytes += data.len() as u64;
-                target.data_bytes(data).await
+                with_overdraft(overdraft, target.data_bytes(data)).await
             }
             ChannelMsg::Eof => target.eof().await,
             ChannelMsg::WindowChange {
@@ -78,32 +120,63 @@ async fn client_to_target(
             _ => Ok(()),
         };
         if sent.is_err() {
-            return; // the target's channel is gone; the other pump reports it
+            return; // the target's channel is gone; the other direction reports it
         }
     }
 }
 
-async fn target_to_client(
-    mut reader: ChannelReadHalf,
+/// Runs one write; if it cannot finish at once (the peer's window is shut or its
+/// connection loop is busy), the opposite pipe may overdraw until it does, so that the
+/// loop we wait on can read its way to the window adjustment we need (see `pipe`).
+async fn with_overdraft<T>(overdraft: &Overdraft, write: impl Future<Output = T>) -> T {
+    let mut write = pin!(write);
+    if let Poll::Ready(done) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        return done;
+    }
+    overdraft.open();
+    let done = write.await;
+    overdraft.close();
+    done
+}
+
+async fn write_to_client(
+    mut pipe: PipeRx,
     client: &ClientOut,
+    overdraft: &Overdraft,
     mut pending: VecDeque<PendingReply>,
     outcome: &mut Outcome,
 ) {
     let writer = &client.writer;
-    while let Some(msg) = reader.wait().await {
+    let mut held = 0;
+    // sshd sends EOF when the command's output closes and the exit status only after
+    // reaping it. An OpenSSH client that has seen EOF may close the channel before the
+    // status arrives and then reports 255, so EOF waits for the status (or the close).
+    let mut eof_held = false;
+    while let Some(msg) = pipe.recv(&mut held).await {
+        if eof_held && matches!(msg, ChannelMsg::Close) {
+            let _ = writer.eof().await;
+            eof_held = false;
+        }
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 outcome.bytes_from_target += data.len() as u64;
-                writer.data_bytes(data).await
+                with_overdraft(overdraft, writer.data_bytes(data)).await
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 outcome.bytes_from_target += data.len() as u64;
                 writer.extended_data_bytes(ext, data).await
             }
-            ChannelMsg::Eof => writer.eof().await,
+            ChannelMsg::Eof => {
+                eof_held = true;
+                Ok(())
+            }
             ChannelMsg::ExitStatus { exit_status } => {
                 outcome.exit_status = Some(exit_status);
-                writer.exit_status(exit_status).await
+                let sent = writer.exit_status(exit_status).await;
+                if std::mem::take(&mut eof_held) {
+                    let _ = writer.eof().await;
+                }
+                sent
             }
             ChannelMsg::ExitSignal {
                 signal_name,

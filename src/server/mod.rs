@@ -78,7 +78,7 @@ pub fn preferred_algorithms() -> Preferred {
 /// copies from stalling on round trips; the per-channel message queue stays at russh's
 /// bounded default so a slow reader still makes the writer wait.
 pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
-pub const MAX_PACKET_SIZE: u32 = 64 * 1024;
+pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
 
 fn russh_config(keys: &KeySet) -> russh::server::Config {
     russh::server::Config {
