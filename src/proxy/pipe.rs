@@ -37,7 +37,7 @@ struct Shared {
     room: Notify,
     /// Wakes the receiver: a message arrived or the sender left.
     ready: Notify,
-    /// Set while the *other* direction's writer waits for its peer's window.
+    /// Set while the *other* direction's writer cannot finish a write at once.
     overdraft: AtomicBool,
 }
 
@@ -57,7 +57,6 @@ pub struct PipeRx {
 }
 
 /// Lets the writer of one direction open the other direction's overdraft.
-#[derive(Clone)]
 pub struct Overdraft {
     shared: Arc<Shared>,
 }

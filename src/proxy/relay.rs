@@ -148,15 +148,7 @@ async fn write_to_client(
 ) {
     let writer = &client.writer;
     let mut held = 0;
-    // sshd sends EOF when the command's output closes and the exit status only after
-    // reaping it. An OpenSSH client that has seen EOF may close the channel before the
-    // status arrives and then reports 255, so EOF waits for the status (or the close).
-    let mut eof_held = false;
     while let Some(msg) = pipe.recv(&mut held).await {
-        if eof_held && matches!(msg, ChannelMsg::Close) {
-            let _ = writer.eof().await;
-            eof_held = false;
-        }
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 outcome.bytes_from_target += data.len() as u64;
@@ -166,17 +158,14 @@ async fn write_to_client(
                 outcome.bytes_from_target += data.len() as u64;
                 writer.extended_data_bytes(ext, data).await
             }
-            ChannelMsg::Eof => {
-                eof_held = true;
-                Ok(())
-            }
+            // sshd sends EOF when the command's output closes and the exit status only
+            // after reaping it. An OpenSSH client that has seen EOF may close the channel
+            // before the status arrives and then report 255, so the EOF is sent once, at
+            // the end, after the status.
+            ChannelMsg::Eof => Ok(()),
             ChannelMsg::ExitStatus { exit_status } => {
                 outcome.exit_status = Some(exit_status);
-                let sent = writer.exit_status(exit_status).await;
-                if std::mem::take(&mut eof_held) {
-                    let _ = writer.eof().await;
-                }
-                sent
+                writer.exit_status(exit_status).await
             }
             ChannelMsg::ExitSignal {
                 signal_name,
