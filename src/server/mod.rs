@@ -53,7 +53,9 @@ impl State {
 }
 
 /// Algorithms offered to clients and targets: post-quantum hybrid key exchange first,
-/// AEAD ciphers only (AES-GCM first: it runs on AES-NI through aws-lc-rs).
+/// AEAD ciphers only. The cipher order only matters where portcullis is the SSH
+/// client (towards targets; the client's order wins a negotiation), and there it puts
+/// AES-GCM first only when the CPU has AES instructions, ChaCha20-Poly1305 otherwise.
 pub fn preferred_algorithms() -> Preferred {
     Preferred {
         kex: std::borrow::Cow::Borrowed(&[
@@ -65,12 +67,38 @@ pub fn preferred_algorithms() -> Preferred {
             kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
             kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
         ]),
-        cipher: std::borrow::Cow::Borrowed(&[
-            cipher::AES_256_GCM,
-            cipher::CHACHA20_POLY1305,
-            cipher::AES_128_GCM,
-        ]),
+        cipher: std::borrow::Cow::Borrowed(if has_aes_hardware() {
+            &[
+                cipher::AES_256_GCM,
+                cipher::CHACHA20_POLY1305,
+                cipher::AES_128_GCM,
+            ]
+        } else {
+            &[
+                cipher::CHACHA20_POLY1305,
+                cipher::AES_256_GCM,
+                cipher::AES_128_GCM,
+            ]
+        }),
         ..Preferred::default()
+    }
+}
+
+/// Whether AES-GCM runs in hardware here (AES-NI and carry-less multiply on x86,
+/// the crypto extension on ARM); without it ChaCha20 is the faster AEAD.
+fn has_aes_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
     }
 }
 

@@ -1,0 +1,280 @@
+//! Throughput and latency of portcullis against OpenSSH's own ProxyJump.
+//!
+//! ```text
+//! cargo bench --bench proxy
+//! ```
+//!
+//! Starts a real sshd as the target, a second sshd as an OpenSSH jump host and the
+//! portcullis bastion (release build), then measures with the real `ssh` client, over
+//! loopback, for three routes to the same target:
+//!
+//! - `direct`: `ssh target`
+//! - `proxyjump`: `ssh -J jump target`
+//! - `portcullis`: `ssh LOGIN@local@bastion`
+//!
+//! and prints medians: download and upload of 1 GiB (MiB/s) and the wall time of
+//! connecting and running `true` (ms), with portcullis/ProxyJump ratios. Runs of the
+//! three routes are interleaved so drift in machine load hits all of them alike.
+//!
+//! Tunables (environment): `BENCH_MIB` (transfer size, default 1024), `BENCH_RUNS`
+//! (transfers per route and direction, default 5), `BENCH_CONNECTS` (latency samples
+//! per route, default 21).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::{login_user, Sshd, World};
+
+/// One way of reaching the target with the plain OpenSSH client.
+struct Route {
+    name: &'static str,
+    /// Everything between `ssh` and the remote command.
+    ssh_args: Vec<String>,
+}
+
+impl Route {
+    fn ssh(&self, remote_command: &str) -> Command {
+        let mut cmd = Command::new("ssh");
+        cmd.args(&self.ssh_args).arg(remote_command);
+        cmd
+    }
+}
+
+/// Medians of one route.
+#[derive(Default)]
+struct Figures {
+    download_mib_s: Vec<f64>,
+    upload_mib_s: Vec<f64>,
+    connect_ms: Vec<f64>,
+}
+
+fn main() {
+    let mib: u64 = env_number("BENCH_MIB", 1024);
+    let runs: usize = env_number("BENCH_RUNS", 5);
+    let connects: usize = env_number("BENCH_CONNECTS", 21);
+
+    let world = World::start();
+    let alice_pub = fs::read_to_string(world.alice.key().with_extension("pub"))
+        .expect("read alice's public key");
+    // Direct ssh and ProxyJump log in to the target with alice's own key; portcullis
+    // uses its upstream key, which the target already trusts.
+    append_authorized_key(world.sshd.dir(), &alice_pub);
+    let jump = Sshd::start(&world.path("jump"), &[alice_pub.trim().to_string()]);
+    let client_config = write_client_config(&world.path("ssh_config"), world.alice.key());
+    let routes = routes(&client_config, &world, &jump);
+
+    for route in &routes {
+        let out = route.ssh("true").output().expect("run ssh");
+        assert!(
+            out.status.success(),
+            "{} does not work: {}\n{}",
+            route.name,
+            String::from_utf8_lossy(&out.stderr),
+            world.logs()
+        );
+    }
+
+    let bytes = mib * 1024 * 1024;
+    println!(
+        "portcullis proxy benchmark: {mib} MiB transfers x {runs}, {connects} connects, \
+         loopback, {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let mut figures: Vec<Figures> = routes.iter().map(|_| Figures::default()).collect();
+    for _ in 0..runs {
+        for (route, fig) in routes.iter().zip(&mut figures) {
+            fig.download_mib_s.push(mib as f64 / download(route, bytes));
+            fig.upload_mib_s.push(mib as f64 / upload(route, bytes));
+        }
+    }
+    for _ in 0..connects {
+        for (route, fig) in routes.iter().zip(&mut figures) {
+            fig.connect_ms.push(connect_and_run_true(route) * 1000.0);
+        }
+    }
+    print_table(&routes, &mut figures);
+}
+
+/// The three routes to the same target sshd.
+fn routes(config: &Path, world: &World, jump: &Sshd) -> Vec<Route> {
+    let login = login_user();
+    let base = |port: u16, user: &str| -> Vec<String> {
+        vec![
+            "-F".into(),
+            config.display().to_string(),
+            "-p".into(),
+            port.to_string(),
+            "-l".into(),
+            user.to_string(),
+        ]
+    };
+    let mut proxyjump = base(world.sshd.port(), login);
+    proxyjump.extend(["-J".into(), format!("{login}@127.0.0.1:{}", jump.port())]);
+    vec![
+        Route {
+            name: "direct",
+            ssh_args: with_host(base(world.sshd.port(), login)),
+        },
+        Route {
+            name: "proxyjump",
+            ssh_args: with_host(proxyjump),
+        },
+        Route {
+            name: "portcullis",
+            ssh_args: with_host(base(world.bastion.port(), &world.target_user())),
+        },
+    ]
+}
+
+fn with_host(mut args: Vec<String>) -> Vec<String> {
+    args.push("127.0.0.1".into());
+    args
+}
+
+/// An ssh_config for every hop (ProxyJump passes `-F` on to the jump connection).
+fn write_client_config(path: &Path, key: &Path) -> std::path::PathBuf {
+    let config = format!(
+        "Host *\n\
+         \tIdentityFile {}\n\
+         \tIdentitiesOnly yes\n\
+         \tStrictHostKeyChecking no\n\
+         \tUserKnownHostsFile /dev/null\n\
+         \tBatchMode yes\n\
+         \tLogLevel ERROR\n",
+        key.display()
+    );
+    fs::write(path, config).expect("write ssh_config");
+    path.to_path_buf()
+}
+
+fn append_authorized_key(sshd_dir: &Path, key: &str) {
+    let path = sshd_dir.join("authorized_keys");
+    let mut keys = fs::read_to_string(&path).expect("read authorized_keys");
+    keys.push_str(key.trim());
+    keys.push('\n');
+    fs::write(&path, keys).expect("write authorized_keys");
+}
+
+/// Seconds to receive `bytes` from the target; checks that every byte arrived.
+fn download(route: &Route, bytes: u64) -> f64 {
+    let started = Instant::now();
+    let mut child = route
+        .ssh(&format!("head -c {bytes} /dev/zero"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn ssh");
+    let mut stdout = child.stdout.take().expect("ssh stdout");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut received = 0u64;
+    loop {
+        let n = stdout.read(&mut buf).expect("read ssh stdout");
+        if n == 0 {
+            break;
+        }
+        received += n as u64;
+    }
+    let status = child.wait().expect("wait for ssh");
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(status.success(), "{} download failed: {status}", route.name);
+    assert_eq!(received, bytes, "{} download lost bytes", route.name);
+    elapsed
+}
+
+/// Seconds to send `bytes` to the target; the target counts what it received.
+fn upload(route: &Route, bytes: u64) -> f64 {
+    let started = Instant::now();
+    let mut source = Command::new("head")
+        .args(["-c", &bytes.to_string(), "/dev/zero"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn head");
+    let out = route
+        .ssh("wc -c")
+        .stdin(Stdio::from(source.stdout.take().expect("head stdout")))
+        .output()
+        .expect("run ssh");
+    let elapsed = started.elapsed().as_secs_f64();
+    source.wait().expect("wait for head");
+    assert!(out.status.success(), "{} upload failed", route.name);
+    let counted: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("wc -c prints a number");
+    assert_eq!(counted, bytes, "{} upload lost bytes", route.name);
+    elapsed
+}
+
+/// Seconds from starting `ssh … true` to its exit: TCP, key exchange,
+/// authentication (twice for the two-hop routes), channel, command.
+fn connect_and_run_true(route: &Route) -> f64 {
+    let started = Instant::now();
+    let status = route
+        .ssh("true")
+        .stdout(Stdio::null())
+        .status()
+        .expect("run ssh");
+    assert!(status.success(), "{} ssh true failed", route.name);
+    started.elapsed().as_secs_f64()
+}
+
+fn print_table(routes: &[Route], figures: &mut [Figures]) {
+    println!();
+    println!(
+        "{:<22} {:>16} {:>16} {:>18}",
+        "route (median)", "download MiB/s", "upload MiB/s", "connect+true ms"
+    );
+    let mut medians = Vec::new();
+    for (route, fig) in routes.iter().zip(figures.iter_mut()) {
+        let row = [
+            median(&mut fig.download_mib_s),
+            median(&mut fig.upload_mib_s),
+            median(&mut fig.connect_ms),
+        ];
+        println!(
+            "{:<22} {:>16.1} {:>16.1} {:>18.1}",
+            route.name, row[0], row[1], row[2]
+        );
+        medians.push(row);
+    }
+    let by_name = |name: &str| {
+        routes
+            .iter()
+            .position(|r| r.name == name)
+            .map(|i| medians[i])
+            .expect("route measured")
+    };
+    let (ours, jump) = (by_name("portcullis"), by_name("proxyjump"));
+    println!(
+        "{:<22} {:>15.2}x {:>15.2}x {:>17.2}x",
+        "portcullis/proxyjump",
+        ours[0] / jump[0],
+        ours[1] / jump[1],
+        ours[2] / jump[2]
+    );
+    println!("\ntargets: throughput ratios >= 1.0, latency ratio <= 1.0 (lower latency is better)");
+}
+
+fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let mid = samples.len() / 2;
+    if samples.len() % 2 == 0 {
+        (samples[mid - 1] + samples[mid]) / 2.0
+    } else {
+        samples[mid]
+    }
+}
+
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+        Err(_) => default,
+    }
+}
