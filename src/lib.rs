@@ -4,11 +4,14 @@
 //! the bastion authenticates them by key, decides every channel request against the
 //! policy, and proxies the session to the target with its own credentials.
 
+pub mod audit;
 pub mod config;
 pub mod control;
 pub mod duration;
 pub mod grant;
 pub mod keys;
+pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod server;
+pub mod store;

@@ -1,9 +1,24 @@
-//! The single authorisation decision: may this user do this on this target as this login?
+//! Grants: the model, its lifecycle, scope matching, and the single authorisation
+//! decision.
 //!
 //! Every channel request that would reach a target goes through [`authorize`], so the
-//! rules live in one place and one test suite.
+//! rules live in one place and one test suite: a user may do something on a target only
+//! while they hold an approved, unexpired grant for that exact target and login whose
+//! scope covers it.
 
-use crate::policy::{Policy, Target};
+pub mod lifecycle;
+mod model;
+pub mod scope;
+mod service;
+
+use chrono::{DateTime, Utc};
+
+use crate::policy::{Flow, Policy, Target};
+
+pub use lifecycle::{RequestSpec, RuleError};
+pub use model::{Approval, Ending, Grant, GrantState};
+pub use scope::Scope;
+pub use service::{GrantError, Grants};
 
 /// What the client asked to run on its session channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,46 +47,134 @@ pub struct AccessRequest<'a> {
     /// `None` asks for the target's default login.
     pub login: Option<&'a str>,
     pub action: Action<'a>,
+    /// Whether the channel asked for a pseudo-terminal.
+    pub pty: bool,
 }
 
-/// Where an allowed request goes.
+/// Where an allowed request goes, and under which grant.
 #[derive(Debug, Clone)]
 pub struct Permit {
     pub target: Target,
     pub login: String,
+    pub grant: Grant,
+}
+
+/// Why a request was refused, and whether filing a request could change that.
+#[derive(Debug, Clone)]
+pub struct Denial {
+    /// Shown to the user: what was wrong and what they can do.
+    pub reason: String,
+    /// Set when the user may request a grant for this target and login.
+    pub requestable: Option<Requestable>,
+}
+
+/// What a refused user could request.
+#[derive(Debug, Clone)]
+pub struct Requestable {
+    pub target: Target,
+    pub login: String,
+    pub flow: Flow,
 }
 
 #[derive(Debug, Clone)]
 pub enum Decision {
     Allow(Box<Permit>),
-    /// The reason is shown to the user: it says what was wrong and what they can use.
-    Deny(String),
+    Deny(Box<Denial>),
 }
 
-/// Decides a request against the current policy.
-pub fn authorize(policy: &Policy, request: &AccessRequest) -> Decision {
+fn deny(reason: String, requestable: Option<Requestable>) -> Decision {
+    Decision::Deny(Box::new(Denial {
+        reason,
+        requestable,
+    }))
+}
+
+/// Decides a request against the policy and the user's grants for the target.
+pub fn authorize(
+    policy: &Policy,
+    grants: &[Grant],
+    request: &AccessRequest,
+    now: DateTime<Utc>,
+) -> Decision {
     if !policy.users.contains_key(request.user) {
-        return Decision::Deny(format!("user {:?} is not in the policy", request.user));
+        return deny(format!("user {:?} is not in the policy", request.user), None);
     }
     let Some(target) = policy.targets.get(request.target) else {
-        return Decision::Deny(format!(
-            "unknown target '{}'. Targets you can use: {}",
-            request.target,
-            list_or_none(policy.targets.keys())
-        ));
+        return deny(
+            format!(
+                "unknown target '{}'. Targets you can use: {}",
+                request.target,
+                list_or_none(policy.targets.keys())
+            ),
+            None,
+        );
     };
     let login = request.login.unwrap_or(target.default_login());
     if !target.logins.iter().any(|allowed| allowed == login) {
-        return Decision::Deny(format!(
-            "login '{login}' is not allowed on target '{}'. Allowed logins: {}",
-            target.name,
-            target.logins.join(", ")
-        ));
+        return deny(
+            format!(
+                "login '{login}' is not allowed on target '{}'. Allowed logins: {}",
+                target.name,
+                target.logins.join(", ")
+            ),
+            None,
+        );
     }
-    Decision::Allow(Box::new(Permit {
-        target: target.clone(),
-        login: login.to_string(),
-    }))
+    let requestable = policy
+        .flow_for(target)
+        .filter(|flow| policy.is_member(request.user, &flow.requesters))
+        .map(|flow| Requestable {
+            target: target.clone(),
+            login: login.to_string(),
+            flow: flow.clone(),
+        });
+    let mut held: Vec<&Grant> = grants
+        .iter()
+        .filter(|g| {
+            g.requester == request.user
+                && g.target == target.name
+                && g.login == login
+                && g.is_active(now)
+        })
+        .collect();
+    // Prefer the grant that lasts longest, so a session outlives a shorter overlap.
+    held.sort_by_key(|g| std::cmp::Reverse(g.expires_at));
+    let mut refusals = Vec::new();
+    for grant in &held {
+        match grant.scope.covers(&request.action, request.pty) {
+            Ok(()) => {
+                return Decision::Allow(Box::new(Permit {
+                    target: target.clone(),
+                    login: login.to_string(),
+                    grant: (*grant).clone(),
+                }))
+            }
+            Err(why) => refusals.push(format!("grant {}: {why}", grant.id)),
+        }
+    }
+    if !refusals.is_empty() {
+        return deny(
+            format!(
+                "not covered by your grants for {login}@{} ({})",
+                target.name,
+                refusals.join("; ")
+            ),
+            requestable,
+        );
+    }
+    let hint = match (&requestable, policy.flow_for(target)) {
+        (Some(_), _) => "request one first".to_string(),
+        (None, Some(flow)) => format!(
+            "flow '{}' accepts requests only from {}",
+            flow.name,
+            flow.requesters.join(", ")
+        ),
+        (None, None) => "no approval flow matches this target, so it cannot be requested".into(),
+    };
+    deny(
+        format!("no active grant for {login}@{}; {hint}", target.name),
+        requestable,
+    )
 }
 
 fn list_or_none<'a>(names: impl Iterator<Item = &'a String>) -> String {
@@ -94,50 +197,99 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("users.toml"),
-            format!("[users.alice]\nkeys = [\"{KEY}\"]\n"),
+            format!("[users.alice]\nkeys = [\"{KEY}\"]\ngroups = [\"eng\"]\n"),
         )
         .unwrap();
         std::fs::write(
             dir.path().join("targets.toml"),
-            format!("[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{KEY}\"\nlogins = [\"postgres\", \"ubuntu\"]\n"),
+            format!("[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{KEY}\"\nlogins = [\"postgres\", \"ubuntu\"]\nlabels = {{ env = \"prod\" }}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("flows.toml"),
+            "[[flows]]\nname = \"prod\"\nmatch = { env = \"prod\" }\nrequesters = [\"group:eng\"]\napprovers = [\"bob\"]\n",
         )
         .unwrap();
         crate::policy::load_dir(dir.path()).unwrap()
     }
 
-    fn decide(user: &str, target: &str, login: Option<&str>) -> Decision {
-        authorize(
-            &policy(),
-            &AccessRequest {
-                user,
-                target,
-                login,
-                action: Action::Shell,
-            },
-        )
+    fn grant(login: &str, scope: Scope, now: DateTime<Utc>) -> Grant {
+        let spec = RequestSpec {
+            target: "db".into(),
+            login: Some(login.into()),
+            scope,
+            ttl: None,
+            reason: "test".into(),
+        };
+        let mut grant =
+            lifecycle::file_request(&policy(), "alice", spec, "abcdef".into(), 1, now).unwrap();
+        grant.state = GrantState::Approved;
+        grant.expires_at = Some(now + std::time::Duration::from_secs(60));
+        grant
     }
 
-    #[test]
-    fn default_login_is_the_first() {
-        match decide("alice", "db", None) {
-            Decision::Allow(permit) => assert_eq!(permit.login, "postgres"),
-            Decision::Deny(reason) => panic!("{reason}"),
+    fn decide(grants: &[Grant], target: &str, login: Option<&str>, action: Action) -> Decision {
+        let request = AccessRequest {
+            user: "alice",
+            target,
+            login,
+            action,
+            pty: false,
+        };
+        authorize(&policy(), grants, &request, Utc::now())
+    }
+
+    fn reason(decision: Decision) -> Box<Denial> {
+        match decision {
+            Decision::Deny(denial) => denial,
+            Decision::Allow(permit) => panic!("allowed under {}", permit.grant.id),
         }
     }
 
     #[test]
-    fn denials_say_what_to_use() {
-        let Decision::Deny(reason) = decide("alice", "nowhere", None) else {
-            panic!()
-        };
-        assert_eq!(reason, "unknown target 'nowhere'. Targets you can use: db");
-        let Decision::Deny(reason) = decide("alice", "db", Some("root")) else {
-            panic!()
-        };
-        assert!(
-            reason.contains("not allowed") && reason.contains("postgres, ubuntu"),
-            "{reason}"
+    fn nothing_without_a_grant() {
+        let denial = reason(decide(&[], "db", None, Action::Shell));
+        assert_eq!(
+            denial.reason,
+            "no active grant for postgres@db; request one first"
         );
-        assert!(matches!(decide("mallory", "db", None), Decision::Deny(_)));
+        let requestable = denial.requestable.expect("alice may request");
+        assert_eq!((requestable.login.as_str(), requestable.flow.name.as_str()), ("postgres", "prod"));
+    }
+
+    #[test]
+    fn a_grant_covers_only_its_login_scope_and_time() {
+        let now = Utc::now();
+        let ids = Scope {
+            commands: vec!["id".into()],
+            ..Scope::default()
+        };
+        let grants = [grant("postgres", ids, now)];
+        assert!(matches!(
+            decide(&grants, "db", None, Action::Exec(b"id")),
+            Decision::Allow(_)
+        ));
+        let denial = reason(decide(&grants, "db", None, Action::Exec(b"id -u")));
+        assert!(denial.reason.contains("matches none of the granted commands ('id')"), "{}", denial.reason);
+        assert!(reason(decide(&grants, "db", Some("ubuntu"), Action::Exec(b"id"))).reason.contains("no active grant for ubuntu@db"));
+        let mut expired = grants.clone();
+        expired[0].expires_at = Some(now - chrono::Duration::seconds(1));
+        assert!(matches!(decide(&expired, "db", None, Action::Exec(b"id")), Decision::Deny(_)));
+        let mut revoked = grants.clone();
+        revoked[0].state = GrantState::Revoked;
+        assert!(matches!(decide(&revoked, "db", None, Action::Exec(b"id")), Decision::Deny(_)));
+    }
+
+    #[test]
+    fn denials_say_what_to_use() {
+        let denial = reason(decide(&[], "nowhere", None, Action::Shell));
+        assert_eq!(denial.reason, "unknown target 'nowhere'. Targets you can use: db");
+        assert!(denial.requestable.is_none());
+        let denial = reason(decide(&[], "db", Some("root"), Action::Shell));
+        assert!(
+            denial.reason.contains("not allowed") && denial.reason.contains("postgres, ubuntu"),
+            "{}",
+            denial.reason
+        );
     }
 }

@@ -1,6 +1,8 @@
 //! Proxied sessions: authorise, connect to the target, replay the client's set-up and
 //! relay the channel.
 
+mod admit;
+mod ask;
 mod pipe;
 mod relay;
 mod upstream;
@@ -10,7 +12,11 @@ use std::sync::{Arc, OnceLock};
 
 use russh::client;
 
-use crate::grant::{authorize, AccessRequest, Decision, Permit};
+use chrono::Utc;
+
+use crate::audit::AuditEvent;
+use crate::grant::{Grant, GrantState, Grants, Permit};
+use admit::admit;
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
 
 pub use relay::{Outcome, PendingReply};
@@ -25,26 +31,16 @@ fn shared_client_config() -> Arc<client::Config> {
 /// Runs one proxied session channel to its end.
 pub async fn run(
     context: &ChannelContext,
-    client: ClientChannel,
-    setup: SessionSetup,
+    mut client: ClientChannel,
+    mut setup: SessionSetup,
     start: Start,
     target: &str,
     login: Option<&str>,
 ) {
     let user = context.identity.user.as_str();
-    let request = AccessRequest {
-        user,
-        target,
-        login,
-        action: start.action(),
-    };
-    let permit = match authorize(&context.state.policy(), &request) {
-        Decision::Allow(permit) => permit,
-        Decision::Deny(reason) => {
-            tracing::warn!(user, target, action = %start.action().describe(), %reason, "denied");
-            client.out.fail(&reason, 1).await;
-            return;
-        }
+    let Some(permit) = admit(context, &mut client, &mut setup, &start, target, login).await
+    else {
+        return;
     };
     let channel = match open_target_channel(context, &permit).await {
         Ok(channel) => channel,
@@ -64,17 +60,81 @@ pub async fn run(
             return;
         }
     };
-    tracing::info!(user, target, login = %permit.login, action = %start.action().describe(), "session started");
-    let outcome = relay::relay(client, channel, pending).await;
+    let grant = &permit.grant;
+    tracing::info!(user, target, login = %permit.login, grant = %grant.id, action = %start.action().describe(), "session started");
+    context.state.audit(
+        AuditEvent::new("session.start", user, Utc::now())
+            .target(target)
+            .grant(&grant.id)
+            .detail("login", permit.login.as_str())
+            .detail("action", start.action().describe())
+            .detail("client", peer(context)),
+    );
+    let ends = grant_ends(&context.state.grants, grant);
+    let outcome = relay::relay(client, channel, pending, ends).await;
     tracing::info!(
         user,
         target,
+        grant = %grant.id,
         exit_status = ?outcome.exit_status,
         exit_signal = ?outcome.exit_signal,
         bytes_in = outcome.bytes_to_target,
         bytes_out = outcome.bytes_from_target,
         "session ended"
     );
+    context.state.audit(
+        AuditEvent::new("session.end", user, Utc::now())
+            .target(target)
+            .grant(&grant.id)
+            .detail("exit_status", outcome.exit_status)
+            .detail("exit_signal", outcome.exit_signal.clone())
+            .detail("bytes_in", outcome.bytes_to_target)
+            .detail("bytes_out", outcome.bytes_from_target),
+    );
+}
+
+fn peer(context: &ChannelContext) -> String {
+    context
+        .identity
+        .peer
+        .map(|p| p.to_string())
+        .unwrap_or_default()
+}
+
+/// Resolves, with the message for the user, when the grant a session runs under
+/// stops being active: at its expiry, or as soon as it is revoked.
+async fn grant_ends(grants: &Grants, grant: &Grant) -> String {
+    let mut changes = grants.subscribe();
+    let left = grant
+        .expires_at
+        .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
+        .unwrap_or_default();
+    let expiry = tokio::time::sleep(left);
+    tokio::pin!(expiry);
+    loop {
+        tokio::select! {
+            _ = &mut expiry => return format!("grant {} expired — session closed", grant.id),
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    std::future::pending::<()>().await;
+                }
+                let Ok(current) = grants.get(&grant.id) else { continue };
+                if current.state != GrantState::Approved {
+                    let by = current.ended.as_ref().map(|e| e.by.clone()).unwrap_or_default();
+                    let why = current
+                        .ended
+                        .as_ref()
+                        .and_then(|e| e.reason.clone())
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default();
+                    return format!(
+                        "grant {} {} by {by}{why} — session closed",
+                        grant.id, current.state
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// A session channel on the connection's upstream, connecting first if needed.

@@ -35,11 +35,17 @@ pub struct Outcome {
     pub bytes_from_target: u64,
 }
 
-/// Relays until either side closes the channel.
+/// Exit status a client sees when the bastion ends its session (grant revoked or
+/// expired), the same status OpenSSH reports for a lost connection.
+pub const ENDED_BY_BASTION: u32 = 255;
+
+/// Relays until either side closes the channel, or until `stop` resolves: then the
+/// client gets its message on stderr and both channels are closed.
 pub async fn relay(
     client: ClientChannel,
     upstream: Channel<client::Msg>,
     pending: VecDeque<PendingReply>,
+    stop: impl Future<Output = String>,
 ) -> Outcome {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
@@ -49,7 +55,7 @@ pub async fn relay(
     let to_client_overdraft = to_client_tx.overdraft();
     let mut outcome = Outcome::default();
     let mut bytes_to_target = 0;
-    {
+    let stopped = {
         let client_side = async {
             tokio::join!(
                 drain(reader, to_target_tx),
@@ -74,6 +80,7 @@ pub async fn relay(
             );
         };
         let (mut client_side, mut target_side) = (pin!(client_side), pin!(target_side));
+        let mut stopped_with = None;
         tokio::select! {
             _ = &mut client_side => {
                 // The client closed its channel. Close the target's too, but keep relaying
@@ -85,7 +92,14 @@ pub async fn relay(
                 }
             }
             _ = &mut target_side => {}
+            message = stop => stopped_with = Some(message),
         }
+        stopped_with
+    };
+    if let Some(message) = stopped {
+        let _ = up_writer.close().await;
+        out.fail(&message, ENDED_BY_BASTION).await;
+        outcome.exit_status = Some(ENDED_BY_BASTION);
     }
     outcome.bytes_to_target = bytes_to_target;
     outcome

@@ -15,6 +15,7 @@ use russh::{Channel, ChannelId};
 use super::channel::{serve_channel, ChannelContext, Identity};
 use super::route::Route;
 use super::State;
+use crate::audit::AuditEvent;
 use crate::policy::fingerprint;
 use crate::proxy::UpstreamSlot;
 
@@ -63,6 +64,18 @@ impl Connection {
             .map(|user| user.name.clone())
     }
 
+    /// Records an authentication outcome with the key's fingerprint and the client's
+    /// address.
+    fn audit_auth(&self, kind: &str, user: &str, key: &PublicKey, username: &str) {
+        let username: String = username.chars().take(128).collect();
+        self.state.audit(
+            AuditEvent::new(kind, user, chrono::Utc::now())
+                .detail("key", fingerprint(key))
+                .detail("client", self.peer())
+                .detail("username", username),
+        );
+    }
+
     fn peer(&self) -> String {
         self.peer
             .map(|p| p.to_string())
@@ -81,13 +94,16 @@ impl russh::server::Handler for Connection {
 
     async fn auth_publickey_offered(
         &mut self,
-        _user: &str,
+        user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         // Telling the client early that a key is unknown saves it a signature.
         Ok(match self.known_user(offer.public_key) {
             Some(_) => Auth::Accept,
-            None => Auth::reject(),
+            None => {
+                self.audit_auth("auth.failure", "-", offer.public_key, user);
+                Auth::reject()
+            }
         })
     }
 
@@ -99,9 +115,11 @@ impl russh::server::Handler for Connection {
         let fp = fingerprint(key.public_key);
         let Some(user) = self.known_user(key.public_key) else {
             tracing::warn!(peer = %self.peer(), key = %fp, username, "authentication refused: unknown key");
+            self.audit_auth("auth.failure", "-", key.public_key, username);
             return Ok(Auth::reject());
         };
         tracing::info!(peer = %self.peer(), %user, key = %fp, username, "authenticated");
+        self.audit_auth("auth.success", &user, key.public_key, username);
         self.identity = Some(Arc::new(Identity {
             user,
             route: Route::parse(username),

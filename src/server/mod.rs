@@ -14,7 +14,11 @@ use russh::{cipher, kex, Preferred};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+use crate::audit::AuditEvent;
 use crate::config::Config;
+use crate::grant::Grants;
+use crate::notify::Notifier;
+use crate::store::Store;
 use crate::keys::KeySet;
 use crate::policy::{self, Policy, PolicyErrors};
 
@@ -23,20 +27,31 @@ pub use channel::{
 };
 pub use route::{InvalidUsername, Route, CONTROL_USER};
 
-/// Everything connections share: configuration, keys and the current policy.
+/// Everything connections share: configuration, keys, the current policy and the
+/// database.
 pub struct State {
     pub config: Config,
     pub keys: KeySet,
     policy: RwLock<Arc<Policy>>,
+    pub store: Arc<Store>,
+    pub grants: Grants,
 }
 
 impl State {
-    pub fn new(config: Config, keys: KeySet, policy: Policy) -> State {
+    pub fn new(config: Config, keys: KeySet, policy: Policy, store: Arc<Store>) -> State {
+        let notifier = Notifier::new(config.notify.webhook.clone());
         State {
+            grants: Grants::new(store.clone(), notifier),
             config,
             keys,
             policy: RwLock::new(Arc::new(policy)),
+            store,
         }
+    }
+
+    /// Appends an audit event (failures are logged by the store layer).
+    pub fn audit(&self, event: AuditEvent) {
+        self.grants.audit(event);
     }
 
     /// The policy in force right now; callers keep the `Arc` for one decision.
@@ -137,6 +152,12 @@ pub async fn serve(config: Config) -> Result<()> {
     let policy = policy::load_dir(&config.policies).map_err(|errors| {
         anyhow::anyhow!("the policy has errors; fix them and start again:\n{errors}")
     })?;
+    let store = Arc::new(Store::open(&config.data_dir).with_context(|| {
+        format!(
+            "cannot open the database in {} (is another portcullis running on it?)",
+            config.data_dir.display()
+        )
+    })?);
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -148,8 +169,9 @@ pub async fn serve(config: Config) -> Result<()> {
         flows = policy.flows.len(),
         "portcullis listening"
     );
-    let state = Arc::new(State::new(config, keys, policy));
+    let state = Arc::new(State::new(config, keys, policy, store));
     tokio::spawn(reload_on_sighup(state.clone()));
+    tokio::spawn(expire_grants(state.clone()));
     let mut server = handler::Acceptor::new(state);
     let running = server.run_on_socket(russh_config, &listener);
     let shutdown = running.handle();
@@ -171,16 +193,37 @@ async fn termination() {
     }
 }
 
+/// Expires pending requests and grants whose time is up, once a second. (Live
+/// sessions do not wait for this: each watches its own grant's deadline.)
+async fn expire_grants(state: Arc<State>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(err) = state.grants.sweep(chrono::Utc::now()) {
+            tracing::error!(error = %err, "cannot expire grants");
+        }
+    }
+}
+
 async fn reload_on_sighup(state: Arc<State>) {
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot install SIGHUP handler; policy reload disabled");
         return;
     };
     while hup.recv().await.is_some() {
+        let now = chrono::Utc::now();
         match state.reload_policy() {
-            Ok(()) => tracing::info!("policy reloaded"),
+            Ok(()) => {
+                tracing::info!("policy reloaded");
+                state.audit(AuditEvent::new("policy.reloaded", "portcullis", now));
+            }
             Err(errors) => {
-                tracing::error!(%errors, "policy reload failed; keeping the previous policy")
+                tracing::error!(%errors, "policy reload failed; keeping the previous policy");
+                state.audit(
+                    AuditEvent::new("policy.reload_failed", "portcullis", now)
+                        .detail("errors", errors.to_string()),
+                );
             }
         }
     }

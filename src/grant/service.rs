@@ -1,0 +1,339 @@
+//! The grant service: applies the lifecycle rules under one lock, persists every change,
+//! writes the audit event, notifies the webhook, and wakes everyone waiting on a grant
+//! (`request --wait`, a session waiting for approval, a live session that must end when
+//! its grant does).
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use rand::RngExt;
+use thiserror::Error;
+use tokio::sync::watch;
+
+use super::lifecycle::{self, RequestSpec, RuleError, SYSTEM_ACTOR};
+use super::{Grant, GrantState};
+use crate::audit::AuditEvent;
+use crate::notify::Notifier;
+use crate::policy::Policy;
+use crate::store::{Store, StoreError};
+
+/// Length of a grant id: six hex digits are short enough to type and, with a
+/// collision check, plenty for the requests one bastion sees.
+const ID_LEN: usize = 6;
+
+#[derive(Debug, Error)]
+pub enum GrantError {
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error("no request '{0}'; run `requests --all` to see the ones you can access")]
+    NotFound(String),
+    #[error("'{0}' is not a request id: ids are 6 hex digits like 7f3a9c; run `requests` to list them")]
+    BadId(String),
+    #[error("the bastion cannot store this right now ({0}); nothing was changed, try again or tell an operator")]
+    Store(#[from] StoreError),
+}
+
+/// Requests and grants, backed by the store.
+pub struct Grants {
+    store: Arc<Store>,
+    /// Held for each read-modify-write, so two approvers cannot both count as the
+    /// last approval, and an expiry cannot race a revocation.
+    write: Mutex<()>,
+    /// Bumped after every change; receivers re-read the grants they care about.
+    changes: watch::Sender<u64>,
+    notifier: Notifier,
+}
+
+impl Grants {
+    pub fn new(store: Arc<Store>, notifier: Notifier) -> Grants {
+        Grants {
+            store,
+            write: Mutex::new(()),
+            changes: watch::channel(0).0,
+            notifier,
+        }
+    }
+
+    /// Files a request (approved at once by an `auto_approve` flow).
+    pub fn file(
+        &self,
+        policy: &Policy,
+        requester: &str,
+        spec: RequestSpec,
+        now: DateTime<Utc>,
+    ) -> Result<Grant, GrantError> {
+        let _guard = self.write.lock().expect("grant lock poisoned");
+        let id = self.fresh_id()?;
+        let seq = self.store.next_seq()?;
+        let grant = lifecycle::file_request(policy, requester, spec, id, seq, now)?;
+        self.commit(&grant, "request.created", requester, now)?;
+        if grant.state == GrantState::Approved {
+            self.commit(&grant, "request.approved", SYSTEM_ACTOR, now)?;
+        }
+        Ok(grant)
+    }
+
+    pub fn approve(
+        &self,
+        policy: &Policy,
+        id: &str,
+        approver: &str,
+        comment: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Grant, GrantError> {
+        self.change(id, now, |grant| {
+            lifecycle::approve(grant, policy, approver, comment, now)?;
+            Ok((
+                if grant.state == GrantState::Approved {
+                    "request.approved"
+                } else {
+                    "request.approval"
+                },
+                approver,
+            ))
+        })
+    }
+
+    pub fn deny(
+        &self,
+        policy: &Policy,
+        id: &str,
+        approver: &str,
+        reason: String,
+        now: DateTime<Utc>,
+    ) -> Result<Grant, GrantError> {
+        self.change(id, now, |grant| {
+            lifecycle::deny(grant, policy, approver, reason, now)?;
+            Ok(("request.denied", approver))
+        })
+    }
+
+    pub fn revoke(
+        &self,
+        policy: &Policy,
+        id: &str,
+        user: &str,
+        reason: Option<String>,
+        now: DateTime<Utc>,
+    ) -> Result<Grant, GrantError> {
+        self.change(id, now, |grant| {
+            lifecycle::revoke(grant, policy, user, reason, now)?;
+            Ok((
+                if grant.state == GrantState::Cancelled {
+                    "request.cancelled"
+                } else {
+                    "request.revoked"
+                },
+                user,
+            ))
+        })
+    }
+
+    /// Expires every pending request and grant whose time is up. Runs every second.
+    pub fn sweep(&self, now: DateTime<Utc>) -> Result<usize, GrantError> {
+        let due: Vec<String> = self
+            .store
+            .grants()?
+            .into_iter()
+            .filter(|g| g.state.is_live() && g.deadline().is_some_and(|at| at <= now))
+            .map(|g| g.id)
+            .collect();
+        let mut expired = 0;
+        for id in due {
+            let result = self.change(&id, now, |grant| {
+                if lifecycle::expire_if_due(grant, now) {
+                    Ok(("request.expired", SYSTEM_ACTOR))
+                } else {
+                    Err(RuleError("no longer due".into()))
+                }
+            });
+            if result.is_ok() {
+                expired += 1;
+            }
+        }
+        Ok(expired)
+    }
+
+    /// One grant by id (ids are checked for shape first, so junk never reaches sled).
+    pub fn get(&self, id: &str) -> Result<Grant, GrantError> {
+        check_id(id)?;
+        self.store
+            .grant(id)?
+            .ok_or_else(|| GrantError::NotFound(id.to_string()))
+    }
+
+    /// Every grant ever filed, oldest first.
+    pub fn all(&self) -> Result<Vec<Grant>, GrantError> {
+        Ok(self.store.grants()?)
+    }
+
+    /// The user's grants for `target` that are active at `now`.
+    pub fn active_for(
+        &self,
+        user: &str,
+        target: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Grant>, GrantError> {
+        Ok(self
+            .store
+            .grants()?
+            .into_iter()
+            .filter(|g| g.requester == user && g.target == target && g.is_active(now))
+            .collect())
+    }
+
+    /// A receiver that wakes after every change to any grant.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Waits until `id` is no longer pending and returns it. Wakes on the change itself,
+    /// not on a polling interval.
+    pub async fn wait_decided(&self, id: &str) -> Result<Grant, GrantError> {
+        let mut changes = self.subscribe();
+        loop {
+            let grant = self.get(id)?;
+            if grant.state != GrantState::Pending {
+                return Ok(grant);
+            }
+            if changes.changed().await.is_err() {
+                return Ok(grant); // the service is going away
+            }
+        }
+    }
+
+    /// Appends an audit event; a failure is logged, never hidden.
+    pub fn audit(&self, event: AuditEvent) {
+        if let Err(err) = self.store.append_audit(event) {
+            tracing::error!(error = %err, "cannot append to the audit log");
+        }
+    }
+
+    /// Reads, changes and saves one grant under the lock. `apply` returns the event
+    /// kind and actor to record.
+    fn change<'a>(
+        &self,
+        id: &str,
+        now: DateTime<Utc>,
+        apply: impl FnOnce(&mut Grant) -> Result<(&'static str, &'a str), RuleError>,
+    ) -> Result<Grant, GrantError> {
+        let _guard = self.write.lock().expect("grant lock poisoned");
+        let mut grant = self.get(id)?;
+        let was = grant.state;
+        match apply(&mut grant) {
+            Ok((kind, actor)) => {
+                self.commit(&grant, kind, actor, now)?;
+                Ok(grant)
+            }
+            Err(refusal) => {
+                // A decision attempt that found the request past its time still
+                // records the expiry, even though the decision itself is refused.
+                if grant.state == GrantState::Expired && was != GrantState::Expired {
+                    self.commit(&grant, "request.expired", SYSTEM_ACTOR, now)?;
+                }
+                Err(refusal.into())
+            }
+        }
+    }
+
+    /// Saves the grant, records the event, wakes waiters and notifies the webhook.
+    fn commit(
+        &self,
+        grant: &Grant,
+        kind: &str,
+        actor: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), GrantError> {
+        self.store.save_grant(grant)?;
+        self.audit(event_for(grant, kind, actor, now));
+        self.changes.send_modify(|n| *n += 1);
+        self.notifier.grant_event(kind, actor, grant);
+        tracing::info!(
+            event = kind,
+            %actor,
+            grant = %grant.id,
+            requester = %grant.requester,
+            target = %grant.destination(),
+            state = %grant.state,
+            "grant changed"
+        );
+        Ok(())
+    }
+
+    fn fresh_id(&self) -> Result<String, GrantError> {
+        loop {
+            let n: u32 = rand::rng().random_range(0..1 << (4 * ID_LEN));
+            let id = format!("{n:0width$x}", width = ID_LEN);
+            if !self.store.id_taken(&id)? {
+                return Ok(id);
+            }
+        }
+    }
+}
+
+/// Refuses anything that is not shaped like an id, before it is echoed or looked up.
+fn check_id(id: &str) -> Result<(), GrantError> {
+    if id.len() == ID_LEN && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        Ok(())
+    } else {
+        let shown: String = id
+            .chars()
+            .take(20)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        Err(GrantError::BadId(shown))
+    }
+}
+
+/// The audit form of a lifecycle event.
+fn event_for(grant: &Grant, kind: &str, actor: &str, now: DateTime<Utc>) -> AuditEvent {
+    let mut event = AuditEvent::new(kind, actor, now)
+        .target(&grant.target)
+        .grant(&grant.id)
+        .detail("requester", grant.requester.as_str())
+        .detail("login", grant.login.as_str())
+        .detail("scope", grant.scope.describe())
+        .detail("state", grant.state.as_str())
+        .detail("flow", grant.flow.as_str());
+    match kind {
+        "request.created" => {
+            event = event
+                .detail("reason", grant.reason.as_str())
+                .detail("ttl_secs", grant.ttl_secs);
+        }
+        "request.approved" | "request.approval" => {
+            if let Some(approval) = grant.approvals.last() {
+                event = event.detail("comment", approval.comment.clone().unwrap_or_default());
+            }
+            event = event.detail(
+                "approvals",
+                grant.approvals.iter().map(|a| a.by.clone()).collect::<Vec<_>>(),
+            );
+            if let Some(expires) = grant.expires_at {
+                event = event.detail("expires_at", expires.to_rfc3339());
+            }
+        }
+        _ => {
+            if let Some(ended) = &grant.ended {
+                event = event.detail("reason", ended.reason.clone().unwrap_or_default());
+            }
+        }
+    }
+    event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked_before_use() {
+        assert!(check_id("7f3a9c").is_ok());
+        for bad in ["", "7F3A9C", "7f3a9", "7f3a9cc", "zzzzzz", "7f3a9\n", "ø7f3a9"] {
+            assert!(check_id(bad).is_err(), "{bad:?}");
+        }
+        let long = "x".repeat(1 << 20);
+        let message = check_id(&long).unwrap_err().to_string();
+        assert!(message.len() < 200, "{message}");
+    }
+}

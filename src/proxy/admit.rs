@@ -1,0 +1,195 @@
+//! Admission: decide a session channel against the user's grants, and when there is no
+//! grant, get one the way the flow allows: on the spot for an `auto_approve` flow, by
+//! asking on the user's terminal when there is a pty, or by telling the user the exact
+//! `request` command to run.
+
+use chrono::Utc;
+
+use super::ask;
+use crate::audit::AuditEvent;
+use crate::grant::{authorize, AccessRequest, Decision, Denial, Permit, RequestSpec, Requestable, Scope};
+use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
+
+/// Returns the permit to proxy under, or `None` after telling the client why not.
+pub async fn admit(
+    context: &ChannelContext,
+    client: &mut ClientChannel,
+    setup: &mut SessionSetup,
+    start: &Start,
+    target: &str,
+    login: Option<&str>,
+) -> Option<Permit> {
+    let denial = match decide(context, setup, start, target, login) {
+        Decision::Allow(permit) => return Some(*permit),
+        Decision::Deny(denial) => denial,
+    };
+    audit_denial(context, start, target, &denial);
+    let Some(requestable) = denial.requestable.clone() else {
+        client.out.fail(&denial.reason, 1).await;
+        return None;
+    };
+    let filed = if requestable.flow.auto_approve {
+        auto_approve(context, client, &requestable, start, setup.pty.is_some()).await
+    } else if setup.pty.is_some() {
+        ask::request_on_terminal(context, client, setup, &requestable, &denial.reason).await
+    } else {
+        let hint = request_command(context, &requestable, start);
+        client
+            .out
+            .fail(&format!("{}\nrequest it with:\n  {hint}", denial.reason), 1)
+            .await;
+        false
+    };
+    if !filed {
+        return None;
+    }
+    match decide(context, setup, start, target, login) {
+        Decision::Allow(permit) => Some(*permit),
+        Decision::Deny(denial) => {
+            client.out.fail(&denial.reason, 1).await;
+            None
+        }
+    }
+}
+
+fn decide(
+    context: &ChannelContext,
+    setup: &SessionSetup,
+    start: &Start,
+    target: &str,
+    login: Option<&str>,
+) -> Decision {
+    let user = context.identity.user.as_str();
+    let now = Utc::now();
+    let grants = match context.state.grants.active_for(user, target, now) {
+        Ok(grants) => grants,
+        Err(err) => {
+            return Decision::Deny(Box::new(Denial {
+                reason: err.to_string(),
+                requestable: None,
+            }))
+        }
+    };
+    let request = AccessRequest {
+        user,
+        target,
+        login,
+        action: start.action(),
+        pty: setup.pty.is_some(),
+    };
+    authorize(&context.state.policy(), &grants, &request, now)
+}
+
+/// Files an `auto_approve` request covering what the client is doing (a shell grant
+/// when the flow allows shells, which covers the next scp or rsync too).
+async fn auto_approve(
+    context: &ChannelContext,
+    client: &ClientChannel,
+    requestable: &Requestable,
+    start: &Start,
+    pty: bool,
+) -> bool {
+    let Some(scope) = scope_for(requestable, start, pty) else {
+        client
+            .out
+            .fail(
+                &format!(
+                    "flow '{}' does not grant shells or terminals; run an allowed command without -t",
+                    requestable.flow.name
+                ),
+                1,
+            )
+            .await;
+        return false;
+    };
+    let spec = RequestSpec {
+        target: requestable.target.name.clone(),
+        login: Some(requestable.login.clone()),
+        scope,
+        ttl: None,
+        reason: "auto".to_string(),
+    };
+    let policy = context.state.policy();
+    match context
+        .state
+        .grants
+        .file(&policy, &context.identity.user, spec, Utc::now())
+    {
+        Ok(_) => true,
+        Err(err) => {
+            client.out.fail(&err.to_string(), 1).await;
+            false
+        }
+    }
+}
+
+/// The scope to request for `start`: the shell when the flow grants shells (or a
+/// terminal is wanted), otherwise exactly the command or sftp.
+pub fn scope_for(requestable: &Requestable, start: &Start, pty: bool) -> Option<Scope> {
+    let flow = &requestable.flow;
+    if flow.shell {
+        return Some(Scope {
+            shell: true,
+            ..Scope::default()
+        });
+    }
+    match start {
+        _ if pty => None,
+        Start::Shell => None,
+        Start::Subsystem(name) if name == "sftp" => Some(Scope {
+            sftp: true,
+            ..Scope::default()
+        }),
+        Start::Subsystem(_) => None,
+        Start::Exec(command) => Some(Scope {
+            commands: vec![String::from_utf8_lossy(command).into_owned()],
+            ..Scope::default()
+        }),
+    }
+}
+
+/// The exact control-plane command that requests what the client just tried.
+pub fn request_command(context: &ChannelContext, requestable: &Requestable, start: &Start) -> String {
+    let listen = context.state.config.listen;
+    let host = if listen.ip().is_unspecified() {
+        "BASTION".to_string()
+    } else {
+        listen.ip().to_string()
+    };
+    let scope = match start {
+        Start::Shell => "--shell".to_string(),
+        Start::Subsystem(name) if name == "sftp" => "--sftp".to_string(),
+        Start::Subsystem(_) => "--shell".to_string(),
+        Start::Exec(command) => {
+            let command = String::from_utf8_lossy(command);
+            if crate::grant::scope::plain_words_problem(&command).is_some() {
+                "--shell".to_string()
+            } else {
+                format!("--command {}", quote(&command))
+            }
+        }
+    };
+    format!(
+        "ssh -p {} portcullis@{host} request {} --login {} {scope} --reason 'WHY'",
+        listen.port(),
+        requestable.target.name,
+        requestable.login
+    )
+}
+
+fn quote(word: &str) -> String {
+    shlex::try_quote(word)
+        .map(|q| q.into_owned())
+        .unwrap_or_else(|_| format!("'{word}'"))
+}
+
+fn audit_denial(context: &ChannelContext, start: &Start, target: &str, denial: &Denial) {
+    let user = context.identity.user.as_str();
+    tracing::warn!(user, target, action = %start.action().describe(), reason = %denial.reason, "denied");
+    context.state.audit(
+        AuditEvent::new("session.denied", user, Utc::now())
+            .target(target)
+            .detail("action", start.action().describe())
+            .detail("reason", denial.reason.as_str()),
+    );
+}

@@ -1,0 +1,252 @@
+//! Request-on-connect: a user with a terminal and no grant is asked for a reason,
+//! the request is filed, and a status line shows who must approve and how long it
+//! has been waiting. Approval continues the very session; denial or expiry ends it
+//! with the reason; Ctrl-C (or closing the session) cancels the request.
+//!
+//! The client's terminal is in raw mode (OpenSSH's `-t`), so this module echoes what
+//! the user types and handles backspace itself.
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use russh::ChannelMsg;
+
+use super::admit::scope_for;
+use crate::grant::{GrantState, Grant, RequestSpec, Requestable};
+use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
+
+const CTRL_C: u8 = 0x03;
+const CTRL_D: u8 = 0x04;
+const BACKSPACE: u8 = 0x7f;
+const CTRL_H: u8 = 0x08;
+
+/// How often the waiting line's elapsed time is redrawn.
+const REDRAW: Duration = Duration::from_secs(1);
+
+/// Asks, files and waits. Returns whether the grant was approved.
+pub async fn request_on_terminal(
+    context: &ChannelContext,
+    client: &mut ClientChannel,
+    setup: &mut SessionSetup,
+    requestable: &Requestable,
+    why_refused: &str,
+) -> bool {
+    let Some(scope) = scope_for(requestable, &Start::Shell, true) else {
+        let hint = super::admit::request_command(context, requestable, &Start::Shell);
+        client
+            .out
+            .fail(
+                &format!(
+                    "{why_refused}; flow '{}' grants commands only, so request one without a terminal:\n  {}",
+                    requestable.flow.name,
+                    hint.replace("--shell", "--command 'COMMAND'")
+                ),
+                1,
+            )
+            .await;
+        return false;
+    };
+    let flow = &requestable.flow;
+    client
+        .out
+        .stderr(&format!(
+            "portcullis: {why_refused}.\nFlow '{}' needs {} approval(s) from {}.\nReason for access (Enter to send, Ctrl-C to cancel): ",
+            flow.name,
+            flow.approvals,
+            flow.approvers.join(", ")
+        ))
+        .await;
+    let Some(reason) = read_line(client, setup).await else {
+        client.out.fail("cancelled; no request filed", 1).await;
+        return false;
+    };
+    let spec = RequestSpec {
+        target: requestable.target.name.clone(),
+        login: Some(requestable.login.clone()),
+        scope,
+        ttl: None,
+        reason,
+    };
+    let user = context.identity.user.clone();
+    let filed = context
+        .state
+        .grants
+        .file(&context.state.policy(), &user, spec, Utc::now());
+    match filed {
+        Ok(grant) => wait_for_decision(context, client, setup, grant).await,
+        Err(err) => {
+            client.out.fail(&err.to_string(), 1).await;
+            false
+        }
+    }
+}
+
+/// Reads one line of input with echo; `None` on Ctrl-C, Ctrl-D, an empty line or a
+/// closed channel. Window changes while typing are kept for the target.
+async fn read_line(client: &mut ClientChannel, setup: &mut SessionSetup) -> Option<String> {
+    let mut line: Vec<u8> = Vec::new();
+    loop {
+        let data = match client.reader.wait().await? {
+            ChannelMsg::Data { data } => data,
+            msg => {
+                keep_window_change(setup, &msg);
+                if matches!(msg, ChannelMsg::Eof | ChannelMsg::Close) {
+                    return None;
+                }
+                continue;
+            }
+        };
+        for &byte in data.iter() {
+            match byte {
+                CTRL_C | CTRL_D => return None,
+                b'\r' | b'\n' => {
+                    client.out.stderr("\n").await;
+                    let text = String::from_utf8_lossy(&line).trim().to_string();
+                    return (!text.is_empty()).then_some(text);
+                }
+                BACKSPACE | CTRL_H => {
+                    // Drop one whole UTF-8 character.
+                    while let Some(last) = line.pop() {
+                        if last & 0xC0 != 0x80 {
+                            break;
+                        }
+                    }
+                    client.out.stderr("\x08 \x08").await;
+                }
+                byte if byte >= 0x20 && line.len() < 500 => {
+                    line.push(byte);
+                    let _ = client.out.writer.extended_data(1, &[byte][..]).await;
+                }
+                _ => {} // other control bytes (arrows, escape sequences) are ignored
+            }
+        }
+    }
+}
+
+/// Shows a live status line until the request is decided. Ctrl-C cancels it.
+async fn wait_for_decision(
+    context: &ChannelContext,
+    client: &mut ClientChannel,
+    setup: &mut SessionSetup,
+    grant: Grant,
+) -> bool {
+    let grants = &context.state.grants;
+    let mut changes = grants.subscribe();
+    let started = Instant::now();
+    let mut redraw = tokio::time::interval(REDRAW);
+    let approvers = context
+        .state
+        .policy()
+        .targets
+        .get(&grant.target)
+        .and_then(|t| context.state.policy().flow_for(t).map(|f| f.approvers.join(", ")))
+        .unwrap_or_default();
+    loop {
+        let current = match grants.get(&grant.id) {
+            Ok(current) => current,
+            Err(err) => {
+                client.out.fail(&err.to_string(), 1).await;
+                return false;
+            }
+        };
+        if current.state != GrantState::Pending {
+            return report_decision(client, &current).await;
+        }
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = redraw.tick() => {
+                let line = status_line(&current, &approvers, started.elapsed());
+                client.out.stderr(&line).await;
+            }
+            msg = client.reader.wait() => {
+                let cancelled = match &msg {
+                    None | Some(ChannelMsg::Eof) | Some(ChannelMsg::Close) => true,
+                    Some(ChannelMsg::Data { data }) => data.contains(&CTRL_C) || data.contains(&CTRL_D),
+                    Some(other) => {
+                        keep_window_change(setup, other);
+                        false
+                    }
+                };
+                if cancelled {
+                    let user = context.identity.user.as_str();
+                    let result = grants.revoke(
+                        &context.state.policy(),
+                        &grant.id,
+                        user,
+                        Some("cancelled at the prompt".into()),
+                        Utc::now(),
+                    );
+                    if result.is_ok() {
+                        client.out.fail(&format!("\nrequest {} cancelled", grant.id), 1).await;
+                        return false;
+                    }
+                    // Decided in the meantime: the next round reports it.
+                }
+            }
+        }
+    }
+}
+
+fn status_line(grant: &Grant, approvers: &str, waited: Duration) -> String {
+    let secs = waited.as_secs();
+    format!(
+        "\r\x1b[Kportcullis: request {} waiting for {} ({}/{} approvals) · {}:{:02} · Ctrl-C cancels",
+        grant.id,
+        approvers,
+        grant.approvals.len(),
+        grant.approvals_needed,
+        secs / 60,
+        secs % 60
+    )
+}
+
+async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {
+    let by = grant
+        .approvals
+        .iter()
+        .map(|a| a.by.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match grant.state {
+        GrantState::Approved => {
+            client
+                .out
+                .stderr(&format!(
+                    "\r\x1b[Kportcullis: request {} approved by {by}; connecting to {}\n",
+                    grant.id,
+                    grant.destination()
+                ))
+                .await;
+            true
+        }
+        state => {
+            let ending = grant.ended.as_ref();
+            let who = ending.map(|e| e.by.as_str()).unwrap_or("portcullis");
+            let why = ending
+                .and_then(|e| e.reason.as_deref())
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            client
+                .out
+                .fail(&format!("\nrequest {} {state} by {who}{why}", grant.id), 1)
+                .await;
+            false
+        }
+    }
+}
+
+fn keep_window_change(setup: &mut SessionSetup, msg: &ChannelMsg) {
+    if let (
+        Some(pty),
+        ChannelMsg::WindowChange {
+            col_width,
+            row_height,
+            pix_width,
+            pix_height,
+        },
+    ) = (setup.pty.as_mut(), msg)
+    {
+        (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
+            (*col_width, *row_height, *pix_width, *pix_height);
+    }
+}
