@@ -297,6 +297,7 @@ fn changed_target_host_key_is_refused() {
     let pinned = keygen(&other, "not-the-target");
     let mut w = World::start_with(WorldOptions {
         pinned_host_key: Some(pinned),
+        ..WorldOptions::default()
     });
     let marker = w.path("ran");
     let out = w.alice.ssh(&w.target_user(), &[&touch_command(&marker)]);

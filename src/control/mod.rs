@@ -1,19 +1,48 @@
 //! The control plane: commands run with `ssh portcullis@bastion CMD ...`.
+//!
+//! The exec line is split into shell words and parsed with clap; output goes to
+//! stdout, errors to stderr with exit status 1 and a hint of what to do next.
 
-use crate::server::{ChannelContext, ClientChannel, Start};
+mod args;
+mod requests;
+mod table;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use clap::Parser;
+use russh::ChannelMsg;
+
+use crate::grant::{Grant, GrantState, Scope};
+use crate::server::{ChannelContext, ClientChannel, ClientOut, Start};
+use args::{Command, ControlArgs};
+use requests::{to_json, Caller, Filter, RequestArgs};
+
+/// Longest command line the control plane reads, in bytes.
+const MAX_LINE: usize = 64 * 1024;
 
 /// The command table shown by `help`.
 pub const HELP: &str = "\
 portcullis control plane — run as: ssh -p PORT portcullis@BASTION COMMAND [ARGS]
 
-  whoami                      your identity, groups and active grants
-  help                        this table
+  whoami [--json]                         your identity, groups and active grants
+  request TARGET [--login L] [--shell] [--sftp] [--command PATTERN]...
+          [--ttl 30m] --reason TEXT [--wait] [--json]
+                                          ask for access; --wait blocks until decided
+  requests [--pending] [--mine] [--all] [--json]
+                                          requests you can see (--all: with history)
+  show ID [--json]                        one request with its approvals
+  approve ID [--comment TEXT] [--json]    approve (approvers of the request's flow)
+  deny ID --reason TEXT [--json]          deny (approvers of the request's flow)
+  revoke ID [--reason TEXT] [--json]      end a grant and its sessions, or withdraw a request
+  grants [--json]                         active grants you can see
+  help                                    this table
 
 Connect to a target with: ssh -p PORT LOGIN@TARGET@BASTION (or TARGET@BASTION for its default login)
 ";
 
 /// Runs one control-plane command on a session channel.
-pub async fn run(context: &ChannelContext, client: ClientChannel, start: Start) {
+pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Start) {
     let out = &client.out;
     let command = match start {
         Start::Exec(command) => command,
@@ -27,55 +56,208 @@ pub async fn run(context: &ChannelContext, client: ClientChannel, start: Start) 
             return;
         }
     };
+    if command.len() > MAX_LINE {
+        out.fail(
+            &format!(
+                "the command line is {} bytes; the control plane accepts at most {MAX_LINE}",
+                command.len()
+            ),
+            1,
+        )
+        .await;
+        return;
+    }
     let Some(words) = std::str::from_utf8(&command).ok().and_then(shlex::split) else {
         out.fail(
             "cannot parse the command line: use UTF-8 and balanced quotes",
-            2,
+            1,
         )
         .await;
         return;
     };
-    let user = &context.identity.user;
-    tracing::info!(%user, command = ?words, "control command");
-    match words.first().map(String::as_str) {
-        None | Some("help") | Some("--help") => {
-            out.stdout(HELP).await;
+    let user = context.identity.user.as_str();
+    tracing::info!(user, command = ?words.first(), "control command");
+    if matches!(words.first().map(String::as_str), None | Some("help") | Some("--help")) {
+        out.stdout(HELP).await;
+        out.exit(0).await;
+        return;
+    }
+    let args = match ControlArgs::try_parse_from(&words) {
+        Ok(args) => args,
+        Err(err) if err.kind() == clap::error::ErrorKind::DisplayHelp => {
+            out.stdout(&err.render().to_string()).await;
             out.exit(0).await;
+            return;
         }
-        Some("whoami") => {
-            let text = whoami(context, words.iter().any(|w| w == "--json"));
+        Err(err) => {
+            let message = err.render().to_string();
+            out.stderr(&format!("portcullis: {}\n", message.trim_end()))
+                .await;
+            out.exit(1).await;
+            return;
+        }
+    };
+    let caller = Caller {
+        user,
+        state: &context.state,
+        policy: context.state.policy(),
+        now: Utc::now(),
+    };
+    let reply = match args.command {
+        Command::Whoami { json } => whoami(&caller, json),
+        Command::Request {
+            target,
+            login,
+            shell,
+            sftp,
+            commands,
+            ttl,
+            reason,
+            wait,
+            json,
+        } => {
+            let args = RequestArgs {
+                target,
+                login,
+                scope: Scope {
+                    shell,
+                    sftp,
+                    commands,
+                },
+                ttl,
+                reason,
+            };
+            match requests::request(&caller, args) {
+                Ok(grant) if wait && grant.state == GrantState::Pending => {
+                    if !json {
+                        out.stdout(&requests::describe_outcome(&caller, &grant)).await;
+                    }
+                    wait_and_report(context, &mut client, &caller, grant, json).await;
+                    return;
+                }
+                Ok(grant) if json => Ok(to_json(&grant)),
+                Ok(grant) => Ok(requests::describe_outcome(&caller, &grant)),
+                Err(err) => Err(err),
+            }
+        }
+        Command::Requests {
+            pending,
+            mine,
+            all,
+            json,
+        } => requests::list(&caller, Filter { pending, mine, all }, json),
+        Command::Show { id, json } => requests::show(&caller, &id, json),
+        Command::Approve { id, comment, json } => requests::approve(&caller, &id, comment, json),
+        Command::Deny { id, reason, json } => requests::deny(&caller, &id, reason, json),
+        Command::Revoke { id, reason, json } => requests::revoke(&caller, &id, reason, json),
+        Command::Grants { json } => requests::grants(&caller, json),
+    };
+    finish(out, reply).await;
+}
+
+async fn finish(out: &ClientOut, reply: requests::Reply) {
+    match reply {
+        Ok(text) => {
             out.stdout(&text).await;
             out.exit(0).await;
         }
-        Some(other) => {
-            let other: String = other.chars().take(40).collect();
-            out.fail(
-                &format!("unknown command {other:?}; run `help` for the list"),
-                2,
-            )
-            .await;
-        }
+        Err(message) => out.fail(&message, 1).await,
     }
 }
 
-fn whoami(context: &ChannelContext, json: bool) -> String {
-    let policy = context.state.policy();
-    let user = &context.identity.user;
-    let groups = policy
+/// `request --wait`: blocks until the request is decided (woken by the decision
+/// itself), redrawing a status line on a terminal. Exits 0 only when approved. A
+/// client that goes away stops waiting; the request stays pending.
+async fn wait_and_report(
+    context: &ChannelContext,
+    client: &mut ClientChannel,
+    caller: &Caller<'_>,
+    grant: Grant,
+    json: bool,
+) {
+    let grants = &context.state.grants;
+    let started = Instant::now();
+    let approvers = crate::grant::lifecycle::approvers_of(&grant, &caller.policy)
+        .map(|a| a.join(", "))
+        .unwrap_or_default();
+    let mut redraw = tokio::time::interval(Duration::from_secs(1));
+    let decided = grants.wait_decided(&grant.id);
+    tokio::pin!(decided);
+    let result = loop {
+        tokio::select! {
+            result = &mut decided => break result,
+            _ = redraw.tick(), if client.out.pty => {
+                let line = grant.waiting_status(&approvers, started.elapsed());
+                client.out.stderr(&format!("\r\x1b[K{line}")).await;
+            }
+            msg = client.reader.wait() => {
+                if matches!(msg, None | Some(ChannelMsg::Close)) {
+                    return;
+                }
+            }
+        }
+    };
+    if client.out.pty {
+        client.out.stderr("\r\x1b[K").await;
+    }
+    let out = &client.out;
+    let caller = Caller {
+        user: caller.user,
+        state: caller.state,
+        policy: caller.policy.clone(),
+        now: Utc::now(),
+    };
+    match result {
+        Ok(decided) if json => {
+            out.stdout(&to_json(&decided)).await;
+            out.exit(if decided.state == GrantState::Approved { 0 } else { 1 })
+                .await;
+        }
+        Ok(decided) if decided.state == GrantState::Approved => {
+            out.stdout(&requests::describe_outcome(&caller, &decided)).await;
+            out.exit(0).await;
+        }
+        Ok(decided) => {
+            out.fail(requests::describe_outcome(&caller, &decided).trim_end(), 1)
+                .await
+        }
+        Err(err) => out.fail(&err.to_string(), 1).await,
+    }
+}
+
+fn whoami(caller: &Caller, json: bool) -> requests::Reply {
+    let user = caller.user;
+    let groups = caller
+        .policy
         .users
         .get(user)
         .map(|u| u.groups.clone())
         .unwrap_or_default();
+    let active = requests::own_active(caller)?;
     if json {
-        let doc = serde_json::json!({ "user": user, "groups": groups });
-        return format!("{doc}\n");
+        let doc = serde_json::json!({ "user": user, "groups": groups, "grants": active });
+        return Ok(format!("{doc}\n"));
     }
-    format!(
-        "user:   {user}\ngroups: {}\n",
+    let mut text = format!(
+        "user:   {user}\ngroups: {}\ngrants: {}\n",
         if groups.is_empty() {
             "-".to_string()
         } else {
             groups.join(", ")
-        }
-    )
+        },
+        if active.is_empty() { "none" } else { "" }
+    );
+    for grant in &active {
+        text.push_str(&format!(
+            "  {}  {}  {}  expires {}\n",
+            grant.id,
+            grant.destination(),
+            grant.scope.describe(),
+            grant
+                .expires_at
+                .map(|at| table::relative(at, caller.now))
+                .unwrap_or_default()
+        ));
+    }
+    Ok(text)
 }

@@ -365,8 +365,13 @@ mod tests {
             .enumerate()
             .map(|(i, u)| {
                 let group = if i == 0 { "engineers" } else { "sre" };
-                // Distinct keys are not needed by these rules; reuse one with a comment.
-                format!("[users.{u}]\nkeys = [\"{KEY} {u}\"]\ngroups = [\"{group}\"]\n")
+                let key = russh::keys::PrivateKey::random(
+                    &mut rand::rng(),
+                    russh::keys::Algorithm::Ed25519,
+                )
+                .unwrap();
+                let key = key.public_key().to_openssh().unwrap();
+                format!("[users.{u}]\nkeys = [\"{key}\"]\ngroups = [\"{group}\"]\n")
             })
             .collect::<String>();
         std::fs::write(dir.path().join("users.toml"), users).unwrap();

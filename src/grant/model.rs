@@ -105,6 +105,20 @@ impl Grant {
         }
     }
 
+    /// One line for a terminal while waiting: `request 7f3a9c waiting for group:sre
+    /// (0/1 approvals) · 1:05`.
+    pub fn waiting_status(&self, approvers: &str, waited: std::time::Duration) -> String {
+        let secs = waited.as_secs();
+        format!(
+            "request {} waiting for {approvers} ({}/{} approvals) · {}:{:02}",
+            self.id,
+            self.approvals.len(),
+            self.approvals_needed,
+            secs / 60,
+            secs % 60
+        )
+    }
+
     /// `LOGIN@TARGET`.
     pub fn destination(&self) -> String {
         format!("{}@{}", self.login, self.target)

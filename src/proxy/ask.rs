@@ -155,8 +155,8 @@ async fn wait_for_decision(
         tokio::select! {
             _ = changes.changed() => {}
             _ = redraw.tick() => {
-                let line = status_line(&current, &approvers, started.elapsed());
-                client.out.stderr(&line).await;
+                let line = current.waiting_status(&approvers, started.elapsed());
+                client.out.stderr(&format!("\r\x1b[Kportcullis: {line} · Ctrl-C cancels")).await;
             }
             msg = client.reader.wait() => {
                 let cancelled = match &msg {
@@ -185,19 +185,6 @@ async fn wait_for_decision(
             }
         }
     }
-}
-
-fn status_line(grant: &Grant, approvers: &str, waited: Duration) -> String {
-    let secs = waited.as_secs();
-    format!(
-        "\r\x1b[Kportcullis: request {} waiting for {} ({}/{} approvals) · {}:{:02} · Ctrl-C cancels",
-        grant.id,
-        approvers,
-        grant.approvals.len(),
-        grant.approvals_needed,
-        secs / 60,
-        secs % 60
-    )
 }
 
 async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {

@@ -38,6 +38,9 @@ pub const TARGET: &str = "local";
 /// The engineer known to the policies.
 pub const USER: &str = "alice";
 
+/// File in a world's directory whose lines are appended to portcullis.toml.
+const EXTRA_CONFIG: &str = "portcullis.extra.toml";
+
 /// The reserved username of the control plane.
 pub const CONTROL_USER: &str = "portcullis";
 
@@ -594,7 +597,8 @@ impl Bastion {
              policies = \"policies\"\n\
              log_format = \"text\"\n"
         );
-        fs::write(&path, config).expect("write portcullis.toml");
+        let extra = fs::read_to_string(dir.join(EXTRA_CONFIG)).unwrap_or_default();
+        fs::write(&path, config + &extra).expect("write portcullis.toml");
         path
     }
 
@@ -658,6 +662,20 @@ impl Bastion {
         self.daemon.port()
     }
 
+    /// A stand-in while the real bastion restarts: a process that is already gone.
+    fn placeholder(dir: &Path) -> Bastion {
+        let child = Command::new("true").spawn().expect("spawn true");
+        Bastion {
+            daemon: Daemon {
+                what: "placeholder",
+                child,
+                port: 0,
+                log: dir.join("bastion.log"),
+            },
+            dir: dir.to_path_buf(),
+        }
+    }
+
     /// Everything the bastion logged so far.
     pub fn log(&self) -> String {
         self.daemon.log()
@@ -682,10 +700,20 @@ impl Bastion {
 // ---------------------------------------------------------------------------
 
 /// What the test policies say; [`Policies::write`] turns it into TOML files.
+///
+/// Users: `alice` (engineers), `bob` and `carol` (sre-leads, approvers), `dave`
+/// (engineers and auditors). Targets, all the same sshd under different labels:
+///
+/// | target | flow | rules |
+/// |---|---|---|
+/// | `local` | staging | auto-approve, shells |
+/// | `prod` | production | 1 approval by sre-leads, shells, max_ttl 1h |
+/// | `crit` | critical | 2 approvals by sre-leads, shells |
+/// | `cmds` | restricted | 1 approval, commands `id`, `uname *`, `sleep *` only |
 #[derive(Debug, Clone)]
 pub struct Policies {
-    /// Public key of [`USER`].
-    pub user_key: String,
+    /// (name, public key, groups) of every user.
+    pub users: Vec<(String, String, Vec<String>)>,
     /// `host:port` of the target sshd.
     pub target_address: String,
     /// Host key pinned for the target.
@@ -694,31 +722,73 @@ pub struct Policies {
     pub logins: Vec<String>,
 }
 
+/// The flows of the test policies (see [`Policies`]).
+const FLOWS: &str = r#"
+[[flows]]
+name = "staging"
+match = { env = "staging" }
+requesters = ["group:engineers"]
+auto_approve = true
+shell = true
+max_ttl = "8h"
+
+[[flows]]
+name = "production"
+match = { env = "production" }
+requesters = ["group:engineers"]
+approvers = ["group:sre-leads"]
+max_ttl = "1h"
+shell = true
+
+[[flows]]
+name = "critical"
+match = { env = "critical" }
+requesters = ["group:engineers"]
+approvers = ["group:sre-leads"]
+approvals = 2
+max_ttl = "1h"
+shell = true
+
+[[flows]]
+name = "restricted"
+match = { env = "restricted" }
+requesters = ["group:engineers"]
+approvers = ["group:sre-leads"]
+max_ttl = "1h"
+commands = ["id", "uname *", "sleep *"]
+"#;
+
 impl Policies {
-    /// Writes users.toml, targets.toml and flows.toml into `dir`: one user in
-    /// group `engineers`, one staging target, and an auto-approving staging
-    /// flow (so tests keep passing once grants are enforced).
+    /// Writes users.toml, targets.toml and flows.toml into `dir`.
     pub fn write(&self, dir: &Path) {
         fs::create_dir_all(dir).expect("create policies dir");
-        let users = format!(
-            "[users.{USER}]\nkeys = [{}]\ngroups = [{}]\n",
-            toml_str(&self.user_key),
-            toml_str(GROUP)
-        );
+        let mut users = String::new();
+        for (name, key, groups) in &self.users {
+            let groups: Vec<String> = groups.iter().map(|g| toml_str(g)).collect();
+            users.push_str(&format!(
+                "[users.{name}]\nkeys = [{}]\ngroups = [{}]\n",
+                toml_str(key),
+                groups.join(", ")
+            ));
+        }
         let logins: Vec<String> = self.logins.iter().map(|l| toml_str(l)).collect();
-        let targets = format!(
-            "[targets.{TARGET}]\naddress = {}\nhost_key = {}\nlogins = [{}]\nlabels = {{ env = \"staging\" }}\n",
-            toml_str(&self.target_address),
-            toml_str(&self.target_host_key),
-            logins.join(", ")
-        );
-        let flows = format!(
-            "[[flows]]\nname = \"staging\"\nmatch = {{ env = \"staging\" }}\n\
-             requesters = [\"group:{GROUP}\"]\nauto_approve = true\nmax_ttl = \"8h\"\n"
-        );
+        let mut targets = String::new();
+        for (name, env) in [
+            (TARGET, "staging"),
+            ("prod", "production"),
+            ("crit", "critical"),
+            ("cmds", "restricted"),
+        ] {
+            targets.push_str(&format!(
+                "[targets.{name}]\naddress = {}\nhost_key = {}\nlogins = [{}]\nlabels = {{ env = \"{env}\" }}\n",
+                toml_str(&self.target_address),
+                toml_str(&self.target_host_key),
+                logins.join(", ")
+            ));
+        }
         fs::write(dir.join("users.toml"), users).expect("write users.toml");
         fs::write(dir.join("targets.toml"), targets).expect("write targets.toml");
-        fs::write(dir.join("flows.toml"), flows).expect("write flows.toml");
+        fs::write(dir.join("flows.toml"), FLOWS).expect("write flows.toml");
     }
 }
 
@@ -904,6 +974,8 @@ pub struct WorldOptions {
     /// Pin this host key for the target instead of the real one (to test a
     /// changed host key).
     pub pinned_host_key: Option<String>,
+    /// Extra lines for portcullis.toml (e.g. a `[notify]` table).
+    pub extra_config: String,
 }
 
 /// One test's universe: a temp dir, a target sshd that trusts only the
@@ -914,8 +986,14 @@ pub struct WorldOptions {
 pub struct World {
     pub bastion: Bastion,
     pub sshd: Sshd,
-    /// Keys listed in users.toml.
+    /// Engineer (group engineers).
     pub alice: Client,
+    /// Approver (group sre-leads).
+    pub bob: Client,
+    /// Approver (group sre-leads).
+    pub carol: Client,
+    /// Engineer and auditor.
+    pub dave: Client,
     /// A key the bastion has never heard of.
     pub mallory: Client,
     pub keys: BastionKeys,
@@ -934,10 +1012,20 @@ impl World {
             .tempdir()
             .expect("create temp dir");
         let root = dir.path();
-        let alice_key = root.join(USER);
-        let alice_pub = keygen(&alice_key, USER);
+        let mut users = Vec::new();
+        for (name, groups) in [
+            (USER, vec![GROUP]),
+            ("bob", vec!["sre-leads"]),
+            ("carol", vec!["sre-leads"]),
+            ("dave", vec![GROUP, "auditors"]),
+        ] {
+            let public = keygen(&root.join(name), name);
+            let groups = groups.iter().map(|g| g.to_string()).collect();
+            users.push((name.to_string(), public, groups));
+        }
         let mallory_key = root.join("mallory");
         keygen(&mallory_key, "mallory");
+        fs::write(root.join(EXTRA_CONFIG), &options.extra_config).expect("write extra config");
 
         let keys = Bastion::keys(root);
         let ca_pub = root.join("data").join("ca_ed25519.pub");
@@ -955,7 +1043,7 @@ impl World {
         );
 
         Policies {
-            user_key: alice_pub,
+            users,
             target_address: sshd.address(),
             target_host_key: options
                 .pinned_host_key
@@ -966,14 +1054,42 @@ impl World {
         .write(&root.join("policies"));
         let bastion = Bastion::start(root);
         let port = bastion.port();
+        let client = |name: &str| Client::new(&root.join(name), port);
         World {
+            alice: client(USER),
+            bob: client("bob"),
+            carol: client("carol"),
+            dave: client("dave"),
+            mallory: client("mallory"),
             bastion,
             sshd,
-            alice: Client::new(&alice_key, port),
-            mallory: Client::new(&mallory_key, port),
             keys,
             dir,
         }
+    }
+
+    /// Kills the bastion (SIGKILL, like a crash) and starts it again on the same data
+    /// directory; clients follow it to its new port.
+    pub fn restart_bastion(&mut self) {
+        let root = self.dir.path().to_path_buf();
+        let old = std::mem::replace(&mut self.bastion, Bastion::placeholder(&root));
+        drop(old);
+        self.bastion = Bastion::start(&root);
+        let port = self.bastion.port();
+        for client in [
+            &mut self.alice,
+            &mut self.bob,
+            &mut self.carol,
+            &mut self.dave,
+            &mut self.mallory,
+        ] {
+            client.port = port;
+        }
+    }
+
+    /// Runs a control-plane command as `client`.
+    pub fn control_as(&self, client: &Client, command: &[&str]) -> Output {
+        client.ssh(CONTROL_USER, command)
     }
 
     /// A path inside the test's temp dir.
@@ -1120,6 +1236,23 @@ impl Tmux {
             &rows.to_string(),
         ]));
         assert_success(&out, "tmux resize-window");
+    }
+
+    /// Types `keys` (tmux key names such as `Enter` or `C-c`, or literal text with
+    /// `literal`).
+    pub fn send(&self, keys: &str, literal: bool) {
+        let mut cmd = self.command();
+        cmd.args(["send-keys", "-t", "0"]);
+        if literal {
+            cmd.arg("-l");
+        }
+        let out = run(cmd.arg(keys));
+        assert_success(&out, "tmux send-keys");
+    }
+
+    /// Waits until the screen shows `needle`; returns whether it did.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.screen().contains(needle))
     }
 
     /// The visible text of the pane, for failure messages.

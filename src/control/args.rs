@@ -1,0 +1,101 @@
+//! Command-line syntax of the control plane, parsed with clap from the words of the
+//! exec request (`ssh portcullis@bastion approve 7f3a9c --comment "ok"`).
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ssh portcullis@BASTION",
+    no_binary_name = true,
+    disable_help_subcommand = true,
+    disable_version_flag = true
+)]
+pub struct ControlArgs {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Your identity, groups and active grants.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask for access to a target.
+    Request {
+        target: String,
+        /// Login on the target (default: the target's first login).
+        #[arg(long)]
+        login: Option<String>,
+        /// An interactive shell (also covers any command and sftp).
+        #[arg(long)]
+        shell: bool,
+        /// File transfer with sftp and scp.
+        #[arg(long)]
+        sftp: bool,
+        /// A command pattern; `*` matches within one argument. Repeatable.
+        #[arg(long = "command", value_name = "PATTERN")]
+        commands: Vec<String>,
+        /// How long the grant lasts once approved, e.g. 30m or 1h30m.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Why you need access (ticket, incident).
+        #[arg(long)]
+        reason: String,
+        /// Block until the request is decided.
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List requests you can see (pending and active unless --all).
+    Requests {
+        /// Only requests waiting for a decision.
+        #[arg(long)]
+        pending: bool,
+        /// Only your own requests.
+        #[arg(long)]
+        mine: bool,
+        /// Include decided, expired and revoked requests.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Details of one request, with its approvals.
+    Show {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Approve a request.
+    Approve {
+        id: String,
+        #[arg(long)]
+        comment: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deny a request.
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// End a grant (and its live sessions), or withdraw a pending request.
+    Revoke {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Active grants you can see.
+    Grants {
+        #[arg(long)]
+        json: bool,
+    },
+}

@@ -1,0 +1,323 @@
+//! The request and grant commands: `request`, `requests`, `show`, `approve`, `deny`,
+//! `revoke`, `grants`, and the grant part of `whoami`.
+//!
+//! Each returns the text for stdout, or an error message for stderr. Who may see a
+//! request: its requester, the approvers of its flow, and auditors; everyone else is
+//! told it does not exist, so ids cannot be probed.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::table::{clip, relative, render, short_span};
+use crate::grant::lifecycle::{approvers_of, is_approver};
+use crate::grant::{Grant, GrantError, GrantState, RequestSpec, Scope};
+use crate::policy::Policy;
+use crate::server::State;
+
+pub type Reply = Result<String, String>;
+
+/// Who is asking, against which policy, at what time.
+pub struct Caller<'a> {
+    pub user: &'a str,
+    pub state: &'a State,
+    pub policy: Arc<Policy>,
+    pub now: DateTime<Utc>,
+}
+
+impl Caller<'_> {
+    fn can_see(&self, grant: &Grant) -> bool {
+        grant.requester == self.user
+            || is_approver(grant, &self.policy, self.user)
+            || self.policy.is_member(self.user, &self.state.config.auditors)
+    }
+
+    /// A grant the caller may see; others look exactly like unknown ids.
+    fn visible(&self, id: &str) -> Result<Grant, String> {
+        let grant = self.state.grants.get(id).map_err(|e| e.to_string())?;
+        if self.can_see(&grant) {
+            Ok(grant)
+        } else {
+            Err(GrantError::NotFound(id.to_string()).to_string())
+        }
+    }
+}
+
+/// Everything `request` was given on the command line.
+pub struct RequestArgs {
+    pub target: String,
+    pub login: Option<String>,
+    pub scope: Scope,
+    pub ttl: Option<String>,
+    pub reason: String,
+}
+
+pub fn request(caller: &Caller, args: RequestArgs) -> Result<Grant, String> {
+    let ttl = match &args.ttl {
+        Some(text) => Some(crate::duration::parse(text).map_err(|e| format!("--ttl: {e}"))?),
+        None => None,
+    };
+    let spec = RequestSpec {
+        target: args.target,
+        login: args.login,
+        scope: args.scope,
+        ttl,
+        reason: args.reason,
+    };
+    caller
+        .state
+        .grants
+        .file(&caller.policy, caller.user, spec, caller.now)
+        .map_err(|e| e.to_string())
+}
+
+/// What `request` prints once the request is filed (or decided, with `--wait`).
+pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
+    match grant.state {
+        GrantState::Pending => format!(
+            "request {} pending: needs {} approval(s) from {}\napprovers run: approve {}\n",
+            grant.id,
+            grant.approvals_needed,
+            approvers_of(grant, &caller.policy)
+                .map(|a| a.join(", "))
+                .unwrap_or_else(|| "(nobody)".into()),
+            grant.id
+        ),
+        GrantState::Approved => format!(
+            "request {} approved by {}; {} on {} expires {}\n",
+            grant.id,
+            approver_names(grant),
+            grant.scope.describe(),
+            grant.destination(),
+            grant
+                .expires_at
+                .map(|at| relative(at, caller.now))
+                .unwrap_or_default()
+        ),
+        state => format!(
+            "request {} {state} by {}{}\n",
+            grant.id,
+            grant.ended.as_ref().map(|e| e.by.as_str()).unwrap_or("-"),
+            grant
+                .ended
+                .as_ref()
+                .and_then(|e| e.reason.as_deref())
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default()
+        ),
+    }
+}
+
+/// Which requests `requests` lists.
+pub struct Filter {
+    pub pending: bool,
+    pub mine: bool,
+    pub all: bool,
+}
+
+pub fn list(caller: &Caller, filter: Filter, json: bool) -> Reply {
+    let grants: Vec<Grant> = all_visible(caller)?
+        .into_iter()
+        .filter(|g| !filter.mine || g.requester == caller.user)
+        .filter(|g| !filter.pending || g.state == GrantState::Pending)
+        .filter(|g| filter.all || g.state.is_live())
+        .collect();
+    if json {
+        return Ok(to_json(&grants));
+    }
+    if grants.is_empty() {
+        return Ok(if filter.all {
+            "no requests\n".to_string()
+        } else {
+            "no pending or active requests (add --all for history)\n".to_string()
+        });
+    }
+    Ok(table(caller, &grants))
+}
+
+pub fn grants(caller: &Caller, json: bool) -> Reply {
+    let active: Vec<Grant> = all_visible(caller)?
+        .into_iter()
+        .filter(|g| g.is_active(caller.now))
+        .collect();
+    if json {
+        return Ok(to_json(&active));
+    }
+    if active.is_empty() {
+        return Ok("no active grants\n".to_string());
+    }
+    Ok(table(caller, &active))
+}
+
+/// The caller's own active grants, for `whoami`.
+pub fn own_active(caller: &Caller) -> Result<Vec<Grant>, String> {
+    Ok(all_visible(caller)?
+        .into_iter()
+        .filter(|g| g.requester == caller.user && g.is_active(caller.now))
+        .collect())
+}
+
+pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
+    let grant = caller.visible(id)?;
+    if json {
+        return Ok(to_json(&grant));
+    }
+    let now = caller.now;
+    let mut out = String::new();
+    let mut field = |name: &str, value: String| out.push_str(&format!("{name:<10} {value}\n"));
+    field("id", grant.id.clone());
+    field("state", grant.state.to_string());
+    field("requester", grant.requester.clone());
+    field("target", grant.destination());
+    field("scope", grant.scope.describe());
+    field("ttl", short_span(grant.ttl_secs));
+    field("reason", grant.reason.clone());
+    field("flow", grant.flow.clone());
+    field("created", format!("{} ({})", grant.created_at.to_rfc3339(), relative(grant.created_at, now)));
+    field(
+        "approvals",
+        format!("{} of {} needed", grant.approvals.len(), grant.approvals_needed),
+    );
+    for approval in &grant.approvals {
+        field(
+            "",
+            format!(
+                "{} {}{}",
+                approval.by,
+                relative(approval.at, now),
+                approval
+                    .comment
+                    .as_deref()
+                    .map(|c| format!(": {c}"))
+                    .unwrap_or_default()
+            ),
+        );
+    }
+    if grant.state == GrantState::Pending {
+        field("decide by", relative(grant.pending_until, now));
+    }
+    if let Some(expires) = grant.expires_at {
+        field("expires", format!("{} ({})", expires.to_rfc3339(), relative(expires, now)));
+    }
+    if let Some(ended) = &grant.ended {
+        field(
+            grant.state.as_str(),
+            format!(
+                "by {} {}{}",
+                ended.by,
+                relative(ended.at, now),
+                ended.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+            ),
+        );
+    }
+    Ok(out)
+}
+
+pub fn approve(caller: &Caller, id: &str, comment: Option<String>, json: bool) -> Reply {
+    let known = caller.visible(id)?;
+    let grant = caller
+        .state
+        .grants
+        .approve(&caller.policy, &known.id, caller.user, comment, caller.now)
+        .map_err(|e| e.to_string())?;
+    if json {
+        return Ok(to_json(&grant));
+    }
+    Ok(match grant.state {
+        GrantState::Approved => describe_outcome(caller, &grant),
+        _ => format!(
+            "approved {}: {} of {} approvals, still pending\n",
+            grant.id,
+            grant.approvals.len(),
+            grant.approvals_needed
+        ),
+    })
+}
+
+pub fn deny(caller: &Caller, id: &str, reason: String, json: bool) -> Reply {
+    let known = caller.visible(id)?;
+    let grant = caller
+        .state
+        .grants
+        .deny(&caller.policy, &known.id, caller.user, reason, caller.now)
+        .map_err(|e| e.to_string())?;
+    if json {
+        return Ok(to_json(&grant));
+    }
+    Ok(describe_outcome(caller, &grant))
+}
+
+pub fn revoke(caller: &Caller, id: &str, reason: Option<String>, json: bool) -> Reply {
+    let known = caller.visible(id)?;
+    let grant = caller
+        .state
+        .grants
+        .revoke(&caller.policy, &known.id, caller.user, reason, caller.now)
+        .map_err(|e| e.to_string())?;
+    if json {
+        return Ok(to_json(&grant));
+    }
+    Ok(describe_outcome(caller, &grant))
+}
+
+fn all_visible(caller: &Caller) -> Result<Vec<Grant>, String> {
+    Ok(caller
+        .state
+        .grants
+        .all()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|g| caller.can_see(g))
+        .collect())
+}
+
+fn table(caller: &Caller, grants: &[Grant]) -> String {
+    let rows: Vec<Vec<String>> = grants
+        .iter()
+        .map(|g| {
+            vec![
+                g.id.clone(),
+                g.state.to_string(),
+                g.requester.clone(),
+                g.destination(),
+                clip(&g.scope.describe(), 40),
+                format!("{}/{}", g.approvals.len(), g.approvals_needed),
+                when(g, caller.now),
+                clip(&g.reason, 40),
+            ]
+        })
+        .collect();
+    render(
+        &["ID", "STATE", "REQUESTER", "TARGET", "SCOPE", "APPROVALS", "WHEN", "REASON"],
+        &rows,
+    )
+}
+
+/// The time that matters for a grant in its current state.
+fn when(grant: &Grant, now: DateTime<Utc>) -> String {
+    match (grant.state, &grant.ended) {
+        (GrantState::Pending, _) => format!("decide {}", relative(grant.pending_until, now)),
+        (GrantState::Approved, _) => match grant.expires_at {
+            Some(at) if at > now => format!("expires {}", relative(at, now)),
+            Some(at) => format!("expired {}", relative(at, now)),
+            None => "-".into(),
+        },
+        (state, Some(ended)) => format!("{state} {}", relative(ended.at, now)),
+        (state, None) => state.to_string(),
+    }
+}
+
+fn approver_names(grant: &Grant) -> String {
+    grant
+        .approvals
+        .iter()
+        .map(|a| a.by.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn to_json<T: serde::Serialize>(value: &T) -> String {
+    let mut text = serde_json::to_string_pretty(value).expect("grants always serialise");
+    text.push('\n');
+    text
+}
