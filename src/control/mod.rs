@@ -41,6 +41,10 @@ portcullis control plane — run as: ssh -p PORT portcullis@BASTION COMMAND [ARG
 Connect to a target with: ssh -p PORT LOGIN@TARGET@BASTION (or TARGET@BASTION for its default login)
 ";
 
+/// ssh joins its arguments with bare spaces, so a quoted `--reason "a b"` arrives as
+/// two words; the most common cause of an unexpected argument.
+const QUOTING_HINT: &str = "\n  note: ssh joins its arguments with spaces; quote the whole command, e.g.\n  ssh portcullis@BASTION \"request db-prod-1 --shell --reason 'INC-4411 disk full'\"\n";
+
 /// Runs one control-plane command on a session channel.
 pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Start) {
     let out = &client.out;
@@ -77,7 +81,10 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
     };
     let user = context.identity.user.as_str();
     tracing::info!(user, command = ?words.first(), "control command");
-    if matches!(words.first().map(String::as_str), None | Some("help") | Some("--help")) {
+    if matches!(
+        words.first().map(String::as_str),
+        None | Some("help") | Some("--help")
+    ) {
         out.stdout(HELP).await;
         out.exit(0).await;
         return;
@@ -90,7 +97,10 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
             return;
         }
         Err(err) => {
-            let message = err.render().to_string();
+            let mut message = err.render().to_string();
+            if err.kind() == clap::error::ErrorKind::UnknownArgument {
+                message.push_str(QUOTING_HINT);
+            }
             out.stderr(&format!("portcullis: {}\n", message.trim_end()))
                 .await;
             out.exit(1).await;
@@ -130,7 +140,8 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
             match requests::request(&caller, args) {
                 Ok(grant) if wait && grant.state == GrantState::Pending => {
                     if !json {
-                        out.stdout(&requests::describe_outcome(&caller, &grant)).await;
+                        out.stdout(&requests::describe_outcome(&caller, &grant))
+                            .await;
                     }
                     wait_and_report(context, &mut client, &caller, grant, json).await;
                     return;
@@ -210,11 +221,16 @@ async fn wait_and_report(
     match result {
         Ok(decided) if json => {
             out.stdout(&to_json(&decided)).await;
-            out.exit(if decided.state == GrantState::Approved { 0 } else { 1 })
-                .await;
+            out.exit(if decided.state == GrantState::Approved {
+                0
+            } else {
+                1
+            })
+            .await;
         }
         Ok(decided) if decided.state == GrantState::Approved => {
-            out.stdout(&requests::describe_outcome(&caller, &decided)).await;
+            out.stdout(&requests::describe_outcome(&caller, &decided))
+                .await;
             out.exit(0).await;
         }
         Ok(decided) => {

@@ -29,7 +29,9 @@ impl Caller<'_> {
     fn can_see(&self, grant: &Grant) -> bool {
         grant.requester == self.user
             || is_approver(grant, &self.policy, self.user)
-            || self.policy.is_member(self.user, &self.state.config.auditors)
+            || self
+                .policy
+                .is_member(self.user, &self.state.config.auditors)
     }
 
     /// A grant the caller may see; others look exactly like unknown ids.
@@ -173,10 +175,21 @@ pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
     field("ttl", short_span(grant.ttl_secs));
     field("reason", grant.reason.clone());
     field("flow", grant.flow.clone());
-    field("created", format!("{} ({})", grant.created_at.to_rfc3339(), relative(grant.created_at, now)));
+    field(
+        "created",
+        format!(
+            "{} ({})",
+            grant.created_at.to_rfc3339(),
+            relative(grant.created_at, now)
+        ),
+    );
     field(
         "approvals",
-        format!("{} of {} needed", grant.approvals.len(), grant.approvals_needed),
+        format!(
+            "{} of {} needed",
+            grant.approvals.len(),
+            grant.approvals_needed
+        ),
     );
     for approval in &grant.approvals {
         field(
@@ -197,7 +210,10 @@ pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
         field("decide by", relative(grant.pending_until, now));
     }
     if let Some(expires) = grant.expires_at {
-        field("expires", format!("{} ({})", expires.to_rfc3339(), relative(expires, now)));
+        field(
+            "expires",
+            format!("{} ({})", expires.to_rfc3339(), relative(expires, now)),
+        );
     }
     if let Some(ended) = &grant.ended {
         field(
@@ -206,7 +222,11 @@ pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
                 "by {} {}{}",
                 ended.by,
                 relative(ended.at, now),
-                ended.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+                ended
+                    .reason
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
             ),
         );
     }
@@ -288,7 +308,16 @@ fn table(caller: &Caller, grants: &[Grant]) -> String {
         })
         .collect();
     render(
-        &["ID", "STATE", "REQUESTER", "TARGET", "SCOPE", "APPROVALS", "WHEN", "REASON"],
+        &[
+            "ID",
+            "STATE",
+            "REQUESTER",
+            "TARGET",
+            "SCOPE",
+            "APPROVALS",
+            "WHEN",
+            "REASON",
+        ],
         &rows,
     )
 }

@@ -104,7 +104,10 @@ mod tests {
         let now = Utc::now();
         assert_eq!(relative(now + chrono::Duration::minutes(27), now), "in 27m");
         assert_eq!(relative(now - chrono::Duration::hours(3), now), "3h ago");
-        assert_eq!(relative(now + chrono::Duration::seconds(5430), now), "in 1h30m");
+        assert_eq!(
+            relative(now + chrono::Duration::seconds(5430), now),
+            "in 1h30m"
+        );
         assert_eq!(relative(now, now), "now");
         assert_eq!(short_span(2 * 86400 + 3600), "2d1h");
     }

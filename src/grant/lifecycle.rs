@@ -317,7 +317,9 @@ fn check_scope(flow: &Flow, scope: &Scope) -> Result<(), RuleError> {
         ));
     }
     if scope.commands.len() > MAX_COMMANDS {
-        return refuse(format!("at most {MAX_COMMANDS} --command patterns per request"));
+        return refuse(format!(
+            "at most {MAX_COMMANDS} --command patterns per request"
+        ));
     }
     for pattern in &scope.commands {
         if let Some(problem) = pattern_problem(pattern) {
@@ -340,7 +342,9 @@ fn check_scope(flow: &Flow, scope: &Scope) -> Result<(), RuleError> {
 /// Reasons and comments: present, not huge, printable.
 fn check_text(flag: &str, text: &str) -> Result<(), RuleError> {
     if text.trim().is_empty() {
-        return refuse(format!("{flag} must not be empty: say why, e.g. {flag} \"INC-4411: disk full\""));
+        return refuse(format!(
+            "{flag} must not be empty: say why, e.g. {flag} \"INC-4411: disk full\""
+        ));
     }
     if text.chars().count() > MAX_TEXT {
         return refuse(format!("{flag} is longer than {MAX_TEXT} characters"));
@@ -421,16 +425,25 @@ mod tests {
     #[test]
     fn only_requesters_may_request_and_scope_must_fit_the_flow() {
         let grant = request("alice", spec("db", commands(&["uname -a"]))).unwrap();
-        assert_eq!((grant.state, grant.login.as_str()), (GrantState::Pending, "postgres"));
+        assert_eq!(
+            (grant.state, grant.login.as_str()),
+            (GrantState::Pending, "postgres")
+        );
         assert_eq!(grant.ttl_secs, 3600);
-        assert!(error(request("bob", spec("db", commands(&["id"])))).contains("accepts requests from group:engineers"));
-        let shell = Scope { shell: true, ..Scope::default() };
+        assert!(error(request("bob", spec("db", commands(&["id"]))))
+            .contains("accepts requests from group:engineers"));
+        let shell = Scope {
+            shell: true,
+            ..Scope::default()
+        };
         assert!(error(request("alice", spec("db", shell))).contains("does not grant shells"));
-        assert!(error(request("alice", spec("db", commands(&["rm -rf /"])))).contains("outside what flow"));
+        assert!(error(request("alice", spec("db", commands(&["rm -rf /"]))))
+            .contains("outside what flow"));
         assert!(error(request("alice", spec("db", commands(&["id; rm"])))).contains("';'"));
         assert!(error(request("alice", spec("db", Scope::default()))).contains("--shell, --sftp"));
         assert!(error(request("alice", spec("lab", commands(&["id"])))).contains("no flow"));
-        assert!(error(request("alice", spec("nope", commands(&["id"])))).contains("known targets: db, lab, web"));
+        assert!(error(request("alice", spec("nope", commands(&["id"]))))
+            .contains("known targets: db, lab, web"));
         let mut long = spec("db", commands(&["id"]));
         long.ttl = Some(Duration::from_secs(7200));
         assert!(error(request("alice", long)).contains("max_ttl is 1h"));
@@ -450,8 +463,12 @@ mod tests {
         let policy = policy();
         let now = Utc::now();
         let mut grant = request("alice", spec("db", commands(&["id"]))).unwrap();
-        assert!(error(approve(&mut grant, &policy, "alice", None, now)).contains("your own request"));
-        assert!(error(approve(&mut grant, &policy, "mallory", None, now)).contains("not an approver"));
+        assert!(
+            error(approve(&mut grant, &policy, "alice", None, now)).contains("your own request")
+        );
+        assert!(
+            error(approve(&mut grant, &policy, "mallory", None, now)).contains("not an approver")
+        );
         approve(&mut grant, &policy, "bob", None, now).unwrap();
         assert_eq!(grant.state, GrantState::Pending);
         assert!(error(approve(&mut grant, &policy, "bob", None, now)).contains("already approved"));
@@ -480,7 +497,9 @@ mod tests {
         assert!(!granted.is_active(later));
         assert!(expire_if_due(&mut granted, later));
         assert_eq!(granted.state, GrantState::Expired);
-        assert!(error(revoke(&mut granted, &policy, "bob", None, later)).contains("already expired"));
+        assert!(
+            error(revoke(&mut granted, &policy, "bob", None, later)).contains("already expired")
+        );
 
         let mut pending = request("alice", spec("db", commands(&["id"]))).unwrap();
         let too_late = now + Duration::from_secs(3601);
@@ -494,7 +513,10 @@ mod tests {
 
     #[test]
     fn auto_approve_grants_at_once() {
-        let shell = Scope { shell: true, ..Scope::default() };
+        let shell = Scope {
+            shell: true,
+            ..Scope::default()
+        };
         let grant = request("alice", spec("web", shell)).unwrap();
         assert_eq!(grant.state, GrantState::Approved);
         assert!(grant.auto);

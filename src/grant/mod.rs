@@ -97,7 +97,10 @@ pub fn authorize(
     now: DateTime<Utc>,
 ) -> Decision {
     if !policy.users.contains_key(request.user) {
-        return deny(format!("user {:?} is not in the policy", request.user), None);
+        return deny(
+            format!("user {:?} is not in the policy", request.user),
+            None,
+        );
     }
     let Some(target) = policy.targets.get(request.target) else {
         return deny(
@@ -254,7 +257,10 @@ mod tests {
             "no active grant for postgres@db; request one first"
         );
         let requestable = denial.requestable.expect("alice may request");
-        assert_eq!((requestable.login.as_str(), requestable.flow.name.as_str()), ("postgres", "prod"));
+        assert_eq!(
+            (requestable.login.as_str(), requestable.flow.name.as_str()),
+            ("postgres", "prod")
+        );
     }
 
     #[test]
@@ -270,20 +276,39 @@ mod tests {
             Decision::Allow(_)
         ));
         let denial = reason(decide(&grants, "db", None, Action::Exec(b"id -u")));
-        assert!(denial.reason.contains("matches none of the granted commands ('id')"), "{}", denial.reason);
-        assert!(reason(decide(&grants, "db", Some("ubuntu"), Action::Exec(b"id"))).reason.contains("no active grant for ubuntu@db"));
+        assert!(
+            denial
+                .reason
+                .contains("matches none of the granted commands ('id')"),
+            "{}",
+            denial.reason
+        );
+        assert!(
+            reason(decide(&grants, "db", Some("ubuntu"), Action::Exec(b"id")))
+                .reason
+                .contains("no active grant for ubuntu@db")
+        );
         let mut expired = grants.clone();
         expired[0].expires_at = Some(now - chrono::Duration::seconds(1));
-        assert!(matches!(decide(&expired, "db", None, Action::Exec(b"id")), Decision::Deny(_)));
+        assert!(matches!(
+            decide(&expired, "db", None, Action::Exec(b"id")),
+            Decision::Deny(_)
+        ));
         let mut revoked = grants.clone();
         revoked[0].state = GrantState::Revoked;
-        assert!(matches!(decide(&revoked, "db", None, Action::Exec(b"id")), Decision::Deny(_)));
+        assert!(matches!(
+            decide(&revoked, "db", None, Action::Exec(b"id")),
+            Decision::Deny(_)
+        ));
     }
 
     #[test]
     fn denials_say_what_to_use() {
         let denial = reason(decide(&[], "nowhere", None, Action::Shell));
-        assert_eq!(denial.reason, "unknown target 'nowhere'. Targets you can use: db");
+        assert_eq!(
+            denial.reason,
+            "unknown target 'nowhere'. Targets you can use: db"
+        );
         assert!(denial.requestable.is_none());
         let denial = reason(decide(&[], "db", Some("root"), Action::Shell));
         assert!(

@@ -66,7 +66,9 @@ impl Scope {
                 let command = std::str::from_utf8(command)
                     .map_err(|_| "the command is not valid UTF-8".to_string())?;
                 if let Some(why) = plain_words_problem(command) {
-                    return Err(format!("command {command:?} contains {why}, which a command grant never allows"));
+                    return Err(format!(
+                        "command {command:?} contains {why}, which a command grant never allows"
+                    ));
                 }
                 if self.commands.iter().any(|p| command_matches(p, command)) {
                     Ok(())
@@ -153,11 +155,7 @@ fn words_match(pattern: &str, text: &str) -> bool {
     let (Some(pattern), Some(text)) = (shlex::split(pattern), shlex::split(text)) else {
         return false;
     };
-    pattern.len() == text.len()
-        && pattern
-            .iter()
-            .zip(&text)
-            .all(|(p, t)| word_matches(p, t))
+    pattern.len() == text.len() && pattern.iter().zip(&text).all(|(p, t)| word_matches(p, t))
 }
 
 /// Glob match of one word where `*` matches any run of characters.
@@ -195,13 +193,25 @@ mod tests {
     fn words_are_compared_one_by_one() {
         assert!(command_matches("id", "id"));
         assert!(command_matches("uname *", "uname -a"));
-        assert!(command_matches("systemctl restart *", "systemctl  restart 'nginx'"));
+        assert!(command_matches(
+            "systemctl restart *",
+            "systemctl  restart 'nginx'"
+        ));
         assert!(!command_matches("uname *", "uname"));
-        assert!(!command_matches("uname *", "uname -a -r"), "* never crosses words");
+        assert!(
+            !command_matches("uname *", "uname -a -r"),
+            "* never crosses words"
+        );
         assert!(!command_matches("id", "id -u"));
         assert!(!command_matches("id", "ID"));
-        assert!(command_matches("tail -n * /var/log/*.log", "tail -n 50 /var/log/app.log"));
-        assert!(!command_matches("tail /var/log/*.log", "tail /var/log/app.txt"));
+        assert!(command_matches(
+            "tail -n * /var/log/*.log",
+            "tail -n 50 /var/log/app.log"
+        ));
+        assert!(!command_matches(
+            "tail /var/log/*.log",
+            "tail /var/log/app.txt"
+        ));
         assert!(command_matches("echo a*b*c", "echo abbbc"));
         assert!(!command_matches("echo a*b*c", "echo acb"));
     }
@@ -234,7 +244,10 @@ mod tests {
     fn scope_covers_actions() {
         let scope = commands(&["id"]);
         assert!(scope.covers(&Action::Exec(b"id"), false).is_ok());
-        assert!(scope.covers(&Action::Exec(b"id"), true).is_err(), "pty needs shell");
+        assert!(
+            scope.covers(&Action::Exec(b"id"), true).is_err(),
+            "pty needs shell"
+        );
         assert!(scope.covers(&Action::Shell, false).is_err());
         assert!(scope.covers(&Action::Subsystem("sftp"), false).is_err());
         let err = scope.covers(&Action::Exec(b"id; id"), false).unwrap_err();
@@ -259,7 +272,10 @@ mod tests {
         assert!(pattern_within("uname *", "uname *"));
         assert!(!pattern_within("uname * *", "uname *"));
         assert!(!pattern_within("rm -rf *", "uname *"));
-        assert!(!pattern_within("systemctl restart *", "systemctl restart nginx"));
+        assert!(!pattern_within(
+            "systemctl restart *",
+            "systemctl restart nginx"
+        ));
         assert_eq!(pattern_problem("systemctl restart *"), None);
         assert!(pattern_problem("a; b *").is_some());
     }

@@ -27,7 +27,9 @@ pub enum GrantError {
     Rule(#[from] RuleError),
     #[error("no request '{0}'; run `requests --all` to see the ones you can access")]
     NotFound(String),
-    #[error("'{0}' is not a request id: ids are 6 hex digits like 7f3a9c; run `requests` to list them")]
+    #[error(
+        "'{0}' is not a request id: ids are 6 hex digits like 7f3a9c; run `requests` to list them"
+    )]
     BadId(String),
     #[error("the bastion cannot store this right now ({0}); nothing was changed, try again or tell an operator")]
     Store(#[from] StoreError),
@@ -273,7 +275,11 @@ impl Grants {
 
 /// Refuses anything that is not shaped like an id, before it is echoed or looked up.
 fn check_id(id: &str) -> Result<(), GrantError> {
-    if id.len() == ID_LEN && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+    if id.len() == ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
         Ok(())
     } else {
         let shown: String = id
@@ -307,7 +313,11 @@ fn event_for(grant: &Grant, kind: &str, actor: &str, now: DateTime<Utc>) -> Audi
             }
             event = event.detail(
                 "approvals",
-                grant.approvals.iter().map(|a| a.by.clone()).collect::<Vec<_>>(),
+                grant
+                    .approvals
+                    .iter()
+                    .map(|a| a.by.clone())
+                    .collect::<Vec<_>>(),
             );
             if let Some(expires) = grant.expires_at {
                 event = event.detail("expires_at", expires.to_rfc3339());
@@ -329,7 +339,9 @@ mod tests {
     #[test]
     fn ids_are_checked_before_use() {
         assert!(check_id("7f3a9c").is_ok());
-        for bad in ["", "7F3A9C", "7f3a9", "7f3a9cc", "zzzzzz", "7f3a9\n", "ø7f3a9"] {
+        for bad in [
+            "", "7F3A9C", "7f3a9", "7f3a9cc", "zzzzzz", "7f3a9\n", "ø7f3a9",
+        ] {
             assert!(check_id(bad).is_err(), "{bad:?}");
         }
         let long = "x".repeat(1 << 20);

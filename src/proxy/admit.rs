@@ -7,7 +7,9 @@ use chrono::Utc;
 
 use super::ask;
 use crate::audit::AuditEvent;
-use crate::grant::{authorize, AccessRequest, Decision, Denial, Permit, RequestSpec, Requestable, Scope};
+use crate::grant::{
+    authorize, AccessRequest, Decision, Denial, Permit, RequestSpec, Requestable, Scope,
+};
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
 
 /// Returns the permit to proxy under, or `None` after telling the client why not.
@@ -149,7 +151,11 @@ pub fn scope_for(requestable: &Requestable, start: &Start, pty: bool) -> Option<
 }
 
 /// The exact control-plane command that requests what the client just tried.
-pub fn request_command(context: &ChannelContext, requestable: &Requestable, start: &Start) -> String {
+pub fn request_command(
+    context: &ChannelContext,
+    requestable: &Requestable,
+    start: &Start,
+) -> String {
     let listen = context.state.config.listen;
     let host = if listen.ip().is_unspecified() {
         "BASTION".to_string()

@@ -12,7 +12,7 @@ use chrono::Utc;
 use russh::ChannelMsg;
 
 use super::admit::scope_for;
-use crate::grant::{GrantState, Grant, RequestSpec, Requestable};
+use crate::grant::{Grant, GrantState, RequestSpec, Requestable};
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
 
 const CTRL_C: u8 = 0x03;
@@ -139,7 +139,13 @@ async fn wait_for_decision(
         .policy()
         .targets
         .get(&grant.target)
-        .and_then(|t| context.state.policy().flow_for(t).map(|f| f.approvers.join(", ")))
+        .and_then(|t| {
+            context
+                .state
+                .policy()
+                .flow_for(t)
+                .map(|f| f.approvers.join(", "))
+        })
         .unwrap_or_default();
     loop {
         let current = match grants.get(&grant.id) {

@@ -16,8 +16,8 @@ use chrono::Utc;
 
 use crate::audit::AuditEvent;
 use crate::grant::{Grant, GrantState, Grants, Permit};
-use admit::admit;
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
+use admit::admit;
 
 pub use relay::{Outcome, PendingReply};
 pub use upstream::{client_config, connect, PinnedHostKey, Upstream, UpstreamError, UpstreamSlot};
@@ -38,8 +38,7 @@ pub async fn run(
     login: Option<&str>,
 ) {
     let user = context.identity.user.as_str();
-    let Some(permit) = admit(context, &mut client, &mut setup, &start, target, login).await
-    else {
+    let Some(permit) = admit(context, &mut client, &mut setup, &start, target, login).await else {
         return;
     };
     let channel = match open_target_channel(context, &permit).await {

@@ -17,10 +17,10 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::audit::AuditEvent;
 use crate::config::Config;
 use crate::grant::Grants;
-use crate::notify::Notifier;
-use crate::store::Store;
 use crate::keys::KeySet;
+use crate::notify::Notifier;
 use crate::policy::{self, Policy, PolicyErrors};
+use crate::store::Store;
 
 pub use channel::{
     ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start,

@@ -662,6 +662,11 @@ impl Bastion {
         self.daemon.port()
     }
 
+    /// The bastion's process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.daemon.child.id()
+    }
+
     /// A stand-in while the real bastion restarts: a process that is already gone.
     fn placeholder(dir: &Path) -> Bastion {
         let child = Command::new("true").spawn().expect("spawn true");
@@ -958,6 +963,15 @@ impl Client {
     }
 }
 
+/// Words quoted for a POSIX shell and joined into one command line.
+pub fn quote_words(words: &[&str]) -> String {
+    words
+        .iter()
+        .map(|w| shell_quote(w))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `USER@127.0.0.1:PATH`, the remote-path syntax of scp and rsync (OpenSSH
 /// splits the host at the last `@`, so USER may be `root@local`).
 pub fn remote_path(user: &str, path: &Path) -> String {
@@ -1087,9 +1101,11 @@ impl World {
         }
     }
 
-    /// Runs a control-plane command as `client`.
+    /// Runs a control-plane command as `client`. The words are quoted into one
+    /// command line, as a user types `ssh portcullis@bastion "request db --reason 'a b'"`
+    /// (ssh joins separate arguments with bare spaces).
     pub fn control_as(&self, client: &Client, command: &[&str]) -> Output {
-        client.ssh(CONTROL_USER, command)
+        client.ssh(CONTROL_USER, &[&quote_words(command)])
     }
 
     /// A path inside the test's temp dir.

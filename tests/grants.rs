@@ -1,0 +1,750 @@
+//! Just-in-time grants end to end: real OpenSSH clients for alice (engineer), bob and
+//! carol (approvers), dave (engineer and auditor); a real sshd behind four targets
+//! with different flows (see `common::Policies`).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// `LOGIN@TARGET` for one of the test targets.
+fn on(target: &str) -> String {
+    format!("{}@{target}", login_user())
+}
+
+/// Runs a control command as `client`, expecting success, and returns stdout.
+fn ok(world: &World, client: &Client, command: &[&str]) -> String {
+    let out = world.control_as(client, command);
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}\n{}",
+        describe(&out),
+        world.logs()
+    );
+    text(&out.stdout)
+}
+
+/// Runs a control command that must fail, and returns its stderr.
+fn refused(world: &World, client: &Client, command: &[&str]) -> String {
+    let out = world.control_as(client, command);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{command:?} should be refused: {}",
+        describe(&out)
+    );
+    text(&out.stderr)
+}
+
+/// Files a request as alice with `--json` and returns its id.
+fn request(world: &World, args: &[&str]) -> String {
+    let mut command = vec!["request"];
+    command.extend_from_slice(args);
+    command.push("--json");
+    let doc: Value = serde_json::from_str(&ok(world, &world.alice, &command)).expect("json");
+    doc["id"].as_str().expect("id").to_string()
+}
+
+fn state_of(world: &World, id: &str) -> String {
+    let doc: Value =
+        serde_json::from_str(&ok(world, &world.bob, &["show", id, "--json"])).expect("json");
+    doc["state"].as_str().expect("state").to_string()
+}
+
+/// A command grant for alice on `target`, approved by bob.
+fn granted(world: &World, target: &str, args: &[&str]) -> String {
+    let mut full = vec![target, "--reason", "INC-4411"];
+    full.extend_from_slice(args);
+    let id = request(world, &full);
+    ok(
+        world,
+        &world.bob,
+        &["approve", &id, "--comment", "go ahead"],
+    );
+    id
+}
+
+/// Spawns `ssh` as alice running `command` on `target`, output captured.
+fn spawn_session(world: &World, target: &str, command: &str) -> std::process::Child {
+    world
+        .alice
+        .ssh_command(&on(target), &[], &[command])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ssh")
+}
+
+/// Waits until the bastion logged a session start under `grant`.
+fn wait_session_started(world: &World, grant: &str) {
+    let needle = format!("grant={grant}");
+    assert!(
+        wait_until(Duration::from_secs(10), || world
+            .bastion
+            .log()
+            .lines()
+            .any(|l| l.contains("session started") && l.contains(&needle))),
+        "session under {grant} never started\n{}",
+        world.logs()
+    );
+}
+
+/// Waits for a child to exit and returns its output and how long that took.
+fn wait_output(child: std::process::Child, timeout: Duration) -> (Output, Duration) {
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx
+        .recv_timeout(timeout)
+        .expect("session did not end in time")
+        .expect("wait for ssh");
+    (out, started.elapsed())
+}
+
+#[test]
+fn without_a_grant_the_user_is_told_the_exact_request_command() {
+    let w = World::start();
+    let out = w.alice.ssh(&on("prod"), &["uname -a"]);
+    assert_failure_mentions(
+        &out,
+        "no grant",
+        &[
+            "no active grant for",
+            &format!(
+                "request prod --login {} --command 'uname -a' --reason",
+                login_user()
+            ),
+        ],
+    );
+    let out = w.alice.ssh(&on("prod"), &["uname -a; id"]);
+    assert_failure_mentions(&out, "no grant", &["--shell"]);
+}
+
+#[test]
+fn the_whole_story_of_a_command_grant() {
+    let w = World::start();
+    let id = request(
+        &w,
+        &["prod", "--command", "uname *", "--reason", "INC-4411"],
+    );
+    assert_eq!(state_of(&w, &id), "pending");
+
+    let err = refused(&w, &w.alice, &["approve", &id]);
+    assert!(err.contains("cannot approve your own request"), "{err}");
+    let err = refused(&w, &w.dave, &["approve", &id]);
+    assert!(err.contains("not an approver"), "{err}");
+    let out = w.alice.ssh(&on("prod"), &["uname -a"]);
+    assert_failure_mentions(&out, "pending is not a grant", &["no active grant"]);
+
+    let approved = ok(&w, &w.bob, &["approve", &id, "--comment", "ok"]);
+    assert!(approved.contains("approved by bob"), "{approved}");
+
+    let out = w.alice.ssh(&on("prod"), &["uname -a"]);
+    assert_success(&out, "granted command");
+    assert!(text(&out.stdout).contains("Linux"), "{}", describe(&out));
+
+    let marker = w.path("pwned");
+    for hostile in [
+        format!("uname -a; touch {}", marker.display()),
+        format!("uname $(touch {})", marker.display()),
+        format!("uname -a && touch {}", marker.display()),
+    ] {
+        let out = w.alice.ssh(&on("prod"), &[&hostile]);
+        assert_failure_mentions(&out, "control syntax", &["never allows"]);
+    }
+    let out = w.alice.ssh(&on("prod"), &["id"]);
+    assert_failure_mentions(
+        &out,
+        "other command",
+        &["matches none of the granted commands"],
+    );
+    let out = w.alice.ssh(&on("prod"), &["uname -a -r"]);
+    assert_failure_mentions(&out, "extra argument", &["matches none"]);
+    let out = w.alice.ssh("nobody@prod", &["uname -a"]);
+    assert_failure_mentions(&out, "other login", &["no active grant for nobody@prod"]);
+    let out = w.alice.ssh_with(&on("prod"), &["-tt"], &["uname -a"]);
+    assert_failure_mentions(&out, "pty", &["needs a shell grant"]);
+    let out = w.alice.ssh(&on("crit"), &["uname -a"]);
+    assert_failure_mentions(&out, "other target", &["no active grant"]);
+    assert!(!marker.exists(), "a refused command ran");
+
+    let listed = ok(&w, &w.alice, &["requests"]);
+    assert!(
+        listed.contains(&id) && listed.contains("approved") && listed.contains("expires in"),
+        "{listed}"
+    );
+    let shown = ok(&w, &w.alice, &["show", &id]);
+    assert!(shown.contains("bob") && shown.contains("ok"), "{shown}");
+}
+
+#[test]
+fn a_shell_grant_lets_a_terminal_session_in() {
+    let w = World::start();
+    granted(&w, "prod", &["--shell", "--ttl", "30m"]);
+    let out = w
+        .alice
+        .ssh_with(&on("prod"), &["-tt"], &["tty; echo shell-ok"]);
+    assert_success(&out, "shell grant with pty");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("/dev/pts/") && stdout.contains("shell-ok"),
+        "{stdout}"
+    );
+    let grants = ok(&w, &w.alice, &["grants"]);
+    assert!(
+        grants.contains("shell") && grants.contains("expires in 2"),
+        "{grants}"
+    );
+}
+
+#[test]
+fn only_requesters_request_and_flows_limit_scope_and_ttl() {
+    let w = World::start();
+    let err = refused(
+        &w,
+        &w.bob,
+        &["request", "prod", "--shell", "--reason", "curious"],
+    );
+    assert!(
+        err.contains("accepts requests from group:engineers"),
+        "{err}"
+    );
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "prod", "--shell", "--ttl", "2h", "--reason", "x"],
+    );
+    assert!(err.contains("max_ttl is 1h"), "{err}");
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "cmds", "--shell", "--reason", "x"],
+    );
+    assert!(err.contains("does not grant shells"), "{err}");
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "cmds", "--command", "rm -rf *", "--reason", "x"],
+    );
+    assert!(
+        err.contains("outside what flow 'restricted' allows"),
+        "{err}"
+    );
+    let err = refused(&w, &w.alice, &["request", "prod", "--shell"]);
+    assert!(err.contains("--reason"), "{err}");
+    let err = refused(
+        &w,
+        &w.alice,
+        &[
+            "request", "prod", "--shell", "--login", "root2", "--reason", "x",
+        ],
+    );
+    assert!(err.contains("not allowed on target 'prod'"), "{err}");
+    // Inside the flow's commands: fine.
+    request(&w, &["cmds", "--command", "uname -a", "--reason", "x"]);
+    let all = ok(&w, &w.dave, &["requests", "--all", "--json"]);
+    let list: Vec<Value> = serde_json::from_str(&all).unwrap();
+    assert_eq!(list.len(), 1, "refused requests must not be stored: {all}");
+}
+
+#[test]
+fn two_approvals_need_two_distinct_approvers() {
+    let w = World::start();
+    let id = request(&w, &["crit", "--shell", "--reason", "INC-7"]);
+    let first = ok(&w, &w.bob, &["approve", &id]);
+    assert!(first.contains("1 of 2 approvals, still pending"), "{first}");
+    let err = refused(&w, &w.bob, &["approve", &id]);
+    assert!(err.contains("already approved"), "{err}");
+    assert_eq!(state_of(&w, &id), "pending");
+    let out = w.alice.ssh(&on("crit"), &["true"]);
+    assert_failure_mentions(&out, "half approved", &["no active grant"]);
+    ok(&w, &w.carol, &["approve", &id]);
+    assert_eq!(state_of(&w, &id), "approved");
+    assert_success(&w.alice.ssh(&on("crit"), &["true"]), "fully approved");
+}
+
+#[test]
+fn denied_revoked_and_expired_grants_never_come_back() {
+    let w = World::start();
+    let id = request(&w, &["prod", "--shell", "--reason", "INC-1"]);
+    let err = refused(&w, &w.bob, &["deny", &id]);
+    assert!(err.contains("--reason"), "{err}");
+    ok(&w, &w.bob, &["deny", &id, "--reason", "use staging"]);
+    let err = refused(&w, &w.carol, &["approve", &id]);
+    assert!(err.contains("is denied"), "{err}");
+    assert_failure_mentions(
+        &w.alice.ssh(&on("prod"), &["true"]),
+        "denied",
+        &["no active grant"],
+    );
+
+    let id = granted(&w, "prod", &["--shell"]);
+    ok(&w, &w.alice, &["revoke", &id, "--reason", "done"]);
+    let err = refused(&w, &w.bob, &["approve", &id]);
+    assert!(err.contains("is revoked"), "{err}");
+    assert_failure_mentions(
+        &w.alice.ssh(&on("prod"), &["true"]),
+        "revoked",
+        &["no active grant"],
+    );
+    let shown = ok(&w, &w.bob, &["show", &id]);
+    assert!(
+        shown.contains("by alice") && shown.contains("done"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn revocation_ends_a_live_session_within_a_second() {
+    let w = World::start();
+    let id = granted(&w, "prod", &["--command", "sleep *"]);
+    let session = spawn_session(&w, "prod", "sleep 60");
+    wait_session_started(&w, &id);
+    ok(&w, &w.bob, &["revoke", &id, "--reason", "incident over"]);
+    let (out, took) = wait_output(session, Duration::from_secs(10));
+    eprintln!("revoke → session closed in {took:?}");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+    assert_eq!(out.status.code(), Some(255), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "grant {id} revoked by bob (incident over) — session closed"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_grant_ends_its_live_session_at_expiry() {
+    let w = World::start();
+    let id = granted(&w, "prod", &["--command", "sleep *", "--ttl", "3s"]);
+    let started = Instant::now();
+    let session = spawn_session(&w, "prod", "sleep 60");
+    wait_session_started(&w, &id);
+    let (out, _) = wait_output(session, Duration::from_secs(15));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(
+        text(&out.stderr).contains(&format!("grant {id} expired — session closed")),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        wait_until(Duration::from_secs(3), || state_of(&w, &id) == "expired"),
+        "the sweeper marks it expired"
+    );
+}
+
+#[test]
+fn auto_approve_connects_straight_through_and_is_recorded() {
+    let w = World::start();
+    assert_success(&w.alice.ssh(&on(TARGET), &["true"]), "auto-approved");
+    let all = ok(&w, &w.alice, &["requests", "--mine", "--json"]);
+    let list: Vec<Value> = serde_json::from_str(&all).unwrap();
+    assert_eq!(list.len(), 1, "{all}");
+    assert_eq!(list[0]["reason"], "auto");
+    assert_eq!(list[0]["state"], "approved");
+    assert_eq!(list[0]["approvals"][0]["by"], "portcullis");
+    // The same grant serves the next connection.
+    assert_success(&w.alice.ssh(&on(TARGET), &["true"]), "second");
+    let all = ok(&w, &w.alice, &["requests", "--json"]);
+    assert_eq!(serde_json::from_str::<Vec<Value>>(&all).unwrap().len(), 1);
+}
+
+#[test]
+fn wait_returns_as_soon_as_the_request_is_approved() {
+    let w = World::start();
+    let waiting = w
+        .alice
+        .ssh_command(
+            CONTROL_USER,
+            &[],
+            &[&quote_words(&[
+                "request", "prod", "--shell", "--reason", "INC-9", "--wait",
+            ])],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn request --wait");
+    let pending = wait_until(Duration::from_secs(10), || {
+        ok(&w, &w.bob, &["requests", "--pending", "--json"]).contains("INC-9")
+    });
+    assert!(pending, "request never showed up");
+    let list: Vec<Value> =
+        serde_json::from_str(&ok(&w, &w.bob, &["requests", "--pending", "--json"])).unwrap();
+    let id = list[0]["id"].as_str().unwrap().to_string();
+    let approving = Instant::now();
+    ok(&w, &w.bob, &["approve", &id]);
+    let approve_took = approving.elapsed();
+    let (out, _) = wait_output(waiting, Duration::from_secs(10));
+    eprintln!(
+        "approval latency: `approve` ran {approve_took:?}; request --wait exited {:?} after it started",
+        approving.elapsed()
+    );
+    assert_success(&out, "request --wait");
+    assert!(
+        text(&out.stdout).contains("approved by bob"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn wait_reports_a_denial_with_exit_status_one() {
+    let w = World::start();
+    let waiting = w
+        .alice
+        .ssh_command(
+            CONTROL_USER,
+            &[],
+            &[&quote_words(&[
+                "request", "prod", "--shell", "--reason", "INC-10", "--wait",
+            ])],
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    assert!(wait_until(Duration::from_secs(10), || {
+        ok(&w, &w.bob, &["requests", "--pending"]).contains("INC-10")
+    }));
+    let list: Vec<Value> =
+        serde_json::from_str(&ok(&w, &w.bob, &["requests", "--pending", "--json"])).unwrap();
+    ok(
+        &w,
+        &w.bob,
+        &["deny", list[0]["id"].as_str().unwrap(), "--reason", "no"],
+    );
+    let (out, _) = wait_output(waiting, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("denied by bob: no"),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn a_restart_keeps_pending_and_approved_grants() {
+    let mut w = World::start();
+    let pending = request(&w, &["prod", "--shell", "--reason", "later"]);
+    let approved = granted(&w, "crit", &["--shell"]);
+    ok(&w, &w.carol, &["approve", &approved]);
+    w.restart_bastion();
+    assert_eq!(state_of(&w, &pending), "pending");
+    assert_eq!(state_of(&w, &approved), "approved");
+    assert_success(&w.alice.ssh(&on("crit"), &["true"]), "grant survived");
+    ok(&w, &w.bob, &["approve", &pending]);
+    assert_success(
+        &w.alice.ssh(&on("prod"), &["true"]),
+        "approved after restart",
+    );
+}
+
+#[test]
+fn hostile_input_gets_clear_errors_and_changes_nothing() {
+    let mut w = World::start();
+    let before = ok(&w, &w.dave, &["requests", "--all", "--json"]);
+    let long_id = "a".repeat(300);
+    for id in [
+        long_id.as_str(),
+        "7f3a9c'; id",
+        "ÆØÅ",
+        "\u{1b}[2J",
+        "../../etc",
+    ] {
+        let err = refused(&w, &w.bob, &["approve", id]);
+        assert!(err.contains("is not a request id"), "{id:?}: {err}");
+        assert!(err.len() < 300, "errors stay short: {err}");
+        assert!(!err.contains('\u{1b}'), "control characters are not echoed");
+    }
+    let err = refused(&w, &w.bob, &["show", "abcdef"]);
+    assert!(err.contains("no request 'abcdef'"), "{err}");
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "prod", "--shell", "--reason", "a\u{7}b"],
+    );
+    assert!(err.contains("control characters"), "{err}");
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "prod", "--shell", "--reason", &"x".repeat(501)],
+    );
+    assert!(err.contains("longer than 500"), "{err}");
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "ünïcödé", "--shell", "--reason", "x"],
+    );
+    assert!(err.contains("unknown target"), "{err}");
+    let err = refused(
+        &w,
+        &w.alice,
+        &[
+            "request", "prod", "--ttl", "forever", "--shell", "--reason", "x",
+        ],
+    );
+    assert!(err.contains("invalid duration"), "{err}");
+    let err = refused(&w, &w.alice, &["request", "prod", "--frobnicate"]);
+    assert!(err.contains("--frobnicate"), "{err}");
+    // Huge command lines, in 64 KiB words (the OS limits a single argument). Up to
+    // the SSH packet limit (256 KiB, as in sshd) the bastion answers with an error;
+    // beyond it the SSH layer drops the connection, as sshd does. Either way the
+    // bastion survives and files nothing.
+    let chunk = "x".repeat(64 * 1024);
+    for (count, expected) in [(3, Some("at most 65536")), (16, None)] {
+        let mut words = vec!["request", "prod", "--shell", "--reason"];
+        words.extend(std::iter::repeat_n(chunk.as_str(), count));
+        let out = w.alice.ssh(CONTROL_USER, &words);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "status {:?}", out.status);
+        assert!(
+            stderr.len() < 1000,
+            "errors stay short: {} bytes",
+            stderr.len()
+        );
+        if let Some(expected) = expected {
+            assert!(stderr.contains(expected), "{stderr}");
+        }
+    }
+
+    assert!(w.bastion.is_running(), "the bastion survives");
+    assert!(
+        w.bastion.log().len() < 1 << 20,
+        "the bastion does not log megabytes"
+    );
+    let after = ok(&w, &w.dave, &["requests", "--all", "--json"]);
+    assert_eq!(before, after, "nothing was filed");
+}
+
+#[test]
+fn a_webhook_receives_lifecycle_events() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind webhook listener");
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = mpsc::channel::<Value>();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let mut reader = BufReader::new(stream);
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(value) = lower.strip_prefix("content-length:") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0; length];
+            if reader.read_exact(&mut body).is_ok() {
+                if let Ok(doc) = serde_json::from_slice(&body) {
+                    let _ = tx.send(doc);
+                }
+            }
+            let _ = reader
+                .get_mut()
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+        }
+    });
+    let w = World::start_with(WorldOptions {
+        extra_config: format!("[notify]\nwebhook = \"{url}\"\n"),
+        ..WorldOptions::default()
+    });
+    let id = request(&w, &["prod", "--shell", "--reason", "INC-12"]);
+    ok(&w, &w.bob, &["approve", &id]);
+    ok(&w, &w.alice, &["revoke", &id]);
+    let mut events = Vec::new();
+    while events.len() < 3 {
+        let doc = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("webhook got only {events:?}\n{}", w.logs()));
+        events.push(doc);
+    }
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        ["request.created", "request.approved", "request.revoked"]
+    );
+    assert!(events.iter().all(|e| e["id"] == id.as_str()));
+    let text0 = events[0]["text"].as_str().unwrap();
+    assert!(
+        text0.contains("alice requests shell") && text0.contains("INC-12"),
+        "{text0}"
+    );
+}
+
+#[test]
+fn a_dead_webhook_never_blocks_a_decision() {
+    // A port nobody listens on: every delivery fails.
+    let dead = free_port();
+    let w = World::start_with(WorldOptions {
+        extra_config: format!("[notify]\nwebhook = \"http://127.0.0.1:{dead}/\"\n"),
+        ..WorldOptions::default()
+    });
+    let id = granted(&w, "prod", &["--shell"]);
+    assert_eq!(state_of(&w, &id), "approved");
+    assert!(
+        wait_until(Duration::from_secs(10), || w
+            .bastion
+            .log()
+            .contains("webhook failed")),
+        "{}",
+        w.logs()
+    );
+}
+
+#[test]
+fn a_terminal_without_a_grant_files_the_request_and_continues_once_approved() {
+    let w = World::start();
+    let line = w.alice.ssh_shell_line(&on("prod"), &["-tt"], &[]);
+    let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
+    assert!(
+        tmux.wait_for("Reason for access", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    tmux.send("INC-77 disk full", true);
+    tmux.send("Enter", false);
+    assert!(
+        tmux.wait_for("waiting for group:sre-leads", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    let list: Vec<Value> =
+        serde_json::from_str(&ok(&w, &w.bob, &["requests", "--pending", "--json"])).unwrap();
+    assert_eq!(list[0]["reason"], "INC-77 disk full");
+    assert_eq!(list[0]["scope"]["shell"], true);
+    ok(&w, &w.bob, &["approve", list[0]["id"].as_str().unwrap()]);
+    assert!(
+        tmux.wait_for("approved by bob", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    tmux.send("echo through-$((40+2))", true);
+    tmux.send("Enter", false);
+    assert!(
+        tmux.wait_for("through-42", Duration::from_secs(10)),
+        "{}\n{}",
+        tmux.screen(),
+        w.logs()
+    );
+}
+
+#[test]
+fn ctrl_c_at_the_terminal_cancels_the_request() {
+    let w = World::start();
+    let line = w.alice.ssh_shell_line(&on("prod"), &["-tt"], &[]);
+    let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
+    assert!(
+        tmux.wait_for("Reason for access", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    tmux.send("INC-78", true);
+    tmux.send("Enter", false);
+    assert!(
+        tmux.wait_for("waiting for", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    tmux.send("C-c", false);
+    assert!(
+        tmux.wait_for("cancelled", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    let all: Vec<Value> =
+        serde_json::from_str(&ok(&w, &w.alice, &["requests", "--all", "--json"])).unwrap();
+    assert_eq!(all[0]["state"], "cancelled");
+}
+
+#[test]
+fn denial_at_the_terminal_ends_the_session_with_the_reason() {
+    let w = World::start();
+    let line = w.alice.ssh_shell_line(&on("prod"), &["-tt"], &[]);
+    let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
+    assert!(
+        tmux.wait_for("Reason for access", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    tmux.send("INC-79", true);
+    tmux.send("Enter", false);
+    assert!(
+        tmux.wait_for("waiting for", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    let list: Vec<Value> =
+        serde_json::from_str(&ok(&w, &w.bob, &["requests", "--pending", "--json"])).unwrap();
+    ok(
+        &w,
+        &w.bob,
+        &[
+            "deny",
+            list[0]["id"].as_str().unwrap(),
+            "--reason",
+            "not during the freeze",
+        ],
+    );
+    assert!(
+        tmux.wait_for(
+            "denied by bob: not during the freeze",
+            Duration::from_secs(10)
+        ),
+        "{}",
+        tmux.screen()
+    );
+    assert!(
+        tmux.wait_for("[exited 1]", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+}
+
+#[test]
+fn policy_reload_keeps_the_last_good_policy() {
+    let w = World::start();
+    let flows = w.bastion.policies_dir().join("flows.toml");
+    let good = std::fs::read_to_string(&flows).unwrap();
+    std::fs::write(&flows, "[[flows]]\nname = \"broken\"\nmax_ttl = \"soon\"\n").unwrap();
+    let pid = w.bastion.pid().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    assert!(
+        wait_until(Duration::from_secs(10), || w
+            .bastion
+            .log()
+            .contains("policy reload failed")),
+        "{}",
+        w.logs()
+    );
+    // Still the old policy: prod is requestable.
+    request(&w, &["prod", "--shell", "--reason", "after bad reload"]);
+    std::fs::write(&flows, good).unwrap();
+}
