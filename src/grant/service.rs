@@ -335,6 +335,106 @@ fn event_for(grant: &Grant, kind: &str, actor: &str, now: DateTime<Utc>) -> Audi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::grant::Scope;
+
+    fn policy(dir: &std::path::Path) -> Policy {
+        let key = |_: &str| {
+            russh::keys::PrivateKey::random(&mut rand::rng(), russh::keys::Algorithm::Ed25519)
+                .unwrap()
+                .public_key()
+                .to_openssh()
+                .unwrap()
+        };
+        std::fs::write(
+            dir.join("users.toml"),
+            format!(
+                "[users.alice]\nkeys = [\"{}\"]\ngroups = [\"eng\"]\n[users.bob]\nkeys = [\"{}\"]\n",
+                key("alice"),
+                key("bob")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("targets.toml"),
+            format!(
+                "[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{}\"\nlogins = [\"postgres\"]\n",
+                key("db")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("flows.toml"),
+            "[[flows]]\nname = \"all\"\nrequesters = [\"group:eng\"]\napprovers = [\"bob\"]\nshell = true\npending_ttl = \"10m\"\nmax_ttl = \"1h\"\n",
+        )
+        .unwrap();
+        crate::policy::load_dir(dir).unwrap()
+    }
+
+    #[test]
+    fn the_sweeper_expires_with_an_event_and_history_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = policy(dir.path());
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let grants = Grants::new(store.clone(), Notifier::new(None));
+        let now = Utc::now();
+        let spec = || RequestSpec {
+            target: "db".into(),
+            scope: Scope {
+                shell: true,
+                ..Scope::default()
+            },
+            reason: "INC-1".into(),
+            ..RequestSpec::default()
+        };
+        let pending = grants.file(&policy, "alice", spec(), now).unwrap();
+        let approved = grants.file(&policy, "alice", spec(), now).unwrap();
+        grants
+            .approve(&policy, &approved.id, "bob", None, now)
+            .unwrap();
+
+        assert_eq!(
+            grants
+                .sweep(now + std::time::Duration::from_secs(599))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            grants
+                .sweep(now + std::time::Duration::from_secs(600))
+                .unwrap(),
+            1
+        );
+        assert_eq!(grants.get(&pending.id).unwrap().state, GrantState::Expired);
+        assert_eq!(
+            grants.get(&approved.id).unwrap().state,
+            GrantState::Approved
+        );
+        assert_eq!(
+            grants
+                .sweep(now + std::time::Duration::from_secs(3600))
+                .unwrap(),
+            1
+        );
+        assert_eq!(grants.get(&approved.id).unwrap().state, GrantState::Expired);
+        assert_eq!(grants.all().unwrap().len(), 2, "nothing disappears");
+
+        let kinds: Vec<String> = store
+            .audit_events()
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "request.created",
+                "request.created",
+                "request.approved",
+                "request.expired",
+                "request.expired"
+            ]
+        );
+    }
 
     #[test]
     fn ids_are_checked_before_use() {

@@ -377,7 +377,20 @@ fn build_flow(raw: RawFlow, key_path: &str, at: usize, report: &mut Reporter) ->
         };
     let requesters = principals(raw.requesters, "requesters", report);
     let approvers = principals(raw.approvers, "approvers", report);
-    let commands = raw.commands.into_iter().map(|c| c.into_inner()).collect();
+    let mut commands = Vec::new();
+    for pattern in raw.commands {
+        match crate::grant::scope::pattern_problem(pattern.get_ref()) {
+            None => commands.push(pattern.into_inner()),
+            Some(problem) => report.error(
+                Some(pattern.span().start),
+                format!("{key_path}.commands"),
+                format!(
+                    "{:?} contains {problem}; command patterns are plain words with * as the only wildcard",
+                    pattern.get_ref()
+                ),
+            ),
+        }
+    }
     if report.errors.len() != before {
         return None;
     }
@@ -484,6 +497,12 @@ mod tests {
         assert!(text.contains("max_ttl"), "{text}");
         assert!(text.contains("needs approvers"), "{text}");
         assert!(text.contains("neither a user name"), "{text}");
+        write(dir.path(), "flows.toml", "[[flows]]\nname = \"x\"\nrequesters = [\"a\"]\napprovers = [\"b\"]\ncommands = [\"ok *\", \"rm -rf / ; id\"]\n");
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("flows.toml:5: flows[0] (x).commands") && text.contains("';'"),
+            "{text}"
+        );
     }
 
     #[test]
