@@ -82,9 +82,103 @@ impl AuditEvent {
     }
 }
 
+/// A verified chain: how long it is and where its head is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainSummary {
+    pub events: u64,
+    pub head_seq: u64,
+    pub head_digest: String,
+}
+
+/// The first place where the chain does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("audit chain broken at event {seq}: {problem}")]
+pub struct ChainBreak {
+    pub seq: u64,
+    pub problem: String,
+}
+
+/// Recomputes the chain over `events` (in stored order) and reports the first break:
+/// a missing event (a gap in the sequence), an event out of order, or an event whose
+/// content no longer matches the digest its successor recorded.
+pub fn verify_chain(events: &[AuditEvent]) -> Result<ChainSummary, ChainBreak> {
+    let mut previous: Option<&AuditEvent> = None;
+    for (position, event) in events.iter().enumerate() {
+        let expected = previous.map_or(1, |p| p.seq + 1);
+        let later = || events[position..].iter().any(|e| e.seq == expected);
+        if event.seq > expected && !later() {
+            return Err(ChainBreak {
+                seq: expected,
+                problem: format!(
+                    "event {expected} is missing (the next stored event is {})",
+                    event.seq
+                ),
+            });
+        }
+        if event.seq != expected {
+            return Err(ChainBreak {
+                seq: expected,
+                problem: format!(
+                    "found event {} where event {expected} belongs (reordered)",
+                    event.seq
+                ),
+            });
+        }
+        let link = previous.map_or_else(|| GENESIS.to_string(), AuditEvent::digest);
+        if event.prev != link {
+            let altered = expected.saturating_sub(1).max(1);
+            return Err(ChainBreak {
+                seq: altered,
+                problem: format!(
+                    "event {altered} was altered: event {expected} recorded a different digest for it"
+                ),
+            });
+        }
+        previous = Some(event);
+    }
+    Ok(ChainSummary {
+        events: events.len() as u64,
+        head_seq: previous.map_or(0, |p| p.seq),
+        head_digest: previous.map_or_else(|| GENESIS.to_string(), AuditEvent::digest),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chain(n: u64) -> Vec<AuditEvent> {
+        let mut events: Vec<AuditEvent> = Vec::new();
+        for i in 0..n {
+            let mut event = AuditEvent::new("test", "alice", Utc::now()).detail("i", i);
+            event.link_after(events.last());
+            events.push(event);
+        }
+        events
+    }
+
+    #[test]
+    fn verify_finds_the_first_break() {
+        let events = chain(5);
+        assert_eq!(verify_chain(&events).unwrap().head_seq, 5);
+        assert_eq!(verify_chain(&[]).unwrap().events, 0);
+
+        let mut edited = events.clone();
+        edited[2].actor = "mallory".into();
+        let err = verify_chain(&edited).unwrap_err();
+        assert_eq!(err.seq, 3, "{err}");
+        assert!(err.problem.contains("altered"));
+
+        let mut removed = events.clone();
+        removed.remove(1);
+        assert_eq!(verify_chain(&removed).unwrap_err().seq, 2);
+
+        let mut swapped = events.clone();
+        swapped.swap(2, 3);
+        let err = verify_chain(&swapped).unwrap_err();
+        assert_eq!(err.seq, 3, "{err}");
+        assert!(err.problem.contains("reordered"));
+    }
 
     #[test]
     fn events_chain_by_digest() {

@@ -33,6 +33,13 @@ pub struct Notify {
     pub webhook: Option<String>,
 }
 
+/// How long recordings are kept (`[retention]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    recordings: Option<String>,
+}
+
 /// The file as written by the operator; every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +50,8 @@ struct RawConfig {
     host_key: Option<PathBuf>,
     auditors: Option<Vec<String>>,
     record_input: Option<bool>,
+    record_file_transfers: Option<bool>,
+    retention: Option<RawRetention>,
     notify: Option<Notify>,
     log_format: Option<LogFormat>,
     connect_timeout: Option<String>,
@@ -59,6 +68,12 @@ pub struct Config {
     /// Principals (`user` or `group:NAME`) allowed to use the auditor commands.
     pub auditors: Vec<String>,
     pub record_input: bool,
+    /// Store the data of sftp/scp/rsync sessions too (otherwise metadata and byte
+    /// counts only).
+    pub record_file_transfers: bool,
+    /// Transcripts of sessions that ended longer ago than this are pruned (the audit
+    /// chain and session metadata are kept). `None`: keep forever.
+    pub recordings_retention: Option<Duration>,
     pub notify: Notify,
     pub log_format: LogFormat,
     /// How long the bastion waits for a target's TCP connect and SSH handshake.
@@ -97,6 +112,13 @@ impl Config {
                 .with_context(|| format!("connect_timeout = {text:?}"))?,
             None => Duration::from_secs(10),
         };
+        let recordings_retention = match raw.retention.and_then(|r| r.recordings) {
+            Some(text) => Some(
+                crate::duration::parse(&text)
+                    .with_context(|| format!("retention.recordings = {text:?}"))?,
+            ),
+            None => None,
+        };
         Ok(Config {
             listen: raw
                 .listen
@@ -108,6 +130,8 @@ impl Config {
                 .auditors
                 .unwrap_or_else(|| vec!["group:auditors".to_string()]),
             record_input: raw.record_input.unwrap_or(true),
+            record_file_transfers: raw.record_file_transfers.unwrap_or(false),
+            recordings_retention,
             notify: raw.notify.unwrap_or_default(),
             log_format: raw.log_format.unwrap_or_default(),
             connect_timeout,

@@ -13,5 +13,6 @@ pub mod keys;
 pub mod notify;
 pub mod policy;
 pub mod proxy;
+pub mod record;
 pub mod server;
 pub mod store;

@@ -14,6 +14,11 @@ use thiserror::Error;
 
 use crate::audit::AuditEvent;
 use crate::grant::Grant;
+use crate::record::SessionRecord;
+
+/// sled's page cache; its default (1 GiB) would let recordings grow the bastion's
+/// memory far beyond what the relay uses.
+const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -34,6 +39,12 @@ pub struct Store {
     request_ids: sled::Tree,
     /// seq → [`AuditEvent`], a hash chain.
     audit: sled::Tree,
+    /// session id → [`SessionRecord`].
+    sessions: sled::Tree,
+    /// (session id, batch index) → zstd-compressed transcript batch.
+    chunks: sled::Tree,
+    /// Counters and other small values.
+    meta: sled::Tree,
     /// Serialises appends so each event links to the one before it.
     audit_append: Mutex<()>,
 }
@@ -44,11 +55,15 @@ impl Store {
         let db = sled::Config::new()
             .path(data_dir.join("db"))
             .flush_every_ms(Some(200))
+            .cache_capacity(CACHE_BYTES)
             .open()?;
         Ok(Store {
             requests: db.open_tree("requests")?,
             request_ids: db.open_tree("request_ids")?,
             audit: db.open_tree("audit")?,
+            sessions: db.open_tree("sessions")?,
+            chunks: db.open_tree("chunks")?,
+            meta: db.open_tree("meta")?,
             audit_append: Mutex::new(()),
             db,
         })
@@ -115,11 +130,88 @@ impl Store {
             .collect()
     }
 
+    /// The last audit event, the head of the chain.
+    pub fn audit_head(&self) -> Result<Option<AuditEvent>> {
+        match self.audit.last()? {
+            Some((_, value)) => from_json("audit", &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// A fresh session id: 1, 2, 3… (short enough to type after `replay`).
+    pub fn next_session_id(&self) -> Result<u64> {
+        let next = self.meta.update_and_fetch("session_id", |old| {
+            let n = old
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            Some((n + 1).to_be_bytes().to_vec())
+        })?;
+        let bytes = next.expect("update_and_fetch always stores a value");
+        Ok(u64::from_be_bytes(
+            bytes.as_ref().try_into().expect("8-byte counter"),
+        ))
+    }
+
+    pub fn save_session(&self, session: &SessionRecord) -> Result<()> {
+        self.sessions
+            .insert(session.id.to_be_bytes(), to_json(session))?;
+        Ok(())
+    }
+
+    pub fn session(&self, id: u64) -> Result<Option<SessionRecord>> {
+        match self.sessions.get(id.to_be_bytes())? {
+            Some(value) => from_json("sessions", &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Every recorded session, oldest first.
+    pub fn sessions(&self) -> Result<Vec<SessionRecord>> {
+        self.sessions
+            .iter()
+            .values()
+            .map(|value| from_json("sessions", &value?))
+            .collect()
+    }
+
+    pub fn put_batch(&self, session: u64, index: u32, compressed: &[u8]) -> Result<()> {
+        self.chunks.insert(batch_key(session, index), compressed)?;
+        Ok(())
+    }
+
+    /// A session's compressed batches, in order.
+    pub fn batches(&self, session: u64) -> Result<Vec<Vec<u8>>> {
+        self.chunks
+            .scan_prefix(session.to_be_bytes())
+            .values()
+            .map(|value| Ok(value?.to_vec()))
+            .collect()
+    }
+
+    /// Removes a session's transcript (retention); returns the bytes freed.
+    pub fn delete_batches(&self, session: u64) -> Result<u64> {
+        let mut freed = 0;
+        for entry in self.chunks.scan_prefix(session.to_be_bytes()) {
+            let (key, value) = entry?;
+            freed += value.len() as u64;
+            self.chunks.remove(key)?;
+        }
+        Ok(freed)
+    }
+
     /// Forces everything written so far to disk.
     pub fn flush(&self) -> Result<()> {
         self.db.flush()?;
         Ok(())
     }
+}
+
+fn batch_key(session: u64, index: u32) -> [u8; 12] {
+    let mut key = [0; 12];
+    key[..8].copy_from_slice(&session.to_be_bytes());
+    key[8..].copy_from_slice(&index.to_be_bytes());
+    key
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {

@@ -98,4 +98,53 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Recorded sessions (auditors).
+    Sessions {
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        /// Only sessions started within this long, e.g. 24h.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only live sessions.
+        #[arg(long)]
+        active: bool,
+        /// Only sessions whose output contains this text.
+        #[arg(long)]
+        grep: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Play a recording with its original timing (auditors).
+    Replay {
+        session: String,
+        /// Faster (2) or slower (0.5) than real time; pauses are capped at 2s first.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
+    },
+    /// Follow a live session read-only (auditors).
+    Watch { session: String },
+    /// A recording as asciicast v2 on stdout (auditors).
+    Export { session: String },
+    /// Audit events; `audit verify` checks the hash chain (auditors).
+    Audit {
+        #[command(subcommand)]
+        action: Option<AuditAction>,
+        /// Only events within this long, e.g. 24h.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditAction {
+    /// Recompute the hash chain; exit 1 at the first break.
+    Verify {
+        /// Also recompute every recording's digest against its session's end event.
+        #[arg(long)]
+        recordings: bool,
+    },
 }

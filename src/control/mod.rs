@@ -4,7 +4,9 @@
 //! stdout, errors to stderr with exit status 1 and a hint of what to do next.
 
 mod args;
+mod audit;
 mod requests;
+mod sessions;
 mod table;
 
 use std::time::{Duration, Instant};
@@ -13,9 +15,10 @@ use chrono::Utc;
 use clap::Parser;
 use russh::ChannelMsg;
 
+use crate::audit::AuditEvent;
 use crate::grant::{Grant, GrantState, Scope};
 use crate::server::{ChannelContext, ClientChannel, ClientOut, Start};
-use args::{Command, ControlArgs};
+use args::{AuditAction, Command, ControlArgs};
 use requests::{to_json, Caller, Filter, RequestArgs};
 
 /// Longest command line the control plane reads, in bytes.
@@ -36,6 +39,16 @@ portcullis control plane — run as: ssh -p PORT portcullis@BASTION COMMAND [ARG
   deny ID --reason TEXT [--json]          deny (approvers of the request's flow)
   revoke ID [--reason TEXT] [--json]      end a grant and its sessions, or withdraw a request
   grants [--json]                         active grants you can see
+
+auditors:
+  sessions [--user U] [--target T] [--since 24h] [--active] [--grep TEXT] [--json]
+                                          recorded sessions
+  replay SESSION [--speed N]              play a recording with its original timing
+  watch SESSION                           follow a live session read-only
+  export SESSION                          asciicast v2 on stdout (asciinema play)
+  audit [--since 24h] [--json]            audit events (JSON lines with --json)
+  audit verify [--recordings]             check the hash chain (and every recording)
+
   help                                    this table
 
 Connect to a target with: ssh -p PORT LOGIN@TARGET@BASTION (or TARGET@BASTION for its default login)
@@ -162,14 +175,104 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
         Command::Deny { id, reason, json } => requests::deny(&caller, &id, reason, json),
         Command::Revoke { id, reason, json } => requests::revoke(&caller, &id, reason, json),
         Command::Grants { json } => requests::grants(&caller, json),
+        auditor_command => {
+            let reply = match auditor(&caller) {
+                Ok(()) => run_auditor(&caller, &mut client, auditor_command).await,
+                Err(refusal) => Err(refusal),
+            };
+            finish(&client.out, reply).await;
+            return;
+        }
     };
     finish(out, reply).await;
+}
+
+/// Refuses auditor commands to everyone outside `auditors`.
+fn auditor(caller: &Caller) -> Result<(), String> {
+    let auditors = &caller.state.config.auditors;
+    if caller.policy.is_member(caller.user, auditors) {
+        Ok(())
+    } else {
+        Err(format!(
+            "only auditors ({}) may read recordings and the audit log",
+            auditors.join(", ")
+        ))
+    }
+}
+
+/// Runs an auditor command and records that the auditor ran it.
+async fn run_auditor(
+    caller: &Caller<'_>,
+    client: &mut ClientChannel,
+    command: Command,
+) -> requests::Reply {
+    let event = |kind: &str| AuditEvent::new(kind, caller.user, Utc::now());
+    match command {
+        Command::Sessions {
+            user,
+            target,
+            since,
+            active,
+            grep,
+            json,
+        } => {
+            caller
+                .state
+                .audit(event("auditor.sessions").detail("grep", grep.clone()));
+            let filter = sessions::SessionFilter {
+                user,
+                target,
+                since,
+                active,
+                grep,
+            };
+            sessions::list(caller, filter, json)
+        }
+        Command::Replay { session, speed } => {
+            let record = sessions::find(caller, &session)?;
+            caller
+                .state
+                .audit(event("auditor.replay").detail("session", record.id));
+            sessions::replay(caller, &client.out, &record, speed).await
+        }
+        Command::Watch { session } => {
+            let record = sessions::find(caller, &session)?;
+            caller
+                .state
+                .audit(event("auditor.watch").detail("session", record.id));
+            sessions::watch(caller, client, &record).await
+        }
+        Command::Export { session } => {
+            let record = sessions::find(caller, &session)?;
+            caller
+                .state
+                .audit(event("auditor.export").detail("session", record.id));
+            sessions::export(caller, &client.out, &record).await
+        }
+        Command::Audit {
+            action: Some(AuditAction::Verify { recordings }),
+            ..
+        } => {
+            caller
+                .state
+                .audit(event("auditor.verify").detail("recordings", recordings));
+            audit::verify(caller, recordings)
+        }
+        Command::Audit {
+            action: None,
+            since,
+            json,
+        } => audit::list(caller, since, json),
+        other => Err(format!("{other:?} is not an auditor command")),
+    }
 }
 
 async fn finish(out: &ClientOut, reply: requests::Reply) {
     match reply {
         Ok(text) => {
-            out.stdout(&text).await;
+            if !text.is_empty() {
+                out.stdout(&text).await;
+            }
             out.exit(0).await;
         }
         Err(message) => out.fail(&message, 1).await,

@@ -16,6 +16,8 @@ use chrono::Utc;
 
 use crate::audit::AuditEvent;
 use crate::grant::{Grant, GrantState, Grants, Permit};
+use crate::record::{SessionEnd, SessionInfo};
+use crate::server::PtyRequest;
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
 use admit::admit;
 
@@ -49,6 +51,7 @@ pub async fn run(
             return;
         }
     };
+    let pty = setup.pty.clone();
     let pending = match start_remote_session(&channel, setup, &start).await {
         Ok(pending) => pending,
         Err(err) => {
@@ -60,36 +63,113 @@ pub async fn run(
         }
     };
     let grant = &permit.grant;
-    tracing::info!(user, target, login = %permit.login, grant = %grant.id, action = %start.action().describe(), "session started");
+    let recording = match context.state.recorder.start(session_info(
+        context,
+        &permit,
+        &start,
+        pty.as_ref(),
+    )) {
+        Ok(recording) => recording,
+        Err(err) => {
+            tracing::error!(user, target, error = %err, "cannot start the recording; session refused");
+            let _ = channel.close().await;
+            client
+                .out
+                .fail(&format!("this session cannot be recorded ({err}); portcullis never proxies unrecorded sessions"), 1)
+                .await;
+            return;
+        }
+    };
+    let session = recording.id();
+    tracing::info!(user, target, login = %permit.login, grant = %grant.id, session, action = %start.action().describe(), "session started");
     context.state.audit(
         AuditEvent::new("session.start", user, Utc::now())
             .target(target)
             .grant(&grant.id)
+            .detail("session", session)
             .detail("login", permit.login.as_str())
             .detail("action", start.action().describe())
             .detail("client", peer(context)),
     );
-    let ends = grant_ends(&context.state.grants, grant);
-    let outcome = relay::relay(client, channel, pending, ends).await;
+    let stop = async {
+        tokio::select! {
+            message = grant_ends(&context.state.grants, grant) => message,
+            reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
+        }
+    };
+    let (outcome, out) = relay::relay(client, channel, pending, &recording, stop).await;
     tracing::info!(
         user,
         target,
         grant = %grant.id,
+        session,
         exit_status = ?outcome.exit_status,
         exit_signal = ?outcome.exit_signal,
         bytes_in = outcome.bytes_to_target,
         bytes_out = outcome.bytes_from_target,
         "session ended"
     );
-    context.state.audit(
-        AuditEvent::new("session.end", user, Utc::now())
-            .target(target)
-            .grant(&grant.id)
-            .detail("exit_status", outcome.exit_status)
-            .detail("exit_signal", outcome.exit_signal.clone())
-            .detail("bytes_in", outcome.bytes_to_target)
-            .detail("bytes_out", outcome.bytes_from_target),
-    );
+    let end = SessionEnd {
+        exit_status: outcome.exit_status,
+        exit_signal: outcome.exit_signal.clone(),
+        bytes_in: outcome.bytes_to_target,
+        bytes_out: outcome.bytes_from_target,
+    };
+    let mut event = AuditEvent::new("session.end", user, Utc::now())
+        .target(target)
+        .grant(&grant.id)
+        .detail("session", session)
+        .detail("exit_status", outcome.exit_status)
+        .detail("exit_signal", outcome.exit_signal.clone())
+        .detail("bytes_in", outcome.bytes_to_target)
+        .detail("bytes_out", outcome.bytes_from_target);
+    match recording.finish(end).await {
+        Ok(record) => {
+            event = event.detail("transcript_sha256", record.digest.unwrap_or_default());
+        }
+        Err(error) => {
+            tracing::error!(session, %error, "the recording ended with an error");
+            event = event.detail("recording_error", error);
+        }
+    }
+    context.state.audit(event);
+    out.close().await;
+}
+
+/// What the recorder stores about a starting session.
+fn session_info(
+    context: &ChannelContext,
+    permit: &Permit,
+    start: &Start,
+    pty: Option<&PtyRequest>,
+) -> SessionInfo {
+    let (kind, command) = match start {
+        Start::Shell => ("shell", None),
+        Start::Exec(command) => ("exec", Some(String::from_utf8_lossy(command).into_owned())),
+        Start::Subsystem(name) => ("subsystem", Some(name.clone())),
+    };
+    let file_transfer = match start {
+        Start::Subsystem(name) => name == "sftp",
+        Start::Exec(command) => {
+            let command = String::from_utf8_lossy(command);
+            let command = command.trim_start();
+            command.starts_with("scp ") || command.starts_with("rsync --server")
+        }
+        Start::Shell => false,
+    };
+    SessionInfo {
+        user: context.identity.user.clone(),
+        target: permit.target.name.clone(),
+        login: permit.login.clone(),
+        grant: permit.grant.id.clone(),
+        client: peer(context),
+        kind: kind.to_string(),
+        command,
+        term: pty.map(|p| p.term.clone()),
+        cols: pty.map_or(80, |p| p.cols),
+        rows: pty.map_or(24, |p| p.rows),
+        file_transfer,
+    }
 }
 
 fn peer(context: &ChannelContext) -> String {

@@ -13,6 +13,7 @@ use russh::client;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 
 use super::pipe::{drain, pipe, Overdraft, PipeRx};
+use crate::record::{SessionRecorder, Stream};
 use crate::server::{ClientChannel, ClientOut};
 
 /// How long a target may take to confirm a close the client started.
@@ -40,13 +41,18 @@ pub struct Outcome {
 pub const ENDED_BY_BASTION: u32 = 255;
 
 /// Relays until either side closes the channel, or until `stop` resolves: then the
-/// client gets its message on stderr and both channels are closed.
+/// client gets its message on stderr and the target's channel is closed.
+///
+/// The client's channel is left open (exit status sent, not yet closed) and handed
+/// back: the caller closes it once the recording is stored, so that when `ssh`
+/// returns, the session's record and audit event are already there.
 pub async fn relay(
     client: ClientChannel,
     upstream: Channel<client::Msg>,
     pending: VecDeque<PendingReply>,
+    recording: &SessionRecorder,
     stop: impl Future<Output = String>,
-) -> Outcome {
+) -> (Outcome, ClientOut) {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
     let (to_target_tx, to_target_rx) = pipe();
@@ -63,6 +69,7 @@ pub async fn relay(
                     to_target_rx,
                     &up_writer,
                     &to_client_overdraft,
+                    recording,
                     &mut bytes_to_target
                 )
             );
@@ -75,6 +82,7 @@ pub async fn relay(
                     &out,
                     &to_target_overdraft,
                     pending,
+                    recording,
                     &mut outcome
                 )
             );
@@ -98,17 +106,19 @@ pub async fn relay(
     };
     if let Some(message) = stopped {
         let _ = up_writer.close().await;
-        out.fail(&message, ENDED_BY_BASTION).await;
+        out.notice(&message).await;
+        let _ = out.writer.exit_status(ENDED_BY_BASTION).await;
         outcome.exit_status = Some(ENDED_BY_BASTION);
     }
     outcome.bytes_to_target = bytes_to_target;
-    outcome
+    (outcome, out)
 }
 
 async fn write_to_target(
     mut pipe: PipeRx,
     target: &ChannelWriteHalf<client::Msg>,
     overdraft: &Overdraft,
+    recording: &SessionRecorder,
     bytes: &mut u64,
 ) {
     let mut held = 0;
@@ -116,6 +126,7 @@ async fn write_to_target(
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 *bytes += data.len() as u64;
+                recording.input(&data).await;
                 with_overdraft(overdraft, target.data_bytes(data)).await
             }
             ChannelMsg::Eof => target.eof().await,
@@ -125,6 +136,7 @@ async fn write_to_target(
                 pix_width,
                 pix_height,
             } => {
+                recording.resize(col_width, row_height).await;
                 target
                     .window_change(col_width, row_height, pix_width, pix_height)
                     .await
@@ -158,6 +170,7 @@ async fn write_to_client(
     client: &ClientOut,
     overdraft: &Overdraft,
     mut pending: VecDeque<PendingReply>,
+    recording: &SessionRecorder,
     outcome: &mut Outcome,
 ) {
     let writer = &client.writer;
@@ -166,10 +179,12 @@ async fn write_to_client(
         let sent = match msg {
             ChannelMsg::Data { data } => {
                 outcome.bytes_from_target += data.len() as u64;
+                recording.output(Stream::Stdout, &data).await;
                 with_overdraft(overdraft, writer.data_bytes(data)).await
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 outcome.bytes_from_target += data.len() as u64;
+                recording.output(Stream::Stderr, &data).await;
                 writer.extended_data_bytes(ext, data).await
             }
             // sshd sends EOF when the command's output closes and the exit status only
@@ -231,5 +246,4 @@ async fn write_to_client(
         outcome.exit_status = Some(255);
         let _ = writer.exit_status(255).await;
     }
-    client.close().await;
 }

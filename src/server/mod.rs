@@ -4,6 +4,7 @@
 mod channel;
 mod handler;
 mod route;
+mod upkeep;
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -20,6 +21,7 @@ use crate::grant::Grants;
 use crate::keys::KeySet;
 use crate::notify::Notifier;
 use crate::policy::{self, Policy, PolicyErrors};
+use crate::record::Recorder;
 use crate::store::Store;
 
 pub use channel::{
@@ -35,6 +37,7 @@ pub struct State {
     policy: RwLock<Arc<Policy>>,
     pub store: Arc<Store>,
     pub grants: Grants,
+    pub recorder: Arc<Recorder>,
 }
 
 impl State {
@@ -42,6 +45,11 @@ impl State {
         let notifier = Notifier::new(config.notify.webhook.clone());
         State {
             grants: Grants::new(store.clone(), notifier),
+            recorder: Arc::new(Recorder::new(
+                store.clone(),
+                config.record_input,
+                config.record_file_transfers,
+            )),
             config,
             keys,
             policy: RwLock::new(Arc::new(policy)),
@@ -170,9 +178,14 @@ pub async fn serve(config: Config) -> Result<()> {
         "portcullis listening"
     );
     let state = Arc::new(State::new(config, keys, policy, store));
+    mark_interrupted_sessions(&state)?;
     tokio::spawn(reload_on_sighup(state.clone()));
     tokio::spawn(expire_grants(state.clone()));
-    let mut server = handler::Acceptor::new(state);
+    tokio::spawn(upkeep::anchor_audit_chain(state.clone()));
+    if let Some(retention) = state.config.recordings_retention {
+        tokio::spawn(upkeep::prune_recordings(state.clone(), retention));
+    }
+    let mut server = handler::Acceptor::new(state.clone());
     let running = server.run_on_socket(russh_config, &listener);
     let shutdown = running.handle();
     tokio::select! {
@@ -182,6 +195,7 @@ pub async fn serve(config: Config) -> Result<()> {
             shutdown.shutdown("portcullis is shutting down".into());
         }
     }
+    state.store.flush().context("cannot flush the database")?;
     Ok(())
 }
 
@@ -191,6 +205,30 @@ async fn termination() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// Sessions that were live when the bastion last stopped can no longer end cleanly:
+/// mark them `interrupted` (their transcript up to the last flush stays replayable).
+fn mark_interrupted_sessions(state: &State) -> Result<()> {
+    let interrupted = state
+        .recorder
+        .recover()
+        .context("cannot recover the recordings of interrupted sessions")?;
+    for session in interrupted {
+        tracing::warn!(session = session.id, user = %session.user, target = %session.target, "session was interrupted by a bastion stop");
+        state.audit(
+            AuditEvent::new("session.interrupted", "portcullis", chrono::Utc::now())
+                .target(&session.target)
+                .grant(&session.grant)
+                .detail("session", session.id)
+                .detail("user", session.user.as_str())
+                .detail(
+                    "transcript_sha256",
+                    session.digest.clone().unwrap_or_default(),
+                ),
+        );
+    }
+    Ok(())
 }
 
 /// Expires pending requests and grants whose time is up, once a second. (Live

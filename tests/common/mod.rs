@@ -1085,9 +1085,28 @@ impl World {
     /// Kills the bastion (SIGKILL, like a crash) and starts it again on the same data
     /// directory; clients follow it to its new port.
     pub fn restart_bastion(&mut self) {
+        self.restart_bastion_after(false, |_| {});
+    }
+
+    /// Stops the bastion (SIGTERM and a wait when `graceful`, SIGKILL otherwise), runs
+    /// `between` with the data directory (the database is unlocked then), and starts
+    /// it again; clients follow it to its new port.
+    pub fn restart_bastion_after(&mut self, graceful: bool, between: impl FnOnce(&Path)) {
         let root = self.dir.path().to_path_buf();
-        let old = std::mem::replace(&mut self.bastion, Bastion::placeholder(&root));
+        let mut old = std::mem::replace(&mut self.bastion, Bastion::placeholder(&root));
+        if graceful {
+            let _ = Command::new("kill")
+                .args(["-TERM", &old.pid().to_string()])
+                .status();
+            let stopped = wait_until(STARTUP_TIMEOUT, || !old.is_running());
+            assert!(
+                stopped,
+                "the bastion did not stop on SIGTERM:\n{}",
+                old.log()
+            );
+        }
         drop(old);
+        between(&root.join("data"));
         self.bastion = Bastion::start(&root);
         let port = self.bastion.port();
         for client in [

@@ -1,0 +1,223 @@
+//! Auditor commands on recordings: `sessions`, `replay`, `watch`, `export`.
+
+use bytes::Bytes;
+use russh::ChannelMsg;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::requests::{to_json, Caller, Reply};
+use super::table::{clip, relative, render, short_span};
+use crate::record::{asciicast, replay, SessionRecord};
+use crate::server::{ClientChannel, ClientOut};
+
+/// Filters of `sessions`.
+pub struct SessionFilter {
+    pub user: Option<String>,
+    pub target: Option<String>,
+    pub since: Option<String>,
+    pub active: bool,
+    pub grep: Option<String>,
+}
+
+pub fn list(caller: &Caller, filter: SessionFilter, json: bool) -> Reply {
+    let since = match &filter.since {
+        Some(text) => {
+            Some(caller.now - crate::duration::parse(text).map_err(|e| format!("--since: {e}"))?)
+        }
+        None => None,
+    };
+    let recorder = &caller.state.recorder;
+    let mut sessions = Vec::new();
+    for session in caller.state.store.sessions().map_err(|e| e.to_string())? {
+        let keep = filter.user.as_ref().is_none_or(|u| &session.user == u)
+            && filter.target.as_ref().is_none_or(|t| &session.target == t)
+            && since.is_none_or(|at| session.started_at >= at)
+            && (!filter.active || session.is_live());
+        if !keep {
+            continue;
+        }
+        if let Some(needle) = &filter.grep {
+            if !recorder
+                .output_contains(session.id, needle.as_bytes())
+                .map_err(|e| e.to_string())?
+            {
+                continue;
+            }
+        }
+        sessions.push(session);
+    }
+    if json {
+        return Ok(to_json(&sessions));
+    }
+    if sessions.is_empty() {
+        return Ok("no sessions match\n".to_string());
+    }
+    let rows: Vec<Vec<String>> = sessions.iter().map(|s| row(s, caller)).collect();
+    Ok(render(
+        &[
+            "ID", "USER", "TARGET", "GRANT", "STARTED", "DURATION", "STATE", "EXIT", "IN/OUT",
+            "COMMAND",
+        ],
+        &rows,
+    ))
+}
+
+fn row(session: &SessionRecord, caller: &Caller) -> Vec<String> {
+    let end = session.ended_at.unwrap_or(caller.now);
+    let exit = match (&session.exit_status, &session.exit_signal) {
+        (_, Some(signal)) => signal.clone(),
+        (Some(status), None) => status.to_string(),
+        (None, None) => "-".into(),
+    };
+    vec![
+        session.id.to_string(),
+        session.user.clone(),
+        format!("{}@{}", session.login, session.target),
+        session.grant.clone(),
+        relative(session.started_at, caller.now),
+        short_span((end - session.started_at).num_seconds().max(0) as u64),
+        session.state.as_str().to_string(),
+        exit,
+        format!(
+            "{}/{}",
+            human_bytes(session.bytes_in),
+            human_bytes(session.bytes_out)
+        ),
+        clip(session.command.as_deref().unwrap_or(&session.kind), 40),
+    ]
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..1024 => format!("{n}B"),
+        1024..1_048_576 => format!("{:.1}K", n as f64 / 1024.0),
+        1_048_576..1_073_741_824 => format!("{:.1}M", n as f64 / 1_048_576.0),
+        _ => format!("{:.1}G", n as f64 / 1_073_741_824.0),
+    }
+}
+
+/// Parses a session id and loads its record.
+pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, String> {
+    let shown: String = text.chars().take(20).filter(|c| !c.is_control()).collect();
+    let id: u64 = text.parse().map_err(|_| {
+        format!(
+            "'{shown}' is not a session id: ids are numbers like 42; run `sessions` to list them"
+        )
+    })?;
+    caller
+        .state
+        .store
+        .session(id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("no session {id}; run `sessions` to list them"))
+}
+
+/// `replay`: the recording's output, with its pauses, to the caller's terminal.
+pub async fn replay(
+    caller: &Caller<'_>,
+    out: &ClientOut,
+    session: &SessionRecord,
+    speed: f64,
+) -> Reply {
+    if !(0.01..=1000.0).contains(&speed) {
+        return Err("--speed must be between 0.01 and 1000".into());
+    }
+    if session.pruned {
+        return Err(format!(
+            "the recording of session {} was pruned by retention",
+            session.id
+        ));
+    }
+    let chunks = caller
+        .state
+        .recorder
+        .chunks(session.id)
+        .map_err(|e| e.to_string())?;
+    for (pause, data) in replay::schedule(&chunks, speed) {
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+        if out.writer.data_bytes(data).await.is_err() {
+            break; // the auditor went away
+        }
+    }
+    Ok(String::new())
+}
+
+/// `export`: asciicast v2 on stdout, written as it is (no line-end translation).
+pub async fn export(caller: &Caller<'_>, out: &ClientOut, session: &SessionRecord) -> Reply {
+    if session.pruned {
+        return Err(format!(
+            "the recording of session {} was pruned by retention",
+            session.id
+        ));
+    }
+    let chunks = caller
+        .state
+        .recorder
+        .chunks(session.id)
+        .map_err(|e| e.to_string())?;
+    let cast = Bytes::from(asciicast::export(session, &chunks));
+    const PIECE: usize = 32 * 1024;
+    let mut offset = 0;
+    while offset < cast.len() {
+        let end = (offset + PIECE).min(cast.len());
+        if out
+            .writer
+            .data_bytes(cast.slice(offset..end))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        offset = end;
+    }
+    Ok(String::new())
+}
+
+/// `watch`: what the session has shown so far, then its output as it happens, until
+/// it ends or the auditor leaves. Read-only: the auditor's input goes nowhere.
+pub async fn watch(
+    caller: &Caller<'_>,
+    client: &mut ClientChannel,
+    session: &SessionRecord,
+) -> Reply {
+    let follow = caller
+        .state
+        .recorder
+        .follow(session.id)
+        .map_err(|e| e.to_string())?;
+    let Some(mut follow) = follow else {
+        return Err(format!(
+            "session {} is not live; use `replay {}`",
+            session.id, session.id
+        ));
+    };
+    let out = &client.out;
+    for chunk in follow.so_far.into_iter().filter(|c| c.stream.is_output()) {
+        if out.writer.data_bytes(chunk.data).await.is_err() {
+            return Ok(String::new());
+        }
+    }
+    loop {
+        tokio::select! {
+            received = follow.live.recv() => match received {
+                Ok(chunk) if chunk.stream.is_output() => {
+                    if out.writer.data_bytes(chunk.data).await.is_err() {
+                        return Ok(String::new());
+                    }
+                }
+                Ok(_) => {}
+                Err(RecvError::Lagged(missed)) => {
+                    out.stderr(&format!("\n[portcullis: watch fell behind; {missed} chunks skipped]\n")).await;
+                }
+                Err(RecvError::Closed) => break,
+            },
+            msg = client.reader.wait() => {
+                if matches!(msg, None | Some(ChannelMsg::Close)) {
+                    return Ok(String::new());
+                }
+            }
+        }
+    }
+    Ok(format!("\n[portcullis: session {} ended]\n", session.id))
+}

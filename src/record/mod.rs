@@ -1,0 +1,567 @@
+//! Session recording: metadata and a timed transcript of every proxied session,
+//! stored in sled.
+//!
+//! The relay hands each chunk to a [`SessionRecorder`], which only appends it to an
+//! in-memory batch (a `Bytes` clone, no copy) and wakes the session's flusher task.
+//! The flusher frames, compresses and writes batches to the `chunks` tree at least
+//! every [`FLUSH_INTERVAL`], off the relay's path. Memory stays bounded: when a batch
+//! grows past [`PENDING_CAP`] (the disk is slower than the session), the relay waits
+//! for the flusher instead of buffering more.
+//!
+//! If a batch cannot be written, the session fails closed: [`SessionRecorder::failed`]
+//! resolves and the relay ends the session. Nothing is proxied unrecorded.
+
+pub mod asciicast;
+pub mod replay;
+mod transcript;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::store::{Store, StoreError};
+pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
+
+/// Longest time a recorded chunk stays only in memory: what a crash can lose.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+
+/// A batch this big is flushed at once rather than at the next interval.
+const BATCH_BYTES: usize = 1024 * 1024;
+
+/// Unflushed bytes per session beyond which the relay waits for the flusher.
+const PENDING_CAP: usize = 8 * 1024 * 1024;
+
+/// Chunks a live watcher may fall behind before it is told it missed some.
+const WATCH_BACKLOG: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionState {
+    Live,
+    Closed,
+    /// The bastion stopped while the session was live; the transcript holds
+    /// everything up to the last flush.
+    Interrupted,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Live => "live",
+            SessionState::Closed => "closed",
+            SessionState::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// What is stored about one session channel (the `sessions` tree).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub id: u64,
+    pub user: String,
+    pub target: String,
+    pub login: String,
+    pub grant: String,
+    pub client: String,
+    pub started_at: DateTime<Utc>,
+    pub ended_at: Option<DateTime<Utc>>,
+    /// `shell`, `exec` or `subsystem`.
+    pub kind: String,
+    /// The exec command or subsystem name.
+    pub command: Option<String>,
+    pub term: Option<String>,
+    pub cols: u32,
+    pub rows: u32,
+    pub resizes: u32,
+    pub exit_status: Option<u32>,
+    pub exit_signal: Option<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub state: SessionState,
+    /// Whether data was recorded (file transfers keep metadata and counts only,
+    /// unless `record_file_transfers`).
+    pub full_transcript: bool,
+    pub input_recorded: bool,
+    pub batches: u32,
+    /// Transcript size before and after compression.
+    pub transcript_bytes: u64,
+    pub stored_bytes: u64,
+    /// SHA-256 of the transcript, once the session is over.
+    pub digest: Option<String>,
+    /// The transcript was removed by retention.
+    pub pruned: bool,
+}
+
+impl SessionRecord {
+    pub fn is_live(&self) -> bool {
+        self.state == SessionState::Live
+    }
+
+    /// When the session ended, or when it started if it never ended cleanly.
+    pub fn last_seen(&self) -> DateTime<Utc> {
+        self.ended_at.unwrap_or(self.started_at)
+    }
+}
+
+/// Who started what, for a new recording.
+pub struct SessionInfo {
+    pub user: String,
+    pub target: String,
+    pub login: String,
+    pub grant: String,
+    pub client: String,
+    pub kind: String,
+    pub command: Option<String>,
+    pub term: Option<String>,
+    pub cols: u32,
+    pub rows: u32,
+    /// sftp, scp or rsync.
+    pub file_transfer: bool,
+}
+
+/// The end of a session, for its record.
+#[derive(Debug, Default)]
+pub struct SessionEnd {
+    pub exit_status: Option<u32>,
+    pub exit_signal: Option<String>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// All recordings: starts sessions, finds live ones for `watch`, reads transcripts.
+pub struct Recorder {
+    store: Arc<Store>,
+    record_input: bool,
+    record_file_transfers: bool,
+    live: Mutex<HashMap<u64, Arc<Live>>>,
+}
+
+/// Shared between a session's relay, its flusher and its watchers.
+struct Live {
+    started: Instant,
+    inner: Mutex<Pending>,
+    /// Wakes the flusher early (a full batch, or the end of the session).
+    flush_now: Notify,
+    /// Wakes a relay waiting for room in the batch.
+    room: Notify,
+    failure: watch::Sender<Option<String>>,
+}
+
+/// Chunks not yet written, and what watchers need to join consistently.
+struct Pending {
+    chunks: Vec<Chunk>,
+    bytes: usize,
+    /// Batches already in the store.
+    batches: u32,
+    resizes: u32,
+    finished: bool,
+    /// Live chunks for watchers; dropped at the end so they see the session close.
+    watchers: Option<broadcast::Sender<Chunk>>,
+}
+
+/// What a watcher starts from: everything recorded so far, then the live feed.
+pub struct Follow {
+    pub so_far: Vec<Chunk>,
+    pub live: broadcast::Receiver<Chunk>,
+}
+
+impl Recorder {
+    pub fn new(store: Arc<Store>, record_input: bool, record_file_transfers: bool) -> Recorder {
+        Recorder {
+            store,
+            record_input,
+            record_file_transfers,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Registers a new session (state `live`) and starts its flusher.
+    pub fn start(self: &Arc<Self>, info: SessionInfo) -> Result<SessionRecorder, StoreError> {
+        let full = !info.file_transfer || self.record_file_transfers;
+        let record = SessionRecord {
+            id: self.store.next_session_id()?,
+            user: info.user,
+            target: info.target,
+            login: info.login,
+            grant: info.grant,
+            client: info.client,
+            started_at: Utc::now(),
+            ended_at: None,
+            kind: info.kind,
+            command: info.command,
+            term: info.term,
+            cols: info.cols,
+            rows: info.rows,
+            resizes: 0,
+            exit_status: None,
+            exit_signal: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            state: SessionState::Live,
+            full_transcript: full,
+            input_recorded: full && self.record_input,
+            batches: 0,
+            transcript_bytes: 0,
+            stored_bytes: 0,
+            digest: None,
+            pruned: false,
+        };
+        self.store.save_session(&record)?;
+        let live = Arc::new(Live {
+            started: Instant::now(),
+            inner: Mutex::new(Pending {
+                chunks: Vec::new(),
+                bytes: 0,
+                batches: 0,
+                resizes: 0,
+                finished: false,
+                watchers: Some(broadcast::channel(WATCH_BACKLOG).0),
+            }),
+            flush_now: Notify::new(),
+            room: Notify::new(),
+            failure: watch::channel(None).0,
+        });
+        self.live
+            .lock()
+            .expect("recorder lock poisoned")
+            .insert(record.id, live.clone());
+        let flusher = tokio::spawn(flush_loop(self.store.clone(), live.clone(), record.clone()));
+        Ok(SessionRecorder {
+            recorder: self.clone(),
+            id: record.id,
+            live,
+            full,
+            record_input: record.input_recorded,
+            flusher,
+        })
+    }
+
+    /// Joins a live session: what it has shown so far, then everything new.
+    pub fn follow(&self, id: u64) -> Result<Option<Follow>, StoreError> {
+        let Some(live) = self
+            .live
+            .lock()
+            .expect("recorder lock poisoned")
+            .get(&id)
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let (stored, pending, receiver) = {
+            let pending = live.inner.lock().expect("recording lock poisoned");
+            let Some(sender) = &pending.watchers else {
+                return Ok(None); // ending right now
+            };
+            (pending.batches, pending.chunks.clone(), sender.subscribe())
+        };
+        let mut so_far = self.stored_chunks(id, Some(stored))?;
+        so_far.extend(pending);
+        Ok(Some(Follow {
+            so_far,
+            live: receiver,
+        }))
+    }
+
+    /// Every stored chunk of a session, in order.
+    pub fn chunks(&self, id: u64) -> Result<Vec<Chunk>, StoreError> {
+        self.stored_chunks(id, None)
+    }
+
+    fn stored_chunks(&self, id: u64, limit: Option<u32>) -> Result<Vec<Chunk>, StoreError> {
+        let mut chunks = Vec::new();
+        let batches = self.store.batches(id)?;
+        let take = limit.map_or(batches.len(), |n| n as usize);
+        for stored in batches.iter().take(take) {
+            let batch = transcript::decompress(stored).map_err(damaged)?;
+            chunks.extend(transcript::decode(&batch).map_err(damaged)?);
+        }
+        Ok(chunks)
+    }
+
+    /// Whether the session's recorded output contains `needle`, read one batch at a
+    /// time (a match may span chunks and batches).
+    pub fn output_contains(&self, id: u64, needle: &[u8]) -> Result<bool, StoreError> {
+        if needle.is_empty() {
+            return Ok(true);
+        }
+        let mut window: Vec<u8> = Vec::new();
+        for stored in self.store.batches(id)? {
+            let batch = transcript::decompress(&stored).map_err(damaged)?;
+            for chunk in transcript::decode(&batch).map_err(damaged)? {
+                if !chunk.stream.is_output() {
+                    continue;
+                }
+                window.extend_from_slice(&chunk.data);
+                if window.windows(needle.len()).any(|w| w == needle) {
+                    return Ok(true);
+                }
+                let keep = needle.len() - 1;
+                if window.len() > keep {
+                    window.drain(..window.len() - keep);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Recomputes a transcript's SHA-256 from the stored batches.
+    pub fn digest_of(&self, id: u64) -> Result<String, StoreError> {
+        let mut digest = TranscriptDigest::default();
+        for stored in self.store.batches(id)? {
+            digest.update(&transcript::decompress(&stored).map_err(damaged)?);
+        }
+        Ok(digest.hex())
+    }
+
+    /// Marks sessions that were live when the bastion last stopped as
+    /// `interrupted`, with the digest of what was flushed. Run once at start.
+    pub fn recover(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        let mut recovered = Vec::new();
+        for mut session in self.store.sessions()? {
+            if session.state != SessionState::Live {
+                continue;
+            }
+            session.state = SessionState::Interrupted;
+            session.digest = Some(self.digest_of(session.id)?);
+            self.store.save_session(&session)?;
+            recovered.push(session);
+        }
+        Ok(recovered)
+    }
+
+    /// Removes the transcripts of sessions last seen before `cutoff`; returns the
+    /// pruned session ids and the bytes freed. Metadata and audit events stay.
+    pub fn prune(&self, cutoff: DateTime<Utc>) -> Result<(Vec<u64>, u64), StoreError> {
+        let mut pruned = Vec::new();
+        let mut freed = 0;
+        for mut session in self.store.sessions()? {
+            if session.is_live() || session.pruned || session.last_seen() >= cutoff {
+                continue;
+            }
+            freed += self.store.delete_batches(session.id)?;
+            session.pruned = true;
+            self.store.save_session(&session)?;
+            pruned.push(session.id);
+        }
+        Ok((pruned, freed))
+    }
+
+    fn forget(&self, id: u64) {
+        self.live
+            .lock()
+            .expect("recorder lock poisoned")
+            .remove(&id);
+    }
+}
+
+fn damaged(err: TranscriptError) -> StoreError {
+    StoreError::Corrupt {
+        tree: "chunks",
+        detail: err.to_string(),
+    }
+}
+
+/// The relay's handle on one session's recording.
+pub struct SessionRecorder {
+    recorder: Arc<Recorder>,
+    id: u64,
+    live: Arc<Live>,
+    full: bool,
+    record_input: bool,
+    flusher: JoinHandle<Flushed>,
+}
+
+impl SessionRecorder {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Output the user sees.
+    pub async fn output(&self, stream: Stream, data: &Bytes) {
+        if self.full {
+            self.push(stream, data.clone()).await;
+        }
+    }
+
+    /// What the user typed or piped in (unless `record_input = false`).
+    pub async fn input(&self, data: &Bytes) {
+        if self.record_input {
+            self.push(Stream::Stdin, data.clone()).await;
+        }
+    }
+
+    pub async fn resize(&self, cols: u32, rows: u32) {
+        self.live
+            .inner
+            .lock()
+            .expect("recording lock poisoned")
+            .resizes += 1;
+        if self.full {
+            self.push(Stream::Resize, Bytes::from(format!("{cols}x{rows}")))
+                .await;
+        }
+    }
+
+    /// Resolves with the reason if the recording can no longer be written.
+    pub async fn failed(&self) -> String {
+        let mut failure = self.live.failure.subscribe();
+        loop {
+            if let Some(reason) = failure.borrow_and_update().clone() {
+                return reason;
+            }
+            if failure.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    async fn push(&self, stream: Stream, data: Bytes) {
+        let chunk = Chunk {
+            offset_us: self.live.started.elapsed().as_micros() as u64,
+            stream,
+            data,
+        };
+        let over_batch = {
+            let mut pending = self.live.inner.lock().expect("recording lock poisoned");
+            pending.bytes += chunk.data.len();
+            if let Some(watchers) = &pending.watchers {
+                let _ = watchers.send(chunk.clone()); // no watchers is fine
+            }
+            pending.chunks.push(chunk);
+            pending.bytes >= BATCH_BYTES
+        };
+        if over_batch {
+            self.live.flush_now.notify_one();
+            self.wait_for_room().await;
+        }
+    }
+
+    /// Waits while the unflushed batch is over its cap (the disk is behind).
+    async fn wait_for_room(&self) {
+        loop {
+            let room = self.live.room.notified();
+            {
+                let pending = self.live.inner.lock().expect("recording lock poisoned");
+                if pending.bytes < PENDING_CAP || self.live.failure.borrow().is_some() {
+                    return;
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Flushes the rest, stores the end state and returns the final record.
+    pub async fn finish(self, end: SessionEnd) -> Result<SessionRecord, String> {
+        {
+            let mut pending = self.live.inner.lock().expect("recording lock poisoned");
+            pending.finished = true;
+            pending.watchers = None;
+        }
+        self.live.flush_now.notify_one();
+        let flushed = self.flusher.await.map_err(|e| e.to_string())?;
+        self.recorder.forget(self.id);
+        let mut record = flushed.record;
+        record.ended_at = Some(Utc::now());
+        record.exit_status = end.exit_status;
+        record.exit_signal = end.exit_signal;
+        record.bytes_in = end.bytes_in;
+        record.bytes_out = end.bytes_out;
+        record.resizes = self
+            .live
+            .inner
+            .lock()
+            .expect("recording lock poisoned")
+            .resizes;
+        record.state = SessionState::Closed;
+        record.digest = Some(flushed.digest.hex());
+        self.recorder
+            .store
+            .save_session(&record)
+            .map_err(|e| e.to_string())?;
+        match flushed.error {
+            Some(error) => Err(error),
+            None => Ok(record),
+        }
+    }
+}
+
+/// What the flusher leaves behind.
+struct Flushed {
+    record: SessionRecord,
+    digest: TranscriptDigest,
+    error: Option<String>,
+}
+
+/// Writes a session's batches until it is finished (or the store fails).
+async fn flush_loop(store: Arc<Store>, live: Arc<Live>, mut record: SessionRecord) -> Flushed {
+    let mut digest = TranscriptDigest::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(FLUSH_INTERVAL) => {}
+            _ = live.flush_now.notified() => {}
+        }
+        let (chunks, finished) = {
+            let pending = live.inner.lock().expect("recording lock poisoned");
+            (pending.chunks.clone(), pending.finished)
+        };
+        if !chunks.is_empty() {
+            if let Err(error) = write_batch(&store, &mut record, &mut digest, &chunks).await {
+                tracing::error!(session = record.id, %error, "cannot write recording; ending the session");
+                live.failure
+                    .send_replace(Some(format!("the recording cannot be written ({error})")));
+                live.room.notify_waiters();
+                return Flushed {
+                    record,
+                    digest,
+                    error: Some(error),
+                };
+            }
+            let written: usize = chunks.iter().map(|c| c.data.len()).sum();
+            let mut pending = live.inner.lock().expect("recording lock poisoned");
+            pending.chunks.drain(..chunks.len());
+            pending.bytes -= written;
+            pending.batches = record.batches;
+            drop(pending);
+            live.room.notify_waiters();
+        }
+        if finished {
+            return Flushed {
+                record,
+                digest,
+                error: None,
+            };
+        }
+    }
+}
+
+/// Frames, compresses and stores one batch, and the progress in the session record.
+async fn write_batch(
+    store: &Arc<Store>,
+    record: &mut SessionRecord,
+    digest: &mut TranscriptDigest,
+    chunks: &[Chunk],
+) -> Result<(), String> {
+    let batch = transcript::encode(chunks);
+    digest.update(&batch);
+    let (id, index) = (record.id, record.batches);
+    let plain = batch.len() as u64;
+    let writer = store.clone();
+    let stored = tokio::task::spawn_blocking(move || {
+        let compressed = transcript::compress(&batch);
+        writer.put_batch(id, index, &compressed)?;
+        Ok::<u64, StoreError>(compressed.len() as u64)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    record.batches += 1;
+    record.transcript_bytes += plain;
+    record.stored_bytes += stored;
+    store.save_session(record).map_err(|e| e.to_string())
+}

@@ -1,0 +1,161 @@
+//! The transcript format: timed chunks, framed into batches, compressed with zstd.
+//!
+//! A batch is the concatenation of frames `offset_us: u64 BE | stream: u8 |
+//! len: u32 BE | data`. The transcript digest is the SHA-256 of all uncompressed
+//! batches in order, so it does not depend on how zstd compressed them.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// zstd level: fast enough to stay off the relay's critical path, and terminal
+/// output still compresses by an order of magnitude.
+const ZSTD_LEVEL: i32 = 3;
+
+/// Largest batch accepted when decompressing (a batch is flushed at ~1 MiB).
+const MAX_BATCH: usize = 64 * 1024 * 1024;
+
+const FRAME_HEADER: usize = 8 + 1 + 4;
+
+/// Where a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+    Stdin,
+    /// A terminal resize; the data is `COLSxROWS`.
+    Resize,
+}
+
+impl Stream {
+    fn code(self) -> u8 {
+        match self {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+            Stream::Stdin => 2,
+            Stream::Resize => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<Stream> {
+        Some(match code {
+            0 => Stream::Stdout,
+            1 => Stream::Stderr,
+            2 => Stream::Stdin,
+            3 => Stream::Resize,
+            _ => return None,
+        })
+    }
+
+    /// Output the user saw (stdout and stderr).
+    pub fn is_output(self) -> bool {
+        matches!(self, Stream::Stdout | Stream::Stderr)
+    }
+}
+
+/// One piece of a transcript.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Chunk {
+    /// Microseconds since the session started (monotonic clock).
+    pub offset_us: u64,
+    pub stream: Stream,
+    pub data: Bytes,
+}
+
+#[derive(Debug, Error)]
+pub enum TranscriptError {
+    #[error("damaged transcript batch: {0}")]
+    Damaged(String),
+}
+
+/// Frames `chunks` into one uncompressed batch.
+pub fn encode(chunks: &[Chunk]) -> Vec<u8> {
+    let size = chunks.iter().map(|c| FRAME_HEADER + c.data.len()).sum();
+    let mut out = BytesMut::with_capacity(size);
+    for chunk in chunks {
+        out.put_u64(chunk.offset_us);
+        out.put_u8(chunk.stream.code());
+        out.put_u32(chunk.data.len() as u32);
+        out.put_slice(&chunk.data);
+    }
+    out.to_vec()
+}
+
+/// Splits an uncompressed batch back into chunks.
+pub fn decode(batch: &[u8]) -> Result<Vec<Chunk>, TranscriptError> {
+    let mut buf = Bytes::copy_from_slice(batch);
+    let mut chunks = Vec::new();
+    while buf.has_remaining() {
+        if buf.remaining() < FRAME_HEADER {
+            return Err(TranscriptError::Damaged("truncated frame header".into()));
+        }
+        let offset_us = buf.get_u64();
+        let code = buf.get_u8();
+        let len = buf.get_u32() as usize;
+        let stream = Stream::from_code(code)
+            .ok_or_else(|| TranscriptError::Damaged(format!("unknown stream {code}")))?;
+        if buf.remaining() < len {
+            return Err(TranscriptError::Damaged("truncated frame".into()));
+        }
+        chunks.push(Chunk {
+            offset_us,
+            stream,
+            data: buf.split_to(len),
+        });
+    }
+    Ok(chunks)
+}
+
+pub fn compress(batch: &[u8]) -> Vec<u8> {
+    zstd::bulk::compress(batch, ZSTD_LEVEL).expect("zstd compression of memory cannot fail")
+}
+
+pub fn decompress(stored: &[u8]) -> Result<Vec<u8>, TranscriptError> {
+    zstd::bulk::decompress(stored, MAX_BATCH)
+        .map_err(|err| TranscriptError::Damaged(format!("zstd: {err}")))
+}
+
+/// The running SHA-256 over a transcript's uncompressed batches.
+#[derive(Clone, Default)]
+pub struct TranscriptDigest(Sha256);
+
+impl TranscriptDigest {
+    pub fn update(&mut self, batch: &[u8]) {
+        self.0.update(batch);
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.0.clone().finalize())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip() {
+        let chunks = vec![
+            Chunk {
+                offset_us: 0,
+                stream: Stream::Stdout,
+                data: Bytes::from_static(b"hello\r\n"),
+            },
+            Chunk {
+                offset_us: 1_500_000,
+                stream: Stream::Resize,
+                data: Bytes::from_static(b"100x30"),
+            },
+            Chunk {
+                offset_us: u64::MAX,
+                stream: Stream::Stdin,
+                data: Bytes::new(),
+            },
+        ];
+        let batch = encode(&chunks);
+        let stored = compress(&batch);
+        assert_eq!(decode(&decompress(&stored).unwrap()).unwrap(), chunks);
+        assert!(decode(&batch[..batch.len() - 1]).is_err());
+        assert!(decompress(b"not zstd").is_err());
+    }
+}

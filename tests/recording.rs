@@ -1,0 +1,401 @@
+//! Recording, replay, export, watch and the audit chain, end to end: real OpenSSH
+//! clients, a real sshd target, and the auditor (dave) on the control plane.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+fn local() -> String {
+    format!("{}@{TARGET}", login_user())
+}
+
+/// A control command as `client`; returns stdout, panicking with context on failure.
+fn ok(world: &World, client: &Client, command: &[&str]) -> String {
+    let out = world.control_as(client, command);
+    assert!(
+        out.status.success(),
+        "{command:?} failed: {}\n{}",
+        describe(&out),
+        world.logs()
+    );
+    text(&out.stdout)
+}
+
+fn sessions(world: &World, filters: &[&str]) -> Vec<Value> {
+    let mut command = vec!["sessions", "--json"];
+    command.extend_from_slice(filters);
+    serde_json::from_str(&ok(world, &world.dave, &command)).expect("sessions --json")
+}
+
+/// Runs a shell session with a pty, typing `script` on stdin.
+fn typed_session(world: &World, script: &str) -> std::process::Output {
+    world
+        .alice
+        .ssh_stdin(&local(), &[], script.as_bytes().to_vec())
+}
+
+fn single_session(world: &World) -> Value {
+    let all = sessions(world, &[]);
+    assert_eq!(all.len(), 1, "{all:?}");
+    all[0].clone()
+}
+
+#[test]
+fn a_session_is_recorded_replayed_and_exported() {
+    let w = World::start();
+    // -tt on a shell: a pty session whose input is the script below.
+    let out = run_with_timeout(
+        &mut w.alice.ssh_command(&local(), &["-tt"], &[]),
+        Some(b"echo typed-$((2+3))\nexit 3\n".to_vec()),
+        COMMAND_TIMEOUT,
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
+
+    let session = single_session(&w);
+    assert_eq!(session["state"], "closed");
+    assert_eq!(session["exit_status"], 3);
+    assert_eq!(session["user"], USER);
+    assert_eq!(session["kind"], "shell");
+    assert!(session["bytes_in"].as_u64().unwrap() > 0);
+    let id = session["id"].as_u64().unwrap().to_string();
+
+    let started = Instant::now();
+    let replayed = ok(&w, &w.dave, &["replay", &id, "--speed", "50"]);
+    eprintln!("replay of a short session took {:?}", started.elapsed());
+    assert!(replayed.contains("typed-5"), "{replayed}");
+
+    let cast = ok(&w, &w.dave, &["export", &id]);
+    let mut lines = cast.lines();
+    let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(header["version"], 2);
+    assert!(header["width"].as_u64().unwrap() > 0 && header["height"].as_u64().unwrap() > 0);
+    let events: Vec<Value> = lines.map(|l| serde_json::from_str(l).unwrap()).collect();
+    let times: Vec<f64> = events.iter().map(|e| e[0].as_f64().unwrap()).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "events are ordered");
+    let of = |code: &str| -> String {
+        events
+            .iter()
+            .filter(|e| e[1] == code)
+            .map(|e| e[2].as_str().unwrap())
+            .collect()
+    };
+    assert!(of("o").contains("typed-5"), "{cast}");
+    assert!(of("i").contains("echo typed-$((2+3))"), "{cast}");
+
+    let file = w.path("session.cast");
+    fs::write(&file, &cast).unwrap();
+    let played = Command::new(asciinema())
+        .arg("cat")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_success(&played, "asciinema cat");
+    assert!(
+        text(&played.stdout).contains("typed-5"),
+        "{}",
+        describe(&played)
+    );
+}
+
+/// The asciinema CLI that `scripts/test` installs (in `target/pytools`), or one on PATH.
+fn asciinema() -> String {
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pytools/bin/asciinema");
+    if local.exists() {
+        return local.display().to_string();
+    }
+    let found = Command::new("sh")
+        .args(["-c", "command -v asciinema"])
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "asciinema is missing: run scripts/test, which installs it"
+    );
+    text(&found.stdout).trim().to_string()
+}
+
+#[test]
+fn watch_follows_a_live_session_from_what_it_showed_so_far() {
+    let w = World::start();
+    let line = w.alice.ssh_shell_line(&local(), &["-tt"], &[]);
+    let tmux = Tmux::start(w.dir.path(), 100, 30, &line);
+    tmux.send("echo before-$((1+1))", true);
+    tmux.send("Enter", false);
+    assert!(
+        tmux.wait_for("before-2", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    let live = sessions(&w, &["--active"]);
+    assert_eq!(live.len(), 1, "{live:?}");
+    let id = live[0]["id"].as_u64().unwrap().to_string();
+
+    let log = w.path("watch.log");
+    let mut watcher =
+        Background::spawn(w.dave.ssh_command(CONTROL_USER, &[], &["watch", &id]), &log);
+    assert!(
+        wait_until(Duration::from_secs(10), || watcher
+            .output()
+            .contains("before-2")),
+        "watch starts with what was shown so far: {}",
+        watcher.output()
+    );
+    tmux.send("echo after-$((20+22))", true);
+    tmux.send("Enter", false);
+    assert!(
+        wait_until(Duration::from_secs(10), || watcher
+            .output()
+            .contains("after-42")),
+        "watch sees new output: {}",
+        watcher.output()
+    );
+    tmux.send("exit", true);
+    tmux.send("Enter", false);
+    let status = watcher.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{:?} {}",
+        status,
+        watcher.output()
+    );
+    assert!(
+        watcher.output().contains(&format!("session {id} ended")),
+        "{}",
+        watcher.output()
+    );
+    let err = w.control_as(&w.dave, &["watch", &id]);
+    assert!(text(&err.stderr).contains("not live"), "{}", describe(&err));
+}
+
+#[test]
+fn sessions_filter_by_user_target_time_activity_and_output() {
+    let w = World::start();
+    assert_success(&typed_session(&w, "echo needle-abc\n"), "alice");
+    assert_success(
+        &w.dave.ssh(&local(), &["echo haystack"]),
+        "dave's own session",
+    );
+    assert_eq!(sessions(&w, &[]).len(), 2);
+    assert_eq!(sessions(&w, &["--user", USER]).len(), 1);
+    assert_eq!(sessions(&w, &["--user", "carol"]).len(), 0);
+    assert_eq!(sessions(&w, &["--target", TARGET]).len(), 2);
+    assert_eq!(sessions(&w, &["--target", "prod"]).len(), 0);
+    assert_eq!(sessions(&w, &["--since", "1h"]).len(), 2);
+    assert_eq!(sessions(&w, &["--active"]).len(), 0);
+    let found = sessions(&w, &["--grep", "needle-abc"]);
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0]["user"], USER);
+    let table = ok(&w, &w.dave, &["sessions"]);
+    assert!(table.starts_with("ID  USER"), "{table}");
+    assert!(table.contains("closed"), "{table}");
+
+    for command in [
+        vec!["sessions"],
+        vec!["replay", "1"],
+        vec!["export", "1"],
+        vec!["watch", "1"],
+        vec!["audit"],
+        vec!["audit", "verify"],
+    ] {
+        let out = w.control_as(&w.alice, &command);
+        assert_failure_mentions(&out, "non-auditor", &["only auditors"]);
+    }
+    let err = w.control_as(&w.dave, &["replay", "x; id"]);
+    assert_failure_mentions(&err, "bad id", &["is not a session id"]);
+    let audit = ok(&w, &w.dave, &["audit", "--json"]);
+    let kinds: Vec<String> = audit
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for kind in [
+        "auth.success",
+        "request.created",
+        "session.start",
+        "session.end",
+        "auditor.sessions",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "{kind} missing from {kinds:?}"
+        );
+    }
+}
+
+/// Rewrites the audit tree of the (stopped) bastion's database.
+fn with_audit_tree(data: &Path, change: impl FnOnce(&sled::Tree)) {
+    let db = sled::open(data.join("db")).expect("open the bastion's database");
+    let tree = db.open_tree("audit").unwrap();
+    change(&tree);
+    db.flush().unwrap();
+}
+
+fn verify(world: &World, flags: &[&str]) -> std::process::Output {
+    let mut command = vec!["audit", "verify"];
+    command.extend_from_slice(flags);
+    world.control_as(&world.dave, &command)
+}
+
+#[test]
+fn audit_verify_finds_edited_and_removed_events() {
+    let mut w = World::start();
+    assert_success(&w.alice.ssh(&local(), &["true"]), "some history");
+    assert_success(&verify(&w, &[]), "an untouched chain verifies");
+    let key = |seq: u64| seq.to_be_bytes();
+
+    let mut original = None;
+    w.restart_bastion_after(true, |data| {
+        with_audit_tree(data, |tree| {
+            let value = tree.get(key(3)).unwrap().unwrap();
+            original = Some(value.clone());
+            let mut event: Value = serde_json::from_slice(&value).unwrap();
+            event["actor"] = "mallory".into();
+            tree.insert(key(3), serde_json::to_vec(&event).unwrap())
+                .unwrap();
+        })
+    });
+    let out = verify(&w, &[]);
+    assert_failure_mentions(&out, "edited", &["broken at event 3", "altered"]);
+
+    let original = original.unwrap();
+    w.restart_bastion_after(true, |data| {
+        with_audit_tree(data, |tree| {
+            tree.insert(key(3), original.clone()).unwrap();
+            tree.remove(key(2)).unwrap();
+        })
+    });
+    let out = verify(&w, &[]);
+    assert_failure_mentions(&out, "removed", &["broken at event 2", "missing"]);
+}
+
+#[test]
+fn audit_verify_finds_reordered_events() {
+    let mut w = World::start();
+    assert_success(&w.alice.ssh(&local(), &["true"]), "some history");
+    w.restart_bastion_after(true, |data| {
+        with_audit_tree(data, |tree| {
+            let four = tree.get(4u64.to_be_bytes()).unwrap().unwrap();
+            let five = tree.get(5u64.to_be_bytes()).unwrap().unwrap();
+            tree.insert(4u64.to_be_bytes(), five).unwrap();
+            tree.insert(5u64.to_be_bytes(), four).unwrap();
+        })
+    });
+    let out = verify(&w, &[]);
+    assert_failure_mentions(&out, "swapped", &["broken at event 4", "reordered"]);
+}
+
+#[test]
+fn audit_verify_recordings_finds_an_edited_transcript() {
+    let mut w = World::start();
+    assert_success(&typed_session(&w, "echo secret-output\n"), "a session");
+    let out = verify(&w, &["--recordings"]);
+    assert_success(&out, "untouched recordings verify");
+    assert!(
+        text(&out.stdout).contains("recordings OK: 1"),
+        "{}",
+        describe(&out)
+    );
+    w.restart_bastion_after(true, |data| {
+        let db = sled::open(data.join("db")).unwrap();
+        let chunks = db.open_tree("chunks").unwrap();
+        let (key, value) = chunks.first().unwrap().expect("a stored batch");
+        let mut batch = zstd::bulk::decompress(&value, 1 << 26).unwrap();
+        let at = batch
+            .windows(6)
+            .position(|w| w == b"secret")
+            .expect("the output is in the batch");
+        batch[at..at + 6].copy_from_slice(b"SECRET");
+        chunks
+            .insert(key, zstd::bulk::compress(&batch, 3).unwrap())
+            .unwrap();
+        db.flush().unwrap();
+    });
+    assert_success(&verify(&w, &[]), "the chain itself is intact");
+    let out = verify(&w, &["--recordings"]);
+    assert_failure_mentions(
+        &out,
+        "edited transcript",
+        &["recording of session 1 was altered"],
+    );
+}
+
+#[test]
+fn a_bastion_crash_leaves_an_interrupted_but_replayable_session() {
+    let mut w = World::start();
+    let line = w.alice.ssh_shell_line(&local(), &["-tt"], &[]);
+    let tmux = Tmux::start(w.dir.path(), 100, 30, &line);
+    tmux.send("echo survived-$((3*3))", true);
+    tmux.send("Enter", false);
+    assert!(
+        tmux.wait_for("survived-9", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    // Longer than the flush interval, so the output is on disk.
+    std::thread::sleep(Duration::from_millis(1500));
+    w.restart_bastion(); // SIGKILL
+    let session = single_session(&w);
+    assert_eq!(session["state"], "interrupted");
+    let id = session["id"].as_u64().unwrap().to_string();
+    let replayed = ok(&w, &w.dave, &["replay", &id, "--speed", "100"]);
+    assert!(replayed.contains("survived-9"), "{replayed}");
+    assert!(ok(&w, &w.dave, &["audit"]).contains("session.interrupted"));
+    assert_success(
+        &verify(&w, &["--recordings"]),
+        "interrupted recordings verify",
+    );
+}
+
+#[test]
+fn large_output_is_recorded_with_bounded_memory() {
+    let w = World::start();
+    const MIB: u64 = 256;
+    let mut child = w
+        .alice
+        .ssh_command(
+            &local(),
+            &[],
+            &[&format!(
+                "yes 'a line of terminal output 0123456789' | head -c {}",
+                MIB << 20
+            )],
+        )
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let received = std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(received, MIB << 20);
+    let status = fs::read_to_string(format!("/proc/{}/status", w.bastion.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    assert!(
+        wait_until(Duration::from_secs(10), || single_session(&w)["state"]
+            == "closed"),
+        "the recording was never closed"
+    );
+    let session = single_session(&w);
+    eprintln!(
+        "{MIB} MiB session: bastion peak RSS {} MiB; transcript {} bytes stored as {} ({} batches)",
+        peak_kib / 1024,
+        session["transcript_bytes"],
+        session["stored_bytes"],
+        session["batches"]
+    );
+    assert!(session["transcript_bytes"].as_u64().unwrap() > MIB << 20);
+    assert!(peak_kib < 200 * 1024, "peak RSS {peak_kib} KiB");
+}
