@@ -16,9 +16,14 @@
 //! connecting and running `true` (ms), with portcullis/ProxyJump ratios. Runs of the
 //! three routes are interleaved so drift in machine load hits all of them alike.
 //!
+//! Then it measures what recording costs: the same `scp -O` download through a
+//! bastion that stores the transcript (`record_file_transfers = true`) and one that
+//! stores metadata only; the bytes stored per MiB of typical terminal output
+//! (`ls -lR /usr`); and how long `replay` takes to its first byte.
+//!
 //! Tunables (environment): `BENCH_MIB` (transfer size, default 1024), `BENCH_RUNS`
 //! (transfers per route and direction, default 5), `BENCH_CONNECTS` (latency samples
-//! per route, default 21).
+//! per route, default 21), `BENCH_ONLY=recording` (only the recording costs).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -29,7 +34,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use common::{login_user, Sshd, World};
+use common::{login_user, text, Sshd, World, WorldOptions, CONTROL_USER, TARGET};
 
 /// One way of reaching the target with the plain OpenSSH client.
 struct Route {
@@ -59,6 +64,10 @@ fn main() {
     let runs: usize = env_number("BENCH_RUNS", 5);
     let connects: usize = env_number("BENCH_CONNECTS", 21);
 
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("recording") {
+        recording_costs(mib, runs);
+        return;
+    }
     let world = World::start();
     let alice_pub = fs::read_to_string(world.alice.key().with_extension("pub"))
         .expect("read alice's public key");
@@ -99,6 +108,132 @@ fn main() {
         }
     }
     print_table(&routes, &mut figures);
+    drop(jump);
+    drop(world);
+    recording_costs(mib, runs);
+}
+
+/// Recording on vs off for the same transfer, storage per MiB, replay latency.
+fn recording_costs(mib: u64, runs: usize) {
+    let metadata_only = World::start();
+    let recorded = World::start_with(WorldOptions {
+        extra_config: "record_file_transfers = true\n".into(),
+        ..WorldOptions::default()
+    });
+    let file = metadata_only.path("payload");
+    let sized = Command::new("truncate")
+        .args(["-s", &(mib << 20).to_string()])
+        .arg(&file)
+        .status()
+        .expect("run truncate");
+    assert!(sized.success());
+    let source = format!("{}@{TARGET}@127.0.0.1:{}", login_user(), file.display());
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off_cpu, mut on_cpu) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let (rate, cpu) = measured_download(&metadata_only, &source, mib);
+        off.push(rate);
+        off_cpu.push(cpu);
+        let (rate, cpu) = measured_download(&recorded, &source, mib);
+        on.push(rate);
+        on_cpu.push(cpu);
+    }
+    let (off, on) = (median(&mut off), median(&mut on));
+    let (off_cpu, on_cpu) = (median(&mut off_cpu), median(&mut on_cpu));
+    println!("\nrecording cost ({mib} MiB `scp -O` download through portcullis, median of {runs}):");
+    println!("  {:<31} {:>10} {:>18}", "", "MiB/s", "bastion CPU s/GiB");
+    println!("  {:<31} {off:>10.1} {off_cpu:>18.2}", "transcript off (metadata only)");
+    println!("  {:<31} {on:>10.1} {on_cpu:>18.2}", "transcript on");
+    println!(
+        "  {:<31} {:>9.1}% {:>17.1}%",
+        "overhead",
+        (1.0 - on / off) * 100.0,
+        (on_cpu / off_cpu - 1.0) * 100.0
+    );
+
+    let listing = recorded.alice.ssh(
+        &recorded.target_user(),
+        &["ls -lR /usr 2>/dev/null | head -c 16777216"],
+    );
+    assert!(listing.status.success(), "ls -lR through the bastion failed");
+    let sessions: serde_json::Value = serde_json::from_str(&text(
+        &recorded
+            .control_as(&recorded.dave, &["sessions", "--json"])
+            .stdout,
+    ))
+    .expect("sessions --json");
+    let last = sessions.as_array().and_then(|a| a.last()).expect("a session");
+    let plain = last["transcript_bytes"].as_f64().unwrap_or(0.0);
+    let stored = last["stored_bytes"].as_f64().unwrap_or(0.0);
+    println!(
+        "  storage: `ls -lR /usr` output, {:.1} MiB recorded as {:.1} KiB: {:.0} KiB per MiB ({:.1}x)",
+        plain / 1048576.0,
+        stored / 1024.0,
+        stored / 1024.0 / (plain / 1048576.0),
+        plain / stored
+    );
+    let id = last["id"].to_string();
+    let mut first_byte = Vec::new();
+    for _ in 0..5 {
+        first_byte.push(time_to_first_byte(&recorded, &["replay", &id, "--speed", "1000"]));
+    }
+    let mut round_trip = Vec::new();
+    for _ in 0..5 {
+        round_trip.push(time_to_first_byte(&recorded, &["whoami"]));
+    }
+    println!(
+        "  replay start: first byte after {:.1} ms (a `whoami` round trip: {:.1} ms)",
+        median(&mut first_byte),
+        median(&mut round_trip)
+    );
+}
+
+/// Throughput (MiB/s) of one download and the bastion's CPU seconds per GiB for it.
+fn measured_download(world: &World, source: &str, mib: u64) -> (f64, f64) {
+    let before = cpu_seconds(world.bastion.pid());
+    let seconds = scp_download(world, source);
+    let cpu = cpu_seconds(world.bastion.pid()) - before;
+    (mib as f64 / seconds, cpu * 1024.0 / mib as f64)
+}
+
+/// User plus system CPU time of a process so far, from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
+/// Seconds for `scp -O` to fetch `source` through the world's bastion to /dev/null.
+fn scp_download(world: &World, source: &str) -> f64 {
+    let started = Instant::now();
+    let out = world.alice.scp(&["-O"], source, "/dev/null");
+    assert!(
+        out.status.success(),
+        "scp failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed().as_secs_f64()
+}
+
+/// Milliseconds from starting a control command as dave to its first byte of output.
+fn time_to_first_byte(world: &World, command: &[&str]) -> f64 {
+    let started = Instant::now();
+    let mut child = world
+        .dave
+        .ssh_command(CONTROL_USER, &[], &[&common::quote_words(command)])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn ssh");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let mut byte = [0u8; 1];
+    let read = stdout.read(&mut byte).expect("read");
+    let elapsed = started.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(read, 1, "{command:?} printed nothing");
+    let _ = std::io::copy(&mut stdout, &mut std::io::sink());
+    let _ = child.wait();
+    elapsed
 }
 
 /// The three routes to the same target sshd.

@@ -314,7 +314,7 @@ impl Recorder {
     pub fn digest_of(&self, id: u64) -> Result<String, StoreError> {
         let mut digest = TranscriptDigest::default();
         for stored in self.store.batches(id)? {
-            digest.update(&transcript::decompress(&stored).map_err(damaged)?);
+            digest.update(&stored);
         }
         Ok(digest.hex())
     }
@@ -547,21 +547,21 @@ async fn write_batch(
     digest: &mut TranscriptDigest,
     chunks: &[Chunk],
 ) -> Result<(), String> {
-    let batch = transcript::encode(chunks);
-    digest.update(&batch);
     let (id, index) = (record.id, record.batches);
-    let plain = batch.len() as u64;
+    let plain: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
     let writer = store.clone();
-    let stored = tokio::task::spawn_blocking(move || {
-        let compressed = transcript::compress(&batch);
+    let chunks = chunks.to_vec();
+    let compressed = tokio::task::spawn_blocking(move || {
+        let compressed = transcript::compress_chunks(&chunks);
         writer.put_batch(id, index, &compressed)?;
-        Ok::<u64, StoreError>(compressed.len() as u64)
+        Ok::<Vec<u8>, StoreError>(compressed)
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
+    digest.update(&compressed);
     record.batches += 1;
     record.transcript_bytes += plain;
-    record.stored_bytes += stored;
+    record.stored_bytes += compressed.len() as u64;
     store.save_session(record).map_err(|e| e.to_string())
 }
