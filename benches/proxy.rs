@@ -140,9 +140,14 @@ fn recording_costs(mib: u64, runs: usize) {
     }
     let (off, on) = (median(&mut off), median(&mut on));
     let (off_cpu, on_cpu) = (median(&mut off_cpu), median(&mut on_cpu));
-    println!("\nrecording cost ({mib} MiB `scp -O` download through portcullis, median of {runs}):");
+    println!(
+        "\nrecording cost ({mib} MiB `scp -O` download through portcullis, median of {runs}):"
+    );
     println!("  {:<31} {:>10} {:>18}", "", "MiB/s", "bastion CPU s/GiB");
-    println!("  {:<31} {off:>10.1} {off_cpu:>18.2}", "transcript off (metadata only)");
+    println!(
+        "  {:<31} {off:>10.1} {off_cpu:>18.2}",
+        "transcript off (metadata only)"
+    );
     println!("  {:<31} {on:>10.1} {on_cpu:>18.2}", "transcript on");
     println!(
         "  {:<31} {:>9.1}% {:>17.1}%",
@@ -155,14 +160,20 @@ fn recording_costs(mib: u64, runs: usize) {
         &recorded.target_user(),
         &["ls -lR /usr 2>/dev/null | head -c 16777216"],
     );
-    assert!(listing.status.success(), "ls -lR through the bastion failed");
+    assert!(
+        listing.status.success(),
+        "ls -lR through the bastion failed"
+    );
     let sessions: serde_json::Value = serde_json::from_str(&text(
         &recorded
             .control_as(&recorded.dave, &["sessions", "--json"])
             .stdout,
     ))
     .expect("sessions --json");
-    let last = sessions.as_array().and_then(|a| a.last()).expect("a session");
+    let last = sessions
+        .as_array()
+        .and_then(|a| a.last())
+        .expect("a session");
     let plain = last["transcript_bytes"].as_f64().unwrap_or(0.0);
     let stored = last["stored_bytes"].as_f64().unwrap_or(0.0);
     println!(
@@ -175,7 +186,10 @@ fn recording_costs(mib: u64, runs: usize) {
     let id = last["id"].to_string();
     let mut first_byte = Vec::new();
     for _ in 0..5 {
-        first_byte.push(time_to_first_byte(&recorded, &["replay", &id, "--speed", "1000"]));
+        first_byte.push(time_to_first_byte(
+            &recorded,
+            &["replay", &id, "--speed", "1000"],
+        ));
     }
     let mut round_trip = Vec::new();
     for _ in 0..5 {
@@ -200,7 +214,9 @@ fn measured_download(world: &World, source: &str, mib: u64) -> (f64, f64) {
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
     // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..].split(' ').collect();
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
+        .split(' ')
+        .collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks / 100.0 // USER_HZ is 100 on Linux
 }

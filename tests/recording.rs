@@ -399,3 +399,30 @@ fn large_output_is_recorded_with_bounded_memory() {
     assert!(session["transcript_bytes"].as_u64().unwrap() > MIB << 20);
     assert!(peak_kib < 200 * 1024, "peak RSS {peak_kib} KiB");
 }
+
+#[test]
+fn retention_prunes_old_transcripts_and_says_so_in_the_audit_log() {
+    let mut w = World::start_with(WorldOptions {
+        extra_config: "[retention]\nrecordings = \"1s\"\n".into(),
+        ..WorldOptions::default()
+    });
+    assert_success(&typed_session(&w, "echo old-news\n"), "a session");
+    let id = single_session(&w)["id"].as_u64().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(1500));
+    // Retention runs at start and then hourly.
+    w.restart_bastion_after(true, |_| {});
+    assert!(
+        wait_until(Duration::from_secs(10), || single_session(&w)["pruned"]
+            == true),
+        "never pruned"
+    );
+    let out = w.control_as(&w.dave, &["replay", &id]);
+    assert_failure_mentions(&out, "pruned", &["pruned by retention"]);
+    let audit = ok(&w, &w.dave, &["audit"]);
+    assert!(audit.contains("recordings.pruned"), "{audit}");
+    assert_success(
+        &verify(&w, &["--recordings"]),
+        "pruned sessions are accounted for",
+    );
+    assert_eq!(sessions(&w, &[]).len(), 1, "metadata stays");
+}
