@@ -19,18 +19,6 @@ fn on(target: &str) -> String {
     format!("{}@{target}", login_user())
 }
 
-/// Runs a control command as `client`, expecting success, and returns stdout.
-fn ok(world: &World, client: &Client, command: &[&str]) -> String {
-    let out = world.control_as(client, command);
-    assert!(
-        out.status.success(),
-        "{command:?} failed: {}\n{}",
-        describe(&out),
-        world.logs()
-    );
-    text(&out.stdout)
-}
-
 /// Runs a control command that must fail, and returns its stderr.
 fn refused(world: &World, client: &Client, command: &[&str]) -> String {
     let out = world.control_as(client, command);
@@ -48,13 +36,13 @@ fn request(world: &World, args: &[&str]) -> String {
     let mut command = vec!["request"];
     command.extend_from_slice(args);
     command.push("--json");
-    let doc: Value = serde_json::from_str(&ok(world, &world.alice, &command)).expect("json");
+    let doc: Value = serde_json::from_str(&world.ok(&world.alice, &command)).expect("json");
     doc["id"].as_str().expect("id").to_string()
 }
 
 fn state_of(world: &World, id: &str) -> String {
     let doc: Value =
-        serde_json::from_str(&ok(world, &world.bob, &["show", id, "--json"])).expect("json");
+        serde_json::from_str(&world.ok(&world.bob, &["show", id, "--json"])).expect("json");
     doc["state"].as_str().expect("state").to_string()
 }
 
@@ -63,11 +51,7 @@ fn granted(world: &World, target: &str, args: &[&str]) -> String {
     let mut full = vec![target, "--reason", "INC-4411"];
     full.extend_from_slice(args);
     let id = request(world, &full);
-    ok(
-        world,
-        &world.bob,
-        &["approve", &id, "--comment", "go ahead"],
-    );
+    world.ok(&world.bob, &["approve", &id, "--comment", "go ahead"]);
     id
 }
 
@@ -146,7 +130,7 @@ fn the_whole_story_of_a_command_grant() {
     let out = w.alice.ssh(&on("prod"), &["uname -a"]);
     assert_failure_mentions(&out, "pending is not a grant", &["no active grant"]);
 
-    let approved = ok(&w, &w.bob, &["approve", &id, "--comment", "ok"]);
+    let approved = w.ok(&w.bob, &["approve", &id, "--comment", "ok"]);
     assert!(approved.contains("approved by bob"), "{approved}");
 
     let out = w.alice.ssh(&on("prod"), &["uname -a"]);
@@ -178,12 +162,12 @@ fn the_whole_story_of_a_command_grant() {
     assert_failure_mentions(&out, "other target", &["no active grant"]);
     assert!(!marker.exists(), "a refused command ran");
 
-    let listed = ok(&w, &w.alice, &["requests"]);
+    let listed = w.ok(&w.alice, &["requests"]);
     assert!(
         listed.contains(&id) && listed.contains("approved") && listed.contains("expires in"),
         "{listed}"
     );
-    let shown = ok(&w, &w.alice, &["show", &id]);
+    let shown = w.ok(&w.alice, &["show", &id]);
     assert!(shown.contains("bob") && shown.contains("ok"), "{shown}");
 }
 
@@ -200,7 +184,7 @@ fn a_shell_grant_lets_a_terminal_session_in() {
         stdout.contains("/dev/pts/") && stdout.contains("shell-ok"),
         "{stdout}"
     );
-    let grants = ok(&w, &w.alice, &["grants"]);
+    let grants = w.ok(&w.alice, &["grants"]);
     assert!(
         grants.contains("shell") && grants.contains("expires in 2"),
         "{grants}"
@@ -252,7 +236,7 @@ fn only_requesters_request_and_flows_limit_scope_and_ttl() {
     assert!(err.contains("not allowed on target 'prod'"), "{err}");
     // Inside the flow's commands: fine.
     request(&w, &["cmds", "--command", "uname -a", "--reason", "x"]);
-    let all = ok(&w, &w.dave, &["requests", "--all", "--json"]);
+    let all = w.ok(&w.dave, &["requests", "--all", "--json"]);
     let list: Vec<Value> = serde_json::from_str(&all).unwrap();
     assert_eq!(list.len(), 1, "refused requests must not be stored: {all}");
 }
@@ -261,14 +245,14 @@ fn only_requesters_request_and_flows_limit_scope_and_ttl() {
 fn two_approvals_need_two_distinct_approvers() {
     let w = World::start();
     let id = request(&w, &["crit", "--shell", "--reason", "INC-7"]);
-    let first = ok(&w, &w.bob, &["approve", &id]);
+    let first = w.ok(&w.bob, &["approve", &id]);
     assert!(first.contains("1 of 2 approvals, still pending"), "{first}");
     let err = refused(&w, &w.bob, &["approve", &id]);
     assert!(err.contains("already approved"), "{err}");
     assert_eq!(state_of(&w, &id), "pending");
     let out = w.alice.ssh(&on("crit"), &["true"]);
     assert_failure_mentions(&out, "half approved", &["no active grant"]);
-    ok(&w, &w.carol, &["approve", &id]);
+    w.ok(&w.carol, &["approve", &id]);
     assert_eq!(state_of(&w, &id), "approved");
     assert_success(&w.alice.ssh(&on("crit"), &["true"]), "fully approved");
 }
@@ -279,7 +263,7 @@ fn denied_revoked_and_expired_grants_never_come_back() {
     let id = request(&w, &["prod", "--shell", "--reason", "INC-1"]);
     let err = refused(&w, &w.bob, &["deny", &id]);
     assert!(err.contains("--reason"), "{err}");
-    ok(&w, &w.bob, &["deny", &id, "--reason", "use staging"]);
+    w.ok(&w.bob, &["deny", &id, "--reason", "use staging"]);
     let err = refused(&w, &w.carol, &["approve", &id]);
     assert!(err.contains("is denied"), "{err}");
     assert_failure_mentions(
@@ -289,7 +273,7 @@ fn denied_revoked_and_expired_grants_never_come_back() {
     );
 
     let id = granted(&w, "prod", &["--shell"]);
-    ok(&w, &w.alice, &["revoke", &id, "--reason", "done"]);
+    w.ok(&w.alice, &["revoke", &id, "--reason", "done"]);
     let err = refused(&w, &w.bob, &["approve", &id]);
     assert!(err.contains("is revoked"), "{err}");
     assert_failure_mentions(
@@ -297,7 +281,7 @@ fn denied_revoked_and_expired_grants_never_come_back() {
         "revoked",
         &["no active grant"],
     );
-    let shown = ok(&w, &w.bob, &["show", &id]);
+    let shown = w.ok(&w.bob, &["show", &id]);
     assert!(
         shown.contains("by alice") && shown.contains("done"),
         "{shown}"
@@ -310,7 +294,7 @@ fn revocation_ends_a_live_session_within_a_second() {
     let id = granted(&w, "prod", &["--command", "sleep *"]);
     let session = spawn_session(&w, "prod", "sleep 60");
     wait_session_started(&w, &id);
-    ok(&w, &w.bob, &["revoke", &id, "--reason", "incident over"]);
+    w.ok(&w.bob, &["revoke", &id, "--reason", "incident over"]);
     let (out, took) = wait_output(session, Duration::from_secs(10));
     eprintln!("revoke → session closed in {took:?}");
     assert!(took <= Duration::from_secs(1), "took {took:?}");
@@ -349,7 +333,7 @@ fn a_grant_ends_its_live_session_at_expiry() {
 fn auto_approve_connects_straight_through_and_is_recorded() {
     let w = World::start();
     assert_success(&w.alice.ssh(&on(TARGET), &["true"]), "auto-approved");
-    let all = ok(&w, &w.alice, &["requests", "--mine", "--json"]);
+    let all = w.ok(&w.alice, &["requests", "--mine", "--json"]);
     let list: Vec<Value> = serde_json::from_str(&all).unwrap();
     assert_eq!(list.len(), 1, "{all}");
     assert_eq!(list[0]["reason"], "auto");
@@ -357,20 +341,20 @@ fn auto_approve_connects_straight_through_and_is_recorded() {
     assert_eq!(list[0]["approvals"][0]["by"], "portcullis");
     // The same grant serves the next connection.
     assert_success(&w.alice.ssh(&on(TARGET), &["true"]), "second");
-    let all = ok(&w, &w.alice, &["requests", "--json"]);
+    let all = w.ok(&w.alice, &["requests", "--json"]);
     assert_eq!(serde_json::from_str::<Vec<Value>>(&all).unwrap().len(), 1);
 }
 
-#[test]
-fn wait_returns_as_soon_as_the_request_is_approved() {
-    let w = World::start();
+/// Starts `request prod --shell --reason REASON --wait` as alice in the background
+/// and returns it with the request's id once bob can see it pending.
+fn request_and_wait(w: &World, reason: &str) -> (std::process::Child, String) {
     let waiting = w
         .alice
         .ssh_command(
             CONTROL_USER,
             &[],
             &[&quote_words(&[
-                "request", "prod", "--shell", "--reason", "INC-9", "--wait",
+                "request", "prod", "--shell", "--reason", reason, "--wait",
             ])],
         )
         .stdin(Stdio::null())
@@ -378,15 +362,26 @@ fn wait_returns_as_soon_as_the_request_is_approved() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn request --wait");
-    let pending = wait_until(Duration::from_secs(10), || {
-        ok(&w, &w.bob, &["requests", "--pending", "--json"]).contains("INC-9")
+    let mut id = None;
+    let seen = wait_until(Duration::from_secs(10), || {
+        let list: Vec<Value> =
+            serde_json::from_str(&w.ok(&w.bob, &["requests", "--pending", "--json"])).unwrap();
+        id = list
+            .iter()
+            .find(|r| r["reason"] == reason)
+            .map(|r| r["id"].as_str().unwrap().to_string());
+        id.is_some()
     });
-    assert!(pending, "request never showed up");
-    let list: Vec<Value> =
-        serde_json::from_str(&ok(&w, &w.bob, &["requests", "--pending", "--json"])).unwrap();
-    let id = list[0]["id"].as_str().unwrap().to_string();
+    assert!(seen, "request never showed up");
+    (waiting, id.unwrap())
+}
+
+#[test]
+fn wait_returns_as_soon_as_the_request_is_approved() {
+    let w = World::start();
+    let (waiting, id) = request_and_wait(&w, "INC-9");
     let approving = Instant::now();
-    ok(&w, &w.bob, &["approve", &id]);
+    w.ok(&w.bob, &["approve", &id]);
     let approve_took = approving.elapsed();
     let (out, _) = wait_output(waiting, Duration::from_secs(10));
     eprintln!(
@@ -404,30 +399,8 @@ fn wait_returns_as_soon_as_the_request_is_approved() {
 #[test]
 fn wait_reports_a_denial_with_exit_status_one() {
     let w = World::start();
-    let waiting = w
-        .alice
-        .ssh_command(
-            CONTROL_USER,
-            &[],
-            &[&quote_words(&[
-                "request", "prod", "--shell", "--reason", "INC-10", "--wait",
-            ])],
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    assert!(wait_until(Duration::from_secs(10), || {
-        ok(&w, &w.bob, &["requests", "--pending"]).contains("INC-10")
-    }));
-    let list: Vec<Value> =
-        serde_json::from_str(&ok(&w, &w.bob, &["requests", "--pending", "--json"])).unwrap();
-    ok(
-        &w,
-        &w.bob,
-        &["deny", list[0]["id"].as_str().unwrap(), "--reason", "no"],
-    );
+    let (waiting, id) = request_and_wait(&w, "INC-10");
+    w.ok(&w.bob, &["deny", &id, "--reason", "no"]);
     let (out, _) = wait_output(waiting, Duration::from_secs(10));
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
@@ -442,12 +415,12 @@ fn a_restart_keeps_pending_and_approved_grants() {
     let mut w = World::start();
     let pending = request(&w, &["prod", "--shell", "--reason", "later"]);
     let approved = granted(&w, "crit", &["--shell"]);
-    ok(&w, &w.carol, &["approve", &approved]);
+    w.ok(&w.carol, &["approve", &approved]);
     w.restart_bastion();
     assert_eq!(state_of(&w, &pending), "pending");
     assert_eq!(state_of(&w, &approved), "approved");
     assert_success(&w.alice.ssh(&on("crit"), &["true"]), "grant survived");
-    ok(&w, &w.bob, &["approve", &pending]);
+    w.ok(&w.bob, &["approve", &pending]);
     assert_success(
         &w.alice.ssh(&on("prod"), &["true"]),
         "approved after restart",
@@ -457,7 +430,7 @@ fn a_restart_keeps_pending_and_approved_grants() {
 #[test]
 fn hostile_input_gets_clear_errors_and_changes_nothing() {
     let mut w = World::start();
-    let before = ok(&w, &w.dave, &["requests", "--all", "--json"]);
+    let before = w.ok(&w.dave, &["requests", "--all", "--json"]);
     let long_id = "a".repeat(300);
     for id in [
         long_id.as_str(),
@@ -527,7 +500,7 @@ fn hostile_input_gets_clear_errors_and_changes_nothing() {
         w.bastion.log().len() < 1 << 20,
         "the bastion does not log megabytes"
     );
-    let after = ok(&w, &w.dave, &["requests", "--all", "--json"]);
+    let after = w.ok(&w.dave, &["requests", "--all", "--json"]);
     assert_eq!(before, after, "nothing was filed");
 }
 
@@ -570,8 +543,8 @@ fn a_webhook_receives_lifecycle_events() {
         ..WorldOptions::default()
     });
     let id = request(&w, &["prod", "--shell", "--reason", "INC-12"]);
-    ok(&w, &w.bob, &["approve", &id]);
-    ok(&w, &w.alice, &["revoke", &id]);
+    w.ok(&w.bob, &["approve", &id]);
+    w.ok(&w.alice, &["revoke", &id]);
     let mut events = Vec::new();
     while events.len() < 3 {
         let doc = rx
@@ -615,9 +588,9 @@ fn a_dead_webhook_never_blocks_a_decision() {
     );
 }
 
-#[test]
-fn a_terminal_without_a_grant_files_the_request_and_continues_once_approved() {
-    let w = World::start();
+/// Connects alice to `prod` with a terminal and no grant, and answers the bastion's
+/// question with `reason`; returns once the request is waiting.
+fn request_at_the_terminal(w: &World, reason: &str) -> Tmux {
     let line = w.alice.ssh_shell_line(&on("prod"), &["-tt"], &[]);
     let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
     assert!(
@@ -625,18 +598,25 @@ fn a_terminal_without_a_grant_files_the_request_and_continues_once_approved() {
         "{}",
         tmux.screen()
     );
-    tmux.send("INC-77 disk full", true);
+    tmux.send(reason, true);
     tmux.send("Enter", false);
     assert!(
         tmux.wait_for("waiting for group:sre-leads", Duration::from_secs(10)),
         "{}",
         tmux.screen()
     );
+    tmux
+}
+
+#[test]
+fn a_terminal_without_a_grant_files_the_request_and_continues_once_approved() {
+    let w = World::start();
+    let tmux = request_at_the_terminal(&w, "INC-77 disk full");
     let list: Vec<Value> =
-        serde_json::from_str(&ok(&w, &w.bob, &["requests", "--pending", "--json"])).unwrap();
+        serde_json::from_str(&w.ok(&w.bob, &["requests", "--pending", "--json"])).unwrap();
     assert_eq!(list[0]["reason"], "INC-77 disk full");
     assert_eq!(list[0]["scope"]["shell"], true);
-    ok(&w, &w.bob, &["approve", list[0]["id"].as_str().unwrap()]);
+    w.ok(&w.bob, &["approve", list[0]["id"].as_str().unwrap()]);
     assert!(
         tmux.wait_for("approved by bob", Duration::from_secs(10)),
         "{}",
@@ -655,20 +635,7 @@ fn a_terminal_without_a_grant_files_the_request_and_continues_once_approved() {
 #[test]
 fn ctrl_c_at_the_terminal_cancels_the_request() {
     let w = World::start();
-    let line = w.alice.ssh_shell_line(&on("prod"), &["-tt"], &[]);
-    let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
-    assert!(
-        tmux.wait_for("Reason for access", Duration::from_secs(10)),
-        "{}",
-        tmux.screen()
-    );
-    tmux.send("INC-78", true);
-    tmux.send("Enter", false);
-    assert!(
-        tmux.wait_for("waiting for", Duration::from_secs(10)),
-        "{}",
-        tmux.screen()
-    );
+    let tmux = request_at_the_terminal(&w, "INC-78");
     tmux.send("C-c", false);
     assert!(
         tmux.wait_for("cancelled", Duration::from_secs(10)),
@@ -676,31 +643,17 @@ fn ctrl_c_at_the_terminal_cancels_the_request() {
         tmux.screen()
     );
     let all: Vec<Value> =
-        serde_json::from_str(&ok(&w, &w.alice, &["requests", "--all", "--json"])).unwrap();
+        serde_json::from_str(&w.ok(&w.alice, &["requests", "--all", "--json"])).unwrap();
     assert_eq!(all[0]["state"], "cancelled");
 }
 
 #[test]
 fn denial_at_the_terminal_ends_the_session_with_the_reason() {
     let w = World::start();
-    let line = w.alice.ssh_shell_line(&on("prod"), &["-tt"], &[]);
-    let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
-    assert!(
-        tmux.wait_for("Reason for access", Duration::from_secs(10)),
-        "{}",
-        tmux.screen()
-    );
-    tmux.send("INC-79", true);
-    tmux.send("Enter", false);
-    assert!(
-        tmux.wait_for("waiting for", Duration::from_secs(10)),
-        "{}",
-        tmux.screen()
-    );
+    let tmux = request_at_the_terminal(&w, "INC-79");
     let list: Vec<Value> =
-        serde_json::from_str(&ok(&w, &w.bob, &["requests", "--pending", "--json"])).unwrap();
-    ok(
-        &w,
+        serde_json::from_str(&w.ok(&w.bob, &["requests", "--pending", "--json"])).unwrap();
+    w.ok(
         &w.bob,
         &[
             "deny",

@@ -15,22 +15,10 @@ fn local() -> String {
     format!("{}@{TARGET}", login_user())
 }
 
-/// A control command as `client`; returns stdout, panicking with context on failure.
-fn ok(world: &World, client: &Client, command: &[&str]) -> String {
-    let out = world.control_as(client, command);
-    assert!(
-        out.status.success(),
-        "{command:?} failed: {}\n{}",
-        describe(&out),
-        world.logs()
-    );
-    text(&out.stdout)
-}
-
 fn sessions(world: &World, filters: &[&str]) -> Vec<Value> {
     let mut command = vec!["sessions", "--json"];
     command.extend_from_slice(filters);
-    serde_json::from_str(&ok(world, &world.dave, &command)).expect("sessions --json")
+    serde_json::from_str(&world.ok(&world.dave, &command)).expect("sessions --json")
 }
 
 /// Runs a shell session with a pty, typing `script` on stdin.
@@ -66,11 +54,11 @@ fn a_session_is_recorded_replayed_and_exported() {
     let id = session["id"].as_u64().unwrap().to_string();
 
     let started = Instant::now();
-    let replayed = ok(&w, &w.dave, &["replay", &id, "--speed", "50"]);
+    let replayed = w.ok(&w.dave, &["replay", &id, "--speed", "50"]);
     eprintln!("replay of a short session took {:?}", started.elapsed());
     assert!(replayed.contains("typed-5"), "{replayed}");
 
-    let cast = ok(&w, &w.dave, &["export", &id]);
+    let cast = w.ok(&w.dave, &["export", &id]);
     let mut lines = cast.lines();
     let header: Value = serde_json::from_str(lines.next().unwrap()).unwrap();
     assert_eq!(header["version"], 2);
@@ -191,7 +179,7 @@ fn sessions_filter_by_user_target_time_activity_and_output() {
     let found = sessions(&w, &["--grep", "needle-abc"]);
     assert_eq!(found.len(), 1);
     assert_eq!(found[0]["user"], USER);
-    let table = ok(&w, &w.dave, &["sessions"]);
+    let table = w.ok(&w.dave, &["sessions"]);
     assert!(table.starts_with("ID  USER"), "{table}");
     assert!(table.contains("closed"), "{table}");
 
@@ -208,7 +196,7 @@ fn sessions_filter_by_user_target_time_activity_and_output() {
     }
     let err = w.control_as(&w.dave, &["replay", "x; id"]);
     assert_failure_mentions(&err, "bad id", &["is not a session id"]);
-    let audit = ok(&w, &w.dave, &["audit", "--json"]);
+    let audit = w.ok(&w.dave, &["audit", "--json"]);
     let kinds: Vec<String> = audit
         .lines()
         .map(|l| {
@@ -347,9 +335,9 @@ fn a_bastion_crash_leaves_an_interrupted_but_replayable_session() {
     let session = single_session(&w);
     assert_eq!(session["state"], "interrupted");
     let id = session["id"].as_u64().unwrap().to_string();
-    let replayed = ok(&w, &w.dave, &["replay", &id, "--speed", "100"]);
+    let replayed = w.ok(&w.dave, &["replay", &id, "--speed", "100"]);
     assert!(replayed.contains("survived-9"), "{replayed}");
-    assert!(ok(&w, &w.dave, &["audit"]).contains("session.interrupted"));
+    assert!(w.ok(&w.dave, &["audit"]).contains("session.interrupted"));
     assert_success(
         &verify(&w, &["--recordings"]),
         "interrupted recordings verify",
@@ -418,7 +406,7 @@ fn retention_prunes_old_transcripts_and_says_so_in_the_audit_log() {
     );
     let out = w.control_as(&w.dave, &["replay", &id]);
     assert_failure_mentions(&out, "pruned", &["pruned by retention"]);
-    let audit = ok(&w, &w.dave, &["audit"]);
+    let audit = w.ok(&w.dave, &["audit"]);
     assert!(audit.contains("recordings.pruned"), "{audit}");
     assert_success(
         &verify(&w, &["--recordings"]),

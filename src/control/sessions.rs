@@ -6,7 +6,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::requests::{to_json, Caller, Reply};
 use super::table::{clip, relative, render, short_span};
-use crate::record::{asciicast, replay, SessionRecord};
+use crate::record::{asciicast, replay, Chunk, SessionRecord};
 use crate::server::{ClientChannel, ClientOut};
 
 /// Filters of `sessions`.
@@ -111,6 +111,21 @@ pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, String> {
         .ok_or_else(|| format!("no session {id}; run `sessions` to list them"))
 }
 
+/// The stored transcript of a session, unless retention removed it.
+fn transcript(caller: &Caller, session: &SessionRecord) -> Result<Vec<Chunk>, String> {
+    if session.pruned {
+        return Err(format!(
+            "the recording of session {} was pruned by retention",
+            session.id
+        ));
+    }
+    caller
+        .state
+        .recorder
+        .chunks(session.id)
+        .map_err(|e| e.to_string())
+}
+
 /// `replay`: the recording's output, with its pauses, to the caller's terminal.
 pub async fn replay(
     caller: &Caller<'_>,
@@ -121,17 +136,7 @@ pub async fn replay(
     if !(0.01..=1000.0).contains(&speed) {
         return Err("--speed must be between 0.01 and 1000".into());
     }
-    if session.pruned {
-        return Err(format!(
-            "the recording of session {} was pruned by retention",
-            session.id
-        ));
-    }
-    let chunks = caller
-        .state
-        .recorder
-        .chunks(session.id)
-        .map_err(|e| e.to_string())?;
+    let chunks = transcript(caller, session)?;
     for (pause, data) in replay::schedule(&chunks, speed) {
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
@@ -145,17 +150,7 @@ pub async fn replay(
 
 /// `export`: asciicast v2 on stdout, written as it is (no line-end translation).
 pub async fn export(caller: &Caller<'_>, out: &ClientOut, session: &SessionRecord) -> Reply {
-    if session.pruned {
-        return Err(format!(
-            "the recording of session {} was pruned by retention",
-            session.id
-        ));
-    }
-    let chunks = caller
-        .state
-        .recorder
-        .chunks(session.id)
-        .map_err(|e| e.to_string())?;
+    let chunks = transcript(caller, session)?;
     let cast = Bytes::from(asciicast::export(session, &chunks));
     const PIECE: usize = 32 * 1024;
     let mut offset = 0;

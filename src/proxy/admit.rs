@@ -8,7 +8,7 @@ use chrono::Utc;
 use super::ask;
 use crate::audit::AuditEvent;
 use crate::grant::{
-    authorize, AccessRequest, Decision, Denial, Permit, RequestSpec, Requestable, Scope,
+    authorize, AccessRequest, Decision, Denial, Grant, Permit, RequestSpec, Requestable, Scope,
 };
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
 
@@ -104,12 +104,26 @@ async fn auto_approve(
             .await;
         return false;
     };
+    file_request(context, client, requestable, scope, "auto".to_string())
+        .await
+        .is_some()
+}
+
+/// Files a request for `requestable` with the flow's default ttl as the connected
+/// user; on refusal the client is told why and `None` returned.
+pub async fn file_request(
+    context: &ChannelContext,
+    client: &ClientChannel,
+    requestable: &Requestable,
+    scope: Scope,
+    reason: String,
+) -> Option<Grant> {
     let spec = RequestSpec {
         target: requestable.target.name.clone(),
         login: Some(requestable.login.clone()),
         scope,
         ttl: None,
-        reason: "auto".to_string(),
+        reason,
     };
     let policy = context.state.policy();
     match context
@@ -117,10 +131,10 @@ async fn auto_approve(
         .grants
         .file(&policy, &context.identity.user, spec, Utc::now())
     {
-        Ok(_) => true,
+        Ok(grant) => Some(grant),
         Err(err) => {
             client.out.fail(&err.to_string(), 1).await;
-            false
+            None
         }
     }
 }

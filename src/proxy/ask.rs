@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use russh::ChannelMsg;
 
-use super::admit::scope_for;
-use crate::grant::{Grant, GrantState, RequestSpec, Requestable};
+use super::admit::{file_request, scope_for};
+use crate::grant::{Grant, GrantState, Requestable};
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
 
 const CTRL_C: u8 = 0x03;
@@ -60,24 +60,9 @@ pub async fn request_on_terminal(
         client.out.fail("cancelled; no request filed", 1).await;
         return false;
     };
-    let spec = RequestSpec {
-        target: requestable.target.name.clone(),
-        login: Some(requestable.login.clone()),
-        scope,
-        ttl: None,
-        reason,
-    };
-    let user = context.identity.user.clone();
-    let filed = context
-        .state
-        .grants
-        .file(&context.state.policy(), &user, spec, Utc::now());
-    match filed {
-        Ok(grant) => wait_for_decision(context, client, setup, grant).await,
-        Err(err) => {
-            client.out.fail(&err.to_string(), 1).await;
-            false
-        }
+    match file_request(context, client, requestable, scope, reason).await {
+        Some(grant) => wait_for_decision(context, client, setup, grant).await,
+        None => false,
     }
 }
 

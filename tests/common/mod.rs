@@ -1120,6 +1120,18 @@ impl World {
         }
     }
 
+    /// Runs a control-plane command as `client` that must succeed; returns stdout.
+    pub fn ok(&self, client: &Client, command: &[&str]) -> String {
+        let out = self.control_as(client, command);
+        assert!(
+            out.status.success(),
+            "{command:?} failed: {}\n{}",
+            describe(&out),
+            self.logs()
+        );
+        text(&out.stdout)
+    }
+
     /// Runs a control-plane command as `client`. The words are quoted into one
     /// command line, as a user types `ssh portcullis@bastion "request db --reason 'a b'"`
     /// (ssh joins separate arguments with bare spaces).
