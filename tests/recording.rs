@@ -384,7 +384,7 @@ fn large_output_is_recorded_with_bounded_memory() {
         session["stored_bytes"],
         session["batches"]
     );
-    assert!(session["transcript_bytes"].as_u64().unwrap() > MIB << 20);
+    assert_eq!(session["transcript_bytes"].as_u64().unwrap(), MIB << 20);
     assert!(peak_kib < 200 * 1024, "peak RSS {peak_kib} KiB");
 }
 
