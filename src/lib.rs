@@ -16,3 +16,4 @@ pub mod proxy;
 pub mod record;
 pub mod server;
 pub mod store;
+pub mod totp;

@@ -45,6 +45,8 @@ pub struct Store {
     chunks: sled::Tree,
     /// Counters and other small values.
     meta: sled::Tree,
+    /// user → TOTP state (secret sealed by `totp.rs`).
+    users_state: sled::Tree,
     /// Serialises appends so each event links to the one before it.
     audit_append: Mutex<()>,
 }
@@ -64,6 +66,7 @@ impl Store {
             sessions: db.open_tree("sessions")?,
             chunks: db.open_tree("chunks")?,
             meta: db.open_tree("meta")?,
+            users_state: db.open_tree("users_state")?,
             audit_append: Mutex::new(()),
             db,
         })
@@ -198,6 +201,20 @@ impl Store {
             self.chunks.remove(key)?;
         }
         Ok(freed)
+    }
+
+    pub fn user_state<T: DeserializeOwned>(&self, user: &str) -> Result<Option<T>> {
+        match self.users_state.get(user.as_bytes())? {
+            Some(value) => from_json("users_state", &value).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Stores a user's state durably (a consumed TOTP step must stay consumed).
+    pub fn put_user_state<T: Serialize>(&self, user: &str, state: &T) -> Result<()> {
+        self.users_state.insert(user.as_bytes(), to_json(state))?;
+        self.db.flush()?;
+        Ok(())
     }
 
     /// Forces everything written so far to disk.

@@ -74,6 +74,9 @@ pub enum Command {
         id: String,
         #[arg(long)]
         comment: Option<String>,
+        /// Your current TOTP code, where the request's flow has `step_up = "totp"`.
+        #[arg(long)]
+        totp: Option<String>,
         #[arg(long)]
         json: bool,
     },
@@ -82,8 +85,16 @@ pub enum Command {
         id: String,
         #[arg(long)]
         reason: String,
+        /// Your current TOTP code, where the request's flow has `step_up = "totp"`.
+        #[arg(long)]
+        totp: Option<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// TOTP enrolment for step-up.
+    Totp {
+        #[command(subcommand)]
+        action: TotpAction,
     },
     /// End a grant (and its live sessions), or withdraw a pending request.
     Revoke {
@@ -137,6 +148,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TotpAction {
+    /// Show a new secret (URL and QR code) and activate it with one code.
+    Enroll,
+    /// Whether you are enrolled.
+    Status,
 }
 
 #[derive(Debug, Subcommand)]

@@ -7,6 +7,7 @@ mod args;
 mod audit;
 mod requests;
 mod sessions;
+mod step_up;
 mod table;
 
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use russh::ChannelMsg;
 use crate::audit::AuditEvent;
 use crate::grant::{Grant, GrantState, Scope};
 use crate::server::{ChannelContext, ClientChannel, ClientOut, Start};
-use args::{AuditAction, Command, ControlArgs};
+use args::{AuditAction, Command, ControlArgs, TotpAction};
 use requests::{to_json, Caller, Filter, RequestArgs};
 
 /// Longest command line the control plane reads, in bytes.
@@ -39,6 +40,7 @@ portcullis control plane — run as: ssh -p PORT portcullis@BASTION COMMAND [ARG
   deny ID --reason TEXT [--json]          deny (approvers of the request's flow)
   revoke ID [--reason TEXT] [--json]      end a grant and its sessions, or withdraw a request
   grants [--json]                         active grants you can see
+  totp enroll | totp status               TOTP for step-up (approve/deny take --totp CODE)
 
 auditors:
   sessions [--user U] [--target T] [--since 24h] [--active] [--grep TEXT] [--json]
@@ -171,8 +173,30 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
             json,
         } => requests::list(&caller, Filter { pending, mine, all }, json),
         Command::Show { id, json } => requests::show(&caller, &id, json),
-        Command::Approve { id, comment, json } => requests::approve(&caller, &id, comment, json),
-        Command::Deny { id, reason, json } => requests::deny(&caller, &id, reason, json),
+        Command::Approve {
+            id,
+            comment,
+            totp,
+            json,
+        } => match step_up::for_decision(context, &mut client, &caller, &id, totp).await {
+            Ok(()) => requests::approve(&caller, &id, comment, json),
+            Err(refusal) => Err(refusal),
+        },
+        Command::Deny {
+            id,
+            reason,
+            totp,
+            json,
+        } => match step_up::for_decision(context, &mut client, &caller, &id, totp).await {
+            Ok(()) => requests::deny(&caller, &id, reason, json),
+            Err(refusal) => Err(refusal),
+        },
+        Command::Totp {
+            action: TotpAction::Enroll,
+        } => step_up::enroll(context, &mut client).await,
+        Command::Totp {
+            action: TotpAction::Status,
+        } => step_up::status(&caller),
         Command::Revoke { id, reason, json } => requests::revoke(&caller, &id, reason, json),
         Command::Grants { json } => requests::grants(&caller, json),
         auditor_command => {
@@ -184,7 +208,7 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
             return;
         }
     };
-    finish(out, reply).await;
+    finish(&client.out, reply).await;
 }
 
 /// Refuses auditor commands to everyone outside `auditors`.
@@ -353,17 +377,28 @@ fn whoami(caller: &Caller, json: bool) -> requests::Reply {
         .map(|u| u.groups.clone())
         .unwrap_or_default();
     let active = requests::own_active(caller)?;
+    let totp = caller
+        .state
+        .totp
+        .is_enrolled(user)
+        .map_err(|e| e.to_string())?;
     if json {
-        let doc = serde_json::json!({ "user": user, "groups": groups, "grants": active });
+        let doc = serde_json::json!({
+            "user": user,
+            "groups": groups,
+            "totp_enrolled": totp,
+            "grants": active,
+        });
         return Ok(format!("{doc}\n"));
     }
     let mut text = format!(
-        "user:   {user}\ngroups: {}\ngrants: {}\n",
+        "user:   {user}\ngroups: {}\ntotp:   {}\ngrants: {}\n",
         if groups.is_empty() {
             "-".to_string()
         } else {
             groups.join(", ")
         },
+        if totp { "enrolled" } else { "not enrolled" },
         if active.is_empty() { "none" } else { "" }
     );
     for grant in &active {

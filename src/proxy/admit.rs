@@ -21,6 +21,10 @@ pub async fn admit(
     target: &str,
     login: Option<&str>,
 ) -> Option<Permit> {
+    if let Some(refusal) = missing_step_up(context, target) {
+        client.out.fail(&refusal, 1).await;
+        return None;
+    }
     let denial = match decide(context, setup, start, target, login) {
         Decision::Allow(permit) => return Some(*permit),
         Decision::Deny(denial) => denial,
@@ -52,6 +56,28 @@ pub async fn admit(
             None
         }
     }
+}
+
+/// Defence in depth for `step_up = "totp"` flows: the connection must have passed a
+/// TOTP check at authentication, whatever path led here.
+fn missing_step_up(context: &ChannelContext, target: &str) -> Option<String> {
+    let policy = context.state.policy();
+    let flow = policy.flow_for(policy.targets.get(target)?)?;
+    if !flow.step_up_totp || context.identity.stepped_up_at().is_some() {
+        return None;
+    }
+    let user = &context.identity.user;
+    let enrolled = context.state.totp.is_enrolled(user).unwrap_or(false);
+    let port = context.state.config.listen.port();
+    Some(if enrolled {
+        format!(
+            "target '{target}' needs a TOTP step-up; reconnect and enter your code at the prompt"
+        )
+    } else {
+        format!(
+            "target '{target}' needs a TOTP step-up and {user} has no TOTP enrolled: run `ssh -p {port} portcullis@BASTION totp enroll` first"
+        )
+    })
 }
 
 fn decide(

@@ -3,8 +3,6 @@
 //! has been waiting. Approval continues the very session; denial or expiry ends it
 //! with the reason; Ctrl-C (or closing the session) cancels the request.
 //!
-//! The client's terminal is in raw mode (OpenSSH's `-t`), so this module echoes what
-//! the user types and handles backspace itself.
 
 use std::time::{Duration, Instant};
 
@@ -15,10 +13,7 @@ use super::admit::{file_request, scope_for};
 use crate::grant::{Grant, GrantState, Requestable};
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
 
-const CTRL_C: u8 = 0x03;
-const CTRL_D: u8 = 0x04;
-const BACKSPACE: u8 = 0x7f;
-const CTRL_H: u8 = 0x08;
+use crate::server::{CTRL_C, CTRL_D};
 
 /// How often the waiting line's elapsed time is redrawn.
 const REDRAW: Duration = Duration::from_secs(1);
@@ -56,55 +51,16 @@ pub async fn request_on_terminal(
             flow.approvers.join(", ")
         ))
         .await;
-    let Some(reason) = read_line(client, setup).await else {
+    let Some(reason) = client
+        .read_line(true, |msg| keep_window_change(setup, msg))
+        .await
+    else {
         client.out.fail("cancelled; no request filed", 1).await;
         return false;
     };
     match file_request(context, client, requestable, scope, reason).await {
         Some(grant) => wait_for_decision(context, client, setup, grant).await,
         None => false,
-    }
-}
-
-/// Reads one line of input with echo; `None` on Ctrl-C, Ctrl-D, an empty line or a
-/// closed channel. Window changes while typing are kept for the target.
-async fn read_line(client: &mut ClientChannel, setup: &mut SessionSetup) -> Option<String> {
-    let mut line: Vec<u8> = Vec::new();
-    loop {
-        let data = match client.reader.wait().await? {
-            ChannelMsg::Data { data } => data,
-            msg => {
-                keep_window_change(setup, &msg);
-                if matches!(msg, ChannelMsg::Eof | ChannelMsg::Close) {
-                    return None;
-                }
-                continue;
-            }
-        };
-        for &byte in data.iter() {
-            match byte {
-                CTRL_C | CTRL_D => return None,
-                b'\r' | b'\n' => {
-                    client.out.stderr("\n").await;
-                    let text = String::from_utf8_lossy(&line).trim().to_string();
-                    return (!text.is_empty()).then_some(text);
-                }
-                BACKSPACE | CTRL_H => {
-                    // Drop one whole UTF-8 character.
-                    while let Some(last) = line.pop() {
-                        if last & 0xC0 != 0x80 {
-                            break;
-                        }
-                    }
-                    client.out.stderr("\x08 \x08").await;
-                }
-                byte if byte >= 0x20 && line.len() < 500 => {
-                    line.push(byte);
-                    let _ = client.out.writer.extended_data(1, &[byte][..]).await;
-                }
-                _ => {} // other control bytes (arrows, escape sequences) are ignored
-            }
-        }
     }
 }
 

@@ -21,6 +21,33 @@ pub struct Identity {
     pub user: String,
     pub route: Result<Route, InvalidUsername>,
     pub peer: Option<SocketAddr>,
+    /// When this connection last passed a TOTP check (at authentication, or for an
+    /// approver's decision).
+    pub stepped_up: std::sync::Mutex<Option<chrono::DateTime<chrono::Utc>>>,
+}
+
+impl Identity {
+    pub fn new(
+        user: String,
+        route: Result<Route, InvalidUsername>,
+        peer: Option<SocketAddr>,
+        stepped_up: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Identity {
+        Identity {
+            user,
+            route,
+            peer,
+            stepped_up: std::sync::Mutex::new(stepped_up),
+        }
+    }
+
+    pub fn stepped_up_at(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        *self.stepped_up.lock().expect("identity lock poisoned")
+    }
+
+    pub fn mark_stepped_up(&self, at: chrono::DateTime<chrono::Utc>) {
+        *self.stepped_up.lock().expect("identity lock poisoned") = Some(at);
+    }
 }
 
 /// What a channel task needs from its connection.
@@ -72,6 +99,70 @@ impl Start {
 pub struct ClientChannel {
     pub reader: ChannelReadHalf,
     pub out: ClientOut,
+}
+
+pub const CTRL_C: u8 = 0x03;
+pub const CTRL_D: u8 = 0x04;
+const BACKSPACE: u8 = 0x7f;
+const CTRL_H: u8 = 0x08;
+
+/// Longest line [`ClientChannel::read_line`] keeps.
+const MAX_LINE: usize = 500;
+
+impl ClientChannel {
+    /// Reads one line the user types: a reason, a TOTP code. With a pty the client's
+    /// terminal is in raw mode, so this echoes (when `echo`) and handles backspace
+    /// itself; without one, the client's own terminal did that. `None` on Ctrl-C,
+    /// Ctrl-D, an empty line or a closed channel. Other messages (window changes)
+    /// go to `on_other`.
+    pub async fn read_line(
+        &mut self,
+        echo: bool,
+        mut on_other: impl FnMut(&ChannelMsg),
+    ) -> Option<String> {
+        let echo = echo && self.out.pty;
+        let mut line: Vec<u8> = Vec::new();
+        loop {
+            let data = match self.reader.wait().await? {
+                ChannelMsg::Data { data } => data,
+                ChannelMsg::Eof | ChannelMsg::Close => return None,
+                msg => {
+                    on_other(&msg);
+                    continue;
+                }
+            };
+            for &byte in data.iter() {
+                match byte {
+                    CTRL_C | CTRL_D => return None,
+                    b'\r' | b'\n' => {
+                        if self.out.pty {
+                            self.out.stderr("\n").await;
+                        }
+                        let text = String::from_utf8_lossy(&line).trim().to_string();
+                        return (!text.is_empty()).then_some(text);
+                    }
+                    BACKSPACE | CTRL_H => {
+                        // Drop one whole UTF-8 character.
+                        while let Some(last) = line.pop() {
+                            if last & 0xC0 != 0x80 {
+                                break;
+                            }
+                        }
+                        if echo {
+                            self.out.stderr("\x08 \x08").await;
+                        }
+                    }
+                    byte if byte >= 0x20 && line.len() < MAX_LINE => {
+                        line.push(byte);
+                        if echo {
+                            let _ = self.out.writer.extended_data(1, &[byte][..]).await;
+                        }
+                    }
+                    _ => {} // other control bytes (arrows, escape sequences) are ignored
+                }
+            }
+        }
+    }
 }
 
 /// Writes towards the client.

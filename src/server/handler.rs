@@ -8,9 +8,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use chrono::Utc;
 use russh::keys::PublicKey;
-use russh::server::{Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Session, VerifiedPublicKey};
-use russh::{Channel, ChannelId};
+use russh::server::{
+    Auth, ChannelOpenHandle, Msg, PublicKeyOffer, Response, Session, VerifiedPublicKey,
+};
+use russh::{Channel, ChannelId, MethodKind, MethodSet};
 
 use super::channel::{serve_channel, ChannelContext, Identity};
 use super::route::Route;
@@ -18,6 +21,7 @@ use super::State;
 use crate::audit::AuditEvent;
 use crate::policy::fingerprint;
 use crate::proxy::UpstreamSlot;
+use crate::totp::Verdict;
 
 /// Creates one [`Connection`] per accepted TCP connection.
 pub struct Acceptor {
@@ -38,6 +42,7 @@ impl russh::server::Server for Acceptor {
             state: self.state.clone(),
             peer,
             identity: None,
+            awaiting_step_up: None,
             upstream: Arc::new(UpstreamSlot::default()),
         }
     }
@@ -47,11 +52,19 @@ impl russh::server::Server for Acceptor {
     }
 }
 
+/// A public key verified for `username`, waiting for its TOTP.
+struct StepUp {
+    username: String,
+    user: String,
+}
+
 pub struct Connection {
     state: Arc<State>,
     peer: Option<SocketAddr>,
-    /// Set once public-key authentication succeeded.
+    /// Set once authentication succeeded.
     identity: Option<Arc<Identity>>,
+    /// Set when the public key was accepted and a TOTP code is still owed.
+    awaiting_step_up: Option<StepUp>,
     /// The upstream SSH connection, shared by this connection's channels.
     upstream: Arc<UpstreamSlot>,
 }
@@ -62,6 +75,64 @@ impl Connection {
             .policy()
             .user_by_key(key)
             .map(|user| user.name.clone())
+    }
+
+    /// Whether the username routes to a target whose flow requires TOTP step-up.
+    fn needs_step_up(&self, username: &str) -> bool {
+        let Ok(Route::Target { target, .. }) = Route::parse(username) else {
+            return false;
+        };
+        let policy = self.state.policy();
+        policy
+            .targets
+            .get(&target)
+            .and_then(|t| policy.flow_for(t))
+            .is_some_and(|flow| flow.step_up_totp)
+    }
+
+    /// The keyboard-interactive question; when the user is locked out, the
+    /// instructions say so (any answer is then refused).
+    fn step_up_prompt(&self, user: &str, now: chrono::DateTime<Utc>) -> Auth {
+        let instructions = match self.state.totp.status(user, now) {
+            Ok(status) => status
+                .locked_until
+                .map(|until| Verdict::Locked { until }.explain(user))
+                .unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        Auth::Partial {
+            name: "portcullis step-up".into(),
+            instructions: instructions.into(),
+            prompts: vec![(format!("TOTP code for {user}: ").into(), false)].into(),
+        }
+    }
+
+    fn audit_step_up(
+        &self,
+        user: &str,
+        username: &str,
+        verdict: &Verdict,
+        now: chrono::DateTime<Utc>,
+    ) {
+        let kind = if *verdict == Verdict::Accepted {
+            "stepup.success"
+        } else {
+            "stepup.failure"
+        };
+        let username: String = username.chars().take(128).collect();
+        self.state.audit(
+            AuditEvent::new(kind, user, now)
+                .detail("client", self.peer())
+                .detail("username", username)
+                .detail("result", verdict.explain(user)),
+        );
+        if verdict.locked_now() {
+            self.state.audit(
+                AuditEvent::new("stepup.locked", user, now)
+                    .detail("client", self.peer())
+                    .detail("minutes", crate::totp::LOCKOUT_SECS / 60),
+            );
+        }
     }
 
     /// Records an authentication outcome with the key's fingerprint and the client's
@@ -118,13 +189,76 @@ impl russh::server::Handler for Connection {
             self.audit_auth("auth.failure", "-", key.public_key, username);
             return Ok(Auth::reject());
         };
+        if self.needs_step_up(username) && self.state.totp.is_enrolled(&user).unwrap_or(true) {
+            tracing::info!(peer = %self.peer(), %user, key = %fp, username, "public key accepted; TOTP step-up required");
+            self.audit_auth("auth.publickey", &user, key.public_key, username);
+            self.awaiting_step_up = Some(StepUp {
+                username: username.to_string(),
+                user,
+            });
+            return Ok(Auth::Reject {
+                proceed_with_methods: Some(MethodSet::from(&[MethodKind::KeyboardInteractive][..])),
+                partial_success: true,
+            });
+        }
         tracing::info!(peer = %self.peer(), %user, key = %fp, username, "authenticated");
         self.audit_auth("auth.success", &user, key.public_key, username);
-        self.identity = Some(Arc::new(Identity {
+        self.identity = Some(Arc::new(Identity::new(
             user,
-            route: Route::parse(username),
-            peer: self.peer,
-        }));
+            Route::parse(username),
+            self.peer,
+            None,
+        )));
+        Ok(Auth::Accept)
+    }
+
+    /// The TOTP step-up, only ever after this connection verified a public key for
+    /// the same username (russh hands us any method the client names, in any order).
+    async fn auth_keyboard_interactive<'a>(
+        &'a mut self,
+        username: &str,
+        _submethods: &str,
+        response: Option<Response<'a>>,
+    ) -> Result<Auth, Self::Error> {
+        let Some(step_up) = self
+            .awaiting_step_up
+            .as_ref()
+            .filter(|s| s.username == username)
+        else {
+            return Ok(Auth::reject());
+        };
+        let user = step_up.user.clone();
+        let now = Utc::now();
+        let Some(mut response) = response else {
+            return Ok(self.step_up_prompt(&user, now));
+        };
+        let code = response
+            .next()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let verdict = match self.state.totp.verify(&user, &code, now) {
+            Ok(verdict) => verdict,
+            Err(err) => {
+                tracing::error!(%user, error = %err, "cannot check TOTP");
+                return Ok(Auth::reject());
+            }
+        };
+        self.audit_step_up(&user, username, &verdict, now);
+        if verdict != Verdict::Accepted {
+            tracing::warn!(peer = %self.peer(), %user, username, result = %verdict.explain(&user), "TOTP step-up failed");
+            return Ok(Auth::Reject {
+                proceed_with_methods: Some(MethodSet::from(&[MethodKind::KeyboardInteractive][..])),
+                partial_success: false,
+            });
+        }
+        tracing::info!(peer = %self.peer(), %user, username, "authenticated with TOTP step-up");
+        self.awaiting_step_up = None;
+        self.identity = Some(Arc::new(Identity::new(
+            user,
+            Route::parse(username),
+            self.peer,
+            Some(now),
+        )));
         Ok(Auth::Accept)
     }
 

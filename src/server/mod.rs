@@ -23,9 +23,11 @@ use crate::notify::Notifier;
 use crate::policy::{self, Policy, PolicyErrors};
 use crate::record::Recorder;
 use crate::store::Store;
+use crate::totp::Totp;
 
 pub use channel::{
-    ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start,
+    ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start, CTRL_C,
+    CTRL_D,
 };
 pub use route::{InvalidUsername, Route, CONTROL_USER};
 
@@ -38,10 +40,17 @@ pub struct State {
     pub store: Arc<Store>,
     pub grants: Grants,
     pub recorder: Arc<Recorder>,
+    pub totp: Totp,
 }
 
 impl State {
-    pub fn new(config: Config, keys: KeySet, policy: Policy, store: Arc<Store>) -> State {
+    pub fn new(
+        config: Config,
+        keys: KeySet,
+        policy: Policy,
+        store: Arc<Store>,
+        totp: Totp,
+    ) -> State {
         let notifier = Notifier::new(config.notify.webhook.clone());
         State {
             grants: Grants::new(store.clone(), notifier),
@@ -54,6 +63,7 @@ impl State {
             keys,
             policy: RwLock::new(Arc::new(policy)),
             store,
+            totp,
         }
     }
 
@@ -136,7 +146,14 @@ fn russh_config(keys: &KeySet) -> russh::server::Config {
         server_id: russh::SshId::Standard(
             format!("SSH-2.0-portcullis_{}", env!("CARGO_PKG_VERSION")).into(),
         ),
-        methods: russh::MethodSet::from(&[russh::MethodKind::PublicKey][..]),
+        // Keyboard-interactive only ever follows a verified public key (TOTP step-up);
+        // the handler enforces that order, this list only advertises.
+        methods: russh::MethodSet::from(
+            &[
+                russh::MethodKind::PublicKey,
+                russh::MethodKind::KeyboardInteractive,
+            ][..],
+        ),
         auth_rejection_time: Duration::from_millis(500),
         auth_rejection_time_initial: Some(Duration::ZERO),
         keys: vec![keys.host.clone()],
@@ -177,7 +194,8 @@ pub async fn serve(config: Config) -> Result<()> {
         flows = policy.flows.len(),
         "portcullis listening"
     );
-    let state = Arc::new(State::new(config, keys, policy, store));
+    let totp = Totp::open(&config.data_dir, store.clone())?;
+    let state = Arc::new(State::new(config, keys, policy, store, totp));
     mark_interrupted_sessions(&state)?;
     tokio::spawn(reload_on_sighup(state.clone()));
     tokio::spawn(expire_grants(state.clone()));
