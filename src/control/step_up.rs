@@ -37,7 +37,7 @@ pub async fn enroll(context: &ChannelContext, client: &mut ClientChannel) -> Rep
     let user = context.identity.user.as_str();
     let totp = &context.state.totp;
     if totp.is_enrolled(user).map_err(|e| e.to_string())? {
-        check_code(context, client, None, "to replace your TOTP").await?;
+        check_code(context, client, None, "to replace your TOTP", true).await?;
     }
     let enrolment = totp.begin_enrolment(user);
     client
@@ -92,20 +92,23 @@ pub async fn for_decision(
     if recent && code.is_none() {
         return Ok(());
     }
-    check_code(context, client, code, &format!("to decide {id}")).await
+    check_code(context, client, code, &format!("to decide {id}"), false).await
 }
 
-/// Checks a TOTP code given on the command line, or asks for one on a terminal.
+/// Checks a TOTP code given on the command line, or asks for one: on a terminal,
+/// or also on plain stdin when `ask_without_pty` (enrolment reads its input anyway;
+/// a decision should not sit waiting on a script's stdin).
 async fn check_code(
     context: &ChannelContext,
     client: &mut ClientChannel,
     code: Option<String>,
     purpose: &str,
+    ask_without_pty: bool,
 ) -> Result<(), String> {
     let user = context.identity.user.as_str();
     let code = match code {
         Some(code) => code,
-        None if client.out.pty => {
+        None if client.out.pty || ask_without_pty => {
             client
                 .out
                 .stderr(&format!("TOTP code for {user} ({purpose}): "))

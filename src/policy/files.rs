@@ -40,6 +40,7 @@ pub struct RawTarget {
     pub logins: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    pub auth: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

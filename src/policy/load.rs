@@ -9,7 +9,9 @@ use serde::de::DeserializeOwned;
 
 use super::error::{PolicyError, PolicyErrors, Reporter};
 use super::files::{FlowsFile, RawFlow, RawTarget, RawUser, TargetsFile, UsersFile};
-use super::{is_valid_login, is_valid_name, Flow, Policy, Target, User, GROUP_PREFIX};
+use super::{
+    is_valid_login, is_valid_name, Flow, Policy, Target, UpstreamAuth, User, GROUP_PREFIX,
+};
 
 const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(3600);
 const DEFAULT_MAX_TTL: Duration = Duration::from_secs(3600);
@@ -236,6 +238,18 @@ fn build_target(
             format!("invalid login {login:?}"),
         );
     }
+    let auth = match raw.auth.as_ref().map(|a| a.get_ref().as_str()) {
+        None | Some("key") => UpstreamAuth::Key,
+        Some("certificate") => UpstreamAuth::Certificate,
+        Some(other) => {
+            report.error(
+                raw.auth.as_ref().map(|a| a.span().start),
+                format!("{key_path}.auth"),
+                format!("{other:?} is not an upstream auth mode: use \"key\" or \"certificate\""),
+            );
+            UpstreamAuth::Key
+        }
+    };
     if report.errors.len() != before {
         return None;
     }
@@ -245,6 +259,7 @@ fn build_target(
         host_key: host_key.ok()?,
         logins,
         labels: raw.labels,
+        auth,
     })
 }
 

@@ -36,6 +36,19 @@ pub struct Target {
     /// Permitted logins; the first is the default.
     pub logins: Vec<String>,
     pub labels: BTreeMap<String, String>,
+    /// How the bastion logs in to this target.
+    pub auth: UpstreamAuth,
+}
+
+/// The bastion's credential towards a target (`auth` in targets.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamAuth {
+    /// The bastion's upstream key, listed in the login's authorized_keys.
+    #[default]
+    Key,
+    /// A fresh key pair and a short-lived certificate from the bastion's CA per
+    /// session; the target trusts the CA with `TrustedUserCAKeys`.
+    Certificate,
 }
 
 impl Target {

@@ -3,6 +3,7 @@
 
 mod admit;
 mod ask;
+pub mod certificate;
 mod pipe;
 mod relay;
 mod upstream;
@@ -16,13 +17,16 @@ use chrono::Utc;
 
 use crate::audit::AuditEvent;
 use crate::grant::{Grant, GrantState, Grants, Permit};
+use crate::policy::UpstreamAuth;
 use crate::record::{SessionEnd, SessionInfo};
 use crate::server::PtyRequest;
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
 use admit::admit;
 
 pub use relay::{Outcome, PendingReply};
-pub use upstream::{client_config, connect, PinnedHostKey, Upstream, UpstreamError, UpstreamSlot};
+pub use upstream::{
+    client_config, connect, Credential, PinnedHostKey, Upstream, UpstreamError, UpstreamSlot,
+};
 
 /// The client configuration towards targets, built once.
 fn shared_client_config() -> Arc<client::Config> {
@@ -43,14 +47,29 @@ pub async fn run(
     let Some(permit) = admit(context, &mut client, &mut setup, &start, target, login).await else {
         return;
     };
-    let channel = match open_target_channel(context, &permit).await {
-        Ok(channel) => channel,
+    let session = match context.state.store.next_session_id() {
+        Ok(id) => id,
+        Err(err) => {
+            client
+                .out
+                .fail(&format!("this session cannot be recorded ({err}); portcullis never proxies unrecorded sessions"), 1)
+                .await;
+            return;
+        }
+    };
+    let opened = match open_target_channel(context, &permit, &start, session).await {
+        Ok(opened) => opened,
         Err(err) => {
             tracing::warn!(user, target, error = %err, "cannot open target session");
             client.out.fail(&err.to_string(), 1).await;
             return;
         }
     };
+    let TargetChannel {
+        channel,
+        connection: _connection,
+        certificate,
+    } = opened;
     let pty = setup.pty.clone();
     let pending = match start_remote_session(&channel, setup, &start).await {
         Ok(pending) => pending,
@@ -63,12 +82,8 @@ pub async fn run(
         }
     };
     let grant = &permit.grant;
-    let recording = match context.state.recorder.start(session_info(
-        context,
-        &permit,
-        &start,
-        pty.as_ref(),
-    )) {
+    let info = session_info(context, &permit, &start, pty.as_ref(), session, certificate);
+    let recording = match context.state.recorder.start(info) {
         Ok(recording) => recording,
         Err(err) => {
             tracing::error!(user, target, error = %err, "cannot start the recording; session refused");
@@ -80,7 +95,6 @@ pub async fn run(
             return;
         }
     };
-    let session = recording.id();
     tracing::info!(user, target, login = %permit.login, grant = %grant.id, session, action = %start.action().describe(), "session started");
     context.state.audit(
         AuditEvent::new("session.start", user, Utc::now())
@@ -142,6 +156,8 @@ fn session_info(
     permit: &Permit,
     start: &Start,
     pty: Option<&PtyRequest>,
+    id: u64,
+    certificate: Option<String>,
 ) -> SessionInfo {
     let (kind, command) = match start {
         Start::Shell => ("shell", None),
@@ -158,6 +174,8 @@ fn session_info(
         Start::Shell => false,
     };
     SessionInfo {
+        id,
+        certificate,
         user: context.identity.user.clone(),
         target: permit.target.name.clone(),
         login: permit.login.clone(),
@@ -220,25 +238,90 @@ async fn grant_ends(grants: &Grants, grant: &Grant) -> String {
 async fn open_target_channel(
     context: &ChannelContext,
     permit: &Permit,
-) -> Result<russh::Channel<client::Msg>, UpstreamError> {
+    start: &Start,
+    session: u64,
+) -> Result<TargetChannel, UpstreamError> {
     let state = &context.state;
-    let upstream = context
-        .upstream
-        .get_or_connect(connect(
-            shared_client_config(),
-            &permit.target,
-            &permit.login,
-            state.keys.upstream.clone(),
-            state.config.connect_timeout,
-        ))
-        .await?;
-    upstream
-        .channel_open_session()
-        .await
-        .map_err(|source| UpstreamError::Protocol {
-            target: permit.target.name.clone(),
-            source,
-        })
+    let (upstream, connection, certificate) = match permit.target.auth {
+        UpstreamAuth::Key => {
+            let shared = context
+                .upstream
+                .get_or_connect(connect(
+                    shared_client_config(),
+                    &permit.target,
+                    &permit.login,
+                    Credential::Key(state.keys.upstream.clone()),
+                    state.config.connect_timeout,
+                ))
+                .await?;
+            (shared, None, None)
+        }
+        UpstreamAuth::Certificate => {
+            let issued = session_certificate(context, permit, start, session)?;
+            let openssh = issued.openssh();
+            let own = Arc::new(
+                connect(
+                    shared_client_config(),
+                    &permit.target,
+                    &permit.login,
+                    Credential::Certificate(issued.key, Box::new(issued.certificate)),
+                    state.config.connect_timeout,
+                )
+                .await?,
+            );
+            (own.clone(), Some(own), Some(openssh))
+        }
+    };
+    let channel =
+        upstream
+            .channel_open_session()
+            .await
+            .map_err(|source| UpstreamError::Protocol {
+                target: permit.target.name.clone(),
+                source,
+            })?;
+    Ok(TargetChannel {
+        channel,
+        connection,
+        certificate,
+    })
+}
+
+/// A session channel on a target, with what must live as long as it.
+struct TargetChannel {
+    channel: russh::Channel<client::Msg>,
+    /// A certificate-mode connection belongs to its one session (its certificate may
+    /// force a command), so it is held here rather than shared.
+    connection: Option<Arc<Upstream>>,
+    /// The certificate used, in OpenSSH format, for the session record.
+    certificate: Option<String>,
+}
+
+/// Issues the certificate for one session: a shell grant gets a pty, anything
+/// narrower is pinned to exactly what was asked with `force-command`.
+fn session_certificate(
+    context: &ChannelContext,
+    permit: &Permit,
+    start: &Start,
+    session: u64,
+) -> Result<certificate::SessionCertificate, UpstreamError> {
+    let force_command = match (permit.grant.scope.shell, start) {
+        (true, _) => None,
+        (false, Start::Exec(command)) => Some(String::from_utf8_lossy(command).into_owned()),
+        (false, _) => Some("internal-sftp".to_string()),
+    };
+    let request = certificate::CertificateRequest {
+        user: &context.identity.user,
+        grant: &permit.grant,
+        login: &permit.login,
+        session,
+        force_command: force_command.as_deref(),
+        now: Utc::now(),
+    };
+    certificate::issue(&context.state.keys.ca, &request).map_err(|err| UpstreamError::Certificate {
+        target: permit.target.name.clone(),
+        detail: err.to_string(),
+    })
 }
 
 /// Replays pty and environment, then sends the session-starting request. Returns the

@@ -42,6 +42,13 @@ pub enum UpstreamError {
          key (see `portcullis keys`) to ~{login}/.ssh/authorized_keys on the target"
     )]
     AuthRejected { target: String, login: String },
+    #[error(
+        "target '{target}' refused the bastion's certificate for login '{login}': the target's \
+         sshd_config needs `TrustedUserCAKeys` with the bastion's CA key (see `portcullis keys`)"
+    )]
+    CertificateRejected { target: String, login: String },
+    #[error("cannot issue a certificate for target '{target}': {detail}")]
+    Certificate { target: String, detail: String },
     #[error("SSH error talking to target '{target}': {source}")]
     Protocol {
         target: String,
@@ -89,12 +96,20 @@ pub fn client_config() -> client::Config {
     }
 }
 
+/// How the bastion proves itself to a target.
+pub enum Credential {
+    /// The bastion's long-lived upstream key.
+    Key(Arc<PrivateKey>),
+    /// A per-session key pair and its certificate from the bastion's CA.
+    Certificate(Arc<PrivateKey>, Box<russh::keys::Certificate>),
+}
+
 /// Opens an authenticated SSH connection to `target` as `login`.
 pub async fn connect(
     config: Arc<client::Config>,
     target: &Target,
     login: &str,
-    identity: Arc<PrivateKey>,
+    credential: Credential,
     timeout: Duration,
 ) -> Result<Upstream, UpstreamError> {
     let seen = Arc::new(Mutex::new(None));
@@ -131,18 +146,27 @@ pub async fn connect(
             source,
         },
     })?;
-    let key = PrivateKeyWithHashAlg::new(identity, None);
-    let auth = handle
-        .authenticate_publickey(login, key)
-        .await
-        .map_err(|source| UpstreamError::Protocol {
-            target: target.name.clone(),
-            source,
-        })?;
+    let by_certificate = matches!(credential, Credential::Certificate(..));
+    let auth = match credential {
+        Credential::Key(key) => {
+            handle
+                .authenticate_publickey(login, PrivateKeyWithHashAlg::new(key, None))
+                .await
+        }
+        Credential::Certificate(key, cert) => {
+            handle.authenticate_openssh_cert(login, key, *cert).await
+        }
+    }
+    .map_err(|source| UpstreamError::Protocol {
+        target: target.name.clone(),
+        source,
+    })?;
     if !auth.success() {
-        return Err(UpstreamError::AuthRejected {
-            target: target.name.clone(),
-            login: login.to_string(),
+        let (target, login) = (target.name.clone(), login.to_string());
+        return Err(if by_certificate {
+            UpstreamError::CertificateRejected { target, login }
+        } else {
+            UpstreamError::AuthRejected { target, login }
         });
     }
     Ok(handle)

@@ -96,6 +96,9 @@ pub struct SessionRecord {
     pub digest: Option<String>,
     /// The transcript was removed by retention.
     pub pruned: bool,
+    /// The OpenSSH certificate used towards the target (certificate mode).
+    #[serde(default)]
+    pub certificate: Option<String>,
 }
 
 impl SessionRecord {
@@ -111,6 +114,11 @@ impl SessionRecord {
 
 /// Who started what, for a new recording.
 pub struct SessionInfo {
+    /// From [`crate::store::Store::next_session_id`], reserved before connecting so the
+    /// target's certificate can name the session.
+    pub id: u64,
+    /// The certificate the bastion logged in with (certificate mode).
+    pub certificate: Option<String>,
     pub user: String,
     pub target: String,
     pub login: String,
@@ -185,7 +193,8 @@ impl Recorder {
     pub fn start(self: &Arc<Self>, info: SessionInfo) -> Result<SessionRecorder, StoreError> {
         let full = !info.file_transfer || self.record_file_transfers;
         let record = SessionRecord {
-            id: self.store.next_session_id()?,
+            id: info.id,
+            certificate: info.certificate,
             user: info.user,
             target: info.target,
             login: info.login,

@@ -715,10 +715,15 @@ impl Bastion {
 /// | `prod` | production | 1 approval by sre-leads, shells, max_ttl 1h |
 /// | `crit` | critical | 2 approvals by sre-leads, shells |
 /// | `cmds` | restricted | 1 approval, commands `id`, `uname *`, `sleep *` only |
+/// | `secure` | secure | auto-approve, shells, TOTP step-up |
+/// | `vault` | vault | 1 approval, shells, TOTP step-up (for approvers too) |
+/// | `certs` | production | (optional second sshd) certificate mode |
 #[derive(Debug, Clone)]
 pub struct Policies {
     /// (name, public key, groups) of every user.
     pub users: Vec<(String, String, Vec<String>)>,
+    /// Address and host key of the certificate-only sshd, if any.
+    pub cert_target: Option<(String, String)>,
     /// `host:port` of the target sshd.
     pub target_address: String,
     /// Host key pinned for the target.
@@ -755,6 +760,22 @@ max_ttl = "1h"
 shell = true
 
 [[flows]]
+name = "secure"
+match = { env = "secure" }
+requesters = ["group:engineers"]
+auto_approve = true
+shell = true
+step_up = "totp"
+
+[[flows]]
+name = "vault"
+match = { env = "vault" }
+requesters = ["group:engineers"]
+approvers = ["group:sre-leads"]
+shell = true
+step_up = "totp"
+
+[[flows]]
 name = "restricted"
 match = { env = "restricted" }
 requesters = ["group:engineers"]
@@ -783,11 +804,21 @@ impl Policies {
             ("prod", "production"),
             ("crit", "critical"),
             ("cmds", "restricted"),
+            ("secure", "secure"),
+            ("vault", "vault"),
         ] {
             targets.push_str(&format!(
                 "[targets.{name}]\naddress = {}\nhost_key = {}\nlogins = [{}]\nlabels = {{ env = \"{env}\" }}\n",
                 toml_str(&self.target_address),
                 toml_str(&self.target_host_key),
+                logins.join(", ")
+            ));
+        }
+        if let Some((address, host_key)) = &self.cert_target {
+            targets.push_str(&format!(
+                "[targets.certs]\naddress = {}\nhost_key = {}\nlogins = [{}]\nlabels = {{ env = \"production\" }}\nauth = \"certificate\"\n",
+                toml_str(address),
+                toml_str(host_key),
                 logins.join(", ")
             ));
         }
@@ -816,6 +847,9 @@ pub fn default_logins() -> Vec<String> {
 pub struct Client {
     key: PathBuf,
     port: u16,
+    /// Answers keyboard-interactive prompts (TOTP) with this program instead of
+    /// refusing them (`BatchMode`).
+    askpass: Option<PathBuf>,
 }
 
 impl Client {
@@ -823,6 +857,16 @@ impl Client {
         Client {
             key: key.to_path_buf(),
             port,
+            askpass: None,
+        }
+    }
+
+    /// The same engineer, answering the TOTP prompt with `program` through
+    /// `SSH_ASKPASS` (one attempt per connection).
+    pub fn with_askpass(&self, program: &Path) -> Client {
+        Client {
+            askpass: Some(program.to_path_buf()),
+            ..self.clone()
         }
     }
 
@@ -848,7 +892,11 @@ impl Client {
             "-o",
             "IdentitiesOnly=yes",
             "-o",
-            "BatchMode=yes",
+            if self.askpass.is_some() {
+                "NumberOfPasswordPrompts=1"
+            } else {
+                "BatchMode=yes"
+            },
             "-o",
             "LogLevel=ERROR",
             "-o",
@@ -865,6 +913,11 @@ impl Client {
     /// `ssh OPTIONS -p PORT FLAGS -l USER 127.0.0.1 COMMAND...`, not yet run.
     pub fn ssh_command(&self, user: &str, flags: &[&str], command: &[&str]) -> Command {
         let mut cmd = Command::new("ssh");
+        if let Some(askpass) = &self.askpass {
+            cmd.env("SSH_ASKPASS", askpass)
+                .env("SSH_ASKPASS_REQUIRE", "force")
+                .env("DISPLAY", ":0");
+        }
         cmd.args(self.options())
             .args(["-p", &self.port.to_string()])
             .args(flags)
@@ -990,6 +1043,9 @@ pub struct WorldOptions {
     pub pinned_host_key: Option<String>,
     /// Extra lines for portcullis.toml (e.g. a `[notify]` table).
     pub extra_config: String,
+    /// Also start a second sshd that trusts only the bastion's CA (no
+    /// authorized_keys at all), as target `certs` with `auth = "certificate"`.
+    pub certificate_target: bool,
 }
 
 /// One test's universe: a temp dir, a target sshd that trusts only the
@@ -1000,6 +1056,8 @@ pub struct WorldOptions {
 pub struct World {
     pub bastion: Bastion,
     pub sshd: Sshd,
+    /// The certificate-only target, when asked for.
+    pub cert_sshd: Option<Sshd>,
     /// Engineer (group engineers).
     pub alice: Client,
     /// Approver (group sre-leads).
@@ -1055,9 +1113,15 @@ impl World {
             std::slice::from_ref(&keys.upstream),
             &extra,
         );
+        let cert_sshd = options
+            .certificate_target
+            .then(|| Sshd::start_with(&root.join("sshd-certs"), &[], &extra));
 
         Policies {
             users,
+            cert_target: cert_sshd
+                .as_ref()
+                .map(|c| (c.address(), c.host_public_key())),
             target_address: sshd.address(),
             target_host_key: options
                 .pinned_host_key
@@ -1070,6 +1134,7 @@ impl World {
         let port = bastion.port();
         let client = |name: &str| Client::new(&root.join(name), port);
         World {
+            cert_sshd,
             alice: client(USER),
             bob: client("bob"),
             carol: client("carol"),
