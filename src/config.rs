@@ -13,6 +13,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+pub use crate::server::Limits;
+
 /// The listen address of the embedded default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2222";
 
@@ -55,6 +57,9 @@ struct RawConfig {
     notify: Option<Notify>,
     log_format: Option<LogFormat>,
     connect_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    limits: Option<Limits>,
+    post_quantum_only: Option<bool>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -78,6 +83,12 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long the bastion waits for a target's TCP connect and SSH handshake.
     pub connect_timeout: Duration,
+    /// How long live sessions may go on after SIGTERM before they are closed.
+    pub shutdown_grace: Duration,
+    /// Pre-authentication protection (`[limits]`).
+    pub limits: Limits,
+    /// Offer clients only post-quantum hybrid key exchange (needs OpenSSH ≥ 9.9).
+    pub post_quantum_only: bool,
 }
 
 impl Config {
@@ -112,6 +123,11 @@ impl Config {
                 .with_context(|| format!("connect_timeout = {text:?}"))?,
             None => Duration::from_secs(10),
         };
+        let shutdown_grace = match raw.shutdown_grace {
+            Some(text) => crate::duration::parse(&text)
+                .with_context(|| format!("shutdown_grace = {text:?}"))?,
+            None => Duration::from_secs(30),
+        };
         let recordings_retention = match raw.retention.and_then(|r| r.recordings) {
             Some(text) => Some(
                 crate::duration::parse(&text)
@@ -135,6 +151,9 @@ impl Config {
             notify: raw.notify.unwrap_or_default(),
             log_format: raw.log_format.unwrap_or_default(),
             connect_timeout,
+            shutdown_grace,
+            limits: raw.limits.unwrap_or_default(),
+            post_quantum_only: raw.post_quantum_only.unwrap_or(false),
         })
     }
 }

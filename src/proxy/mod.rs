@@ -19,8 +19,8 @@ use crate::audit::AuditEvent;
 use crate::grant::{Grant, GrantState, Grants, Permit};
 use crate::policy::UpstreamAuth;
 use crate::record::{SessionEnd, SessionInfo};
-use crate::server::PtyRequest;
 use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
+use crate::server::{LiveSession, Phase, PtyRequest};
 use admit::admit;
 
 pub use relay::{Outcome, PendingReply};
@@ -105,9 +105,12 @@ pub async fn run(
             .detail("action", start.action().describe())
             .detail("client", peer(context)),
     );
+    let _live = LiveSession::new(&context.state.live_sessions);
+    let channel_id = client.out.writer.id();
     let stop = async {
         tokio::select! {
             message = grant_ends(&context.state.grants, grant) => message,
+            message = bastion_stops(context, channel_id) => message,
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
         }
     };
@@ -188,6 +191,28 @@ fn session_info(
         rows: pty.map_or(24, |p| p.rows),
         file_transfer,
     }
+}
+
+/// Resolves when the bastion closes this session during shutdown; when the grace
+/// period starts, the user is told right away that the session will be closed.
+async fn bastion_stops(context: &ChannelContext, channel: russh::ChannelId) -> String {
+    let mut phase = context.state.phase.subscribe();
+    if phase.wait_for(|p| *p != Phase::Running).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    let grace = context.state.config.shutdown_grace;
+    let notice = format!(
+        "\r\nportcullis: the bastion is shutting down; this session will be closed within {}s\r\n",
+        grace.as_secs()
+    );
+    let _ = context
+        .handle
+        .extended_data(channel, 1, notice.into_bytes())
+        .await;
+    if phase.wait_for(|p| *p == Phase::Closing).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    "the bastion is shutting down — session closed".to_string()
 }
 
 fn peer(context: &ChannelContext) -> String {

@@ -87,7 +87,7 @@ pub fn client_config() -> client::Config {
         ),
         window_size: crate::server::WINDOW_SIZE,
         maximum_packet_size: crate::server::MAX_PACKET_SIZE,
-        preferred: crate::server::preferred_algorithms(),
+        preferred: crate::server::preferred_algorithms(false),
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 3,

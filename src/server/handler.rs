@@ -6,7 +6,10 @@
 //! channel task does the work from the queue, so events stay ordered with the data.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use tokio::net::TcpStream;
 
 use chrono::Utc;
 use russh::keys::PublicKey;
@@ -16,6 +19,7 @@ use russh::server::{
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 
 use super::channel::{serve_channel, ChannelContext, Identity};
+use super::gate::{Gate, Preauth};
 use super::route::Route;
 use super::State;
 use crate::audit::AuditEvent;
@@ -23,32 +27,69 @@ use crate::policy::fingerprint;
 use crate::proxy::UpstreamSlot;
 use crate::totp::Verdict;
 
-/// Creates one [`Connection`] per accepted TCP connection.
-pub struct Acceptor {
+/// Runs one accepted TCP connection: SSH handshake and authentication within the
+/// login grace time, then the session until either side ends it.
+pub async fn drive(
     state: Arc<State>,
-}
-
-impl Acceptor {
-    pub fn new(state: Arc<State>) -> Acceptor {
-        Acceptor { state }
-    }
-}
-
-impl russh::server::Server for Acceptor {
-    type Handler = Connection;
-
-    fn new_client(&mut self, peer: Option<SocketAddr>) -> Connection {
-        Connection {
-            state: self.state.clone(),
-            peer,
-            identity: None,
-            awaiting_step_up: None,
-            upstream: Arc::new(UpstreamSlot::default()),
+    config: Arc<russh::server::Config>,
+    gate: Arc<Gate>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    preauth: Preauth,
+) {
+    let authenticated = Arc::new(AtomicBool::new(false));
+    let grace = gate.limits().login_grace;
+    let deadline = tokio::time::Instant::now() + grace;
+    let connection = Connection {
+        state,
+        peer: Some(peer),
+        identity: None,
+        awaiting_step_up: None,
+        upstream: Arc::new(UpstreamSlot::default()),
+        gate,
+        preauth: Some(preauth),
+        authenticated: authenticated.clone(),
+        failed_auth: false,
+    };
+    let started = tokio::time::timeout_at(
+        deadline,
+        russh::server::run_stream(config, stream, connection),
+    )
+    .await;
+    let running = match started {
+        Ok(Ok(running)) => running,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "SSH handshake failed");
+            return;
         }
-    }
-
-    fn handle_session_error(&mut self, error: russh::Error) {
-        tracing::debug!(%error, "connection ended with an error");
+        Err(_) => {
+            tracing::info!(%peer, "closed: no SSH handshake within the login grace time");
+            return;
+        }
+    };
+    let handle = running.handle();
+    let grace_over = async {
+        tokio::time::sleep_until(deadline).await;
+        if authenticated.load(Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = running => {
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        }
+        _ = grace_over => {
+            tracing::info!(%peer, "closed: not authenticated within the login grace time");
+            let _ = handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    "authentication took too long".into(),
+                    String::new(),
+                )
+                .await;
+        }
     }
 }
 
@@ -67,9 +108,42 @@ pub struct Connection {
     awaiting_step_up: Option<StepUp>,
     /// The upstream SSH connection, shared by this connection's channels.
     upstream: Arc<UpstreamSlot>,
+    gate: Arc<Gate>,
+    /// The pre-authentication slot, released on success.
+    preauth: Option<Preauth>,
+    authenticated: Arc<AtomicBool>,
+    /// Some authentication attempt failed (counted once, when the connection ends
+    /// unauthenticated).
+    failed_auth: bool,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.authenticated.load(Ordering::Acquire) || !self.failed_auth {
+            return;
+        }
+        let Some(peer) = self.peer else { return };
+        if self.gate.auth_failed(peer.ip(), std::time::Instant::now()) {
+            tracing::warn!(source = %peer.ip(), "too many failed authentications; source locked out");
+            self.state.audit(
+                AuditEvent::new("preauth.lockout", "portcullis", Utc::now())
+                    .detail("source", peer.ip().to_string())
+                    .detail("seconds", self.gate.limits().lockout.as_secs()),
+            );
+        }
+    }
 }
 
 impl Connection {
+    /// Authentication succeeded: free the pre-auth slot, stop the grace timer.
+    fn authenticated(&mut self, identity: Identity) {
+        self.identity = Some(Arc::new(identity));
+        self.authenticated.store(true, Ordering::Release);
+        if let Some(mut preauth) = self.preauth.take() {
+            preauth.release();
+        }
+    }
+
     fn known_user(&self, key: &PublicKey) -> Option<String> {
         self.state
             .policy()
@@ -172,6 +246,7 @@ impl russh::server::Handler for Connection {
         Ok(match self.known_user(offer.public_key) {
             Some(_) => Auth::Accept,
             None => {
+                self.failed_auth = true;
                 self.audit_auth("auth.failure", "-", offer.public_key, user);
                 Auth::reject()
             }
@@ -186,6 +261,7 @@ impl russh::server::Handler for Connection {
         let fp = fingerprint(key.public_key);
         let Some(user) = self.known_user(key.public_key) else {
             tracing::warn!(peer = %self.peer(), key = %fp, username, "authentication refused: unknown key");
+            self.failed_auth = true;
             self.audit_auth("auth.failure", "-", key.public_key, username);
             return Ok(Auth::reject());
         };
@@ -203,12 +279,8 @@ impl russh::server::Handler for Connection {
         }
         tracing::info!(peer = %self.peer(), %user, key = %fp, username, "authenticated");
         self.audit_auth("auth.success", &user, key.public_key, username);
-        self.identity = Some(Arc::new(Identity::new(
-            user,
-            Route::parse(username),
-            self.peer,
-            None,
-        )));
+        let identity = Identity::new(user, Route::parse(username), self.peer, None);
+        self.authenticated(identity);
         Ok(Auth::Accept)
     }
 
@@ -245,6 +317,7 @@ impl russh::server::Handler for Connection {
         };
         self.audit_step_up(&user, username, &verdict, now);
         if verdict != Verdict::Accepted {
+            self.failed_auth = true;
             tracing::warn!(peer = %self.peer(), %user, username, result = %verdict.explain(&user), "TOTP step-up failed");
             return Ok(Auth::Reject {
                 proceed_with_methods: Some(MethodSet::from(&[MethodKind::KeyboardInteractive][..])),
@@ -253,12 +326,8 @@ impl russh::server::Handler for Connection {
         }
         tracing::info!(peer = %self.peer(), %user, username, "authenticated with TOTP step-up");
         self.awaiting_step_up = None;
-        self.identity = Some(Arc::new(Identity::new(
-            user,
-            Route::parse(username),
-            self.peer,
-            Some(now),
-        )));
+        let identity = Identity::new(user, Route::parse(username), self.peer, Some(now));
+        self.authenticated(identity);
         Ok(Auth::Accept)
     }
 

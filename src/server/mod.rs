@@ -2,6 +2,7 @@
 //! session channel to the control plane or to the proxy.
 
 mod channel;
+mod gate;
 mod handler;
 mod route;
 mod upkeep;
@@ -10,10 +11,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use russh::server::Server as _;
-use russh::{cipher, kex, Preferred};
+use russh::{cipher, kex, mac, Preferred};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
 use crate::audit::AuditEvent;
 use crate::config::Config;
@@ -29,6 +30,7 @@ pub use channel::{
     ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start, CTRL_C,
     CTRL_D,
 };
+pub use gate::{Gate, Limits, Preauth, Refusal};
 pub use route::{InvalidUsername, Route, CONTROL_USER};
 
 /// Everything connections share: configuration, keys, the current policy and the
@@ -41,6 +43,36 @@ pub struct State {
     pub grants: Grants,
     pub recorder: Arc<Recorder>,
     pub totp: Totp,
+    /// Where the bastion is in its life; sessions watch it to end gracefully.
+    pub phase: watch::Sender<Phase>,
+    /// Proxied sessions running now.
+    pub live_sessions: watch::Sender<usize>,
+}
+
+/// The bastion's life cycle, as sessions see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Running,
+    /// SIGTERM received: no new connections; live sessions were told and may finish.
+    Draining,
+    /// The grace period is over: remaining sessions are closed now.
+    Closing,
+}
+
+/// Counts a proxied session for graceful shutdown while it lives.
+pub struct LiveSession<'a>(&'a watch::Sender<usize>);
+
+impl<'a> LiveSession<'a> {
+    pub fn new(counter: &'a watch::Sender<usize>) -> LiveSession<'a> {
+        counter.send_modify(|n| *n += 1);
+        LiveSession(counter)
+    }
+}
+
+impl Drop for LiveSession<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl State {
@@ -64,6 +96,8 @@ impl State {
             policy: RwLock::new(Arc::new(policy)),
             store,
             totp,
+            phase: watch::channel(Phase::Running).0,
+            live_sessions: watch::channel(0).0,
         }
     }
 
@@ -89,17 +123,32 @@ impl State {
 /// AEAD ciphers only. The cipher order only matters where portcullis is the SSH
 /// client (towards targets; the client's order wins a negotiation), and there it puts
 /// AES-GCM first only when the CPU has AES instructions, ChaCha20-Poly1305 otherwise.
-pub fn preferred_algorithms() -> Preferred {
+///
+/// curve25519 stays behind ML-KEM unless `post_quantum_only`: OpenSSH before 9.9
+/// (Debian 12 ships 9.2) has no ML-KEM, and russh has no sntrup761.
+pub fn preferred_algorithms(post_quantum_only: bool) -> Preferred {
+    const WITH_CLASSIC: &[kex::Name] = &[
+        kex::MLKEM768X25519_SHA256,
+        kex::CURVE25519,
+        kex::CURVE25519_PRE_RFC_8731,
+        kex::EXTENSION_SUPPORT_AS_SERVER,
+        kex::EXTENSION_SUPPORT_AS_CLIENT,
+        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+    ];
+    const PQ_ONLY: &[kex::Name] = &[
+        kex::MLKEM768X25519_SHA256,
+        kex::EXTENSION_SUPPORT_AS_SERVER,
+        kex::EXTENSION_SUPPORT_AS_CLIENT,
+        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
+    ];
     Preferred {
-        kex: std::borrow::Cow::Borrowed(&[
-            kex::MLKEM768X25519_SHA256,
-            kex::CURVE25519,
-            kex::CURVE25519_PRE_RFC_8731,
-            kex::EXTENSION_SUPPORT_AS_SERVER,
-            kex::EXTENSION_SUPPORT_AS_CLIENT,
-            kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
-            kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
-        ]),
+        kex: std::borrow::Cow::Borrowed(if post_quantum_only {
+            PQ_ONLY
+        } else {
+            WITH_CLASSIC
+        }),
         cipher: std::borrow::Cow::Borrowed(if has_aes_hardware() {
             &[
                 cipher::AES_256_GCM,
@@ -113,6 +162,9 @@ pub fn preferred_algorithms() -> Preferred {
                 cipher::AES_128_GCM,
             ]
         }),
+        // Only AEAD ciphers are offered, so no MAC is ever used; the list is still
+        // advertised, and encrypt-then-MAC is the only kind worth advertising.
+        mac: std::borrow::Cow::Borrowed(&[mac::HMAC_SHA512_ETM, mac::HMAC_SHA256_ETM]),
         ..Preferred::default()
     }
 }
@@ -141,7 +193,7 @@ fn has_aes_hardware() -> bool {
 pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
 pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
 
-fn russh_config(keys: &KeySet) -> russh::server::Config {
+fn russh_config(keys: &KeySet, post_quantum_only: bool) -> russh::server::Config {
     russh::server::Config {
         server_id: russh::SshId::Standard(
             format!("SSH-2.0-portcullis_{}", env!("CARGO_PKG_VERSION")).into(),
@@ -159,7 +211,7 @@ fn russh_config(keys: &KeySet) -> russh::server::Config {
         keys: vec![keys.host.clone()],
         window_size: WINDOW_SIZE,
         maximum_packet_size: MAX_PACKET_SIZE,
-        preferred: preferred_algorithms(),
+        preferred: preferred_algorithms(post_quantum_only),
         max_auth_attempts: 6,
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
@@ -186,7 +238,7 @@ pub async fn serve(config: Config) -> Result<()> {
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let russh_config = Arc::new(russh_config(&keys));
+    let russh_config = Arc::new(russh_config(&keys, config.post_quantum_only));
     tracing::info!(
         listen = %listener.local_addr()?,
         users = policy.users.len(),
@@ -203,18 +255,74 @@ pub async fn serve(config: Config) -> Result<()> {
     if let Some(retention) = state.config.recordings_retention {
         tokio::spawn(upkeep::prune_recordings(state.clone(), retention));
     }
-    let mut server = handler::Acceptor::new(state.clone());
-    let running = server.run_on_socket(russh_config, &listener);
-    let shutdown = running.handle();
+    let gate = Gate::new(state.config.limits.clone());
     tokio::select! {
-        result = running => result.context("server stopped")?,
-        _ = termination() => {
-            tracing::info!("shutting down");
-            shutdown.shutdown("portcullis is shutting down".into());
+        _ = accept(listener, state.clone(), russh_config, gate) => {}
+        _ = termination() => {}
+    }
+    drain(&state).await;
+    state.store.flush().context("cannot flush the database")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Accepts connections, refusing at the door what the pre-auth limits do not allow.
+async fn accept(
+    listener: TcpListener,
+    state: Arc<State>,
+    config: Arc<russh::server::Config>,
+    gate: Arc<Gate>,
+) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: back off, do not spin.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        match gate.admit(peer.ip(), std::time::Instant::now()) {
+            Ok(preauth) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(handler::drive(
+                    state.clone(),
+                    config.clone(),
+                    gate.clone(),
+                    stream,
+                    peer,
+                    preauth,
+                ));
+            }
+            Err(refusal) => tracing::debug!(%peer, ?refusal, "connection refused at the door"),
         }
     }
-    state.store.flush().context("cannot flush the database")?;
-    Ok(())
+}
+
+/// Graceful shutdown: tell live sessions, let them finish within `shutdown_grace`,
+/// then close the rest (which ends and stores their recordings).
+async fn drain(state: &State) {
+    let live = *state.live_sessions.borrow();
+    let grace = state.config.shutdown_grace;
+    tracing::info!(live_sessions = live, grace = ?grace, "shutting down: no new connections");
+    state.audit(
+        AuditEvent::new("bastion.shutdown", "portcullis", chrono::Utc::now())
+            .detail("live_sessions", live),
+    );
+    state.phase.send_replace(Phase::Draining);
+    let mut sessions = state.live_sessions.subscribe();
+    let all_done = tokio::time::timeout(grace, sessions.wait_for(|n| *n == 0))
+        .await
+        .is_ok();
+    if !all_done {
+        tracing::info!(
+            live_sessions = *state.live_sessions.borrow(),
+            "grace period over; closing sessions"
+        );
+        state.phase.send_replace(Phase::Closing);
+        let _ = tokio::time::timeout(Duration::from_secs(10), sessions.wait_for(|n| *n == 0)).await;
+    }
 }
 
 async fn termination() {
