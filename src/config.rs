@@ -60,6 +60,7 @@ struct RawConfig {
     shutdown_grace: Option<String>,
     limits: Option<Limits>,
     post_quantum_only: Option<bool>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -89,6 +90,8 @@ pub struct Config {
     pub limits: Limits,
     /// Offer clients only post-quantum hybrid key exchange (needs OpenSSH ≥ 9.9).
     pub post_quantum_only: bool,
+    /// Where `/metrics` (Prometheus) and `/healthz` are served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -154,6 +157,7 @@ impl Config {
             shutdown_grace,
             limits: raw.limits.unwrap_or_default(),
             post_quantum_only: raw.post_quantum_only.unwrap_or(false),
+            metrics_listen: raw.metrics_listen,
         })
     }
 }

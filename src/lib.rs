@@ -10,6 +10,7 @@ pub mod control;
 pub mod duration;
 pub mod grant;
 pub mod keys;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod proxy;

@@ -106,6 +106,7 @@ pub async fn run(
             .detail("client", peer(context)),
     );
     let _live = LiveSession::new(&context.state.live_sessions);
+    context.state.metrics.sessions_total.inc();
     let channel_id = client.out.writer.id();
     let stop = async {
         tokio::select! {
@@ -126,6 +127,9 @@ pub async fn run(
         bytes_out = outcome.bytes_from_target,
         "session ended"
     );
+    let metrics = &context.state.metrics;
+    metrics.bytes_to_targets.inc_by(outcome.bytes_to_target);
+    metrics.bytes_from_targets.inc_by(outcome.bytes_from_target);
     let end = SessionEnd {
         exit_status: outcome.exit_status,
         exit_signal: outcome.exit_signal.clone(),
@@ -271,12 +275,15 @@ async fn open_target_channel(
         UpstreamAuth::Key => {
             let shared = context
                 .upstream
-                .get_or_connect(connect(
-                    shared_client_config(),
-                    &permit.target,
-                    &permit.login,
-                    Credential::Key(state.keys.upstream.clone()),
-                    state.config.connect_timeout,
+                .get_or_connect(timed(
+                    context,
+                    connect(
+                        shared_client_config(),
+                        &permit.target,
+                        &permit.login,
+                        Credential::Key(state.keys.upstream.clone()),
+                        state.config.connect_timeout,
+                    ),
                 ))
                 .await?;
             (shared, None, None)
@@ -285,12 +292,15 @@ async fn open_target_channel(
             let issued = session_certificate(context, permit, start, session)?;
             let openssh = issued.openssh();
             let own = Arc::new(
-                connect(
-                    shared_client_config(),
-                    &permit.target,
-                    &permit.login,
-                    Credential::Certificate(issued.key, Box::new(issued.certificate)),
-                    state.config.connect_timeout,
+                timed(
+                    context,
+                    connect(
+                        shared_client_config(),
+                        &permit.target,
+                        &permit.login,
+                        Credential::Certificate(issued.key, Box::new(issued.certificate)),
+                        state.config.connect_timeout,
+                    ),
                 )
                 .await?,
             );
@@ -310,6 +320,18 @@ async fn open_target_channel(
         connection,
         certificate,
     })
+}
+
+/// Runs an upstream connect, recording how long it took.
+async fn timed<T>(context: &ChannelContext, connecting: impl std::future::Future<Output = T>) -> T {
+    let started = std::time::Instant::now();
+    let result = connecting.await;
+    context
+        .state
+        .metrics
+        .upstream_connect_seconds
+        .observe(started.elapsed().as_secs_f64());
+    result
 }
 
 /// A session channel on a target, with what must live as long as it.

@@ -174,13 +174,23 @@ impl Overdraft {
 }
 
 /// Moves everything from a russh channel queue into `pipe` until the channel closes.
-pub async fn drain(mut reader: ChannelReadHalf, pipe: PipeTx) {
+pub async fn drain(mut reader: ChannelReadHalf, pipe: PipeTx) -> Drained {
     while let Some(msg) = reader.wait().await {
         let last = matches!(msg, ChannelMsg::Close);
         if !pipe.send(msg).await || last {
-            return;
+            return Drained::Closed;
         }
     }
+    Drained::Gone
+}
+
+/// How a drained channel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drained {
+    /// The peer closed the channel (or the other side stopped listening).
+    Closed,
+    /// The channel vanished without a close: its connection is gone.
+    Gone,
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::task::Poll;
 use russh::client;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 
-use super::pipe::{drain, pipe, Overdraft, PipeRx};
+use super::pipe::{drain, pipe, Drained, Overdraft, PipeRx};
 use crate::record::{SessionRecorder, Stream};
 use crate::server::{ClientChannel, ClientOut};
 
@@ -63,7 +63,7 @@ pub async fn relay(
     let mut bytes_to_target = 0;
     let stopped = {
         let client_side = async {
-            tokio::join!(
+            let (drained, ()) = tokio::join!(
                 drain(reader, to_target_tx),
                 write_to_target(
                     to_target_rx,
@@ -73,6 +73,7 @@ pub async fn relay(
                     &mut bytes_to_target
                 )
             );
+            drained
         };
         let target_side = async {
             tokio::join!(
@@ -90,12 +91,17 @@ pub async fn relay(
         let (mut client_side, mut target_side) = (pin!(client_side), pin!(target_side));
         let mut stopped_with = None;
         tokio::select! {
-            _ = &mut client_side => {
+            drained = &mut client_side => {
                 // The client closed its channel. Close the target's too, but keep relaying
                 // until the target confirms: sshd may still send the exit status, which
-                // OpenSSH clients (ControlMaster in particular) wait for.
+                // OpenSSH clients (ControlMaster in particular) wait for. A client whose
+                // connection vanished waits for nothing.
                 let _ = up_writer.close().await;
-                if tokio::time::timeout(CLOSE_GRACE, &mut target_side).await.is_err() {
+                let grace = match drained {
+                    Drained::Closed => CLOSE_GRACE,
+                    Drained::Gone => std::time::Duration::ZERO,
+                };
+                if tokio::time::timeout(grace, &mut target_side).await.is_err() {
                     tracing::debug!("target did not confirm the channel close in time");
                 }
             }

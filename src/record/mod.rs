@@ -361,6 +361,16 @@ impl Recorder {
         Ok((pruned, freed))
     }
 
+    /// Recorded bytes of live sessions not yet written to the store.
+    pub fn queued_bytes(&self) -> usize {
+        self.live
+            .lock()
+            .expect("recorder lock poisoned")
+            .values()
+            .map(|live| live.inner.lock().expect("recording lock poisoned").bytes)
+            .sum()
+    }
+
     fn forget(&self, id: u64) {
         self.live
             .lock()

@@ -34,6 +34,8 @@ pub struct Limits {
     /// Time allowed from TCP connect to successful authentication.
     #[serde(with = "humantime")]
     pub login_grace: Duration,
+    /// Session channels open at once on one connection (ControlMaster multiplexing).
+    pub channels_per_connection: usize,
 }
 
 impl Default for Limits {
@@ -46,6 +48,7 @@ impl Default for Limits {
             failure_window: Duration::from_secs(60),
             lockout: Duration::from_secs(300),
             login_grace: Duration::from_secs(30),
+            channels_per_connection: 64,
         }
     }
 }

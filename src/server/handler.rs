@@ -50,6 +50,7 @@ pub async fn drive(
         preauth: Some(preauth),
         authenticated: authenticated.clone(),
         failed_auth: false,
+        open_channels: Arc::new(()),
     };
     let started = tokio::time::timeout_at(
         deadline,
@@ -115,6 +116,9 @@ pub struct Connection {
     /// Some authentication attempt failed (counted once, when the connection ends
     /// unauthenticated).
     failed_auth: bool,
+    /// One clone per open session channel (its strong count, minus this one, is the
+    /// number of channels).
+    open_channels: Arc<()>,
 }
 
 impl Drop for Connection {
@@ -247,6 +251,7 @@ impl russh::server::Handler for Connection {
             Some(_) => Auth::Accept,
             None => {
                 self.failed_auth = true;
+                self.state.metrics.auth_failures.inc();
                 self.audit_auth("auth.failure", "-", offer.public_key, user);
                 Auth::reject()
             }
@@ -262,6 +267,7 @@ impl russh::server::Handler for Connection {
         let Some(user) = self.known_user(key.public_key) else {
             tracing::warn!(peer = %self.peer(), key = %fp, username, "authentication refused: unknown key");
             self.failed_auth = true;
+            self.state.metrics.auth_failures.inc();
             self.audit_auth("auth.failure", "-", key.public_key, username);
             return Ok(Auth::reject());
         };
@@ -318,6 +324,7 @@ impl russh::server::Handler for Connection {
         self.audit_step_up(&user, username, &verdict, now);
         if verdict != Verdict::Accepted {
             self.failed_auth = true;
+            self.state.metrics.auth_failures.inc();
             tracing::warn!(peer = %self.peer(), %user, username, result = %verdict.explain(&user), "TOTP step-up failed");
             return Ok(Auth::Reject {
                 proceed_with_methods: Some(MethodSet::from(&[MethodKind::KeyboardInteractive][..])),
@@ -340,6 +347,11 @@ impl russh::server::Handler for Connection {
         let Some(identity) = self.identity.clone() else {
             return Ok(()); // dropping `reply` refuses the channel
         };
+        let limit = self.gate.limits().channels_per_connection;
+        if Arc::strong_count(&self.open_channels) > limit {
+            tracing::warn!(peer = %self.peer(), limit, "refused a session channel over the per-connection limit");
+            return Ok(());
+        }
         reply.accept().await;
         let context = ChannelContext {
             state: self.state.clone(),
@@ -347,7 +359,11 @@ impl russh::server::Handler for Connection {
             upstream: self.upstream.clone(),
             handle: session.handle(),
         };
-        tokio::spawn(serve_channel(context, channel));
+        let counted = self.open_channels.clone();
+        tokio::spawn(async move {
+            serve_channel(context, channel).await;
+            drop(counted);
+        });
         Ok(())
     }
 

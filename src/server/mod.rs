@@ -20,6 +20,7 @@ use crate::audit::AuditEvent;
 use crate::config::Config;
 use crate::grant::Grants;
 use crate::keys::KeySet;
+use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::policy::{self, Policy, PolicyErrors};
 use crate::record::Recorder;
@@ -47,6 +48,7 @@ pub struct State {
     pub phase: watch::Sender<Phase>,
     /// Proxied sessions running now.
     pub live_sessions: watch::Sender<usize>,
+    pub metrics: Metrics,
 }
 
 /// The bastion's life cycle, as sessions see it.
@@ -98,6 +100,7 @@ impl State {
             totp,
             phase: watch::channel(Phase::Running).0,
             live_sessions: watch::channel(0).0,
+            metrics: Metrics::default(),
         }
     }
 
@@ -254,6 +257,9 @@ pub async fn serve(config: Config) -> Result<()> {
     tokio::spawn(upkeep::anchor_audit_chain(state.clone()));
     if let Some(retention) = state.config.recordings_retention {
         tokio::spawn(upkeep::prune_recordings(state.clone(), retention));
+    }
+    if let Some(listen) = state.config.metrics_listen {
+        crate::metrics::serve(listen, state.clone())?;
     }
     let gate = Gate::new(state.config.limits.clone());
     tokio::select! {

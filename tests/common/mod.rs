@@ -524,6 +524,12 @@ impl Sshd {
         self.daemon.log()
     }
 
+    /// Process id of the listening sshd; it leads its process group, which also
+    /// holds the per-connection sshd processes.
+    pub fn pid(&self) -> u32 {
+        self.daemon.child.id()
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -673,6 +679,16 @@ impl Bastion {
     /// The bastion's process id (to send it signals).
     pub fn pid(&self) -> u32 {
         self.daemon.child.id()
+    }
+
+    /// Waits up to `timeout` for the bastion to exit and returns how it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut status = None;
+        wait_until(timeout, || {
+            status = self.daemon.child.try_wait().expect("poll bastion");
+            status.is_some()
+        });
+        status
     }
 
     /// A stand-in while the real bastion restarts: a process that is already gone.
