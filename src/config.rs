@@ -201,6 +201,16 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/portcullis.toml");
+        let config = Config::load(Some(&path)).unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:2222");
+        assert_eq!(config.limits.connections_per_second, 10.0);
+        assert_eq!(config.recordings_retention, Some(Duration::from_secs(180 * 86400)));
+        assert!(config.metrics_listen.is_some());
+    }
+
+    #[test]
     fn paths_are_relative_to_the_config_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("portcullis.toml");
