@@ -206,7 +206,10 @@ mod tests {
         let config = Config::load(Some(&path)).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:2222");
         assert_eq!(config.limits.connections_per_second, 10.0);
-        assert_eq!(config.recordings_retention, Some(Duration::from_secs(180 * 86400)));
+        assert_eq!(
+            config.recordings_retention,
+            Some(Duration::from_secs(180 * 86400))
+        );
         assert!(config.metrics_listen.is_some());
     }
 

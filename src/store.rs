@@ -49,6 +49,8 @@ pub struct Store {
     users_state: sled::Tree,
     /// Serialises appends so each event links to the one before it.
     audit_append: Mutex<()>,
+    /// Fault injection: makes transcript writes fail, as a full disk would.
+    fail_batches: std::sync::atomic::AtomicBool,
 }
 
 impl Store {
@@ -68,6 +70,7 @@ impl Store {
             meta: db.open_tree("meta")?,
             users_state: db.open_tree("users_state")?,
             audit_append: Mutex::new(()),
+            fail_batches: std::sync::atomic::AtomicBool::new(false),
             db,
         })
     }
@@ -179,6 +182,11 @@ impl Store {
     }
 
     pub fn put_batch(&self, session: u64, index: u32, compressed: &[u8]) -> Result<()> {
+        if self.fail_batches.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(StoreError::Sled(sled::Error::Io(std::io::Error::other(
+                "injected write failure",
+            ))));
+        }
         self.chunks.insert(batch_key(session, index), compressed)?;
         Ok(())
     }
@@ -215,6 +223,13 @@ impl Store {
         self.users_state.insert(user.as_bytes(), to_json(state))?;
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Fault injection for tests of the fail-closed path: while `on`, every
+    /// transcript write fails like a full disk.
+    pub fn fail_batch_writes(&self, on: bool) {
+        self.fail_batches
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Forces everything written so far to disk.

@@ -150,6 +150,28 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The subcommand's name, for logs (never its arguments, which may be long).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Whoami { .. } => "whoami",
+            Command::Request { .. } => "request",
+            Command::Requests { .. } => "requests",
+            Command::Show { .. } => "show",
+            Command::Approve { .. } => "approve",
+            Command::Deny { .. } => "deny",
+            Command::Revoke { .. } => "revoke",
+            Command::Grants { .. } => "grants",
+            Command::Totp { .. } => "totp",
+            Command::Sessions { .. } => "sessions",
+            Command::Replay { .. } => "replay",
+            Command::Watch { .. } => "watch",
+            Command::Export { .. } => "export",
+            Command::Audit { .. } => "audit",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum TotpAction {
     /// Show a new secret (URL and QR code) and activate it with one code.

@@ -19,7 +19,8 @@ use russh::ChannelMsg;
 use crate::audit::AuditEvent;
 use crate::grant::{Grant, GrantState, Scope};
 use crate::server::{ChannelContext, ClientChannel, ClientOut, Start};
-use args::{AuditAction, Command, ControlArgs, TotpAction};
+pub use args::ControlArgs;
+use args::{AuditAction, Command, TotpAction};
 use requests::{to_json, Caller, Filter, RequestArgs};
 
 /// Longest command line the control plane reads, in bytes.
@@ -60,6 +61,50 @@ Connect to a target with: ssh -p PORT LOGIN@TARGET@BASTION (or TARGET@BASTION fo
 /// two words; the most common cause of an unexpected argument.
 const QUOTING_HINT: &str = "\n  note: ssh joins its arguments with spaces; quote the whole command, e.g.\n  ssh portcullis@BASTION \"request db-prod-1 --shell --reason 'INC-4411 disk full'\"\n";
 
+/// What a command line turned out to be.
+pub enum Parsed {
+    Command(ControlArgs),
+    /// Help was asked for: print this and exit 0.
+    Help(String),
+    /// Not a valid command: this says why and what to do.
+    Error(String),
+}
+
+/// Parses an exec command line (raw bytes from the client) into a command. Never
+/// panics, whatever the bytes; fuzzed and property-tested.
+pub fn parse(command: &[u8]) -> Parsed {
+    if command.len() > MAX_LINE {
+        return Parsed::Error(format!(
+            "the command line is {} bytes; the control plane accepts at most {MAX_LINE}",
+            command.len()
+        ));
+    }
+    let Some(words) = std::str::from_utf8(command).ok().and_then(shlex::split) else {
+        return Parsed::Error(
+            "cannot parse the command line: use UTF-8 and balanced quotes".into(),
+        );
+    };
+    if matches!(
+        words.first().map(String::as_str),
+        None | Some("help") | Some("--help")
+    ) {
+        return Parsed::Help(HELP.to_string());
+    }
+    match ControlArgs::try_parse_from(&words) {
+        Ok(args) => Parsed::Command(args),
+        Err(err) if err.kind() == clap::error::ErrorKind::DisplayHelp => {
+            Parsed::Help(err.render().to_string())
+        }
+        Err(err) => {
+            let mut message = err.render().to_string();
+            if err.kind() == clap::error::ErrorKind::UnknownArgument {
+                message.push_str(QUOTING_HINT);
+            }
+            Parsed::Error(message.trim_end().to_string())
+        }
+    }
+}
+
 /// Runs one control-plane command on a session channel.
 pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Start) {
     let out = &client.out;
@@ -75,53 +120,20 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
             return;
         }
     };
-    if command.len() > MAX_LINE {
-        out.fail(
-            &format!(
-                "the command line is {} bytes; the control plane accepts at most {MAX_LINE}",
-                command.len()
-            ),
-            1,
-        )
-        .await;
-        return;
-    }
-    let Some(words) = std::str::from_utf8(&command).ok().and_then(shlex::split) else {
-        out.fail(
-            "cannot parse the command line: use UTF-8 and balanced quotes",
-            1,
-        )
-        .await;
-        return;
-    };
-    let user = context.identity.user.as_str();
-    tracing::info!(user, command = ?words.first(), "control command");
-    if matches!(
-        words.first().map(String::as_str),
-        None | Some("help") | Some("--help")
-    ) {
-        out.stdout(HELP).await;
-        out.exit(0).await;
-        return;
-    }
-    let args = match ControlArgs::try_parse_from(&words) {
-        Ok(args) => args,
-        Err(err) if err.kind() == clap::error::ErrorKind::DisplayHelp => {
-            out.stdout(&err.render().to_string()).await;
+    let args = match parse(&command) {
+        Parsed::Command(args) => args,
+        Parsed::Help(text) => {
+            out.stdout(&text).await;
             out.exit(0).await;
             return;
         }
-        Err(err) => {
-            let mut message = err.render().to_string();
-            if err.kind() == clap::error::ErrorKind::UnknownArgument {
-                message.push_str(QUOTING_HINT);
-            }
-            out.stderr(&format!("portcullis: {}\n", message.trim_end()))
-                .await;
-            out.exit(1).await;
+        Parsed::Error(message) => {
+            out.fail(&message, 1).await;
             return;
         }
     };
+    let user = context.identity.user.as_str();
+    tracing::info!(user, command = ?args.command.name(), "control command");
     let caller = Caller {
         user,
         state: &context.state,
@@ -414,4 +426,42 @@ fn whoami(caller: &Caller, json: bool) -> requests::Reply {
         ));
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_parse_into_commands_help_or_errors() {
+        assert!(matches!(
+            parse(b"approve 7f3a9c --comment 'ok then'"),
+            Parsed::Command(_)
+        ));
+        assert!(matches!(parse(b""), Parsed::Help(_)));
+        assert!(matches!(parse(b"approve --help"), Parsed::Help(_)));
+        let Parsed::Error(message) = parse(b"request db --reason two words") else {
+            panic!("unquoted words are an error")
+        };
+        assert!(message.contains("quote the whole command"), "{message}");
+        assert!(matches!(parse(b"\xff\xfe"), Parsed::Error(_)));
+        assert!(matches!(parse(&vec![b'a'; MAX_LINE + 1]), Parsed::Error(_)));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_command_line_parses_without_panicking(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            let _ = parse(&bytes);
+        }
+
+        #[test]
+        fn any_words_parse_without_panicking(words in proptest::collection::vec(".{0,12}", 0..8)) {
+            let line = words
+                .iter()
+                .map(|w| shlex::try_quote(w).map(|q| q.into_owned()).unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join(" ");
+            let _ = parse(line.as_bytes());
+        }
+    }
 }

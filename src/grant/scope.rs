@@ -279,4 +279,38 @@ mod tests {
         assert_eq!(pattern_problem("systemctl restart *"), None);
         assert!(pattern_problem("a; b *").is_some());
     }
+
+    proptest::proptest! {
+        /// Whatever the pattern, a command with shell control syntax never matches.
+        #[test]
+        fn control_syntax_never_matches(
+            pattern in "[a-z*/ .-]{0,40}",
+            before in "[a-z0-9 /.-]{0,20}",
+            operator in proptest::sample::select(vec![";", "&&", "||", "|", "`", "$(", ">", "<", "\n", "&", "\\"]),
+            after in "[a-z0-9 /.-]{0,20}",
+        ) {
+            let command = format!("{before}{operator}{after}");
+            proptest::prop_assert!(!command_matches(&pattern, &command));
+            proptest::prop_assert!(!command_matches("*", &command));
+            proptest::prop_assert!(!command_matches("* *", &command));
+        }
+
+        /// `*` matches within one word only: a pattern of N words matches only
+        /// commands of N words.
+        #[test]
+        fn star_never_crosses_words(words in proptest::collection::vec("[a-z0-9./-]{1,8}", 1..6)) {
+            let command = words.join(" ");
+            let stars = vec!["*"; words.len()].join(" ");
+            proptest::prop_assert!(command_matches(&stars, &command));
+            let fewer = vec!["*"; words.len() - 1].join(" ");
+            proptest::prop_assert!(!command_matches(&fewer, &command));
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(pattern in ".{0,60}", command in ".{0,60}") {
+            let _ = command_matches(&pattern, &command);
+            let _ = pattern_within(&pattern, &command);
+            let _ = plain_words_problem(&command);
+        }
+    }
 }

@@ -531,4 +531,23 @@ mod tests {
         assert_eq!(normalize_address("host:0"), None);
         assert_eq!(normalize_address("a b"), None);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Any file content is either a policy or a list of errors, never a panic.
+        #[test]
+        fn any_policy_text_loads_or_is_refused(
+            users in ".{0,200}",
+            targets in "(\\[targets\\.[a-z]{1,4}\\]\n)?([a-z_]{1,8} = (\"[^\"\n]{0,20}\"|\\[\\]|[0-9]{1,3})\n){0,5}",
+            flows in "(\\[\\[flows\\]\\]\n)?([a-z_]{1,12} = (\"[^\"\n]{0,20}\"|\\[\"[a-z:]{1,10}\"\\]|true|[0-9]{1,2})\n){0,6}",
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            write(dir.path(), "users.toml", &users);
+            write(dir.path(), "targets.toml", &targets);
+            write(dir.path(), "flows.toml", &flows);
+            if let Err(errors) = load_dir(dir.path()) {
+                proptest::prop_assert!(!errors.to_string().is_empty());
+            }
+        }
+    }
 }

@@ -28,6 +28,11 @@ use tokio::task::JoinHandle;
 use crate::store::{Store, StoreError};
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
 
+/// Decompresses and decodes one stored batch (for tools and fuzzing).
+pub fn decode_stored(stored: &[u8]) -> Result<Vec<Chunk>, TranscriptError> {
+    transcript::decode(&transcript::decompress(stored)?)
+}
+
 /// Longest time a recorded chunk stays only in memory: what a crash can lose.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -583,4 +588,69 @@ async fn write_batch(
     record.transcript_bytes += plain;
     record.stored_bytes += compressed.len() as u64;
     store.save_session(record).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: u64) -> SessionInfo {
+        SessionInfo {
+            id,
+            certificate: None,
+            user: "alice".into(),
+            target: "db".into(),
+            login: "postgres".into(),
+            grant: "abcdef".into(),
+            client: "127.0.0.1:5000".into(),
+            kind: "shell".into(),
+            command: None,
+            term: Some("xterm".into()),
+            cols: 80,
+            rows: 24,
+            file_transfer: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_recording_that_cannot_be_written_fails_the_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let recorder = Arc::new(Recorder::new(store.clone(), true, false));
+        let session = recorder.start(info(1)).unwrap();
+        session
+            .output(Stream::Stdout, &Bytes::from_static(b"before\r\n"))
+            .await;
+        store.fail_batch_writes(true);
+        session
+            .output(Stream::Stdout, &Bytes::from_static(b"after\r\n"))
+            .await;
+        let reason = tokio::time::timeout(Duration::from_secs(2), session.failed())
+            .await
+            .expect("the failure is noticed within a flush interval");
+        assert!(reason.contains("injected write failure"), "{reason}");
+        let error = session.finish(SessionEnd::default()).await.unwrap_err();
+        assert!(error.contains("injected"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_recording_is_flushed_within_the_interval_and_replayable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let recorder = Arc::new(Recorder::new(store.clone(), true, false));
+        let session = recorder.start(info(7)).unwrap();
+        session.input(&Bytes::from_static(b"ls\r")).await;
+        session
+            .output(Stream::Stdout, &Bytes::from_static(b"file\r\n"))
+            .await;
+        tokio::time::sleep(FLUSH_INTERVAL * 2).await;
+        assert_eq!(
+            recorder.chunks(7).unwrap().len(),
+            2,
+            "on disk before the end"
+        );
+        let record = session.finish(SessionEnd::default()).await.unwrap();
+        assert_eq!(record.state, SessionState::Closed);
+        assert_eq!(record.digest.unwrap(), recorder.digest_of(7).unwrap());
+    }
 }

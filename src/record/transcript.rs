@@ -180,4 +180,29 @@ mod tests {
         assert!(decode(&batch[..batch.len() - 1]).is_err());
         assert!(decompress(b"not zstd").is_err());
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode(&bytes);
+            let _ = decompress(&bytes);
+        }
+
+        #[test]
+        fn chunks_round_trip(chunks in proptest::collection::vec(
+            (proptest::num::u64::ANY, 0u8..4, proptest::collection::vec(proptest::num::u8::ANY, 0..64)),
+            0..20,
+        )) {
+            let chunks: Vec<Chunk> = chunks
+                .into_iter()
+                .map(|(offset_us, code, data)| Chunk {
+                    offset_us,
+                    stream: Stream::from_code(code).unwrap(),
+                    data: Bytes::from(data),
+                })
+                .collect();
+            let stored = compress_chunks(&chunks);
+            proptest::prop_assert_eq!(decode(&decompress(&stored).unwrap()).unwrap(), chunks);
+        }
+    }
 }

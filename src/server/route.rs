@@ -96,4 +96,25 @@ mod tests {
         let message = Route::parse(&long).unwrap_err().to_string();
         assert!(message.len() < 300, "error messages stay short");
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_username_parses_or_is_refused_without_panicking(name in ".{0,300}") {
+            let _ = Route::parse(&name);
+        }
+
+        #[test]
+        fn well_formed_usernames_round_trip(
+            login in "[a-z_][a-z0-9_-]{0,31}",
+            target in "[a-z0-9][a-z0-9.-]{0,40}",
+        ) {
+            match Route::parse(&format!("{login}@{target}")) {
+                Ok(Route::Target { target: t, login: Some(l) }) => {
+                    proptest::prop_assert_eq!(t, target);
+                    proptest::prop_assert_eq!(l, login);
+                }
+                other => proptest::prop_assert!(false, "{other:?}"),
+            }
+        }
+    }
 }
