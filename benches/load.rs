@@ -88,7 +88,7 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "\n{:>5} {:>11} {:>11} {:>13} {:>13} {:>11} {:>11} {:>12} {:>12} {:>10}",
+        "\n{:>5} {:>11} {:>11} {:>14} {:>14} {:>10} {:>10} {:>6} {:>12} {:>15}",
         "N",
         "direct p50",
         "direct p99",
@@ -98,7 +98,7 @@ fn main() {
         "added p99",
         "CPU %",
         "RSS/session",
-        "setup/s"
+        "setup/s dir/pc"
     );
     for n in sizes {
         let world = World::start();
@@ -135,13 +135,13 @@ fn main() {
             percentile(&mut ours.latencies_ms, 99.0),
         );
         println!(
-            "{n:>5} {d50:>9.2}ms {d99:>9.2}ms {p50:>11.2}ms {p99:>11.2}ms {:>9.2}ms {:>9.2}ms {cpu:>11.0}% {:>8.0} KiB {:>10.0}",
+            "{n:>5} {d50:>9.2}ms {d99:>9.2}ms {p50:>12.2}ms {p99:>12.2}ms {:>8.2}ms {:>8.2}ms {cpu:>5.0}% {:>8.0} KiB {:>7.0} / {:<5.0}",
             p50 - d50,
             p99 - d99,
             per_session_kib,
+            base.setup_per_second,
             ours.setup_per_second
         );
-        let _ = base.setup_per_second;
     }
     println!("\nCPU % is the bastion's (100% = one core) while the portcullis sessions ran.");
     println!(

@@ -330,7 +330,7 @@ fn a_bastion_crash_leaves_an_interrupted_but_replayable_session() {
         tmux.screen()
     );
     // Longer than the flush interval, so the output is on disk.
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2500));
     w.restart_bastion(); // SIGKILL
     let session = single_session(&w);
     assert_eq!(session["state"], "interrupted");

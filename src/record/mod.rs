@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use rand::RngExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::store::{Store, StoreError};
@@ -34,13 +35,16 @@ pub fn decode_stored(stored: &[u8]) -> Result<Vec<Chunk>, TranscriptError> {
 }
 
 /// Longest time a recorded chunk stays only in memory: what a crash can lose.
-pub const FLUSH_INTERVAL: Duration = Duration::from_millis(500);
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A batch this big is flushed at once rather than at the next interval.
 const BATCH_BYTES: usize = 1024 * 1024;
 
 /// Unflushed bytes per session beyond which the relay waits for the flusher.
 const PENDING_CAP: usize = 8 * 1024 * 1024;
+
+/// Batch writes (compression plus sled insert) in flight at once.
+const WRITERS: usize = 2;
 
 /// Chunks a live watcher may fall behind before it is told it missed some.
 const WATCH_BACKLOG: usize = 4096;
@@ -150,6 +154,9 @@ pub struct SessionEnd {
 /// All recordings: starts sessions, finds live ones for `watch`, reads transcripts.
 pub struct Recorder {
     store: Arc<Store>,
+    /// Batches being compressed and written at once, across all sessions: bounded so
+    /// that a burst of flushes queues instead of taking every core from the relay.
+    writers: Arc<Semaphore>,
     record_input: bool,
     record_file_transfers: bool,
     live: Mutex<HashMap<u64, Arc<Live>>>,
@@ -188,6 +195,7 @@ impl Recorder {
     pub fn new(store: Arc<Store>, record_input: bool, record_file_transfers: bool) -> Recorder {
         Recorder {
             store,
+            writers: Arc::new(Semaphore::new(WRITERS)),
             record_input,
             record_file_transfers,
             live: Mutex::new(HashMap::new()),
@@ -245,7 +253,12 @@ impl Recorder {
             .lock()
             .expect("recorder lock poisoned")
             .insert(record.id, live.clone());
-        let flusher = tokio::spawn(flush_loop(self.store.clone(), live.clone(), record.clone()));
+        let flusher = tokio::spawn(flush_loop(
+            self.store.clone(),
+            self.writers.clone(),
+            live.clone(),
+            record.clone(),
+        ));
         Ok(SessionRecorder {
             recorder: self.clone(),
             id: record.id,
@@ -343,6 +356,14 @@ impl Recorder {
             }
             session.state = SessionState::Interrupted;
             session.digest = Some(self.digest_of(session.id)?);
+            let batches = self.store.batches(session.id)?;
+            session.batches = batches.len() as u32;
+            session.stored_bytes = batches.iter().map(|b| b.len() as u64).sum();
+            session.transcript_bytes = self
+                .chunks(session.id)?
+                .iter()
+                .map(|c| c.data.len() as u64)
+                .sum();
             self.store.save_session(&session)?;
             recovered.push(session);
         }
@@ -523,11 +544,20 @@ struct Flushed {
 }
 
 /// Writes a session's batches until it is finished (or the store fails).
-async fn flush_loop(store: Arc<Store>, live: Arc<Live>, mut record: SessionRecord) -> Flushed {
+async fn flush_loop(
+    store: Arc<Store>,
+    writers: Arc<Semaphore>,
+    live: Arc<Live>,
+    mut record: SessionRecord,
+) -> Flushed {
     let mut digest = TranscriptDigest::default();
+    // Sessions that start together must not flush together: a random phase spreads
+    // hundreds of flushers over the interval instead of waking them in one burst.
+    let phase = FLUSH_INTERVAL.mul_f64(rand::rng().random::<f64>());
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + phase, FLUSH_INTERVAL);
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(FLUSH_INTERVAL) => {}
+            _ = ticks.tick() => {}
             _ = live.flush_now.notified() => {}
         }
         let (chunks, finished) = {
@@ -535,7 +565,14 @@ async fn flush_loop(store: Arc<Store>, live: Arc<Live>, mut record: SessionRecor
             (pending.chunks.clone(), pending.finished)
         };
         if !chunks.is_empty() {
-            if let Err(error) = write_batch(&store, &mut record, &mut digest, &chunks).await {
+            let written = {
+                let _writer = writers
+                    .acquire()
+                    .await
+                    .expect("the writer semaphore is never closed");
+                write_batch(&store, &mut record, &mut digest, &chunks).await
+            };
+            if let Err(error) = written {
                 tracing::error!(session = record.id, %error, "cannot write recording; ending the session");
                 live.failure
                     .send_replace(Some(format!("the recording cannot be written ({error})")));
@@ -564,7 +601,10 @@ async fn flush_loop(store: Arc<Store>, live: Arc<Live>, mut record: SessionRecor
     }
 }
 
-/// Frames, compresses and stores one batch, and the progress in the session record.
+/// Frames, compresses and stores one batch; counts it in the in-memory record. (The
+/// stored record is written at the start and the end only: a crash recovery
+/// recounts the batches, and one write per flush would cost a sled write per
+/// session per interval.)
 async fn write_batch(
     store: &Arc<Store>,
     record: &mut SessionRecord,
@@ -587,7 +627,7 @@ async fn write_batch(
     record.batches += 1;
     record.transcript_bytes += plain;
     record.stored_bytes += compressed.len() as u64;
-    store.save_session(record).map_err(|e| e.to_string())
+    Ok(())
 }
 
 #[cfg(test)]

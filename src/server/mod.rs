@@ -238,17 +238,8 @@ pub async fn serve(config: Config) -> Result<()> {
             config.data_dir.display()
         )
     })?);
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
     let russh_config = Arc::new(russh_config(&keys, config.post_quantum_only));
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        users = policy.users.len(),
-        targets = policy.targets.len(),
-        flows = policy.flows.len(),
-        "portcullis listening"
-    );
+    let (users, targets, flows) = (policy.users.len(), policy.targets.len(), policy.flows.len());
     let totp = Totp::open(&config.data_dir, store.clone())?;
     let state = Arc::new(State::new(config, keys, policy, store, totp));
     mark_interrupted_sessions(&state)?;
@@ -261,6 +252,18 @@ pub async fn serve(config: Config) -> Result<()> {
     if let Some(listen) = state.config.metrics_listen {
         crate::metrics::serve(listen, state.clone())?;
     }
+    // The SSH port opens last: once it accepts, everything behind it is ready.
+    let listen = state.config.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        users,
+        targets,
+        flows,
+        "portcullis listening"
+    );
     let gate = Gate::new(state.config.limits.clone());
     tokio::select! {
         _ = accept(listener, state.clone(), russh_config, gate) => {}
