@@ -196,16 +196,7 @@ fn sessions_filter_by_user_target_time_activity_and_output() {
     }
     let err = w.control_as(&w.dave, &["replay", "x; id"]);
     assert_failure_mentions(&err, "bad id", &["is not a session id"]);
-    let audit = w.ok(&w.dave, &["audit", "--json"]);
-    let kinds: Vec<String> = audit
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["kind"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let kinds = w.audit_kinds();
     for kind in [
         "auth.success",
         "request.created",

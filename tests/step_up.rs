@@ -87,19 +87,6 @@ print("%06d" % ((struct.unpack(">I", mac[o:o + 4])[0] & 0x7FFFFFFF) % 1000000))
     path
 }
 
-fn audit_kinds(world: &World) -> Vec<String> {
-    world
-        .ok(&world.dave, &["audit", "--json"])
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["kind"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
-}
-
 #[test]
 fn enrolment_needs_a_correct_confirmation_code() {
     let w = World::start();
@@ -137,7 +124,7 @@ fn enrolment_needs_a_correct_confirmation_code() {
         "{}",
         describe(&again)
     );
-    assert!(audit_kinds(&w).iter().any(|k| k == "totp.enrolled"));
+    assert!(w.audit_kinds().iter().any(|k| k == "totp.enrolled"));
 }
 
 /// `totp enroll` for an enrolled user: answers the "current code" question with
@@ -210,7 +197,7 @@ fn a_step_up_target_asks_for_the_code_and_refuses_wrong_or_replayed_ones() {
     let out = w.alice.ssh(&on("secure"), &["echo never"]);
     assert_eq!(out.status.code(), Some(255), "{}", describe(&out));
 
-    let kinds = audit_kinds(&w);
+    let kinds = w.audit_kinds();
     assert!(kinds.iter().any(|k| k == "stepup.success"), "{kinds:?}");
     assert!(
         kinds.iter().filter(|k| *k == "stepup.failure").count() >= 2,
@@ -259,7 +246,7 @@ fn five_wrong_codes_lock_the_step_up() {
         "{}",
         w.logs()
     );
-    assert!(audit_kinds(&w).iter().any(|k| k == "stepup.locked"));
+    assert!(w.audit_kinds().iter().any(|k| k == "stepup.locked"));
     assert!(w.ok(&w.alice, &["totp", "status"]).contains("locked until"));
 }
 

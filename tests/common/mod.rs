@@ -1221,6 +1221,17 @@ impl World {
         text(&out.stdout)
     }
 
+    /// The kinds of all audit events, in order, as the auditor dave sees them.
+    pub fn audit_kinds(&self) -> Vec<String> {
+        self.ok(&self.dave, &["audit", "--json"])
+            .lines()
+            .map(|line| {
+                let event: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+                event["kind"].as_str().unwrap_or_default().to_string()
+            })
+            .collect()
+    }
+
     /// Runs a control-plane command as `client`. The words are quoted into one
     /// command line, as a user types `ssh portcullis@bastion "request db --reason 'a b'"`
     /// (ssh joins separate arguments with bare spaces).
