@@ -23,7 +23,7 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{login_user, World, TARGET};
+use common::{cpu_seconds, login_user, status_kib, World, TARGET};
 use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
 use russh::ChannelMsg;
@@ -105,7 +105,7 @@ fn main() {
         let key =
             Arc::new(russh::keys::load_secret_key(world.alice.key(), None).expect("alice's key"));
         let alice_pub = fs::read_to_string(world.alice.key().with_extension("pub")).unwrap();
-        append_authorized_key(world.sshd.dir(), &alice_pub);
+        world.sshd.authorize_key(&alice_pub);
         let direct = Endpoint {
             port: world.sshd.port(),
             user: login_user().to_string(),
@@ -252,34 +252,4 @@ fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples.sort_by(|a, b| a.total_cmp(b));
     let rank = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
     samples[rank]
-}
-
-fn append_authorized_key(sshd_dir: &std::path::Path, key: &str) {
-    let path = sshd_dir.join("authorized_keys");
-    let mut keys = fs::read_to_string(&path).expect("read authorized_keys");
-    keys.push_str(key.trim());
-    keys.push('\n');
-    fs::write(&path, keys).expect("write authorized_keys");
-}
-
-/// A `/proc/PID/status` field in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// User plus system CPU seconds of a process.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let Some(at) = stat.rfind(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat[at + 2..].split(' ').collect();
-    let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
 }

@@ -34,7 +34,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use common::{login_user, text, Sshd, World, WorldOptions, CONTROL_USER, TARGET};
+use common::{cpu_seconds, login_user, text, Sshd, World, WorldOptions, CONTROL_USER, TARGET};
 
 /// One way of reaching the target with the plain OpenSSH client.
 struct Route {
@@ -73,7 +73,7 @@ fn main() {
         .expect("read alice's public key");
     // Direct ssh and ProxyJump log in to the target with alice's own key; portcullis
     // uses its upstream key, which the target already trusts.
-    append_authorized_key(world.sshd.dir(), &alice_pub);
+    world.sshd.authorize_key(&alice_pub);
     let jump = Sshd::start(&world.path("jump"), &[alice_pub.trim().to_string()]);
     let client_config = write_client_config(&world.path("ssh_config"), world.alice.key());
     let routes = routes(&client_config, &world, &jump);
@@ -210,17 +210,6 @@ fn measured_download(world: &World, source: &str, mib: u64) -> (f64, f64) {
     (mib as f64 / seconds, cpu * 1024.0 / mib as f64)
 }
 
-/// User plus system CPU time of a process so far, from /proc.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/PID/stat");
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat[stat.rfind(')').expect("comm") + 2..]
-        .split(' ')
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    ticks / 100.0 // USER_HZ is 100 on Linux
-}
-
 /// Seconds for `scp -O` to fetch `source` through the world's bastion to /dev/null.
 fn scp_download(world: &World, source: &str) -> f64 {
     let started = Instant::now();
@@ -302,14 +291,6 @@ fn write_client_config(path: &Path, key: &Path) -> std::path::PathBuf {
     );
     fs::write(path, config).expect("write ssh_config");
     path.to_path_buf()
-}
-
-fn append_authorized_key(sshd_dir: &Path, key: &str) {
-    let path = sshd_dir.join("authorized_keys");
-    let mut keys = fs::read_to_string(&path).expect("read authorized_keys");
-    keys.push_str(key.trim());
-    keys.push('\n');
-    fs::write(&path, keys).expect("write authorized_keys");
 }
 
 /// Seconds to receive `bytes` from the target; checks that every byte arrived.

@@ -131,6 +131,8 @@ impl Config {
                 .with_context(|| format!("shutdown_grace = {text:?}"))?,
             None => Duration::from_secs(30),
         };
+        let limits = raw.limits.unwrap_or_default();
+        limits.check().map_err(anyhow::Error::msg)?;
         let recordings_retention = match raw.retention.and_then(|r| r.recordings) {
             Some(text) => Some(
                 crate::duration::parse(&text)
@@ -155,7 +157,7 @@ impl Config {
             log_format: raw.log_format.unwrap_or_default(),
             connect_timeout,
             shutdown_grace,
-            limits: raw.limits.unwrap_or_default(),
+            limits,
             post_quantum_only: raw.post_quantum_only.unwrap_or(false),
             metrics_listen: raw.metrics_listen,
         })

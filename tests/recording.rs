@@ -356,12 +356,8 @@ fn large_output_is_recorded_with_bounded_memory() {
     let received = std::io::copy(&mut stdout, &mut std::io::sink()).unwrap();
     assert!(child.wait().unwrap().success());
     assert_eq!(received, MIB << 20);
-    let status = fs::read_to_string(format!("/proc/{}/status", w.bastion.pid())).unwrap();
-    let peak_kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM");
+    let peak_kib = status_kib(w.bastion.pid(), "VmHWM:");
+    assert!(peak_kib > 0, "cannot read the bastion's peak RSS");
     assert!(
         wait_until(Duration::from_secs(10), || single_session(&w)["state"]
             == "closed"),

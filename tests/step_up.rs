@@ -433,34 +433,9 @@ fn direct_with_certificate(
         issued.openssh() + "\n",
     )
     .unwrap();
+    // OpenSSH offers KEY-cert.pub along with -i KEY.
     let port = world.cert_sshd.as_ref().unwrap().port();
-    run(Command::new("ssh")
-        .args([
-            "-F",
-            "/dev/null",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args([
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "LogLevel=ERROR",
-        ])
-        .arg("-i")
-        .arg(&key_path)
-        .args([
-            "-p",
-            &port.to_string(),
-            "-l",
-            login_user(),
-            "127.0.0.1",
-            "true",
-        ]))
+    Client::new(&key_path, port).ssh(login_user(), &["true"])
 }
 
 #[test]

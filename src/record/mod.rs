@@ -565,12 +565,14 @@ async fn flush_loop(
             (pending.chunks.clone(), pending.finished)
         };
         if !chunks.is_empty() {
+            let (count, bytes): (usize, usize) =
+                (chunks.len(), chunks.iter().map(|c| c.data.len()).sum());
             let written = {
                 let _writer = writers
                     .acquire()
                     .await
                     .expect("the writer semaphore is never closed");
-                write_batch(&store, &mut record, &mut digest, &chunks).await
+                write_batch(&store, &mut record, &mut digest, chunks).await
             };
             if let Err(error) = written {
                 tracing::error!(session = record.id, %error, "cannot write recording; ending the session");
@@ -583,10 +585,9 @@ async fn flush_loop(
                     error: Some(error),
                 };
             }
-            let written: usize = chunks.iter().map(|c| c.data.len()).sum();
             let mut pending = live.inner.lock().expect("recording lock poisoned");
-            pending.chunks.drain(..chunks.len());
-            pending.bytes -= written;
+            pending.chunks.drain(..count);
+            pending.bytes -= bytes;
             pending.batches = record.batches;
             drop(pending);
             live.room.notify_waiters();
@@ -609,12 +610,11 @@ async fn write_batch(
     store: &Arc<Store>,
     record: &mut SessionRecord,
     digest: &mut TranscriptDigest,
-    chunks: &[Chunk],
+    chunks: Vec<Chunk>,
 ) -> Result<(), String> {
     let (id, index) = (record.id, record.batches);
     let plain: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
     let writer = store.clone();
-    let chunks = chunks.to_vec();
     let compressed = tokio::task::spawn_blocking(move || {
         let compressed = transcript::compress_chunks(&chunks);
         writer.put_batch(id, index, &compressed)?;

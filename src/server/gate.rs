@@ -53,6 +53,31 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// Refuses limits that would lock every user out (a zero rate or zero slots).
+    pub fn check(&self) -> Result<(), String> {
+        let rate = self.connections_per_second;
+        if !(rate.is_finite() && rate >= 1.0) {
+            return Err(format!(
+                "limits.connections_per_second = {rate} would refuse everyone; use 1 or more (default 10)"
+            ));
+        }
+        for (key, value) in [
+            ("preauth_per_source", self.preauth_per_source),
+            ("preauth_total", self.preauth_total),
+            ("failures_per_source", self.failures_per_source),
+            ("channels_per_connection", self.channels_per_connection),
+        ] {
+            if value == 0 {
+                return Err(format!(
+                    "limits.{key} = 0 would refuse everyone; use 1 or more"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Durations as `30s`, `5m` in the config file.
 mod humantime {
     use std::time::Duration;
@@ -242,6 +267,24 @@ mod tests {
         let b: Vec<Preauth> = (0..2).map(|_| gate.admit(B, later).unwrap()).collect();
         assert_eq!(gate.admit(B, later).err(), Some(Refusal::TooManyOverall));
         drop(b);
+    }
+
+    #[test]
+    fn limits_that_refuse_everyone_are_rejected() {
+        assert!(Limits::default().check().is_ok());
+        let zero_rate = Limits {
+            connections_per_second: 0.0,
+            ..Limits::default()
+        };
+        assert!(zero_rate
+            .check()
+            .unwrap_err()
+            .contains("connections_per_second"));
+        let no_slots = Limits {
+            preauth_total: 0,
+            ..Limits::default()
+        };
+        assert!(no_slots.check().unwrap_err().contains("preauth_total"));
     }
 
     #[test]

@@ -356,6 +356,29 @@ pub fn fingerprint(pub_path: &Path) -> String {
 // Daemons
 // ---------------------------------------------------------------------------
 
+/// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`), 0 if unreadable.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// User plus system CPU seconds a process has used so far, from /proc.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (in parentheses, may hold spaces).
+    let Some(at) = stat.rfind(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = stat[at + 2..].split(' ').collect();
+    let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0 // USER_HZ is 100 on Linux
+}
+
 /// A background server process whose output goes to a log file; killed on drop.
 pub struct Daemon {
     what: &'static str,
@@ -532,6 +555,15 @@ impl Sshd {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Lets `key` in too (sshd reads authorized_keys at every login).
+    pub fn authorize_key(&self, key: &str) {
+        let path = self.dir.join("authorized_keys");
+        let mut keys = fs::read_to_string(&path).expect("read authorized_keys");
+        keys.push_str(key.trim());
+        keys.push('\n');
+        fs::write(&path, keys).expect("write authorized_keys");
     }
 }
 
