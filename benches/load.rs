@@ -6,12 +6,14 @@
 //! ```
 //!
 //! For each N (default 100 and 500; `BENCH_SESSIONS=100,500,1000` to choose), a fresh
-//! target sshd and bastion are started. N sessions are opened (a pty running
-//! `stty raw -echo; cat`, so every byte typed comes back once), first straight to
-//! sshd, then through portcullis with recording on; each session types one byte every
-//! 100 ms for `BENCH_SECONDS` (default 10) and times its echo. The table shows echo
-//! latency (p50/p99) direct and through portcullis, the latency portcullis adds,
-//! the bastion's CPU and peak RSS per session, and the session setup rate.
+//! target sshd and bastion are started and N sessions are opened on each route:
+//! straight to sshd, and through portcullis with recording on. Each session is a pty
+//! running `stty raw -echo; cat`, so every byte typed comes back once. The routes
+//! then take turns (`BENCH_ROUNDS`, default 3): every session of one route types a
+//! byte every 100 ms for `BENCH_SECONDS` (default 10) and times each echo. The table
+//! shows echo latency (p50/p99, the median over rounds) on both routes and what
+//! portcullis adds, the bastion's CPU and peak RSS per session, the session setup
+//! rate, and each round's p99 so that a noisy round is visible.
 //!
 //! The clients are russh sessions in this process (N OpenSSH processes with a pty
 //! each would measure the machine's process table, not the bastion).
@@ -62,15 +64,21 @@ struct Typist {
     channel: russh::Channel<client::Msg>,
 }
 
-/// What one run measured.
-struct Run {
-    latencies_ms: Vec<f64>,
+/// Sessions open to one endpoint, and how fast they were opened.
+struct Side {
+    typists: Vec<Typist>,
     setup_per_second: f64,
 }
 
+/// Echo latency percentiles of one typing round.
+#[derive(Clone, Copy)]
+struct Round {
+    p50: f64,
+    p99: f64,
+}
+
 fn main() {
-    let sizes: Vec<usize> = std::env::var("BENCH_SESSIONS")
-        .unwrap_or_else(|_| "100,500".into())
+    let sizes: Vec<usize> = env_or("BENCH_SESSIONS", "100,500")
         .split(',')
         .map(|n| {
             n.trim()
@@ -78,17 +86,19 @@ fn main() {
                 .expect("BENCH_SESSIONS is a list of numbers")
         })
         .collect();
-    let seconds: u64 = std::env::var("BENCH_SECONDS")
-        .ok()
-        .map(|s| s.parse().expect("BENCH_SECONDS is a number"))
-        .unwrap_or(10);
+    let seconds: u64 = env_or("BENCH_SECONDS", "10")
+        .parse()
+        .expect("BENCH_SECONDS is a number");
+    let rounds: usize = env_or("BENCH_ROUNDS", "3")
+        .parse()
+        .expect("BENCH_ROUNDS is a number");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     println!(
-        "portcullis load benchmark: one keystroke per {TYPING:?} per session, {seconds}s per run, {} cores",
+        "portcullis load benchmark: one keystroke per {TYPING:?} per session, {rounds} rounds of {seconds}s per route, {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "\n{:>5} {:>11} {:>11} {:>14} {:>14} {:>10} {:>10} {:>6} {:>12} {:>15}",
+        "\n{:>5} {:>11} {:>11} {:>14} {:>14} {:>10} {:>10} {:>6} {:>12} {:>15} {:>8}   p99 by round dir/pc",
         "N",
         "direct p50",
         "direct p99",
@@ -98,8 +108,10 @@ fn main() {
         "added p99",
         "CPU %",
         "RSS/session",
-        "setup/s dir/pc"
+        "setup/s dir/pc",
+        "machine",
     );
+    let duration = Duration::from_secs(seconds);
     for n in sizes {
         let world = World::start();
         let key =
@@ -116,42 +128,117 @@ fn main() {
             user: format!("{}@{TARGET}", login_user()),
             key,
         };
-        let duration = Duration::from_secs(seconds);
-        let mut base = runtime.block_on(run(&direct, n, duration));
         let pid = world.bastion.pid();
         let rss_before = status_kib(pid, "VmRSS:");
-        let cpu_before = cpu_seconds(pid);
-        let started = Instant::now();
-        let mut ours = runtime.block_on(run(&through, n, duration));
-        let cpu = (cpu_seconds(pid) - cpu_before) / started.elapsed().as_secs_f64() * 100.0;
+        let mut base = runtime.block_on(open_all(&direct, n));
+        let mut ours = runtime.block_on(open_all(&through, n));
+        // Both routes are open at once and type in alternating rounds, so both see
+        // the same machine; a hiccup of the machine shows in one round, not the result.
+        let (mut base_rounds, mut our_rounds) = (Vec::new(), Vec::new());
+        let (mut cpu, mut typing_seconds) = (0.0, 0.0);
+        let mut machine = MachineCpu::default();
+        for _ in 0..rounds {
+            base_rounds.push(runtime.block_on(type_round(&mut base, duration)));
+            let (cpu_before, machine_before) = (cpu_seconds(pid), MachineCpu::now());
+            let started = Instant::now();
+            our_rounds.push(runtime.block_on(type_round(&mut ours, duration)));
+            cpu += cpu_seconds(pid) - cpu_before;
+            typing_seconds += started.elapsed().as_secs_f64();
+            machine.add(MachineCpu::now().since(&machine_before));
+        }
         let peak = status_kib(pid, "VmHWM:");
         let per_session_kib = peak.saturating_sub(rss_before) as f64 / n as f64;
-        let (d50, d99) = (
-            percentile(&mut base.latencies_ms, 50.0),
-            percentile(&mut base.latencies_ms, 99.0),
-        );
-        let (p50, p99) = (
-            percentile(&mut ours.latencies_ms, 50.0),
-            percentile(&mut ours.latencies_ms, 99.0),
-        );
+        let (d50, d99) = medians(&base_rounds);
+        let (p50, p99) = medians(&our_rounds);
+        let by_round: Vec<String> = base_rounds
+            .iter()
+            .zip(&our_rounds)
+            .map(|(d, p)| format!("{:.1}/{:.1}", d.p99, p.p99))
+            .collect();
         println!(
-            "{n:>5} {d50:>9.2}ms {d99:>9.2}ms {p50:>12.2}ms {p99:>12.2}ms {:>8.2}ms {:>8.2}ms {cpu:>5.0}% {:>8.0} KiB {:>7.0} / {:<5.0}",
+            "{n:>5} {d50:>9.2}ms {d99:>9.2}ms {p50:>12.2}ms {p99:>12.2}ms {:>8.2}ms {:>8.2}ms {:>5.0}% {:>8.0} KiB {:>7.0} / {:<5.0} {:>7.0}%   {}",
             p50 - d50,
             p99 - d99,
+            cpu / typing_seconds * 100.0,
             per_session_kib,
             base.setup_per_second,
-            ours.setup_per_second
+            ours.setup_per_second,
+            machine.busy_percent(),
+            by_round.join(" ")
         );
+        runtime.block_on(close_all(base));
+        runtime.block_on(close_all(ours));
     }
-    println!("\nCPU % is the bastion's (100% = one core) while the portcullis sessions ran.");
+    println!("\nLatencies are medians over the rounds of each round's percentile.");
+    println!(
+        "CPU % is the bastion's, machine the whole machine's (100% = one core), while the portcullis sessions typed."
+    );
     println!(
         "targets: 500 sessions with p99 added echo latency < 10 ms and < 1 MiB RSS per session"
     );
 }
 
-/// Opens `n` typing sessions to `endpoint`, lets them type for `duration`, and
-/// returns every echo latency.
-async fn run(endpoint: &Endpoint, n: usize, duration: Duration) -> Run {
+/// Busy and total CPU time of the whole machine, from `/proc/stat` (clock ticks):
+/// the target sshd and this load generator share the machine with the bastion, so
+/// a saturated machine explains latency the bastion's own CPU figure does not.
+#[derive(Default, Clone, Copy)]
+struct MachineCpu {
+    busy: u64,
+    total: u64,
+}
+
+impl MachineCpu {
+    fn now() -> MachineCpu {
+        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let total: u64 = ticks.iter().sum();
+        // The fourth and fifth fields are idle and iowait.
+        let idle: u64 = ticks.iter().skip(3).take(2).sum();
+        MachineCpu {
+            busy: total - idle,
+            total,
+        }
+    }
+
+    fn since(&self, earlier: &MachineCpu) -> MachineCpu {
+        MachineCpu {
+            busy: self.busy - earlier.busy,
+            total: self.total - earlier.total,
+        }
+    }
+
+    fn add(&mut self, other: MachineCpu) {
+        self.busy += other.busy;
+        self.total += other.total;
+    }
+
+    /// Busy share, 100% per core.
+    fn busy_percent(&self) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.busy as f64 / self.total.max(1) as f64 * 100.0 * cores as f64
+    }
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// The median over rounds of p50 and of p99.
+fn medians(rounds: &[Round]) -> (f64, f64) {
+    let mut p50: Vec<f64> = rounds.iter().map(|r| r.p50).collect();
+    let mut p99: Vec<f64> = rounds.iter().map(|r| r.p99).collect();
+    (percentile(&mut p50, 50.0), percentile(&mut p99, 50.0))
+}
+
+/// Opens `n` typing sessions to `endpoint`, a few at a time.
+async fn open_all(endpoint: &Endpoint, n: usize) -> Side {
     let ramp = Instant::now();
     let mut typists = Vec::with_capacity(n);
     let mut opening = JoinSet::new();
@@ -164,21 +251,37 @@ async fn run(endpoint: &Endpoint, n: usize, duration: Duration) -> Run {
     while let Some(typist) = opening.join_next().await {
         typists.push(typist.unwrap());
     }
-    let setup_per_second = n as f64 / ramp.elapsed().as_secs_f64();
+    Side {
+        typists,
+        setup_per_second: n as f64 / ramp.elapsed().as_secs_f64(),
+    }
+}
+
+/// Every session of `side` types for `duration`; returns the echo percentiles.
+async fn type_round(side: &mut Side, duration: Duration) -> Round {
+    let n = side.typists.len();
     let deadline = Instant::now() + duration;
     let mut typing = JoinSet::new();
-    for (i, typist) in typists.into_iter().enumerate() {
+    for (i, typist) in side.typists.drain(..).enumerate() {
         // Spread the keystrokes over the interval, as real typists are.
         let offset = TYPING.mul_f64(i as f64 / n as f64);
         typing.spawn(type_until(typist, deadline, offset));
     }
     let mut latencies_ms = Vec::new();
-    while let Some(samples) = typing.join_next().await {
-        latencies_ms.extend(samples.unwrap());
+    while let Some(finished) = typing.join_next().await {
+        let (typist, samples) = finished.unwrap();
+        latencies_ms.extend(samples);
+        side.typists.push(typist);
     }
-    Run {
-        latencies_ms,
-        setup_per_second,
+    Round {
+        p50: percentile(&mut latencies_ms, 50.0),
+        p99: percentile(&mut latencies_ms, 99.0),
+    }
+}
+
+async fn close_all(side: Side) {
+    for typist in &side.typists {
+        let _ = typist.channel.eof().await;
     }
 }
 
@@ -223,8 +326,9 @@ async fn open(endpoint: Endpoint) -> Typist {
     }
 }
 
-/// Types a byte every [`TYPING`] until `deadline` and times each echo.
-async fn type_until(mut typist: Typist, deadline: Instant, offset: Duration) -> Vec<f64> {
+/// Types a byte every [`TYPING`] until `deadline` and times each echo; hands the
+/// session back for the next round.
+async fn type_until(mut typist: Typist, deadline: Instant, offset: Duration) -> (Typist, Vec<f64>) {
     tokio::time::sleep(offset).await;
     let mut ticks = tokio::time::interval(TYPING);
     let mut samples = Vec::new();
@@ -236,13 +340,12 @@ async fn type_until(mut typist: Typist, deadline: Instant, offset: Duration) -> 
             match typist.channel.wait().await {
                 Some(ChannelMsg::Data { data }) if data.contains(&b'x') => break,
                 Some(_) => {}
-                None => return samples,
+                None => panic!("a session ended while typing"),
             }
         }
         samples.push(sent.elapsed().as_secs_f64() * 1000.0);
     }
-    let _ = typist.channel.eof().await;
-    samples
+    (typist, samples)
 }
 
 fn percentile(samples: &mut [f64], p: f64) -> f64 {

@@ -14,7 +14,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::grant::GrantState;
 use crate::server::{Phase, State};
 
 /// Everything counted while the bastion runs; gauges are refreshed at each scrape.
@@ -104,16 +103,8 @@ impl Metrics {
     pub fn render(&self, state: &State, runtime: &tokio::runtime::Handle) -> String {
         self.active_sessions
             .set(*state.live_sessions.borrow() as i64);
-        let pending = state
-            .grants
-            .all()
-            .map(|all| {
-                all.iter()
-                    .filter(|g| g.state == GrantState::Pending)
-                    .count()
-            })
-            .unwrap_or(0);
-        self.pending_requests.set(pending as i64);
+        self.pending_requests
+            .set(state.grants.pending_count() as i64);
         self.recording_queue_bytes
             .set(state.recorder.queued_bytes() as i64);
         self.tasks_alive

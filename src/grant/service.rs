@@ -3,6 +3,7 @@
 //! (`request --wait`, a session waiting for approval, a live session that must end when
 //! its grant does).
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
@@ -44,16 +45,27 @@ pub struct Grants {
     /// Bumped after every change; receivers re-read the grants they care about.
     changes: watch::Sender<u64>,
     notifier: Notifier,
+    /// Pending and approved grants by id, kept in step with the store by `commit`.
+    /// The sweep (every second) and the check at every session start read these
+    /// instead of parsing every request ever filed, which only grows.
+    live: Mutex<HashMap<String, Grant>>,
 }
 
 impl Grants {
-    pub fn new(store: Arc<Store>, notifier: Notifier) -> Grants {
-        Grants {
+    pub fn new(store: Arc<Store>, notifier: Notifier) -> Result<Grants, StoreError> {
+        let live = store
+            .grants()?
+            .into_iter()
+            .filter(|g| g.state.is_live())
+            .map(|g| (g.id.clone(), g))
+            .collect();
+        Ok(Grants {
             store,
             write: Mutex::new(()),
             changes: watch::channel(0).0,
             notifier,
-        }
+            live: Mutex::new(live),
+        })
     }
 
     /// Files a request (approved at once by an `auto_approve` flow).
@@ -134,10 +146,9 @@ impl Grants {
     /// Expires every pending request and grant whose time is up. Runs every second.
     pub fn sweep(&self, now: DateTime<Utc>) -> Result<usize, GrantError> {
         let due: Vec<String> = self
-            .store
-            .grants()?
+            .live_grants()
             .into_iter()
-            .filter(|g| g.state.is_live() && g.deadline().is_some_and(|at| at <= now))
+            .filter(|g| g.deadline().is_some_and(|at| at <= now))
             .map(|g| g.id)
             .collect();
         let mut expired = 0;
@@ -177,11 +188,34 @@ impl Grants {
         now: DateTime<Utc>,
     ) -> Result<Vec<Grant>, GrantError> {
         Ok(self
-            .store
-            .grants()?
+            .live_grants()
             .into_iter()
             .filter(|g| g.requester == user && g.target == target && g.is_active(now))
             .collect())
+    }
+
+    /// How many requests wait for a decision.
+    pub fn pending_count(&self) -> usize {
+        self.live
+            .lock()
+            .expect("live grants lock poisoned")
+            .values()
+            .filter(|g| g.state == GrantState::Pending)
+            .count()
+    }
+
+    /// The pending and approved grants (approved ones may be past their expiry until
+    /// the next sweep), oldest first.
+    fn live_grants(&self) -> Vec<Grant> {
+        let mut live: Vec<Grant> = self
+            .live
+            .lock()
+            .expect("live grants lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        live.sort_by_key(|g| g.seq);
+        live
     }
 
     /// A receiver that wakes after every change to any grant.
@@ -247,6 +281,14 @@ impl Grants {
         now: DateTime<Utc>,
     ) -> Result<(), GrantError> {
         self.store.save_grant(grant)?;
+        {
+            let mut live = self.live.lock().expect("live grants lock poisoned");
+            if grant.state.is_live() {
+                live.insert(grant.id.clone(), grant.clone());
+            } else {
+                live.remove(&grant.id);
+            }
+        }
         self.audit(event_for(grant, kind, actor, now));
         self.changes.send_modify(|n| *n += 1);
         self.notifier.grant_event(kind, actor, grant);
@@ -370,14 +412,9 @@ mod tests {
         crate::policy::load_dir(dir).unwrap()
     }
 
-    #[test]
-    fn the_sweeper_expires_with_an_event_and_history_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let policy = policy(dir.path());
-        let store = Arc::new(Store::open(dir.path()).unwrap());
-        let grants = Grants::new(store.clone(), Notifier::new(None));
-        let now = Utc::now();
-        let spec = || RequestSpec {
+    /// A shell request for `db`.
+    fn shell_spec() -> RequestSpec {
+        RequestSpec {
             target: "db".into(),
             scope: Scope {
                 shell: true,
@@ -385,9 +422,24 @@ mod tests {
             },
             reason: "INC-1".into(),
             ..RequestSpec::default()
-        };
-        let pending = grants.file(&policy, "alice", spec(), now).unwrap();
-        let approved = grants.file(&policy, "alice", spec(), now).unwrap();
+        }
+    }
+
+    /// A policy, a store and the grant service on it, in `dir`.
+    fn service(dir: &std::path::Path) -> (Policy, Arc<Store>, Grants) {
+        let policy = policy(dir);
+        let store = Arc::new(Store::open(dir).unwrap());
+        let grants = Grants::new(store.clone(), Notifier::new(None)).unwrap();
+        (policy, store, grants)
+    }
+
+    #[test]
+    fn the_sweeper_expires_with_an_event_and_history_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, store, grants) = service(dir.path());
+        let now = Utc::now();
+        let pending = grants.file(&policy, "alice", shell_spec(), now).unwrap();
+        let approved = grants.file(&policy, "alice", shell_spec(), now).unwrap();
         grants
             .approve(&policy, &approved.id, "bob", None, now)
             .unwrap();
@@ -434,6 +486,39 @@ mod tests {
                 "request.expired"
             ]
         );
+    }
+
+    #[test]
+    fn live_grants_follow_every_change_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, store, grants) = service(dir.path());
+        let now = Utc::now();
+        let kept = grants.file(&policy, "alice", shell_spec(), now).unwrap();
+        let revoked = grants.file(&policy, "alice", shell_spec(), now).unwrap();
+        let pending = grants.file(&policy, "alice", shell_spec(), now).unwrap();
+        for id in [&kept.id, &revoked.id] {
+            grants.approve(&policy, id, "bob", None, now).unwrap();
+        }
+        grants
+            .revoke(&policy, &revoked.id, "bob", None, now)
+            .unwrap();
+        let active = |grants: &Grants| -> Vec<String> {
+            grants
+                .active_for("alice", "db", now)
+                .unwrap()
+                .into_iter()
+                .map(|g| g.id)
+                .collect()
+        };
+        assert_eq!(active(&grants), vec![kept.id.clone()]);
+        assert_eq!(grants.pending_count(), 1);
+        assert!(active(&grants).iter().all(|id| *id != pending.id));
+
+        drop(grants);
+        let reopened = Grants::new(store, Notifier::new(None)).unwrap();
+        assert_eq!(active(&reopened), vec![kept.id.clone()]);
+        assert_eq!(reopened.pending_count(), 1);
+        assert!(reopened.active_for("bob", "db", now).unwrap().is_empty());
     }
 
     #[test]

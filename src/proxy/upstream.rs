@@ -7,6 +7,8 @@ use std::time::Duration;
 use russh::client::{self, Handle};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg, PublicKey};
 use thiserror::Error;
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
 
 use crate::policy::{fingerprint, Target};
 
@@ -117,7 +119,14 @@ pub async fn connect(
         expected: target.host_key.clone(),
         seen: seen.clone(),
     };
-    let connecting = client::connect(config, target.address.as_str(), handler);
+    let connecting = async {
+        let socket = TcpStream::connect(target.address.as_str())
+            .await
+            .map_err(russh::Error::IO)?;
+        let _ = socket.set_nodelay(true);
+        let buffered = BufReader::with_capacity(crate::server::READ_BUFFER, socket);
+        client::connect_stream(config, buffered, handler).await
+    };
     let result = tokio::time::timeout(timeout, connecting)
         .await
         .map_err(|_| UpstreamError::Timeout {

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 
 use chrono::Utc;
@@ -54,7 +55,11 @@ pub async fn drive(
     };
     let started = tokio::time::timeout_at(
         deadline,
-        russh::server::run_stream(config, stream, connection),
+        russh::server::run_stream(
+            config,
+            BufReader::with_capacity(super::READ_BUFFER, stream),
+            connection,
+        ),
     )
     .await;
     let running = match started {

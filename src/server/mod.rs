@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::notify::Notifier;
 use crate::policy::{self, Policy, PolicyErrors};
 use crate::record::Recorder;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::totp::Totp;
 
 pub use channel::{
@@ -84,10 +84,10 @@ impl State {
         policy: Policy,
         store: Arc<Store>,
         totp: Totp,
-    ) -> State {
+    ) -> Result<State, StoreError> {
         let notifier = Notifier::new(config.notify.webhook.clone());
-        State {
-            grants: Grants::new(store.clone(), notifier),
+        Ok(State {
+            grants: Grants::new(store.clone(), notifier)?,
             recorder: Arc::new(Recorder::new(
                 store.clone(),
                 config.record_input,
@@ -101,7 +101,7 @@ impl State {
             phase: watch::channel(Phase::Running).0,
             live_sessions: watch::channel(0).0,
             metrics: Metrics::default(),
-        }
+        })
     }
 
     /// Appends an audit event (failures are logged by the store layer).
@@ -196,6 +196,13 @@ fn has_aes_hardware() -> bool {
 pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
 pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
 
+/// Read buffer in front of every SSH connection, client or target. russh reads a
+/// packet with two exact reads (its first block, then the rest); unbuffered, each is
+/// a `recv` of its own, plus one more that finds the socket empty. Buffered, one
+/// `recv` brings a keystroke's whole packet, or a burst of them. Reads bigger than
+/// the buffer (bulk copies) bypass it.
+pub const READ_BUFFER: usize = 16 * 1024;
+
 fn russh_config(keys: &KeySet, post_quantum_only: bool) -> russh::server::Config {
     russh::server::Config {
         server_id: russh::SshId::Standard(
@@ -241,7 +248,10 @@ pub async fn serve(config: Config) -> Result<()> {
     let russh_config = Arc::new(russh_config(&keys, config.post_quantum_only));
     let (users, targets, flows) = (policy.users.len(), policy.targets.len(), policy.flows.len());
     let totp = Totp::open(&config.data_dir, store.clone())?;
-    let state = Arc::new(State::new(config, keys, policy, store, totp));
+    let state = Arc::new(
+        State::new(config, keys, policy, store, totp)
+            .context("cannot read the grants from the database")?,
+    );
     mark_interrupted_sessions(&state)?;
     tokio::spawn(reload_on_sighup(state.clone()));
     tokio::spawn(expire_grants(state.clone()));
