@@ -25,7 +25,7 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cpu_seconds, login_user, status_kib, World, TARGET};
+use common::{cpu_seconds, login_user, status_kib, AnyHostKey, World, TARGET};
 use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
 use russh::ChannelMsg;
@@ -36,19 +36,6 @@ const TYPING: Duration = Duration::from_millis(100);
 
 /// Sessions opened at once while ramping up.
 const RAMP_CONCURRENCY: usize = 25;
-
-struct AnyHostKey;
-
-impl client::Handler for AnyHostKey {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &russh::keys::PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true) // loopback benchmark against servers this program started
-    }
-}
 
 /// Where the sessions go.
 #[derive(Clone)]

@@ -365,21 +365,12 @@ fn a_thousand_channels_on_one_connection_are_refused_beyond_a_limit_and_cleaned_
 /// Opens `n` session channels on one authenticated connection as alice, then
 /// disconnects; returns how many the bastion accepted.
 async fn open_many_channels(world: &World, n: usize) -> usize {
-    struct Trusting;
-    impl russh::client::Handler for Trusting {
-        type Error = russh::Error;
-        async fn check_server_key(
-            &mut self,
-            _: &russh::keys::PublicKeyOrCertificate,
-        ) -> Result<bool, Self::Error> {
-            Ok(true)
-        }
-    }
     let key = russh::keys::load_secret_key(world.alice.key(), None).unwrap();
     let config = std::sync::Arc::new(russh::client::Config::default());
-    let mut session = russh::client::connect(config, ("127.0.0.1", world.bastion.port()), Trusting)
-        .await
-        .unwrap();
+    let mut session =
+        russh::client::connect(config, ("127.0.0.1", world.bastion.port()), AnyHostKey)
+            .await
+            .unwrap();
     let auth = session
         .authenticate_publickey(
             local(),

@@ -173,9 +173,7 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
                     wait_and_report(context, &mut client, &caller, grant, json).await;
                     return;
                 }
-                Ok(grant) if json => Ok(to_json(&grant)),
-                Ok(grant) => Ok(requests::describe_outcome(&caller, &grant)),
-                Err(err) => Err(err),
+                filed => filed.map(|grant| requests::outcome(&caller, &grant, json)),
             }
         }
         Command::Requests {
@@ -190,19 +188,17 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
             comment,
             totp,
             json,
-        } => match step_up::for_decision(context, &mut client, &caller, &id, totp).await {
-            Ok(()) => requests::approve(&caller, &id, comment, json),
-            Err(refusal) => Err(refusal),
-        },
+        } => step_up::for_decision(context, &mut client, &caller, &id, totp)
+            .await
+            .and_then(|()| requests::approve(&caller, &id, comment, json)),
         Command::Deny {
             id,
             reason,
             totp,
             json,
-        } => match step_up::for_decision(context, &mut client, &caller, &id, totp).await {
-            Ok(()) => requests::deny(&caller, &id, reason, json),
-            Err(refusal) => Err(refusal),
-        },
+        } => step_up::for_decision(context, &mut client, &caller, &id, totp)
+            .await
+            .and_then(|()| requests::deny(&caller, &id, reason, json)),
         Command::Totp {
             action: TotpAction::Enroll,
         } => step_up::enroll(context, &mut client).await,

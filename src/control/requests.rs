@@ -74,6 +74,15 @@ pub fn request(caller: &Caller, args: RequestArgs) -> Result<Grant, String> {
 }
 
 /// What `request` prints once the request is filed (or decided, with `--wait`).
+/// What a command that changed `grant` answers: the grant as JSON, or in words.
+pub fn outcome(caller: &Caller, grant: &Grant, json: bool) -> String {
+    if json {
+        to_json(grant)
+    } else {
+        describe_outcome(caller, grant)
+    }
+}
+
 pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
     match grant.state {
         GrantState::Pending => format!(
@@ -261,10 +270,7 @@ pub fn deny(caller: &Caller, id: &str, reason: String, json: bool) -> Reply {
         .grants
         .deny(&caller.policy, &known.id, caller.user, reason, caller.now)
         .map_err(|e| e.to_string())?;
-    if json {
-        return Ok(to_json(&grant));
-    }
-    Ok(describe_outcome(caller, &grant))
+    Ok(outcome(caller, &grant, json))
 }
 
 pub fn revoke(caller: &Caller, id: &str, reason: Option<String>, json: bool) -> Reply {
@@ -274,10 +280,7 @@ pub fn revoke(caller: &Caller, id: &str, reason: Option<String>, json: bool) -> 
         .grants
         .revoke(&caller.policy, &known.id, caller.user, reason, caller.now)
         .map_err(|e| e.to_string())?;
-    if json {
-        return Ok(to_json(&grant));
-    }
-    Ok(describe_outcome(caller, &grant))
+    Ok(outcome(caller, &grant, json))
 }
 
 fn all_visible(caller: &Caller) -> Result<Vec<Grant>, String> {

@@ -146,9 +146,8 @@ impl Grants {
     /// Expires every pending request and grant whose time is up. Runs every second.
     pub fn sweep(&self, now: DateTime<Utc>) -> Result<usize, GrantError> {
         let due: Vec<String> = self
-            .live_grants()
+            .live_where(|g| g.deadline().is_some_and(|at| at <= now))
             .into_iter()
-            .filter(|g| g.deadline().is_some_and(|at| at <= now))
             .map(|g| g.id)
             .collect();
         let mut expired = 0;
@@ -187,31 +186,23 @@ impl Grants {
         target: &str,
         now: DateTime<Utc>,
     ) -> Result<Vec<Grant>, GrantError> {
-        Ok(self
-            .live_grants()
-            .into_iter()
-            .filter(|g| g.requester == user && g.target == target && g.is_active(now))
-            .collect())
+        Ok(self.live_where(|g| g.requester == user && g.target == target && g.is_active(now)))
     }
 
     /// How many requests wait for a decision.
     pub fn pending_count(&self) -> usize {
-        self.live
-            .lock()
-            .expect("live grants lock poisoned")
-            .values()
-            .filter(|g| g.state == GrantState::Pending)
-            .count()
+        self.live_where(|g| g.state == GrantState::Pending).len()
     }
 
     /// The pending and approved grants (approved ones may be past their expiry until
-    /// the next sweep), oldest first.
-    fn live_grants(&self) -> Vec<Grant> {
+    /// the next sweep) that `keep` selects, oldest first.
+    fn live_where(&self, keep: impl Fn(&Grant) -> bool) -> Vec<Grant> {
         let mut live: Vec<Grant> = self
             .live
             .lock()
             .expect("live grants lock poisoned")
             .values()
+            .filter(|g| keep(g))
             .cloned()
             .collect();
         live.sort_by_key(|g| g.seq);

@@ -607,6 +607,21 @@ pub struct BastionKeys {
     pub ca: String,
 }
 
+/// A russh client handler that accepts any host key: for tests and benchmarks that
+/// drive the bastion through russh on loopback, against servers they started.
+pub struct AnyHostKey;
+
+impl russh::client::Handler for AnyHostKey {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
 /// The portcullis binary under test, running `serve`.
 pub struct Bastion {
     daemon: Daemon,
