@@ -13,7 +13,9 @@
 //! byte every 100 ms for `BENCH_SECONDS` (default 10) and times each echo. The table
 //! shows echo latency (p50/p99, the median over rounds) on both routes and what
 //! portcullis adds, the bastion's CPU and peak RSS per session, the session setup
-//! rate, and each round's p99 so that a noisy round is visible.
+//! rate, how busy the whole machine and this load generator were while each route
+//! typed (the target sshd and the generator share the cores with the bastion), and
+//! each round's p99 so that a noisy round is visible.
 //!
 //! The clients are russh sessions in this process (N OpenSSH processes with a pty
 //! each would measure the machine's process table, not the bastion).
@@ -85,7 +87,7 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "\n{:>5} {:>11} {:>11} {:>14} {:>14} {:>10} {:>10} {:>6} {:>12} {:>15} {:>8}   p99 by round dir/pc",
+        "\n{:>5} {:>11} {:>11} {:>14} {:>14} {:>10} {:>10} {:>6} {:>12} {:>15} {:>14} {:>14}   p99 by round dir/pc",
         "N",
         "direct p50",
         "direct p99",
@@ -96,7 +98,8 @@ fn main() {
         "CPU %",
         "RSS/session",
         "setup/s dir/pc",
-        "machine",
+        "machine dir/pc",
+        "loadgen dir/pc",
     );
     let duration = Duration::from_secs(seconds);
     for n in sizes {
@@ -122,16 +125,12 @@ fn main() {
         // Both routes are open at once and type in alternating rounds, so both see
         // the same machine; a hiccup of the machine shows in one round, not the result.
         let (mut base_rounds, mut our_rounds) = (Vec::new(), Vec::new());
-        let (mut cpu, mut typing_seconds) = (0.0, 0.0);
-        let mut machine = MachineCpu::default();
+        let (mut base_cpu, mut our_cpu) = (Usage::default(), Usage::default());
         for _ in 0..rounds {
-            base_rounds.push(runtime.block_on(type_round(&mut base, duration)));
-            let (cpu_before, machine_before) = (cpu_seconds(pid), MachineCpu::now());
-            let started = Instant::now();
-            our_rounds.push(runtime.block_on(type_round(&mut ours, duration)));
-            cpu += cpu_seconds(pid) - cpu_before;
-            typing_seconds += started.elapsed().as_secs_f64();
-            machine.add(MachineCpu::now().since(&machine_before));
+            base_rounds
+                .push(base_cpu.measure(pid, || runtime.block_on(type_round(&mut base, duration))));
+            our_rounds
+                .push(our_cpu.measure(pid, || runtime.block_on(type_round(&mut ours, duration))));
         }
         let peak = status_kib(pid, "VmHWM:");
         let per_session_kib = peak.saturating_sub(rss_before) as f64 / n as f64;
@@ -143,14 +142,17 @@ fn main() {
             .map(|(d, p)| format!("{:.1}/{:.1}", d.p99, p.p99))
             .collect();
         println!(
-            "{n:>5} {d50:>9.2}ms {d99:>9.2}ms {p50:>12.2}ms {p99:>12.2}ms {:>8.2}ms {:>8.2}ms {:>5.0}% {:>8.0} KiB {:>7.0} / {:<5.0} {:>7.0}%   {}",
+            "{n:>5} {d50:>9.2}ms {d99:>9.2}ms {p50:>12.2}ms {p99:>12.2}ms {:>8.2}ms {:>8.2}ms {:>5.0}% {:>8.0} KiB {:>7.0} / {:<5.0} {:>5.0}% / {:<4.0}% {:>5.0}% / {:<4.0}%   {}",
             p50 - d50,
             p99 - d99,
-            cpu / typing_seconds * 100.0,
+            our_cpu.bastion_percent(),
             per_session_kib,
             base.setup_per_second,
             ours.setup_per_second,
-            machine.busy_percent(),
+            base_cpu.machine.busy_percent(),
+            our_cpu.machine.busy_percent(),
+            base_cpu.generator_percent(),
+            our_cpu.generator_percent(),
             by_round.join(" ")
         );
         runtime.block_on(close_all(base));
@@ -158,7 +160,10 @@ fn main() {
     }
     println!("\nLatencies are medians over the rounds of each round's percentile.");
     println!(
-        "CPU % is the bastion's, machine the whole machine's (100% = one core), while the portcullis sessions typed."
+        "CPU % is the bastion's while the portcullis sessions typed; machine is the whole machine's and"
+    );
+    println!(
+        "loadgen this benchmark's own client sessions', while each route typed (100% = one core)."
     );
     println!(
         "targets: 500 sessions with p99 added echo latency < 10 ms and < 1 MiB RSS per session"
@@ -210,6 +215,42 @@ impl MachineCpu {
     fn busy_percent(&self) -> f64 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         self.busy as f64 / self.total.max(1) as f64 * 100.0 * cores as f64
+    }
+}
+
+/// CPU spent while one route's sessions typed, summed over its rounds.
+#[derive(Default)]
+struct Usage {
+    machine: MachineCpu,
+    bastion_seconds: f64,
+    generator_seconds: f64,
+    wall_seconds: f64,
+}
+
+impl Usage {
+    /// Runs one typing round and adds what it cost to this route's usage.
+    fn measure(&mut self, bastion: u32, round: impl FnOnce() -> Round) -> Round {
+        let generator = std::process::id();
+        let (machine, bastion_before, generator_before, started) = (
+            MachineCpu::now(),
+            cpu_seconds(bastion),
+            cpu_seconds(generator),
+            Instant::now(),
+        );
+        let result = round();
+        self.wall_seconds += started.elapsed().as_secs_f64();
+        self.bastion_seconds += cpu_seconds(bastion) - bastion_before;
+        self.generator_seconds += cpu_seconds(generator) - generator_before;
+        self.machine.add(MachineCpu::now().since(&machine));
+        result
+    }
+
+    fn bastion_percent(&self) -> f64 {
+        self.bastion_seconds / self.wall_seconds * 100.0
+    }
+
+    fn generator_percent(&self) -> f64 {
+        self.generator_seconds / self.wall_seconds * 100.0
     }
 }
 
