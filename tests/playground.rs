@@ -181,7 +181,7 @@ impl Playground {
 
     /// Waits until something accepts TCP connections on `port` in `host`'s
     /// namespace; panics with the service logs otherwise.
-    fn wait_listening(&mut self, host: &str, port: u16) {
+    fn wait_listening(&self, host: &str, port: u16) {
         let namespace = self.network.namespace(host);
         let listening = wait_until(Duration::from_secs(15), || {
             Command::new("ip")

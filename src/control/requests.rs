@@ -73,7 +73,6 @@ pub fn request(caller: &Caller, args: RequestArgs) -> Result<Grant, String> {
         .map_err(|e| e.to_string())
 }
 
-/// What `request` prints once the request is filed (or decided, with `--wait`).
 /// What a command that changed `grant` answers: the grant as JSON, or in words.
 pub fn outcome(caller: &Caller, grant: &Grant, json: bool) -> String {
     if json {
@@ -83,6 +82,7 @@ pub fn outcome(caller: &Caller, grant: &Grant, json: bool) -> String {
     }
 }
 
+/// What `request` prints once the request is filed (or decided, with `--wait`).
 pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
     match grant.state {
         GrantState::Pending => format!(

@@ -191,7 +191,12 @@ impl Grants {
 
     /// How many requests wait for a decision.
     pub fn pending_count(&self) -> usize {
-        self.live_where(|g| g.state == GrantState::Pending).len()
+        self.live
+            .lock()
+            .expect("live grants lock poisoned")
+            .values()
+            .filter(|g| g.state == GrantState::Pending)
+            .count()
     }
 
     /// The pending and approved grants (approved ones may be past their expiry until
