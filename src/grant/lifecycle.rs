@@ -324,7 +324,7 @@ fn check_scope(flow: &Flow, scope: &Scope) -> Result<(), RuleError> {
     for pattern in &scope.commands {
         if let Some(problem) = pattern_problem(pattern) {
             return refuse(format!(
-                "--command {:?} contains {problem}; patterns are plain words with * as the only wildcard",
+                "--command {:?} contains {problem}; patterns are plain words with * (within a path segment) and ** (a whole path segment) as the only wildcards",
                 pattern.chars().take(80).collect::<String>()
             ));
         }

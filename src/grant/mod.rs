@@ -6,6 +6,7 @@
 //! while they hold an approved, unexpired grant for that exact target and login whose
 //! scope covers it.
 
+pub mod command;
 pub mod lifecycle;
 mod model;
 pub mod scope;
@@ -51,12 +52,18 @@ pub struct AccessRequest<'a> {
     pub pty: bool,
 }
 
-/// Where an allowed request goes, and under which grant.
+/// Where an allowed request goes, under which grant, and what exactly runs there.
 #[derive(Debug, Clone)]
 pub struct Permit {
     pub target: Target,
     pub login: String,
     pub grant: Grant,
+    /// The canonical command line the target runs instead of the client's string:
+    /// set for every exec under a command grant, and for a provable file transfer.
+    pub command: Option<String>,
+    /// A provable file transfer (the sftp subsystem, or a no-pty exec that is exactly
+    /// an scp or rsync server): the only sessions that may be recorded as metadata.
+    pub file_transfer: bool,
 }
 
 /// Why a request was refused, and whether filing a request could change that.
@@ -145,12 +152,15 @@ pub fn authorize(
     let mut refusals = Vec::new();
     for grant in &held {
         match grant.scope.covers(&request.action, request.pty) {
-            Ok(()) => {
+            Ok(compared) => {
+                let (command, file_transfer) = what_runs(request, compared);
                 return Decision::Allow(Box::new(Permit {
                     target: target.clone(),
                     login: login.to_string(),
                     grant: (*grant).clone(),
-                }))
+                    command,
+                    file_transfer,
+                }));
             }
             Err(why) => refusals.push(format!("grant {}: {why}", grant.id)),
         }
@@ -178,6 +188,26 @@ pub fn authorize(
         format!("no active grant for {login}@{}; {hint}", target.name),
         requestable,
     )
+}
+
+/// The canonical command to run (from the compared words of a command grant, or the
+/// words of a provable file transfer under a shell grant) and whether the session is
+/// a provable file transfer. Anything else under a shell grant runs as asked: the
+/// grant allows it all, and it is recorded in full.
+fn what_runs(request: &AccessRequest, compared: Option<Vec<String>>) -> (Option<String>, bool) {
+    let words = compared.or_else(|| match request.action {
+        Action::Exec(raw) if !request.pty => std::str::from_utf8(raw)
+            .ok()
+            .and_then(|raw| command::split(raw).ok())
+            .filter(|words| command::is_file_transfer(words)),
+        _ => None,
+    });
+    let file_transfer = match request.action {
+        Action::Subsystem(name) => name == "sftp" && !request.pty,
+        Action::Exec(_) => !request.pty && words.as_deref().is_some_and(command::is_file_transfer),
+        Action::Shell => false,
+    };
+    (words.as_deref().map(command::canonical), file_transfer)
 }
 
 fn list_or_none<'a>(names: impl Iterator<Item = &'a String>) -> String {

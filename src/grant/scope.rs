@@ -2,41 +2,25 @@
 //! command patterns.
 //!
 //! A pattern such as `systemctl restart *` is split into shell words like the command
-//! is, and the two are compared word by word: the same number of words, each word
-//! equal except that `*` matches any run of characters *within* that word. A command
-//! that the remote shell would interpret beyond plain words (control operators,
-//! redirections, substitutions, globs, quoting tricks with backslashes) never
-//! matches: the target's shell must run exactly the argument vector that was
-//! compared.
+//! is ([`super::command::split`]), and the two are compared word by word: the same
+//! number of words, each word equal except for the wildcards. Matching is path-aware,
+//! so that a pattern for a directory never reaches outside it:
+//!
+//! - `*` matches any run of characters except `/`, and never a whole `.` or `..`
+//!   path segment (`/var/log/*` matches `/var/log/app.log`, not `/var/log/..`);
+//! - `**`, written as a whole path segment (`/srv/app/**`), matches any number of
+//!   segments, none of which may be `.` or `..`.
+//!
+//! A command that the remote shell would interpret beyond plain words never matches,
+//! and what the target runs is the canonical form of the compared words
+//! ([`super::command::canonical`]), never the client's string.
 
 use serde::{Deserialize, Serialize};
 
+use super::command;
 use super::Action;
 
-/// Characters that make a command more than a plain list of words for `sh -c`.
-/// Refusing them anywhere (even inside quotes) is deliberately conservative: a
-/// command grant is for fixed, boring commands.
-const SHELL_SPECIAL: &[(char, &str)] = &[
-    (';', "';'"),
-    ('&', "'&'"),
-    ('|', "'|'"),
-    ('`', "a backquote"),
-    ('$', "'$'"),
-    ('>', "a redirection"),
-    ('<', "a redirection"),
-    ('(', "'('"),
-    (')', "')'"),
-    ('\n', "a newline"),
-    ('\r', "a carriage return"),
-    ('\\', "a backslash"),
-    ('*', "a glob"),
-    ('?', "a glob"),
-    ('[', "a glob"),
-    ('\0', "a NUL byte"),
-];
-
-/// Longest command or pattern accepted, in bytes.
-pub const MAX_COMMAND_LEN: usize = 4096;
+pub use command::MAX_COMMAND_LEN;
 
 /// The granted scope: any combination of an interactive shell, sftp and commands.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -51,27 +35,29 @@ pub struct Scope {
 
 impl Scope {
     /// Whether this scope covers `action` (with or without a pty); `Err` says why not.
-    pub fn covers(&self, action: &Action, pty: bool) -> Result<(), String> {
+    /// For an exec allowed by a command pattern, `Ok(Some(words))` holds the compared
+    /// words: the target must run exactly those (see [`command::canonical`]).
+    pub fn covers(&self, action: &Action, pty: bool) -> Result<Option<Vec<String>>, String> {
         if self.shell {
-            return Ok(());
+            return Ok(None);
         }
         if pty {
             return Err("a terminal (pty) needs a shell grant; run the command without -t".into());
         }
         match action {
             Action::Shell => Err("an interactive shell needs a shell grant".into()),
-            Action::Subsystem(name) if *name == "sftp" && self.sftp => Ok(()),
+            Action::Subsystem(name) if *name == "sftp" && self.sftp => Ok(None),
             Action::Subsystem(name) => Err(format!("the {name} subsystem is not granted")),
             Action::Exec(command) => {
                 let command = std::str::from_utf8(command)
                     .map_err(|_| "the command is not valid UTF-8".to_string())?;
-                if let Some(why) = plain_words_problem(command) {
-                    return Err(format!(
+                let words = command::split(command).map_err(|why| {
+                    format!(
                         "command {command:?} contains {why}, which a command grant never allows"
-                    ));
-                }
-                if self.commands.iter().any(|p| command_matches(p, command)) {
-                    Ok(())
+                    )
+                })?;
+                if self.commands.iter().any(|p| pattern_matches(p, &words)) {
+                    Ok(Some(words))
                 } else {
                     Err(format!(
                         "command {command:?} matches none of the granted commands ({})",
@@ -113,61 +99,116 @@ impl Scope {
 }
 
 /// Why `command` is not a plain list of shell words, if it is not.
-pub fn plain_words_problem(command: &str) -> Option<&'static str> {
-    if command.len() > MAX_COMMAND_LEN {
-        return Some("more than 4096 bytes");
-    }
-    if let Some((_, what)) = SHELL_SPECIAL.iter().find(|(c, _)| command.contains(*c)) {
-        return Some(what);
-    }
-    if command.chars().any(char::is_control) {
-        return Some("a control character");
-    }
-    match shlex::split(command) {
-        None => Some("unbalanced quotes"),
-        Some(words) if words.is_empty() => Some("no command at all"),
-        Some(words) if words[0].starts_with('#') => Some("a comment"),
-        Some(_) => None,
-    }
+pub fn plain_words_problem(command: &str) -> Option<String> {
+    command::split(command).err()
 }
 
 /// Why `pattern` is not a usable command pattern, if it is not: the same rules as
-/// for commands, except that `*` is the wildcard.
-pub fn pattern_problem(pattern: &str) -> Option<&'static str> {
-    plain_words_problem(&pattern.replace('*', "x"))
+/// for commands, `*` is the wildcard, and `**` stands only as a whole path segment.
+pub fn pattern_problem(pattern: &str) -> Option<String> {
+    let words = match command::split_pattern(pattern) {
+        Ok(words) => words,
+        Err(why) => return Some(why),
+    };
+    let misplaced = words
+        .iter()
+        .flat_map(|w| w.split('/'))
+        .any(|segment| segment != "**" && segment.contains("**"));
+    misplaced.then(|| {
+        "'**' inside a path segment ('**' crosses directories only as a whole segment, as in /srv/app/**)".to_string()
+    })
 }
 
 /// Whether `command` matches `pattern`, word by word.
 pub fn command_matches(pattern: &str, command: &str) -> bool {
-    if plain_words_problem(command).is_some() {
-        return false;
-    }
-    words_match(pattern, command)
+    command::split(command).is_ok_and(|words| pattern_matches(pattern, &words))
 }
 
-/// Whether a requested pattern stays within a flow's pattern: each requested word,
-/// `*` included, must be matched by the flow's word.
+/// Whether a requested pattern stays within a flow's pattern: every command the
+/// requested pattern matches, the flow's pattern matches too.
 pub fn pattern_within(requested: &str, allowed: &str) -> bool {
-    words_match(allowed, requested)
-}
-
-fn words_match(pattern: &str, text: &str) -> bool {
-    let (Some(pattern), Some(text)) = (shlex::split(pattern), shlex::split(text)) else {
+    let (Ok(allowed), Ok(requested)) = (
+        command::split_pattern(allowed),
+        command::split_pattern(requested),
+    ) else {
         return false;
     };
-    pattern.len() == text.len() && pattern.iter().zip(&text).all(|(p, t)| word_matches(p, t))
+    allowed.len() == requested.len()
+        && allowed
+            .iter()
+            .zip(&requested)
+            .all(|(a, r)| segments_match(a, r, Wildcards::InText))
 }
 
-/// Glob match of one word where `*` matches any run of characters.
-fn word_matches(pattern: &str, word: &str) -> bool {
+fn pattern_matches(pattern: &str, words: &[String]) -> bool {
+    let Ok(pattern) = command::split_pattern(pattern) else {
+        return false;
+    };
+    pattern.len() == words.len()
+        && pattern
+            .iter()
+            .zip(words)
+            .all(|(p, w)| segments_match(p, w, Wildcards::InPatternOnly))
+}
+
+/// Whether the text being matched is a command word (its `*` is a plain character)
+/// or another pattern (its wildcards stand for what they match).
+#[derive(Clone, Copy, PartialEq)]
+enum Wildcards {
+    InPatternOnly,
+    InText,
+}
+
+/// Path-aware match of one word: both are split at `/` and compared segment by
+/// segment, `**` standing for any number of segments.
+fn segments_match(pattern: &str, text: &str, wildcards: Wildcards) -> bool {
+    let pattern: Vec<&str> = pattern.split('/').collect();
+    let text: Vec<&str> = text.split('/').collect();
+    // reachable[j]: the pattern's first i segments can match the text's first j.
+    let mut reachable = vec![false; text.len() + 1];
+    reachable[0] = true;
+    for p in &pattern {
+        let mut next = vec![false; text.len() + 1];
+        if *p == "**" {
+            for j in 0..=text.len() {
+                // `**` continues over the next segment if that one may be crossed.
+                next[j] = reachable[j] || (j > 0 && next[j - 1] && crossable(text[j - 1]));
+            }
+        } else {
+            for j in 1..=text.len() {
+                next[j] = reachable[j - 1] && segment_matches(p, text[j - 1], wildcards);
+            }
+        }
+        reachable = next;
+    }
+    reachable[text.len()]
+}
+
+/// A segment that `**` may stand for.
+fn crossable(segment: &str) -> bool {
+    segment != "." && segment != ".."
+}
+
+/// Glob match of one path segment where `*` matches any run of characters; a
+/// segment matched by a wildcard is never `.` or `..`.
+fn segment_matches(pattern: &str, segment: &str, wildcards: Wildcards) -> bool {
+    if !pattern.contains('*') {
+        return pattern == segment;
+    }
+    if !crossable(segment) {
+        return false;
+    }
+    if wildcards == Wildcards::InText && segment.contains("**") {
+        return false; // a requested `**` is wider than any single-segment glob
+    }
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or("");
-    let Some(mut rest) = word.strip_prefix(first) else {
+    let Some(mut rest) = segment.strip_prefix(first) else {
         return false;
     };
     let parts: Vec<&str> = parts.collect();
     let Some((last, middle)) = parts.split_last() else {
-        return rest.is_empty(); // no `*` at all: exact match
+        return rest.is_empty();
     };
     for part in middle {
         match rest.find(part) {
@@ -232,12 +273,67 @@ mod tests {
             "uname $HOME",
             "uname 'a;b'",
             "uname /*",
+            "uname #x",
+            "uname a\u{202e}b",
             "uname \\-a",
             "uname 'unbalanced",
         ] {
             assert!(!command_matches("uname *", hostile), "{hostile:?}");
             assert!(plain_words_problem(hostile).is_some(), "{hostile:?}");
         }
+    }
+
+    #[test]
+    fn wildcards_are_path_aware() {
+        assert!(command_matches(
+            "tail -n 20 /var/log/*",
+            "tail -n 20 /var/log/syslog"
+        ));
+        for escape in [
+            "tail -n 20 /var/log/../../etc/shadow",
+            "tail -n 20 /var/log/..",
+            "tail -n 20 /var/log/.",
+            "tail -n 20 /var/log/a/b",
+        ] {
+            assert!(
+                !command_matches("tail -n 20 /var/log/*", escape),
+                "{escape}"
+            );
+        }
+        assert!(!command_matches(
+            "tail -n * /etc/hostname",
+            "tail -n {1,/etc/shadow} /etc/hostname"
+        ));
+        assert!(!command_matches("cat /var/log/.*", "cat /var/log/.."));
+        assert!(command_matches(
+            "cat /var/log/.*",
+            "cat /var/log/.bash_history"
+        ));
+        assert!(command_matches("cat /srv/**", "cat /srv/a/b/c.txt"));
+        assert!(command_matches("cat /srv/**/*.log", "cat /srv/a/b/c.log"));
+        assert!(command_matches("cat /srv/**/*.log", "cat /srv/c.log"));
+        assert!(!command_matches(
+            "cat /srv/**",
+            "cat /srv/a/../../etc/shadow"
+        ));
+        assert!(!command_matches("cat /srv/**", "cat /srv/./x"));
+        assert!(
+            command_matches("cat /srv/../srv/x", "cat /srv/../srv/x"),
+            "literal .. is the pattern's own"
+        );
+        assert!(!command_matches("cat /srv/**/x", "cat /etc/x"));
+        assert!(
+            command_matches("echo *", "echo {a,b}"),
+            "braces are inert once quoted"
+        );
+        assert_eq!(pattern_problem("cat /srv/**"), None);
+        assert!(pattern_problem("cat /srv/**.log")
+            .unwrap()
+            .contains("whole segment"));
+        assert!(pattern_within("cat /srv/*", "cat /srv/**"));
+        assert!(pattern_within("cat /srv/a/**", "cat /srv/**"));
+        assert!(!pattern_within("cat /srv/**", "cat /srv/*"));
+        assert!(!pattern_within("cat /srv/..", "cat /srv/*"));
     }
 
     #[test]
@@ -298,12 +394,39 @@ mod tests {
         /// `*` matches within one word only: a pattern of N words matches only
         /// commands of N words.
         #[test]
-        fn star_never_crosses_words(words in proptest::collection::vec("[a-z0-9./-]{1,8}", 1..6)) {
+        fn star_never_crosses_words(words in proptest::collection::vec("[a-z0-9_-][a-z0-9._-]{0,7}", 1..6)) {
             let command = words.join(" ");
             let stars = vec!["*"; words.len()].join(" ");
             proptest::prop_assert!(command_matches(&stars, &command));
             let fewer = vec!["*"; words.len() - 1].join(" ");
             proptest::prop_assert!(!command_matches(&fewer, &command));
+        }
+
+        /// `*` never matches `/`, and no wildcard ever stands for a `.` or `..`
+        /// segment: whatever path a matching word names stays below the pattern's
+        /// literal prefix.
+        #[test]
+        fn wildcards_never_leave_the_directory(
+            segments in proptest::collection::vec(
+                proptest::sample::select(vec!["a", "b.log", ".", "..", "", "x..y", ".hidden", "**", "*"]),
+                1..6,
+            ),
+        ) {
+            let word = format!("/var/log/{}", segments.join("/"));
+            let climbs = segments.iter().any(|s| *s == "." || *s == "..");
+            for pattern in ["/var/log/*", "/var/log/**", "/var/log/**/*", "/var/log/*/*.log", "/var/log/.*"] {
+                let command = format!("tail {word}");
+                if command::split(&command).is_err() {
+                    continue;
+                }
+                let matched = command_matches(&format!("tail {pattern}"), &command);
+                if climbs {
+                    proptest::prop_assert!(!matched, "{pattern} matched {word}");
+                }
+                if pattern == "/var/log/*" && matched {
+                    proptest::prop_assert_eq!(segments.len(), 1);
+                }
+            }
         }
 
         #[test]

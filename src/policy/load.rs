@@ -400,7 +400,7 @@ fn build_flow(raw: RawFlow, key_path: &str, at: usize, report: &mut Reporter) ->
                 Some(pattern.span().start),
                 format!("{key_path}.commands"),
                 format!(
-                    "{:?} contains {problem}; command patterns are plain words with * as the only wildcard",
+                    "{:?} contains {problem}; command patterns are plain words with * (within a path segment) and ** (a whole path segment) as the only wildcards",
                     pattern.get_ref()
                 ),
             ),

@@ -47,6 +47,12 @@ pub async fn run(
     let Some(permit) = admit(context, &mut client, &mut setup, &start, target, login).await else {
         return;
     };
+    // From here on, "what runs" is the canonical command wherever there is one: sent
+    // to the target, pinned in the certificate, audited and recorded.
+    let start = match &permit.command {
+        Some(canonical) => Start::Exec(canonical.clone().into_bytes()),
+        None => start,
+    };
     let session = match context.state.store.next_session_id() {
         Ok(id) => id,
         Err(err) => {
@@ -171,15 +177,6 @@ fn session_info(
         Start::Exec(command) => ("exec", Some(String::from_utf8_lossy(command).into_owned())),
         Start::Subsystem(name) => ("subsystem", Some(name.clone())),
     };
-    let file_transfer = match start {
-        Start::Subsystem(name) => name == "sftp",
-        Start::Exec(command) => {
-            let command = String::from_utf8_lossy(command);
-            let command = command.trim_start();
-            command.starts_with("scp ") || command.starts_with("rsync --server")
-        }
-        Start::Shell => false,
-    };
     SessionInfo {
         id,
         certificate,
@@ -193,7 +190,7 @@ fn session_info(
         term: pty.map(|p| p.term.clone()),
         cols: pty.map_or(80, |p| p.cols),
         rows: pty.map_or(24, |p| p.rows),
-        file_transfer,
+        file_transfer: permit.file_transfer,
     }
 }
 
@@ -345,7 +342,8 @@ struct TargetChannel {
 }
 
 /// Issues the certificate for one session: a shell grant gets a pty, anything
-/// narrower is pinned to exactly what was asked with `force-command`.
+/// narrower is pinned with `force-command` to the canonical command (already in
+/// `start`) or to `internal-sftp`.
 fn session_certificate(
     context: &ChannelContext,
     permit: &Permit,
