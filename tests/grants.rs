@@ -171,6 +171,89 @@ fn the_whole_story_of_a_command_grant() {
     assert!(shown.contains("bob") && shown.contains("ok"), "{shown}");
 }
 
+/// The canonical-command promise through the real client and sshd: whatever the
+/// client's string, the target's shell runs exactly the words that were compared.
+#[test]
+fn the_target_runs_exactly_the_compared_words() {
+    let w = World::start();
+    let marker = w.path("pwned");
+    granted(
+        &w,
+        "prod",
+        &[
+            "--command",
+            "echo *",
+            "--command",
+            "tail -n * /etc/hostname",
+            "--command",
+            "tail -n 20 /var/log/*",
+            "--command",
+            "find /etc -maxdepth 1 -name **",
+        ],
+    );
+    for (command, printed) in [
+        ("echo {a,b}", "{a,b}\n"),
+        ("echo ~root", "~root\n"),
+        ("echo ~", "~\n"),
+        ("echo A=b", "A=b\n"),
+        ("echo 'a #b'", "a #b\n"),
+        ("echo !!", "!!\n"),
+        ("echo é語", "é語\n"),
+        ("echo \"it's\"", "it's\n"),
+    ] {
+        let out = w.alice.ssh(&on("prod"), &[command]);
+        assert_success(&out, command);
+        assert_eq!(text(&out.stdout), printed, "{command}");
+    }
+
+    // Brace expansion would have read /etc/shadow or run find's -fprint.
+    let out = w
+        .alice
+        .ssh(&on("prod"), &["tail -n {1,/etc/shadow} /etc/hostname"]);
+    assert_failure_mentions(&out, "a / inside *", &["matches none"]);
+    assert!(!text(&out.stdout).contains("root:"), "{}", describe(&out));
+    let hostile = format!(
+        "find /etc -maxdepth 1 -name {{hostname,-fprint,{}}}",
+        marker.display()
+    );
+    let out = w.alice.ssh(&on("prod"), &[&hostile]);
+    assert_success(&out, "find with a literal brace name");
+    assert!(!marker.exists(), "find's -fprint ran: braces were expanded");
+
+    // `*` never climbs out of /var/log.
+    for escape in [
+        "tail -n 20 /var/log/../../etc/shadow",
+        "tail -n 20 /var/log/..",
+    ] {
+        let out = w.alice.ssh(&on("prod"), &[escape]);
+        assert_failure_mentions(&out, escape, &["matches none"]);
+        assert!(!text(&out.stdout).contains("root:"), "{}", describe(&out));
+    }
+    // Tilde, `#` at a word start, job specs and options are refused, not guessed.
+    for (refused, why) in [("echo a #b", "comment"), ("echo a\u{202e}b", "U+202E")] {
+        let out = w.alice.ssh(&on("prod"), &[refused]);
+        assert_failure_mentions(&out, refused, &[why]);
+    }
+
+    // What ran is what the session record and the audit log say ran.
+    let sessions: Vec<Value> =
+        serde_json::from_str(&w.ok(&w.dave, &["sessions", "--json"])).unwrap();
+    let commands: Vec<&str> = sessions
+        .iter()
+        .filter_map(|s| s["command"].as_str())
+        .collect();
+    assert!(commands.contains(&"echo '{a,b}'"), "{commands:?}");
+    assert!(commands.contains(&"echo '~root'"), "{commands:?}");
+    assert!(commands.contains(&r#"echo 'it'"'"'s'"#), "{commands:?}");
+    let audit = w.ok(&w.dave, &["audit", "--json"]);
+    assert!(
+        audit
+            .lines()
+            .any(|l| l.contains("session.start") && l.contains(r#"exec \"echo '{a,b}'\""#)),
+        "{audit}"
+    );
+}
+
 #[test]
 fn a_shell_grant_lets_a_terminal_session_in() {
     let w = World::start();

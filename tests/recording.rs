@@ -211,6 +211,103 @@ fn sessions_filter_by_user_target_time_activity_and_output() {
     }
 }
 
+/// Real `scp -O` and rsync keep metadata-only recordings; anything that merely
+/// starts like them is an ordinary session, recorded in full.
+#[test]
+fn only_provable_file_transfers_skip_the_transcript() {
+    let w = World::start();
+    let file = w.path("payload");
+    random_file(&file, 64 * 1024);
+    let dest = w.path("uploads");
+    fs::create_dir_all(&dest).unwrap();
+    let to = remote_path(&local(), &dest);
+    assert_success(
+        &w.alice.scp(&["-O"], &file.display().to_string(), &to),
+        "scp -O",
+    );
+    assert_success(
+        &w.alice
+            .rsync(&file.display().to_string(), &format!("{to}/by-rsync")),
+        "rsync",
+    );
+    assert_eq!(sha256_file(&dest.join("by-rsync")), sha256_file(&file));
+
+    let out = run_with_timeout(
+        &mut w
+            .alice
+            .ssh_command(&local(), &["-tt"], &["rsync --server; exec bash -i"]),
+        Some(b"echo disguised-$((6*7))\nexit\n".to_vec()),
+        COMMAND_TIMEOUT,
+    );
+    assert!(
+        text(&out.stdout).contains("disguised-42"),
+        "{}",
+        describe(&out)
+    );
+    let out = w
+        .alice
+        .ssh(&local(), &["scp -f /etc/hostname; echo appended-$((2*3))"]);
+    assert!(
+        text(&out.stdout).contains("appended-6"),
+        "{}",
+        describe(&out)
+    );
+
+    let all = sessions(&w, &[]);
+    let full: Vec<(String, bool)> = all
+        .iter()
+        .map(|s| {
+            (
+                s["command"].as_str().unwrap_or_default().to_string(),
+                s["full_transcript"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(full.len(), 4, "{full:?}");
+    assert!(full[0].0.starts_with("scp ") && !full[0].1, "{full:?}");
+    assert!(
+        full[1].0.starts_with("rsync --server") && !full[1].1,
+        "{full:?}"
+    );
+    assert!(
+        full[2].1 && full[3].1,
+        "disguised sessions are recorded: {full:?}"
+    );
+    assert_eq!(sessions(&w, &["--grep", "disguised-42"]).len(), 1);
+    assert_eq!(sessions(&w, &["--grep", "appended-6"]).len(), 1);
+}
+
+/// Commands fed on stdin never show in the output, yet auditors find, replay and
+/// spot them.
+#[test]
+fn piped_input_is_searched_replayed_and_marked() {
+    let w = World::start();
+    let out = w.alice.ssh_stdin(
+        &local(),
+        &["bash -s"],
+        b"echo piped-needle-7 > /dev/null\n".to_vec(),
+    );
+    assert_success(&out, "bash -s");
+    assert_success(&w.alice.ssh(&local(), &["true"]), "a session without input");
+
+    let found = sessions(&w, &["--grep", "piped-needle-7"]);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["command"], "bash -s");
+    assert_eq!(found[0]["received_input"], true);
+    let id = found[0]["id"].as_u64().unwrap().to_string();
+    let replayed = w.ok(&w.dave, &["replay", &id, "--speed", "100"]);
+    assert!(replayed.contains("echo piped-needle-7"), "{replayed}");
+
+    let table = w.ok(&w.dave, &["sessions"]);
+    let marks: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .map(|line| if line.contains("piped") { "piped" } else { "-" })
+        .collect();
+    assert!(table.lines().next().unwrap().contains("INPUT"), "{table}");
+    assert_eq!(marks, ["piped", "-"], "{table}");
+}
+
 /// Rewrites the audit tree of the (stopped) bastion's database.
 fn with_audit_tree(data: &Path, change: impl FnOnce(&sled::Tree)) {
     let db = sled::open(data.join("db")).expect("open the bastion's database");

@@ -376,6 +376,25 @@ fn certificate_mode_pins_command_grants_with_force_command() {
     assert!(!listing.contains("permit-pty"), "{listing}");
 }
 
+/// sshd runs `force-command` through the login shell: it must hold the canonical
+/// command, so braces and tildes reach the program as the words that were compared.
+#[test]
+fn certificate_mode_forces_the_canonical_command() {
+    let w = World::start_with(WorldOptions {
+        certificate_target: true,
+        ..WorldOptions::default()
+    });
+    approved(&w, &["--command", "echo * *"]);
+    let out = w.alice.ssh(&on("certs"), &["echo {a,b} ~root"]);
+    assert_success(&out, "command through certificate mode");
+    assert_eq!(text(&out.stdout), "{a,b} ~root\n");
+    let listing = recorded_certificate(&w);
+    assert!(
+        listing.contains("force-command echo '{a,b}' '~root'"),
+        "{listing}"
+    );
+}
+
 /// Signs a certificate with the bastion's CA for a grant that expires at
 /// `expires`, writes key and certificate files, and connects with plain ssh
 /// straight to the certificate-only sshd, bypassing the bastion entirely.

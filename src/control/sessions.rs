@@ -27,7 +27,7 @@ pub fn list(caller: &Caller, filter: SessionFilter, json: bool) -> Reply {
     };
     let recorder = &caller.state.recorder;
     let mut sessions = Vec::new();
-    for session in caller.state.store.sessions().map_err(|e| e.to_string())? {
+    for mut session in caller.state.store.sessions().map_err(|e| e.to_string())? {
         let keep = filter.user.as_ref().is_none_or(|u| &session.user == u)
             && filter.target.as_ref().is_none_or(|t| &session.target == t)
             && since.is_none_or(|at| session.started_at >= at)
@@ -37,11 +37,14 @@ pub fn list(caller: &Caller, filter: SessionFilter, json: bool) -> Reply {
         }
         if let Some(needle) = &filter.grep {
             if !recorder
-                .output_contains(session.id, needle.as_bytes())
+                .transcript_contains(session.id, needle.as_bytes())
                 .map_err(|e| e.to_string())?
             {
                 continue;
             }
+        }
+        if session.is_live() {
+            session.received_input = recorder.live_received_input(session.id);
         }
         sessions.push(session);
     }
@@ -54,8 +57,8 @@ pub fn list(caller: &Caller, filter: SessionFilter, json: bool) -> Reply {
     let rows: Vec<Vec<String>> = sessions.iter().map(|s| row(s, caller)).collect();
     Ok(render(
         &[
-            "ID", "USER", "TARGET", "GRANT", "STARTED", "DURATION", "STATE", "EXIT", "IN/OUT",
-            "COMMAND",
+            "ID", "USER", "TARGET", "GRANT", "STARTED", "DURATION", "STATE", "EXIT", "INPUT",
+            "IN/OUT", "COMMAND",
         ],
         &rows,
     ))
@@ -77,6 +80,7 @@ fn row(session: &SessionRecord, caller: &Caller) -> Vec<String> {
         short_span((end - session.started_at).num_seconds().max(0) as u64),
         session.state.as_str().to_string(),
         exit,
+        input_mark(session).to_string(),
         format!(
             "{}/{}",
             human_bytes(session.bytes_in),
@@ -84,6 +88,16 @@ fn row(session: &SessionRecord, caller: &Caller) -> Vec<String> {
         ),
         clip(session.command.as_deref().unwrap_or(&session.kind), 40),
     ]
+}
+
+/// `typed` (at a terminal) or `piped` when the user sent the session anything:
+/// what an auditor looks at first.
+fn input_mark(session: &SessionRecord) -> &'static str {
+    match (session.received_input, session.echoes_input()) {
+        (false, _) => "-",
+        (true, true) => "typed",
+        (true, false) => "piped",
+    }
 }
 
 fn human_bytes(n: u64) -> String {
@@ -137,7 +151,8 @@ pub async fn replay(
         return Err("--speed must be between 0.01 and 1000".into());
     }
     let chunks = transcript(caller, session)?;
-    for (pause, data) in replay::schedule(&chunks, speed) {
+    let with_input = !session.echoes_input();
+    for (pause, data) in replay::schedule(&chunks, speed, with_input) {
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
@@ -188,7 +203,12 @@ pub async fn watch(
         ));
     };
     let out = &client.out;
-    for chunk in follow.so_far.into_iter().filter(|c| c.stream.is_output()) {
+    let with_input = !session.echoes_input();
+    for chunk in follow
+        .so_far
+        .into_iter()
+        .filter(|c| replay::shown(c, with_input))
+    {
         if out.writer.data_bytes(chunk.data).await.is_err() {
             return Ok(String::new());
         }
@@ -196,7 +216,7 @@ pub async fn watch(
     loop {
         tokio::select! {
             received = follow.live.recv() => match received {
-                Ok(chunk) if chunk.stream.is_output() => {
+                Ok(chunk) if replay::shown(&chunk, with_input) => {
                     if out.writer.data_bytes(chunk.data).await.is_err() {
                         return Ok(String::new());
                     }

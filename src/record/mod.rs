@@ -108,11 +108,21 @@ pub struct SessionRecord {
     /// The OpenSSH certificate used towards the target (certificate mode).
     #[serde(default)]
     pub certificate: Option<String>,
+    /// The user typed or piped anything into the session (whether or not input is
+    /// recorded): auditors look at these first.
+    #[serde(default)]
+    pub received_input: bool,
 }
 
 impl SessionRecord {
     pub fn is_live(&self) -> bool {
         self.state == SessionState::Live
+    }
+
+    /// Whether the terminal echoed what was typed: without a pty, input shows up
+    /// nowhere in the output, so replay and watch show it themselves.
+    pub fn echoes_input(&self) -> bool {
+        self.term.is_some()
     }
 
     /// When the session ended, or when it started if it never ended cleanly.
@@ -180,6 +190,8 @@ struct Pending {
     /// Batches already in the store.
     batches: u32,
     resizes: u32,
+    /// Bytes the user sent, recorded or not.
+    input_bytes: u64,
     finished: bool,
     /// Live chunks for watchers; dropped at the end so they see the session close.
     watchers: Option<broadcast::Sender<Chunk>>,
@@ -233,6 +245,7 @@ impl Recorder {
             stored_bytes: 0,
             digest: None,
             pruned: false,
+            received_input: false,
         };
         self.store.save_session(&record)?;
         let live = Arc::new(Live {
@@ -242,6 +255,7 @@ impl Recorder {
                 bytes: 0,
                 batches: 0,
                 resizes: 0,
+                input_bytes: 0,
                 finished: false,
                 watchers: Some(broadcast::channel(WATCH_BACKLOG).0),
             }),
@@ -311,30 +325,46 @@ impl Recorder {
         Ok(chunks)
     }
 
-    /// Whether the session's recorded output contains `needle`, read one batch at a
-    /// time (a match may span chunks and batches).
-    pub fn output_contains(&self, id: u64, needle: &[u8]) -> Result<bool, StoreError> {
+    /// Whether the session's recorded output or input contains `needle`, read one
+    /// batch at a time. A match may span chunks and batches, but never mixes the two
+    /// directions: each keeps its own window.
+    pub fn transcript_contains(&self, id: u64, needle: &[u8]) -> Result<bool, StoreError> {
         if needle.is_empty() {
             return Ok(true);
         }
-        let mut window: Vec<u8> = Vec::new();
+        let mut output = SearchWindow::new(needle);
+        let mut input = SearchWindow::new(needle);
         for stored in self.store.batches(id)? {
             let batch = transcript::decompress(&stored).map_err(damaged)?;
             for chunk in transcript::decode(&batch).map_err(damaged)? {
-                if !chunk.stream.is_output() {
-                    continue;
-                }
-                window.extend_from_slice(&chunk.data);
-                if window.windows(needle.len()).any(|w| w == needle) {
+                let window = match chunk.stream {
+                    Stream::Stdout | Stream::Stderr => &mut output,
+                    Stream::Stdin => &mut input,
+                    Stream::Resize => continue,
+                };
+                if window.push(&chunk.data) {
                     return Ok(true);
-                }
-                let keep = needle.len() - 1;
-                if window.len() > keep {
-                    window.drain(..window.len() - keep);
                 }
             }
         }
         Ok(false)
+    }
+
+    /// Whether a live session has received input so far.
+    pub fn live_received_input(&self, id: u64) -> bool {
+        let live = self
+            .live
+            .lock()
+            .expect("recorder lock poisoned")
+            .get(&id)
+            .cloned();
+        live.is_some_and(|live| {
+            live.inner
+                .lock()
+                .expect("recording lock poisoned")
+                .input_bytes
+                > 0
+        })
     }
 
     /// Recomputes a transcript's SHA-256 from the stored batches.
@@ -359,11 +389,9 @@ impl Recorder {
             let batches = self.store.batches(session.id)?;
             session.batches = batches.len() as u32;
             session.stored_bytes = batches.iter().map(|b| b.len() as u64).sum();
-            session.transcript_bytes = self
-                .chunks(session.id)?
-                .iter()
-                .map(|c| c.data.len() as u64)
-                .sum();
+            let chunks = self.chunks(session.id)?;
+            session.transcript_bytes = chunks.iter().map(|c| c.data.len() as u64).sum();
+            session.received_input = chunks.iter().any(|c| c.stream == Stream::Stdin);
             self.store.save_session(&session)?;
             recovered.push(session);
         }
@@ -405,6 +433,38 @@ impl Recorder {
     }
 }
 
+/// The tail of one stream that a match may still start in, and the search over it.
+struct SearchWindow<'a> {
+    needle: &'a [u8],
+    tail: Vec<u8>,
+}
+
+impl<'a> SearchWindow<'a> {
+    fn new(needle: &'a [u8]) -> SearchWindow<'a> {
+        SearchWindow {
+            needle,
+            tail: Vec::new(),
+        }
+    }
+
+    /// Adds the next bytes of the stream; true once the needle has been seen.
+    fn push(&mut self, data: &[u8]) -> bool {
+        self.tail.extend_from_slice(data);
+        if self
+            .tail
+            .windows(self.needle.len())
+            .any(|w| w == self.needle)
+        {
+            return true;
+        }
+        let keep = self.needle.len() - 1;
+        if self.tail.len() > keep {
+            self.tail.drain(..self.tail.len() - keep);
+        }
+        false
+    }
+}
+
 fn damaged(err: TranscriptError) -> StoreError {
     StoreError::Corrupt {
         tree: "chunks",
@@ -436,6 +496,11 @@ impl SessionRecorder {
 
     /// What the user typed or piped in (unless `record_input = false`).
     pub async fn input(&self, data: &Bytes) {
+        self.live
+            .inner
+            .lock()
+            .expect("recording lock poisoned")
+            .input_bytes += data.len() as u64;
         if self.record_input {
             self.push(Stream::Stdin, data.clone()).await;
         }
@@ -517,12 +582,11 @@ impl SessionRecorder {
         record.exit_signal = end.exit_signal;
         record.bytes_in = end.bytes_in;
         record.bytes_out = end.bytes_out;
-        record.resizes = self
-            .live
-            .inner
-            .lock()
-            .expect("recording lock poisoned")
-            .resizes;
+        {
+            let pending = self.live.inner.lock().expect("recording lock poisoned");
+            record.resizes = pending.resizes;
+            record.received_input = pending.input_bytes > 0 || end.bytes_in > 0;
+        }
         record.state = SessionState::Closed;
         record.digest = Some(flushed.digest.hex());
         self.recorder

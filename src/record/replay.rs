@@ -10,18 +10,24 @@ use super::Chunk;
 /// Longest pause replayed, before scaling by the speed.
 pub const MAX_IDLE: Duration = Duration::from_secs(2);
 
-/// Output chunks with the pause to wait before each.
-pub fn schedule(chunks: &[Chunk], speed: f64) -> Vec<(Duration, Bytes)> {
+/// Output chunks with the pause to wait before each; input too when `with_input`
+/// (a session without a pty, whose output never echoes what was piped in).
+pub fn schedule(chunks: &[Chunk], speed: f64, with_input: bool) -> Vec<(Duration, Bytes)> {
     let mut last_us = 0;
     chunks
         .iter()
-        .filter(|c| c.stream.is_output())
+        .filter(|c| shown(c, with_input))
         .map(|chunk| {
             let gap = Duration::from_micros(chunk.offset_us.saturating_sub(last_us)).min(MAX_IDLE);
             last_us = chunk.offset_us;
             (gap.div_f64(speed), chunk.data.clone())
         })
         .collect()
+}
+
+/// Whether replay and watch show `chunk` to the auditor.
+pub fn shown(chunk: &Chunk, with_input: bool) -> bool {
+    chunk.stream.is_output() || (with_input && chunk.stream == super::Stream::Stdin)
 }
 
 #[cfg(test)]
@@ -45,14 +51,17 @@ mod tests {
             chunk(1.5, Stream::Stderr, "b"),
             chunk(601.5, Stream::Stdout, "c"),
         ];
-        let plan = schedule(&chunks, 1.0);
+        let plan = schedule(&chunks, 1.0, false);
         let gaps: Vec<Duration> = plan.iter().map(|(gap, _)| *gap).collect();
         assert_eq!(
             gaps,
             [Duration::from_millis(500), Duration::from_secs(1), MAX_IDLE]
         );
         assert_eq!(plan[1].1, Bytes::from_static(b"b"));
-        let fast = schedule(&chunks, 4.0);
+        let fast = schedule(&chunks, 4.0, false);
         assert_eq!(fast[2].0, Duration::from_millis(500));
+        let piped = schedule(&chunks, 1.0, true);
+        assert_eq!(piped.len(), 4);
+        assert_eq!(piped[1].1, Bytes::from_static(b"typed"));
     }
 }
