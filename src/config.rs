@@ -18,6 +18,9 @@ pub use crate::server::Limits;
 /// The listen address of the embedded default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2222";
 
+/// `step_up_max_age` when the config does not say.
+pub const DEFAULT_STEP_UP_MAX_AGE: Duration = Duration::from_secs(300);
+
 /// How log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -61,6 +64,8 @@ struct RawConfig {
     limits: Option<Limits>,
     post_quantum_only: Option<bool>,
     metrics_listen: Option<SocketAddr>,
+    step_up_max_age: Option<String>,
+    totp_require_invite: Option<bool>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -92,6 +97,12 @@ pub struct Config {
     pub post_quantum_only: bool,
     /// Where `/metrics` (Prometheus) and `/healthz` are served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
+    /// How old a TOTP step-up may be for a session start or an approver's decision
+    /// in a `step_up = "totp"` flow.
+    pub step_up_max_age: Duration,
+    /// `totp enroll` needs a one-time code from `portcullis totp invite USER`, so a
+    /// stolen key of a user who never enrolled cannot enrol itself.
+    pub totp_require_invite: bool,
 }
 
 impl Config {
@@ -131,6 +142,11 @@ impl Config {
                 .with_context(|| format!("shutdown_grace = {text:?}"))?,
             None => Duration::from_secs(30),
         };
+        let step_up_max_age = match raw.step_up_max_age {
+            Some(text) => crate::duration::parse(&text)
+                .with_context(|| format!("step_up_max_age = {text:?}"))?,
+            None => DEFAULT_STEP_UP_MAX_AGE,
+        };
         let limits = raw.limits.unwrap_or_default();
         limits.check().map_err(anyhow::Error::msg)?;
         let recordings_retention = match raw.retention.and_then(|r| r.recordings) {
@@ -160,6 +176,8 @@ impl Config {
             limits,
             post_quantum_only: raw.post_quantum_only.unwrap_or(false),
             metrics_listen: raw.metrics_listen,
+            step_up_max_age,
+            totp_require_invite: raw.totp_require_invite.unwrap_or(false),
         })
     }
 }
@@ -190,6 +208,8 @@ mod tests {
         assert_eq!(config.policies, Path::new("./policies"));
         assert_eq!(config.auditors, vec!["group:auditors"]);
         assert!(config.record_input);
+        assert_eq!(config.step_up_max_age, Duration::from_secs(300));
+        assert!(!config.totp_require_invite);
     }
 
     #[test]

@@ -37,6 +37,29 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// TOTP tools for operators.
+    Totp {
+        #[command(subcommand)]
+        command: TotpCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TotpCommand {
+    /// Print a one-time enrolment code for USER, for `totp enroll` (needed when
+    /// `totp_require_invite = true`). Works while the bastion runs.
+    Invite {
+        user: String,
+        /// How long the code stays valid.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    portcullis::duration::parse(text).map_err(|e| e.to_string())
 }
 
 #[derive(Subcommand)]
@@ -83,7 +106,34 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             Ok(check_policy(&dir))
         }
+        Command::Totp {
+            command: TotpCommand::Invite { user, ttl, config },
+        } => {
+            let config = Config::load(config.as_deref())?;
+            invite(&config, &user, ttl)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Issues an enrolment code for a user the policy knows, and says how to use it.
+fn invite(config: &Config, user: &str, ttl: std::time::Duration) -> Result<()> {
+    let policy = portcullis::policy::load_dir(&config.policies)
+        .map_err(|errors| anyhow::anyhow!("{errors}"))?;
+    if !policy.users.contains_key(user) {
+        anyhow::bail!(
+            "{user:?} is not a user in {}/users.toml; add them there first",
+            config.policies.display()
+        );
+    }
+    let code = portcullis::totp::invite::issue(&config.data_dir, user, ttl, chrono::Utc::now())?;
+    println!("{code}");
+    eprintln!(
+        "one-time TOTP enrolment code for {user}, valid for {}; give it to them over a channel you trust. They run:\n  ssh -p {} portcullis@BASTION \"totp enroll --invite {code}\"",
+        portcullis::duration::format(ttl),
+        config.listen.port()
+    );
+    Ok(())
 }
 
 /// One line per key: `role<TAB>path<TAB>public key`, easy to read and to `cut`.

@@ -26,8 +26,28 @@ fn enroll(
     name: &str,
     wrong_code: Option<&str>,
 ) -> (String, std::process::Output) {
+    enroll_with(world, client, name, Code::Typed(wrong_code), "")
+}
+
+/// The confirmation code [`enroll_with`] types.
+enum Code<'a> {
+    /// This code, or the right one for now when `None`.
+    Typed(Option<&'a str>),
+    /// The right code of the previous 30 s step, so that the current and the next
+    /// step are still unused for step-ups right after.
+    PreviousStep,
+}
+
+/// [`enroll`] with extra `totp enroll` arguments (such as `--invite CODE`).
+fn enroll_with(
+    world: &World,
+    client: &Client,
+    name: &str,
+    typed: Code,
+    extra: &str,
+) -> (String, std::process::Output) {
     let mut child = client
-        .ssh_command(CONTROL_USER, &[], &["totp enroll"])
+        .ssh_command(CONTROL_USER, &[], &[&format!("totp enroll {extra}")])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -53,9 +73,13 @@ fn enroll(
         "a QR code is drawn:\n{printed}"
     );
     let secret = portcullis::totp::secret_of_url(&url).expect("secret in the URL");
-    let code = match wrong_code {
-        Some(code) => code.to_string(),
-        None => portcullis::totp::code_at(&secret, name, Utc::now()).unwrap(),
+    let code = match typed {
+        Code::Typed(Some(code)) => code.to_string(),
+        Code::Typed(None) => portcullis::totp::code_at(&secret, name, Utc::now()).unwrap(),
+        Code::PreviousStep => {
+            let earlier = Utc::now() - chrono::Duration::seconds(30);
+            portcullis::totp::code_at(&secret, name, earlier).unwrap()
+        }
     };
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "{code}").unwrap();
@@ -281,6 +305,137 @@ fn an_approvers_decision_in_a_step_up_flow_needs_their_code() {
     ))
     .unwrap();
     w.ok(&w.bob, &["approve", doc["id"].as_str().unwrap()]);
+}
+
+/// A step-up is per session, not per connection: over a ControlMaster that passed
+/// TOTP before a grant was approved, or longer ago than `step_up_max_age`, a new
+/// session needs a new code (asked on its terminal, or refused without one).
+#[test]
+fn every_session_needs_a_step_up_newer_than_its_approval_and_max_age() {
+    let w = World::start_with(WorldOptions {
+        extra_config: "step_up_max_age = \"4s\"\n".into(),
+        ..WorldOptions::default()
+    });
+    let (secret, out) = enroll_with(&w, &w.alice, USER, Code::PreviousStep, "");
+    assert_success(&out, "alice enrols");
+    let (bob_secret, out) = enroll(&w, &w.bob, "bob", None);
+    assert_success(&out, "bob enrols");
+    let control = w.path("ctl");
+    let stepped = w
+        .alice
+        .with_askpass(&askpass(w.dir.path(), USER, &secret, 0));
+    let _master = stepped.control_master(&on("vault"), &control, &w.path("master.log"));
+    let through_master = format!("ControlPath={}", control.display());
+
+    let doc: Value = serde_json::from_str(&w.ok(
+        &w.alice,
+        &["request", "vault", "--shell", "--reason", "INC-9", "--json"],
+    ))
+    .unwrap();
+    let id = doc["id"].as_str().unwrap();
+    let next_step = Utc::now() + chrono::Duration::seconds(30);
+    let bob_code = portcullis::totp::code_at(&bob_secret, "bob", next_step).unwrap();
+    w.ok(&w.bob, &["approve", id, "--totp", &bob_code]);
+
+    let out = w
+        .alice
+        .ssh_with(&on("vault"), &["-o", &through_master], &["echo never"]);
+    assert_failure_mentions(
+        &out,
+        "step-up older than the approval",
+        &[
+            &format!("newer than the approval of grant {id}"),
+            "reconnect",
+        ],
+    );
+
+    let code = portcullis::totp::code_at(&secret, USER, next_step).unwrap();
+    let out = run_with_timeout(
+        &mut w.alice.ssh_command(
+            &on("vault"),
+            &["-tt", "-o", &through_master],
+            &["echo fresh-$((1+1))"],
+        ),
+        Some(format!("{code}\n").into_bytes()),
+        COMMAND_TIMEOUT,
+    );
+    assert!(text(&out.stdout).contains("fresh-2"), "{}", describe(&out));
+    assert!(
+        text(&out.stderr).contains("TOTP code for alice"),
+        "{}",
+        describe(&out)
+    );
+
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let out = w
+        .alice
+        .ssh_with(&on("vault"), &["-o", &through_master], &["echo never"]);
+    assert_failure_mentions(
+        &out,
+        "step-up too old",
+        &["within the last 4s", "reconnect"],
+    );
+}
+
+/// With `totp_require_invite`, only an operator's one-time code lets a user enrol:
+/// a stolen key of a user who never enrolled cannot enrol itself.
+#[test]
+fn first_enrolment_needs_the_operators_one_time_code() {
+    let w = World::start_with(WorldOptions {
+        extra_config: "totp_require_invite = true\n".into(),
+        ..WorldOptions::default()
+    });
+    let out = w.control_as(&w.alice, &["totp", "enroll", "--invite", "AAAA-BBBB-CCCC"]);
+    assert_failure_mentions(
+        &out,
+        "no invite",
+        &[
+            "no enrolment code was issued for alice",
+            "portcullis totp invite alice",
+        ],
+    );
+    assert!(w.ok(&w.alice, &["totp", "status"]).contains("not enrolled"));
+
+    let invite = |user: &str| {
+        run(std::process::Command::new(Bastion::binary())
+            .args(["totp", "invite", user, "--config"])
+            .arg(Bastion::config_path(w.dir.path())))
+    };
+    let out = invite("nobody-here");
+    assert_failure_mentions(&out, "unknown user", &["is not a user"]);
+    let out = invite(USER);
+    assert_success(&out, "portcullis totp invite");
+    let code = text(&out.stdout).trim().to_string();
+    assert_eq!(code.len(), 14, "{code}");
+
+    let out = w.control_as(&w.alice, &["totp", "enroll", "--invite", "AAAA-BBBB-CCCC"]);
+    assert_failure_mentions(
+        &out,
+        "wrong invite",
+        &["not the enrolment code issued for alice"],
+    );
+    let (_, out) = enroll_with(
+        &w,
+        &w.alice,
+        USER,
+        Code::Typed(None),
+        &format!("--invite {code}"),
+    );
+    assert_success(&out, "enrolment with the invite");
+
+    // The code was used up: carol cannot use it, and nobody can use it again.
+    let out = w.control_as(&w.carol, &["totp", "enroll", "--invite", &code]);
+    assert_failure_mentions(
+        &out,
+        "someone else's code",
+        &["no enrolment code was issued for carol"],
+    );
+    let kinds = w.audit_kinds();
+    assert!(
+        kinds.iter().any(|k| k == "totp.invite_refused"),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().any(|k| k == "totp.enrolled"), "{kinds:?}");
 }
 
 /// `ssh-keygen -L` of the certificate recorded with the only session, with TZ=UTC.

@@ -175,7 +175,12 @@ impl Command {
 #[derive(Debug, Subcommand)]
 pub enum TotpAction {
     /// Show a new secret (URL and QR code) and activate it with one code.
-    Enroll,
+    Enroll {
+        /// The one-time enrolment code an operator issued with `portcullis totp
+        /// invite USER` (asked for when the bastion requires one and it is missing).
+        #[arg(long, value_name = "CODE")]
+        invite: Option<String>,
+    },
     /// Whether you are enrolled.
     Status,
 }

@@ -41,7 +41,7 @@ portcullis control plane — run as: ssh -p PORT portcullis@BASTION COMMAND [ARG
   deny ID --reason TEXT [--json]          deny (approvers of the request's flow)
   revoke ID [--reason TEXT] [--json]      end a grant and its sessions, or withdraw a request
   grants [--json]                         active grants you can see
-  totp enroll | totp status               TOTP for step-up (approve/deny take --totp CODE)
+  totp enroll [--invite CODE] | totp status  TOTP for step-up (approve/deny take --totp CODE)
 
 auditors:
   sessions [--user U] [--target T] [--since 24h] [--active] [--grep TEXT] [--json]
@@ -200,8 +200,8 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
             .await
             .and_then(|()| requests::deny(&caller, &id, reason, json)),
         Command::Totp {
-            action: TotpAction::Enroll,
-        } => step_up::enroll(context, &mut client).await,
+            action: TotpAction::Enroll { invite },
+        } => step_up::enroll(context, &mut client, invite).await,
         Command::Totp {
             action: TotpAction::Status,
         } => step_up::status(&caller),

@@ -1,16 +1,13 @@
 //! TOTP on the control plane: `totp enroll`, `totp status`, and the approver's
 //! step-up before deciding a request in a `step_up = "totp"` flow.
 
-use chrono::{Duration, Utc};
+use chrono::Utc;
 
 use super::requests::{Caller, Reply};
 use crate::audit::AuditEvent;
 use crate::grant::lifecycle::find_target;
 use crate::server::{ChannelContext, ClientChannel};
-use crate::totp::Verdict;
-
-/// A connection that passed TOTP this recently may decide without a new code.
-const STEP_UP_VALID: Duration = Duration::minutes(5);
+use crate::totp::invite;
 
 pub fn status(caller: &Caller) -> Reply {
     let status = caller
@@ -32,12 +29,20 @@ pub fn status(caller: &Caller) -> Reply {
 }
 
 /// Shows a fresh secret, then activates it once the user types a valid code from
-/// it. Re-enrolling first needs a valid code of the current secret.
-pub async fn enroll(context: &ChannelContext, client: &mut ClientChannel) -> Reply {
+/// it. Re-enrolling first needs a valid code of the current secret; a first
+/// enrolment needs the operator's one-time code when `totp_require_invite` is set.
+pub async fn enroll(
+    context: &ChannelContext,
+    client: &mut ClientChannel,
+    invite: Option<String>,
+) -> Reply {
     let user = context.identity.user.as_str();
     let totp = &context.state.totp;
+    let mut invited = None;
     if totp.is_enrolled(user).map_err(|e| e.to_string())? {
         check_code(context, client, None, "to replace your TOTP", true).await?;
+    } else if context.state.config.totp_require_invite {
+        invited = Some(check_invite(context, client, invite).await?);
     }
     let enrolment = totp.begin_enrolment(user);
     client
@@ -58,14 +63,47 @@ pub async fn enroll(context: &ChannelContext, client: &mut ClientChannel) -> Rep
     if !confirmed {
         return Err("that code does not match the new secret; nothing changed. Check the app's clock and run `totp enroll` again".into());
     }
-    context
-        .state
-        .audit(AuditEvent::new("totp.enrolled", user, Utc::now()));
+    let mut event = AuditEvent::new("totp.enrolled", user, Utc::now());
+    if let Some(issued) = invited {
+        invite::consume(&context.state.config.data_dir, user);
+        event = event.detail("invite_issued_at", issued.to_rfc3339());
+    }
+    context.state.audit(event);
     Ok(format!("TOTP enrolled for {user}\n"))
 }
 
+/// The operator's enrolment code, from `--invite` or asked for; returns when it was
+/// issued. A refusal is an audit event: it may be a stolen key trying to enrol.
+async fn check_invite(
+    context: &ChannelContext,
+    client: &mut ClientChannel,
+    given: Option<String>,
+) -> Result<chrono::DateTime<Utc>, String> {
+    let user = context.identity.user.as_str();
+    let code = match given {
+        Some(code) => code,
+        None => {
+            client
+                .out
+                .stderr("Enrolment code from your operator (portcullis totp invite): ")
+                .await;
+            client
+                .read_line(true, |_| {})
+                .await
+                .ok_or("cancelled; nothing changed")?
+        }
+    };
+    invite::check(&context.state.config.data_dir, user, &code, Utc::now()).map_err(|err| {
+        context.state.audit(
+            AuditEvent::new("totp.invite_refused", user, Utc::now())
+                .detail("reason", err.to_string()),
+        );
+        err.to_string()
+    })
+}
+
 /// Before an approver decides request `id`: if its flow wants TOTP, the connection
-/// must have passed TOTP in the last five minutes, or pass it now (`--totp CODE`,
+/// must have passed TOTP within `step_up_max_age`, or pass it now (`--totp CODE`,
 /// or a prompt on a terminal).
 pub async fn for_decision(
     context: &ChannelContext,
@@ -85,10 +123,9 @@ pub async fn for_decision(
     if !step_up {
         return Ok(());
     }
-    let recent = context
-        .identity
-        .stepped_up_at()
-        .is_some_and(|at| Utc::now() - at < STEP_UP_VALID);
+    let recent = context.identity.stepped_up_at().is_some_and(|at| {
+        (Utc::now() - at).to_std().unwrap_or_default() < context.state.config.step_up_max_age
+    });
     if recent && code.is_none() {
         return Ok(());
     }
@@ -117,31 +154,5 @@ async fn check_code(
         }
         None => return Err(format!("a TOTP code is needed {purpose}: add --totp CODE")),
     };
-    let now = Utc::now();
-    let verdict = context
-        .state
-        .totp
-        .verify(user, &code, now)
-        .map_err(|e| e.to_string())?;
-    let kind = if verdict == Verdict::Accepted {
-        "stepup.success"
-    } else {
-        "stepup.failure"
-    };
-    context.state.audit(
-        AuditEvent::new(kind, user, now)
-            .detail("purpose", purpose)
-            .detail("result", verdict.explain(user)),
-    );
-    if verdict.locked_now() {
-        context
-            .state
-            .audit(AuditEvent::new("stepup.locked", user, now).detail("purpose", purpose));
-    }
-    if verdict == Verdict::Accepted {
-        context.identity.mark_stepped_up(now);
-        Ok(())
-    } else {
-        Err(verdict.explain(user))
-    }
+    context.check_totp(&code, purpose)
 }

@@ -197,6 +197,18 @@ pub fn revoke(
     Ok(())
 }
 
+/// Ends a live grant on the bastion's own authority (its requester left the
+/// policy): an approved grant is revoked, a pending request cancelled.
+pub fn withdraw(grant: &mut Grant, reason: &str, now: DateTime<Utc>) -> Result<(), RuleError> {
+    let state = match grant.state {
+        GrantState::Approved => GrantState::Revoked,
+        GrantState::Pending => GrantState::Cancelled,
+        done => return refuse(format!("{} is already {done}", grant.id)),
+    };
+    end(grant, state, SYSTEM_ACTOR, Some(reason.to_string()), now);
+    Ok(())
+}
+
 /// Marks a pending request past its `pending_until`, or a grant past its expiry, as
 /// expired. Returns whether it did.
 pub fn expire_if_due(grant: &mut Grant, now: DateTime<Utc>) -> bool {

@@ -143,6 +143,32 @@ impl Grants {
         })
     }
 
+    /// Withdraws every live grant and pending request of `user` (who left the
+    /// policy); returns their ids. Their live sessions end as for a revocation.
+    pub fn withdraw_all_of(&self, user: &str, reason: &str, now: DateTime<Utc>) -> Vec<String> {
+        let live: Vec<String> = self
+            .live_where(|g| g.requester == user)
+            .into_iter()
+            .map(|g| g.id)
+            .collect();
+        live.into_iter()
+            .filter(|id| {
+                self.change(id, now, |grant| {
+                    lifecycle::withdraw(grant, reason, now)?;
+                    Ok((
+                        if grant.state == GrantState::Cancelled {
+                            "request.cancelled"
+                        } else {
+                            "request.revoked"
+                        },
+                        lifecycle::SYSTEM_ACTOR,
+                    ))
+                })
+                .is_ok()
+            })
+            .collect()
+    }
+
     /// Expires every pending request and grant whose time is up. Runs every second.
     pub fn sweep(&self, now: DateTime<Utc>) -> Result<usize, GrantError> {
         let due: Vec<String> = self

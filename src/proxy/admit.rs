@@ -21,12 +21,12 @@ pub async fn admit(
     target: &str,
     login: Option<&str>,
 ) -> Option<Permit> {
-    if let Some(refusal) = missing_step_up(context, target) {
+    if let Some(refusal) = not_enrolled(context, target) {
         client.out.fail(&refusal, 1).await;
         return None;
     }
     let denial = match decide(context, setup, start, target, login) {
-        Decision::Allow(permit) => return Some(*permit),
+        Decision::Allow(permit) => return stepped_up(context, client, setup, *permit).await,
         Decision::Deny(denial) => denial,
     };
     audit_denial(context, start, target, &denial);
@@ -50,7 +50,7 @@ pub async fn admit(
         return None;
     }
     match decide(context, setup, start, target, login) {
-        Decision::Allow(permit) => Some(*permit),
+        Decision::Allow(permit) => stepped_up(context, client, setup, *permit).await,
         Decision::Deny(denial) => {
             client.out.fail(&denial.reason, 1).await;
             None
@@ -58,26 +58,94 @@ pub async fn admit(
     }
 }
 
-/// Defence in depth for `step_up = "totp"` flows: the connection must have passed a
-/// TOTP check at authentication, whatever path led here.
-fn missing_step_up(context: &ChannelContext, target: &str) -> Option<String> {
+/// In a `step_up = "totp"` flow, a user without TOTP is told how to enrol before
+/// anything is filed for them.
+fn not_enrolled(context: &ChannelContext, target: &str) -> Option<String> {
     let policy = context.state.policy();
     let flow = policy.flow_for(policy.targets.get(target)?)?;
-    if !flow.step_up_totp || context.identity.stepped_up_at().is_some() {
+    let user = &context.identity.user;
+    if !flow.step_up_totp || context.state.totp.is_enrolled(user).unwrap_or(true) {
+        return None;
+    }
+    let port = context.state.config.listen.port();
+    Some(format!(
+        "target '{target}' needs a TOTP step-up and {user} has no TOTP enrolled: run `ssh -p {port} portcullis@BASTION totp enroll` first"
+    ))
+}
+
+/// Returns the permit once the session's step-up is fresh enough for its flow:
+/// passed within `step_up_max_age`, and after a human approved the grant (so a
+/// ControlMaster that stepped up long ago cannot start a session under a grant
+/// approved since). With a pty the code is asked for right here; without one the
+/// user is told to reconnect.
+async fn stepped_up(
+    context: &ChannelContext,
+    client: &mut ClientChannel,
+    setup: &mut SessionSetup,
+    permit: Permit,
+) -> Option<Permit> {
+    let policy = context.state.policy();
+    let needed = policy
+        .flow_for(&permit.target)
+        .is_some_and(|flow| flow.step_up_totp);
+    let Some(stale) = needed
+        .then(|| stale_step_up(context, &permit.grant))
+        .flatten()
+    else {
+        return Some(permit);
+    };
+    let target = &permit.target.name;
+    if setup.pty.is_none() {
+        let message = format!(
+            "target '{target}' needs a TOTP step-up {stale}; reconnect and enter your code at the prompt (or connect with -t to be asked in the session)"
+        );
+        client.out.fail(&message, 1).await;
         return None;
     }
     let user = &context.identity.user;
-    let enrolled = context.state.totp.is_enrolled(user).unwrap_or(false);
-    let port = context.state.config.listen.port();
-    Some(if enrolled {
-        format!(
-            "target '{target}' needs a TOTP step-up; reconnect and enter your code at the prompt"
-        )
-    } else {
-        format!(
-            "target '{target}' needs a TOTP step-up and {user} has no TOTP enrolled: run `ssh -p {port} portcullis@BASTION totp enroll` first"
-        )
-    })
+    client
+        .out
+        .stderr(&format!(
+            "portcullis: target '{target}' needs a TOTP step-up {stale}.\r\nTOTP code for {user}: "
+        ))
+        .await;
+    let Some(code) = client
+        .read_line(false, |msg| ask::keep_window_change(setup, msg))
+        .await
+    else {
+        client.out.fail("cancelled", 1).await;
+        return None;
+    };
+    client.out.stderr("\r\n").await;
+    match context.check_totp(&code, &format!("to start a session on {target}")) {
+        Ok(()) => Some(permit),
+        Err(why) => {
+            client.out.fail(&why, 1).await;
+            None
+        }
+    }
+}
+
+/// Why this connection's last step-up does not cover a session under `grant`, if
+/// it does not. An auto-approved grant is filed by the session itself, so only the
+/// age counts for it.
+fn stale_step_up(context: &ChannelContext, grant: &crate::grant::Grant) -> Option<String> {
+    let max_age = context.state.config.step_up_max_age;
+    let Some(at) = context.identity.stepped_up_at() else {
+        return Some("and this connection has not passed one".into());
+    };
+    if (Utc::now() - at).to_std().unwrap_or_default() > max_age {
+        return Some(format!(
+            "within the last {}",
+            crate::duration::format(max_age)
+        ));
+    }
+    match grant.approved_at {
+        Some(approved) if !grant.auto && at < approved => {
+            Some(format!("newer than the approval of grant {}", grant.id))
+        }
+        _ => None,
+    }
 }
 
 fn decide(

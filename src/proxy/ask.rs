@@ -169,7 +169,7 @@ async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {
     }
 }
 
-fn keep_window_change(setup: &mut SessionSetup, msg: &ChannelMsg) {
+pub(super) fn keep_window_change(setup: &mut SessionSetup, msg: &ChannelMsg) {
     if let (
         Some(pty),
         ChannelMsg::WindowChange {

@@ -35,6 +35,12 @@ fn shared_client_config() -> Arc<client::Config> {
 }
 
 /// Runs one proxied session channel to its end.
+///
+/// The order is what makes the two promises hold: the grant is watched from before
+/// the decision and re-checked after the (slow) target connect and again right
+/// before the first byte is relayed, so a revocation that lands during set-up
+/// never lets a session run; and the recording starts before the target is asked to
+/// start anything, so nothing runs on a target unrecorded.
 pub async fn run(
     context: &ChannelContext,
     mut client: ClientChannel,
@@ -44,6 +50,7 @@ pub async fn run(
     login: Option<&str>,
 ) {
     let user = context.identity.user.as_str();
+    let grant_changes = context.state.grants.subscribe();
     let Some(permit) = admit(context, &mut client, &mut setup, &start, target, login).await else {
         return;
     };
@@ -71,23 +78,18 @@ pub async fn run(
             return;
         }
     };
+    let grant = &permit.grant;
+    if let Some(ended) = grant_ended(&context.state.grants, grant) {
+        let _ = opened.channel.close().await;
+        client.out.fail(&ended, 1).await;
+        return;
+    }
     let TargetChannel {
         channel,
         connection: _connection,
         certificate,
     } = opened;
     let pty = setup.pty.clone();
-    let pending = match start_remote_session(&channel, setup, &start).await {
-        Ok(pending) => pending,
-        Err(err) => {
-            client
-                .out
-                .fail(&format!("target '{target}' closed the session: {err}"), 1)
-                .await;
-            return;
-        }
-    };
-    let grant = &permit.grant;
     let info = session_info(context, &permit, &start, pty.as_ref(), session, certificate);
     let recording = match context.state.recorder.start(info) {
         Ok(recording) => recording,
@@ -113,15 +115,45 @@ pub async fn run(
     );
     let _live = LiveSession::new(&context.state.live_sessions);
     context.state.metrics.sessions_total.inc();
+    let refused = match start_remote_session(&channel, setup, &start).await {
+        Ok(pending) => match grant_ended(&context.state.grants, grant) {
+            None => Ok(pending),
+            Some(ended) => Err(ended),
+        },
+        Err(err) => Err(format!("target '{target}' closed the session: {err}")),
+    };
+    let pending = match refused {
+        Ok(pending) => pending,
+        Err(message) => {
+            let _ = channel.close().await;
+            client.out.fail(&message, 1).await;
+            end_session(context, &permit, session, recording, &Outcome::default()).await;
+            return;
+        }
+    };
     let channel_id = client.out.writer.id();
     let stop = async {
         tokio::select! {
-            message = grant_ends(&context.state.grants, grant) => message,
+            message = grant_ends(&context.state.grants, grant, grant_changes) => message,
             message = bastion_stops(context, channel_id) => message,
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
         }
     };
     let (outcome, out) = relay::relay(client, channel, pending, &recording, stop).await;
+    end_session(context, &permit, session, recording, &outcome).await;
+    out.close().await;
+}
+
+/// Logs, counts, seals the recording of and audits the end of a session.
+async fn end_session(
+    context: &ChannelContext,
+    permit: &Permit,
+    session: u64,
+    recording: crate::record::SessionRecorder,
+    outcome: &Outcome,
+) {
+    let user = context.identity.user.as_str();
+    let (target, grant) = (permit.target.name.as_str(), &permit.grant);
     tracing::info!(
         user,
         target,
@@ -160,7 +192,6 @@ pub async fn run(
         }
     }
     context.state.audit(event);
-    out.close().await;
 }
 
 /// What the recorder stores about a starting session.
@@ -224,10 +255,44 @@ fn peer(context: &ChannelContext) -> String {
         .unwrap_or_default()
 }
 
+/// Why the grant no longer allows its sessions, if it does not: re-read from the
+/// grants service, so a revocation or expiry decided a moment ago counts.
+fn grant_ended(grants: &Grants, grant: &Grant) -> Option<String> {
+    let Ok(current) = grants.get(&grant.id) else {
+        return Some(format!(
+            "grant {} can no longer be read — session closed",
+            grant.id
+        ));
+    };
+    if current.state == GrantState::Approved {
+        let expired = current.expires_at.is_some_and(|at| at <= Utc::now());
+        return expired.then(|| format!("grant {} expired — session closed", grant.id));
+    }
+    let by = current
+        .ended
+        .as_ref()
+        .map(|e| e.by.clone())
+        .unwrap_or_default();
+    let why = current
+        .ended
+        .as_ref()
+        .and_then(|e| e.reason.clone())
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
+    Some(format!(
+        "grant {} {} by {by}{why} — session closed",
+        grant.id, current.state
+    ))
+}
+
 /// Resolves, with the message for the user, when the grant a session runs under
-/// stops being active: at its expiry, or as soon as it is revoked.
-async fn grant_ends(grants: &Grants, grant: &Grant) -> String {
-    let mut changes = grants.subscribe();
+/// stops being active: at its expiry, or as soon as it is revoked. `changes` was
+/// subscribed before the session was authorised, so no change since is missed.
+async fn grant_ends(
+    grants: &Grants,
+    grant: &Grant,
+    mut changes: tokio::sync::watch::Receiver<u64>,
+) -> String {
     let left = grant
         .expires_at
         .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
@@ -235,25 +300,14 @@ async fn grant_ends(grants: &Grants, grant: &Grant) -> String {
     let expiry = tokio::time::sleep(left);
     tokio::pin!(expiry);
     loop {
+        if let Some(ended) = grant_ended(grants, grant) {
+            return ended;
+        }
         tokio::select! {
             _ = &mut expiry => return format!("grant {} expired — session closed", grant.id),
             changed = changes.changed() => {
                 if changed.is_err() {
                     std::future::pending::<()>().await;
-                }
-                let Ok(current) = grants.get(&grant.id) else { continue };
-                if current.state != GrantState::Approved {
-                    let by = current.ended.as_ref().map(|e| e.by.clone()).unwrap_or_default();
-                    let why = current
-                        .ended
-                        .as_ref()
-                        .and_then(|e| e.reason.clone())
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default();
-                    return format!(
-                        "grant {} {} by {by}{why} — session closed",
-                        grant.id, current.state
-                    );
                 }
             }
         }

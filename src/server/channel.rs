@@ -12,6 +12,7 @@ use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty};
 use super::handler::env_allowed;
 use super::route::{InvalidUsername, Route};
 use super::State;
+use crate::audit::AuditEvent;
 use crate::grant::Action;
 use crate::proxy::UpstreamSlot;
 
@@ -19,6 +20,10 @@ use crate::proxy::UpstreamSlot;
 #[derive(Debug)]
 pub struct Identity {
     pub user: String,
+    /// The key the user authenticated with: re-checked against the policy at every
+    /// reload and every channel open, so a removed or rotated key stops working at
+    /// once, ControlMaster connections included.
+    pub key: russh::keys::PublicKey,
     pub route: Result<Route, InvalidUsername>,
     pub peer: Option<SocketAddr>,
     /// When this connection last passed a TOTP check (at authentication, or for an
@@ -29,12 +34,14 @@ pub struct Identity {
 impl Identity {
     pub fn new(
         user: String,
+        key: russh::keys::PublicKey,
         route: Result<Route, InvalidUsername>,
         peer: Option<SocketAddr>,
         stepped_up: Option<chrono::DateTime<chrono::Utc>>,
     ) -> Identity {
         Identity {
             user,
+            key,
             route,
             peer,
             stepped_up: std::sync::Mutex::new(stepped_up),
@@ -48,6 +55,21 @@ impl Identity {
     pub fn mark_stepped_up(&self, at: chrono::DateTime<chrono::Utc>) {
         *self.stepped_up.lock().expect("identity lock poisoned") = Some(at);
     }
+
+    /// Why this identity no longer holds under `policy`, if it does not: the key
+    /// was removed or now belongs to someone else, or the user left the policy.
+    pub fn withdrawn(&self, policy: &crate::policy::Policy) -> Option<String> {
+        let key = crate::policy::fingerprint(&self.key);
+        let user = &self.user;
+        match policy.user_by_key(&self.key) {
+            Some(owner) if owner.name == *user => None,
+            Some(owner) => Some(format!("key {key} now belongs to {}", owner.name)),
+            None if policy.users.contains_key(user) => {
+                Some(format!("key {key} was removed from user {user}"))
+            }
+            None => Some(format!("user {user} was removed from the policy")),
+        }
+    }
 }
 
 /// What a channel task needs from its connection.
@@ -56,6 +78,42 @@ pub struct ChannelContext {
     pub identity: Arc<Identity>,
     pub upstream: Arc<UpstreamSlot>,
     pub handle: Handle,
+}
+
+impl ChannelContext {
+    /// Checks a TOTP code the connected user typed for `purpose`, with its audit
+    /// events (success, failure, lockout). An accepted code counts as this
+    /// connection's latest step-up.
+    pub fn check_totp(&self, code: &str, purpose: &str) -> Result<(), String> {
+        let user = self.identity.user.as_str();
+        let now = chrono::Utc::now();
+        let verdict = self
+            .state
+            .totp
+            .verify(user, code, now)
+            .map_err(|e| e.to_string())?;
+        let accepted = verdict == crate::totp::Verdict::Accepted;
+        let kind = if accepted {
+            "stepup.success"
+        } else {
+            "stepup.failure"
+        };
+        self.state.audit(
+            AuditEvent::new(kind, user, now)
+                .detail("purpose", purpose)
+                .detail("result", verdict.explain(user)),
+        );
+        if verdict.locked_now() {
+            self.state
+                .audit(AuditEvent::new("stepup.locked", user, now).detail("purpose", purpose));
+        }
+        if accepted {
+            self.identity.mark_stepped_up(now);
+            Ok(())
+        } else {
+            Err(verdict.explain(user))
+        }
+    }
 }
 
 /// The pseudo-terminal a client asked for.
@@ -292,5 +350,52 @@ async fn read_setup(reader: &mut ChannelReadHalf) -> Option<(SessionSetup, Start
             // Data before the session starts has nowhere to go (OpenSSH never sends it).
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALICE: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBnPj0TH2hTmIobo5mbbFnqBThDCSdHTvEKAbAeRh9+H";
+    const OTHER: &str =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl";
+
+    /// A policy with the given `(user, key)` pairs and one target.
+    fn policy(users: &[(&str, &str)]) -> crate::policy::Policy {
+        let dir = tempfile::tempdir().unwrap();
+        let users: String = users
+            .iter()
+            .map(|(name, key)| format!("[users.{name}]\nkeys = [\"{key}\"]\ngroups = [\"eng\"]\n"))
+            .collect();
+        std::fs::write(dir.path().join("users.toml"), users).unwrap();
+        std::fs::write(
+            dir.path().join("targets.toml"),
+            format!("[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{ALICE}\"\nlogins = [\"postgres\"]\nlabels = {{ env = \"prod\" }}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("flows.toml"),
+            "[[flows]]\nname = \"prod\"\nmatch = { env = \"prod\" }\nrequesters = [\"group:eng\"]\napprovers = [\"bob\"]\n",
+        )
+        .unwrap();
+        crate::policy::load_dir(dir.path()).unwrap()
+    }
+
+    /// The check every channel open and every reload runs on a live connection.
+    #[test]
+    fn an_identity_holds_only_while_its_key_is_still_its_users() {
+        let key = russh::keys::PublicKey::from_openssh(ALICE).unwrap();
+        let alice = Identity::new("alice".into(), key, Route::parse("db"), None, None);
+        assert_eq!(alice.withdrawn(&policy(&[("alice", ALICE)])), None);
+        let rotated = alice.withdrawn(&policy(&[("alice", OTHER)])).unwrap();
+        assert!(rotated.contains("was removed from user alice"), "{rotated}");
+        let moved = alice
+            .withdrawn(&policy(&[("alice", OTHER), ("mallory", ALICE)]))
+            .unwrap();
+        assert!(moved.contains("now belongs to mallory"), "{moved}");
+        let gone = alice.withdrawn(&policy(&[("bob", OTHER)])).unwrap();
+        assert!(gone.contains("user alice was removed"), "{gone}");
     }
 }

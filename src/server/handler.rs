@@ -6,11 +6,11 @@
 //! channel task does the work from the queue, so events stay ordered with the data.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use chrono::Utc;
 use russh::keys::PublicKey;
@@ -38,18 +38,18 @@ pub async fn drive(
     peer: SocketAddr,
     preauth: Preauth,
 ) {
-    let authenticated = Arc::new(AtomicBool::new(false));
+    let (identity, authenticated) = watch::channel(None);
+    let policy_changes = state.policy_changes();
     let grace = gate.limits().login_grace;
     let deadline = tokio::time::Instant::now() + grace;
     let connection = Connection {
-        state,
+        state: state.clone(),
         peer: Some(peer),
-        identity: None,
+        identity,
         awaiting_step_up: None,
         upstream: Arc::new(UpstreamSlot::default()),
         gate,
         preauth: Some(preauth),
-        authenticated: authenticated.clone(),
         failed_auth: false,
         open_channels: Arc::new(()),
     };
@@ -76,15 +76,32 @@ pub async fn drive(
     let handle = running.handle();
     let grace_over = async {
         tokio::time::sleep_until(deadline).await;
-        if authenticated.load(Ordering::Acquire) {
+        if authenticated.borrow().is_some() {
             std::future::pending::<()>().await;
         }
     };
+    let withdrawn = identity_withdrawn(authenticated.clone(), policy_changes);
     tokio::select! {
         result = running => {
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "connection ended with an error");
             }
+        }
+        (identity, why) = withdrawn => {
+            tracing::warn!(%peer, user = %identity.user, reason = %why, "identity withdrawn; connection closed");
+            state.audit(
+                AuditEvent::new("auth.withdrawn", &identity.user, Utc::now())
+                    .detail("key", fingerprint(&identity.key))
+                    .detail("client", peer.to_string())
+                    .detail("reason", why.as_str()),
+            );
+            let _ = handle
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    format!("portcullis: {why}; connection closed"),
+                    String::new(),
+                )
+                .await;
         }
         _ = grace_over => {
             tracing::info!(%peer, "closed: not authenticated within the login grace time");
@@ -99,17 +116,41 @@ pub async fn drive(
     }
 }
 
+/// Resolves when the connection's identity stops holding under the policy (a key
+/// removed or rotated, a user removed), re-checked when the connection
+/// authenticates and at every policy reload. Closing the connection ends its live
+/// sessions, so a ControlMaster cannot outlive its key.
+async fn identity_withdrawn(
+    mut authenticated: watch::Receiver<Option<Arc<Identity>>>,
+    mut policy: watch::Receiver<Arc<crate::policy::Policy>>,
+) -> (Arc<Identity>, String) {
+    loop {
+        let current = authenticated.borrow_and_update().clone();
+        if let Some(identity) = current {
+            let why = identity.withdrawn(&policy.borrow_and_update());
+            if let Some(why) = why {
+                return (identity, why);
+            }
+        }
+        tokio::select! {
+            changed = authenticated.changed() => if changed.is_err() { std::future::pending::<()>().await },
+            changed = policy.changed() => if changed.is_err() { std::future::pending::<()>().await },
+        }
+    }
+}
+
 /// A public key verified for `username`, waiting for its TOTP.
 struct StepUp {
     username: String,
     user: String,
+    key: PublicKey,
 }
 
 pub struct Connection {
     state: Arc<State>,
     peer: Option<SocketAddr>,
-    /// Set once authentication succeeded.
-    identity: Option<Arc<Identity>>,
+    /// Set once authentication succeeded; `drive` watches it against the policy.
+    identity: watch::Sender<Option<Arc<Identity>>>,
     /// Set when the public key was accepted and a TOTP code is still owed.
     awaiting_step_up: Option<StepUp>,
     /// The upstream SSH connection, shared by this connection's channels.
@@ -117,7 +158,6 @@ pub struct Connection {
     gate: Arc<Gate>,
     /// The pre-authentication slot, released on success.
     preauth: Option<Preauth>,
-    authenticated: Arc<AtomicBool>,
     /// Some authentication attempt failed (counted once, when the connection ends
     /// unauthenticated).
     failed_auth: bool,
@@ -128,7 +168,7 @@ pub struct Connection {
 
 impl Drop for Connection {
     fn drop(&mut self) {
-        if self.authenticated.load(Ordering::Acquire) || !self.failed_auth {
+        if self.identity.borrow().is_some() || !self.failed_auth {
             return;
         }
         let Some(peer) = self.peer else { return };
@@ -146,8 +186,7 @@ impl Drop for Connection {
 impl Connection {
     /// Authentication succeeded: free the pre-auth slot, stop the grace timer.
     fn authenticated(&mut self, identity: Identity) {
-        self.identity = Some(Arc::new(identity));
-        self.authenticated.store(true, Ordering::Release);
+        self.identity.send_replace(Some(Arc::new(identity)));
         if let Some(mut preauth) = self.preauth.take() {
             preauth.release();
         }
@@ -282,6 +321,7 @@ impl russh::server::Handler for Connection {
             self.awaiting_step_up = Some(StepUp {
                 username: username.to_string(),
                 user,
+                key: key.public_key.clone(),
             });
             return Ok(Auth::Reject {
                 proceed_with_methods: Some(MethodSet::from(&[MethodKind::KeyboardInteractive][..])),
@@ -290,7 +330,13 @@ impl russh::server::Handler for Connection {
         }
         tracing::info!(peer = %self.peer(), %user, key = %fp, username, "authenticated");
         self.audit_auth("auth.success", &user, key.public_key, username);
-        let identity = Identity::new(user, Route::parse(username), self.peer, None);
+        let identity = Identity::new(
+            user,
+            key.public_key.clone(),
+            Route::parse(username),
+            self.peer,
+            None,
+        );
         self.authenticated(identity);
         Ok(Auth::Accept)
     }
@@ -310,7 +356,7 @@ impl russh::server::Handler for Connection {
         else {
             return Ok(Auth::reject());
         };
-        let user = step_up.user.clone();
+        let (user, key) = (step_up.user.clone(), step_up.key.clone());
         let now = Utc::now();
         let Some(mut response) = response else {
             return Ok(self.step_up_prompt(&user, now));
@@ -338,7 +384,7 @@ impl russh::server::Handler for Connection {
         }
         tracing::info!(peer = %self.peer(), %user, username, "authenticated with TOTP step-up");
         self.awaiting_step_up = None;
-        let identity = Identity::new(user, Route::parse(username), self.peer, Some(now));
+        let identity = Identity::new(user, key, Route::parse(username), self.peer, Some(now));
         self.authenticated(identity);
         Ok(Auth::Accept)
     }
@@ -349,9 +395,15 @@ impl russh::server::Handler for Connection {
         reply: ChannelOpenHandle,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let Some(identity) = self.identity.clone() else {
+        let Some(identity) = self.identity.borrow().clone() else {
             return Ok(()); // dropping `reply` refuses the channel
         };
+        // A reload may have landed since authentication: the key must still be
+        // this user's now, for every new channel.
+        if let Some(why) = identity.withdrawn(&self.state.policy()) {
+            tracing::warn!(peer = %self.peer(), user = %identity.user, reason = %why, "refused a channel: identity withdrawn");
+            return Ok(());
+        }
         let limit = self.gate.limits().channels_per_connection;
         if Arc::strong_count(&self.open_channels) > limit {
             tracing::warn!(peer = %self.peer(), limit, "refused a session channel over the per-connection limit");

@@ -7,7 +7,7 @@ mod handler;
 mod route;
 mod upkeep;
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -39,7 +39,9 @@ pub use route::{InvalidUsername, Route, CONTROL_USER};
 pub struct State {
     pub config: Config,
     pub keys: KeySet,
-    policy: RwLock<Arc<Policy>>,
+    /// The policy in force; connections subscribe to re-check their identity at
+    /// every reload.
+    policy: watch::Sender<Arc<Policy>>,
     pub store: Arc<Store>,
     pub grants: Grants,
     pub recorder: Arc<Recorder>,
@@ -95,7 +97,7 @@ impl State {
             )),
             config,
             keys,
-            policy: RwLock::new(Arc::new(policy)),
+            policy: watch::channel(Arc::new(policy)).0,
             store,
             totp,
             phase: watch::channel(Phase::Running).0,
@@ -111,13 +113,40 @@ impl State {
 
     /// The policy in force right now; callers keep the `Arc` for one decision.
     pub fn policy(&self) -> Arc<Policy> {
-        self.policy.read().expect("policy lock poisoned").clone()
+        self.policy.borrow().clone()
+    }
+
+    /// A receiver that wakes at every successful policy reload.
+    pub fn policy_changes(&self) -> watch::Receiver<Arc<Policy>> {
+        self.policy.subscribe()
     }
 
     /// Re-reads the policy directory; on error the previous policy stays in force.
+    /// Users that the new policy no longer knows lose their grants (their
+    /// connections end on their own: see `handler::identity_withdrawn`).
     pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
-        let fresh = policy::load_dir(&self.config.policies)?;
-        *self.policy.write().expect("policy lock poisoned") = Arc::new(fresh);
+        let fresh = Arc::new(policy::load_dir(&self.config.policies)?);
+        let previous = self.policy.send_replace(fresh.clone());
+        let now = chrono::Utc::now();
+        for user in previous
+            .users
+            .keys()
+            .filter(|u| !fresh.users.contains_key(*u))
+        {
+            let ended = self
+                .grants
+                .withdraw_all_of(user, "user removed from the policy", now);
+            tracing::warn!(
+                user,
+                grants = ended.len(),
+                "user removed from the policy; grants withdrawn"
+            );
+            self.audit(
+                AuditEvent::new("user.removed", "portcullis", now)
+                    .detail("user", user.as_str())
+                    .detail("grants", ended),
+            );
+        }
         Ok(())
     }
 }

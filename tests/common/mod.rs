@@ -1256,6 +1256,26 @@ impl World {
         }
     }
 
+    /// Rewrites one policy file with `edit`, sends the bastion SIGHUP and waits
+    /// until it logged that the policy was reloaded.
+    pub fn edit_policy(&self, file: &str, edit: impl FnOnce(String) -> String) {
+        let path = self.bastion.policies_dir().join(file);
+        let before = fs::read_to_string(&path).expect("read policy file");
+        fs::write(&path, edit(before)).expect("write policy file");
+        let reloads = || self.bastion.log().matches("policy reloaded").count();
+        let seen = reloads();
+        let sent = Command::new("kill")
+            .args(["-HUP", &self.bastion.pid().to_string()])
+            .status()
+            .expect("kill -HUP");
+        assert!(sent.success());
+        assert!(
+            wait_until(STARTUP_TIMEOUT, || reloads() > seen),
+            "the bastion did not reload {file}:\n{}",
+            self.logs()
+        );
+    }
+
     /// Runs a control-plane command as `client` that must succeed; returns stdout.
     pub fn ok(&self, client: &Client, command: &[&str]) -> String {
         let out = self.control_as(client, command);

@@ -11,6 +11,8 @@
 //! user's step-up for five minutes. Every check takes the time as an argument, so the
 //! rules are tested with an injected clock.
 
+pub mod invite;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
