@@ -233,6 +233,7 @@ mod tests {
             Some(Duration::from_secs(180 * 86400))
         );
         assert!(config.metrics_listen.is_some());
+        assert!(config.totp_require_invite);
     }
 
     #[test]
