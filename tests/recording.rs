@@ -211,11 +211,16 @@ fn sessions_filter_by_user_target_time_activity_and_output() {
     }
 }
 
-/// Real `scp -O` and rsync keep metadata-only recordings; anything that merely
-/// starts like them is an ordinary session, recorded in full.
+/// Only sftp forced to `internal-sftp` by a session certificate keeps a
+/// metadata-only recording: everything that starts through the login shell
+/// (`scp -O`, rsync, sftp on a key-mode target, and anything that merely starts
+/// like them) could be a shell in disguise, so it is recorded in full.
 #[test]
 fn only_provable_file_transfers_skip_the_transcript() {
-    let w = World::start();
+    let w = World::start_with(WorldOptions {
+        certificate_target: true,
+        ..WorldOptions::default()
+    });
     let file = w.path("payload");
     random_file(&file, 64 * 1024);
     let dest = w.path("uploads");
@@ -231,6 +236,17 @@ fn only_provable_file_transfers_skip_the_transcript() {
         "rsync",
     );
     assert_eq!(sha256_file(&dest.join("by-rsync")), sha256_file(&file));
+    let batch = w.path("batch");
+    fs::write(
+        &batch,
+        format!(
+            "put {} {}\n",
+            file.display(),
+            dest.join("by-sftp").display()
+        ),
+    )
+    .unwrap();
+    assert_success(&w.alice.sftp_batch(&local(), &batch), "sftp, key mode");
 
     let out = run_with_timeout(
         &mut w
@@ -253,28 +269,67 @@ fn only_provable_file_transfers_skip_the_transcript() {
         describe(&out)
     );
 
-    let all = sessions(&w, &[]);
-    let full: Vec<(String, bool)> = all
+    // sftp to a certificate-mode target, under a shell grant: internal-sftp.
+    let doc: Value = serde_json::from_str(&w.ok(
+        &w.alice,
+        &["request", "certs", "--shell", "--reason", "CHG-7", "--json"],
+    ))
+    .unwrap();
+    w.ok(&w.bob, &["approve", doc["id"].as_str().unwrap()]);
+    fs::write(
+        &batch,
+        format!(
+            "put {} {}\n",
+            file.display(),
+            dest.join("by-cert-sftp").display()
+        ),
+    )
+    .unwrap();
+    let certs = format!("{}@certs", login_user());
+    assert_success(
+        &w.alice.sftp_batch(&certs, &batch),
+        "sftp, certificate mode",
+    );
+    assert_eq!(sha256_file(&dest.join("by-cert-sftp")), sha256_file(&file));
+
+    let recorded: Vec<(String, String, bool)> = sessions(&w, &[])
         .iter()
         .map(|s| {
             (
+                s["target"].as_str().unwrap().to_string(),
                 s["command"].as_str().unwrap_or_default().to_string(),
                 s["full_transcript"].as_bool().unwrap(),
             )
         })
         .collect();
-    assert_eq!(full.len(), 4, "{full:?}");
-    assert!(full[0].0.starts_with("scp ") && !full[0].1, "{full:?}");
-    assert!(
-        full[1].0.starts_with("rsync --server") && !full[1].1,
-        "{full:?}"
+    assert_eq!(recorded.len(), 6, "{recorded:?}");
+    let (metadata_only, full): (Vec<_>, Vec<_>) = recorded.iter().partition(|(_, _, full)| !full);
+    assert_eq!(
+        metadata_only,
+        [&("certs".to_string(), "sftp".to_string(), false)],
+        "{recorded:?}"
     );
+    assert_eq!(full.len(), 5, "{recorded:?}");
     assert!(
-        full[2].1 && full[3].1,
-        "disguised sessions are recorded: {full:?}"
+        recorded_certificate_forces(&w, "internal-sftp"),
+        "the sftp session's certificate forces internal-sftp"
     );
     assert_eq!(sessions(&w, &["--grep", "disguised-42"]).len(), 1);
     assert_eq!(sessions(&w, &["--grep", "appended-6"]).len(), 1);
+}
+
+/// Whether the last session's certificate carries `force-command COMMAND`.
+fn recorded_certificate_forces(world: &World, command: &str) -> bool {
+    let all = sessions(world, &[]);
+    let cert = all
+        .last()
+        .and_then(|s| s["certificate"].as_str())
+        .expect("a certificate-mode session records its certificate");
+    let file = world.path("last-cert.pub");
+    fs::write(&file, format!("{cert}\n")).unwrap();
+    let out = run(Command::new("ssh-keygen").arg("-L").arg("-f").arg(&file));
+    assert_success(&out, "ssh-keygen -L");
+    text(&out.stdout).contains(&format!("force-command {command}"))
 }
 
 /// Commands fed on stdin never show in the output, yet auditors find, replay and

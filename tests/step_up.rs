@@ -198,8 +198,15 @@ fn a_step_up_target_asks_for_the_code_and_refuses_wrong_or_replayed_ones() {
     assert_success(&out, "enroll");
     let dir = w.dir.path();
 
-    // The enrolment used the current step; the next step is within the skew.
-    let good = w.alice.with_askpass(&askpass(dir, USER, &secret, 1));
+    // The enrolment used the current step; the next step is within the skew. The
+    // code is computed once, so the second connection types the very same code even
+    // if a 30 s step boundary passes in between.
+    let next_step = Utc::now() + chrono::Duration::seconds(30);
+    let code = portcullis::totp::code_at(&secret, USER, next_step).unwrap();
+    let fixed = dir.join("askpass-fixed");
+    fs::write(&fixed, format!("#!/bin/sh\necho {code}\n")).unwrap();
+    fs::set_permissions(&fixed, fs::Permissions::from_mode(0o755)).unwrap();
+    let good = w.alice.with_askpass(&fixed);
     let out = good.ssh(&on("secure"), &["echo stepped-up"]);
     assert_success(&out, "step-up with the right code");
     assert!(text(&out.stdout).contains("stepped-up"));
@@ -527,7 +534,7 @@ fn certificate_mode_pins_command_grants_with_force_command() {
     assert_success(&out, "command through certificate mode");
     assert!(text(&out.stdout).contains("Linux"));
     let listing = recorded_certificate(&w);
-    assert!(listing.contains("force-command uname -s"), "{listing}");
+    assert!(listing.contains("force-command 'uname' -s"), "{listing}");
     assert!(!listing.contains("permit-pty"), "{listing}");
 }
 
@@ -545,7 +552,7 @@ fn certificate_mode_forces_the_canonical_command() {
     assert_eq!(text(&out.stdout), "{a,b} ~root\n");
     let listing = recorded_certificate(&w);
     assert!(
-        listing.contains("force-command echo '{a,b}' '~root'"),
+        listing.contains("force-command 'echo' '{a,b}' '~root'"),
         "{listing}"
     );
 }

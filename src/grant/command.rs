@@ -33,12 +33,18 @@ const SHELL_SPECIAL: &[(char, &str)] = &[
     ('?', "a glob"),
     ('[', "a glob"),
     ('\0', "a NUL byte"),
+    // csh and tcsh expand `!` history references even inside single quotes, and
+    // no quoting works in both csh and fish.
+    (
+        '!',
+        "'!' (history expansion in csh and tcsh, even inside quotes)",
+    ),
 ];
 
 /// Characters that no shell gives a meaning to anywhere in a word: a word made
 /// only of these (and ASCII letters and digits) is sent without quotes, so audit
-/// events stay readable. Everything else, `{ } ~ # ! = % ^ ' " ]` and all of
-/// Unicode included, is quoted.
+/// events stay readable. Everything else, `{ } ~ # = % ^ ' " ]` and all of
+/// Unicode included, is quoted, and so is the command name.
 const INERT: &[char] = &['_', '-', '.', '/', ',', ':', '@', '+'];
 
 /// Longest command or pattern accepted, in bytes.
@@ -84,19 +90,71 @@ fn split_with(command: &str, wildcard: Option<char>) -> Result<Vec<String>, Stri
         Some(words) if words[0].starts_with('-') => {
             Err("an option where the command name belongs ('-' starting the command)".into())
         }
+        Some(words) if is_reserved_word(&words[0]) => Err(format!(
+            "the shell keyword {:?} as the command name (fish reads it as a keyword even quoted)",
+            words[0]
+        )),
         Some(words) => Ok(words),
     }
 }
 
+/// Whether `word` is a reserved word of bash, zsh, ksh or fish. Quoting keeps a
+/// POSIX shell from reading it as one, but not fish, so none may name a command.
+pub fn is_reserved_word(word: &str) -> bool {
+    const RESERVED: &[&str] = &[
+        "{",
+        "}",
+        "[[",
+        "]]",
+        "and",
+        "begin",
+        "case",
+        "coproc",
+        "declare",
+        "do",
+        "done",
+        "elif",
+        "else",
+        "end",
+        "esac",
+        "export",
+        "fi",
+        "float",
+        "for",
+        "foreach",
+        "function",
+        "if",
+        "in",
+        "integer",
+        "local",
+        "nocorrect",
+        "noglob",
+        "not",
+        "or",
+        "readonly",
+        "repeat",
+        "select",
+        "switch",
+        "then",
+        "time",
+        "typeset",
+        "until",
+        "while",
+    ];
+    RESERVED.contains(&word)
+}
+
 /// Printable ASCII (tab and other controls are not), and beyond ASCII only
-/// letters and digits: no format characters (bidi overrides, zero-width joiners),
-/// no Unicode spaces or look-alike punctuation that would make a grant or an audit
-/// line read differently from what runs.
+/// letters: no format characters (bidi overrides, zero-width joiners), no Unicode
+/// spaces, look-alike punctuation or numeric symbols, and none of the Hangul
+/// fillers, which are letters that print as nothing. All of them would make a
+/// grant or an audit line read differently from what runs.
 fn allowed_char(c: char) -> bool {
+    const INVISIBLE_LETTERS: &[char] = &['\u{115F}', '\u{1160}', '\u{3164}', '\u{FFA0}'];
     if c.is_ascii() {
         c == ' ' || c.is_ascii_graphic()
     } else {
-        c.is_alphanumeric()
+        c.is_alphabetic() && !INVISIBLE_LETTERS.contains(&c)
     }
 }
 
@@ -105,7 +163,7 @@ fn describe_char(c: char) -> String {
         format!("a control character ({:#04x})", c as u32)
     } else {
         format!(
-            "the character U+{:04X}, which is not a letter or digit",
+            "the character U+{:04X}, which is neither ASCII nor a visible letter",
             c as u32
         )
     }
@@ -129,11 +187,20 @@ fn starts_a_comment(command: &str) -> bool {
     false
 }
 
-/// The command line that makes every POSIX shell run exactly `words`.
+/// The command line that makes every POSIX shell run exactly `words`. The command
+/// name is always quoted: a quoted word is never a reserved word (`time`, `if`,
+/// `coproc`, fish's `not`) nor an alias, so it can only name a command.
 pub fn canonical(words: &[String]) -> String {
     words
         .iter()
-        .map(|word| quote(word))
+        .enumerate()
+        .map(|(i, word)| {
+            if i == 0 {
+                single_quoted(word)
+            } else {
+                quote(word)
+            }
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -151,6 +218,11 @@ pub fn quote(word: &str) -> String {
     {
         return word.to_string();
     }
+    single_quoted(word)
+}
+
+/// `word` in single quotes, whatever it holds.
+fn single_quoted(word: &str) -> String {
     if word.is_empty() {
         return "''".to_string();
     }
@@ -166,64 +238,6 @@ pub fn quote(word: &str) -> String {
         .join("\"'\"")
 }
 
-/// Whether `words`, run without a pty, can only be a file transfer: OpenSSH's
-/// `scp -t`/`scp -f` sink or source (as `scp -O` starts it), or an rsync server
-/// without daemon mode. Only these keep metadata-only recordings; any other
-/// word, flag or extra argument makes the session an ordinary, fully recorded one.
-pub fn is_file_transfer(words: &[String]) -> bool {
-    let words: Vec<&str> = words.iter().map(String::as_str).collect();
-    match words.as_slice() {
-        ["scp", rest @ ..] => is_scp_server(rest),
-        ["rsync", "--server", rest @ ..] => is_rsync_server(rest),
-        _ => false,
-    }
-}
-
-/// `[-v] [-r] [-p] [-d] (-t|-f) [--] PATH`, as scp.c builds it.
-fn is_scp_server(args: &[&str]) -> bool {
-    let Some((path, flags)) = args.split_last() else {
-        return false;
-    };
-    let flags = flags.strip_suffix(&["--"]).unwrap_or(flags);
-    let direction = flags.iter().filter(|f| ["-t", "-f"].contains(f)).count();
-    direction == 1
-        && flags
-            .iter()
-            .all(|f| ["-t", "-f", "-v", "-r", "-p", "-d"].contains(f))
-        && !path.is_empty()
-}
-
-/// `[--sender] OPTIONS... . PATH...` where no option turns on daemon mode (which
-/// runs rsyncd.conf's `pre-xfer exec` hooks) or writes files of its own choosing.
-fn is_rsync_server(args: &[&str]) -> bool {
-    const FORBIDDEN: &[&str] = &[
-        "--daemon",
-        "--config",
-        "--dparam",
-        "--log-file",
-        "--write-batch",
-        "--only-write-batch",
-        "--read-batch",
-        "--early-input",
-    ];
-    let Some(dot) = args.iter().position(|a| *a == ".") else {
-        return false;
-    };
-    let (options, paths) = (&args[..dot], &args[dot + 1..]);
-    !paths.is_empty()
-        && options.iter().all(|o| {
-            o.starts_with('-')
-                && !FORBIDDEN
-                    .iter()
-                    .any(|f| o.split('=').next() == Some(*f) || o.starts_with(&format!("{f}=")))
-        })
-        && options.iter().filter(|o| !o.starts_with("--")).all(|o| {
-            o.chars()
-                .skip(1)
-                .all(|c| c.is_ascii_alphanumeric() || c == '.')
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,12 +251,13 @@ mod tests {
     fn quoting_keeps_plain_words_readable_and_quotes_the_rest() {
         assert_eq!(
             canonical(&words(&["tail", "-n", "20", "/var/log/app.log"])),
-            "tail -n 20 /var/log/app.log"
+            "'tail' -n 20 /var/log/app.log"
         );
         assert_eq!(
             canonical(&words(&["echo", "{a,b}", "~root", "#x", "A=b", ""])),
-            "echo '{a,b}' '~root' '#x' 'A=b' ''"
+            "'echo' '{a,b}' '~root' '#x' 'A=b' ''"
         );
+        assert_eq!(canonical(&words(&["timeout", "x"])), "'timeout' x");
         assert_eq!(quote("it's"), r#"'it'"'"'s'"#);
         assert_eq!(quote("'"), r#""'""#);
         assert_eq!(quote("a''b"), r#"'a'"'""'"'b'"#);
@@ -262,9 +277,14 @@ mod tests {
             ("echo 'a", "unbalanced"),
             ("   ", "no command"),
             ("echo *", "glob"),
+            ("grep x '/var/log/syslog!#:1'", "'!'"),
+            ("echo a\u{3164}b", "U+3164"),
+            ("echo \u{bd}", "U+00BD"),
             ("%1", "job"),
             ("'%vi'", "job"),
             ("-i", "option"),
+            ("time x", "keyword"),
+            ("'not' x", "keyword"),
             ("'-O' extglob", "option"),
         ] {
             let err = split(hostile).unwrap_err();
@@ -275,38 +295,6 @@ mod tests {
             split("echo 'a #b' '#c'").unwrap(),
             words(&["echo", "a #b", "#c"])
         );
-    }
-
-    #[test]
-    fn only_exact_scp_and_rsync_server_invocations_are_file_transfers() {
-        for transfer in [
-            "scp -t /tmp",
-            "scp -v -r -p -d -t -- /tmp/x",
-            "scp -f /etc/hostname",
-            "rsync --server -vlogDtpre.iLsfxCIvu . /tmp/dest",
-            "rsync --server --sender -vlogDtpre.iLsfxCIvu . /srv/a /srv/b",
-            "rsync --server -logDtpre.iLsfxCIvu --delete --partial-dir=.p . /tmp/x",
-        ] {
-            assert!(is_file_transfer(&split(transfer).unwrap()), "{transfer}");
-        }
-        for other in [
-            "scp",
-            "scp -t",
-            "scp -t -f /tmp",
-            "scp -t /tmp /etc",
-            "scp -S /bin/sh -t /tmp",
-            "scpx -t /tmp",
-            "rsync --server",
-            "rsync --server -e.x /tmp",
-            "rsync --server --daemon . /tmp",
-            "rsync --server --config=/tmp/c --daemon . /tmp",
-            "rsync --server --log-file=/root/.bashrc . /tmp",
-            "rsync --server bash -i . /tmp",
-            "rsync -vv --server . /tmp",
-            "bash -i",
-        ] {
-            assert!(!is_file_transfer(&split(other).unwrap()), "{other}");
-        }
     }
 
     /// Runs `line` with `shell -c` in a directory whose only `PATH` entry holds a
@@ -343,9 +331,9 @@ mod tests {
 
     /// Words that some shell would expand, split or skip if they were not quoted.
     const HOSTILE: &[&str] = &[
-        "{a,b}", "x{1..3}", "~", "~root", "~/x", "a=b", "=ls", "#x", "!", "!!", "!-1", "%1",
-        "^x^y", "{", "}", "-", "%", "a b", "'", "\"", "it's", "", "--", "-c", "é語", "x,y", ":",
-        "@",
+        "{a,b}", "x{1..3}", "~", "~root", "~/x", "a=b", "=ls", "#x", "%1", "^x^y", "{", "}", "!!",
+        "x!#:0", "-", "%", "a b", "'", "\"", "it's", "", "--", "-c", "é語", "x,y", ":", "@",
+        "time", "coproc", "if", "function", "then", "not", "begin",
     ];
 
     /// A hostile word or a random one from the characters shells care about.
@@ -353,7 +341,9 @@ mod tests {
         prop_oneof![
             proptest::sample::select(HOSTILE).prop_map(str::to_string),
             proptest::string::string_regex("[a-zA-Z0-9{}~#!=%^'\" ,:@+./é語_-]{0,10}").unwrap(),
-            proptest::string::string_regex("\\p{L}{1,3}|x{300}").unwrap(),
+            proptest::string::string_regex("\\p{L}{1,3}|x{300}")
+                .unwrap()
+                .prop_filter("visible letters", |w| w.chars().all(allowed_char)),
         ]
     }
 
@@ -373,6 +363,17 @@ mod tests {
                 .prop_map(|w| format!("probe{w}")),
         ]
     }
+
+    /// The login shells a target may have: every one of them must run the canonical
+    /// line as exactly the compared words.
+    const SHELLS: &[&[&str]] = &[
+        &["/bin/bash"],
+        &["/bin/dash"],
+        &["/bin/zsh"],
+        &["/bin/busybox", "sh"],
+        &["/bin/tcsh"],
+        &["/usr/bin/fish"],
+    ];
 
     use proptest::prelude::*;
 
@@ -394,12 +395,21 @@ mod tests {
                 Ok(again) => prop_assert_eq!(&again, &compared),
                 Err(why) => {
                     // Only the one thing no quoting can make safe is refused.
-                    prop_assert!(compared[0].starts_with(['%', '-']), "{:?}: {}", line, why);
+                    // Only what no quoting can make safe is refused: csh history,
+                    // job specs, options and keywords where the command belongs.
+                    prop_assert!(
+                        compared.iter().any(|w| w.contains('!'))
+                            || compared[0].starts_with(['%', '-'])
+                            || is_reserved_word(&compared[0]),
+                        "{:?}: {}",
+                        line,
+                        why
+                    );
                     return Ok(());
                 }
             }
             let dir = tempfile::tempdir().unwrap();
-            for shell in [&["/bin/bash"][..], &["/bin/dash"], &["/bin/zsh"], &["/bin/busybox", "sh"]] {
+            for shell in SHELLS {
                 let argv = executed_by(shell, &line, &compared[0], dir.path());
                 prop_assert_eq!(&argv, &compared, "{:?} ran {:?}", shell, line);
             }

@@ -14,7 +14,7 @@ mod service;
 
 use chrono::{DateTime, Utc};
 
-use crate::policy::{Flow, Policy, Target};
+use crate::policy::{Flow, Policy, Target, UpstreamAuth};
 
 pub use lifecycle::{RequestSpec, RuleError};
 pub use model::{Approval, Ending, Grant, GrantState};
@@ -59,10 +59,10 @@ pub struct Permit {
     pub login: String,
     pub grant: Grant,
     /// The canonical command line the target runs instead of the client's string:
-    /// set for every exec under a command grant, and for a provable file transfer.
+    /// set for every exec under a command grant.
     pub command: Option<String>,
-    /// A provable file transfer (the sftp subsystem, or a no-pty exec that is exactly
-    /// an scp or rsync server): the only sessions that may be recorded as metadata.
+    /// A provable file transfer (sftp forced to `internal-sftp` by a certificate):
+    /// the only sessions that may be recorded as metadata.
     pub file_transfer: bool,
 }
 
@@ -153,7 +153,7 @@ pub fn authorize(
     for grant in &held {
         match grant.scope.covers(&request.action, request.pty) {
             Ok(compared) => {
-                let (command, file_transfer) = what_runs(request, compared);
+                let (command, file_transfer) = what_runs(request, target, compared);
                 return Decision::Allow(Box::new(Permit {
                     target: target.clone(),
                     login: login.to_string(),
@@ -190,24 +190,24 @@ pub fn authorize(
     )
 }
 
-/// The canonical command to run (from the compared words of a command grant, or the
-/// words of a provable file transfer under a shell grant) and whether the session is
-/// a provable file transfer. Anything else under a shell grant runs as asked: the
-/// grant allows it all, and it is recorded in full.
-fn what_runs(request: &AccessRequest, compared: Option<Vec<String>>) -> (Option<String>, bool) {
-    let words = compared.or_else(|| match request.action {
-        Action::Exec(raw) if !request.pty => std::str::from_utf8(raw)
-            .ok()
-            .and_then(|raw| command::split(raw).ok())
-            .filter(|words| command::is_file_transfer(words)),
-        _ => None,
-    });
-    let file_transfer = match request.action {
-        Action::Subsystem(name) => name == "sftp" && !request.pty,
-        Action::Exec(_) => !request.pty && words.as_deref().is_some_and(command::is_file_transfer),
-        Action::Shell => false,
-    };
-    (words.as_deref().map(command::canonical), file_transfer)
+/// The canonical command to run (the compared words of a command grant; anything
+/// under a shell grant runs as asked, since the grant allows it all) and whether
+/// the session is a provable file transfer.
+///
+/// Only an sftp subsystem on a certificate-mode target is provable: its
+/// certificate forces `internal-sftp`, which sshd runs in-process, without the
+/// login shell. Everything else starts through `$SHELL -c`, whose start-up files
+/// (`~/.bashrc` under sshd, `~/.zshenv`) the user may have written, so an `scp -t`
+/// or `rsync --server` could be an interactive shell in disguise.
+fn what_runs(
+    request: &AccessRequest,
+    target: &Target,
+    compared: Option<Vec<String>>,
+) -> (Option<String>, bool) {
+    let file_transfer = matches!(request.action, Action::Subsystem("sftp"))
+        && !request.pty
+        && target.auth == UpstreamAuth::Certificate;
+    (compared.as_deref().map(command::canonical), file_transfer)
 }
 
 fn list_or_none<'a>(names: impl Iterator<Item = &'a String>) -> String {

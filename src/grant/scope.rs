@@ -7,9 +7,11 @@
 //! so that a pattern for a directory never reaches outside it:
 //!
 //! - `*` matches any run of characters except `/`, and never a whole `.` or `..`
-//!   path segment (`/var/log/*` matches `/var/log/app.log`, not `/var/log/..`);
+//!   path segment nor an empty one (`/var/log/*` matches `/var/log/app.log`, not
+//!   `/var/log/..` nor the directory itself as `/var/log/`);
 //! - `**`, written as a whole path segment (`/srv/app/**`), matches any number of
-//!   segments, none of which may be `.` or `..`.
+//!   segments (at least one at the end of a word, so `/srv/**` is never `/srv`
+//!   itself), none of which may be empty, `.` or `..`.
 //!
 //! A command that the remote shell would interpret beyond plain words never matches,
 //! and what the target runs is the canonical form of the compared words
@@ -167,12 +169,18 @@ fn segments_match(pattern: &str, text: &str, wildcards: Wildcards) -> bool {
     // reachable[j]: the pattern's first i segments can match the text's first j.
     let mut reachable = vec![false; text.len() + 1];
     reachable[0] = true;
-    for p in &pattern {
+    for (i, p) in pattern.iter().enumerate() {
         let mut next = vec![false; text.len() + 1];
         if *p == "**" {
+            // A trailing `**` stands for at least one segment: what is below the
+            // directory, not the directory.
+            let at_least_one = i + 1 == pattern.len();
             for j in 0..=text.len() {
                 // `**` continues over the next segment if that one may be crossed.
-                next[j] = reachable[j] || (j > 0 && next[j - 1] && crossable(text[j - 1]));
+                let crossed = j > 0
+                    && crossable(text[j - 1])
+                    && (next[j - 1] || (at_least_one && reachable[j - 1]));
+                next[j] = (reachable[j] && !at_least_one) || crossed;
             }
         } else {
             for j in 1..=text.len() {
@@ -184,13 +192,14 @@ fn segments_match(pattern: &str, text: &str, wildcards: Wildcards) -> bool {
     reachable[text.len()]
 }
 
-/// A segment that `**` may stand for.
+/// A segment that a wildcard may stand for: not empty (that would name the
+/// directory itself), not `.` or `..`.
 fn crossable(segment: &str) -> bool {
-    segment != "." && segment != ".."
+    !segment.is_empty() && segment != "." && segment != ".."
 }
 
 /// Glob match of one path segment where `*` matches any run of characters; a
-/// segment matched by a wildcard is never `.` or `..`.
+/// segment matched by a wildcard is never empty, `.` or `..`.
 fn segment_matches(pattern: &str, segment: &str, wildcards: Wildcards) -> bool {
     if !pattern.contains('*') {
         return pattern == segment;
@@ -317,6 +326,14 @@ mod tests {
             "cat /srv/a/../../etc/shadow"
         ));
         assert!(!command_matches("cat /srv/**", "cat /srv/./x"));
+        assert!(!command_matches(
+            "rm -rf /srv/cache/*",
+            "rm -rf /srv/cache/"
+        ));
+        assert!(!command_matches("rm -rf /srv/**", "rm -rf /srv"));
+        assert!(!command_matches("rm -rf /srv/**", "rm -rf /srv/"));
+        assert!(command_matches("rm -rf /srv/**", "rm -rf /srv/a"));
+        assert!(!command_matches("echo *", "echo ''"));
         assert!(
             command_matches("cat /srv/../srv/x", "cat /srv/../srv/x"),
             "literal .. is the pattern's own"
@@ -394,7 +411,7 @@ mod tests {
         /// `*` matches within one word only: a pattern of N words matches only
         /// commands of N words.
         #[test]
-        fn star_never_crosses_words(words in proptest::collection::vec("[a-z0-9_-][a-z0-9._-]{0,7}", 1..6)) {
+        fn star_never_crosses_words(words in proptest::collection::vec("[a-z0-9_][a-z0-9._-]{0,7}", 1..6)) {
             let command = words.join(" ");
             let stars = vec!["*"; words.len()].join(" ");
             proptest::prop_assert!(command_matches(&stars, &command));

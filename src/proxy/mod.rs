@@ -397,7 +397,7 @@ struct TargetChannel {
 
 /// Issues the certificate for one session: a shell grant gets a pty, anything
 /// narrower is pinned with `force-command` to the canonical command (already in
-/// `start`) or to `internal-sftp`.
+/// `start`), and every sftp session to `internal-sftp`.
 fn session_certificate(
     context: &ChannelContext,
     permit: &Permit,
@@ -405,6 +405,9 @@ fn session_certificate(
     session: u64,
 ) -> Result<certificate::SessionCertificate, UpstreamError> {
     let force_command = match (permit.grant.scope.shell, start) {
+        // sftp never goes through the login shell, whatever the grant: that is
+        // what makes it a provable file transfer (see `grant::what_runs`).
+        (_, Start::Subsystem(name)) if name == "sftp" => Some("internal-sftp".to_string()),
         (true, _) => None,
         (false, Start::Exec(command)) => Some(String::from_utf8_lossy(command).into_owned()),
         (false, _) => Some("internal-sftp".to_string()),
