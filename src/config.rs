@@ -79,8 +79,8 @@ pub struct Config {
     /// Principals (`user` or `group:NAME`) allowed to use the auditor commands.
     pub auditors: Vec<String>,
     pub record_input: bool,
-    /// Store the data of sftp/scp/rsync sessions too (otherwise metadata and byte
-    /// counts only).
+    /// Store the data of provable file transfers too (sftp forced to internal-sftp
+    /// on certificate-mode targets; otherwise metadata and byte counts only).
     pub record_file_transfers: bool,
     /// Transcripts of sessions that ended longer ago than this are pruned (the audit
     /// chain and session metadata are kept). `None`: keep forever.
