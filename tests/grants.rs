@@ -396,6 +396,49 @@ fn revocation_ends_a_live_session_within_a_second() {
     );
 }
 
+/// A client that never reads (its window stays shut while the target writes)
+/// cannot keep a revoked session open: the recording is finished and the
+/// `session.end` event written first, then the client is told within a bound.
+#[test]
+fn a_revoked_session_ends_even_when_its_client_never_reads() {
+    let w = World::start();
+    let id = granted(&w, "prod", &["--shell"]);
+    let mut stalled = w
+        .alice
+        .ssh_command(&on("prod"), &[], &["cat /dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped()) // never read: ssh stops reading once the pipe is full
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_session_started(&w, &id);
+    thread::sleep(Duration::from_secs(1)); // the windows fill up
+    w.ok(&w.bob, &["revoke", &id, "--reason", "stalled"]);
+    let revoked = Instant::now();
+    let closed = wait_until(Duration::from_secs(2), || {
+        let sessions: Vec<Value> =
+            serde_json::from_str(&w.ok(&w.dave, &["sessions", "--json"])).unwrap();
+        sessions
+            .iter()
+            .any(|s| s["grant"] == id.as_str() && s["state"] == "closed")
+    });
+    let took = revoked.elapsed();
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+    assert!(
+        closed,
+        "the session was still live {took:?} after the revocation\n{}",
+        w.logs()
+    );
+    let audit = w.ok(&w.dave, &["audit", "--json"]);
+    assert!(
+        audit.lines().any(|l| l.contains("session.end")
+            && l.contains(&id)
+            && l.contains("transcript_sha256")),
+        "{audit}"
+    );
+}
+
 #[test]
 fn a_grant_ends_its_live_session_at_expiry() {
     let w = World::start();

@@ -5,9 +5,11 @@
 mod common;
 
 use std::fs;
+use std::io::Read;
 use std::path::Path;
+use std::process::Stdio;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -49,6 +51,97 @@ fn exec_propagates_exit_status() {
     let w = World::start();
     let out = w.alice.ssh(&w.target_user(), &["exit 7"]);
     assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+}
+
+/// The target's EOF reaches a client whose input is still open when the command
+/// closes its output, not when the session ends; and the exit status (or signal)
+/// still arrives, with a ControlMaster too.
+#[test]
+fn eof_is_forwarded_when_it_happens_and_the_status_still_arrives() {
+    let w = World::start();
+    let started = Instant::now();
+    let mut child = w
+        .alice
+        .ssh_command(
+            &w.target_user(),
+            &[],
+            &["echo hi; exec >&- 2>&-; sleep 3; exit 7"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let eof_after = started.elapsed();
+    drop(child.stdin.take());
+    let status = child.wait().unwrap();
+    assert_eq!(stdout, "hi\n");
+    assert!(
+        eof_after < Duration::from_secs(2),
+        "EOF came after {eof_after:?}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(status.code(), Some(7));
+
+    for stdin_closed in [true, false] {
+        let out = run_with_timeout(
+            &mut w.alice.ssh_command(
+                &w.target_user(),
+                &[],
+                &["echo hi; exec >&- 2>&-; sleep 1; exit 7"],
+            ),
+            (!stdin_closed).then(Vec::new),
+            REMOTE_WAIT,
+        );
+        assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    }
+    let out = w
+        .alice
+        .ssh(&w.target_user(), &["exec >&- 2>&-; kill -9 $$"]);
+    assert_eq!(out.status.code(), Some(255), "{}", describe(&out));
+    let sessions: Vec<serde_json::Value> =
+        serde_json::from_str(&w.ok(&w.dave, &["sessions", "--json"])).unwrap();
+    assert_eq!(
+        sessions.last().unwrap()["exit_signal"],
+        "KILL",
+        "{sessions:?}"
+    );
+
+    let control = w.path("cm");
+    let _master = w
+        .alice
+        .control_master(&w.target_user(), &control, &w.path("master.log"));
+    let path_opt = format!("ControlPath={}", control.display());
+    for command in ["exit 7", "echo hi; exec >&- 2>&-; sleep 1; exit 7"] {
+        let out = w
+            .alice
+            .ssh_with(&w.target_user(), &["-o", &path_opt], &[command]);
+        assert_eq!(out.status.code(), Some(7), "{command}: {}", describe(&out));
+    }
+}
+
+/// A target that closes a channel on its own (sshd's `ChannelTimeout`) is
+/// reported as that, not as a lost connection.
+#[test]
+fn a_channel_the_target_closes_is_not_a_lost_connection() {
+    let w = World::start_with(WorldOptions {
+        sshd_config: "ChannelTimeout session:*=1s\n".into(),
+        ..WorldOptions::default()
+    });
+    let out = w.alice.ssh(&w.target_user(), &["sleep 30"]);
+    assert_failure_mentions(
+        &out,
+        "ChannelTimeout",
+        &["the target closed the session without an exit status"],
+    );
+    assert!(!text(&out.stderr).contains("lost"), "{}", describe(&out));
 }
 
 #[test]

@@ -139,8 +139,12 @@ pub async fn run(
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
         }
     };
-    let (outcome, out) = relay::relay(client, channel, pending, &recording, stop).await;
+    let (outcome, out, stopped) = relay::relay(client, channel, pending, &recording, stop).await;
     end_session(context, &permit, session, recording, &outcome).await;
+    if let Some(message) = stopped {
+        relay::tell(&out, &message).await;
+        let _ = out.writer.exit_status(relay::ENDED_BY_BASTION).await;
+    }
     out.close().await;
 }
 

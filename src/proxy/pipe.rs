@@ -174,8 +174,12 @@ impl Overdraft {
 }
 
 /// Moves everything from a russh channel queue into `pipe` until the channel closes.
-pub async fn drain(mut reader: ChannelReadHalf, pipe: PipeTx) -> Drained {
+/// `on_eof` runs as soon as the peer's EOF is read, ahead of any data still queued.
+pub async fn drain(mut reader: ChannelReadHalf, pipe: PipeTx, on_eof: impl Fn()) -> Drained {
     while let Some(msg) = reader.wait().await {
+        if matches!(msg, ChannelMsg::Eof) {
+            on_eof();
+        }
         let last = matches!(msg, ChannelMsg::Close);
         if !pipe.send(msg).await || last {
             return Drained::Closed;

@@ -7,6 +7,7 @@
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 
 use russh::client;
@@ -18,6 +19,10 @@ use crate::server::{ClientChannel, ClientOut};
 
 /// How long a target may take to confirm a close the client started.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long a notice to the client may wait for the client's window: a client that
+/// never reads must not keep a session (and its recording) open.
+pub const NOTICE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The replies the target owes us, in the order the requests were sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,18 +46,20 @@ pub struct Outcome {
 pub const ENDED_BY_BASTION: u32 = 255;
 
 /// Relays until either side closes the channel, or until `stop` resolves: then the
-/// client gets its message on stderr and the target's channel is closed.
+/// target's channel is closed and the stop message is returned, for the caller to
+/// tell the client once the recording is finished (a client that never reads must
+/// not hold the end of its own session hostage).
 ///
-/// The client's channel is left open (exit status sent, not yet closed) and handed
-/// back: the caller closes it once the recording is stored, so that when `ssh`
-/// returns, the session's record and audit event are already there.
+/// The client's channel is left open and handed back: the caller closes it once
+/// the recording is stored, so that when `ssh` returns, the session's record and
+/// audit event are already there.
 pub async fn relay(
     client: ClientChannel,
     upstream: Channel<client::Msg>,
     pending: VecDeque<PendingReply>,
     recording: &SessionRecorder,
     stop: impl Future<Output = String>,
-) -> (Outcome, ClientOut) {
+) -> (Outcome, ClientOut, Option<String>) {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
     let (to_target_tx, to_target_rx) = pipe();
@@ -61,10 +68,12 @@ pub async fn relay(
     let to_client_overdraft = to_client_tx.overdraft();
     let mut outcome = Outcome::default();
     let mut bytes_to_target = 0;
+    let client_input_closed = AtomicBool::new(false);
     let stopped = {
         let client_side = async {
             let (drained, ()) = tokio::join!(
-                drain(reader, to_target_tx),
+                drain(reader, to_target_tx, || client_input_closed
+                    .store(true, Ordering::Release)),
                 write_to_target(
                     to_target_rx,
                     &up_writer,
@@ -77,13 +86,14 @@ pub async fn relay(
         };
         let target_side = async {
             tokio::join!(
-                drain(up_reader, to_client_tx),
+                drain(up_reader, to_client_tx, || {}),
                 write_to_client(
                     to_client_rx,
                     &out,
                     &to_target_overdraft,
                     pending,
                     recording,
+                    &client_input_closed,
                     &mut outcome
                 )
             );
@@ -110,14 +120,23 @@ pub async fn relay(
         }
         stopped_with
     };
-    if let Some(message) = stopped {
+    if stopped.is_some() {
         let _ = up_writer.close().await;
-        out.notice(&message).await;
-        let _ = out.writer.exit_status(ENDED_BY_BASTION).await;
         outcome.exit_status = Some(ENDED_BY_BASTION);
     }
     outcome.bytes_to_target = bytes_to_target;
-    (outcome, out)
+    (outcome, out, stopped)
+}
+
+/// A `portcullis: ...` notice that gives up after [`NOTICE_GRACE`] when the
+/// client's window stays shut.
+pub async fn tell(client: &ClientOut, message: &str) {
+    if tokio::time::timeout(NOTICE_GRACE, client.notice(message))
+        .await
+        .is_err()
+    {
+        tracing::debug!("the client did not read the notice in time");
+    }
 }
 
 async fn write_to_target(
@@ -171,16 +190,27 @@ async fn with_overdraft<T>(overdraft: &Overdraft, write: impl Future<Output = T>
     done
 }
 
+/// Forwards the target's side to the client.
+///
+/// The target's EOF is forwarded when it happens while the client's input is still
+/// open, so a reader sees the end of a command's output when the command closes it.
+/// Once the client has sent its own EOF, the target's EOF waits for the exit status:
+/// an OpenSSH ControlMaster closes a session channel as soon as EOF went both ways,
+/// and russh answers a close at once, so a status sent after it would be lost and
+/// the client would report 255.
 async fn write_to_client(
     mut pipe: PipeRx,
     client: &ClientOut,
     overdraft: &Overdraft,
     mut pending: VecDeque<PendingReply>,
     recording: &SessionRecorder,
+    client_input_closed: &AtomicBool,
     outcome: &mut Outcome,
 ) {
     let writer = &client.writer;
     let mut held = 0;
+    let mut closed_by_target = false;
+    let mut eof_waits_for_status = false;
     while let Some(msg) = pipe.recv(&mut held).await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
@@ -193,14 +223,18 @@ async fn write_to_client(
                 recording.output(Stream::Stderr, &data).await;
                 writer.extended_data_bytes(ext, data).await
             }
-            // sshd sends EOF when the command's output closes and the exit status only
-            // after reaping it. An OpenSSH client that has seen EOF may close the channel
-            // before the status arrives and then report 255, so the EOF is sent once, at
-            // the end, after the status.
-            ChannelMsg::Eof => Ok(()),
+            ChannelMsg::Eof if !client_input_closed.load(Ordering::Acquire) => client.eof().await,
+            ChannelMsg::Eof => {
+                eof_waits_for_status = true;
+                Ok(())
+            }
             ChannelMsg::ExitStatus { exit_status } => {
                 outcome.exit_status = Some(exit_status);
-                writer.exit_status(exit_status).await
+                let sent = writer.exit_status(exit_status).await;
+                if eof_waits_for_status {
+                    let _ = client.eof().await;
+                }
+                sent
             }
             ChannelMsg::ExitSignal {
                 signal_name,
@@ -219,6 +253,9 @@ async fn write_to_client(
                         lang_tag,
                     )
                     .await;
+                if eof_waits_for_status {
+                    let _ = client.eof().await;
+                }
                 Ok(())
             }
             ChannelMsg::Success => {
@@ -227,20 +264,21 @@ async fn write_to_client(
             }
             ChannelMsg::Failure => match pending.pop_front() {
                 Some(PendingReply::Pty) => {
-                    client.notice("the target refused to allocate a pty").await;
+                    tell(client, "the target refused to allocate a pty").await;
                     Ok(())
                 }
                 Some(PendingReply::Start(what)) => {
-                    client
-                        .notice(&format!("the target refused the {what} request"))
-                        .await;
+                    tell(client, &format!("the target refused the {what} request")).await;
                     outcome.exit_status = Some(1);
                     let _ = writer.exit_status(1).await;
                     break;
                 }
                 None => Ok(()),
             },
-            ChannelMsg::Close => break,
+            ChannelMsg::Close => {
+                closed_by_target = true;
+                break;
+            }
             _ => Ok(()),
         };
         if sent.is_err() {
@@ -248,7 +286,13 @@ async fn write_to_client(
         }
     }
     if outcome.exit_status.is_none() && outcome.exit_signal.is_none() {
-        client.notice("the connection to the target was lost").await;
+        let what = if closed_by_target {
+            // e.g. sshd's ChannelTimeout, or a target-side session limit
+            "the target closed the session without an exit status"
+        } else {
+            "the connection to the target was lost"
+        };
+        tell(client, what).await;
         outcome.exit_status = Some(255);
         let _ = writer.exit_status(255).await;
     }

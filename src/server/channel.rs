@@ -229,6 +229,8 @@ pub struct ClientOut {
     pub handle: Handle,
     /// Whether the client has a pty: messages then need `\r\n` line ends.
     pub pty: bool,
+    /// EOF was sent (a relay forwards the target's as it happens); sent once only.
+    pub eof_sent: std::sync::atomic::AtomicBool,
 }
 
 impl ClientOut {
@@ -270,9 +272,20 @@ impl ClientOut {
         self.close().await;
     }
 
-    /// Sends EOF and close.
+    /// Sends EOF unless it was sent already: no more data on this channel.
+    pub async fn eof(&self) -> Result<(), russh::Error> {
+        if self
+            .eof_sent
+            .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
+            return Ok(());
+        }
+        self.writer.eof().await
+    }
+
+    /// Sends EOF (once) and close.
     pub async fn close(&self) {
-        let _ = self.writer.eof().await;
+        let _ = self.eof().await;
         let _ = self.writer.close().await;
     }
 }
@@ -289,6 +302,7 @@ pub async fn serve_channel(context: ChannelContext, channel: Channel<Msg>) {
             writer,
             handle: context.handle.clone(),
             pty: setup.pty.is_some(),
+            eof_sent: Default::default(),
         },
     };
     match &context.identity.route {

@@ -1117,6 +1117,8 @@ pub struct WorldOptions {
     /// Also start a second sshd that trusts only the bastion's CA (no
     /// authorized_keys at all), as target `certs` with `auth = "certificate"`.
     pub certificate_target: bool,
+    /// Extra lines for the target sshd's config (e.g. `ChannelTimeout`).
+    pub sshd_config: String,
 }
 
 /// One test's universe: a temp dir, a target sshd that trusts only the
@@ -1174,11 +1176,12 @@ impl World {
         let ca_pub = root.join("data").join("ca_ed25519.pub");
         // Trusting the bastion's CA as well lets certificate mode work against
         // the same target once it exists.
-        let extra = if ca_pub.exists() {
+        let mut extra = if ca_pub.exists() {
             format!("TrustedUserCAKeys {}\n", ca_pub.display())
         } else {
             String::new()
         };
+        extra.push_str(&options.sshd_config);
         let sshd = Sshd::start_with(
             &root.join("sshd"),
             std::slice::from_ref(&keys.upstream),
