@@ -30,7 +30,8 @@ pub fn list(caller: &Caller, since: Option<String>, json: bool) -> Reply {
     Ok(out)
 }
 
-/// `#12 2026-11-24T19:23:08Z request.approved bob target=db grant=7f3a9c comment="ok"`
+/// `#12 2026-11-24T19:23:08Z request.approved bob target=db grant=7f3a9c comment="ok"`,
+/// escaped: details carry users' reasons, comments and commands.
 fn human(event: &AuditEvent) -> String {
     let mut line = format!(
         "#{} {} {} {}",
@@ -48,7 +49,7 @@ fn human(event: &AuditEvent) -> String {
     for (key, value) in &event.details {
         line.push_str(&format!(" {key}={value}"));
     }
-    line
+    crate::display::escape(&line).into_owned()
 }
 
 /// Recomputes the chain and, with `recordings`, every transcript digest.

@@ -320,11 +320,7 @@ fn check_id(id: &str) -> Result<(), GrantError> {
     {
         Ok(())
     } else {
-        let shown: String = id
-            .chars()
-            .take(20)
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect();
+        let shown = crate::display::escape(&id.chars().take(20).collect::<String>()).into_owned();
         Err(GrantError::BadId(shown))
     }
 }

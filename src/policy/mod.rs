@@ -125,6 +125,19 @@ impl Policy {
         self.flows.iter().find(|flow| flow.matches(target))
     }
 
+    /// The targets `user` may request: those whose flow accepts requests from them.
+    /// Refusals list only these, so a user never learns of targets they cannot use.
+    pub fn requestable_by(&self, user: &str) -> Vec<&str> {
+        self.targets
+            .values()
+            .filter(|target| {
+                self.flow_for(target)
+                    .is_some_and(|flow| self.is_member(user, &flow.requesters))
+            })
+            .map(|target| target.name.as_str())
+            .collect()
+    }
+
     /// Whether `user` is named by any of `principals` (`alice` or `group:sre`).
     pub fn is_member(&self, user: &str, principals: &[String]) -> bool {
         let groups = self
