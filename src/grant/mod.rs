@@ -19,7 +19,7 @@ use crate::policy::{Flow, Policy, Target};
 pub use lifecycle::{RequestSpec, RuleError};
 pub use model::{Approval, Ending, Grant, GrantState};
 pub use scope::Scope;
-pub use service::{GrantError, Grants};
+pub use service::{GrantError, Grants, RequestLimits};
 
 /// What the client asked to run on its session channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

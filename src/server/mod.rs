@@ -87,7 +87,7 @@ impl State {
     ) -> Result<State, StoreError> {
         let notifier = Notifier::new(config.notify.webhook.clone());
         Ok(State {
-            grants: Grants::new(store.clone(), notifier)?,
+            grants: Grants::new(store.clone(), notifier)?.with_limits(config.limits.requests()),
             recorder: Arc::new(Recorder::new(
                 store.clone(),
                 config.record_input,
