@@ -117,8 +117,16 @@ impl State {
     /// Re-reads the policy directory; on error the previous policy stays in force.
     pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
         let fresh = policy::load_dir(&self.config.policies)?;
+        warn_about(&fresh);
         *self.policy.write().expect("policy lock poisoned") = Arc::new(fresh);
         Ok(())
+    }
+}
+
+/// Logs what `portcullis policy check` warns about.
+fn warn_about(policy: &crate::policy::Policy) {
+    for warning in policy.warnings() {
+        tracing::warn!("policy: {warning}");
     }
 }
 
@@ -239,6 +247,7 @@ pub async fn serve(config: Config) -> Result<()> {
     let policy = policy::load_dir(&config.policies).map_err(|errors| {
         anyhow::anyhow!("the policy has errors; fix them and start again:\n{errors}")
     })?;
+    warn_about(&policy);
     let store = Arc::new(Store::open(&config.data_dir).with_context(|| {
         format!(
             "cannot open the database in {} (is another portcullis running on it?)",
