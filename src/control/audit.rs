@@ -114,3 +114,21 @@ fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, St
     }
     Ok(checked)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_human_listing_escapes_what_users_wrote() {
+        // JSON escapes C0 controls but not DEL, C1 controls or bidi overrides.
+        let event = AuditEvent::new("request.created", "alice", chrono::Utc::now())
+            .detail("reason", "INC-1 \u{202e}gnitset\u{9b}2J\u{7f}\u{1b}[2K");
+        let line = human(&event);
+        assert!(!line.chars().any(crate::display::needs_escape), "{line:?}");
+        assert!(
+            line.contains(r#"reason="INC-1 \u{202e}gnitset\u{009b}2J\x7f\u001b[2K""#),
+            "{line}"
+        );
+    }
+}
