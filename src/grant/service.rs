@@ -59,6 +59,14 @@ impl Default for RequestLimits {
     }
 }
 
+/// Which request limit refused a request, for the user and the audit log.
+struct LimitRefusal {
+    /// The `[limits]` key.
+    key: &'static str,
+    max: usize,
+    message: String,
+}
+
 /// Requests and grants, backed by the store.
 pub struct Grants {
     store: Arc<Store>,
@@ -120,10 +128,10 @@ impl Grants {
                 self.audit(
                     AuditEvent::new("request.limited", requester, now)
                         .target(&grant.target)
-                        .detail("limit", refusal.0)
-                        .detail("max", refusal.1 as u64),
+                        .detail("limit", refusal.key)
+                        .detail("max", refusal.max as u64),
                 );
-                return Err(RuleError(refusal.2).into());
+                return Err(RuleError(refusal.message).into());
             }
         }
         self.commit(&grant, "request.created", requester, now)?;
@@ -190,12 +198,8 @@ impl Grants {
     }
 
     /// Checks the requester's pending cap and request rate for a request that waits
-    /// for a decision, and counts it. A refusal is (config key, its value, message).
-    fn within_limits(
-        &self,
-        grant: &Grant,
-        now: DateTime<Utc>,
-    ) -> Result<(), (&'static str, usize, String)> {
+    /// for a decision, and counts it.
+    fn within_limits(&self, grant: &Grant, now: DateTime<Utc>) -> Result<(), LimitRefusal> {
         let limits = self.limits;
         let user = grant.requester.as_str();
         let pending = self
@@ -206,14 +210,14 @@ impl Grants {
             .filter(|g| g.requester == user && g.state == GrantState::Pending)
             .count();
         if pending >= limits.pending_per_user {
-            return Err((
-                "pending_requests_per_user",
-                limits.pending_per_user,
-                format!(
+            return Err(LimitRefusal {
+                key: "pending_requests_per_user",
+                max: limits.pending_per_user,
+                message: format!(
                     "you already have {pending} pending requests, the most allowed ([limits] pending_requests_per_user = {}); wait for a decision, or withdraw one with `revoke ID` (see `requests --pending --mine`)",
                     limits.pending_per_user
                 ),
-            ));
+            });
         }
         let mut filed = self.filed.lock().expect("request rate lock poisoned");
         let recent = filed.entry(user.to_string()).or_default();
@@ -226,10 +230,10 @@ impl Grants {
                 .front()
                 .map(|at| (*at + window - now).num_seconds().max(1) as u64)
                 .unwrap_or(1);
-            return Err((
-                "requests_per_user",
-                limits.per_window,
-                format!(
+            return Err(LimitRefusal {
+                key: "requests_per_user",
+                max: limits.per_window,
+                message: format!(
                     "you filed {} requests within {}, the most allowed ([limits] requests_per_user = {}, request_window = \"{}\"); try again in {}",
                     recent.len(),
                     crate::duration::format(limits.window),
@@ -237,7 +241,7 @@ impl Grants {
                     crate::duration::format(limits.window),
                     crate::duration::format(Duration::from_secs(wait))
                 ),
-            ));
+            });
         }
         recent.push_back(now);
         Ok(())
