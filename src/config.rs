@@ -229,6 +229,10 @@ mod tests {
         assert_eq!(config.listen.to_string(), "0.0.0.0:2222");
         assert_eq!(config.limits.connections_per_second, 10.0);
         assert_eq!(
+            config.limits.requests(),
+            crate::grant::RequestLimits::default()
+        );
+        assert_eq!(
             config.recordings_retention,
             Some(Duration::from_secs(180 * 86400))
         );

@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod config;
 pub mod control;
+pub mod display;
 pub mod duration;
 pub mod grant;
 pub mod keys;

@@ -154,12 +154,20 @@ fn print_keys(config: &Config) -> Result<()> {
 fn check_policy(dir: &std::path::Path) -> ExitCode {
     match portcullis::policy::load_dir(dir) {
         Ok(policy) => {
+            let warnings = policy.warnings();
+            for warning in &warnings {
+                eprintln!("warning: {warning}");
+            }
             println!(
-                "{}: ok ({} users, {} targets, {} flows)",
+                "{}: ok ({} users, {} targets, {} flows{})",
                 dir.display(),
                 policy.users.len(),
                 policy.targets.len(),
-                policy.flows.len()
+                policy.flows.len(),
+                match warnings.len() {
+                    0 => String::new(),
+                    n => format!(", {n} warning(s)"),
+                }
             );
             ExitCode::SUCCESS
         }

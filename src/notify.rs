@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::display;
 use crate::duration::format as format_duration;
 use crate::grant::Grant;
 
@@ -61,7 +62,7 @@ impl Notifier {
 /// The JSON posted for one event.
 pub fn webhook_body(kind: &str, actor: &str, grant: &Grant) -> serde_json::Value {
     json!({
-        "text": summary(kind, actor, grant),
+        "text": display::slack(&display::escape(&summary(kind, actor, grant))),
         "event": kind,
         "actor": actor,
         "id": grant.id,
@@ -76,7 +77,10 @@ pub fn webhook_body(kind: &str, actor: &str, grant: &Grant) -> serde_json::Value
     })
 }
 
-/// One line for humans in a chat channel.
+/// One line for humans in a chat channel, before escaping: the whole line is made of
+/// plain words and user-supplied fields, with no markup of its own, so
+/// [`webhook_body`] escapes all of it for Slack (`&`, `<`, `>`) and for terminals
+/// (control and format characters). The structured fields stay exact.
 fn summary(kind: &str, actor: &str, grant: &Grant) -> String {
     let what = format!(
         "{} on {} ({})",

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
@@ -635,8 +636,8 @@ fn hostile_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(before, after, "nothing was filed");
 }
 
-#[test]
-fn a_webhook_receives_lifecycle_events() {
+/// A webhook receiver on a local port: its URL, and the JSON bodies it receives.
+fn webhook_receiver() -> (String, mpsc::Receiver<Value>) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind webhook listener");
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let (tx, rx) = mpsc::channel::<Value>();
@@ -669,6 +670,12 @@ fn a_webhook_receives_lifecycle_events() {
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
         }
     });
+    (url, rx)
+}
+
+#[test]
+fn a_webhook_receives_lifecycle_events() {
+    let (url, rx) = webhook_receiver();
     let w = World::start_with(WorldOptions {
         extra_config: format!("[notify]\nwebhook = \"{url}\"\n"),
         ..WorldOptions::default()
@@ -831,4 +838,286 @@ fn policy_reload_keeps_the_last_good_policy() {
     // Still the old policy: prod is requestable.
     request(&w, &["prod", "--shell", "--reason", "after bad reload"]);
     std::fs::write(&flows, good).unwrap();
+}
+
+#[test]
+fn webhook_text_cannot_mention_everyone_or_forge_links() {
+    let (url, rx) = webhook_receiver();
+    let w = World::start_with(WorldOptions {
+        extra_config: format!("[notify]\nwebhook = \"{url}\"\n"),
+        ..WorldOptions::default()
+    });
+    let reason = "<!channel> see <http://evil.example|INC-1> & <@U024BE7LH>";
+    request(&w, &["prod", "--shell", "--reason", reason]);
+    let event = rx
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("no webhook\n{}", w.logs()));
+    let text = event["text"].as_str().unwrap();
+    assert!(
+        text.contains(
+            "&lt;!channel&gt; see &lt;http://evil.example|INC-1&gt; &amp; &lt;@U024BE7LH&gt;"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains('<') && !text.contains('>'), "{text}");
+    assert_eq!(event["reason"], reason, "structured fields stay exact");
+}
+
+#[test]
+fn reasons_and_comments_with_invisible_formatting_are_refused() {
+    let w = World::start();
+    for reason in [
+        "INC-1 \u{202e}lanigiro",
+        "ok\u{200b}",
+        "\u{2066}INC-2\u{2069}",
+    ] {
+        let err = refused(
+            &w,
+            &w.alice,
+            &["request", "prod", "--shell", "--reason", reason],
+        );
+        assert!(err.contains("invisible formatting"), "{reason:?}: {err}");
+        assert!(!err.contains(reason), "not echoed: {err}");
+    }
+    let id = request(&w, &["prod", "--shell", "--reason", "INC-3"]);
+    let err = refused(&w, &w.bob, &["approve", &id, "--comment", "fine\u{202e}"]);
+    assert!(err.contains("invisible formatting"), "{err}");
+    let err = refused(&w, &w.bob, &["deny", &id, "--reason", "no\u{feff}"]);
+    assert!(err.contains("invisible formatting"), "{err}");
+    let err = refused(&w, &w.bob, &["deny", &id, "--reason", "no\u{1b}[2J"]);
+    assert!(err.contains("control characters"), "{err}");
+    assert_eq!(state_of(&w, &id), "pending");
+}
+
+#[test]
+fn approvers_see_every_pattern_of_a_scope() {
+    let w = World::start();
+    let id = request(
+        &w,
+        &[
+            "prod",
+            "--command",
+            "systemctl restart nginx-frontend-eu-west-1",
+            "--command",
+            "journalctl -u nginx -n *",
+            "--command",
+            "bash -c *",
+            "--reason",
+            "INC-5",
+        ],
+    );
+    let table = w.ok(&w.bob, &["requests", "--pending"]);
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(&id))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        row.contains("bash -c *") || row.contains(" more"),
+        "the table says there is more: {row}"
+    );
+    assert!(!row.contains("bash -…") && !row.contains('…'), "{row}");
+    let shown = w.ok(&w.bob, &["show", &id]);
+    for pattern in [
+        "cmd 'systemctl restart nginx-frontend-eu-west-1'",
+        "cmd 'journalctl -u nginx -n *'",
+        "cmd 'bash -c *'",
+    ] {
+        assert!(shown.contains(pattern), "{shown}");
+    }
+}
+
+#[test]
+fn refusals_list_only_targets_the_user_may_request() {
+    let w = World::start();
+    // bob approves but requests nothing: no flow takes requests from sre-leads.
+    let err = refused(
+        &w,
+        &w.bob,
+        &["request", "nowhere", "--shell", "--reason", "x"],
+    );
+    assert!(err.contains("targets you may request: (none)"), "{err}");
+    let out = w.bob.ssh(&format!("{}@nowhere", login_user()), &["true"]);
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("Targets you may request: (none)"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("prod") && !err.contains("prod"),
+        "{stderr} {err}"
+    );
+    // alice, an engineer, is told about every target she may request.
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "nowhere", "--shell", "--reason", "x"],
+    );
+    assert!(err.contains("prod") && err.contains("vault"), "{err}");
+}
+
+/// `command` with the word `ID` replaced by `id`.
+fn with_id<'a>(command: &[&'a str], id: &'a str) -> Vec<&'a str> {
+    command
+        .iter()
+        .map(|word| if *word == "ID" { id } else { word })
+        .collect()
+}
+
+#[test]
+fn a_request_you_may_not_see_answers_like_an_unknown_id() {
+    let w = World::start();
+    // dave's request in the step-up flow `vault`: alice is neither its requester,
+    // an approver of its flow, nor an auditor.
+    let doc: Value = serde_json::from_str(&w.ok(
+        &w.dave,
+        &["request", "vault", "--shell", "--reason", "INC-6", "--json"],
+    ))
+    .unwrap();
+    let id = doc["id"].as_str().unwrap().to_string();
+    let unknown = if id == "000000" { "000001" } else { "000000" };
+    for command in [
+        vec!["approve", "ID"],
+        vec!["approve", "ID", "--totp", "123456"],
+        vec!["deny", "ID", "--reason", "no"],
+        vec!["revoke", "ID"],
+        vec!["show", "ID"],
+    ] {
+        let invisible = refused(&w, &w.alice, &with_id(&command, &id)).replace(&id, "ID");
+        let missing = refused(&w, &w.alice, &with_id(&command, unknown)).replace(unknown, "ID");
+        assert_eq!(invisible, missing, "{command:?}");
+    }
+    assert!(!w.audit_kinds().iter().any(|k| k.starts_with("stepup.")));
+}
+
+/// `[limits]` for a world, keeping the test harness's connection limits.
+fn limits(extra: &str) -> WorldOptions {
+    WorldOptions {
+        extra_config: format!(
+            "[limits]\nconnections_per_second = 1000.0\npreauth_per_source = 200\npreauth_total = 500\n{extra}"
+        ),
+        ..WorldOptions::default()
+    }
+}
+
+#[test]
+fn one_user_cannot_flood_the_approvers() {
+    let w = World::start_with(limits(
+        "pending_requests_per_user = 2\nrequests_per_user = 3\nrequest_window = \"10m\"\n",
+    ));
+    let first = request(&w, &["prod", "--shell", "--reason", "INC-1"]);
+    let second = request(&w, &["prod", "--shell", "--reason", "INC-2"]);
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "prod", "--shell", "--reason", "INC-3"],
+    );
+    assert!(
+        err.contains("2 pending requests") && err.contains("pending_requests_per_user = 2"),
+        "{err}"
+    );
+    // Others are not affected, and auto-approved requests are not limited.
+    w.ok(
+        &w.dave,
+        &["request", "prod", "--shell", "--reason", "INC-4"],
+    );
+    w.ok(
+        &w.alice,
+        &["request", TARGET, "--shell", "--reason", "INC-5"],
+    );
+    w.ok(&w.alice, &["revoke", &first]);
+    request(&w, &["prod", "--shell", "--reason", "INC-6"]);
+    w.ok(&w.alice, &["revoke", &second]);
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "crit", "--shell", "--reason", "INC-7"],
+    );
+    assert!(
+        err.contains("3 requests within 10m") && err.contains("try again in"),
+        "{err}"
+    );
+    let kinds = w.audit_kinds();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "request.limited").count(),
+        2,
+        "{kinds:?}"
+    );
+}
+
+#[test]
+fn the_default_pending_cap_is_ten() {
+    let w = World::start();
+    for n in 0..10 {
+        request(&w, &["prod", "--shell", "--reason", &format!("INC-{n}")]);
+    }
+    let err = refused(
+        &w,
+        &w.alice,
+        &["request", "prod", "--shell", "--reason", "INC-11"],
+    );
+    assert!(err.contains("pending_requests_per_user = 10"), "{err}");
+}
+
+#[test]
+fn policy_check_warns_about_one_host_under_different_approval_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = keygen(&dir.path().join("alice"), "alice");
+    let host = keygen(&dir.path().join("host"), "host");
+    let other = keygen(&dir.path().join("other"), "other");
+    fs::write(
+        dir.path().join("users.toml"),
+        format!("[users.alice]\nkeys = [\"{key}\"]\ngroups = [\"engineers\"]\n"),
+    )
+    .unwrap();
+    fs::write(
+        dir.path().join("flows.toml"),
+        "[[flows]]\nname = \"staging\"\nmatch = { env = \"staging\" }\nrequesters = [\"group:engineers\"]\nauto_approve = true\nshell = true\n\
+         [[flows]]\nname = \"production\"\nmatch = { env = \"production\" }\nrequesters = [\"group:engineers\"]\napprovers = [\"group:sre\"]\nshell = true\n",
+    )
+    .unwrap();
+    let check = |targets: &str| {
+        fs::write(dir.path().join("targets.toml"), targets).unwrap();
+        run(Command::new(Bastion::binary())
+            .args(["policy", "check"])
+            .arg(dir.path()))
+    };
+    let target = |name: &str, address: &str, key: &str, env: &str| {
+        format!("[targets.{name}]\naddress = \"{address}\"\nhost_key = \"{key}\"\nlogins = [\"ubuntu\"]\nlabels = {{ env = \"{env}\" }}\n")
+    };
+    // The same address (10.0.0.5 is 10.0.0.5:22) as staging and as production.
+    let out = check(
+        &(target("db", "10.0.0.5:22", &host, "production")
+            + &target("db-staging", "10.0.0.5", &other, "staging")),
+    );
+    assert_success(&out, "warnings do not fail the check");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("warning: targets 'db' (flow 'production'")
+            && stderr.contains("'db-staging' (flow 'staging': auto_approve)")
+            && stderr.contains("address 10.0.0.5:22"),
+        "{stderr}"
+    );
+    assert!(
+        text(&out.stdout).contains("1 warning"),
+        "{}",
+        describe(&out)
+    );
+    // The same host key at another address.
+    let out = check(
+        &(target("db", "10.0.0.5:22", &host, "production")
+            + &target("db-alias", "db.internal:22", &host, "staging")),
+    );
+    assert!(
+        text(&out.stderr).contains("share the host key SHA256:"),
+        "{}",
+        describe(&out)
+    );
+    // Same rules, or different hosts: nothing to say.
+    let out = check(
+        &(target("db", "10.0.0.5:22", &host, "production")
+            + &target("db-2", "10.0.0.5:22", &host, "production")
+            + &target("web", "10.0.0.6:22", &other, "staging")),
+    );
+    assert_success(&out, "clean policy");
+    assert!(!text(&out.stderr).contains("warning"), "{}", describe(&out));
 }

@@ -553,3 +553,138 @@ fn retention_prunes_old_transcripts_and_says_so_in_the_audit_log() {
     );
     assert_eq!(sessions(&w, &[]).len(), 1, "metadata stays");
 }
+
+/// An OSC 52 sequence, as a recorded program prints it: "set the clipboard to
+/// `curl x|sh`".
+const OSC52: &str = "\x1b]52;c;Y3VybCB4fHNo\x07";
+
+#[test]
+fn replay_and_watch_drop_sequences_that_act_outside_the_screen() {
+    let w = World::start();
+    let out = w.alice.ssh(
+        &local(),
+        &[r"printf '\033]52;c;Y3VybCB4fHNo\007visible \033[1mbold\033[0m\n'"],
+    );
+    assert_success(&out, "printing OSC 52");
+    assert!(
+        text(&out.stdout).contains(OSC52),
+        "the session itself is untouched"
+    );
+    let id = single_session(&w)["id"].as_u64().unwrap().to_string();
+
+    let replayed = w.ok(&w.dave, &["replay", &id, "--speed", "50"]);
+    assert!(
+        replayed.contains("visible \x1b[1mbold\x1b[0m"),
+        "{replayed:?}"
+    );
+    assert!(!replayed.contains("\x1b]52"), "{replayed:?}");
+    let raw = w.ok(&w.dave, &["replay", &id, "--speed", "50", "--raw"]);
+    assert!(raw.contains(OSC52), "{raw:?}");
+    let replays: Vec<Value> = w
+        .ok(&w.dave, &["audit", "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .filter(|event: &Value| event["kind"] == "auditor.replay")
+        .collect();
+    let raw_flags: Vec<&Value> = replays.iter().map(|e| &e["details"]["raw"]).collect();
+    assert_eq!(raw_flags, [&Value::Bool(false), &Value::Bool(true)]);
+
+    // watch: what the live session showed so far, then what it shows next.
+    let mut session = w
+        .alice
+        .ssh_command(
+            &local(),
+            &[],
+            &[r"printf '\033]52;c;Y3VybCB4fHNo\007so-far\n'; read x; printf '\033]0;title\007\033]52;c;bGl2ZQ==\007live-now\n'"],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn ssh");
+    assert!(
+        wait_until(Duration::from_secs(10), || !sessions(&w, &["--active"])
+            .is_empty()),
+        "no live session"
+    );
+    let live = sessions(&w, &["--active"])[0]["id"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let log = w.path("watch.log");
+    let mut watcher = Background::spawn(
+        w.dave.ssh_command(CONTROL_USER, &[], &["watch", &live]),
+        &log,
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || watcher
+            .output()
+            .contains("so-far")),
+        "{}",
+        watcher.output()
+    );
+    use std::io::Write;
+    let mut stdin = session.stdin.take().unwrap();
+    stdin.write_all(b"go\n").unwrap();
+    drop(stdin);
+    assert!(
+        watcher.wait_exit(Duration::from_secs(10)).is_some(),
+        "{}",
+        watcher.output()
+    );
+    let _ = session.wait();
+    let watched = watcher.output();
+    assert!(watched.contains("live-now"), "{watched:?}");
+    assert!(
+        !watched.contains("\x1b]52") && !watched.contains("\x1b]0;"),
+        "{watched:?}"
+    );
+}
+
+#[test]
+fn hostile_exec_strings_cannot_rewrite_the_auditors_tables() {
+    let w = World::start();
+    // Moves up a line and erases it, then a bidi override: on a terminal the row
+    // would vanish or read backwards.
+    let hostile = "true '\x1b[1A\x1b[2Kforged' '\u{202e}txt.exe'";
+    assert_success(&w.alice.ssh(&local(), &[hostile]), "hostile exec");
+    let table = w.ok(&w.dave, &["sessions"]);
+    assert!(
+        !table.contains('\x1b') && !table.contains('\u{202e}'),
+        "{table:?}"
+    );
+    assert!(table.contains("\\x1b[1A\\x1b[2Kforged"), "{table}");
+    let audit = w.ok(&w.dave, &["audit"]);
+    assert!(
+        !audit.contains('\x1b') && !audit.contains('\u{202e}'),
+        "{audit:?}"
+    );
+    let log = w.bastion.log();
+    assert!(!log.contains('\x1b') && !log.contains('\u{202e}'), "{log}");
+    // The exact bytes stay available as JSON.
+    let session = single_session(&w);
+    assert_eq!(session["command"].as_str(), Some(hostile));
+}
+
+#[test]
+fn the_audit_listing_is_itself_audited() {
+    let w = World::start();
+    let count = |w: &World| {
+        w.audit_kinds()
+            .iter()
+            .filter(|k| *k == "auditor.audit")
+            .count()
+    };
+    let before = count(&w);
+    w.ok(&w.dave, &["audit", "--since", "1h"]);
+    assert_eq!(count(&w), before + 2, "this listing and the one counting");
+    let last: Value = serde_json::from_str(
+        w.ok(&w.dave, &["audit", "--json"])
+            .lines()
+            .rfind(|l| l.contains("auditor.audit"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["actor"], "dave");
+    assert!(w.control_as(&w.alice, &["audit"]).status.code() == Some(1));
+}

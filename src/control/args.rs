@@ -133,9 +133,18 @@ pub enum Command {
         /// Faster (2) or slower (0.5) than real time; pauses are capped at 2s first.
         #[arg(long, default_value_t = 1.0)]
         speed: f64,
+        /// Pass every recorded terminal sequence, also those that set the clipboard
+        /// or the title, make links, or query the terminal (dropped by default).
+        #[arg(long)]
+        raw: bool,
     },
     /// Follow a live session read-only (auditors).
-    Watch { session: String },
+    Watch {
+        session: String,
+        /// Pass every terminal sequence, as for `replay --raw`.
+        #[arg(long)]
+        raw: bool,
+    },
     /// A recording as asciicast v2 on stdout (auditors).
     Export { session: String },
     /// Audit events; `audit verify` checks the hash chain (auditors).

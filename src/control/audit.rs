@@ -30,7 +30,8 @@ pub fn list(caller: &Caller, since: Option<String>, json: bool) -> Reply {
     Ok(out)
 }
 
-/// `#12 2026-11-24T19:23:08Z request.approved bob target=db grant=7f3a9c comment="ok"`
+/// `#12 2026-11-24T19:23:08Z request.approved bob target=db grant=7f3a9c comment="ok"`,
+/// escaped: details carry users' reasons, comments and commands.
 fn human(event: &AuditEvent) -> String {
     let mut line = format!(
         "#{} {} {} {}",
@@ -48,7 +49,7 @@ fn human(event: &AuditEvent) -> String {
     for (key, value) in &event.details {
         line.push_str(&format!(" {key}={value}"));
     }
-    line
+    crate::display::escape(&line).into_owned()
 }
 
 /// Recomputes the chain and, with `recordings`, every transcript digest.
@@ -112,4 +113,22 @@ fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, St
         checked += 1;
     }
     Ok(checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_human_listing_escapes_what_users_wrote() {
+        // JSON escapes C0 controls but not DEL, C1 controls or bidi overrides.
+        let event = AuditEvent::new("request.created", "alice", chrono::Utc::now())
+            .detail("reason", "INC-1 \u{202e}gnitset\u{9b}2J\u{7f}\u{1b}[2K");
+        let line = human(&event);
+        assert!(!line.chars().any(crate::display::needs_escape), "{line:?}");
+        assert!(
+            line.contains(r#"reason="INC-1 \u{202e}gnitset\u{009b}2J\x7f\u001b[2K""#),
+            "{line}"
+        );
+    }
 }

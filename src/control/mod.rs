@@ -46,8 +46,10 @@ portcullis control plane — run as: ssh -p PORT portcullis@BASTION COMMAND [ARG
 auditors:
   sessions [--user U] [--target T] [--since 24h] [--active] [--grep TEXT] [--json]
                                           recorded sessions
-  replay SESSION [--speed N]              play a recording with its original timing
-  watch SESSION                           follow a live session read-only
+  replay SESSION [--speed N] [--raw]      play a recording with its original timing
+  watch SESSION [--raw]                   follow a live session read-only
+                                          (--raw: also clipboard, title, link and
+                                          query sequences, dropped by default)
   export SESSION                          asciicast v2 on stdout (asciinema play)
   audit [--since 24h] [--json]            audit events (JSON lines with --json)
   audit verify [--recordings]             check the hash chain (and every recording)
@@ -260,19 +262,27 @@ async fn run_auditor(
             };
             sessions::list(caller, filter, json)
         }
-        Command::Replay { session, speed } => {
+        Command::Replay {
+            session,
+            speed,
+            raw,
+        } => {
             let record = sessions::find(caller, &session)?;
-            caller
-                .state
-                .audit(event("auditor.replay").detail("session", record.id));
-            sessions::replay(caller, &client.out, &record, speed).await
+            caller.state.audit(
+                event("auditor.replay")
+                    .detail("session", record.id)
+                    .detail("raw", raw),
+            );
+            sessions::replay(caller, &client.out, &record, speed, raw).await
         }
-        Command::Watch { session } => {
+        Command::Watch { session, raw } => {
             let record = sessions::find(caller, &session)?;
-            caller
-                .state
-                .audit(event("auditor.watch").detail("session", record.id));
-            sessions::watch(caller, client, &record).await
+            caller.state.audit(
+                event("auditor.watch")
+                    .detail("session", record.id)
+                    .detail("raw", raw),
+            );
+            sessions::watch(caller, client, &record, raw).await
         }
         Command::Export { session } => {
             let record = sessions::find(caller, &session)?;
@@ -294,7 +304,12 @@ async fn run_auditor(
             action: None,
             since,
             json,
-        } => audit::list(caller, since, json),
+        } => {
+            caller
+                .state
+                .audit(event("auditor.audit").detail("since", since.clone()));
+            audit::list(caller, since, json)
+        }
         other => Err(format!("{other:?} is not an auditor command")),
     }
 }
@@ -414,7 +429,7 @@ fn whoami(caller: &Caller, json: bool) -> requests::Reply {
             "  {}  {}  {}  expires {}\n",
             grant.id,
             grant.destination(),
-            grant.scope.describe(),
+            crate::display::escape(&grant.scope.describe()),
             grant
                 .expires_at
                 .map(|at| table::relative(at, caller.now))

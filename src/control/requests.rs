@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
-use super::table::{clip, relative, render, short_span};
+use super::table::{clip, relative, render, scope_cell, short_span};
+use crate::display::escape;
 use crate::grant::lifecycle::{approvers_of, is_approver};
 use crate::grant::{Grant, GrantError, GrantState, RequestSpec, Scope};
 use crate::policy::Policy;
@@ -35,7 +36,7 @@ impl Caller<'_> {
     }
 
     /// A grant the caller may see; others look exactly like unknown ids.
-    fn visible(&self, id: &str) -> Result<Grant, String> {
+    pub(super) fn visible(&self, id: &str) -> Result<Grant, String> {
         let grant = self.state.grants.get(id).map_err(|e| e.to_string())?;
         if self.can_see(&grant) {
             Ok(grant)
@@ -98,7 +99,7 @@ pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
             "request {} approved by {}; {} on {} expires {}\n",
             grant.id,
             approver_names(grant),
-            grant.scope.describe(),
+            escape(&grant.scope.describe()),
             grant.destination(),
             grant
                 .expires_at
@@ -113,7 +114,7 @@ pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
                 .ended
                 .as_ref()
                 .and_then(|e| e.reason.as_deref())
-                .map(|r| format!(": {r}"))
+                .map(|r| format!(": {}", escape(r)))
                 .unwrap_or_default()
         ),
     }
@@ -175,12 +176,21 @@ pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
     }
     let now = caller.now;
     let mut out = String::new();
-    let mut field = |name: &str, value: String| out.push_str(&format!("{name:<10} {value}\n"));
+    // Every value is escaped: reasons, comments and patterns are the users' own text.
+    let mut field =
+        |name: &str, value: String| out.push_str(&format!("{name:<10} {}\n", escape(&value)));
     field("id", grant.id.clone());
     field("state", grant.state.to_string());
     field("requester", grant.requester.clone());
     field("target", grant.destination());
-    field("scope", grant.scope.describe());
+    // One line per part, so a long list of patterns is never cut.
+    let parts = grant.scope.parts();
+    if parts.is_empty() {
+        field("scope", grant.scope.describe());
+    }
+    for (i, part) in parts.into_iter().enumerate() {
+        field(if i == 0 { "scope" } else { "" }, part);
+    }
     field("ttl", short_span(grant.ttl_secs));
     field("reason", grant.reason.clone());
     field("flow", grant.flow.clone());
@@ -303,7 +313,7 @@ fn table(caller: &Caller, grants: &[Grant]) -> String {
                 g.state.to_string(),
                 g.requester.clone(),
                 g.destination(),
-                clip(&g.scope.describe(), 40),
+                scope_cell(&g.scope, 40),
                 format!("{}/{}", g.approvals.len(), g.approvals_needed),
                 when(g, caller.now),
                 clip(&g.reason, 40),

@@ -6,6 +6,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 use super::requests::{to_json, Caller, Reply};
 use super::table::{clip, relative, render, short_span};
+use crate::record::screen::ScreenFilter;
 use crate::record::{asciicast, replay, Chunk, SessionRecord};
 use crate::server::{ClientChannel, ClientOut};
 
@@ -111,7 +112,7 @@ fn human_bytes(n: u64) -> String {
 
 /// Parses a session id and loads its record.
 pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, String> {
-    let shown: String = text.chars().take(20).filter(|c| !c.is_control()).collect();
+    let shown = crate::display::escape(&text.chars().take(20).collect::<String>()).into_owned();
     let id: u64 = text.parse().map_err(|_| {
         format!(
             "'{shown}' is not a session id: ids are numbers like 42; run `sessions` to list them"
@@ -140,23 +141,48 @@ fn transcript(caller: &Caller, session: &SessionRecord) -> Result<Vec<Chunk>, St
         .map_err(|e| e.to_string())
 }
 
+/// What reaches the auditor's terminal: the recorded bytes, less the sequences that
+/// act outside the screen unless `--raw` ([`ScreenFilter`]).
+struct Shown(Option<ScreenFilter>);
+
+impl Shown {
+    fn new(raw: bool) -> Shown {
+        Shown((!raw).then(ScreenFilter::new))
+    }
+
+    fn pass(&mut self, data: Bytes) -> Bytes {
+        match &mut self.0 {
+            Some(filter) => Bytes::from(filter.filter(&data)),
+            None => data,
+        }
+    }
+}
+
+/// Writes what may be shown of `data`; false once the auditor went away.
+async fn show(out: &ClientOut, shown: &mut Shown, data: Bytes) -> bool {
+    let data = shown.pass(data);
+    data.is_empty() || out.writer.data_bytes(data).await.is_ok()
+}
+
 /// `replay`: the recording's output, with its pauses, to the caller's terminal.
 pub async fn replay(
     caller: &Caller<'_>,
     out: &ClientOut,
     session: &SessionRecord,
     speed: f64,
+    raw: bool,
 ) -> Reply {
     if !(0.01..=1000.0).contains(&speed) {
         return Err("--speed must be between 0.01 and 1000".into());
     }
     let chunks = transcript(caller, session)?;
     let with_input = !session.echoes_input();
+    let mut shown = Shown::new(raw);
     for (pause, data) in replay::schedule(&chunks, speed, with_input) {
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
-        if out.writer.data_bytes(data).await.is_err() {
+        if !show(out, &mut shown, data).await {
             break; // the auditor went away
         }
     }
@@ -190,6 +216,7 @@ pub async fn watch(
     caller: &Caller<'_>,
     client: &mut ClientChannel,
     session: &SessionRecord,
+    raw: bool,
 ) -> Reply {
     let follow = caller
         .state
@@ -204,12 +231,13 @@ pub async fn watch(
     };
     let out = &client.out;
     let with_input = !session.echoes_input();
+    let mut shown = Shown::new(raw);
     for chunk in follow
         .so_far
         .into_iter()
         .filter(|c| replay::shown(c, with_input))
     {
-        if out.writer.data_bytes(chunk.data).await.is_err() {
+        if !show(out, &mut shown, chunk.data).await {
             return Ok(String::new());
         }
     }
@@ -217,7 +245,7 @@ pub async fn watch(
         tokio::select! {
             received = follow.live.recv() => match received {
                 Ok(chunk) if replay::shown(&chunk, with_input) => {
-                    if out.writer.data_bytes(chunk.data).await.is_err() {
+                    if !show(out, &mut shown, chunk.data).await {
                         return Ok(String::new());
                     }
                 }

@@ -5,7 +5,6 @@ use chrono::Utc;
 
 use super::requests::{Caller, Reply};
 use crate::audit::AuditEvent;
-use crate::grant::lifecycle::find_target;
 use crate::server::{ChannelContext, ClientChannel};
 use crate::totp::invite;
 
@@ -112,12 +111,15 @@ pub async fn for_decision(
     id: &str,
     code: Option<String>,
 ) -> Result<(), String> {
-    let Ok(grant) = caller.state.grants.get(id) else {
-        return Ok(()); // the decision itself reports the bad or unknown id
+    // A request the caller may not see must answer exactly like an unknown id, so
+    // visibility is checked before anything that depends on the request's flow.
+    let Ok(grant) = caller.visible(id) else {
+        return Ok(()); // the decision itself reports the bad, unknown or invisible id
     };
     let policy = &caller.policy;
-    let step_up = find_target(policy, &grant.target)
-        .ok()
+    let step_up = policy
+        .targets
+        .get(&grant.target)
         .and_then(|target| policy.flow_for(target))
         .is_some_and(|flow| flow.step_up_totp);
     if !step_up {

@@ -2,8 +2,18 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::display::escape;
+use crate::grant::Scope;
+
 /// Left-aligned columns separated by two spaces; the last column is not padded.
+/// Cells are escaped ([`escape`]) before they are measured, so a cell can neither
+/// move the cursor nor hide part of itself, and columns stay aligned.
 pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|cell| escape(cell).into_owned()).collect())
+        .collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -69,15 +79,51 @@ pub fn short_span(secs: u64) -> String {
     }
 }
 
-/// Shortens free text for a table cell.
+/// Shortens free text for a table cell (escaped first, so the cut never splits an
+/// escape and the length is what the reader sees).
 pub fn clip(text: &str, max: usize) -> String {
+    let text = escape(text);
     if text.chars().count() <= max {
-        text.to_string()
+        text.into_owned()
     } else {
         let mut out: String = text.chars().take(max.saturating_sub(1)).collect();
         out.push('…');
         out
     }
+}
+
+/// A scope for a table cell: whole parts (`shell`, `sftp`, `cmd '…'`) while they fit
+/// in about `max` characters, then `+N more` — never part of a pattern, so an approver
+/// always sees that there is more (`show ID` lists every part). The first part is
+/// always shown whole, however long.
+pub fn scope_cell(scope: &Scope, max: usize) -> String {
+    let parts: Vec<String> = scope
+        .parts()
+        .iter()
+        .map(|part| escape(part).into_owned())
+        .collect();
+    if parts.is_empty() {
+        return scope.describe();
+    }
+    let mut shown = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        let more = parts.len() - i;
+        let candidate = if i == 0 {
+            part.clone()
+        } else {
+            format!("{shown} + {part}")
+        };
+        let suffix = if more > 1 {
+            format!(" +{} more", more - 1)
+        } else {
+            String::new()
+        };
+        if i > 0 && candidate.chars().count() + suffix.chars().count() > max {
+            return format!("{shown} +{more} more");
+        }
+        shown = candidate;
+    }
+    shown
 }
 
 #[cfg(test)]
@@ -97,6 +143,46 @@ mod tests {
             out,
             "ID      STATE    REASON\n7f3a9c  pending  INC-1\n01      ok\n"
         );
+    }
+
+    #[test]
+    fn cells_are_escaped_before_they_are_measured() {
+        let out = render(
+            &["A", "B"],
+            &[
+                vec!["x\u{1b}[2K".into(), "1".into()],
+                vec!["\u{202e}y".into(), "2".into()],
+            ],
+        );
+        assert_eq!(out, "A          B\nx\\x1b[2K   1\n\\u{202e}y  2\n");
+        assert_eq!(clip("a\u{7}bcdef", 6), "a\\x07…");
+    }
+
+    #[test]
+    fn scopes_are_never_cut_inside_a_part() {
+        let scope = Scope {
+            shell: false,
+            sftp: true,
+            commands: vec![
+                "systemctl restart nginx-frontend-eu-west-1".into(),
+                "journalctl -u nginx -n *".into(),
+                "bash -c *".into(),
+            ],
+        };
+        let cell = scope_cell(&scope, 40);
+        assert_eq!(cell, "sftp +3 more");
+        let some = scope_cell(&scope, 70);
+        assert_eq!(
+            some,
+            "sftp + cmd 'systemctl restart nginx-frontend-eu-west-1' +2 more"
+        );
+        let wide = scope_cell(&scope, 200);
+        assert!(wide.ends_with("cmd 'bash -c *'"), "{wide}");
+        let one = Scope {
+            commands: vec!["x".repeat(60)],
+            ..Scope::default()
+        };
+        assert_eq!(scope_cell(&one, 40), format!("cmd '{}'", "x".repeat(60)));
     }
 
     #[test]

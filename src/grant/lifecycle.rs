@@ -55,7 +55,13 @@ pub fn file_request(
     seq: u64,
     now: DateTime<Utc>,
 ) -> Result<Grant, RuleError> {
-    let target = find_target(policy, &spec.target)?;
+    let target = policy.targets.get(&spec.target).ok_or_else(|| {
+        RuleError(format!(
+            "unknown target '{}'; targets you may request: {}",
+            crate::display::escape(&spec.target.chars().take(64).collect::<String>()),
+            list_or_none(&policy.requestable_by(requester))
+        ))
+    })?;
     let login = spec
         .login
         .unwrap_or_else(|| target.default_login().to_string());
@@ -240,20 +246,13 @@ pub fn approvers_of<'p>(grant: &Grant, policy: &'p Policy) -> Option<&'p [String
     Some(&policy.flow_for(target)?.approvers)
 }
 
-/// The target called `name`, or an error listing the known ones.
-pub fn find_target<'p>(policy: &'p Policy, name: &str) -> Result<&'p Target, RuleError> {
-    policy.targets.get(name).ok_or_else(|| {
-        let known: Vec<&str> = policy.targets.keys().map(String::as_str).collect();
-        RuleError(format!(
-            "unknown target '{}'; known targets: {}",
-            name.chars().take(64).collect::<String>(),
-            if known.is_empty() {
-                "(none)".to_string()
-            } else {
-                known.join(", ")
-            }
-        ))
-    })
+/// `a, b, c`, or `(none)`.
+pub fn list_or_none(names: &[&str]) -> String {
+    if names.is_empty() {
+        "(none)".to_string()
+    } else {
+        names.join(", ")
+    }
 }
 
 /// The flow for `target`, or an error saying none matches.
@@ -351,7 +350,10 @@ fn check_scope(flow: &Flow, scope: &Scope) -> Result<(), RuleError> {
     Ok(())
 }
 
-/// Reasons and comments: present, not huge, printable.
+/// Reasons and comments: present, not huge, printable, and read the same by
+/// everyone: no control characters (which could rewrite an approver's screen) and
+/// no Unicode format characters (bidi overrides and zero-width characters, which
+/// make text read differently from what it is).
 fn check_text(flag: &str, text: &str) -> Result<(), RuleError> {
     if text.trim().is_empty() {
         return refuse(format!(
@@ -363,6 +365,12 @@ fn check_text(flag: &str, text: &str) -> Result<(), RuleError> {
     }
     if text.chars().any(char::is_control) {
         return refuse(format!("{flag} must not contain control characters"));
+    }
+    if let Some(c) = text.chars().find(|c| crate::display::is_format(*c)) {
+        return refuse(format!(
+            "{flag} must not contain invisible formatting characters such as bidi overrides or zero-width spaces (found U+{:04X}); retype it as plain text",
+            c as u32
+        ));
     }
     Ok(())
 }
@@ -455,7 +463,9 @@ mod tests {
         assert!(error(request("alice", spec("db", Scope::default()))).contains("--shell, --sftp"));
         assert!(error(request("alice", spec("lab", commands(&["id"])))).contains("no flow"));
         assert!(error(request("alice", spec("nope", commands(&["id"]))))
-            .contains("known targets: db, lab, web"));
+            .contains("targets you may request: db, web"));
+        assert!(error(request("bob", spec("nope", commands(&["id"]))))
+            .ends_with("targets you may request: (none)"));
         let mut long = spec("db", commands(&["id"]));
         long.ttl = Some(Duration::from_secs(7200));
         assert!(error(request("alice", long)).contains("max_ttl is 1h"));
@@ -468,6 +478,18 @@ mod tests {
         let mut control = spec("db", commands(&["id"]));
         control.reason = "a\u{1b}[2Jb".into();
         assert!(error(request("alice", control)).contains("control characters"));
+        for hidden in [
+            "INC-1 \u{202e}nimda",
+            "a\u{200b}b",
+            "x\u{2066}y",
+            "l\u{2028}2",
+        ] {
+            let mut bidi = spec("db", commands(&["id"]));
+            bidi.reason = hidden.into();
+            let message = error(request("alice", bidi));
+            assert!(message.contains("invisible formatting"), "{message}");
+            assert!(!message.contains(hidden), "the refusal does not echo it");
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::policy::{Flow, Policy, Target, UpstreamAuth};
 pub use lifecycle::{RequestSpec, RuleError};
 pub use model::{Approval, Ending, Grant, GrantState};
 pub use scope::Scope;
-pub use service::{GrantError, Grants};
+pub use service::{GrantError, Grants, RequestLimits};
 
 /// What the client asked to run on its session channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,9 +112,9 @@ pub fn authorize(
     let Some(target) = policy.targets.get(request.target) else {
         return deny(
             format!(
-                "unknown target '{}'. Targets you can use: {}",
-                request.target,
-                list_or_none(policy.targets.keys())
+                "unknown target '{}'. Targets you may request: {}",
+                crate::display::escape(request.target),
+                lifecycle::list_or_none(&policy.requestable_by(request.user))
             ),
             None,
         );
@@ -208,15 +208,6 @@ fn what_runs(
         && !request.pty
         && target.auth == UpstreamAuth::Certificate;
     (compared.as_deref().map(command::canonical), file_transfer)
-}
-
-fn list_or_none<'a>(names: impl Iterator<Item = &'a String>) -> String {
-    let names: Vec<&str> = names.map(String::as_str).collect();
-    if names.is_empty() {
-        "(none)".to_string()
-    } else {
-        names.join(", ")
-    }
 }
 
 #[cfg(test)]
@@ -337,7 +328,7 @@ mod tests {
         let denial = reason(decide(&[], "nowhere", None, Action::Shell));
         assert_eq!(
             denial.reason,
-            "unknown target 'nowhere'. Targets you can use: db"
+            "unknown target 'nowhere'. Targets you may request: db"
         );
         assert!(denial.requestable.is_none());
         let denial = reason(decide(&[], "db", Some("root"), Action::Shell));

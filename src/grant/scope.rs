@@ -72,6 +72,17 @@ impl Scope {
 
     /// `shell`, `sftp`, `cmd 'uname *'`, joined with `+`, for tables.
     pub fn describe(&self) -> String {
+        let parts = self.parts();
+        if parts.is_empty() {
+            "nothing".to_string()
+        } else {
+            parts.join(" + ")
+        }
+    }
+
+    /// Each thing the scope grants, in the words of [`Scope::describe`]: `shell`,
+    /// `sftp`, `cmd 'PATTERN'`.
+    pub fn parts(&self) -> Vec<String> {
         let mut parts = Vec::new();
         if self.shell {
             parts.push("shell".to_string());
@@ -80,11 +91,7 @@ impl Scope {
             parts.push("sftp".to_string());
         }
         parts.extend(self.commands.iter().map(|c| format!("cmd '{c}'")));
-        if parts.is_empty() {
-            "nothing".to_string()
-        } else {
-            parts.join(" + ")
-        }
+        parts
     }
 
     fn describe_commands(&self) -> String {

@@ -3,8 +3,9 @@
 //! (`request --wait`, a session waiting for approval, a live session that must end when
 //! its grant does).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rand::RngExt;
@@ -36,6 +37,36 @@ pub enum GrantError {
     Store(#[from] StoreError),
 }
 
+/// Per-user limits on requests that wait for an approver (`[limits]` in the config),
+/// so one user cannot flood the approvers and the webhook. Auto-approved requests are
+/// not limited: nobody has to decide them, and a session may need one to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Requests of one user waiting for a decision at once.
+    pub pending_per_user: usize,
+    /// Requests one user may file within `window`.
+    pub per_window: usize,
+    pub window: Duration,
+}
+
+impl Default for RequestLimits {
+    fn default() -> RequestLimits {
+        RequestLimits {
+            pending_per_user: 10,
+            per_window: 20,
+            window: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Which request limit refused a request, for the user and the audit log.
+struct LimitRefusal {
+    /// The `[limits]` key.
+    key: &'static str,
+    max: usize,
+    message: String,
+}
+
 /// Requests and grants, backed by the store.
 pub struct Grants {
     store: Arc<Store>,
@@ -49,6 +80,10 @@ pub struct Grants {
     /// The sweep (every second) and the check at every session start read these
     /// instead of parsing every request ever filed, which only grows.
     live: Mutex<HashMap<String, Grant>>,
+    limits: RequestLimits,
+    /// When each user filed their recent requests that needed a decision (a sliding
+    /// window of at most `limits.per_window` entries per user).
+    filed: Mutex<HashMap<String, VecDeque<DateTime<Utc>>>>,
 }
 
 impl Grants {
@@ -65,7 +100,15 @@ impl Grants {
             changes: watch::channel(0).0,
             notifier,
             live: Mutex::new(live),
+            limits: RequestLimits::default(),
+            filed: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The same service with these per-user request limits.
+    pub fn with_limits(mut self, limits: RequestLimits) -> Grants {
+        self.limits = limits;
+        self
     }
 
     /// Files a request (approved at once by an `auto_approve` flow).
@@ -80,6 +123,17 @@ impl Grants {
         let id = self.fresh_id()?;
         let seq = self.store.next_seq()?;
         let grant = lifecycle::file_request(policy, requester, spec, id, seq, now)?;
+        if grant.state == GrantState::Pending {
+            if let Err(refusal) = self.within_limits(&grant, now) {
+                self.audit(
+                    AuditEvent::new("request.limited", requester, now)
+                        .target(&grant.target)
+                        .detail("limit", refusal.key)
+                        .detail("max", refusal.max as u64),
+                );
+                return Err(RuleError(refusal.message).into());
+            }
+        }
         self.commit(&grant, "request.created", requester, now)?;
         if grant.state == GrantState::Approved {
             self.commit(&grant, "request.approved", SYSTEM_ACTOR, now)?;
@@ -167,6 +221,56 @@ impl Grants {
                 .is_ok()
             })
             .collect()
+    }
+
+    /// Checks the requester's pending cap and request rate for a request that waits
+    /// for a decision, and counts it.
+    fn within_limits(&self, grant: &Grant, now: DateTime<Utc>) -> Result<(), LimitRefusal> {
+        let limits = self.limits;
+        let user = grant.requester.as_str();
+        let pending = self
+            .live
+            .lock()
+            .expect("live grants lock poisoned")
+            .values()
+            .filter(|g| g.requester == user && g.state == GrantState::Pending)
+            .count();
+        if pending >= limits.pending_per_user {
+            return Err(LimitRefusal {
+                key: "pending_requests_per_user",
+                max: limits.pending_per_user,
+                message: format!(
+                    "you already have {pending} pending requests, the most allowed ([limits] pending_requests_per_user = {}); wait for a decision, or withdraw one with `revoke ID` (see `requests --pending --mine`)",
+                    limits.pending_per_user
+                ),
+            });
+        }
+        let mut filed = self.filed.lock().expect("request rate lock poisoned");
+        let recent = filed.entry(user.to_string()).or_default();
+        let window = chrono::Duration::from_std(limits.window).unwrap_or(chrono::Duration::MAX);
+        while recent.front().is_some_and(|at| *at + window <= now) {
+            recent.pop_front();
+        }
+        if recent.len() >= limits.per_window {
+            let wait = recent
+                .front()
+                .map(|at| (*at + window - now).num_seconds().max(1) as u64)
+                .unwrap_or(1);
+            return Err(LimitRefusal {
+                key: "requests_per_user",
+                max: limits.per_window,
+                message: format!(
+                    "you filed {} requests within {}, the most allowed ([limits] requests_per_user = {}, request_window = \"{}\"); try again in {}",
+                    recent.len(),
+                    crate::duration::format(limits.window),
+                    limits.per_window,
+                    crate::duration::format(limits.window),
+                    crate::duration::format(Duration::from_secs(wait))
+                ),
+            });
+        }
+        recent.push_back(now);
+        Ok(())
     }
 
     /// Expires every pending request and grant whose time is up. Runs every second.
@@ -346,11 +450,7 @@ fn check_id(id: &str) -> Result<(), GrantError> {
     {
         Ok(())
     } else {
-        let shown: String = id
-            .chars()
-            .take(20)
-            .map(|c| if c.is_control() { '?' } else { c })
-            .collect();
+        let shown = crate::display::escape(&id.chars().take(20).collect::<String>()).into_owned();
         Err(GrantError::BadId(shown))
     }
 }
@@ -541,6 +641,65 @@ mod tests {
         assert_eq!(active(&reopened), vec![kept.id.clone()]);
         assert_eq!(reopened.pending_count(), 1);
         assert!(reopened.active_for("bob", "db", now).unwrap().is_empty());
+    }
+
+    #[test]
+    fn one_user_cannot_flood_the_approvers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, store, grants) = service(dir.path());
+        let grants = grants.with_limits(RequestLimits {
+            pending_per_user: 2,
+            per_window: 3,
+            window: Duration::from_secs(600),
+        });
+        let now = Utc::now();
+        let first = grants.file(&policy, "alice", shell_spec(), now).unwrap();
+        grants.file(&policy, "alice", shell_spec(), now).unwrap();
+        let capped = grants
+            .file(&policy, "alice", shell_spec(), now)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            capped.contains("2 pending requests") && capped.contains("pending_requests_per_user"),
+            "{capped}"
+        );
+        // Withdrawing one makes room; the rate still counts it.
+        grants
+            .revoke(&policy, &first.id, "alice", None, now)
+            .unwrap();
+        grants.file(&policy, "alice", shell_spec(), now).unwrap();
+        let pending: Vec<Grant> = grants
+            .all()
+            .unwrap()
+            .into_iter()
+            .filter(|g| g.state == GrantState::Pending)
+            .collect();
+        for grant in &pending {
+            grants
+                .revoke(&policy, &grant.id, "alice", None, now)
+                .unwrap();
+        }
+        let later = now + Duration::from_secs(60);
+        let rate = grants
+            .file(&policy, "alice", shell_spec(), later)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            rate.contains("3 requests within 10m") && rate.contains("try again in 9m"),
+            "{rate}"
+        );
+        let after_window = now + Duration::from_secs(600);
+        grants
+            .file(&policy, "alice", shell_spec(), after_window)
+            .unwrap();
+        let limited: Vec<_> = store
+            .audit_events()
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "request.limited")
+            .map(|e| e.details["limit"].as_str().unwrap_or_default().to_string())
+            .collect();
+        assert_eq!(limited, ["pending_requests_per_user", "requests_per_user"]);
     }
 
     #[test]

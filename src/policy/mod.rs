@@ -125,6 +125,83 @@ impl Policy {
         self.flows.iter().find(|flow| flow.matches(target))
     }
 
+    /// The targets `user` may request: those whose flow accepts requests from them.
+    /// Refusals list only these, so a user never learns of targets they cannot use.
+    pub fn requestable_by(&self, user: &str) -> Vec<&str> {
+        self.targets
+            .values()
+            .filter(|target| {
+                self.flow_for(target)
+                    .is_some_and(|flow| self.is_member(user, &flow.requesters))
+            })
+            .map(|target| target.name.as_str())
+            .collect()
+    }
+
+    /// Problems that are not errors: pairs of targets that reach the same address or
+    /// the same host key through flows with different approval rules. Whoever may
+    /// request the weaker one reaches the host without the stronger one's approvals
+    /// (e.g. the same machine as auto-approved `staging` and as `production`).
+    pub fn warnings(&self) -> Vec<String> {
+        let rules = |flow: &Flow| {
+            let mut approvers = flow.approvers.clone();
+            approvers.sort();
+            (
+                flow.auto_approve,
+                approvers,
+                flow.approvals,
+                flow.step_up_totp,
+            )
+        };
+        let describe = |flow: &Flow| {
+            let decided = if flow.auto_approve {
+                "auto_approve".to_string()
+            } else {
+                format!(
+                    "{} approval(s) from {}",
+                    flow.approvals,
+                    flow.approvers.join(", ")
+                )
+            };
+            let step_up = if flow.step_up_totp {
+                ", step_up totp"
+            } else {
+                ""
+            };
+            format!("{decided}{step_up}")
+        };
+        let with_flows: Vec<(&Target, &Flow)> = self
+            .targets
+            .values()
+            .filter_map(|target| Some((target, self.flow_for(target)?)))
+            .collect();
+        let mut warnings = Vec::new();
+        for (i, (a, flow_a)) in with_flows.iter().enumerate() {
+            for (b, flow_b) in &with_flows[i + 1..] {
+                if rules(flow_a) == rules(flow_b) {
+                    continue;
+                }
+                let shared = if a.address.eq_ignore_ascii_case(&b.address) {
+                    format!("address {}", a.address)
+                } else if fingerprint(&a.host_key) == fingerprint(&b.host_key) {
+                    format!("host key {}", fingerprint(&a.host_key))
+                } else {
+                    continue;
+                };
+                warnings.push(format!(
+                    "targets '{}' (flow '{}': {}) and '{}' (flow '{}': {}) share the {shared} but not their approval rules; the same host is reachable under the weaker rules",
+                    a.name,
+                    flow_a.name,
+                    describe(flow_a),
+                    b.name,
+                    flow_b.name,
+                    describe(flow_b),
+                ));
+            }
+        }
+        warnings
+    }
+
     /// Whether `user` is named by any of `principals` (`alice` or `group:sre`).
     pub fn is_member(&self, user: &str, principals: &[String]) -> bool {
         let groups = self

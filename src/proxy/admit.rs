@@ -31,7 +31,10 @@ pub async fn admit(
     };
     audit_denial(context, start, target, &denial);
     let Some(requestable) = denial.requestable.clone() else {
-        client.out.fail(&denial.reason, 1).await;
+        client
+            .out
+            .fail(&crate::display::escape(&denial.reason), 1)
+            .await;
         return None;
     };
     let filed = if requestable.flow.auto_approve {
@@ -42,7 +45,13 @@ pub async fn admit(
         let hint = request_command(context, &requestable, start);
         client
             .out
-            .fail(&format!("{}\nrequest it with:\n  {hint}", denial.reason), 1)
+            .fail(
+                &format!(
+                    "{}\nrequest it with:\n  {hint}",
+                    crate::display::escape(&denial.reason)
+                ),
+                1,
+            )
             .await;
         false
     };
@@ -299,7 +308,7 @@ fn quote(word: &str) -> String {
 
 fn audit_denial(context: &ChannelContext, start: &Start, target: &str, denial: &Denial) {
     let user = context.identity.user.as_str();
-    tracing::warn!(user, target, action = %start.action().describe(), reason = %denial.reason, "denied");
+    tracing::warn!(user, target, action = %start.action().describe(), reason = %crate::display::escape(&denial.reason), "denied");
     context.state.audit(
         AuditEvent::new("session.denied", user, Utc::now())
             .target(target)

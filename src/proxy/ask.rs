@@ -158,7 +158,7 @@ async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {
             let who = ending.map(|e| e.by.as_str()).unwrap_or("portcullis");
             let why = ending
                 .and_then(|e| e.reason.as_deref())
-                .map(|r| format!(": {r}"))
+                .map(|r| format!(": {}", crate::display::escape(r)))
                 .unwrap_or_default();
             client
                 .out

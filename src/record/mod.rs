@@ -13,6 +13,7 @@
 
 pub mod asciicast;
 pub mod replay;
+pub mod screen;
 mod transcript;
 
 use std::collections::HashMap;

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::grant::RequestLimits;
+
 /// `[limits]` in portcullis.toml.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +38,12 @@ pub struct Limits {
     pub login_grace: Duration,
     /// Session channels open at once on one connection (ControlMaster multiplexing).
     pub channels_per_connection: usize,
+    /// Requests of one user waiting for an approver at once.
+    pub pending_requests_per_user: usize,
+    /// Requests needing a decision one user may file within `request_window`.
+    pub requests_per_user: usize,
+    #[serde(with = "humantime")]
+    pub request_window: Duration,
 }
 
 impl Default for Limits {
@@ -49,6 +57,9 @@ impl Default for Limits {
             lockout: Duration::from_secs(300),
             login_grace: Duration::from_secs(30),
             channels_per_connection: 64,
+            pending_requests_per_user: RequestLimits::default().pending_per_user,
+            requests_per_user: RequestLimits::default().per_window,
+            request_window: RequestLimits::default().window,
         }
     }
 }
@@ -67,6 +78,8 @@ impl Limits {
             ("preauth_total", self.preauth_total),
             ("failures_per_source", self.failures_per_source),
             ("channels_per_connection", self.channels_per_connection),
+            ("pending_requests_per_user", self.pending_requests_per_user),
+            ("requests_per_user", self.requests_per_user),
         ] {
             if value == 0 {
                 return Err(format!(
@@ -74,7 +87,21 @@ impl Limits {
                 ));
             }
         }
+        if self.request_window.is_zero() {
+            return Err(
+                "limits.request_window = 0s would not limit anything; use e.g. \"10m\"".into(),
+            );
+        }
         Ok(())
+    }
+
+    /// The per-user request limits the grant service enforces.
+    pub fn requests(&self) -> RequestLimits {
+        RequestLimits {
+            pending_per_user: self.pending_requests_per_user,
+            per_window: self.requests_per_user,
+            window: self.request_window,
+        }
     }
 }
 

@@ -89,7 +89,7 @@ impl State {
     ) -> Result<State, StoreError> {
         let notifier = Notifier::new(config.notify.webhook.clone());
         Ok(State {
-            grants: Grants::new(store.clone(), notifier)?,
+            grants: Grants::new(store.clone(), notifier)?.with_limits(config.limits.requests()),
             recorder: Arc::new(Recorder::new(
                 store.clone(),
                 config.record_input,
@@ -126,6 +126,7 @@ impl State {
     /// connections end on their own: see `handler::identity_withdrawn`).
     pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
         let fresh = Arc::new(policy::load_dir(&self.config.policies)?);
+        warn_about(&fresh);
         let previous = self.policy.send_replace(fresh.clone());
         let now = chrono::Utc::now();
         for user in previous
@@ -148,6 +149,13 @@ impl State {
             );
         }
         Ok(())
+    }
+}
+
+/// Logs what `portcullis policy check` warns about.
+fn warn_about(policy: &crate::policy::Policy) {
+    for warning in policy.warnings() {
+        tracing::warn!("policy: {warning}");
     }
 }
 
@@ -268,6 +276,7 @@ pub async fn serve(config: Config) -> Result<()> {
     let policy = policy::load_dir(&config.policies).map_err(|errors| {
         anyhow::anyhow!("the policy has errors; fix them and start again:\n{errors}")
     })?;
+    warn_about(&policy);
     let store = Arc::new(Store::open(&config.data_dir).with_context(|| {
         format!(
             "cannot open the database in {} (is another portcullis running on it?)",
