@@ -225,6 +225,22 @@ impl Store {
         Ok(())
     }
 
+    /// Every user with stored state (TOTP), by name.
+    pub fn users_with_state(&self) -> Result<Vec<String>> {
+        self.users_state
+            .iter()
+            .keys()
+            .map(|key| Ok(String::from_utf8_lossy(&key?).into_owned()))
+            .collect()
+    }
+
+    /// Removes a user's state for good (they left the policy).
+    pub fn delete_user_state(&self, user: &str) -> Result<()> {
+        self.users_state.remove(user.as_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Fault injection for tests of the fail-closed path: while `on`, every
     /// transcript write fails like a full disk.
     pub fn fail_batch_writes(&self, on: bool) {

@@ -4,8 +4,11 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Output, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -173,4 +176,174 @@ fn revocation_during_set_up_leaves_no_session_running() {
         );
         assert!(!out.status.success(), "trial {trial}: {}", describe(&out));
     }
+}
+
+/// Copies `from` to `to` until either side closes.
+fn copy(mut from: TcpStream, mut to: TcpStream) {
+    thread::spawn(move || {
+        let mut buffer = [0u8; 16384];
+        while let Ok(n) = from.read(&mut buffer) {
+            if n == 0 || to.write_all(&buffer[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+/// A TCP relay to `target` that waits `delay` before connecting: a slow target,
+/// so that something can happen while a session is being set up. Returns its
+/// address and how many connections it accepted.
+fn slow_relay(target: String, delay: Duration) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let target = target.clone();
+            thread::spawn(move || {
+                thread::sleep(delay);
+                if let Ok(server) = TcpStream::connect(&target) {
+                    copy(client.try_clone().unwrap(), server.try_clone().unwrap());
+                    copy(server, client);
+                }
+            });
+        }
+    });
+    (address, accepted)
+}
+
+fn rotate_alices_key(world: &World) {
+    let old_key = public_key_of(world.alice.key());
+    let new_key = keygen(&world.path("alice-new"), "alice-new");
+    world.edit_policy("users.toml", |users| users.replace(&old_key, &new_key));
+}
+
+/// A key withdrawn while its session is still connecting to the target: the
+/// session task re-checks the identity before anything runs there.
+#[test]
+fn a_key_withdrawn_during_set_up_runs_nothing_on_the_target() {
+    let w = World::start();
+    let (relay, accepted) = slow_relay(w.sshd.address(), Duration::from_secs(2));
+    let host_key = w.sshd.host_public_key();
+    let login = login_user();
+    w.edit_policy("targets.toml", |targets| {
+        format!("{targets}[targets.slow]\naddress = \"{relay}\"\nhost_key = \"{host_key}\"\nlogins = [\"{login}\"]\nlabels = {{ env = \"staging\" }}\n")
+    });
+    let marker = w.path("ran-after-withdrawal");
+    let session = spawn(w.alice.ssh_command(
+        &on("slow"),
+        &[],
+        &[&format!("touch {}", marker.display())],
+    ));
+    assert!(wait_until(Duration::from_secs(10), || accepted
+        .load(Ordering::SeqCst)
+        > 0));
+    rotate_alices_key(&w);
+    let (out, _) = wait_output(session, Duration::from_secs(15));
+    assert!(!out.status.success(), "{}", describe(&out));
+    thread::sleep(Duration::from_secs(3)); // the relay's delay is over by now
+    assert!(
+        !marker.exists(),
+        "the withdrawn key's command ran\n{}",
+        w.logs()
+    );
+}
+
+/// A session the bastion ends (revocation here) also ends what it runs, as far
+/// as sshd lets it: a pty session's command gets SIGHUP when the channel closes,
+/// and a command without a pty is sent SIGTERM first (sshd carries it out for
+/// non-root logins; for root, forced commands and subsystems it refuses, which its
+/// log says, see the README).
+#[test]
+fn ending_a_session_stops_its_command_on_the_target() {
+    let w = World::start();
+    let grant = granted(&w, "prod");
+    let marker = w.path("still-running");
+    let with_pty = spawn(w.alice.ssh_command(
+        &on("prod"),
+        &["-tt"],
+        &[&format!("sleep 2; touch {}", marker.display())],
+    ));
+    let without_pty = spawn(w.alice.ssh_command(&on("prod"), &[], &["sleep 30"]));
+    wait_sessions_started(&w, 2);
+    w.ok(&w.bob, &["revoke", &grant]);
+    let _ = wait_output(with_pty, Duration::from_secs(10));
+    let _ = wait_output(without_pty, Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(5), || w
+            .sshd
+            .log()
+            .contains("session_signal_req")),
+        "the target never got the TERM request\n{}",
+        w.logs()
+    );
+    thread::sleep(Duration::from_secs(3));
+    assert!(!marker.exists(), "the revoked pty session's command ran on");
+}
+
+/// Removing a user while the bastion is down (a restart instead of a reload)
+/// removes them all the same: grants withdrawn, TOTP state forgotten.
+#[test]
+fn a_user_removed_while_the_bastion_was_down_is_removed_at_start() {
+    let mut w = World::start();
+    let grant = granted(&w, "prod");
+    let users = w.bastion.policies_dir().join("users.toml");
+    let before = std::fs::read_to_string(&users).unwrap();
+    w.restart_bastion_after(true, |_| {
+        let start = before.find("[users.alice]").unwrap();
+        let end = before[start + 1..]
+            .find("[users.")
+            .map_or(before.len(), |at| start + 1 + at);
+        std::fs::write(&users, format!("{}{}", &before[..start], &before[end..])).unwrap();
+    });
+    assert_eq!(show(&w, &grant)["state"], "revoked");
+    assert!(w.audit_kinds().iter().any(|k| k == "user.removed"));
+}
+
+/// `keys = []` disables a user: the reload succeeds (a refused reload would keep
+/// the old policy, and with it the key being removed) and their connections end.
+#[test]
+fn emptying_a_users_keys_disables_them() {
+    let w = World::start();
+    let key = public_key_of(w.alice.key());
+    w.edit_policy("users.toml", |users| {
+        users.replace(&format!("\"{key}\""), "")
+    });
+    let out = w.alice.ssh(&w.target_user(), &["true"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        !w.bastion.log().contains("policy reload failed"),
+        "{}",
+        w.logs()
+    );
+}
+
+/// An approval cast by someone who is no longer an approver does not count
+/// towards `approvals = 2`.
+#[test]
+fn approvals_by_removed_approvers_no_longer_count() {
+    let w = World::start();
+    let doc: Value = serde_json::from_str(&w.ok(
+        &w.alice,
+        &["request", "crit", "--shell", "--reason", "INC-3", "--json"],
+    ))
+    .unwrap();
+    let id = doc["id"].as_str().unwrap().to_string();
+    w.ok(&w.bob, &["approve", &id]);
+    w.edit_policy("users.toml", |users| {
+        let start = users.find("[users.bob]").unwrap();
+        let end = users[start + 1..]
+            .find("[users.")
+            .map_or(users.len(), |at| start + 1 + at);
+        format!("{}{}", &users[..start], &users[end..])
+    });
+    w.ok(&w.carol, &["approve", &id]);
+    assert_eq!(show_as(&w, &w.carol, &id)["state"], "pending");
+}
+
+fn show_as(world: &World, client: &Client, id: &str) -> Value {
+    serde_json::from_str(&world.ok(client, &["show", id, "--json"])).unwrap()
 }

@@ -63,21 +63,22 @@ pub async fn enroll(
         return Err("that code does not match the new secret; nothing changed. Check the app's clock and run `totp enroll` again".into());
     }
     let mut event = AuditEvent::new("totp.enrolled", user, Utc::now());
-    if let Some(issued) = invited {
-        invite::consume(&context.state.config.data_dir, user);
-        event = event.detail("invite_issued_at", issued.to_rfc3339());
+    if let Some(claim) = invited {
+        event = event.detail("invite_issued_at", claim.issued_at.to_rfc3339());
+        claim.consume();
     }
     context.state.audit(event);
     Ok(format!("TOTP enrolled for {user}\n"))
 }
 
-/// The operator's enrolment code, from `--invite` or asked for; returns when it was
-/// issued. A refusal is an audit event: it may be a stolen key trying to enrol.
+/// The operator's enrolment code, from `--invite` or asked for, claimed so that no
+/// other enrolment can use it meanwhile (it is released if this one fails). A
+/// refusal is an audit event: it may be a stolen key trying to enrol.
 async fn check_invite(
     context: &ChannelContext,
     client: &mut ClientChannel,
     given: Option<String>,
-) -> Result<chrono::DateTime<Utc>, String> {
+) -> Result<invite::Claim, String> {
     let user = context.identity.user.as_str();
     let code = match given {
         Some(code) => code,
@@ -92,7 +93,7 @@ async fn check_invite(
                 .ok_or("cancelled; nothing changed")?
         }
     };
-    invite::check(&context.state.config.data_dir, user, &code, Utc::now()).map_err(|err| {
+    invite::claim(&context.state.config.data_dir, user, &code, Utc::now()).map_err(|err| {
         context.state.audit(
             AuditEvent::new("totp.invite_refused", user, Utc::now())
                 .detail("reason", err.to_string()),
@@ -125,9 +126,9 @@ pub async fn for_decision(
     if !step_up {
         return Ok(());
     }
-    let recent = context.identity.stepped_up_at().is_some_and(|at| {
-        (Utc::now() - at).to_std().unwrap_or_default() < context.state.config.step_up_max_age
-    });
+    let recent = context
+        .identity
+        .stepped_up_within(context.state.config.step_up_max_age);
     if recent && code.is_none() {
         return Ok(());
     }

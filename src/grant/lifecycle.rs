@@ -154,7 +154,14 @@ pub fn approve(
         at: now,
         comment,
     });
-    if grant.approvals.len() >= grant.approvals_needed as usize {
+    // Only approvals by people who are approvers *now* count: one cast by someone
+    // since removed from the policy (or from the approvers) no longer vouches.
+    let standing = grant
+        .approvals
+        .iter()
+        .filter(|a| is_approver(grant, policy, &a.by))
+        .count();
+    if standing >= grant.approvals_needed as usize {
         activate(grant, now);
     }
     Ok(())

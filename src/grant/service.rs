@@ -197,6 +197,20 @@ impl Grants {
         })
     }
 
+    /// Everyone with a pending request or a live grant.
+    pub fn requesters(&self) -> Vec<String> {
+        let mut users: Vec<String> = self
+            .live
+            .lock()
+            .expect("live grants lock poisoned")
+            .values()
+            .map(|g| g.requester.clone())
+            .collect();
+        users.sort();
+        users.dedup();
+        users
+    }
+
     /// Withdraws every live grant and pending request of `user` (who left the
     /// policy); returns their ids. Their live sessions end as for a revocation.
     pub fn withdraw_all_of(&self, user: &str, reason: &str, now: DateTime<Utc>) -> Vec<String> {

@@ -143,13 +143,8 @@ fn build_user(
             ),
         }
     }
-    if raw.keys.is_empty() {
-        report.error(
-            None,
-            format!("{key_path}.keys"),
-            "a user needs at least one public key",
-        );
-    }
+    // `keys = []` is a disabled account, not an error: refusing it would keep the
+    // previous policy, and with it the very key an operator is trying to remove.
     let mut groups = Vec::new();
     for group in raw.groups {
         if is_valid_name(group.get_ref()) {

@@ -143,7 +143,7 @@ fn stale_step_up(context: &ChannelContext, grant: &crate::grant::Grant) -> Optio
     let Some(at) = context.identity.stepped_up_at() else {
         return Some("and this connection has not passed one".into());
     };
-    if (Utc::now() - at).to_std().unwrap_or_default() > max_age {
+    if !context.identity.stepped_up_within(max_age) {
         return Some(format!(
             "within the last {}",
             crate::duration::format(max_age)

@@ -79,7 +79,7 @@ pub async fn run(
         }
     };
     let grant = &permit.grant;
-    if let Some(ended) = grant_ended(&context.state.grants, grant) {
+    if let Some(ended) = no_longer_allowed(context, grant) {
         let _ = opened.channel.close().await;
         client.out.fail(&ended, 1).await;
         return;
@@ -115,17 +115,23 @@ pub async fn run(
     );
     let _live = LiveSession::new(&context.state.live_sessions);
     context.state.metrics.sessions_total.inc();
-    let refused = match start_remote_session(&channel, setup, &start).await {
-        Ok(pending) => match grant_ended(&context.state.grants, grant) {
-            None => Ok(pending),
-            Some(ended) => Err(ended),
+    // The last check before anything runs on the target, and one right after: a
+    // revocation or a withdrawn key that lands while the target starts the command
+    // ends it before the first byte is relayed.
+    let refused = match no_longer_allowed(context, grant) {
+        Some(ended) => Err(ended),
+        None => match start_remote_session(&channel, setup, &start).await {
+            Ok(pending) => match no_longer_allowed(context, grant) {
+                None => Ok(pending),
+                Some(ended) => Err(ended),
+            },
+            Err(err) => Err(format!("target '{target}' closed the session: {err}")),
         },
-        Err(err) => Err(format!("target '{target}' closed the session: {err}")),
     };
     let pending = match refused {
         Ok(pending) => pending,
         Err(message) => {
-            let _ = channel.close().await;
+            relay::stop_remote(&channel).await;
             client.out.fail(&message, 1).await;
             end_session(context, &permit, session, recording, &Outcome::default()).await;
             return;
@@ -257,6 +263,17 @@ fn peer(context: &ChannelContext) -> String {
         .peer
         .map(|p| p.to_string())
         .unwrap_or_default()
+}
+
+/// Why this session may not go on, if it may not: its grant ended, or the key its
+/// connection authenticated with was withdrawn (the connection is being closed, but
+/// a channel task may be in the middle of set-up).
+fn no_longer_allowed(context: &ChannelContext, grant: &Grant) -> Option<String> {
+    context
+        .identity
+        .withdrawn(&context.state.policy())
+        .map(|why| format!("{why} — session closed"))
+        .or_else(|| grant_ended(&context.state.grants, grant))
 }
 
 /// Why the grant no longer allows its sessions, if it does not: re-read from the

@@ -121,11 +121,24 @@ pub async fn relay(
         stopped_with
     };
     if stopped.is_some() {
-        let _ = up_writer.close().await;
+        stop_writer(&up_writer).await;
         outcome.exit_status = Some(ENDED_BY_BASTION);
     }
     outcome.bytes_to_target = bytes_to_target;
     (outcome, out, stopped)
+}
+
+/// Ends what runs on the target: sshd does not signal a command without a pty when
+/// its channel closes, so a revoked `sleep 60; rm -rf` would go on. The command is
+/// sent SIGTERM, then the channel is closed (a pty session also gets SIGHUP).
+pub async fn stop_remote(channel: &Channel<client::Msg>) {
+    let _ = channel.signal(russh::Sig::TERM).await;
+    let _ = channel.close().await;
+}
+
+async fn stop_writer(writer: &ChannelWriteHalf<client::Msg>) {
+    let _ = writer.signal(russh::Sig::TERM).await;
+    let _ = writer.close().await;
 }
 
 /// A `portcullis: ...` notice that gives up after [`NOTICE_GRACE`] when the

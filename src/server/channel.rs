@@ -52,6 +52,16 @@ impl Identity {
         *self.stepped_up.lock().expect("identity lock poisoned")
     }
 
+    /// Whether this connection passed TOTP within `max_age` of now. A step-up that
+    /// seems to lie in the future (the clock stepped back) is not fresh.
+    pub fn stepped_up_within(&self, max_age: std::time::Duration) -> bool {
+        self.stepped_up_at().is_some_and(|at| {
+            (chrono::Utc::now() - at)
+                .to_std()
+                .is_ok_and(|age| age <= max_age)
+        })
+    }
+
     pub fn mark_stepped_up(&self, at: chrono::DateTime<chrono::Utc>) {
         *self.stepped_up.lock().expect("identity lock poisoned") = Some(at);
     }

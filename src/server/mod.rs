@@ -122,33 +122,44 @@ impl State {
     }
 
     /// Re-reads the policy directory; on error the previous policy stays in force.
-    /// Users that the new policy no longer knows lose their grants (their
-    /// connections end on their own: see `handler::identity_withdrawn`).
+    /// Users that the new policy no longer knows lose their grants and TOTP state
+    /// (their connections end on their own: see `handler::identity_withdrawn`).
     pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
         let fresh = Arc::new(policy::load_dir(&self.config.policies)?);
         warn_about(&fresh);
-        let previous = self.policy.send_replace(fresh.clone());
+        self.policy.send_replace(fresh.clone());
+        self.forget_users_not_in(&fresh);
+        Ok(())
+    }
+
+    /// Withdraws the grants and pending requests of users the policy does not know,
+    /// and forgets their TOTP state, with a `user.removed` event each. Runs at every
+    /// reload and at start, so a user removed while the bastion was down is removed
+    /// all the same.
+    pub fn forget_users_not_in(&self, policy: &Policy) {
         let now = chrono::Utc::now();
-        for user in previous
-            .users
-            .keys()
-            .filter(|u| !fresh.users.contains_key(*u))
-        {
+        let mut gone: std::collections::BTreeSet<String> =
+            self.grants.requesters().into_iter().collect();
+        gone.extend(self.totp.users().unwrap_or_else(|err| {
+            tracing::error!(error = %err, "cannot list TOTP users");
+            Vec::new()
+        }));
+        gone.retain(|user| !policy.users.contains_key(user));
+        for user in gone {
             let ended = self
                 .grants
-                .withdraw_all_of(user, "user removed from the policy", now);
-            tracing::warn!(
-                user,
-                grants = ended.len(),
-                "user removed from the policy; grants withdrawn"
-            );
+                .withdraw_all_of(&user, "user removed from the policy", now);
+            if let Err(err) = self.totp.forget(&user) {
+                tracing::error!(%user, error = %err, "cannot forget the TOTP state of a removed user");
+            }
+            crate::totp::invite::withdraw(&self.config.data_dir, &user);
+            tracing::warn!(%user, grants = ended.len(), "user removed from the policy; grants withdrawn, TOTP forgotten");
             self.audit(
                 AuditEvent::new("user.removed", "portcullis", now)
                     .detail("user", user.as_str())
                     .detail("grants", ended),
             );
         }
-        Ok(())
     }
 }
 
@@ -291,6 +302,7 @@ pub async fn serve(config: Config) -> Result<()> {
             .context("cannot read the grants from the database")?,
     );
     mark_interrupted_sessions(&state)?;
+    state.forget_users_not_in(&state.policy());
     tokio::spawn(reload_on_sighup(state.clone()));
     tokio::spawn(expire_grants(state.clone()));
     tokio::spawn(upkeep::anchor_audit_chain(state.clone()));

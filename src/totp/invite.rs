@@ -7,6 +7,11 @@
 //! are small files in `<data_dir>/totp-invites/` (directory 0700, files 0600): only
 //! the SHA-256 of the code and its expiry, one file per user, replaced by a newer
 //! invite and removed once used.
+//!
+//! The command runs only as the owner of the data directory (the bastion's own
+//! account): run as root, it would write into a directory that account controls,
+//! where a planted symlink could make root overwrite or hand over any file. A code
+//! is used by renaming its file away first, so two enrolments can never share one.
 
 use std::fs;
 use std::io::Write;
@@ -92,6 +97,7 @@ pub fn issue(data_dir: &Path, user: &str, ttl: Duration, now: DateTime<Utc>) -> 
         created_at: now,
         expires_at: now + chrono::Duration::from_std(ttl).context("invite ttl too long")?,
     };
+    refuse_other_users(data_dir)?;
     let dir = dir(data_dir);
     fs::DirBuilder::new()
         .recursive(true)
@@ -99,90 +105,141 @@ pub fn issue(data_dir: &Path, user: &str, ttl: Duration, now: DateTime<Utc>) -> 
         .create(&dir)
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let path = file(data_dir, user);
-    let partial = path.with_extension("new");
+    let partial = path.with_extension(format!("new-{}", rng.random::<u64>()));
     let mut out = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&partial)
         .with_context(|| format!("cannot write {}", partial.display()))?;
     out.write_all(&serde_json::to_vec(&invite)?)?;
     out.sync_all()?;
-    give_to_data_dir_owner(data_dir, &[&dir, &partial])?;
     fs::rename(&partial, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(shown)
 }
 
-/// An operator often runs this as root while the bastion runs as its own user:
-/// the invite must belong to whoever owns the data directory, or the bastion could
-/// neither read nor remove it.
-fn give_to_data_dir_owner(data_dir: &Path, paths: &[&Path]) -> Result<()> {
+/// Refuses to run as anyone but the owner of the data directory (see the module
+/// comment): `sudo -u` that account instead.
+fn refuse_other_users(data_dir: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let owner = fs::metadata(data_dir)?;
-    for path in paths {
-        if fs::metadata(path)?.uid() != owner.uid() {
-            std::os::unix::fs::chown(path, Some(owner.uid()), Some(owner.gid())).with_context(
-                || {
-                    format!(
-                        "cannot hand {} to the owner of {}: run this as root or as the bastion's user",
-                        path.display(),
-                        data_dir.display()
-                    )
-                },
-            )?;
-        }
+    let owner = fs::metadata(data_dir)
+        .with_context(|| format!("cannot read {}", data_dir.display()))?
+        .uid();
+    let me = effective_uid()?;
+    if me != owner {
+        anyhow::bail!(
+            "run this as the owner of {} (uid {owner}), the bastion's own account, e.g. `sudo -u \"#{owner}\" portcullis totp invite ...`: as another user (uid {me}) it could be tricked into writing where that account points it",
+            data_dir.display()
+        );
     }
     Ok(())
 }
 
-/// Checks `code` against the invite issued for `user` (it stays until [`consume`]).
-/// Returns when the invite was issued, for the audit log.
-pub fn check(
+/// This process's effective user id, from `/proc/self/status`.
+fn effective_uid() -> Result<u32> {
+    let status =
+        fs::read_to_string("/proc/self/status").context("cannot read /proc/self/status")?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        .and_then(|euid| euid.parse().ok())
+        .context("no effective uid in /proc/self/status")
+}
+
+/// An invite taken out of reach of every other enrolment while one is checked and
+/// used: [`Claim::consume`] once the enrolment succeeded; dropped unconsumed (the
+/// enrolment failed or was cancelled), it is put back.
+#[derive(Debug)]
+pub struct Claim {
+    claimed: PathBuf,
+    original: PathBuf,
+    /// When the operator issued it, for the audit log.
+    pub issued_at: DateTime<Utc>,
+    used: bool,
+}
+
+impl Claim {
+    /// The code was used: it never works again.
+    pub fn consume(mut self) {
+        self.used = true;
+        if let Err(err) = fs::remove_file(&self.claimed) {
+            tracing::error!(path = %self.claimed.display(), error = %err, "cannot remove a used enrolment code");
+        }
+    }
+}
+
+impl Drop for Claim {
+    /// The code stays usable, unless the operator issued a newer one meanwhile (a
+    /// hard link never replaces it).
+    fn drop(&mut self) {
+        if !self.used {
+            let _ = fs::hard_link(&self.claimed, &self.original);
+            let _ = fs::remove_file(&self.claimed);
+        }
+    }
+}
+
+/// Takes the invite issued for `user` if `code` is its code: the file is renamed
+/// away first (atomic; a second enrolment racing this one finds nothing), then
+/// checked, and put back when the code is wrong.
+pub fn claim(
     data_dir: &Path,
     user: &str,
     code: &str,
     now: DateTime<Utc>,
-) -> Result<DateTime<Utc>, InviteError> {
-    let path = file(data_dir, user);
-    let text = match fs::read(&path) {
-        Ok(text) => text,
+) -> Result<Claim, InviteError> {
+    let original = file(data_dir, user);
+    let claimed = original.with_extension(format!("claimed-{}", rand::rng().random::<u64>()));
+    let unreadable = |err: &dyn std::fmt::Display| InviteError::Unreadable {
+        user: user.to_string(),
+        detail: err.to_string(),
+    };
+    match fs::rename(&original, &claimed) {
+        Ok(()) => {}
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             return Err(InviteError::None(user.to_string()))
         }
-        Err(err) => {
-            return Err(InviteError::Unreadable {
-                user: user.to_string(),
-                detail: err.to_string(),
-            })
-        }
+        Err(err) => return Err(unreadable(&err)),
+    }
+    let mut claim = Claim {
+        claimed,
+        original,
+        issued_at: now,
+        used: false,
     };
-    let invite: Invite = serde_json::from_slice(&text).map_err(|err| InviteError::Unreadable {
-        user: user.to_string(),
-        detail: err.to_string(),
-    })?;
+    // On an error the claim is dropped, which puts the file back.
+    let invite: Invite = fs::read(&claim.claimed)
+        .map_err(|err| unreadable(&err))
+        .and_then(|text| serde_json::from_slice(&text).map_err(|err| unreadable(&err)))?;
     if invite.expires_at <= now {
+        claim.consume();
         return Err(InviteError::Expired(user.to_string()));
     }
-    let given = digest(code);
-    // Both are hex digests of equal length; compare every byte regardless.
-    let same = given
-        .bytes()
-        .zip(invite.code_sha256.bytes())
-        .fold(given.len() == invite.code_sha256.len(), |same, (a, b)| {
-            same & (a == b)
-        });
-    if !same {
+    if !same_digest(&digest(code), &invite.code_sha256) {
         return Err(InviteError::Wrong(user.to_string()));
     }
-    Ok(invite.created_at)
+    claim.issued_at = invite.created_at;
+    Ok(claim)
 }
 
-/// Removes `user`'s invite once it has been used, so it works exactly once.
-pub fn consume(data_dir: &Path, user: &str) {
+/// Compares two hex digests without stopping at the first difference.
+fn same_digest(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(true, |same, (x, y)| same & (x == y))
+}
+
+/// Removes any invite for `user` (they left the policy).
+pub fn withdraw(data_dir: &Path, user: &str) {
     let path = file(data_dir, user);
-    if let Err(err) = fs::remove_file(&path) {
-        tracing::error!(path = %path.display(), error = %err, "cannot remove a used enrolment code");
+    match fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        Err(err) => {
+            tracing::error!(path = %path.display(), error = %err, "cannot remove an enrolment code")
+        }
     }
 }
 
@@ -194,36 +251,62 @@ mod tests {
     fn a_code_works_once_for_its_user_until_it_expires() {
         let dir = tempfile::tempdir().unwrap();
         let now = Utc::now();
+        let none = |user: &str| Err::<(), _>(InviteError::None(user.into()));
         assert_eq!(
-            check(dir.path(), "alice", "x", now),
-            Err(InviteError::None("alice".into()))
+            claim(dir.path(), "alice", "x", now).map(|_| ()),
+            none("alice")
         );
         let code = issue(dir.path(), "alice", DEFAULT_TTL, now).unwrap();
         assert_eq!(code.len(), 14, "{code}");
-        assert!(check(dir.path(), "alice", &code, now).is_ok());
-        let sloppy = code.replace('-', " ").to_lowercase();
-        assert!(check(dir.path(), "alice", &sloppy, now).is_ok());
         assert_eq!(
-            check(dir.path(), "bob", &code, now),
-            Err(InviteError::None("bob".into()))
+            claim(dir.path(), "bob", &code, now).map(|_| ()),
+            none("bob")
         );
         assert_eq!(
-            check(dir.path(), "alice", "AAAA-AAAA-AAAA", now),
+            claim(dir.path(), "alice", "AAAA-AAAA-AAAA", now).map(|_| ()),
             Err(InviteError::Wrong("alice".into()))
         );
+        // A sloppy but right code, claimed: a racing second enrolment finds nothing.
+        let sloppy = code.replace('-', " ").to_lowercase();
+        let taken = claim(dir.path(), "alice", &sloppy, now).unwrap();
+        assert_eq!(
+            claim(dir.path(), "alice", &code, now).map(|_| ()),
+            none("alice")
+        );
+        drop(taken); // the enrolment failed: the code is usable again
+        claim(dir.path(), "alice", &code, now).unwrap().consume();
+        assert_eq!(
+            claim(dir.path(), "alice", &code, now).map(|_| ()),
+            none("alice")
+        );
+
+        issue(dir.path(), "carol", DEFAULT_TTL, now).unwrap();
         let later = now + chrono::Duration::hours(25);
+        let code = issue(dir.path(), "dave", DEFAULT_TTL, now).unwrap();
         assert_eq!(
-            check(dir.path(), "alice", &code, later),
-            Err(InviteError::Expired("alice".into()))
+            claim(dir.path(), "dave", &code, later).map(|_| ()),
+            Err(InviteError::Expired("dave".into()))
         );
-        consume(dir.path(), "alice");
-        assert_eq!(
-            check(dir.path(), "alice", &code, now),
-            Err(InviteError::None("alice".into()))
-        );
+        withdraw(dir.path(), "carol");
+        let left: Vec<_> = fs::read_dir(dir.path().join("totp-invites"))
+            .unwrap()
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         let mode = fs::metadata(dir.path().join("totp-invites")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.permissions().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn only_the_owner_of_the_data_directory_may_issue() {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), None).unwrap();
+        let err = issue(dir.path(), "alice", DEFAULT_TTL, Utc::now()).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("run this as the owner"),
+            "{err:#}"
+        );
+        assert!(!dir.path().join("totp-invites").exists());
     }
 
     #[test]

@@ -144,6 +144,19 @@ impl Totp {
         })
     }
 
+    /// Users with a TOTP secret or step-up state.
+    pub fn users(&self) -> Result<Vec<String>, StoreError> {
+        self.store.users_with_state()
+    }
+
+    /// Forgets everything about `user`'s TOTP (they left the policy): a user added
+    /// later under the same name enrols afresh instead of inheriting a secret that
+    /// someone else, perhaps with a stolen key, may have enrolled.
+    pub fn forget(&self, user: &str) -> Result<(), StoreError> {
+        let _guard = self.check.lock().expect("totp lock poisoned");
+        self.store.delete_user_state(user)
+    }
+
     pub fn is_enrolled(&self, user: &str) -> Result<bool, StoreError> {
         Ok(self.state(user)?.sealed_secret.is_some())
     }
