@@ -53,8 +53,11 @@ pub async fn run(
         Some(canonical) => Start::Exec(canonical.clone().into_bytes()),
         None => start,
     };
-    let session = match context.state.store.next_session_id() {
-        Ok(id) => id,
+    let failed = AuditEvent::new("session.failed", user, Utc::now())
+        .target(target)
+        .grant(&permit.grant.id);
+    let reservation = match context.state.recorder.reserve(failed) {
+        Ok(reservation) => reservation,
         Err(err) => {
             client
                 .out
@@ -63,10 +66,12 @@ pub async fn run(
             return;
         }
     };
+    let session = reservation.id();
     let opened = match open_target_channel(context, &permit, &start, session).await {
         Ok(opened) => opened,
         Err(err) => {
             tracing::warn!(user, target, error = %err, "cannot open target session");
+            reservation.fail(&err.to_string());
             client.out.fail(&err.to_string(), 1).await;
             return;
         }
@@ -80,16 +85,16 @@ pub async fn run(
     let pending = match start_remote_session(&channel, setup, &start).await {
         Ok(pending) => pending,
         Err(err) => {
-            client
-                .out
-                .fail(&format!("target '{target}' closed the session: {err}"), 1)
-                .await;
+            let message = format!("target '{target}' closed the session: {err}");
+            reservation.fail(&message);
+            client.out.fail(&message, 1).await;
             return;
         }
     };
     let grant = &permit.grant;
-    let info = session_info(context, &permit, &start, pty.as_ref(), session, certificate);
-    let recording = match context.state.recorder.start(info) {
+    let info = session_info(context, &permit, &start, pty.as_ref(), certificate);
+    let (kind, command) = (info.kind.clone(), info.command.clone());
+    let recording = match context.state.recorder.start(reservation, info) {
         Ok(recording) => recording,
         Err(err) => {
             tracing::error!(user, target, error = %err, "cannot start the recording; session refused");
@@ -102,12 +107,16 @@ pub async fn run(
         }
     };
     tracing::info!(user, target, login = %permit.login, grant = %grant.id, session, action = %start.action().describe(), "session started");
+    // Everything the record says about the start, so `audit verify` can hold the
+    // record to it; its time is the record's `started_at`.
     context.state.audit(
-        AuditEvent::new("session.start", user, Utc::now())
+        AuditEvent::new("session.start", user, recording.started_at())
             .target(target)
             .grant(&grant.id)
             .detail("session", session)
             .detail("login", permit.login.as_str())
+            .detail("kind", kind)
+            .detail("command", command)
             .detail("action", start.action().describe())
             .detail("client", peer(context)),
     );
@@ -142,7 +151,7 @@ pub async fn run(
         bytes_in: outcome.bytes_to_target,
         bytes_out: outcome.bytes_from_target,
     };
-    let mut event = AuditEvent::new("session.end", user, Utc::now())
+    let event = AuditEvent::new("session.end", user, Utc::now())
         .target(target)
         .grant(&grant.id)
         .detail("session", session)
@@ -150,16 +159,18 @@ pub async fn run(
         .detail("exit_signal", outcome.exit_signal.clone())
         .detail("bytes_in", outcome.bytes_to_target)
         .detail("bytes_out", outcome.bytes_from_target);
-    match recording.finish(end).await {
-        Ok(record) => {
-            event = event.detail("transcript_sha256", record.digest.unwrap_or_default());
-        }
-        Err(error) => {
-            tracing::error!(session, %error, "the recording ended with an error");
-            event = event.detail("recording_error", error);
-        }
+    let (_, error) = recording
+        .finish(end, |record, error| {
+            let mut event = event.detail("transcript_sha256", record.digest.clone());
+            if let Some(error) = error {
+                event = event.detail("recording_error", error);
+            }
+            context.state.audit(event);
+        })
+        .await;
+    if let Some(error) = error {
+        tracing::error!(session, %error, "the recording ended with an error");
     }
-    context.state.audit(event);
     out.close().await;
 }
 
@@ -169,7 +180,6 @@ fn session_info(
     permit: &Permit,
     start: &Start,
     pty: Option<&PtyRequest>,
-    id: u64,
     certificate: Option<String>,
 ) -> SessionInfo {
     let (kind, command) = match start {
@@ -178,7 +188,6 @@ fn session_info(
         Start::Subsystem(name) => ("subsystem", Some(name.clone())),
     };
     SessionInfo {
-        id,
         certificate,
         user: context.identity.user.clone(),
         target: permit.target.name.clone(),

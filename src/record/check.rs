@@ -1,0 +1,246 @@
+//! Holds session records to the audit chain. Records live in the `sessions` tree,
+//! outside the chain, so whoever holds the database can edit them at will; each
+//! one must therefore match what its chained `session.start` and `session.end` (or
+//! `session.interrupted`) events say, and every session id the counter handed out
+//! must be accounted for, so that deleting a session shows as a gap.
+//!
+//! The bastion keeps writing while this runs, so the caller reads the records
+//! twice, with the reservations and the events in between. Sessions write in this
+//! order: reservation, record (`live`), `session.start`, `session.end`, record
+//! (`closed`); a session that gives up before recording appends `session.failed`
+//! before its reservation ends. A record that did not change between the two reads
+//! therefore has every event it implies in the events read in between, and any id
+//! below the first read's highest was either still reserved or already explained.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::{json, Value};
+
+use super::{DigestSource, SessionRecord, SessionState};
+use crate::audit::AuditEvent;
+
+/// What the cross-check found, when it found nothing wrong.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SessionsChecked {
+    /// Records that match their start and end events.
+    pub matched: usize,
+    /// Ids given up before recording (`session.failed`).
+    pub failed: usize,
+    /// Sessions live (or starting or ending) while the check ran: their end is
+    /// checked by a later run.
+    pub live: Vec<u64>,
+    /// Sessions whose transcript digest was computed at recovery, not sealed by a
+    /// live bastion.
+    pub unsealed: Vec<u64>,
+}
+
+/// Cross-checks records against the chain; the error names the first problem by
+/// session id and event sequence number (and how many more there are).
+pub fn cross_check(
+    before: &[SessionRecord],
+    reserved: &BTreeSet<u64>,
+    events: &[AuditEvent],
+    after: &[SessionRecord],
+) -> Result<SessionsChecked, String> {
+    let mut problems: Vec<(u64, String)> = Vec::new();
+    let mut starts: BTreeMap<u64, &AuditEvent> = BTreeMap::new();
+    let mut ends: BTreeMap<u64, &AuditEvent> = BTreeMap::new();
+    let mut failed: BTreeMap<u64, &AuditEvent> = BTreeMap::new();
+    let mut pruned: BTreeSet<u64> = BTreeSet::new();
+    for event in events {
+        if event.kind == "recordings.pruned" {
+            let ids = event.details.get("sessions").and_then(Value::as_array);
+            pruned.extend(ids.into_iter().flatten().filter_map(Value::as_u64));
+            continue;
+        }
+        let by_id = match event.kind.as_str() {
+            "session.start" => &mut starts,
+            "session.end" | "session.interrupted" => &mut ends,
+            "session.failed" => &mut failed,
+            _ => continue,
+        };
+        let Some(id) = event.details.get("session").and_then(Value::as_u64) else {
+            problems.push((
+                0,
+                format!("event #{} ({}) names no session", event.seq, event.kind),
+            ));
+            continue;
+        };
+        if let Some(first) = by_id.insert(id, event) {
+            problems.push((
+                id,
+                format!(
+                    "session {id} has two such events: #{} {} and #{} {}",
+                    first.seq, first.kind, event.seq, event.kind
+                ),
+            ));
+        }
+    }
+
+    let before: BTreeMap<u64, &SessionRecord> = before.iter().map(|r| (r.id, r)).collect();
+    let after: BTreeMap<u64, &SessionRecord> = after.iter().map(|r| (r.id, r)).collect();
+    let highest = before.keys().next_back().copied().unwrap_or(0);
+    let mut ids: BTreeSet<u64> = (1..=highest).collect();
+    ids.extend(
+        after
+            .keys()
+            .chain(starts.keys())
+            .chain(ends.keys())
+            .chain(failed.keys()),
+    );
+
+    let mut checked = SessionsChecked::default();
+    for id in ids {
+        let problem = match (after.get(&id), failed.get(&id)) {
+            (None, Some(_)) => {
+                checked.failed += 1;
+                None
+            }
+            (Some(_), Some(failure)) => Some(format!(
+                "session {id} has a record, but event #{} says it failed before recording",
+                failure.seq
+            )),
+            (None, None) => match starts.get(&id).or(ends.get(&id)) {
+                Some(event) => Some(format!(
+                    "session {id} has no record, but event #{} ({}) says it ran: its record was deleted",
+                    event.seq, event.kind
+                )),
+                None if reserved.contains(&id) => None, // connecting right now
+                None => Some(format!(
+                    "session {id} is missing: no record and no session.start or session.failed event, though sessions up to {highest} exist: it was deleted with its events"
+                )),
+            },
+            (Some(record), None) if before.get(&id) != Some(record) || record.is_live() => {
+                // Changing while we read, or live: its start is checked if chained yet.
+                checked.live.push(id);
+                starts.get(&id).and_then(|start| start_differs(record, start))
+            }
+            (Some(record), None) => {
+                let problem = match (starts.get(&id), ends.get(&id)) {
+                    (None, _) => Some(format!(
+                        "session {id} has a record but no session.start event"
+                    )),
+                    (Some(_), None) => Some(format!(
+                        "session {id}'s record says {}, but no session.end or session.interrupted event says so",
+                        record.state.as_str()
+                    )),
+                    (Some(start), Some(end)) => {
+                        start_differs(record, start).or_else(|| end_differs(record, end))
+                    }
+                };
+                let pruned_here = pruned.contains(&id);
+                problem.or_else(|| {
+                    (record.pruned != pruned_here).then(|| {
+                        format!(
+                            "session {id}'s record says pruned = {}, but the recordings.pruned events say {pruned_here}",
+                            record.pruned
+                        )
+                    })
+                })
+            }
+        };
+        match problem {
+            Some(problem) => problems.push((id, problem)),
+            None => {
+                if let Some(record) = after.get(&id).filter(|r| !checked.live.contains(&r.id)) {
+                    checked.matched += 1;
+                    if record.unsealed() {
+                        checked.unsealed.push(id);
+                    }
+                }
+            }
+        }
+    }
+    problems.sort_by_key(|(id, _)| *id);
+    match problems.split_first() {
+        None => Ok(checked),
+        Some(((_, first), [])) => Err(format!(
+            "session records do not match the audit chain: {first}"
+        )),
+        Some(((_, first), rest)) => Err(format!(
+            "session records do not match the audit chain: {first} (and {} more problems)",
+            rest.len()
+        )),
+    }
+}
+
+/// Where a record disagrees with its `session.start` event.
+fn start_differs(record: &SessionRecord, start: &AuditEvent) -> Option<String> {
+    let detail = |key: &str| start.details.get(key).cloned().unwrap_or(Value::Null);
+    disagreement(
+        record.id,
+        start,
+        &[
+            ("user", json!(record.user), json!(start.actor)),
+            ("target", json!(record.target), json!(start.target)),
+            ("grant", json!(record.grant), json!(start.grant)),
+            ("login", json!(record.login), detail("login")),
+            ("kind", json!(record.kind), detail("kind")),
+            ("command", json!(record.command), detail("command")),
+            ("client", json!(record.client), detail("client")),
+            ("started_at", json!(record.started_at), json!(start.at)),
+        ],
+    )
+}
+
+/// Where a finished record disagrees with its `session.end` or
+/// `session.interrupted` event.
+fn end_differs(record: &SessionRecord, end: &AuditEvent) -> Option<String> {
+    let detail = |key: &str| end.details.get(key).cloned().unwrap_or(Value::Null);
+    let (kind, source) = match record.state {
+        SessionState::Closed => ("session.end", DigestSource::Bastion),
+        _ => ("session.interrupted", DigestSource::Recovery),
+    };
+    if end.kind != kind {
+        return Some(format!(
+            "session {}'s record says {}, but its event #{} is {}",
+            record.id,
+            record.state.as_str(),
+            end.seq,
+            end.kind
+        ));
+    }
+    let mut fields = vec![
+        (
+            "transcript digest",
+            json!(record.digest),
+            detail("transcript_sha256"),
+        ),
+        ("digest source", json!(record.digest_source), json!(source)),
+    ];
+    if record.state == SessionState::Closed {
+        fields.extend([
+            (
+                "exit status",
+                json!(record.exit_status),
+                detail("exit_status"),
+            ),
+            (
+                "exit signal",
+                json!(record.exit_signal),
+                detail("exit_signal"),
+            ),
+            ("bytes in", json!(record.bytes_in), detail("bytes_in")),
+            ("bytes out", json!(record.bytes_out), detail("bytes_out")),
+        ]);
+    } else {
+        fields.push(("user", json!(record.user), detail("user")));
+    }
+    disagreement(record.id, end, &fields)
+}
+
+fn disagreement(id: u64, event: &AuditEvent, fields: &[(&str, Value, Value)]) -> Option<String> {
+    let differing: Vec<String> = fields
+        .iter()
+        .filter(|(_, record, chained)| record != chained)
+        .map(|(name, record, chained)| format!("{name} (record: {record}, event: {chained})"))
+        .collect();
+    (!differing.is_empty()).then(|| {
+        format!(
+            "session {id}'s record disagrees with its {} event #{} on {}",
+            event.kind,
+            event.seq,
+            differing.join(", ")
+        )
+    })
+}
