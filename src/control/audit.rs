@@ -59,7 +59,11 @@ pub fn verify(caller: &Caller, recordings: bool, anchors: &[Anchor]) -> Reply {
     let store = &caller.state.store;
     // This order lets a busy bastion go on writing meanwhile (see `record::check`).
     let before = store.sessions().map_err(|e| e.to_string())?;
-    let reserved = caller.state.recorder.reserved_ids();
+    let (issued, reserved) = caller
+        .state
+        .recorder
+        .reservations()
+        .map_err(|e| e.to_string())?;
     let events = store.audit_events().map_err(|e| e.to_string())?;
     let after = store.sessions().map_err(|e| e.to_string())?;
     let summary = verify_chain(&events).map_err(|err| err.to_string())?;
@@ -74,7 +78,7 @@ pub fn verify(caller: &Caller, recordings: bool, anchors: &[Anchor]) -> Reply {
             anchor.seq
         ));
     }
-    let sessions = cross_check(&before, &reserved, &events, &after)?;
+    let sessions = cross_check(&before, issued, &reserved, &events, &after)?;
     report.push_str(&format!(
         "sessions OK: {} records match their chained start and end events; no session id is missing ({} failed before recording)\n",
         sessions.matched, sessions.failed

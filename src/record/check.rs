@@ -10,7 +10,8 @@
 //! (`closed`); a session that gives up before recording appends `session.failed`
 //! before its reservation ends. A record that did not change between the two reads
 //! therefore has every event it implies in the events read in between, and any id
-//! below the first read's highest was either still reserved or already explained.
+//! handed out before the reservations were read was either still reserved or
+//! already accounted for.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -38,6 +39,7 @@ pub struct SessionsChecked {
 /// session id and event sequence number (and how many more there are).
 pub fn cross_check(
     before: &[SessionRecord],
+    issued: u64,
     reserved: &BTreeSet<u64>,
     events: &[AuditEvent],
     after: &[SessionRecord],
@@ -79,7 +81,9 @@ pub fn cross_check(
 
     let before: BTreeMap<u64, &SessionRecord> = before.iter().map(|r| (r.id, r)).collect();
     let after: BTreeMap<u64, &SessionRecord> = after.iter().map(|r| (r.id, r)).collect();
-    let highest = before.keys().next_back().copied().unwrap_or(0);
+    // The counter names the last id handed out; an attacker who lowers it hides
+    // deleted sessions at the top, which only an anchor then reveals.
+    let highest = before.keys().next_back().copied().unwrap_or(0).max(issued);
     let mut ids: BTreeSet<u64> = (1..=highest).collect();
     ids.extend(
         after
@@ -107,7 +111,7 @@ pub fn cross_check(
                 )),
                 None if reserved.contains(&id) => None, // connecting right now
                 None => Some(format!(
-                    "session {id} is missing: no record and no session.start or session.failed event, though sessions up to {highest} exist: it was deleted with its events"
+                    "session {id} is missing: no record and no session.start or session.failed event, though ids up to {highest} were handed out: it was deleted with its events"
                 )),
             },
             (Some(record), None) if before.get(&id) != Some(record) || record.is_live() => {

@@ -307,13 +307,11 @@ impl Recorder {
         })
     }
 
-    /// Ids reserved right now whose sessions have neither started recording nor
-    /// failed yet.
-    pub fn reserved_ids(&self) -> BTreeSet<u64> {
-        self.reserved
-            .lock()
-            .expect("recorder lock poisoned")
-            .clone()
+    /// The last id handed out, and the ids reserved right now whose sessions have
+    /// neither started recording nor failed yet, read together.
+    pub fn reservations(&self) -> Result<(u64, BTreeSet<u64>), StoreError> {
+        let reserved = self.reserved.lock().expect("recorder lock poisoned");
+        Ok((self.store.last_session_id()?, reserved.clone()))
     }
 
     /// Registers a new session (state `live`) under a reserved id and starts its
@@ -920,13 +918,14 @@ mod tests {
         let recorder = Arc::new(Recorder::new(store.clone(), true, false));
         let given_up = recorder.reserve(failed()).unwrap();
         let used = recorder.reserve(failed()).unwrap();
+        let (last, reserved) = recorder.reservations().unwrap();
         assert_eq!(
-            recorder.reserved_ids().into_iter().collect::<Vec<_>>(),
-            [1, 2]
+            (last, reserved.into_iter().collect::<Vec<_>>()),
+            (2, vec![1, 2])
         );
         given_up.fail("target unreachable");
         let session = recorder.start(used, info()).unwrap();
-        assert!(recorder.reserved_ids().is_empty());
+        assert!(recorder.reservations().unwrap().1.is_empty());
         let events = store.audit_events().unwrap();
         assert_eq!(
             events.len(),
