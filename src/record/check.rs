@@ -120,40 +120,18 @@ pub fn cross_check(
                 starts.get(&id).and_then(|start| start_differs(record, start))
             }
             (Some(record), None) => {
-                let problem = match (starts.get(&id), ends.get(&id)) {
-                    (None, _) => Some(format!(
-                        "session {id} has a record but no session.start event"
-                    )),
-                    (Some(_), None) => Some(format!(
-                        "session {id}'s record says {}, but no session.end or session.interrupted event says so",
-                        record.state.as_str()
-                    )),
-                    (Some(start), Some(end)) => {
-                        start_differs(record, start).or_else(|| end_differs(record, end))
-                    }
-                };
-                let pruned_here = pruned.contains(&id);
-                problem.or_else(|| {
-                    (record.pruned != pruned_here).then(|| {
-                        format!(
-                            "session {id}'s record says pruned = {}, but the recordings.pruned events say {pruned_here}",
-                            record.pruned
-                        )
-                    })
-                })
-            }
-        };
-        match problem {
-            Some(problem) => problems.push((id, problem)),
-            None => {
-                if let Some(record) = after.get(&id).filter(|r| !checked.live.contains(&r.id)) {
+                let pruned = pruned.contains(&id);
+                let problem = finished_differs(record, starts.get(&id), ends.get(&id), pruned);
+                if problem.is_none() {
                     checked.matched += 1;
                     if record.unsealed() {
                         checked.unsealed.push(id);
                     }
                 }
+                problem
             }
-        }
+        };
+        problems.extend(problem.map(|problem| (id, problem)));
     }
     problems.sort_by_key(|(id, _)| *id);
     match problems.split_first() {
@@ -166,6 +144,36 @@ pub fn cross_check(
             rest.len()
         )),
     }
+}
+
+/// Where a finished record disagrees with the chain.
+fn finished_differs(
+    record: &SessionRecord,
+    start: Option<&&AuditEvent>,
+    end: Option<&&AuditEvent>,
+    pruned: bool,
+) -> Option<String> {
+    let id = record.id;
+    let (start, end) = match (start, end) {
+        (None, _) => return Some(format!("session {id} has a record but no session.start event")),
+        (Some(_), None) => {
+            return Some(format!(
+                "session {id}'s record says {}, but no session.end or session.interrupted event says so",
+                record.state.as_str()
+            ))
+        }
+        (Some(start), Some(end)) => (start, end),
+    };
+    start_differs(record, start)
+        .or_else(|| end_differs(record, end))
+        .or_else(|| {
+            (record.pruned != pruned).then(|| {
+                format!(
+                    "session {id}'s record says pruned = {}, but the recordings.pruned events say {pruned}",
+                    record.pruned
+                )
+            })
+        })
 }
 
 /// Where a record disagrees with its `session.start` event.
@@ -247,4 +255,147 @@ fn disagreement(id: u64, event: &AuditEvent, fields: &[(&str, Value, Value)]) ->
             differing.join(", ")
         )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn record(id: u64, state: SessionState) -> SessionRecord {
+        let mut record: SessionRecord = serde_json::from_value(json!({
+            "id": id, "user": "alice", "target": "db", "login": "postgres", "grant": "7f3a9c",
+            "client": "127.0.0.1:5000", "started_at": Utc::now(), "ended_at": null,
+            "kind": "exec", "command": "true", "term": null, "cols": 80, "rows": 24,
+            "resizes": 0, "exit_status": null, "exit_signal": null, "bytes_in": 0,
+            "bytes_out": 0, "state": "live", "full_transcript": true,
+            "input_recorded": true, "batches": 0, "transcript_bytes": 0, "stored_bytes": 0,
+            "digest": null, "pruned": false,
+        }))
+        .unwrap();
+        if state != SessionState::Live {
+            record.state = state;
+            record.exit_status = Some(0);
+            record.digest = Some("d1".into());
+            record.digest_source = Some(match state {
+                SessionState::Closed => DigestSource::Bastion,
+                _ => DigestSource::Recovery,
+            });
+        }
+        record
+    }
+
+    /// The events the bastion chains for `record`.
+    fn chained(record: &SessionRecord) -> Vec<AuditEvent> {
+        let start = AuditEvent::new("session.start", &record.user, record.started_at)
+            .target(&record.target)
+            .grant(&record.grant)
+            .detail("session", record.id)
+            .detail("login", record.login.as_str())
+            .detail("kind", record.kind.as_str())
+            .detail("command", record.command.clone())
+            .detail("client", record.client.as_str());
+        let end = match record.state {
+            SessionState::Live => return vec![start],
+            SessionState::Closed => AuditEvent::new("session.end", &record.user, Utc::now())
+                .detail("exit_status", record.exit_status)
+                .detail("exit_signal", record.exit_signal.clone())
+                .detail("bytes_in", record.bytes_in)
+                .detail("bytes_out", record.bytes_out),
+            SessionState::Interrupted => {
+                AuditEvent::new("session.interrupted", "portcullis", Utc::now())
+                    .detail("user", record.user.as_str())
+                    .detail("digest_source", "recovery")
+            }
+        };
+        vec![
+            start,
+            end.detail("session", record.id)
+                .detail("transcript_sha256", record.digest.clone()),
+        ]
+    }
+
+    fn failed(id: u64) -> AuditEvent {
+        AuditEvent::new("session.failed", "alice", Utc::now()).detail("session", id)
+    }
+
+    fn check(records: &[SessionRecord], events: &[AuditEvent]) -> Result<SessionsChecked, String> {
+        cross_check(records, 0, &BTreeSet::new(), events, records)
+    }
+
+    #[test]
+    fn matching_records_pass_and_unsealed_ones_are_listed() {
+        let records = [
+            record(1, SessionState::Closed),
+            record(3, SessionState::Interrupted),
+            record(4, SessionState::Live),
+        ];
+        let mut events: Vec<AuditEvent> = records.iter().flat_map(chained).collect();
+        events.push(failed(2));
+        let checked = check(&records, &events).unwrap();
+        assert_eq!(
+            checked,
+            SessionsChecked {
+                matched: 2,
+                failed: 1,
+                live: vec![4],
+                unsealed: vec![3]
+            }
+        );
+    }
+
+    #[test]
+    fn each_problem_is_named_by_session() {
+        let closed = record(1, SessionState::Closed);
+        let events = chained(&closed);
+        let mut edited = closed.clone();
+        edited.user = "dave".into();
+        let err = check(&[edited], &events).unwrap_err();
+        assert!(
+            err.contains("session 1's record disagrees with its session.start"),
+            "{err}"
+        );
+        assert!(
+            err.contains("user (record: \"dave\", event: \"alice\")"),
+            "{err}"
+        );
+
+        let mut resealed = closed.clone();
+        resealed.digest = Some("d2".into());
+        let err = check(&[resealed], &events).unwrap_err();
+        assert!(err.contains("transcript digest"), "{err}");
+
+        let err = check(&[closed.clone()], &events[..1]).unwrap_err();
+        assert!(err.contains("no session.end"), "{err}");
+        let err = check(&[], &events).unwrap_err();
+        assert!(err.contains("session 1 has no record"), "{err}");
+
+        let two = record(2, SessionState::Closed);
+        let err = check(&[closed.clone(), two.clone()], &chained(&two)).unwrap_err();
+        assert!(
+            err.contains("session 1 has a record but no session.start"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn gaps_are_deletions_unless_reserved_and_busy_sessions_wait() {
+        let two = record(2, SessionState::Closed);
+        let events = chained(&two);
+        let err = check(&[two.clone()], &events).unwrap_err();
+        assert!(err.contains("session 1 is missing"), "{err}");
+        // The counter reveals a deletion above the highest record.
+        let one_connecting = BTreeSet::from([1]);
+        let err =
+            cross_check(&[two.clone()], 3, &one_connecting, &events, &[two.clone()]).unwrap_err();
+        assert!(err.contains("session 3 is missing"), "{err}");
+        // An id still connecting is no gap.
+        let reserved = BTreeSet::from([1, 3]);
+        cross_check(&[two.clone()], 3, &reserved, &events, &[two.clone()]).unwrap();
+        // A record that changed while verify read is checked next time.
+        let mut ending = two.clone();
+        ending.state = SessionState::Live;
+        let checked = cross_check(&[ending], 2, &reserved, &events[..1], &[two]).unwrap();
+        assert_eq!(checked.live, [2]);
+    }
 }
