@@ -8,6 +8,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -369,5 +370,76 @@ fn a_transcript_replaced_after_a_crash_is_marked_unsealed() {
     assert!(
         out.contains("1 transcript was sealed at recovery, not by a live bastion: ids 1"),
         "{out}"
+    );
+}
+
+/// The README's advice for targets, run against a real sshd: under a shell grant a
+/// user plants their own key and walks in past the bastion; with the README's
+/// `AuthorizedKeysFile none` the planted key is ignored while a certificate signed
+/// by the bastion's CA still logs in.
+#[test]
+fn a_planted_key_is_refused_by_a_target_set_up_as_the_readme_says() {
+    let readme =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let section = readme
+        .split("### What a grant lets a user leave behind")
+        .nth(1)
+        .expect("the README says what a grant lets a user leave behind");
+    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+    for said in [
+        "authorized_keys",
+        "crontab",
+        "systemd user unit",
+        "setuid",
+        "auth = \"certificate\"",
+        "AuthorizedKeysFile /etc/ssh/authorized_keys/%u",
+        "only the session's metadata",
+    ] {
+        assert!(section.contains(said), "the README section lacks {said:?}");
+    }
+    let hardening = section
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("AuthorizedKeysFile none"))
+        .expect("the README gives the sshd line");
+
+    let w = World::start();
+    let alice_key = w.path(USER);
+    let alice_pub = public_key_of(&alice_key);
+    let login = login_user();
+    // The plant, through the bastion, into the file the target's sshd reads.
+    let keys_file = w.sshd.dir().join("authorized_keys");
+    let out = w.alice.ssh_stdin(
+        &local(),
+        &[&format!("cat >> {}", keys_file.display())],
+        format!("{alice_pub}\n").into_bytes(),
+    );
+    assert_success(&out, "planting a key under a shell grant");
+    let direct = Client::new(&alice_key, w.sshd.port()).ssh(login, &["echo", "walked-in"]);
+    assert_success(&direct, "the planted key bypasses the bastion");
+    assert!(text(&direct.stdout).contains("walked-in"));
+
+    let ca = w.dir.path().join("data").join("ca_ed25519");
+    let hardened = Sshd::start_with(
+        &w.path("hardened"),
+        std::slice::from_ref(&alice_pub), // planted, and ignored
+        &format!("{hardening}\nTrustedUserCAKeys {}.pub\n", ca.display()),
+    );
+    let direct = Client::new(&alice_key, hardened.port()).ssh(login, &["true"]);
+    assert!(!direct.status.success(), "{}", describe(&direct));
+
+    let signed = w.path("signed");
+    fs::copy(&alice_key, &signed).unwrap();
+    fs::write(signed.with_extension("pub"), format!("{alice_pub}\n")).unwrap();
+    let out = run(Command::new("ssh-keygen")
+        .args(["-q", "-s"])
+        .arg(&ca)
+        .args(["-I", "portcullis test", "-n", login, "-V", "-1m:+5m"])
+        .arg(signed.with_extension("pub")));
+    assert_success(&out, "ssh-keygen -s");
+    let certified = Client::new(&signed, hardened.port()).ssh(login, &["echo", "certified"]);
+    assert_success(
+        &certified,
+        "a certificate from the bastion's CA still logs in",
     );
 }
