@@ -84,14 +84,30 @@ pub fn cross_check(
     // The counter names the last id handed out; an attacker who lowers it hides
     // deleted sessions at the top, which only an anchor then reveals.
     let highest = before.keys().next_back().copied().unwrap_or(0).max(issued);
-    let mut ids: BTreeSet<u64> = (1..=highest).collect();
-    ids.extend(
-        after
-            .keys()
-            .chain(starts.keys())
-            .chain(ends.keys())
-            .chain(failed.keys()),
-    );
+    let ids: BTreeSet<u64> = after
+        .keys()
+        .chain(starts.keys())
+        .chain(ends.keys())
+        .chain(failed.keys())
+        .copied()
+        .collect();
+    // Ids with nothing at all, found between known ids rather than by counting to
+    // `highest`, which an attacker may have set to anything.
+    let mut next = 1u64;
+    for known in ids
+        .iter()
+        .chain(reserved)
+        .copied()
+        .collect::<BTreeSet<u64>>()
+    {
+        if known > next && next <= highest {
+            problems.push((next, missing(next, (known - 1).min(highest), highest)));
+        }
+        next = next.max(known.saturating_add(1));
+    }
+    if next <= highest {
+        problems.push((next, missing(next, highest, highest)));
+    }
 
     let mut checked = SessionsChecked::default();
     for id in ids {
@@ -104,16 +120,12 @@ pub fn cross_check(
                 "session {id} has a record, but event #{} says it failed before recording",
                 failure.seq
             )),
-            (None, None) => match starts.get(&id).or(ends.get(&id)) {
-                Some(event) => Some(format!(
+            (None, None) => starts.get(&id).or(ends.get(&id)).map(|event| {
+                format!(
                     "session {id} has no record, but event #{} ({}) says it ran: its record was deleted",
                     event.seq, event.kind
-                )),
-                None if reserved.contains(&id) => None, // connecting right now
-                None => Some(format!(
-                    "session {id} is missing: no record and no session.start or session.failed event, though ids up to {highest} were handed out: it was deleted with its events"
-                )),
-            },
+                )
+            }),
             (Some(record), None) if before.get(&id) != Some(record) || record.is_live() => {
                 // Changing while we read, or live: its start is checked if chained yet.
                 checked.live.push(id);
@@ -144,6 +156,17 @@ pub fn cross_check(
             rest.len()
         )),
     }
+}
+
+/// Ids `first..=last` have no record and no event (and are not being connected).
+fn missing(first: u64, last: u64, highest: u64) -> String {
+    let which = match first == last {
+        true => format!("session {first} is missing"),
+        false => format!("sessions {first} to {last} are missing"),
+    };
+    format!(
+        "{which}: no record and no session.start or session.failed event, though ids up to {highest} were handed out: deleted with their events"
+    )
 }
 
 /// Where a finished record disagrees with the chain.
@@ -389,6 +412,32 @@ mod tests {
         let err =
             cross_check(&[two.clone()], 3, &one_connecting, &events, &[two.clone()]).unwrap_err();
         assert!(err.contains("session 3 is missing"), "{err}");
+        // A counter set to anything is reported, not counted up to.
+        let err = cross_check(
+            &[two.clone()],
+            u64::MAX,
+            &one_connecting,
+            &events,
+            &[two.clone()],
+        )
+        .unwrap_err();
+        assert!(
+            err.contains(&format!("sessions 3 to {} are missing", u64::MAX)),
+            "{err}"
+        );
+        let far = failed(u64::MAX);
+        let err = cross_check(
+            &[two.clone()],
+            u64::MAX,
+            &one_connecting,
+            &[events.clone(), vec![far]].concat(),
+            &[two.clone()],
+        )
+        .unwrap_err();
+        assert!(
+            err.contains(&format!("sessions 3 to {} are missing", u64::MAX - 1)),
+            "{err}"
+        );
         // An id still connecting is no gap.
         let reserved = BTreeSet::from([1, 3]);
         cross_check(&[two.clone()], 3, &reserved, &events, &[two.clone()]).unwrap();
