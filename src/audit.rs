@@ -143,6 +143,75 @@ pub fn verify_chain(events: &[AuditEvent]) -> Result<ChainSummary, ChainBreak> {
     })
 }
 
+/// A chain head an operator kept from the bastion's logs (`audit chain head seq=…
+/// digest=…`, logged every minute) or from an earlier `audit verify`: event `seq`
+/// must still exist and still have this digest. The chain links each event to the
+/// one before it, so an anchor vouches for every event up to `seq`; events after
+/// it are covered only by a later anchor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    pub seq: u64,
+    /// SHA-256 (lowercase hex) of event `seq`'s canonical form, as
+    /// [`AuditEvent::digest`] and the logged head print it.
+    pub digest: String,
+}
+
+impl std::str::FromStr for Anchor {
+    type Err = String;
+
+    /// `SEQ:DIGEST`, e.g. `1234:9f86d081884c7d65…` (64 hex digits).
+    fn from_str(text: &str) -> Result<Anchor, String> {
+        const FORM: &str = "expected SEQ:DIGEST, the seq and digest of a logged \
+            `audit chain head seq=… digest=…` line (digest: 64 hex digits)";
+        let (seq, digest) = text
+            .split_once(':')
+            .ok_or_else(|| format!("no ':' in it; {FORM}"))?;
+        let seq: u64 = seq
+            .trim()
+            .parse()
+            .map_err(|_| format!("'{seq}' is not a sequence number; {FORM}"))?;
+        if seq == 0 {
+            return Err(format!("sequence numbers start at 1; {FORM}"));
+        }
+        let digest = digest.trim().to_ascii_lowercase();
+        if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("the digest is not 64 hex digits; {FORM}"));
+        }
+        Ok(Anchor { seq, digest })
+    }
+}
+
+impl std::fmt::Display for Anchor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.seq, self.digest)
+    }
+}
+
+impl Anchor {
+    /// Checks a verified chain (`events`, in order from seq 1) against this anchor.
+    /// A chain that no longer reaches `seq` lost its tail; a different event at `seq`
+    /// means the chain was rewritten at or before it and re-linked, which the links
+    /// alone cannot show.
+    pub fn check(&self, events: &[AuditEvent]) -> Result<(), String> {
+        let head = events.last().map_or(0, |e| e.seq);
+        let Some(event) = events.iter().find(|e| e.seq == self.seq) else {
+            return Err(format!(
+                "audit chain truncated: anchor {self} names event {}, but the chain ends at event {head}",
+                self.seq
+            ));
+        };
+        if event.digest() != self.digest {
+            return Err(format!(
+                "audit chain rewritten: event {} no longer matches anchor {self} (its digest is now {}); events up to {} were changed and the chain re-linked",
+                self.seq,
+                event.digest(),
+                self.seq
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +262,66 @@ mod tests {
         let mut edited = first.clone();
         edited.actor = "mallory".into();
         assert_ne!(edited.digest(), second.prev);
+    }
+    #[test]
+    fn anchors_parse_with_clear_errors() {
+        let digest = "ab".repeat(32);
+        let anchor: Anchor = format!("12:{}", digest.to_uppercase()).parse().unwrap();
+        assert_eq!(
+            anchor,
+            Anchor {
+                seq: 12,
+                digest: digest.clone()
+            }
+        );
+        assert_eq!(anchor.to_string(), format!("12:{digest}"));
+        for (bad, says) in [
+            ("12", "no ':'"),
+            (&format!("x:{digest}")[..], "not a sequence number"),
+            (&format!("0:{digest}")[..], "start at 1"),
+            ("3:abc", "64 hex digits"),
+            (&format!("3:{}", "zz".repeat(32))[..], "64 hex digits"),
+        ] {
+            let err = bad.parse::<Anchor>().unwrap_err();
+            assert!(
+                err.contains(says) && err.contains("SEQ:DIGEST"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn anchors_catch_truncation_and_rechaining() {
+        let events = chain(5);
+        let anchor = Anchor {
+            seq: 4,
+            digest: events[3].digest(),
+        };
+        anchor.check(&events).unwrap();
+        let err = anchor.check(&events[..3]).unwrap_err();
+        assert!(
+            err.contains("truncated") && err.contains("ends at event 3"),
+            "{err}"
+        );
+
+        let mut rechained = events.clone();
+        rechained[1].actor = "mallory".into();
+        for i in 2..rechained.len() {
+            let (before, after) = rechained.split_at_mut(i);
+            after[0].link_after(before.last());
+        }
+        verify_chain(&rechained).expect("a re-linked chain verifies on its own");
+        let err = anchor.check(&rechained).unwrap_err();
+        assert!(
+            err.contains("rewritten") && err.contains("event 4"),
+            "{err}"
+        );
+        // An anchor before the change cannot see it.
+        Anchor {
+            seq: 1,
+            digest: events[0].digest(),
+        }
+        .check(&rechained)
+        .unwrap();
     }
 }

@@ -159,6 +159,15 @@ impl Store {
         ))
     }
 
+    /// The last session id [`Store::next_session_id`] handed out (0 if none).
+    pub fn last_session_id(&self) -> Result<u64> {
+        Ok(self
+            .meta
+            .get("session_id")?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
     pub fn save_session(&self, session: &SessionRecord) -> Result<()> {
         self.sessions
             .insert(session.id.to_be_bytes(), to_json(session))?;

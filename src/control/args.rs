@@ -3,6 +3,8 @@
 
 use clap::{Parser, Subcommand};
 
+use crate::audit::Anchor;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ssh portcullis@BASTION",
@@ -201,5 +203,10 @@ pub enum AuditAction {
         /// Also recompute every recording's digest against its session's end event.
         #[arg(long)]
         recordings: bool,
+        /// A chain head kept from the logs (`audit chain head seq=… digest=…`): event
+        /// SEQ must still have DIGEST, or the chain was truncated or rewritten.
+        /// Repeatable.
+        #[arg(long = "anchor", value_name = "SEQ:DIGEST")]
+        anchors: Vec<Anchor>,
     },
 }

@@ -1,10 +1,11 @@
 //! Auditor commands on the audit log: `audit [--since] [--json]` and
-//! `audit verify [--recordings]`.
+//! `audit verify [--recordings] [--anchor SEQ:DIGEST]...`.
 
 use std::collections::HashSet;
 
 use super::requests::{Caller, Reply};
-use crate::audit::{verify_chain, AuditEvent};
+use crate::audit::{verify_chain, Anchor, AuditEvent};
+use crate::record::check::cross_check;
 
 pub fn list(caller: &Caller, since: Option<String>, json: bool) -> Reply {
     let since = match since {
@@ -52,22 +53,73 @@ fn human(event: &AuditEvent) -> String {
     crate::display::escape(&line).into_owned()
 }
 
-/// Recomputes the chain and, with `recordings`, every transcript digest.
-pub fn verify(caller: &Caller, recordings: bool) -> Reply {
+/// Recomputes the chain, checks it against the operator's anchors, holds every
+/// session record to its chained events and, with `recordings`, recomputes every
+/// transcript digest. The first problem found is the error.
+pub fn verify(caller: &Caller, recordings: bool, anchors: &[Anchor]) -> Reply {
     let store = &caller.state.store;
+    // This order lets a busy bastion go on writing meanwhile (see `record::check`).
+    let before = store.sessions().map_err(|e| e.to_string())?;
+    let (issued, reserved) = caller
+        .state
+        .recorder
+        .reservations()
+        .map_err(|e| e.to_string())?;
     let events = store.audit_events().map_err(|e| e.to_string())?;
+    let after = store.sessions().map_err(|e| e.to_string())?;
     let summary = verify_chain(&events).map_err(|err| err.to_string())?;
     let mut report = format!(
         "audit chain OK: {} events, head #{} {}\n",
         summary.events, summary.head_seq, summary.head_digest
     );
+    for anchor in anchors {
+        anchor.check(&events)?;
+        report.push_str(&format!(
+            "anchor OK: event {} matches {anchor}\n",
+            anchor.seq
+        ));
+    }
+    let sessions = cross_check(&before, issued, &reserved, &events, &after)?;
+    report.push_str(&format!(
+        "sessions OK: {} records match their chained start and end events; no session id is missing ({} failed before recording)\n",
+        sessions.matched, sessions.failed
+    ));
+    if !sessions.live.is_empty() {
+        report.push_str(&format!(
+            "{} live: checked once they end: ids {}\n",
+            plural(sessions.live.len(), "session is", "sessions are"),
+            ids(&sessions.live)
+        ));
+    }
     if recordings {
         let checked = verify_recordings(caller, &events)?;
         report.push_str(&format!(
             "recordings OK: {checked} transcripts match their digests\n"
         ));
     }
+    if !sessions.unsealed.is_empty() {
+        report.push_str(&format!(
+            "{} sealed at recovery, not by a live bastion: ids {}\n",
+            plural(
+                sessions.unsealed.len(),
+                "transcript was",
+                "transcripts were"
+            ),
+            ids(&sessions.unsealed)
+        ));
+    }
     Ok(report)
+}
+
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn ids(ids: &[u64]) -> String {
+    ids.iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Checks each session's transcript against the digest in its end (or interrupted)

@@ -52,7 +52,9 @@ auditors:
                                           query sequences, dropped by default)
   export SESSION                          asciicast v2 on stdout (asciinema play)
   audit [--since 24h] [--json]            audit events (JSON lines with --json)
-  audit verify [--recordings]             check the hash chain (and every recording)
+  audit verify [--recordings] [--anchor SEQ:DIGEST]...
+                                          check the hash chain, session records against
+                                          it, logged chain heads (and every recording)
 
   help                                    this table
 
@@ -292,13 +294,20 @@ async fn run_auditor(
             sessions::export(caller, &client.out, &record).await
         }
         Command::Audit {
-            action: Some(AuditAction::Verify { recordings }),
+            action:
+                Some(AuditAction::Verify {
+                    recordings,
+                    anchors,
+                }),
             ..
         } => {
-            caller
-                .state
-                .audit(event("auditor.verify").detail("recordings", recordings));
-            audit::verify(caller, recordings)
+            let anchored: Vec<String> = anchors.iter().map(|a| a.to_string()).collect();
+            caller.state.audit(
+                event("auditor.verify")
+                    .detail("recordings", recordings)
+                    .detail("anchors", anchored),
+            );
+            audit::verify(caller, recordings, &anchors)
         }
         Command::Audit {
             action: None,

@@ -79,7 +79,7 @@ fn row(session: &SessionRecord, caller: &Caller) -> Vec<String> {
         session.grant.clone(),
         relative(session.started_at, caller.now),
         short_span((end - session.started_at).num_seconds().max(0) as u64),
-        session.state.as_str().to_string(),
+        state_mark(session),
         exit,
         input_mark(session).to_string(),
         format!(
@@ -89,6 +89,15 @@ fn row(session: &SessionRecord, caller: &Caller) -> Vec<String> {
         ),
         clip(session.command.as_deref().unwrap_or(&session.kind), 40),
     ]
+}
+
+/// The state, and `unsealed` when the transcript's digest was computed at recovery
+/// rather than by the live bastion (see `audit verify`).
+fn state_mark(session: &SessionRecord) -> String {
+    match session.unsealed() {
+        true => format!("{} (unsealed)", session.state.as_str()),
+        false => session.state.as_str().to_string(),
+    }
 }
 
 /// `typed` (at a terminal) or `piped` when the user sent the session anything:

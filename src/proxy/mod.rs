@@ -60,8 +60,11 @@ pub async fn run(
         Some(canonical) => Start::Exec(canonical.clone().into_bytes()),
         None => start,
     };
-    let session = match context.state.store.next_session_id() {
-        Ok(id) => id,
+    let failed = AuditEvent::new("session.failed", user, Utc::now())
+        .target(target)
+        .grant(&permit.grant.id);
+    let reservation = match context.state.recorder.reserve(failed) {
+        Ok(reservation) => reservation,
         Err(err) => {
             client
                 .out
@@ -70,10 +73,12 @@ pub async fn run(
             return;
         }
     };
+    let session = reservation.id();
     let opened = match open_target_channel(context, &permit, &start, session).await {
         Ok(opened) => opened,
         Err(err) => {
             tracing::warn!(user, target, error = %err, "cannot open target session");
+            reservation.fail(&err.to_string());
             client.out.fail(&err.to_string(), 1).await;
             return;
         }
@@ -81,6 +86,7 @@ pub async fn run(
     let grant = &permit.grant;
     if let Some(ended) = no_longer_allowed(context, grant) {
         let _ = opened.channel.close().await;
+        reservation.fail(&ended);
         client.out.fail(&ended, 1).await;
         return;
     }
@@ -90,8 +96,9 @@ pub async fn run(
         certificate,
     } = opened;
     let pty = setup.pty.clone();
-    let info = session_info(context, &permit, &start, pty.as_ref(), session, certificate);
-    let recording = match context.state.recorder.start(info) {
+    let info = session_info(context, &permit, &start, pty.as_ref(), certificate);
+    let (kind, command) = (info.kind.clone(), info.command.clone());
+    let recording = match context.state.recorder.start(reservation, info) {
         Ok(recording) => recording,
         Err(err) => {
             tracing::error!(user, target, error = %err, "cannot start the recording; session refused");
@@ -104,12 +111,16 @@ pub async fn run(
         }
     };
     tracing::info!(user, target, login = %permit.login, grant = %grant.id, session, action = %start.action().describe(), "session started");
+    // Everything the record says about the start, so `audit verify` can hold the
+    // record to it; its time is the record's `started_at`.
     context.state.audit(
-        AuditEvent::new("session.start", user, Utc::now())
+        AuditEvent::new("session.start", user, recording.started_at())
             .target(target)
             .grant(&grant.id)
             .detail("session", session)
             .detail("login", permit.login.as_str())
+            .detail("kind", kind)
+            .detail("command", command)
             .detail("action", start.action().describe())
             .detail("client", peer(context)),
     );
@@ -184,7 +195,7 @@ async fn end_session(
         bytes_in: outcome.bytes_to_target,
         bytes_out: outcome.bytes_from_target,
     };
-    let mut event = AuditEvent::new("session.end", user, Utc::now())
+    let event = AuditEvent::new("session.end", user, Utc::now())
         .target(target)
         .grant(&grant.id)
         .detail("session", session)
@@ -192,16 +203,18 @@ async fn end_session(
         .detail("exit_signal", outcome.exit_signal.clone())
         .detail("bytes_in", outcome.bytes_to_target)
         .detail("bytes_out", outcome.bytes_from_target);
-    match recording.finish(end).await {
-        Ok(record) => {
-            event = event.detail("transcript_sha256", record.digest.unwrap_or_default());
-        }
-        Err(error) => {
-            tracing::error!(session, %error, "the recording ended with an error");
-            event = event.detail("recording_error", error);
-        }
+    let (_, error) = recording
+        .finish(end, |record, error| {
+            let mut event = event.detail("transcript_sha256", record.digest.clone());
+            if let Some(error) = error {
+                event = event.detail("recording_error", error);
+            }
+            context.state.audit(event);
+        })
+        .await;
+    if let Some(error) = error {
+        tracing::error!(session, %error, "the recording ended with an error");
     }
-    context.state.audit(event);
 }
 
 /// What the recorder stores about a starting session.
@@ -210,7 +223,6 @@ fn session_info(
     permit: &Permit,
     start: &Start,
     pty: Option<&PtyRequest>,
-    id: u64,
     certificate: Option<String>,
 ) -> SessionInfo {
     let (kind, command) = match start {
@@ -219,7 +231,6 @@ fn session_info(
         Start::Subsystem(name) => ("subsystem", Some(name.clone())),
     };
     SessionInfo {
-        id,
         certificate,
         user: context.identity.user.clone(),
         target: permit.target.name.clone(),

@@ -12,11 +12,12 @@
 //! resolves and the relay ends the session. Nothing is proxied unrecorded.
 
 pub mod asciicast;
+pub mod check;
 pub mod replay;
 pub mod screen;
 mod transcript;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::audit::AuditEvent;
 use crate::store::{Store, StoreError};
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
 
@@ -70,6 +72,29 @@ impl SessionState {
     }
 }
 
+/// Who computed a transcript's digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DigestSource {
+    /// The live bastion, batch by batch as it wrote the transcript, chained in the
+    /// session's `session.end` event: the transcript is sealed.
+    Bastion,
+    /// A restart, over whatever the store held for a session that was live when the
+    /// bastion stopped (`session.interrupted`). Whoever held the database while the
+    /// bastion was down could have replaced those batches first, so this digest
+    /// proves only that nothing changed *since* the restart.
+    Recovery,
+}
+
+impl DigestSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DigestSource::Bastion => "bastion",
+            DigestSource::Recovery => "recovery",
+        }
+    }
+}
+
 /// What is stored about one session channel (the `sessions` tree).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
@@ -104,6 +129,9 @@ pub struct SessionRecord {
     pub stored_bytes: u64,
     /// SHA-256 of the transcript, once the session is over.
     pub digest: Option<String>,
+    /// Who computed `digest`: only `bastion` digests seal the transcript.
+    #[serde(default)]
+    pub digest_source: Option<DigestSource>,
     /// The transcript was removed by retention.
     pub pruned: bool,
     /// The OpenSSH certificate used towards the target (certificate mode).
@@ -126,6 +154,12 @@ impl SessionRecord {
         self.term.is_some()
     }
 
+    /// Whether the transcript's digest was computed at recovery, not sealed by the
+    /// live bastion.
+    pub fn unsealed(&self) -> bool {
+        self.digest_source == Some(DigestSource::Recovery)
+    }
+
     /// When the session ended, or when it started if it never ended cleanly.
     pub fn last_seen(&self) -> DateTime<Utc> {
         self.ended_at.unwrap_or(self.started_at)
@@ -134,9 +168,6 @@ impl SessionRecord {
 
 /// Who started what, for a new recording.
 pub struct SessionInfo {
-    /// From [`crate::store::Store::next_session_id`], reserved before connecting so the
-    /// target's certificate can name the session.
-    pub id: u64,
     /// The certificate the bastion logged in with (certificate mode).
     pub certificate: Option<String>,
     pub user: String,
@@ -171,6 +202,52 @@ pub struct Recorder {
     record_input: bool,
     record_file_transfers: bool,
     live: Mutex<HashMap<u64, Arc<Live>>>,
+    /// Session ids reserved and not yet recording or given up (see [`Reservation`]).
+    reserved: Mutex<BTreeSet<u64>>,
+}
+
+/// A session id taken from the counter before connecting to the target (so the
+/// certificate can name the session), until its recording starts. Every id is
+/// accounted for in the audit log: by its session's `session.start`, or, when the
+/// session fails before recording (target unreachable, refused…), by the
+/// `session.failed` event this appends when dropped unused. That lets `audit
+/// verify` report every other missing id as a deleted session.
+pub struct Reservation {
+    recorder: Arc<Recorder>,
+    id: u64,
+    /// Appended with the id and `reason` if the reservation is never used.
+    failed: Option<AuditEvent>,
+    reason: String,
+}
+
+impl Reservation {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Gives the id up, saying why in its `session.failed` event.
+    pub fn fail(mut self, reason: &str) {
+        self.reason = reason.to_string();
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(event) = self.failed.take() {
+            let event = event
+                .detail("session", self.id)
+                .detail("reason", self.reason.as_str());
+            if let Err(err) = self.recorder.store.append_audit(event) {
+                tracing::error!(session = self.id, error = %err, "cannot append to the audit log");
+            }
+        }
+        // Only now: the id is accounted for in the store before it leaves this set.
+        self.recorder
+            .reserved
+            .lock()
+            .expect("recorder lock poisoned")
+            .remove(&self.id);
+    }
 }
 
 /// Shared between a session's relay, its flusher and its watchers.
@@ -212,14 +289,42 @@ impl Recorder {
             record_input,
             record_file_transfers,
             live: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(BTreeSet::new()),
         }
     }
 
-    /// Registers a new session (state `live`) and starts its flusher.
-    pub fn start(self: &Arc<Self>, info: SessionInfo) -> Result<SessionRecorder, StoreError> {
+    /// Takes the next session id. `failed` (kind `session.failed`, with actor,
+    /// target and grant) is appended if the reservation is dropped before
+    /// [`Recorder::start`] uses it.
+    pub fn reserve(self: &Arc<Self>, failed: AuditEvent) -> Result<Reservation, StoreError> {
+        let mut reserved = self.reserved.lock().expect("recorder lock poisoned");
+        let id = self.store.next_session_id()?;
+        reserved.insert(id);
+        Ok(Reservation {
+            recorder: self.clone(),
+            id,
+            failed: Some(failed),
+            reason: "the session ended before its recording started".to_string(),
+        })
+    }
+
+    /// The last id handed out, and the ids reserved right now whose sessions have
+    /// neither started recording nor failed yet, read together.
+    pub fn reservations(&self) -> Result<(u64, BTreeSet<u64>), StoreError> {
+        let reserved = self.reserved.lock().expect("recorder lock poisoned");
+        Ok((self.store.last_session_id()?, reserved.clone()))
+    }
+
+    /// Registers a new session (state `live`) under a reserved id and starts its
+    /// flusher.
+    pub fn start(
+        self: &Arc<Self>,
+        mut reservation: Reservation,
+        info: SessionInfo,
+    ) -> Result<SessionRecorder, StoreError> {
         let full = !info.file_transfer || self.record_file_transfers;
         let record = SessionRecord {
-            id: info.id,
+            id: reservation.id,
             certificate: info.certificate,
             user: info.user,
             target: info.target,
@@ -245,10 +350,13 @@ impl Recorder {
             transcript_bytes: 0,
             stored_bytes: 0,
             digest: None,
+            digest_source: None,
             pruned: false,
             received_input: false,
         };
         self.store.save_session(&record)?;
+        reservation.failed = None; // the record accounts for the id now
+        drop(reservation);
         let live = Arc::new(Live {
             started: Instant::now(),
             inner: Mutex::new(Pending {
@@ -277,6 +385,7 @@ impl Recorder {
         Ok(SessionRecorder {
             recorder: self.clone(),
             id: record.id,
+            initial: record.clone(),
             live,
             full,
             record_input: record.input_recorded,
@@ -378,8 +487,15 @@ impl Recorder {
     }
 
     /// Marks sessions that were live when the bastion last stopped as
-    /// `interrupted`, with the digest of what was flushed. Run once at start.
-    pub fn recover(&self) -> Result<Vec<SessionRecord>, StoreError> {
+    /// `interrupted`, with the digest of what was flushed, computed now and marked
+    /// as such ([`DigestSource::Recovery`]): nothing proves the batches are the ones
+    /// the bastion wrote. Run once at start; `announce` chains each session's
+    /// `session.interrupted` event before its record changes, so a record never says
+    /// `interrupted` without one.
+    pub fn recover(
+        &self,
+        mut announce: impl FnMut(&SessionRecord),
+    ) -> Result<Vec<SessionRecord>, StoreError> {
         let mut recovered = Vec::new();
         for mut session in self.store.sessions()? {
             if session.state != SessionState::Live {
@@ -387,12 +503,14 @@ impl Recorder {
             }
             session.state = SessionState::Interrupted;
             session.digest = Some(self.digest_of(session.id)?);
+            session.digest_source = Some(DigestSource::Recovery);
             let batches = self.store.batches(session.id)?;
             session.batches = batches.len() as u32;
             session.stored_bytes = batches.iter().map(|b| b.len() as u64).sum();
             let chunks = self.chunks(session.id)?;
             session.transcript_bytes = chunks.iter().map(|c| c.data.len() as u64).sum();
             session.received_input = chunks.iter().any(|c| c.stream == Stream::Stdin);
+            announce(&session);
             self.store.save_session(&session)?;
             recovered.push(session);
         }
@@ -477,6 +595,8 @@ fn damaged(err: TranscriptError) -> StoreError {
 pub struct SessionRecorder {
     recorder: Arc<Recorder>,
     id: u64,
+    /// The record as stored at the start.
+    initial: SessionRecord,
     live: Arc<Live>,
     full: bool,
     record_input: bool,
@@ -486,6 +606,11 @@ pub struct SessionRecorder {
 impl SessionRecorder {
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// When the record says the session started (its `session.start` event's time).
+    pub fn started_at(&self) -> DateTime<Utc> {
+        self.initial.started_at
     }
 
     /// Output the user sees.
@@ -567,17 +692,30 @@ impl SessionRecorder {
         }
     }
 
-    /// Flushes the rest, stores the end state and returns the final record.
-    pub async fn finish(self, end: SessionEnd) -> Result<SessionRecord, String> {
+    /// Flushes the rest, stores the end state and returns the final record, with
+    /// the error if the recording could not be completed. `announce` chains the
+    /// `session.end` event before the record is stored as closed, so a record never
+    /// says `closed` without one.
+    pub async fn finish(
+        self,
+        end: SessionEnd,
+        announce: impl FnOnce(&SessionRecord, Option<&str>),
+    ) -> (SessionRecord, Option<String>) {
         {
             let mut pending = self.live.inner.lock().expect("recording lock poisoned");
             pending.finished = true;
             pending.watchers = None;
         }
         self.live.flush_now.notify_one();
-        let flushed = self.flusher.await.map_err(|e| e.to_string())?;
+        let (mut record, digest, error) = match self.flusher.await {
+            Ok(flushed) => (flushed.record, flushed.digest.hex(), flushed.error),
+            Err(panicked) => (
+                self.initial.clone(),
+                self.recorder.digest_of(self.id).unwrap_or_default(),
+                Some(format!("the recording stopped: {panicked}")),
+            ),
+        };
         self.recorder.forget(self.id);
-        let mut record = flushed.record;
         record.ended_at = Some(Utc::now());
         record.exit_status = end.exit_status;
         record.exit_signal = end.exit_signal;
@@ -589,15 +727,12 @@ impl SessionRecorder {
             record.received_input = pending.input_bytes > 0 || end.bytes_in > 0;
         }
         record.state = SessionState::Closed;
-        record.digest = Some(flushed.digest.hex());
-        self.recorder
-            .store
-            .save_session(&record)
-            .map_err(|e| e.to_string())?;
-        match flushed.error {
-            Some(error) => Err(error),
-            None => Ok(record),
-        }
+        record.digest = Some(digest);
+        record.digest_source = Some(DigestSource::Bastion);
+        announce(&record, error.as_deref());
+        let saved = self.recorder.store.save_session(&record);
+        let error = error.or(saved.err().map(|e| e.to_string()));
+        (record, error)
     }
 }
 
@@ -699,9 +834,12 @@ async fn write_batch(
 mod tests {
     use super::*;
 
-    fn info(id: u64) -> SessionInfo {
+    fn failed() -> AuditEvent {
+        AuditEvent::new("session.failed", "alice", Utc::now())
+    }
+
+    fn info() -> SessionInfo {
         SessionInfo {
-            id,
             certificate: None,
             user: "alice".into(),
             target: "db".into(),
@@ -722,7 +860,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let recorder = Arc::new(Recorder::new(store.clone(), true, false));
-        let session = recorder.start(info(1)).unwrap();
+        let session = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
         session
             .output(Stream::Stdout, &Bytes::from_static(b"before\r\n"))
             .await;
@@ -734,8 +874,16 @@ mod tests {
             .await
             .expect("the failure is noticed within a flush interval");
         assert!(reason.contains("injected write failure"), "{reason}");
-        let error = session.finish(SessionEnd::default()).await.unwrap_err();
+        let mut announced = None;
+        let (record, error) = session
+            .finish(SessionEnd::default(), |_, error| {
+                announced = error.map(str::to_string)
+            })
+            .await;
+        let error = error.unwrap();
         assert!(error.contains("injected"), "{error}");
+        assert_eq!(announced.as_deref(), Some(error.as_str()));
+        assert_eq!(record.digest.unwrap(), recorder.digest_of(1).unwrap());
     }
 
     #[tokio::test]
@@ -743,19 +891,51 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
         let recorder = Arc::new(Recorder::new(store.clone(), true, false));
-        let session = recorder.start(info(7)).unwrap();
+        let session = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        let id = session.id();
         session.input(&Bytes::from_static(b"ls\r")).await;
         session
             .output(Stream::Stdout, &Bytes::from_static(b"file\r\n"))
             .await;
         tokio::time::sleep(FLUSH_INTERVAL * 2).await;
         assert_eq!(
-            recorder.chunks(7).unwrap().len(),
+            recorder.chunks(id).unwrap().len(),
             2,
             "on disk before the end"
         );
-        let record = session.finish(SessionEnd::default()).await.unwrap();
+        let (record, error) = session.finish(SessionEnd::default(), |_, _| {}).await;
+        assert_eq!(error, None);
         assert_eq!(record.state, SessionState::Closed);
-        assert_eq!(record.digest.unwrap(), recorder.digest_of(7).unwrap());
+        assert_eq!(record.digest_source, Some(DigestSource::Bastion));
+        assert_eq!(record.digest.unwrap(), recorder.digest_of(id).unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_unused_reservation_is_audited_and_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let recorder = Arc::new(Recorder::new(store.clone(), true, false));
+        let given_up = recorder.reserve(failed()).unwrap();
+        let used = recorder.reserve(failed()).unwrap();
+        let (last, reserved) = recorder.reservations().unwrap();
+        assert_eq!(
+            (last, reserved.into_iter().collect::<Vec<_>>()),
+            (2, vec![1, 2])
+        );
+        given_up.fail("target unreachable");
+        let session = recorder.start(used, info()).unwrap();
+        assert!(recorder.reservations().unwrap().1.is_empty());
+        let events = store.audit_events().unwrap();
+        assert_eq!(
+            events.len(),
+            1,
+            "only the unused id is explained by an event"
+        );
+        assert_eq!(events[0].kind, "session.failed");
+        assert_eq!(events[0].details["session"], 1);
+        assert_eq!(events[0].details["reason"], "target unreachable");
+        session.finish(SessionEnd::default(), |_, _| {}).await;
     }
 }

@@ -405,24 +405,24 @@ async fn termination() {
 /// Sessions that were live when the bastion last stopped can no longer end cleanly:
 /// mark them `interrupted` (their transcript up to the last flush stays replayable).
 fn mark_interrupted_sessions(state: &State) -> Result<()> {
-    let interrupted = state
+    state
         .recorder
-        .recover()
+        .recover(|session| {
+            tracing::warn!(session = session.id, user = %session.user, target = %session.target, "session was interrupted by a bastion stop; its transcript digest is computed now, unsealed");
+            state.audit(
+                AuditEvent::new("session.interrupted", "portcullis", chrono::Utc::now())
+                    .target(&session.target)
+                    .grant(&session.grant)
+                    .detail("session", session.id)
+                    .detail("user", session.user.as_str())
+                    .detail("transcript_sha256", session.digest.clone())
+                    .detail(
+                        "digest_source",
+                        session.digest_source.map(|s| s.as_str()),
+                    ),
+            );
+        })
         .context("cannot recover the recordings of interrupted sessions")?;
-    for session in interrupted {
-        tracing::warn!(session = session.id, user = %session.user, target = %session.target, "session was interrupted by a bastion stop");
-        state.audit(
-            AuditEvent::new("session.interrupted", "portcullis", chrono::Utc::now())
-                .target(&session.target)
-                .grant(&session.grant)
-                .detail("session", session.id)
-                .detail("user", session.user.as_str())
-                .detail(
-                    "transcript_sha256",
-                    session.digest.clone().unwrap_or_default(),
-                ),
-        );
-    }
     Ok(())
 }
 
