@@ -200,6 +200,13 @@ impl Store {
         Ok(())
     }
 
+    /// One stored batch of a session, if there is one at `index` (batches are
+    /// numbered from 0 without gaps). Readers go batch by batch, so memory holds one
+    /// batch, never a whole transcript.
+    pub fn batch(&self, session: u64, index: u32) -> Result<Option<sled::IVec>> {
+        Ok(self.chunks.get(batch_key(session, index))?)
+    }
+
     /// A session's compressed batches, in order.
     pub fn batches(&self, session: u64) -> Result<Vec<Vec<u8>>> {
         self.chunks

@@ -135,19 +135,24 @@ pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, String> {
         .ok_or_else(|| format!("no session {id}; run `sessions` to list them"))
 }
 
-/// The stored transcript of a session, unless retention removed it.
-fn transcript(caller: &Caller, session: &SessionRecord) -> Result<Vec<Chunk>, String> {
+/// The stored transcript of a session, read one batch at a time, unless retention
+/// removed it.
+fn transcript<'a>(
+    caller: &'a Caller,
+    session: &SessionRecord,
+) -> Result<crate::record::Batches<'a>, String> {
     if session.pruned {
         return Err(format!(
             "the recording of session {} was pruned by retention",
             session.id
         ));
     }
-    caller
-        .state
-        .recorder
-        .chunks(session.id)
-        .map_err(|e| e.to_string())
+    Ok(caller.state.recorder.batches(session.id))
+}
+
+/// The next batch of a transcript, or the reason it cannot be read.
+fn next_batch(batches: &mut crate::record::Batches) -> Result<Option<Vec<Chunk>>, String> {
+    batches.next().transpose().map_err(|e| e.to_string())
 }
 
 /// What reaches the auditor's terminal: the recorded bytes, less the sequences that
@@ -184,15 +189,18 @@ pub async fn replay(
     if !(0.01..=1000.0).contains(&speed) {
         return Err("--speed must be between 0.01 and 1000".into());
     }
-    let chunks = transcript(caller, session)?;
+    let mut batches = transcript(caller, session)?;
     let with_input = !session.echoes_input();
     let mut shown = Shown::new(raw);
-    for (pause, data) in replay::schedule(&chunks, speed, with_input) {
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
-        if !show(out, &mut shown, data).await {
-            break; // the auditor went away
+    let mut timing = replay::Timing::default();
+    while let Some(chunks) = next_batch(&mut batches)? {
+        for (pause, data) in timing.schedule(&chunks, speed, with_input) {
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+            if !show(out, &mut shown, data).await {
+                return Ok(String::new()); // the auditor went away
+            }
         }
     }
     Ok(String::new())
@@ -200,23 +208,32 @@ pub async fn replay(
 
 /// `export`: asciicast v2 on stdout, written as it is (no line-end translation).
 pub async fn export(caller: &Caller<'_>, out: &ClientOut, session: &SessionRecord) -> Reply {
-    let chunks = transcript(caller, session)?;
-    let cast = Bytes::from(asciicast::export(session, &chunks));
+    let mut batches = transcript(caller, session)?;
+    let mut cast = asciicast::Cast::default();
+    if !send_in_pieces(out, Bytes::from(cast.header(session))).await {
+        return Ok(String::new());
+    }
+    while let Some(chunks) = next_batch(&mut batches)? {
+        if !send_in_pieces(out, Bytes::from(cast.events(&chunks))).await {
+            break; // the auditor went away
+        }
+    }
+    Ok(String::new())
+}
+
+/// Writes `data` to the client's stdout in pieces its window can take; false once
+/// the client went away.
+async fn send_in_pieces(out: &ClientOut, data: Bytes) -> bool {
     const PIECE: usize = 32 * 1024;
     let mut offset = 0;
-    while offset < cast.len() {
-        let end = (offset + PIECE).min(cast.len());
-        if out
-            .writer
-            .data_bytes(cast.slice(offset..end))
-            .await
-            .is_err()
-        {
-            break;
+    while offset < data.len() {
+        let end = (offset + PIECE).min(data.len());
+        if out.writer.data_bytes(data.slice(offset..end)).await.is_err() {
+            return false;
         }
         offset = end;
     }
-    Ok(String::new())
+    true
 }
 
 /// `watch`: what the session has shown so far, then its output as it happens, until
@@ -241,8 +258,21 @@ pub async fn watch(
     let out = &client.out;
     let with_input = !session.echoes_input();
     let mut shown = Shown::new(raw);
-    for chunk in follow
-        .so_far
+    // What it showed so far: the stored batches one at a time, then what is not
+    // stored yet. Live chunks queue meanwhile (up to the watch backlog).
+    let mut stored = caller
+        .state
+        .recorder
+        .batches(session.id)
+        .take(follow.stored as usize);
+    while let Some(chunks) = stored.next().transpose().map_err(|e| e.to_string())? {
+        for chunk in chunks.into_iter().filter(|c| replay::shown(c, with_input)) {
+            if !show(out, &mut shown, chunk.data).await {
+                return Ok(String::new());
+            }
+        }
+    }
+    for chunk in std::mem::take(&mut follow.pending)
         .into_iter()
         .filter(|c| replay::shown(c, with_input))
     {

@@ -6,45 +6,65 @@ use serde_json::json;
 
 use super::{Chunk, SessionRecord, Stream};
 
-/// The whole recording as an asciicast v2 document.
+/// The whole recording as an asciicast v2 document (for tests and small tools;
+/// `export` streams with [`Cast`]).
 pub fn export(session: &SessionRecord, chunks: &[Chunk]) -> String {
-    let mut title = format!(
-        "{}@{} by {} (session {}",
-        session.login, session.target, session.user, session.id
-    );
-    if let Some(command) = &session.command {
-        title.push_str(&format!(": {command}"));
-    }
-    title.push(')');
-    let header = json!({
-        "version": 2,
-        "width": session.cols.max(1),
-        "height": session.rows.max(1),
-        "timestamp": session.started_at.timestamp(),
-        "title": title,
-        "env": { "TERM": session.term.clone().unwrap_or_else(|| "xterm".into()) },
-    });
-    let mut out = format!("{header}\n");
-    // Chunks may split a UTF-8 character; each stream carries its incomplete tail
-    // over to its next chunk.
-    let mut carry: [Vec<u8>; 3] = Default::default();
-    for chunk in chunks {
-        let (code, slot) = match chunk.stream {
-            Stream::Stdout | Stream::Stderr => ("o", 0),
-            Stream::Stdin => ("i", 1),
-            Stream::Resize => ("r", 2),
-        };
-        let buffer = &mut carry[slot];
-        buffer.extend_from_slice(&chunk.data);
-        let text = take_complete_utf8(buffer);
-        if text.is_empty() {
-            continue;
+    let mut cast = Cast::default();
+    cast.header(session) + &cast.events(chunks)
+}
+
+/// An asciicast document written piece by piece: the header, then the events of
+/// each batch as it is read, so an export holds one batch in memory.
+#[derive(Default)]
+pub struct Cast {
+    /// Chunks may split a UTF-8 character; each stream carries its incomplete tail
+    /// over to its next chunk.
+    carry: [Vec<u8>; 3],
+}
+
+impl Cast {
+    /// The header line.
+    pub fn header(&self, session: &SessionRecord) -> String {
+        let mut title = format!(
+            "{}@{} by {} (session {}",
+            session.login, session.target, session.user, session.id
+        );
+        if let Some(command) = &session.command {
+            title.push_str(&format!(": {command}"));
         }
-        let seconds = chunk.offset_us as f64 / 1e6;
-        out.push_str(&json!([seconds, code, text]).to_string());
-        out.push('\n');
+        title.push(')');
+        let header = json!({
+            "version": 2,
+            "width": session.cols.max(1),
+            "height": session.rows.max(1),
+            "timestamp": session.started_at.timestamp(),
+            "title": title,
+            "env": { "TERM": session.term.clone().unwrap_or_else(|| "xterm".into()) },
+        });
+        format!("{header}\n")
     }
-    out
+
+    /// One event line per chunk (fewer where a chunk holds only part of a character).
+    pub fn events(&mut self, chunks: &[Chunk]) -> String {
+        let mut out = String::new();
+        for chunk in chunks {
+            let (code, slot) = match chunk.stream {
+                Stream::Stdout | Stream::Stderr => ("o", 0),
+                Stream::Stdin => ("i", 1),
+                Stream::Resize => ("r", 2),
+            };
+            let buffer = &mut self.carry[slot];
+            buffer.extend_from_slice(&chunk.data);
+            let text = take_complete_utf8(buffer);
+            if text.is_empty() {
+                continue;
+            }
+            let seconds = chunk.offset_us as f64 / 1e6;
+            out.push_str(&json!([seconds, code, text]).to_string());
+            out.push('\n');
+        }
+        out
+    }
 }
 
 /// Removes and returns the longest prefix of `buffer` that is complete UTF-8

@@ -277,7 +277,10 @@ struct Pending {
 
 /// What a watcher starts from: everything recorded so far, then the live feed.
 pub struct Follow {
-    pub so_far: Vec<Chunk>,
+    /// Batches already in the store: read them with [`Recorder::batches`].
+    pub stored: u32,
+    /// Chunks recorded but not yet stored.
+    pub pending: Vec<Chunk>,
     pub live: broadcast::Receiver<Chunk>,
 }
 
@@ -411,26 +414,29 @@ impl Recorder {
             };
             (pending.batches, pending.chunks.clone(), sender.subscribe())
         };
-        let mut so_far = self.stored_chunks(id, Some(stored))?;
-        so_far.extend(pending);
         Ok(Some(Follow {
-            so_far,
+            stored,
+            pending,
             live: receiver,
         }))
     }
 
-    /// Every stored chunk of a session, in order.
-    pub fn chunks(&self, id: u64) -> Result<Vec<Chunk>, StoreError> {
-        self.stored_chunks(id, None)
+    /// A session's stored transcript, one decoded batch at a time: export, replay,
+    /// watch, search and recovery hold one batch in memory, never a whole session.
+    pub fn batches(&self, id: u64) -> Batches<'_> {
+        Batches {
+            store: &self.store,
+            session: id,
+            next: 0,
+        }
     }
 
-    fn stored_chunks(&self, id: u64, limit: Option<u32>) -> Result<Vec<Chunk>, StoreError> {
+    /// Every stored chunk of a session, in order (for tests and small tools; the
+    /// bastion itself reads with [`Recorder::batches`]).
+    pub fn chunks(&self, id: u64) -> Result<Vec<Chunk>, StoreError> {
         let mut chunks = Vec::new();
-        let batches = self.store.batches(id)?;
-        let take = limit.map_or(batches.len(), |n| n as usize);
-        for stored in batches.iter().take(take) {
-            let batch = transcript::decompress(stored).map_err(damaged)?;
-            chunks.extend(transcript::decode(&batch).map_err(damaged)?);
+        for batch in self.batches(id) {
+            chunks.extend(batch?);
         }
         Ok(chunks)
     }
@@ -444,9 +450,8 @@ impl Recorder {
         }
         let mut output = SearchWindow::new(needle);
         let mut input = SearchWindow::new(needle);
-        for stored in self.store.batches(id)? {
-            let batch = transcript::decompress(&stored).map_err(damaged)?;
-            for chunk in transcript::decode(&batch).map_err(damaged)? {
+        for batch in self.batches(id) {
+            for chunk in batch? {
                 let window = match chunk.stream {
                     Stream::Stdout | Stream::Stderr => &mut output,
                     Stream::Stdin => &mut input,
@@ -480,8 +485,10 @@ impl Recorder {
     /// Recomputes a transcript's SHA-256 from the stored batches.
     pub fn digest_of(&self, id: u64) -> Result<String, StoreError> {
         let mut digest = TranscriptDigest::default();
-        for stored in self.store.batches(id)? {
+        let mut index = 0;
+        while let Some(stored) = self.store.batch(id, index)? {
             digest.update(&stored);
+            index += 1;
         }
         Ok(digest.hex())
     }
@@ -504,12 +511,24 @@ impl Recorder {
             session.state = SessionState::Interrupted;
             session.digest = Some(self.digest_of(session.id)?);
             session.digest_source = Some(DigestSource::Recovery);
-            let batches = self.store.batches(session.id)?;
-            session.batches = batches.len() as u32;
-            session.stored_bytes = batches.iter().map(|b| b.len() as u64).sum();
-            let chunks = self.chunks(session.id)?;
-            session.transcript_bytes = chunks.iter().map(|c| c.data.len() as u64).sum();
-            session.received_input = chunks.iter().any(|c| c.stream == Stream::Stdin);
+            // Recounted batch by batch: a crash in a huge session must not make the
+            // next start load its whole transcript.
+            let (mut batches, mut stored_bytes) = (0, 0);
+            while let Some(stored) = self.store.batch(session.id, batches)? {
+                batches += 1;
+                stored_bytes += stored.len() as u64;
+            }
+            let (mut transcript_bytes, mut received_input) = (0, false);
+            for batch in self.batches(session.id) {
+                for chunk in batch? {
+                    transcript_bytes += chunk.data.len() as u64;
+                    received_input |= chunk.stream == Stream::Stdin;
+                }
+            }
+            session.batches = batches;
+            session.stored_bytes = stored_bytes;
+            session.transcript_bytes = transcript_bytes;
+            session.received_input = received_input;
             announce(&session);
             self.store.save_session(&session)?;
             recovered.push(session);
@@ -549,6 +568,31 @@ impl Recorder {
             .lock()
             .expect("recorder lock poisoned")
             .remove(&id);
+    }
+}
+
+/// Iterator over a session's stored batches, decoded, fetched one at a time.
+pub struct Batches<'a> {
+    store: &'a Store,
+    session: u64,
+    next: u32,
+}
+
+impl Iterator for Batches<'_> {
+    type Item = Result<Vec<Chunk>, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let stored = match self.store.batch(self.session, self.next) {
+            Ok(Some(stored)) => stored,
+            Ok(None) => return None,
+            Err(err) => return Some(Err(err)),
+        };
+        self.next += 1;
+        Some(
+            transcript::decompress(&stored)
+                .and_then(|batch| transcript::decode(&batch))
+                .map_err(damaged),
+        )
     }
 }
 

@@ -13,16 +13,36 @@ pub const MAX_IDLE: Duration = Duration::from_secs(2);
 /// Output chunks with the pause to wait before each; input too when `with_input`
 /// (a session without a pty, whose output never echoes what was piped in).
 pub fn schedule(chunks: &[Chunk], speed: f64, with_input: bool) -> Vec<(Duration, Bytes)> {
-    let mut last_us = 0;
-    chunks
-        .iter()
-        .filter(|c| shown(c, with_input))
-        .map(|chunk| {
-            let gap = Duration::from_micros(chunk.offset_us.saturating_sub(last_us)).min(MAX_IDLE);
-            last_us = chunk.offset_us;
-            (gap.div_f64(speed), chunk.data.clone())
-        })
-        .collect()
+    let mut timing = Timing::default();
+    timing.schedule(chunks, speed, with_input)
+}
+
+/// Replay timing carried from one batch to the next, so a replay reads one batch at
+/// a time.
+#[derive(Default)]
+pub struct Timing {
+    last_us: u64,
+}
+
+impl Timing {
+    /// The chunks of one batch that are shown, each with the pause before it.
+    pub fn schedule(
+        &mut self,
+        chunks: &[Chunk],
+        speed: f64,
+        with_input: bool,
+    ) -> Vec<(Duration, Bytes)> {
+        chunks
+            .iter()
+            .filter(|c| shown(c, with_input))
+            .map(|chunk| {
+                let gap = Duration::from_micros(chunk.offset_us.saturating_sub(self.last_us))
+                    .min(MAX_IDLE);
+                self.last_us = chunk.offset_us;
+                (gap.div_f64(speed), chunk.data.clone())
+            })
+            .collect()
+    }
 }
 
 /// Whether replay and watch show `chunk` to the auditor.
