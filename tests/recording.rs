@@ -527,6 +527,43 @@ fn large_output_is_recorded_with_bounded_memory() {
     assert!(peak_kib < 200 * 1024, "peak RSS {peak_kib} KiB");
 }
 
+/// Export, replay and search read a transcript one batch at a time: their peak
+/// memory does not grow with the size of the session.
+#[test]
+fn reading_a_large_recording_holds_one_batch_at_a_time() {
+    let w = World::start();
+    const MIB: u64 = 48;
+    let out = w
+        .alice
+        .ssh(&local(), &[&format!("head -c {} /dev/urandom", MIB << 20)]);
+    assert_success(&out, "random output");
+    assert!(wait_until(Duration::from_secs(10), || single_session(&w)
+        ["state"]
+        == "closed"));
+    let id = single_session(&w)["id"].as_u64().unwrap().to_string();
+    let pid = w.bastion.pid();
+    for command in [
+        vec!["export", id.as_str()],
+        vec!["replay", id.as_str(), "--speed", "1000", "--raw"],
+        vec!["sessions", "--grep", "never-in-random-bytes"],
+    ] {
+        // Reset the peak (VmHWM) to what is resident now, then read the session.
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+        let before = status_kib(pid, "VmRSS:");
+        let mut reading = w
+            .dave
+            .ssh_command(CONTROL_USER, &[], &[&quote_words(&command)]);
+        let out = reading.stdout(Stdio::piped()).output().unwrap();
+        assert!(out.status.success(), "{command:?}: {}", describe(&out));
+        let grown_mib = status_kib(pid, "VmHWM:").saturating_sub(before) / 1024;
+        eprintln!("{command:?} of a {MIB} MiB session: peak grew {grown_mib} MiB");
+        assert!(
+            grown_mib < 32,
+            "{command:?} grew the bastion by {grown_mib} MiB"
+        );
+    }
+}
+
 #[test]
 fn retention_prunes_old_transcripts_and_says_so_in_the_audit_log() {
     let mut w = World::start_with(WorldOptions {

@@ -228,7 +228,12 @@ async fn send_in_pieces(out: &ClientOut, data: Bytes) -> bool {
     let mut offset = 0;
     while offset < data.len() {
         let end = (offset + PIECE).min(data.len());
-        if out.writer.data_bytes(data.slice(offset..end)).await.is_err() {
+        if out
+            .writer
+            .data_bytes(data.slice(offset..end))
+            .await
+            .is_err()
+        {
             return false;
         }
         offset = end;
