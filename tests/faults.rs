@@ -399,3 +399,103 @@ async fn open_many_channels(world: &World, n: usize) -> usize {
     drop(channels);
     opened
 }
+
+/// A world with some `[limits]` keys set (and the harness's loose pre-auth limits).
+fn world_with_limits(limits: &str) -> World {
+    World::start_with(WorldOptions {
+        extra_config: format!(
+            "[limits]\nconnections_per_second = 1000.0\npreauth_per_source = 200\npreauth_total = 500\n{limits}"
+        ),
+        ..WorldOptions::default()
+    })
+}
+
+/// One user cannot hold more sessions or connections than `[limits]` allows;
+/// the refusal says which limit, and places come back when sessions end.
+#[test]
+fn per_user_caps_on_sessions_and_connections() {
+    let w = world_with_limits("sessions_per_user = 2\nconnections_per_user = 2\n");
+    let holders: Vec<Child> = (0..2)
+        .map(|_| {
+            w.alice
+                .ssh_command(&local(), &[], &["sleep 4"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || w
+        .bastion
+        .log()
+        .matches("session started")
+        .count()
+        == 2));
+    let out = w.alice.ssh(&local(), &["true"]);
+    assert_failure_mentions(&out, "third connection", &["connections_per_user = 2"]);
+    let out = w.dave.ssh(&local(), &["true"]);
+    assert_success(&out, "another user is not affected");
+    for mut holder in holders {
+        holder.wait().unwrap();
+    }
+    assert_success(&w.alice.ssh(&local(), &["true"]), "places came back");
+
+    let control = w.path("cm");
+    let _master = w
+        .alice
+        .control_master(&local(), &control, &w.path("master.log"));
+    let path_opt = format!("ControlPath={}", control.display());
+    let through_master: Vec<Child> = (0..2)
+        .map(|_| {
+            w.alice
+                .ssh_command(&local(), &["-o", &path_opt], &["sleep 4"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    assert!(wait_until(Duration::from_secs(10), || w
+        .bastion
+        .log()
+        .matches("session started")
+        .count()
+        == 6));
+    let out = w.alice.ssh_with(&local(), &["-o", &path_opt], &["true"]);
+    assert_failure_mentions(&out, "third session", &["sessions_per_user = 2"]);
+    for mut session in through_master {
+        session.wait().unwrap();
+    }
+}
+
+/// A client whose window stays shut (it reads nothing) while the target writes
+/// is cut off after `idle_window_timeout`, and its session is closed and sealed.
+#[test]
+fn a_client_that_reads_nothing_is_cut_off_after_the_idle_window() {
+    let w = world_with_limits("idle_window_timeout = \"2s\"\n");
+    let mut stalled = w
+        .alice
+        .ssh_command(&local(), &[], &["cat /dev/zero"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped()) // never read
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let closed = wait_until(Duration::from_secs(15), || {
+        let sessions: Vec<Value> =
+            serde_json::from_str(&w.ok(&w.dave, &["sessions", "--json"])).unwrap();
+        sessions
+            .iter()
+            .any(|s| s["state"] == "closed" && s["user"] == USER)
+    });
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+    assert!(closed, "the stalled session was never closed\n{}", w.logs());
+    assert!(
+        w.bastion.log().contains("idle_window_timeout"),
+        "{}",
+        w.logs()
+    );
+}

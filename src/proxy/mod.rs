@@ -50,6 +50,14 @@ pub async fn run(
     login: Option<&str>,
 ) {
     let user = context.identity.user.as_str();
+    let _place = match context.state.user_sessions.take(user) {
+        Ok(slot) => slot,
+        Err(why) => {
+            tracing::warn!(user, target, "refused: {why}");
+            client.out.fail(&why, 1).await;
+            return;
+        }
+    };
     let grant_changes = context.state.grants.subscribe();
     let Some(permit) = admit(context, &mut client, &mut setup, &start, target, login).await else {
         return;
@@ -156,9 +164,12 @@ pub async fn run(
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
         }
     };
-    let (outcome, out, stopped) = relay::relay(client, channel, pending, &recording, stop).await;
+    let idle_window = context.state.config.limits.idle_window_timeout;
+    let (outcome, out, stopped) =
+        relay::relay(client, channel, pending, &recording, stop, idle_window).await;
     end_session(context, &permit, session, recording, &outcome).await;
     if let Some(message) = stopped {
+        tracing::info!(user, target, session, reason = %message, "session closed by the bastion");
         relay::tell(&out, &message).await;
         let _ = out.writer.exit_status(relay::ENDED_BY_BASTION).await;
     }

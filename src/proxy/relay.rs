@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 use std::task::Poll;
 
 use russh::client;
@@ -53,12 +54,16 @@ pub const ENDED_BY_BASTION: u32 = 255;
 /// The client's channel is left open and handed back: the caller closes it once
 /// the recording is stored, so that when `ssh` returns, the session's record and
 /// audit event are already there.
+///
+/// A peer whose window stays shut for `idle_window` (it reads nothing it is sent)
+/// ends the session the same way, so it cannot pin the relay's buffers for ever.
 pub async fn relay(
     client: ClientChannel,
     upstream: Channel<client::Msg>,
     pending: VecDeque<PendingReply>,
     recording: &SessionRecorder,
     stop: impl Future<Output = String>,
+    idle_window: std::time::Duration,
 ) -> (Outcome, ClientOut, Option<String>) {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
@@ -68,17 +73,25 @@ pub async fn relay(
     let to_client_overdraft = to_client_tx.overdraft();
     let mut outcome = Outcome::default();
     let mut bytes_to_target = 0;
-    let client_input_closed = AtomicBool::new(false);
+    let shared = Shared {
+        client_input_closed: AtomicBool::new(false),
+        stalled: Stalled {
+            limit: idle_window,
+            why: OnceLock::new(),
+        },
+    };
     let stopped = {
         let client_side = async {
             let (drained, ()) = tokio::join!(
-                drain(reader, to_target_tx, || client_input_closed
+                drain(reader, to_target_tx, || shared
+                    .client_input_closed
                     .store(true, Ordering::Release)),
                 write_to_target(
                     to_target_rx,
                     &up_writer,
                     &to_client_overdraft,
                     recording,
+                    &shared.stalled,
                     &mut bytes_to_target
                 )
             );
@@ -93,7 +106,7 @@ pub async fn relay(
                     &to_target_overdraft,
                     pending,
                     recording,
-                    &client_input_closed,
+                    &shared,
                     &mut outcome
                 )
             );
@@ -120,6 +133,7 @@ pub async fn relay(
         }
         stopped_with
     };
+    let stopped = stopped.or_else(|| shared.stalled.why.get().cloned());
     if stopped.is_some() {
         stop_writer(&up_writer).await;
         outcome.exit_status = Some(ENDED_BY_BASTION);
@@ -157,6 +171,7 @@ async fn write_to_target(
     target: &ChannelWriteHalf<client::Msg>,
     overdraft: &Overdraft,
     recording: &SessionRecorder,
+    stalled: &Stalled,
     bytes: &mut u64,
 ) {
     let mut held = 0;
@@ -165,7 +180,9 @@ async fn write_to_target(
             ChannelMsg::Data { data } => {
                 *bytes += data.len() as u64;
                 recording.input(&data).await;
-                with_overdraft(overdraft, target.data_bytes(data)).await
+                stalled
+                    .unless("target", with_overdraft(overdraft, target.data_bytes(data)))
+                    .await
             }
             ChannelMsg::Eof => target.eof().await,
             ChannelMsg::WindowChange {
@@ -185,6 +202,40 @@ async fn write_to_target(
         };
         if sent.is_err() {
             return; // the target's channel is gone; the other direction reports it
+        }
+    }
+}
+
+/// What the two directions of one session's relay know of each other.
+struct Shared {
+    /// The client sent its EOF (see `write_to_client` for why that matters).
+    client_input_closed: AtomicBool,
+    stalled: Stalled,
+}
+
+/// The idle-window limit of one session, and why it was hit, if it was.
+struct Stalled {
+    limit: std::time::Duration,
+    why: OnceLock<String>,
+}
+
+impl Stalled {
+    /// Runs a write that waits for `peer`'s window, giving up (and keeping the
+    /// reason) when the window stayed shut for the whole limit.
+    async fn unless(
+        &self,
+        peer: &str,
+        write: impl Future<Output = Result<(), russh::Error>>,
+    ) -> Result<(), russh::Error> {
+        match tokio::time::timeout(self.limit, write).await {
+            Ok(done) => done,
+            Err(elapsed) => {
+                let _ = self.why.set(format!(
+                    "the {peer} read nothing for {} ([limits] idle_window_timeout) — session closed",
+                    crate::duration::format(self.limit)
+                ));
+                Err(elapsed.into())
+            }
         }
     }
 }
@@ -217,9 +268,10 @@ async fn write_to_client(
     overdraft: &Overdraft,
     mut pending: VecDeque<PendingReply>,
     recording: &SessionRecorder,
-    client_input_closed: &AtomicBool,
+    shared: &Shared,
     outcome: &mut Outcome,
 ) {
+    let stalled = &shared.stalled;
     let writer = &client.writer;
     let mut held = 0;
     let mut closed_by_target = false;
@@ -229,14 +281,20 @@ async fn write_to_client(
             ChannelMsg::Data { data } => {
                 outcome.bytes_from_target += data.len() as u64;
                 recording.output(Stream::Stdout, &data).await;
-                with_overdraft(overdraft, writer.data_bytes(data)).await
+                stalled
+                    .unless("client", with_overdraft(overdraft, writer.data_bytes(data)))
+                    .await
             }
             ChannelMsg::ExtendedData { data, ext } => {
                 outcome.bytes_from_target += data.len() as u64;
                 recording.output(Stream::Stderr, &data).await;
-                writer.extended_data_bytes(ext, data).await
+                stalled
+                    .unless("client", writer.extended_data_bytes(ext, data))
+                    .await
             }
-            ChannelMsg::Eof if !client_input_closed.load(Ordering::Acquire) => client.eof().await,
+            ChannelMsg::Eof if !shared.client_input_closed.load(Ordering::Acquire) => {
+                client.eof().await
+            }
             ChannelMsg::Eof => {
                 eof_waits_for_status = true;
                 Ok(())

@@ -84,6 +84,9 @@ impl Identity {
 
 /// What a channel task needs from its connection.
 pub struct ChannelContext {
+    /// Why this connection may do nothing (the user is over a cap), told to the
+    /// client on each channel.
+    pub refused: Option<String>,
     pub state: Arc<State>,
     pub identity: Arc<Identity>,
     pub upstream: Arc<UpstreamSlot>,
@@ -315,6 +318,9 @@ pub async fn serve_channel(context: ChannelContext, channel: Channel<Msg>) {
             eof_sent: Default::default(),
         },
     };
+    if let Some(why) = &context.refused {
+        return client.out.fail(why, 1).await;
+    }
     match &context.identity.route {
         Err(invalid) => client.out.fail(&invalid.to_string(), 1).await,
         Ok(Route::Control) => crate::control::run(&context, client, start).await,

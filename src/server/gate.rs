@@ -44,6 +44,15 @@ pub struct Limits {
     pub requests_per_user: usize,
     #[serde(with = "humantime")]
     pub request_window: Duration,
+    /// Authenticated connections one user may hold at once.
+    pub connections_per_user: usize,
+    /// Proxied sessions one user may run at once (over all connections).
+    pub sessions_per_user: usize,
+    /// How long a peer's window may stay shut (nothing it is sent gets read)
+    /// before the session is ended: a client that never reads must not pin the
+    /// relay's buffers for ever.
+    #[serde(with = "humantime")]
+    pub idle_window_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -60,6 +69,9 @@ impl Default for Limits {
             pending_requests_per_user: RequestLimits::default().pending_per_user,
             requests_per_user: RequestLimits::default().per_window,
             request_window: RequestLimits::default().window,
+            connections_per_user: 128,
+            sessions_per_user: 256,
+            idle_window_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -80,6 +92,8 @@ impl Limits {
             ("channels_per_connection", self.channels_per_connection),
             ("pending_requests_per_user", self.pending_requests_per_user),
             ("requests_per_user", self.requests_per_user),
+            ("connections_per_user", self.connections_per_user),
+            ("sessions_per_user", self.sessions_per_user),
         ] {
             if value == 0 {
                 return Err(format!(

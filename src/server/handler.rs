@@ -52,6 +52,8 @@ pub async fn drive(
         preauth: Some(preauth),
         failed_auth: false,
         open_channels: Arc::new(()),
+        user_slot: None,
+        refused: None,
     };
     let started = tokio::time::timeout_at(
         deadline,
@@ -164,6 +166,10 @@ pub struct Connection {
     /// One clone per open session channel (its strong count, minus this one, is the
     /// number of channels).
     open_channels: Arc<()>,
+    /// This connection's place under `[limits] connections_per_user`.
+    user_slot: Option<super::Slot>,
+    /// Why every channel of this connection is refused (the user is over a cap).
+    refused: Option<String>,
 }
 
 impl Drop for Connection {
@@ -186,6 +192,21 @@ impl Drop for Connection {
 impl Connection {
     /// Authentication succeeded: free the pre-auth slot, stop the grace timer.
     fn authenticated(&mut self, identity: Identity) {
+        // Over the user's connection cap, the connection is still let in so that
+        // each of its channels can say why it is refused (a bare authentication
+        // failure would only read "Permission denied").
+        match self.state.user_connections.take(&identity.user) {
+            Ok(slot) => self.user_slot = Some(slot),
+            Err(why) => {
+                tracing::warn!(peer = %self.peer(), user = %identity.user, "refused: {why}");
+                self.state.audit(
+                    AuditEvent::new("connection.limited", &identity.user, Utc::now())
+                        .detail("client", self.peer())
+                        .detail("reason", why.as_str()),
+                );
+                self.refused = Some(why);
+            }
+        }
         self.identity.send_replace(Some(Arc::new(identity)));
         if let Some(mut preauth) = self.preauth.take() {
             preauth.release();
@@ -411,6 +432,7 @@ impl russh::server::Handler for Connection {
         }
         reply.accept().await;
         let context = ChannelContext {
+            refused: self.refused.clone(),
             state: self.state.clone(),
             identity,
             upstream: self.upstream.clone(),

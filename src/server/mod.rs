@@ -4,6 +4,7 @@
 mod channel;
 mod gate;
 mod handler;
+mod per_user;
 mod route;
 mod upkeep;
 
@@ -32,6 +33,7 @@ pub use channel::{
     CTRL_D,
 };
 pub use gate::{Gate, Limits, Preauth, Refusal};
+pub use per_user::{PerUser, Slot};
 pub use route::{InvalidUsername, Route, CONTROL_USER};
 
 /// Everything connections share: configuration, keys, the current policy and the
@@ -50,6 +52,10 @@ pub struct State {
     pub phase: watch::Sender<Phase>,
     /// Proxied sessions running now.
     pub live_sessions: watch::Sender<usize>,
+    /// Authenticated connections per user (`[limits] connections_per_user`).
+    pub user_connections: Arc<PerUser>,
+    /// Proxied sessions per user (`[limits] sessions_per_user`).
+    pub user_sessions: Arc<PerUser>,
     pub metrics: Metrics,
 }
 
@@ -95,6 +101,16 @@ impl State {
                 config.record_input,
                 config.record_file_transfers,
             )),
+            user_connections: PerUser::new(
+                "connections",
+                "connections_per_user",
+                config.limits.connections_per_user,
+            ),
+            user_sessions: PerUser::new(
+                "sessions",
+                "sessions_per_user",
+                config.limits.sessions_per_user,
+            ),
             config,
             keys,
             policy: watch::channel(Arc::new(policy)).0,
