@@ -43,13 +43,7 @@ fn main() {
     let sessions = (gib << 10) / session_mib;
     let started = Instant::now();
     for n in 1..=sessions {
-        let out = w
-            .alice
-            .ssh_command(&target, &[], &["cat > /dev/null"])
-            .stdin(std::fs::File::open(&input).unwrap())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
+        record_file(&w, &target, &input);
         println!(
             "recorded {:>5} MiB: RSS {:>4} MiB",
             n * session_mib,
@@ -100,13 +94,7 @@ fn main() {
 
     // 3. Exporting a large session.
     random_file(&input, (export_mib << 20) as usize);
-    let out = w
-        .alice
-        .ssh_command(&target, &[], &["cat > /dev/null"])
-        .stdin(std::fs::File::open(&input).unwrap())
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    record_file(&w, &target, &input);
     std::thread::sleep(Duration::from_secs(2));
     let listed: Vec<serde_json::Value> =
         serde_json::from_str(&w.ok(&w.dave, &["sessions", "--json"])).unwrap();
@@ -127,6 +115,17 @@ fn main() {
         started.elapsed().as_secs_f64(),
         mib("VmHWM:").saturating_sub(before)
     );
+}
+
+/// One recorded session that pipes `file` into `cat > /dev/null` on the target.
+fn record_file(w: &World, target: &str, file: &std::path::Path) {
+    let out = w
+        .alice
+        .ssh_command(target, &[], &["cat > /dev/null"])
+        .stdin(std::fs::File::open(file).unwrap())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
 /// Bytes under `dir`, as `du` counts them.

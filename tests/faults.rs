@@ -400,6 +400,17 @@ async fn open_many_channels(world: &World, n: usize) -> usize {
     opened
 }
 
+/// `ssh` as alice to the local target running `command`, output discarded.
+fn quiet_session(w: &World, flags: &[&str], command: &str) -> Child {
+    w.alice
+        .ssh_command(&local(), flags, &[command])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// A world with some `[limits]` keys set (and the harness's loose pre-auth limits).
 fn world_with_limits(limits: &str) -> World {
     World::start_with(WorldOptions {
@@ -415,17 +426,7 @@ fn world_with_limits(limits: &str) -> World {
 #[test]
 fn per_user_caps_on_sessions_and_connections() {
     let w = world_with_limits("sessions_per_user = 2\nconnections_per_user = 2\n");
-    let holders: Vec<Child> = (0..2)
-        .map(|_| {
-            w.alice
-                .ssh_command(&local(), &[], &["sleep 4"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
+    let holders: Vec<Child> = (0..2).map(|_| quiet_session(&w, &[], "sleep 4")).collect();
     assert!(wait_until(Duration::from_secs(10), || w
         .bastion
         .log()
@@ -447,15 +448,7 @@ fn per_user_caps_on_sessions_and_connections() {
         .control_master(&local(), &control, &w.path("master.log"));
     let path_opt = format!("ControlPath={}", control.display());
     let through_master: Vec<Child> = (0..2)
-        .map(|_| {
-            w.alice
-                .ssh_command(&local(), &["-o", &path_opt], &["sleep 4"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap()
-        })
+        .map(|_| quiet_session(&w, &["-o", &path_opt], "sleep 4"))
         .collect();
     assert!(wait_until(Duration::from_secs(10), || w
         .bastion

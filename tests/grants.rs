@@ -7,7 +7,7 @@ mod common;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -80,20 +80,6 @@ fn wait_session_started(world: &World, grant: &str) {
         "session under {grant} never started\n{}",
         world.logs()
     );
-}
-
-/// Waits for a child to exit and returns its output and how long that took.
-fn wait_output(child: std::process::Child, timeout: Duration) -> (Output, Duration) {
-    let started = Instant::now();
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    let out = rx
-        .recv_timeout(timeout)
-        .expect("session did not end in time")
-        .expect("wait for ssh");
-    (out, started.elapsed())
 }
 
 #[test]

@@ -127,13 +127,7 @@ fn a_removed_user_loses_sessions_and_grants() {
     let session = spawn(w.alice.ssh_command(&on("prod"), &[], &["sleep 30"]));
     wait_sessions_started(&w, 1);
 
-    w.edit_policy("users.toml", |users| {
-        let start = users.find("[users.alice]").unwrap();
-        let end = users[start + 1..]
-            .find("[users.")
-            .map_or(users.len(), |at| start + 1 + at);
-        format!("{}{}", &users[..start], &users[end..])
-    });
+    w.edit_policy("users.toml", |users| without_user(&users, "alice"));
 
     let (_, took) = wait_output(session, Duration::from_secs(10));
     assert!(
@@ -145,13 +139,10 @@ fn a_removed_user_loses_sessions_and_grants() {
     assert_eq!(revoked["ended"]["by"], "portcullis");
     assert_eq!(revoked["ended"]["reason"], "user removed from the policy");
     assert_eq!(show(&w, &pending)["state"], "cancelled");
+    // (The connection may end through the revocation before the identity check
+    // closes it, so `auth.withdrawn` is not required here; the rotation test is.)
     let kinds = w.audit_kinds();
-    for kind in [
-        "user.removed",
-        "request.revoked",
-        "request.cancelled",
-        "auth.withdrawn",
-    ] {
+    for kind in ["user.removed", "request.revoked", "request.cancelled"] {
         assert!(kinds.iter().any(|k| k == kind), "{kind} missing: {kinds:?}");
     }
 }
@@ -293,11 +284,7 @@ fn a_user_removed_while_the_bastion_was_down_is_removed_at_start() {
     let users = w.bastion.policies_dir().join("users.toml");
     let before = std::fs::read_to_string(&users).unwrap();
     w.restart_bastion_after(true, |_| {
-        let start = before.find("[users.alice]").unwrap();
-        let end = before[start + 1..]
-            .find("[users.")
-            .map_or(before.len(), |at| start + 1 + at);
-        std::fs::write(&users, format!("{}{}", &before[..start], &before[end..])).unwrap();
+        std::fs::write(&users, without_user(&before, "alice")).unwrap();
     });
     assert_eq!(show(&w, &grant)["state"], "revoked");
     assert!(w.audit_kinds().iter().any(|k| k == "user.removed"));
@@ -333,13 +320,7 @@ fn approvals_by_removed_approvers_no_longer_count() {
     .unwrap();
     let id = doc["id"].as_str().unwrap().to_string();
     w.ok(&w.bob, &["approve", &id]);
-    w.edit_policy("users.toml", |users| {
-        let start = users.find("[users.bob]").unwrap();
-        let end = users[start + 1..]
-            .find("[users.")
-            .map_or(users.len(), |at| start + 1 + at);
-        format!("{}{}", &users[..start], &users[end..])
-    });
+    w.edit_policy("users.toml", |users| without_user(&users, "bob"));
     w.ok(&w.carol, &["approve", &id]);
     assert_eq!(show_as(&w, &w.carol, &id)["state"], "pending");
 }

@@ -407,8 +407,16 @@ async fn drain(state: &State) {
         );
         state.phase.send_replace(Phase::Closing);
         let _ = tokio::time::timeout(Duration::from_secs(10), sessions.wait_for(|n| *n == 0)).await;
+        // A closed session tells its client why as its very last step (after its
+        // recording is sealed); give the connections a moment to put that on the
+        // wire before the process exits.
+        tokio::time::sleep(LAST_WORDS).await;
     }
 }
+
+/// How long a stopping bastion waits, after its last session ended, for the
+/// connections to deliver their last messages.
+const LAST_WORDS: Duration = Duration::from_millis(300);
 
 async fn termination() {
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");

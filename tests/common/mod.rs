@@ -298,6 +298,30 @@ pub fn run_with_timeout(cmd: &mut Command, input: Option<Vec<u8>>, timeout: Dura
 }
 
 /// Runs `cmd` with no stdin and the default timeout.
+/// Waits for a child to exit and returns its output and how long that took.
+pub fn wait_output(child: Child, timeout: Duration) -> (Output, Duration) {
+    let started = std::time::Instant::now();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = rx
+        .recv_timeout(timeout)
+        .expect("the process did not end in time")
+        .expect("wait for the process");
+    (out, started.elapsed())
+}
+
+/// `users` (users.toml text) without the `[users.NAME]` table.
+pub fn without_user(users: &str, name: &str) -> String {
+    let header = format!("[users.{name}]");
+    let start = users.find(&header).expect("the user is in users.toml");
+    let end = users[start + 1..]
+        .find("[users.")
+        .map_or(users.len(), |at| start + 1 + at);
+    format!("{}{}", &users[..start], &users[end..])
+}
+
 pub fn run(cmd: &mut Command) -> Output {
     run_with_timeout(cmd, None, COMMAND_TIMEOUT)
 }
