@@ -84,7 +84,8 @@ fn hold_flood(
                         while !stop.load(Ordering::Relaxed) {
                             let socket = tokio::net::TcpSocket::new_v4().unwrap();
                             socket.bind((source, 0).into()).unwrap();
-                            let Ok(mut stream) = socket.connect(([127, 0, 0, 1], port).into()).await
+                            let Ok(mut stream) =
+                                socket.connect(([127, 0, 0, 1], port).into()).await
                             else {
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                                 continue;
@@ -202,7 +203,11 @@ fn connections_that_never_authenticate_time_out_and_are_penalised() {
         let mut silent = connect_from([127, 0, 0, 3], port);
         let sent = read_to_close(&mut silent);
         let took = started.elapsed();
-        assert!(text(&sent).starts_with("SSH-2.0-portcullis"), "{}", text(&sent));
+        assert!(
+            text(&sent).starts_with("SSH-2.0-portcullis"),
+            "{}",
+            text(&sent)
+        );
         assert!(
             took >= Duration::from_millis(900) && took < Duration::from_secs(5),
             "closed after {took:?}"
@@ -210,9 +215,13 @@ fn connections_that_never_authenticate_time_out_and_are_penalised() {
     }
     // 10 s of penalty each: 20 s reach the 15 s threshold.
     let mut refused = connect_from([127, 0, 0, 3], port);
-    assert_eq!(text(&read_to_close(&mut refused)), "Not allowed at this time\r\n");
+    assert_eq!(
+        text(&read_to_close(&mut refused)),
+        "Not allowed at this time\r\n"
+    );
     assert_success(
-        &w.alice.ssh_with(&w.target_user(), &["-b", "127.0.0.4"], &["true"]),
+        &w.alice
+            .ssh_with(&w.target_user(), &["-b", "127.0.0.4"], &["true"]),
         "another address is not affected",
     );
     let audit = w.ok(&w.dave, &["audit"]);
@@ -258,7 +267,9 @@ fn one_users_failures_lock_their_key_not_everyone_behind_the_address() {
         .filter(|l| l.contains("preauth.lockout"))
         .collect();
     assert!(
-        lockouts.iter().any(|l| l.contains(&fp) && l.contains("127.0.0.4")),
+        lockouts
+            .iter()
+            .any(|l| l.contains(&fp) && l.contains("127.0.0.4")),
         "the key's lockout is audited: {lockouts:?}"
     );
     assert!(

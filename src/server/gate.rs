@@ -346,6 +346,8 @@ impl Refusal {
 pub enum Ending {
     /// The client closed it (or russh did on a negotiation failure).
     Closed,
+    /// The client closed it without sending its SSH version.
+    Silent,
     /// The handshake deadline or the login grace expired.
     TimedOut,
     /// The client sent something that is not SSH.
@@ -491,7 +493,7 @@ impl Gate {
             }
         }
         let mut address = match ending {
-            Ending::Closed => Duration::ZERO,
+            Ending::Closed | Ending::Silent => Duration::ZERO,
             Ending::TimedOut => limits.penalty_grace,
             Ending::ProtocolError => limits.penalty_protocol,
         };

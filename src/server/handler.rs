@@ -54,6 +54,7 @@ pub async fn drive(
             return;
         }
     }
+    let slotted = std::time::Instant::now();
     let handshake_deadline = deadline.min(tokio::time::Instant::now() + limits.handshake_timeout);
     let (identity, authenticated) = watch::channel(None);
     let (kex_done, key_exchanged) = watch::channel(false);
@@ -85,6 +86,10 @@ pub async fn drive(
     if authenticated.borrow().is_some() {
         return;
     }
+    if ending == Ending::Silent && slotted.elapsed() < PROBE_GRACE {
+        // A port probe or TCP health check: it cost no key exchange.
+        return;
+    }
     let attempts = std::mem::take(&mut *attempts.lock().expect("attempts lock poisoned"));
     for lockout in gate.charge(peer.ip(), ending, &attempts, std::time::Instant::now()) {
         let key = lockout.key.as_deref().unwrap_or("any");
@@ -97,6 +102,9 @@ pub async fn drive(
         );
     }
 }
+
+/// How long a connection may hold a slot and close without a word, free of penalty.
+const PROBE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The SSH connection itself; returns how it ended, for the penalty of a
 /// connection that never authenticated.
@@ -124,7 +132,10 @@ async fn run(
         Ok(Ok(running)) => running,
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "SSH handshake failed");
-            return ending_of(&error);
+            return match ending_of(&error) {
+                Ending::Closed => Ending::Silent,
+                protocol_error => protocol_error,
+            };
         }
         Err(_) => {
             tracing::info!(%peer, "closed: no SSH version exchange within the handshake timeout");
