@@ -484,7 +484,7 @@ impl Gate {
         let mut noauth = attempts.failed_keys.is_empty() || attempts.retried_locked;
         for key in &attempts.failed_keys {
             let entry = (ip, Some(key.clone()));
-            noauth |= !state.penalties.get(&entry).is_some_and(|p| now < p.until);
+            noauth |= state.penalties.get(&entry).is_none_or(|p| now >= p.until);
             if let Some(duration) = state.penalise(entry, limits.penalty_authfail, limits, now) {
                 lockouts.push(Lockout {
                     key: Some(key.clone()),
