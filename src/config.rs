@@ -227,7 +227,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/portcullis.toml");
         let config = Config::load(Some(&path)).unwrap();
         assert_eq!(config.listen.to_string(), "0.0.0.0:2222");
-        assert_eq!(config.limits.connections_per_second, 10.0);
+        assert_eq!(config.limits, Limits::default());
         assert_eq!(
             config.limits.requests(),
             crate::grant::RequestLimits::default()

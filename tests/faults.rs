@@ -411,12 +411,11 @@ fn quiet_session(w: &World, flags: &[&str], command: &str) -> Child {
         .unwrap()
 }
 
-/// A world with some `[limits]` keys set (and the harness's loose pre-auth limits).
+/// A world with some `[limits]` keys set (and the harness's exemption of
+/// 127.0.0.1 from address-wide lockouts).
 fn world_with_limits(limits: &str) -> World {
     World::start_with(WorldOptions {
-        extra_config: format!(
-            "[limits]\nconnections_per_second = 1000.0\npreauth_per_source = 200\npreauth_total = 500\n{limits}"
-        ),
+        extra_config: format!("[limits]\npenalty_exempt = [\"127.0.0.1\"]\n{limits}"),
         ..WorldOptions::default()
     })
 }

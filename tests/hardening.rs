@@ -24,7 +24,7 @@ fn ssh_audit() -> String {
 }
 
 /// Runs ssh-audit against a bastion started with `extra_config` (which keeps the
-/// default `[limits]`, so its connection-rate test meets the real throttling).
+/// default `[limits]`, so its connection-rate test meets the real door).
 fn audit(extra_config: &str) -> (String, World) {
     let w = World::start_with(WorldOptions {
         extra_config: format!("{extra_config}\n[limits]\n"),
@@ -43,6 +43,14 @@ fn lines_with<'a>(report: &'a str, level: &str) -> Vec<&'a str> {
     report.lines().filter(|l| l.contains(level)).collect()
 }
 
+/// The DHEat rate heuristic may appear as an `(nfo)` line, never as a warning or
+/// failure.
+fn assert_dheat_is_only_a_note(report: &str) {
+    for line in report.lines().filter(|l| l.contains("DHEat")) {
+        assert!(line.starts_with("(nfo)"), "{report}");
+    }
+}
+
 #[test]
 fn ssh_audit_finds_no_failure_and_only_the_classic_kex_fallback() {
     let (report, w) = audit("");
@@ -54,10 +62,12 @@ fn ssh_audit_finds_no_failure_and_only_the_classic_kex_fallback() {
             .all(|l| l.contains("(kex) curve25519-sha256")),
         "only the documented curve25519 fallback may warn:\n{report}"
     );
-    assert!(
-        !report.contains("DHEat"),
-        "connection throttling passes the rate test:\n{report}"
-    );
+    // ssh-audit's DHEat rate test counts banners per second from one source; a
+    // burst of logins must pass (issue 15 §4), so it may print its note. What the
+    // attack costs is bounded elsewhere: no finite-field DH is offered, key
+    // exchanges from one network are capped by `preauth_per_prefix`, and each that
+    // ends unauthenticated is penalised (tests/door.rs). The note stays a note:
+    assert_dheat_is_only_a_note(&report);
     assert!(report.contains("mlkem768x25519-sha256"), "{report}");
     // The audit's connection flood came from 127.0.0.1 too: the rate limit refills
     // within a second, and nobody is locked out.
@@ -77,7 +87,7 @@ fn post_quantum_only_satisfies_ssh_audit_completely() {
     let (report, _w) = audit("post_quantum_only = true\n");
     assert!(lines_with(&report, "[fail]").is_empty(), "{report}");
     assert!(lines_with(&report, "[warn]").is_empty(), "{report}");
-    assert!(!report.contains("DHEat"), "{report}");
+    assert_dheat_is_only_a_note(&report);
 }
 
 /// One failed authentication attempt from `source`: connect, offer an unknown key.

@@ -6,7 +6,7 @@
 //! channel task does the work from the queue, so events stay ordered with the data.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::BufReader;
 use tokio::net::TcpStream;
@@ -20,7 +20,7 @@ use russh::server::{
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 
 use super::channel::{serve_channel, ChannelContext, Identity};
-use super::gate::{Gate, Preauth};
+use super::gate::{Attempts, Ending, Gate, Preauth};
 use super::route::Route;
 use super::State;
 use crate::audit::AuditEvent;
@@ -28,35 +28,101 @@ use crate::policy::fingerprint;
 use crate::proxy::UpstreamSlot;
 use crate::totp::Verdict;
 
-/// Runs one accepted TCP connection: SSH handshake and authentication within the
-/// login grace time, then the session until either side ends it.
+/// Runs one accepted TCP connection: waits for a pre-auth slot, then the SSH
+/// handshake within `handshake_timeout` and authentication within the login grace
+/// (both counted from the connect), then the session until either side ends it. A
+/// connection that ends unauthenticated is charged to its source (see `gate`).
 pub async fn drive(
     state: Arc<State>,
     config: Arc<russh::server::Config>,
     gate: Arc<Gate>,
     stream: TcpStream,
     peer: SocketAddr,
-    preauth: Preauth,
+    mut preauth: Preauth,
 ) {
+    let limits = gate.limits();
+    let deadline = tokio::time::Instant::now() + limits.login_grace;
+    match tokio::time::timeout_at(deadline, preauth.wait_for_slot()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(refusal)) => {
+            // Locked out while it waited.
+            let _ = stream.try_write(refusal.message());
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "closed: no pre-auth slot within the login grace time");
+            return;
+        }
+    }
+    let slotted = std::time::Instant::now();
+    let handshake_deadline = deadline.min(tokio::time::Instant::now() + limits.handshake_timeout);
     let (identity, authenticated) = watch::channel(None);
+    let (kex_done, key_exchanged) = watch::channel(false);
+    let attempts = Arc::new(Mutex::new(Attempts::default()));
     let policy_changes = state.policy_changes();
-    let grace = gate.limits().login_grace;
-    let deadline = tokio::time::Instant::now() + grace;
     let connection = Connection {
         state: state.clone(),
         peer: Some(peer),
         identity,
+        kex_done,
         awaiting_step_up: None,
         upstream: Arc::new(UpstreamSlot::default()),
-        gate,
+        gate: gate.clone(),
         preauth: Some(preauth),
-        failed_auth: false,
+        attempts: attempts.clone(),
         open_channels: Arc::new(()),
         user_slot: None,
         refused: None,
     };
+    let ending = run(
+        &state,
+        config,
+        stream,
+        peer,
+        connection,
+        (handshake_deadline, key_exchanged),
+        (deadline, authenticated.clone()),
+        policy_changes,
+    )
+    .await;
+    if authenticated.borrow().is_some() {
+        return;
+    }
+    if ending == Ending::Silent && slotted.elapsed() < PROBE_GRACE {
+        // A port probe or TCP health check: it cost no key exchange.
+        return;
+    }
+    let attempts = std::mem::take(&mut *attempts.lock().expect("attempts lock poisoned"));
+    for lockout in gate.charge(peer.ip(), ending, &attempts, std::time::Instant::now()) {
+        let key = lockout.key.as_deref().unwrap_or("any");
+        tracing::warn!(source = %peer.ip(), key, seconds = lockout.duration.as_secs(), ?ending, "penalty threshold reached; locked out");
+        state.audit(
+            AuditEvent::new("preauth.lockout", "portcullis", Utc::now())
+                .detail("source", peer.ip().to_string())
+                .detail("key", key)
+                .detail("seconds", lockout.duration.as_secs()),
+        );
+    }
+}
+
+/// How long a connection may hold a slot and close without a word, free of penalty.
+const PROBE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The SSH connection itself; returns how it ended, for the penalty of a
+/// connection that never authenticated.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    state: &State,
+    config: Arc<russh::server::Config>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    connection: Connection,
+    (handshake_deadline, key_exchanged): (tokio::time::Instant, watch::Receiver<bool>),
+    (deadline, authenticated): (tokio::time::Instant, watch::Receiver<Option<Arc<Identity>>>),
+    policy_changes: watch::Receiver<Arc<crate::policy::Policy>>,
+) -> Ending {
     let started = tokio::time::timeout_at(
-        deadline,
+        handshake_deadline,
         russh::server::run_stream(
             config,
             BufReader::with_capacity(super::READ_BUFFER, stream),
@@ -68,14 +134,23 @@ pub async fn drive(
         Ok(Ok(running)) => running,
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "SSH handshake failed");
-            return;
+            return match ending_of(&error) {
+                Ending::Closed => Ending::Silent,
+                protocol_error => protocol_error,
+            };
         }
         Err(_) => {
-            tracing::info!(%peer, "closed: no SSH handshake within the login grace time");
-            return;
+            tracing::info!(%peer, "closed: no SSH version exchange within the handshake timeout");
+            return Ending::TimedOut;
         }
     };
     let handle = running.handle();
+    let handshake_over = async {
+        tokio::time::sleep_until(handshake_deadline).await;
+        if *key_exchanged.borrow() {
+            std::future::pending::<()>().await;
+        }
+    };
     let grace_over = async {
         tokio::time::sleep_until(deadline).await;
         if authenticated.borrow().is_some() {
@@ -83,11 +158,15 @@ pub async fn drive(
         }
     };
     let withdrawn = identity_withdrawn(authenticated.clone(), policy_changes);
-    tokio::select! {
+    let (why, log) = tokio::select! {
         result = running => {
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
-            }
+            return match result {
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                    ending_of(&error)
+                }
+                Ok(()) => Ending::Closed,
+            };
         }
         (identity, why) = withdrawn => {
             tracing::warn!(%peer, user = %identity.user, reason = %why, "identity withdrawn; connection closed");
@@ -97,24 +176,44 @@ pub async fn drive(
                     .detail("client", peer.to_string())
                     .detail("reason", why.as_str()),
             );
-            let _ = handle
-                .disconnect(
-                    russh::Disconnect::ByApplication,
-                    format!("portcullis: {why}; connection closed"),
-                    String::new(),
-                )
-                .await;
+            (format!("portcullis: {why}; connection closed"), None)
+        }
+        _ = handshake_over => {
+            ("key exchange took too long".to_string(), Some("closed: no key exchange within the handshake timeout"))
         }
         _ = grace_over => {
-            tracing::info!(%peer, "closed: not authenticated within the login grace time");
-            let _ = handle
-                .disconnect(
-                    russh::Disconnect::ByApplication,
-                    "authentication took too long".into(),
-                    String::new(),
-                )
-                .await;
+            ("authentication took too long".to_string(), Some("closed: not authenticated within the login grace time"))
         }
+    };
+    if let Some(log) = log {
+        tracing::info!(%peer, "{log}");
+    }
+    let _ = handle
+        .disconnect(russh::Disconnect::ByApplication, why, String::new())
+        .await;
+    if log.is_some() {
+        Ending::TimedOut
+    } else {
+        Ending::Closed
+    }
+}
+
+/// Malformed input is a protocol error; a client that goes away, or cannot agree on
+/// algorithms (an old client, not an attack), merely closed.
+fn ending_of(error: &russh::Error) -> Ending {
+    use russh::Error as E;
+    match error {
+        E::Version
+        | E::KexInit
+        | E::Kex
+        | E::PacketAuth
+        | E::PacketSize(_)
+        | E::DecryptionError
+        | E::Inconsistent
+        | E::StrictKeyExchangeViolation { .. }
+        | E::SshEncoding(_)
+        | E::Utf8(_) => Ending::ProtocolError,
+        _ => Ending::Closed,
     }
 }
 
@@ -153,6 +252,8 @@ pub struct Connection {
     peer: Option<SocketAddr>,
     /// Set once authentication succeeded; `drive` watches it against the policy.
     identity: watch::Sender<Option<Arc<Identity>>>,
+    /// Set once the key exchange is over (the client asked for authentication).
+    kex_done: watch::Sender<bool>,
     /// Set when the public key was accepted and a TOTP code is still owed.
     awaiting_step_up: Option<StepUp>,
     /// The upstream SSH connection, shared by this connection's channels.
@@ -160,9 +261,8 @@ pub struct Connection {
     gate: Arc<Gate>,
     /// The pre-authentication slot, released on success.
     preauth: Option<Preauth>,
-    /// Some authentication attempt failed (counted once, when the connection ends
-    /// unauthenticated).
-    failed_auth: bool,
+    /// Keys refused on this connection, charged if it ends unauthenticated.
+    attempts: Arc<Mutex<Attempts>>,
     /// One clone per open session channel (its strong count, minus this one, is the
     /// number of channels).
     open_channels: Arc<()>,
@@ -170,23 +270,6 @@ pub struct Connection {
     user_slot: Option<super::Slot>,
     /// Why every channel of this connection is refused (the user is over a cap).
     refused: Option<String>,
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        if self.identity.borrow().is_some() || !self.failed_auth {
-            return;
-        }
-        let Some(peer) = self.peer else { return };
-        if self.gate.auth_failed(peer.ip(), std::time::Instant::now()) {
-            tracing::warn!(source = %peer.ip(), "too many failed authentications; source locked out");
-            self.state.audit(
-                AuditEvent::new("preauth.lockout", "portcullis", Utc::now())
-                    .detail("source", peer.ip().to_string())
-                    .detail("seconds", self.gate.limits().lockout.as_secs()),
-            );
-        }
-    }
 }
 
 impl Connection {
@@ -210,6 +293,35 @@ impl Connection {
         self.identity.send_replace(Some(Arc::new(identity)));
         if let Some(mut preauth) = self.preauth.take() {
             preauth.release();
+        }
+    }
+
+    /// Whether this key is serving a lockout from this address; trying it anyway is
+    /// charged to the address.
+    fn key_locked_out(&self, key: &PublicKey) -> bool {
+        let Some(peer) = self.peer else { return false };
+        let fp = fingerprint(key);
+        if !self
+            .gate
+            .locked(peer.ip(), Some(&fp), std::time::Instant::now())
+        {
+            return false;
+        }
+        tracing::warn!(peer = %peer, key = %fp, "key refused: locked out from this address");
+        self.attempts
+            .lock()
+            .expect("attempts lock poisoned")
+            .retried_locked = true;
+        true
+    }
+
+    /// Notes a refused key, charged to (address, key) if the connection ends
+    /// unauthenticated.
+    fn key_failed(&self, key: &PublicKey) {
+        let fp = fingerprint(key);
+        let mut attempts = self.attempts.lock().expect("attempts lock poisoned");
+        if !attempts.failed_keys.contains(&fp) {
+            attempts.failed_keys.push(fp);
         }
     }
 
@@ -306,16 +418,25 @@ pub fn env_allowed(name: &str) -> bool {
 impl russh::server::Handler for Connection {
     type Error = russh::Error;
 
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        // The client asks for authentication only once the key exchange is over.
+        self.kex_done.send_replace(true);
+        Ok(None)
+    }
+
     async fn auth_publickey_offered(
         &mut self,
         user: &str,
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         // Telling the client early that a key is unknown saves it a signature.
+        if self.key_locked_out(offer.public_key) {
+            return Ok(Auth::reject());
+        }
         Ok(match self.known_user(offer.public_key) {
             Some(_) => Auth::Accept,
             None => {
-                self.failed_auth = true;
+                self.key_failed(offer.public_key);
                 self.state.metrics.auth_failures.inc();
                 self.audit_auth("auth.failure", "-", offer.public_key, user);
                 Auth::reject()
@@ -329,9 +450,12 @@ impl russh::server::Handler for Connection {
         key: VerifiedPublicKey<'_>,
     ) -> Result<Auth, Self::Error> {
         let fp = fingerprint(key.public_key);
+        if self.key_locked_out(key.public_key) {
+            return Ok(Auth::reject());
+        }
         let Some(user) = self.known_user(key.public_key) else {
             tracing::warn!(peer = %self.peer(), key = %fp, username, "authentication refused: unknown key");
-            self.failed_auth = true;
+            self.key_failed(key.public_key);
             self.state.metrics.auth_failures.inc();
             self.audit_auth("auth.failure", "-", key.public_key, username);
             return Ok(Auth::reject());
@@ -395,7 +519,8 @@ impl russh::server::Handler for Connection {
         };
         self.audit_step_up(&user, username, &verdict, now);
         if verdict != Verdict::Accepted {
-            self.failed_auth = true;
+            // The TOTP lockout (per user) deals with wrong codes; the gate charges
+            // the connection as unauthenticated.
             self.state.metrics.auth_failures.inc();
             tracing::warn!(peer = %self.peer(), %user, username, result = %verdict.explain(&user), "TOTP step-up failed");
             return Ok(Auth::Reject {

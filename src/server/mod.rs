@@ -32,7 +32,7 @@ pub use channel::{
     ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start, CTRL_C,
     CTRL_D,
 };
-pub use gate::{Gate, Limits, Preauth, Refusal};
+pub use gate::{Gate, Limits, MaxStartups, Preauth, Prefix, Refusal};
 pub use per_user::{PerUser, Slot};
 pub use route::{InvalidUsername, Route, CONTROL_USER};
 
@@ -351,7 +351,8 @@ pub async fn serve(config: Config) -> Result<()> {
     Ok(())
 }
 
-/// Accepts connections, refusing at the door what the pre-auth limits do not allow.
+/// Accepts connections, refusing at the door penalised sources and, under a flood,
+/// a random share of new ones; the rest wait in `drive` for a pre-auth slot.
 async fn accept(
     listener: TcpListener,
     state: Arc<State>,
@@ -380,7 +381,11 @@ async fn accept(
                     preauth,
                 ));
             }
-            Err(refusal) => tracing::debug!(%peer, ?refusal, "connection refused at the door"),
+            Err(refusal) => {
+                tracing::debug!(%peer, ?refusal, "connection refused at the door");
+                // sshd's words, then close: best effort, never waiting for the peer.
+                let _ = stream.try_write(refusal.message());
+            }
         }
     }
 }
