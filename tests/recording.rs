@@ -557,8 +557,9 @@ fn reading_a_large_recording_holds_one_batch_at_a_time() {
         assert!(out.status.success(), "{command:?}: {}", describe(&out));
         let grown_mib = status_kib(pid, "VmHWM:").saturating_sub(before) / 1024;
         eprintln!("{command:?} of a {MIB} MiB session: peak grew {grown_mib} MiB");
+        // A whole-transcript read would grow it by several times the session.
         assert!(
-            grown_mib < 32,
+            grown_mib < 64,
             "{command:?} grew the bastion by {grown_mib} MiB"
         );
     }
