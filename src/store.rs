@@ -4,6 +4,11 @@
 //!
 //! Values are JSON: readable with any sled dump tool, tolerant of added fields, and
 //! small enough for the record sizes involved (recordings are compressed separately).
+//!
+//! A failed write poisons sled for good: once it has seen an I/O error (a full
+//! disk), every later write returns it again, even after space was freed. The
+//! store remembers the first such error ([`Store::failure`]) so the health check
+//! can report it and the server can restart itself once space is back.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -19,6 +24,14 @@ use crate::record::SessionRecord;
 /// sled's page cache; its default (1 GiB) would let recordings grow the bastion's
 /// memory far beyond what the relay uses.
 const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// sled's log segment size for new databases (sled's default is 512 KiB). A log
+/// message over a quarter of a segment becomes a file of its own under `blobs/`,
+/// which sled rewrites whole and frees late; 2 MiB segments keep transcript values
+/// (64 KiB, see `record`) and most leaf rewrites in the log, where its segment
+/// cleaner reclaims them. A database keeps the segment size it was created with
+/// (sled refuses to open it with another).
+const SEGMENT_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -51,13 +64,17 @@ pub struct Store {
     audit_append: Mutex<()>,
     /// Fault injection: makes transcript writes fail, as a full disk would.
     fail_batches: std::sync::atomic::AtomicBool,
+    /// The first write error sled returned: from then on sled fails every write.
+    failure: Mutex<Option<String>>,
 }
 
 impl Store {
     /// Opens (or creates) the database in `data_dir/db`.
     pub fn open(data_dir: &Path) -> Result<Store> {
+        let path = data_dir.join("db");
         let db = sled::Config::new()
-            .path(data_dir.join("db"))
+            .segment_size(existing_segment_size(&path).unwrap_or(SEGMENT_BYTES))
+            .path(path)
             .flush_every_ms(Some(200))
             .cache_capacity(CACHE_BYTES)
             .open()?;
@@ -71,23 +88,44 @@ impl Store {
             users_state: db.open_tree("users_state")?,
             audit_append: Mutex::new(()),
             fail_batches: std::sync::atomic::AtomicBool::new(false),
+            failure: Mutex::new(None),
             db,
         })
     }
 
+    /// Why the store cannot be written any more, if it cannot: sled's errors are
+    /// sticky, so only a restart (a fresh open) clears it.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("store lock poisoned").clone()
+    }
+
+    /// Passes a write's result on, remembering the first I/O error.
+    fn written<T>(&self, result: sled::Result<T>) -> Result<T> {
+        if let Err(err @ (sled::Error::Io(_) | sled::Error::ReportableBug(_))) = &result {
+            let mut failure = self.failure.lock().expect("store lock poisoned");
+            if failure.is_none() {
+                tracing::error!(error = %err, "the database cannot be written; refusing everything that needs it");
+                *failure = Some(err.to_string());
+            }
+        }
+        Ok(result?)
+    }
+
     /// A fresh, strictly increasing number (survives restarts).
     pub fn next_seq(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
+        self.written(self.db.generate_id())
     }
 
     /// Writes `grant` and makes it durable before returning: a decision that was
     /// reported to a user must survive a crash.
     pub fn save_grant(&self, grant: &Grant) -> Result<()> {
         let key = grant.seq.to_be_bytes();
-        self.requests.insert(key, to_json(grant))?;
-        self.request_ids.insert(grant.id.as_bytes(), &key)?;
-        self.db.flush()?;
-        Ok(())
+        self.written((|| {
+            self.requests.insert(key, to_json(grant))?;
+            self.request_ids.insert(grant.id.as_bytes(), &key)?;
+            self.db.flush()?;
+            Ok(())
+        })())
     }
 
     pub fn grant(&self, id: &str) -> Result<Option<Grant>> {
@@ -114,7 +152,9 @@ impl Store {
     }
 
     /// Appends an event to the audit chain, linking it to the previous one, and
-    /// returns it as stored.
+    /// returns it as stored, on disk: callers act only once their event is durable,
+    /// so an action can never outlive a lost event (a full disk fails the append,
+    /// and with it the action).
     pub fn append_audit(&self, mut event: AuditEvent) -> Result<AuditEvent> {
         let _guard = self.audit_append.lock().expect("audit lock poisoned");
         let previous: Option<AuditEvent> = match self.audit.last()? {
@@ -122,8 +162,11 @@ impl Store {
             None => None,
         };
         event.link_after(previous.as_ref());
-        self.audit
-            .insert(event.seq.to_be_bytes(), to_json(&event))?;
+        self.written((|| {
+            self.audit
+                .insert(event.seq.to_be_bytes(), to_json(&event))?;
+            self.db.flush()
+        })())?;
         Ok(event)
     }
 
@@ -146,13 +189,13 @@ impl Store {
 
     /// A fresh session id: 1, 2, 3… (short enough to type after `replay`).
     pub fn next_session_id(&self) -> Result<u64> {
-        let next = self.meta.update_and_fetch("session_id", |old| {
+        let next = self.written(self.meta.update_and_fetch("session_id", |old| {
             let n = old
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
             Some((n + 1).to_be_bytes().to_vec())
-        })?;
+        }))?;
         let bytes = next.expect("update_and_fetch always stores a value");
         Ok(u64::from_be_bytes(
             bytes.as_ref().try_into().expect("8-byte counter"),
@@ -169,8 +212,10 @@ impl Store {
     }
 
     pub fn save_session(&self, session: &SessionRecord) -> Result<()> {
-        self.sessions
-            .insert(session.id.to_be_bytes(), to_json(session))?;
+        self.written(
+            self.sessions
+                .insert(session.id.to_be_bytes(), to_json(session)),
+        )?;
         Ok(())
     }
 
@@ -196,7 +241,7 @@ impl Store {
                 "injected write failure",
             ))));
         }
-        self.chunks.insert(batch_key(session, index), compressed)?;
+        self.written(self.chunks.insert(batch_key(session, index), compressed))?;
         Ok(())
     }
 
@@ -215,7 +260,7 @@ impl Store {
         for entry in self.chunks.scan_prefix(session.to_be_bytes()) {
             let (key, value) = entry?;
             freed += value.len() as u64;
-            self.chunks.remove(key)?;
+            self.written(self.chunks.remove(key))?;
         }
         Ok(freed)
     }
@@ -229,8 +274,10 @@ impl Store {
 
     /// Stores a user's state durably (a consumed TOTP step must stay consumed).
     pub fn put_user_state<T: Serialize>(&self, user: &str, state: &T) -> Result<()> {
-        self.users_state.insert(user.as_bytes(), to_json(state))?;
-        self.db.flush()?;
+        self.written((|| {
+            self.users_state.insert(user.as_bytes(), to_json(state))?;
+            self.db.flush()
+        })())?;
         Ok(())
     }
 
@@ -245,8 +292,10 @@ impl Store {
 
     /// Removes a user's state for good (they left the policy).
     pub fn delete_user_state(&self, user: &str) -> Result<()> {
-        self.users_state.remove(user.as_bytes())?;
-        self.db.flush()?;
+        self.written((|| {
+            self.users_state.remove(user.as_bytes())?;
+            self.db.flush()
+        })())?;
         Ok(())
     }
 
@@ -259,9 +308,19 @@ impl Store {
 
     /// Forces everything written so far to disk.
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        self.written(self.db.flush())?;
         Ok(())
     }
+}
+
+/// The segment size an existing database was created with (sled's `conf` file
+/// says `segment_size: N`), so that databases created before [`SEGMENT_BYTES`]
+/// open as they are.
+fn existing_segment_size(db: &Path) -> Option<usize> {
+    let conf = std::fs::read_to_string(db.join("conf")).ok()?;
+    conf.lines()
+        .find_map(|line| line.strip_prefix("segment_size: "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 fn batch_key(session: u64, index: u32) -> [u8; 12] {

@@ -113,7 +113,7 @@ pub async fn run(
     tracing::info!(user, target, login = %permit.login, grant = %grant.id, session, action = %start.action().describe(), "session started");
     // Everything the record says about the start, so `audit verify` can hold the
     // record to it; its time is the record's `started_at`.
-    context.state.audit(
+    let started = context.state.audit(
         AuditEvent::new("session.start", user, recording.started_at())
             .target(target)
             .grant(&grant.id)
@@ -124,6 +124,16 @@ pub async fn run(
             .detail("action", start.action().describe())
             .detail("client", peer(context)),
     );
+    if let Err(err) = started {
+        // Nothing has run on the target yet, and nothing will without its event.
+        recording.finish(SessionEnd::default(), |_, _| {}).await;
+        let _ = channel.close().await;
+        client
+            .out
+            .fail(&crate::server::refused_unaudited(&err), 1)
+            .await;
+        return;
+    }
     let _live = LiveSession::new(&context.state.live_sessions);
     context.state.metrics.sessions_total.inc();
     // The last check before anything runs on the target, and one right after: a
@@ -209,7 +219,9 @@ async fn end_session(
             if let Some(error) = error {
                 event = event.detail("recording_error", error);
             }
-            context.state.audit(event);
+            // The session is over; a failed append is logged, and the store's
+            // failure restarts the bastion (see `server::upkeep`).
+            let _ = context.state.audit(event);
         })
         .await;
     if let Some(error) = error {

@@ -43,6 +43,15 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// A batch this big is flushed at once rather than at the next interval.
 const BATCH_BYTES: usize = 1024 * 1024;
 
+/// Largest transcript value written to sled (a flushed batch is stored as several).
+/// sled keeps values inside its B-tree leaves and rewrites a leaf whole when it
+/// splits (every 16 keys) or consolidates, so every value is written about three
+/// times whatever its size; what the size decides is how much of that garbage sled
+/// can reclaim. Values up to a quarter of a segment ([`crate::store`]) are written
+/// into the log, and 64 KiB values in 2 MiB segments left the least behind
+/// (`benches/proxy.rs` measures it; see the README's Performance section).
+const STORED_VALUE_BYTES: usize = 64 * 1024;
+
 /// Unflushed bytes per session beyond which the relay waits for the flusher.
 const PENDING_CAP: usize = 8 * 1024 * 1024;
 
@@ -494,7 +503,7 @@ impl Recorder {
     /// `interrupted` without one.
     pub fn recover(
         &self,
-        mut announce: impl FnMut(&SessionRecord),
+        mut announce: impl FnMut(&SessionRecord) -> Result<(), StoreError>,
     ) -> Result<Vec<SessionRecord>, StoreError> {
         let mut recovered = Vec::new();
         for mut session in self.store.sessions()? {
@@ -510,7 +519,7 @@ impl Recorder {
             let chunks = self.chunks(session.id)?;
             session.transcript_bytes = chunks.iter().map(|c| c.data.len() as u64).sum();
             session.received_input = chunks.iter().any(|c| c.stream == Stream::Stdin);
-            announce(&session);
+            announce(&session)?;
             self.store.save_session(&session)?;
             recovered.push(session);
         }
@@ -802,32 +811,59 @@ async fn flush_loop(
     }
 }
 
-/// Frames, compresses and stores one batch; counts it in the in-memory record. (The
-/// stored record is written at the start and the end only: a crash recovery
-/// recounts the batches, and one write per flush would cost a sled write per
-/// session per interval.)
+/// Frames, compresses (when that pays) and stores what was pending, as values of
+/// about [`STORED_VALUE_BYTES`]; counts them in the in-memory record. (The stored
+/// record is written at the start and the end only: a crash recovery recounts the
+/// batches, and one write per flush would cost a sled write per session per
+/// interval.)
 async fn write_batch(
     store: &Arc<Store>,
     record: &mut SessionRecord,
     digest: &mut TranscriptDigest,
     chunks: Vec<Chunk>,
 ) -> Result<(), String> {
-    let (id, index) = (record.id, record.batches);
+    let (id, first) = (record.id, record.batches);
     let plain: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
     let writer = store.clone();
-    let compressed = tokio::task::spawn_blocking(move || {
-        let compressed = transcript::compress_chunks(&chunks);
-        writer.put_batch(id, index, &compressed)?;
-        Ok::<Vec<u8>, StoreError>(compressed)
+    let stored = tokio::task::spawn_blocking(move || {
+        let mut stored = Vec::new();
+        for (n, piece) in pieces(&chunks).enumerate() {
+            let value = transcript::encode_stored(piece);
+            writer.put_batch(id, first + n as u32, &value)?;
+            stored.push(value);
+        }
+        Ok::<Vec<Vec<u8>>, StoreError>(stored)
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    digest.update(&compressed);
-    record.batches += 1;
+    for value in &stored {
+        digest.update(value);
+        record.stored_bytes += value.len() as u64;
+    }
+    record.batches += stored.len() as u32;
     record.transcript_bytes += plain;
-    record.stored_bytes += compressed.len() as u64;
     Ok(())
+}
+
+/// Splits pending chunks into runs of about [`STORED_VALUE_BYTES`] (a chunk is never
+/// cut; one bigger than that is a run of its own).
+fn pieces(chunks: &[Chunk]) -> impl Iterator<Item = &[Chunk]> {
+    let mut rest = chunks;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut size = 0;
+        let mut end = 0;
+        while end < rest.len() && (end == 0 || size + rest[end].data.len() <= STORED_VALUE_BYTES) {
+            size += rest[end].data.len();
+            end += 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 #[cfg(test)]

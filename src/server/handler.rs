@@ -89,7 +89,7 @@ pub async fn drive(
         }
         (identity, why) = withdrawn => {
             tracing::warn!(%peer, user = %identity.user, reason = %why, "identity withdrawn; connection closed");
-            state.audit(
+            let _ = state.audit(
                 AuditEvent::new("auth.withdrawn", &identity.user, Utc::now())
                     .detail("key", fingerprint(&identity.key))
                     .detail("client", peer.to_string())
@@ -174,7 +174,7 @@ impl Drop for Connection {
         let Some(peer) = self.peer else { return };
         if self.gate.auth_failed(peer.ip(), std::time::Instant::now()) {
             tracing::warn!(source = %peer.ip(), "too many failed authentications; source locked out");
-            self.state.audit(
+            let _ = self.state.audit(
                 AuditEvent::new("preauth.lockout", "portcullis", Utc::now())
                     .detail("source", peer.ip().to_string())
                     .detail("seconds", self.gate.limits().lockout.as_secs()),
@@ -242,14 +242,16 @@ impl Connection {
             "stepup.failure"
         };
         let username: String = username.chars().take(128).collect();
-        self.state.audit(
+        // Refusing a step-up for want of its event would not help: the session it
+        // is for needs its own `session.start`, which fails the same way.
+        let _ = self.state.audit(
             AuditEvent::new(kind, user, now)
                 .detail("client", self.peer())
                 .detail("username", username)
                 .detail("result", verdict.explain(user)),
         );
         if verdict.locked_now() {
-            self.state.audit(
+            let _ = self.state.audit(
                 AuditEvent::new("stepup.locked", user, now)
                     .detail("client", self.peer())
                     .detail("minutes", crate::totp::LOCKOUT_SECS / 60),
@@ -261,7 +263,9 @@ impl Connection {
     /// address.
     fn audit_auth(&self, kind: &str, user: &str, key: &PublicKey, username: &str) {
         let username: String = username.chars().take(128).collect();
-        self.state.audit(
+        // Best effort: every action after authentication (a session, a request, a
+        // decision) needs its own event and is refused when that cannot be written.
+        let _ = self.state.audit(
             AuditEvent::new(kind, user, chrono::Utc::now())
                 .detail("key", fingerprint(key))
                 .detail("client", self.peer())

@@ -106,9 +106,16 @@ impl State {
         })
     }
 
-    /// Appends an audit event (failures are logged by the store layer).
-    pub fn audit(&self, event: AuditEvent) {
-        self.grants.audit(event);
+    /// Appends an audit event durably; on failure (logged) the caller must refuse
+    /// what the event records.
+    pub fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.grants.audit(event)
+    }
+
+    /// [`State::audit`] for callers that answer a user: the refusal to show when the
+    /// event cannot be written.
+    pub fn audit_or_refuse(&self, event: AuditEvent) -> Result<(), String> {
+        self.audit(event).map_err(|err| refused_unaudited(&err))
     }
 
     /// The policy in force right now; callers keep the `Arc` for one decision.
@@ -154,13 +161,23 @@ impl State {
             }
             crate::totp::invite::withdraw(&self.config.data_dir, &user);
             tracing::warn!(%user, grants = ended.len(), "user removed from the policy; grants withdrawn, TOTP forgotten");
-            self.audit(
+            // Taking access away needs no permission; a failed append is logged.
+            let _ = self.audit(
                 AuditEvent::new("user.removed", "portcullis", now)
                     .detail("user", user.as_str())
                     .detail("grants", ended),
             );
         }
     }
+}
+
+/// What a user is told when the audit event of what they asked for cannot be
+/// written: nothing is done unaudited.
+pub fn refused_unaudited(err: &StoreError) -> String {
+    format!(
+        "refused: the audit log cannot be written ({err}), and nothing happens here \
+         without its audit event; tell an operator (the bastion's disk may be full)"
+    )
 }
 
 /// Logs what `portcullis policy check` warns about.
@@ -375,7 +392,8 @@ async fn drain(state: &State) {
     let live = *state.live_sessions.borrow();
     let grace = state.config.shutdown_grace;
     tracing::info!(live_sessions = live, grace = ?grace, "shutting down: no new connections");
-    state.audit(
+    // Stopping is not refused for want of an event; a failed append is logged.
+    let _ = state.audit(
         AuditEvent::new("bastion.shutdown", "portcullis", chrono::Utc::now())
             .detail("live_sessions", live),
     );
@@ -420,7 +438,7 @@ fn mark_interrupted_sessions(state: &State) -> Result<()> {
                         "digest_source",
                         session.digest_source.map(|s| s.as_str()),
                     ),
-            );
+            )
         })
         .context("cannot recover the recordings of interrupted sessions")?;
     Ok(())
@@ -449,11 +467,12 @@ async fn reload_on_sighup(state: Arc<State>) {
         match state.reload_policy() {
             Ok(()) => {
                 tracing::info!("policy reloaded");
-                state.audit(AuditEvent::new("policy.reloaded", "portcullis", now));
+                // In force already; a failed append is logged.
+                let _ = state.audit(AuditEvent::new("policy.reloaded", "portcullis", now));
             }
             Err(errors) => {
                 tracing::error!(%errors, "policy reload failed; keeping the previous policy");
-                state.audit(
+                let _ = state.audit(
                     AuditEvent::new("policy.reload_failed", "portcullis", now)
                         .detail("errors", errors.to_string()),
                 );

@@ -49,7 +49,9 @@ pub async fn prune_recordings(state: Arc<State>, retention: Duration) {
                     bytes = freed,
                     "pruned old recordings"
                 );
-                state.audit(
+                // Done already; a failed append is logged (and the store's failure
+                // restarts the bastion, see `watch_store`).
+                let _ = state.audit(
                     AuditEvent::new("recordings.pruned", "portcullis", Utc::now())
                         .detail("sessions", pruned)
                         .detail("bytes", freed)
