@@ -60,6 +60,20 @@ pub async fn run(
         Some(canonical) => Start::Exec(canonical.clone().into_bytes()),
         None => start,
     };
+    // Before an id is taken or the target is reached: a session that could not be
+    // recorded to its end (disk nearly full, quota used up, store failed) never starts.
+    if let Err(refusal) = context.state.recorder.room_for(user) {
+        tracing::warn!(user, target, reason = %refusal, "session refused");
+        // Refused either way; a failed append is logged.
+        let _ = context.state.audit(
+            AuditEvent::new("session.refused", user, Utc::now())
+                .target(target)
+                .grant(&permit.grant.id)
+                .detail("reason", refusal.as_str()),
+        );
+        client.out.fail(&refusal, 1).await;
+        return;
+    }
     let failed = AuditEvent::new("session.failed", user, Utc::now())
         .target(target)
         .grant(&permit.grant.id);

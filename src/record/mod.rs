@@ -13,11 +13,14 @@
 
 pub mod asciicast;
 pub mod check;
+pub mod disk;
 pub mod replay;
 pub mod screen;
 mod transcript;
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +33,8 @@ use tokio::task::JoinHandle;
 
 use crate::audit::AuditEvent;
 use crate::store::{Store, StoreError};
+pub use disk::RecordingLimits;
+use disk::Size;
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
 
 /// Decompresses and decodes one stored batch (for tools and fuzzing).
@@ -213,6 +218,9 @@ pub struct Recorder {
     live: Mutex<HashMap<u64, Arc<Live>>>,
     /// Session ids reserved and not yet recording or given up (see [`Reservation`]).
     reserved: Mutex<BTreeSet<u64>>,
+    limits: RecordingLimits,
+    /// Where free space is measured (the data dir); `None`: not measured.
+    data_dir: Option<PathBuf>,
 }
 
 /// A session id taken from the counter before connecting to the target (so the
@@ -261,6 +269,9 @@ impl Drop for Reservation {
 
 /// Shared between a session's relay, its flusher and its watchers.
 struct Live {
+    user: String,
+    /// Transcript bytes in the store so far (for quotas and the disk watermark).
+    stored: AtomicU64,
     started: Instant,
     inner: Mutex<Pending>,
     /// Wakes the flusher early (a full batch, or the end of the session).
@@ -299,7 +310,114 @@ impl Recorder {
             record_file_transfers,
             live: Mutex::new(HashMap::new()),
             reserved: Mutex::new(BTreeSet::new()),
+            limits: RecordingLimits::UNLIMITED,
+            data_dir: None,
         }
+    }
+
+    /// The same recorder enforcing `limits`, with free space measured in `data_dir`.
+    pub fn with_limits(mut self, limits: RecordingLimits, data_dir: PathBuf) -> Recorder {
+        self.limits = limits;
+        self.data_dir = Some(data_dir);
+        self
+    }
+
+    pub fn limits(&self) -> RecordingLimits {
+        self.limits
+    }
+
+    /// Whether `user` may start a session now: the store can be written, the disk
+    /// is above `min_free_disk`, and their live sessions are under `user_quota`.
+    /// The refusal says which and what to do.
+    pub fn room_for(&self, user: &str) -> Result<(), String> {
+        if let Some(failure) = self.store.failure() {
+            return Err(format!(
+                "the bastion cannot write its database ({failure}); new sessions are refused \
+                 until it restarts with the database reopened; tell an operator"
+            ));
+        }
+        if let Some(free) = self.disk_low() {
+            return Err(disk_full_message(
+                free,
+                self.limits.min_free_disk,
+                "new sessions are refused until an operator frees space",
+            ));
+        }
+        if let Some(quota) = self.limits.user_quota {
+            let used = self.user_stored(user);
+            if used >= quota {
+                return Err(format!(
+                    "your live sessions have recorded {} (user_quota = {}); end one of them first",
+                    Size(used),
+                    Size(quota)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The free bytes on the data directory's file system when they are below
+    /// `min_free_disk` (a failed measurement counts as no space: fail closed).
+    pub fn disk_low(&self) -> Option<u64> {
+        let dir = self.data_dir.as_ref()?;
+        if self.limits.min_free_disk == 0 {
+            return None;
+        }
+        let free = disk::free_bytes(dir).unwrap_or_else(|err| {
+            tracing::error!(dir = %dir.display(), error = %err, "cannot measure free disk space");
+            0
+        });
+        (free < self.limits.min_free_disk).then_some(free)
+    }
+
+    /// Ends the live session that has stored the most (and is not ending already)
+    /// with `reason`; returns its id, user and stored bytes.
+    pub fn end_largest(&self, reason: &str) -> Option<(u64, String, u64)> {
+        let live = self.live.lock().expect("recorder lock poisoned");
+        let (id, session) = live
+            .iter()
+            .filter(|(_, l)| l.failure.borrow().is_none())
+            .max_by_key(|(_, l)| l.stored.load(Ordering::Relaxed))?;
+        stop(session, reason.to_string());
+        Some((
+            *id,
+            session.user.clone(),
+            session.stored.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Bytes stored by `user`'s live sessions.
+    fn user_stored(&self, user: &str) -> u64 {
+        self.live
+            .lock()
+            .expect("recorder lock poisoned")
+            .values()
+            .filter(|l| l.user == user)
+            .map(|l| l.stored.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Why a session that has just stored more must end, if it must.
+    fn over_quota(&self, live: &Live) -> Option<String> {
+        let stored = live.stored.load(Ordering::Relaxed);
+        if let Some(quota) = self.limits.session_quota.filter(|q| stored > *q) {
+            return Some(format!(
+                "this session reached its recording quota ({} stored, session_quota = {})",
+                Size(stored),
+                Size(quota)
+            ));
+        }
+        if let Some(quota) = self.limits.user_quota {
+            let used = self.user_stored(&live.user);
+            if used > quota {
+                return Some(format!(
+                    "your live sessions reached your recording quota ({} stored, user_quota = {})",
+                    Size(used),
+                    Size(quota)
+                ));
+            }
+        }
+        None
     }
 
     /// Takes the next session id. `failed` (kind `session.failed`, with actor,
@@ -367,6 +485,8 @@ impl Recorder {
         reservation.failed = None; // the record accounts for the id now
         drop(reservation);
         let live = Arc::new(Live {
+            user: record.user.clone(),
+            stored: AtomicU64::new(0),
             started: Instant::now(),
             inner: Mutex::new(Pending {
                 chunks: Vec::new(),
@@ -385,12 +505,7 @@ impl Recorder {
             .lock()
             .expect("recorder lock poisoned")
             .insert(record.id, live.clone());
-        let flusher = tokio::spawn(flush_loop(
-            self.store.clone(),
-            self.writers.clone(),
-            live.clone(),
-            record.clone(),
-        ));
+        let flusher = tokio::spawn(flush_loop(self.clone(), live.clone(), record.clone()));
         Ok(SessionRecorder {
             recorder: self.clone(),
             id: record.id,
@@ -593,6 +708,28 @@ impl<'a> SearchWindow<'a> {
     }
 }
 
+/// What a session ended for the disk's sake, or a refused one, is told.
+pub fn disk_full_message(free: u64, min_free: u64, consequence: &str) -> String {
+    format!(
+        "the bastion's disk is nearly full ({} free, min_free_disk = {}); {consequence}",
+        Size(free),
+        Size(min_free)
+    )
+}
+
+/// Ends a live session's relay with `reason` (its flusher still writes what is
+/// pending); the first reason wins.
+fn stop(live: &Live, reason: String) {
+    live.failure.send_if_modified(|failure| {
+        if failure.is_some() {
+            return false;
+        }
+        *failure = Some(reason);
+        true
+    });
+    live.room.notify_waiters();
+}
+
 fn damaged(err: TranscriptError) -> StoreError {
     StoreError::Corrupt {
         tree: "chunks",
@@ -754,11 +891,11 @@ struct Flushed {
 
 /// Writes a session's batches until it is finished (or the store fails).
 async fn flush_loop(
-    store: Arc<Store>,
-    writers: Arc<Semaphore>,
+    recorder: Arc<Recorder>,
     live: Arc<Live>,
     mut record: SessionRecord,
 ) -> Flushed {
+    let (store, writers) = (&recorder.store, &recorder.writers);
     let mut digest = TranscriptDigest::default();
     // Sessions that start together must not flush together: a random phase spreads
     // hundreds of flushers over the interval instead of waking them in one burst.
@@ -781,7 +918,7 @@ async fn flush_loop(
                     .acquire()
                     .await
                     .expect("the writer semaphore is never closed");
-                write_batch(&store, &mut record, &mut digest, chunks).await
+                write_batch(store, &mut record, &mut digest, chunks).await
             };
             if let Err(error) = written {
                 tracing::error!(session = record.id, %error, "cannot write recording; ending the session");
@@ -799,6 +936,11 @@ async fn flush_loop(
             pending.bytes -= bytes;
             pending.batches = record.batches;
             drop(pending);
+            live.stored.store(record.stored_bytes, Ordering::Relaxed);
+            if let Some(reason) = recorder.over_quota(&live) {
+                tracing::warn!(session = record.id, user = %record.user, %reason, "ending the session");
+                stop(&live, reason);
+            }
             live.room.notify_waiters();
         }
         if finished {

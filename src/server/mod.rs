@@ -90,11 +90,14 @@ impl State {
         let notifier = Notifier::new(config.notify.webhook.clone());
         Ok(State {
             grants: Grants::new(store.clone(), notifier)?.with_limits(config.limits.requests()),
-            recorder: Arc::new(Recorder::new(
-                store.clone(),
-                config.record_input,
-                config.record_file_transfers,
-            )),
+            recorder: Arc::new(
+                Recorder::new(
+                    store.clone(),
+                    config.record_input,
+                    config.record_file_transfers,
+                )
+                .with_limits(config.recording, config.data_dir.clone()),
+            ),
             config,
             keys,
             policy: watch::channel(Arc::new(policy)).0,
@@ -345,6 +348,11 @@ pub async fn serve(config: Config) -> Result<()> {
     tokio::select! {
         _ = accept(listener, state.clone(), russh_config, gate) => {}
         _ = termination() => {}
+        failure = upkeep::watch_disk(state.clone()) => {
+            // Live sessions could not be recorded any more: nothing to drain.
+            tracing::error!(reason = %failure, "exiting so that the service manager restarts portcullis with the database reopened");
+            anyhow::bail!("{failure}");
+        }
     }
     drain(&state).await;
     state.store.flush().context("cannot flush the database")?;
