@@ -35,6 +35,8 @@ pub enum GrantError {
     BadId(String),
     #[error("the bastion cannot store this right now ({0}); nothing was changed, try again or tell an operator")]
     Store(#[from] StoreError),
+    #[error("{}", crate::audit::refused_unaudited(.0))]
+    Unaudited(StoreError),
 }
 
 /// Per-user limits on requests that wait for an approver (`[limits]` in the config),
@@ -427,7 +429,8 @@ impl Grants {
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<(), GrantError> {
-        self.audit(event_for(grant, kind, actor, now))?;
+        self.audit(event_for(grant, kind, actor, now))
+            .map_err(GrantError::Unaudited)?;
         if let Err(err) = self.store.save_grant(grant) {
             tracing::error!(event = kind, grant = %grant.id, error = %err, "audited change not saved");
             return Err(err.into());

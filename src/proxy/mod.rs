@@ -144,7 +144,7 @@ pub async fn run(
         let _ = channel.close().await;
         client
             .out
-            .fail(&crate::server::refused_unaudited(&err), 1)
+            .fail(&crate::audit::refused_unaudited(&err), 1)
             .await;
         return;
     }

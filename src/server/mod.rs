@@ -118,7 +118,8 @@ impl State {
     /// [`State::audit`] for callers that answer a user: the refusal to show when the
     /// event cannot be written.
     pub fn audit_or_refuse(&self, event: AuditEvent) -> Result<(), String> {
-        self.audit(event).map_err(|err| refused_unaudited(&err))
+        self.audit(event)
+            .map_err(|err| crate::audit::refused_unaudited(&err))
     }
 
     /// The policy in force right now; callers keep the `Arc` for one decision.
@@ -172,15 +173,6 @@ impl State {
             );
         }
     }
-}
-
-/// What a user is told when the audit event of what they asked for cannot be
-/// written: nothing is done unaudited.
-pub fn refused_unaudited(err: &StoreError) -> String {
-    format!(
-        "refused: the audit log cannot be written ({err}), and nothing happens here \
-         without its audit event; tell an operator (the bastion's disk may be full)"
-    )
 }
 
 /// Logs what `portcullis policy check` warns about.
