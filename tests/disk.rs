@@ -230,3 +230,23 @@ fn a_full_disk_refuses_what_it_cannot_record_and_the_bastion_recovers() {
         assert!(kinds.iter().any(|k| k == kind), "{kind} missing: {kinds:?}");
     }
 }
+
+#[test]
+fn a_session_over_its_recording_quota_is_ended_and_stays_verifiable() {
+    let world = World::start_with(WorldOptions {
+        extra_config: "[recording]\nsession_quota = \"1MiB\"\n".into(),
+        ..WorldOptions::default()
+    });
+    let user = world.target_user();
+    let out = world
+        .alice
+        .ssh(&user, &["head -c 16777216 /dev/urandom; sleep 5"]);
+    assert_eq!(out.status.code(), Some(255), "{}", world.logs());
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("recording quota") && stderr.contains("session_quota = 1MiB"),
+        "{stderr}"
+    );
+    assert!(out.stdout.len() < 16 << 20, "the session was cut short");
+    world.ok(&world.dave, &["audit", "verify", "--recordings"]);
+}

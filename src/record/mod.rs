@@ -1091,6 +1091,54 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_user_over_their_quota_is_ended_and_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let limits = RecordingLimits {
+            user_quota: Some(100 * 1024),
+            ..RecordingLimits::UNLIMITED
+        };
+        let recorder =
+            Arc::new(Recorder::new(store, true, false).with_limits(limits, dir.path().into()));
+        let first = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        let second = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        // Incompressible, so stored bytes grow with what is recorded.
+        let mut x: u64 = 1;
+        let noise: Bytes = (0..80 * 1024)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        first.output(Stream::Stdout, &noise).await;
+        tokio::time::sleep(FLUSH_INTERVAL * 2).await;
+        assert_eq!(recorder.room_for("alice"), Ok(()), "80 KiB of 100");
+        second.output(Stream::Stdout, &noise).await;
+        let reason = tokio::time::timeout(Duration::from_secs(3), second.failed())
+            .await
+            .expect("the session that crossed the quota is ended");
+        assert!(reason.contains("user_quota = 100KiB"), "{reason}");
+        let refusal = recorder.room_for("alice").unwrap_err();
+        assert!(refusal.contains("user_quota"), "{refusal}");
+        assert_eq!(recorder.room_for("bob"), Ok(()));
+        for session in [first, second] {
+            let (_, error) = session.finish(SessionEnd::default(), |_, _| {}).await;
+            assert_eq!(error, None, "everything recorded was stored");
+        }
+        assert_eq!(
+            recorder.room_for("alice"),
+            Ok(()),
+            "ended sessions do not count"
+        );
+    }
+
+    #[tokio::test]
     async fn an_unused_reservation_is_audited_and_released() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
