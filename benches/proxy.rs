@@ -193,9 +193,12 @@ fn dir_size(dir: &Path) -> u64 {
 }
 
 fn sessions_json(world: &World) -> Vec<serde_json::Value> {
-    let listing: serde_json::Value =
-        serde_json::from_str(&text(&world.control_as(&world.dave, &["sessions", "--json"]).stdout))
-            .expect("sessions --json");
+    let listing: serde_json::Value = serde_json::from_str(&text(
+        &world
+            .control_as(&world.dave, &["sessions", "--json"])
+            .stdout,
+    ))
+    .expect("sessions --json");
     listing.as_array().cloned().unwrap_or_default()
 }
 
