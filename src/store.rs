@@ -71,13 +71,7 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database in `data_dir/db`.
     pub fn open(data_dir: &Path) -> Result<Store> {
-        let path = data_dir.join("db");
-        let db = sled::Config::new()
-            .segment_size(existing_segment_size(&path).unwrap_or(SEGMENT_BYTES))
-            .path(path)
-            .flush_every_ms(Some(200))
-            .cache_capacity(CACHE_BYTES)
-            .open()?;
+        let db = sled_config(&data_dir.join("db")).open()?;
         Ok(Store {
             requests: db.open_tree("requests")?,
             request_ids: db.open_tree("request_ids")?,
@@ -311,6 +305,16 @@ impl Store {
         self.written(self.db.flush())?;
         Ok(())
     }
+}
+
+/// sled's settings for the database in `db` (`DATA_DIR/db`); tools and tests that
+/// open the files directly must use them too (sled refuses another segment size).
+pub fn sled_config(db: &Path) -> sled::Config {
+    sled::Config::new()
+        .segment_size(existing_segment_size(db).unwrap_or(SEGMENT_BYTES))
+        .path(db)
+        .flush_every_ms(Some(200))
+        .cache_capacity(CACHE_BYTES)
 }
 
 /// The segment size an existing database was created with (sled's `conf` file
