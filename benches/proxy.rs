@@ -12,8 +12,12 @@
 //! - `proxyjump`: `ssh -J jump target`
 //! - `portcullis`: `ssh LOGIN@local@bastion`
 //!
-//! and prints medians: download and upload of 1 GiB (MiB/s) and the wall time of
-//! connecting and running `true` (ms), with portcullis/ProxyJump ratios. Runs of the
+//! and prints medians: download and upload of 1 GiB (MiB/s) of zeros (terminal-like,
+//! compressible) and of random bytes (like compressed archives and git packs), and
+//! the wall time of connecting and running `true` (ms), with portcullis/ProxyJump
+//! ratios. For portcullis it also prints the bastion's CPU seconds per GiB moved and
+//! the bytes its database grew by per byte moved (every transfer is recorded), and
+//! at the end, after a restart, the database's size per byte recorded. Runs of the
 //! three routes are interleaved so drift in machine load hits all of them alike.
 //!
 //! Then it measures what recording costs: the same `scp -O` download through a
@@ -21,7 +25,8 @@
 //! stores metadata only; the bytes stored per MiB of typical terminal output
 //! (`ls -lR /usr`); and how long `replay` takes to its first byte.
 //!
-//! Tunables (environment): `BENCH_MIB` (transfer size, default 1024), `BENCH_RUNS`
+//! Tunables (environment): `BENCH_MIB` (transfer size, default 1024; the payload
+//! files are written to the temp dir), `BENCH_RUNS`
 //! (transfers per route and direction, default 5), `BENCH_CONNECTS` (latency samples
 //! per route, default 21), `BENCH_ONLY=recording` (only the recording costs).
 
@@ -57,6 +62,16 @@ struct Figures {
     download_mib_s: Vec<f64>,
     upload_mib_s: Vec<f64>,
     connect_ms: Vec<f64>,
+    /// portcullis only: bastion CPU seconds per GiB moved, and database growth per
+    /// byte moved.
+    cpu_s_per_gib: Vec<f64>,
+    stored_per_byte: Vec<f64>,
+}
+
+/// What the transfers carry: a file on the (local) target, read from page cache.
+struct Payload {
+    name: &'static str,
+    path: std::path::PathBuf,
 }
 
 fn main() {
@@ -95,22 +110,96 @@ fn main() {
          loopback, {} cores",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    let mut figures: Vec<Figures> = routes.iter().map(|_| Figures::default()).collect();
-    for _ in 0..runs {
-        for (route, fig) in routes.iter().zip(&mut figures) {
-            fig.download_mib_s.push(mib as f64 / download(route, bytes));
-            fig.upload_mib_s.push(mib as f64 / upload(route, bytes));
+    let payloads = [
+        payload(&world, "zeros", "/dev/zero", bytes),
+        payload(&world, "random", "/dev/urandom", bytes),
+    ];
+    let db = world.bastion.data_dir().join("db");
+    for payload in &payloads {
+        let mut figures: Vec<Figures> = routes.iter().map(|_| Figures::default()).collect();
+        for _ in 0..runs {
+            for (route, fig) in routes.iter().zip(&mut figures) {
+                let measured = route.name == "portcullis";
+                let (cpu, size) = (cpu_seconds(world.bastion.pid()), dir_size(&db));
+                fig.download_mib_s
+                    .push(mib as f64 / download(route, &payload.path, bytes));
+                fig.upload_mib_s
+                    .push(mib as f64 / upload(route, &payload.path, bytes));
+                if measured {
+                    // Sessions are sealed when ssh exits; sled flushes within 200 ms.
+                    std::thread::sleep(std::time::Duration::from_millis(500));
+                    let cpu = cpu_seconds(world.bastion.pid()) - cpu;
+                    fig.cpu_s_per_gib.push(cpu * 1024.0 / (2 * mib) as f64);
+                    let grown = dir_size(&db).saturating_sub(size);
+                    fig.stored_per_byte.push(grown as f64 / (2 * bytes) as f64);
+                }
+            }
         }
-    }
-    for _ in 0..connects {
-        for (route, fig) in routes.iter().zip(&mut figures) {
-            fig.connect_ms.push(connect_and_run_true(route) * 1000.0);
+        if payload.name == "zeros" {
+            for _ in 0..connects {
+                for (route, fig) in routes.iter().zip(&mut figures) {
+                    fig.connect_ms.push(connect_and_run_true(route) * 1000.0);
+                }
+            }
         }
+        println!("\n{} ({mib} MiB of {})", payload.name, payload.name);
+        print_table(&routes, &mut figures);
     }
-    print_table(&routes, &mut figures);
+    let mut world = world;
+    world.restart_bastion_after(true, |_| {});
+    let recorded: f64 = sessions_json(&world)
+        .iter()
+        .map(|s| s["transcript_bytes"].as_f64().unwrap_or(0.0))
+        .sum();
+    let size = dir_size(&world.bastion.data_dir().join("db"));
+    println!(
+        "\nafter a restart: database {:.1} MiB for {:.1} MiB recorded ({:.2} bytes per byte; \
+         half of it zeros, stored compressed)",
+        size as f64 / 1048576.0,
+        recorded / 1048576.0,
+        size as f64 / recorded
+    );
+    println!("\ntargets: throughput ratios >= 1.0, latency ratio <= 1.0 (lower latency is better)");
     drop(jump);
     drop(world);
     recording_costs(mib, runs);
+}
+
+/// A payload file of `bytes` from `source`, in the world's directory.
+fn payload(world: &World, name: &'static str, source: &str, bytes: u64) -> Payload {
+    let path = world.path(&format!("payload-{name}"));
+    let made = Command::new("sh")
+        .arg("-c")
+        .arg(format!("head -c {bytes} {source} > {}", path.display()))
+        .status()
+        .expect("run head");
+    assert!(made.success(), "cannot write {}", path.display());
+    Payload { name, path }
+}
+
+/// Bytes of all files under `dir`.
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => dir_size(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn sessions_json(world: &World) -> Vec<serde_json::Value> {
+    let listing: serde_json::Value = serde_json::from_str(&text(
+        &world
+            .control_as(&world.dave, &["sessions", "--json"])
+            .stdout,
+    ))
+    .expect("sessions --json");
+    listing.as_array().cloned().unwrap_or_default()
 }
 
 /// Recording on vs off for the same transfer, storage per MiB, replay latency.
@@ -293,11 +382,12 @@ fn write_client_config(path: &Path, key: &Path) -> std::path::PathBuf {
     path.to_path_buf()
 }
 
-/// Seconds to receive `bytes` from the target; checks that every byte arrived.
-fn download(route: &Route, bytes: u64) -> f64 {
+/// Seconds to receive the payload `file` (`bytes` long) from the target; checks
+/// that every byte arrived.
+fn download(route: &Route, file: &Path, bytes: u64) -> f64 {
     let started = Instant::now();
     let mut child = route
-        .ssh(&format!("head -c {bytes} /dev/zero"))
+        .ssh(&format!("cat {}", file.display()))
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn ssh");
@@ -318,11 +408,12 @@ fn download(route: &Route, bytes: u64) -> f64 {
     elapsed
 }
 
-/// Seconds to send `bytes` to the target; the target counts what it received.
-fn upload(route: &Route, bytes: u64) -> f64 {
+/// Seconds to send the payload `file` (`bytes` long) to the target; the target
+/// counts what it received.
+fn upload(route: &Route, file: &Path, bytes: u64) -> f64 {
     let started = Instant::now();
-    let mut source = Command::new("head")
-        .args(["-c", &bytes.to_string(), "/dev/zero"])
+    let mut source = Command::new("cat")
+        .arg(file)
         .stdout(Stdio::piped())
         .spawn()
         .expect("spawn head");
@@ -332,7 +423,7 @@ fn upload(route: &Route, bytes: u64) -> f64 {
         .output()
         .expect("run ssh");
     let elapsed = started.elapsed().as_secs_f64();
-    source.wait().expect("wait for head");
+    source.wait().expect("wait for cat");
     assert!(out.status.success(), "{} upload failed", route.name);
     let counted: u64 = String::from_utf8_lossy(&out.stdout)
         .trim()
@@ -356,10 +447,14 @@ fn connect_and_run_true(route: &Route) -> f64 {
 }
 
 fn print_table(routes: &[Route], figures: &mut [Figures]) {
-    println!();
     println!(
-        "{:<22} {:>16} {:>16} {:>18}",
-        "route (median)", "download MiB/s", "upload MiB/s", "connect+true ms"
+        "{:<22} {:>16} {:>16} {:>18} {:>14} {:>16}",
+        "route (median)",
+        "download MiB/s",
+        "upload MiB/s",
+        "connect+true ms",
+        "CPU s per GiB",
+        "stored per byte"
     );
     let mut medians = Vec::new();
     for (route, fig) in routes.iter().zip(figures.iter_mut()) {
@@ -368,9 +463,25 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
             median(&mut fig.upload_mib_s),
             median(&mut fig.connect_ms),
         ];
+        let optional = |samples: &mut Vec<f64>, width: usize| {
+            if samples.is_empty() {
+                format!("{:>width$}", "-")
+            } else {
+                format!("{:>width$.2}", median(samples))
+            }
+        };
         println!(
-            "{:<22} {:>16.1} {:>16.1} {:>18.1}",
-            route.name, row[0], row[1], row[2]
+            "{:<22} {:>16.1} {:>16.1} {:>18} {} {}",
+            route.name,
+            row[0],
+            row[1],
+            if fig.connect_ms.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.1}", row[2])
+            },
+            optional(&mut fig.cpu_s_per_gib, 14),
+            optional(&mut fig.stored_per_byte, 16),
         );
         medians.push(row);
     }
@@ -389,10 +500,12 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
         ours[1] / jump[1],
         ours[2] / jump[2]
     );
-    println!("\ntargets: throughput ratios >= 1.0, latency ratio <= 1.0 (lower latency is better)");
 }
 
 fn median(samples: &mut [f64]) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
     samples.sort_by(|a, b| a.total_cmp(b));
     let mid = samples.len() / 2;
     if samples.len().is_multiple_of(2) {

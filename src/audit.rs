@@ -212,6 +212,15 @@ impl Anchor {
     }
 }
 
+/// What a user is told when the audit event of what they asked for cannot be
+/// written: nothing is done unaudited.
+pub fn refused_unaudited(err: &crate::store::StoreError) -> String {
+    format!(
+        "refused: the audit log cannot be written ({err}), and nothing happens here \
+         without its audit event; tell an operator (the bastion's disk may be full)"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use crate::record::disk::{parse_quota, parse_size};
+use crate::record::RecordingLimits;
+
 pub use crate::server::Limits;
 
 /// The listen address of the embedded default.
@@ -45,6 +48,15 @@ struct RawRetention {
     recordings: Option<String>,
 }
 
+/// Recording limits (`[recording]`), as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecording {
+    session_quota: Option<String>,
+    user_quota: Option<String>,
+    min_free_disk: Option<String>,
+}
+
 /// The file as written by the operator; every key is optional.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -57,6 +69,7 @@ struct RawConfig {
     record_input: Option<bool>,
     record_file_transfers: Option<bool>,
     retention: Option<RawRetention>,
+    recording: Option<RawRecording>,
     notify: Option<Notify>,
     log_format: Option<LogFormat>,
     connect_timeout: Option<String>,
@@ -85,6 +98,8 @@ pub struct Config {
     /// Transcripts of sessions that ended longer ago than this are pruned (the audit
     /// chain and session metadata are kept). `None`: keep forever.
     pub recordings_retention: Option<Duration>,
+    /// Recording quotas and the free-space watermark (`[recording]`).
+    pub recording: RecordingLimits,
     pub notify: Notify,
     pub log_format: LogFormat,
     /// How long the bastion waits for a target's TCP connect and SSH handshake.
@@ -156,7 +171,9 @@ impl Config {
             ),
             None => None,
         };
+        let recording = recording_limits(raw.recording.unwrap_or_default())?;
         Ok(Config {
+            recording,
             listen: raw
                 .listen
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),
@@ -180,6 +197,27 @@ impl Config {
             totp_require_invite: raw.totp_require_invite.unwrap_or(false),
         })
     }
+}
+
+/// `[recording]` over its defaults.
+fn recording_limits(raw: RawRecording) -> Result<RecordingLimits> {
+    let mut limits = RecordingLimits::default();
+    if let Some(text) = raw.session_quota {
+        limits.session_quota = parse_quota(&text)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("recording.session_quota = {text:?}"))?;
+    }
+    if let Some(text) = raw.user_quota {
+        limits.user_quota = parse_quota(&text)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("recording.user_quota = {text:?}"))?;
+    }
+    if let Some(text) = raw.min_free_disk {
+        limits.min_free_disk = parse_size(&text)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("recording.min_free_disk = {text:?}"))?;
+    }
+    Ok(limits)
 }
 
 /// Renders a TOML error as `line N: message`, so operators find the spot.

@@ -1,8 +1,10 @@
 //! Prometheus metrics and a health check, served on `metrics_listen` when set.
 //!
 //! `GET /metrics` is the Prometheus text format; `GET /healthz` answers `200 ok`
-//! while the bastion accepts connections and `503 draining` during shutdown, so a
-//! load balancer stops sending new users before the sessions end.
+//! while the bastion accepts connections and 503 with the reason otherwise:
+//! `draining` during shutdown (so a load balancer stops sending new users before
+//! the sessions end), `store failed: …` once the database cannot be written, and
+//! `disk nearly full: …` below `min_free_disk` (new sessions are refused then).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,6 +119,29 @@ impl Metrics {
     }
 }
 
+/// `/healthz`: status and body.
+fn health(state: &State) -> (u16, String) {
+    if *state.phase.borrow() != Phase::Running {
+        return (503, "draining\n".to_string());
+    }
+    if let Some(failure) = state.store.failure() {
+        return (
+            503,
+            format!("store failed: {failure}; restarting once the disk has room\n"),
+        );
+    }
+    if let Some(free) = state.recorder.disk_low() {
+        let min = state.recorder.limits().min_free_disk;
+        return (
+            503,
+            format!(
+                "disk nearly full: {free} bytes free, min_free_disk = {min}; new sessions are refused\n"
+            ),
+        );
+    }
+    (200, "ok\n".to_string())
+}
+
 /// Serves `/metrics` and `/healthz` on `listen` from a small thread of its own.
 pub fn serve(listen: SocketAddr, state: Arc<State>) -> Result<()> {
     let server = tiny_http::Server::http(listen)
@@ -130,10 +155,7 @@ pub fn serve(listen: SocketAddr, state: Arc<State>) -> Result<()> {
             for request in server.incoming_requests() {
                 let (status, body) = match request.url() {
                     "/metrics" => (200, state.metrics.render(&state, &runtime)),
-                    "/healthz" => match *state.phase.borrow() {
-                        Phase::Running => (200, "ok\n".to_string()),
-                        _ => (503, "draining\n".to_string()),
-                    },
+                    "/healthz" => health(&state),
                     _ => (404, "try /metrics or /healthz\n".to_string()),
                 };
                 let response = tiny_http::Response::from_string(body).with_status_code(status);

@@ -4,6 +4,11 @@
 //!
 //! Values are JSON: readable with any sled dump tool, tolerant of added fields, and
 //! small enough for the record sizes involved (recordings are compressed separately).
+//!
+//! A failed write poisons sled for good: once it has seen an I/O error (a full
+//! disk), every later write returns it again, even after space was freed. The
+//! store remembers the first such error ([`Store::failure`]) so the health check
+//! can report it and the server can restart itself once space is back.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -27,6 +32,14 @@ const CACHE_BYTES: u64 = 32 * 1024 * 1024;
 /// a 64 MiB cache and writes 1.4 bytes per byte (measured with sled 0.34.7 on
 /// incompressible data; 8 KiB pieces: 76 MiB, 1.66x; 4 KiB: 35 MiB, 1.76x).
 const PIECE_BYTES: usize = 16 * 1024;
+
+/// sled's log segment size for new databases (sled's default is 512 KiB). A log
+/// message over a quarter of a segment becomes a file of its own under `blobs/`,
+/// which sled rewrites whole and frees late; 2 MiB segments keep transcript values
+/// (64 KiB, see `record`) and most leaf rewrites in the log, where its segment
+/// cleaner reclaims them. A database keeps the segment size it was created with
+/// (sled refuses to open it with another).
+const SEGMENT_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -59,16 +72,14 @@ pub struct Store {
     audit_append: Mutex<()>,
     /// Fault injection: makes transcript writes fail, as a full disk would.
     fail_batches: std::sync::atomic::AtomicBool,
+    /// The first write error sled returned: from then on sled fails every write.
+    failure: Mutex<Option<String>>,
 }
 
 impl Store {
     /// Opens (or creates) the database in `data_dir/db`.
     pub fn open(data_dir: &Path) -> Result<Store> {
-        let db = sled::Config::new()
-            .path(data_dir.join("db"))
-            .flush_every_ms(Some(200))
-            .cache_capacity(CACHE_BYTES)
-            .open()?;
+        let db = sled_config(&data_dir.join("db")).open()?;
         Ok(Store {
             requests: db.open_tree("requests")?,
             request_ids: db.open_tree("request_ids")?,
@@ -79,23 +90,44 @@ impl Store {
             users_state: db.open_tree("users_state")?,
             audit_append: Mutex::new(()),
             fail_batches: std::sync::atomic::AtomicBool::new(false),
+            failure: Mutex::new(None),
             db,
         })
     }
 
+    /// Why the store cannot be written any more, if it cannot: sled's errors are
+    /// sticky, so only a restart (a fresh open) clears it.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("store lock poisoned").clone()
+    }
+
+    /// Passes a write's result on, remembering the first I/O error.
+    fn written<T>(&self, result: sled::Result<T>) -> Result<T> {
+        if let Err(err @ (sled::Error::Io(_) | sled::Error::ReportableBug(_))) = &result {
+            let mut failure = self.failure.lock().expect("store lock poisoned");
+            if failure.is_none() {
+                tracing::error!(error = %err, "the database cannot be written; refusing everything that needs it");
+                *failure = Some(err.to_string());
+            }
+        }
+        Ok(result?)
+    }
+
     /// A fresh, strictly increasing number (survives restarts).
     pub fn next_seq(&self) -> Result<u64> {
-        Ok(self.db.generate_id()?)
+        self.written(self.db.generate_id())
     }
 
     /// Writes `grant` and makes it durable before returning: a decision that was
     /// reported to a user must survive a crash.
     pub fn save_grant(&self, grant: &Grant) -> Result<()> {
         let key = grant.seq.to_be_bytes();
-        self.requests.insert(key, to_json(grant))?;
-        self.request_ids.insert(grant.id.as_bytes(), &key)?;
-        self.db.flush()?;
-        Ok(())
+        self.written((|| {
+            self.requests.insert(key, to_json(grant))?;
+            self.request_ids.insert(grant.id.as_bytes(), &key)?;
+            self.db.flush()?;
+            Ok(())
+        })())
     }
 
     pub fn grant(&self, id: &str) -> Result<Option<Grant>> {
@@ -122,7 +154,9 @@ impl Store {
     }
 
     /// Appends an event to the audit chain, linking it to the previous one, and
-    /// returns it as stored.
+    /// returns it as stored, on disk: callers act only once their event is durable,
+    /// so an action can never outlive a lost event (a full disk fails the append,
+    /// and with it the action).
     pub fn append_audit(&self, mut event: AuditEvent) -> Result<AuditEvent> {
         let _guard = self.audit_append.lock().expect("audit lock poisoned");
         let previous: Option<AuditEvent> = match self.audit.last()? {
@@ -130,8 +164,11 @@ impl Store {
             None => None,
         };
         event.link_after(previous.as_ref());
-        self.audit
-            .insert(event.seq.to_be_bytes(), to_json(&event))?;
+        self.written((|| {
+            self.audit
+                .insert(event.seq.to_be_bytes(), to_json(&event))?;
+            self.db.flush()
+        })())?;
         Ok(event)
     }
 
@@ -154,13 +191,13 @@ impl Store {
 
     /// A fresh session id: 1, 2, 3… (short enough to type after `replay`).
     pub fn next_session_id(&self) -> Result<u64> {
-        let next = self.meta.update_and_fetch("session_id", |old| {
+        let next = self.written(self.meta.update_and_fetch("session_id", |old| {
             let n = old
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
             Some((n + 1).to_be_bytes().to_vec())
-        })?;
+        }))?;
         let bytes = next.expect("update_and_fetch always stores a value");
         Ok(u64::from_be_bytes(
             bytes.as_ref().try_into().expect("8-byte counter"),
@@ -177,8 +214,10 @@ impl Store {
     }
 
     pub fn save_session(&self, session: &SessionRecord) -> Result<()> {
-        self.sessions
-            .insert(session.id.to_be_bytes(), to_json(session))?;
+        self.written(
+            self.sessions
+                .insert(session.id.to_be_bytes(), to_json(session)),
+        )?;
         Ok(())
     }
 
@@ -210,7 +249,7 @@ impl Store {
         for (n, piece) in compressed.chunks(PIECE_BYTES).enumerate() {
             pieces.insert(&piece_key(session, index, n as u32)[..], piece);
         }
-        self.chunks.apply_batch(pieces)?;
+        self.written(self.chunks.apply_batch(pieces))?;
         Ok(())
     }
 
@@ -244,7 +283,7 @@ impl Store {
         for entry in self.chunks.scan_prefix(session.to_be_bytes()) {
             let (key, value) = entry?;
             freed += value.len() as u64;
-            self.chunks.remove(key)?;
+            self.written(self.chunks.remove(key))?;
         }
         Ok(freed)
     }
@@ -258,8 +297,10 @@ impl Store {
 
     /// Stores a user's state durably (a consumed TOTP step must stay consumed).
     pub fn put_user_state<T: Serialize>(&self, user: &str, state: &T) -> Result<()> {
-        self.users_state.insert(user.as_bytes(), to_json(state))?;
-        self.db.flush()?;
+        self.written((|| {
+            self.users_state.insert(user.as_bytes(), to_json(state))?;
+            self.db.flush()
+        })())?;
         Ok(())
     }
 
@@ -274,8 +315,10 @@ impl Store {
 
     /// Removes a user's state for good (they left the policy).
     pub fn delete_user_state(&self, user: &str) -> Result<()> {
-        self.users_state.remove(user.as_bytes())?;
-        self.db.flush()?;
+        self.written((|| {
+            self.users_state.remove(user.as_bytes())?;
+            self.db.flush()
+        })())?;
         Ok(())
     }
 
@@ -288,9 +331,29 @@ impl Store {
 
     /// Forces everything written so far to disk.
     pub fn flush(&self) -> Result<()> {
-        self.db.flush()?;
+        self.written(self.db.flush())?;
         Ok(())
     }
+}
+
+/// sled's settings for the database in `db` (`DATA_DIR/db`); tools and tests that
+/// open the files directly must use them too (sled refuses another segment size).
+pub fn sled_config(db: &Path) -> sled::Config {
+    sled::Config::new()
+        .segment_size(existing_segment_size(db).unwrap_or(SEGMENT_BYTES))
+        .path(db)
+        .flush_every_ms(Some(200))
+        .cache_capacity(CACHE_BYTES)
+}
+
+/// The segment size an existing database was created with (sled's `conf` file
+/// says `segment_size: N`), so that databases created before [`SEGMENT_BYTES`]
+/// open as they are.
+fn existing_segment_size(db: &Path) -> Option<usize> {
+    let conf = std::fs::read_to_string(db.join("conf")).ok()?;
+    conf.lines()
+        .find_map(|line| line.strip_prefix("segment_size: "))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 fn batch_key(session: u64, index: u32) -> [u8; 12] {

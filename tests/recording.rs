@@ -365,7 +365,9 @@ fn piped_input_is_searched_replayed_and_marked() {
 
 /// Rewrites the audit tree of the (stopped) bastion's database.
 fn with_audit_tree(data: &Path, change: impl FnOnce(&sled::Tree)) {
-    let db = sled::open(data.join("db")).expect("open the bastion's database");
+    let db = portcullis::store::sled_config(&data.join("db"))
+        .open()
+        .expect("open the bastion's database");
     let tree = db.open_tree("audit").unwrap();
     change(&tree);
     db.flush().unwrap();
@@ -437,7 +439,9 @@ fn audit_verify_recordings_finds_an_edited_transcript() {
         describe(&out)
     );
     w.restart_bastion_after(true, |data| {
-        let db = sled::open(data.join("db")).unwrap();
+        let db = portcullis::store::sled_config(&data.join("db"))
+            .open()
+            .unwrap();
         let chunks = db.open_tree("chunks").unwrap();
         let (key, value) = chunks.first().unwrap().expect("a stored batch");
         let mut batch = zstd::bulk::decompress(&value, 1 << 26).unwrap();

@@ -70,7 +70,9 @@ fn seq_of(anchor: &str) -> u64 {
 
 /// Edits the (stopped) bastion's database.
 fn with_db(data: &Path, change: impl FnOnce(&sled::Db)) {
-    let db = sled::open(data.join("db")).expect("open the bastion's database");
+    let db = portcullis::store::sled_config(&data.join("db"))
+        .open()
+        .expect("open the bastion's database");
     change(&db);
     db.flush().unwrap();
 }

@@ -254,7 +254,7 @@ async fn run_auditor(
         } => {
             caller
                 .state
-                .audit(event("auditor.sessions").detail("grep", grep.clone()));
+                .audit_or_refuse(event("auditor.sessions").detail("grep", grep.clone()))?;
             let filter = sessions::SessionFilter {
                 user,
                 target,
@@ -270,27 +270,27 @@ async fn run_auditor(
             raw,
         } => {
             let record = sessions::find(caller, &session)?;
-            caller.state.audit(
+            caller.state.audit_or_refuse(
                 event("auditor.replay")
                     .detail("session", record.id)
                     .detail("raw", raw),
-            );
+            )?;
             sessions::replay(caller, &client.out, &record, speed, raw).await
         }
         Command::Watch { session, raw } => {
             let record = sessions::find(caller, &session)?;
-            caller.state.audit(
+            caller.state.audit_or_refuse(
                 event("auditor.watch")
                     .detail("session", record.id)
                     .detail("raw", raw),
-            );
+            )?;
             sessions::watch(caller, client, &record, raw).await
         }
         Command::Export { session } => {
             let record = sessions::find(caller, &session)?;
             caller
                 .state
-                .audit(event("auditor.export").detail("session", record.id));
+                .audit_or_refuse(event("auditor.export").detail("session", record.id))?;
             sessions::export(caller, &client.out, &record).await
         }
         Command::Audit {
@@ -302,11 +302,11 @@ async fn run_auditor(
             ..
         } => {
             let anchored: Vec<String> = anchors.iter().map(|a| a.to_string()).collect();
-            caller.state.audit(
+            caller.state.audit_or_refuse(
                 event("auditor.verify")
                     .detail("recordings", recordings)
                     .detail("anchors", anchored),
-            );
+            )?;
             audit::verify(caller, recordings, &anchors)
         }
         Command::Audit {
@@ -316,7 +316,7 @@ async fn run_auditor(
         } => {
             caller
                 .state
-                .audit(event("auditor.audit").detail("since", since.clone()));
+                .audit_or_refuse(event("auditor.audit").detail("since", since.clone()))?;
             audit::list(caller, since, json)
         }
         other => Err(format!("{other:?} is not an auditor command")),

@@ -67,7 +67,9 @@ pub async fn enroll(
         event = event.detail("invite_issued_at", claim.issued_at.to_rfc3339());
         claim.consume();
     }
-    context.state.audit(event);
+    // The secret is active now; with the disk full, storing it would have failed
+    // first, so this refusal only catches a disk that filled in between.
+    context.state.audit_or_refuse(event)?;
     Ok(format!("TOTP enrolled for {user}\n"))
 }
 
@@ -94,7 +96,8 @@ async fn check_invite(
         }
     };
     invite::claim(&context.state.config.data_dir, user, &code, Utc::now()).map_err(|err| {
-        context.state.audit(
+        // Refused either way; a failed append is logged.
+        let _ = context.state.audit(
             AuditEvent::new("totp.invite_refused", user, Utc::now())
                 .detail("reason", err.to_string()),
         );

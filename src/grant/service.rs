@@ -35,6 +35,8 @@ pub enum GrantError {
     BadId(String),
     #[error("the bastion cannot store this right now ({0}); nothing was changed, try again or tell an operator")]
     Store(#[from] StoreError),
+    #[error("{}", crate::audit::refused_unaudited(.0))]
+    Unaudited(StoreError),
 }
 
 /// Per-user limits on requests that wait for an approver (`[limits]` in the config),
@@ -125,7 +127,8 @@ impl Grants {
         let grant = lifecycle::file_request(policy, requester, spec, id, seq, now)?;
         if grant.state == GrantState::Pending {
             if let Err(refusal) = self.within_limits(&grant, now) {
-                self.audit(
+                // Refused either way; a failed append is logged.
+                let _ = self.audit(
                     AuditEvent::new("request.limited", requester, now)
                         .target(&grant.target)
                         .detail("limit", refusal.key)
@@ -378,11 +381,14 @@ impl Grants {
         }
     }
 
-    /// Appends an audit event; a failure is logged, never hidden.
-    pub fn audit(&self, event: AuditEvent) {
+    /// Appends an audit event, durably. A failure is logged and returned: the
+    /// caller must not go on with what the event records.
+    pub fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
         if let Err(err) = self.store.append_audit(event) {
             tracing::error!(error = %err, "cannot append to the audit log");
+            return Err(err);
         }
+        Ok(())
     }
 
     /// Reads, changes and saves one grant under the lock. `apply` returns the event
@@ -412,7 +418,10 @@ impl Grants {
         }
     }
 
-    /// Saves the grant, records the event, wakes waiters and notifies the webhook.
+    /// Records the event, saves the grant, wakes waiters and notifies the webhook.
+    /// The event goes first: a change whose event cannot be written is not made (an
+    /// event whose change then fails to save is the lesser evil, and says so in the
+    /// log).
     fn commit(
         &self,
         grant: &Grant,
@@ -420,7 +429,12 @@ impl Grants {
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<(), GrantError> {
-        self.store.save_grant(grant)?;
+        self.audit(event_for(grant, kind, actor, now))
+            .map_err(GrantError::Unaudited)?;
+        if let Err(err) = self.store.save_grant(grant) {
+            tracing::error!(event = kind, grant = %grant.id, error = %err, "audited change not saved");
+            return Err(err.into());
+        }
         {
             let mut live = self.live.lock().expect("live grants lock poisoned");
             if grant.state.is_live() {
@@ -429,7 +443,6 @@ impl Grants {
                 live.remove(&grant.id);
             }
         }
-        self.audit(event_for(grant, kind, actor, now));
         self.changes.send_modify(|n| *n += 1);
         self.notifier.grant_event(kind, actor, grant);
         tracing::info!(

@@ -309,7 +309,8 @@ fn quote(word: &str) -> String {
 fn audit_denial(context: &ChannelContext, start: &Start, target: &str, denial: &Denial) {
     let user = context.identity.user.as_str();
     tracing::warn!(user, target, action = %start.action().describe(), reason = %crate::display::escape(&denial.reason), "denied");
-    context.state.audit(
+    // Denied either way; a failed append is logged.
+    let _ = context.state.audit(
         AuditEvent::new("session.denied", user, Utc::now())
             .target(target)
             .detail("action", start.action().describe())

@@ -68,6 +68,20 @@ pub async fn run(
         Some(canonical) => Start::Exec(canonical.clone().into_bytes()),
         None => start,
     };
+    // Before an id is taken or the target is reached: a session that could not be
+    // recorded to its end (disk nearly full, quota used up, store failed) never starts.
+    if let Err(refusal) = context.state.recorder.room_for(user) {
+        tracing::warn!(user, target, reason = %refusal, "session refused");
+        // Refused either way; a failed append is logged.
+        let _ = context.state.audit(
+            AuditEvent::new("session.refused", user, Utc::now())
+                .target(target)
+                .grant(&permit.grant.id)
+                .detail("reason", refusal.as_str()),
+        );
+        client.out.fail(&refusal, 1).await;
+        return;
+    }
     let failed = AuditEvent::new("session.failed", user, Utc::now())
         .target(target)
         .grant(&permit.grant.id);
@@ -121,7 +135,7 @@ pub async fn run(
     tracing::info!(user, target, login = %permit.login, grant = %grant.id, session, action = %start.action().describe(), "session started");
     // Everything the record says about the start, so `audit verify` can hold the
     // record to it; its time is the record's `started_at`.
-    context.state.audit(
+    let started = context.state.audit(
         AuditEvent::new("session.start", user, recording.started_at())
             .target(target)
             .grant(&grant.id)
@@ -132,6 +146,16 @@ pub async fn run(
             .detail("action", start.action().describe())
             .detail("client", peer(context)),
     );
+    if let Err(err) = started {
+        // Nothing has run on the target yet, and nothing will without its event.
+        recording.finish(SessionEnd::default(), |_, _| {}).await;
+        let _ = channel.close().await;
+        client
+            .out
+            .fail(&crate::audit::refused_unaudited(&err), 1)
+            .await;
+        return;
+    }
     let _live = LiveSession::new(&context.state.live_sessions);
     context.state.metrics.sessions_total.inc();
     // The last check before anything runs on the target, and one right after: a
@@ -220,7 +244,9 @@ async fn end_session(
             if let Some(error) = error {
                 event = event.detail("recording_error", error);
             }
-            context.state.audit(event);
+            // The session is over; a failed append is logged, and the store's
+            // failure restarts the bastion (see `server::upkeep`).
+            let _ = context.state.audit(event);
         })
         .await;
     if let Some(error) = error {

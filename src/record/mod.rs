@@ -13,11 +13,14 @@
 
 pub mod asciicast;
 pub mod check;
+pub mod disk;
 pub mod replay;
 pub mod screen;
 mod transcript;
 
 use std::collections::{BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +33,8 @@ use tokio::task::JoinHandle;
 
 use crate::audit::AuditEvent;
 use crate::store::{Store, StoreError};
+pub use disk::RecordingLimits;
+use disk::Size;
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
 
 /// Decompresses and decodes one stored batch (for tools and fuzzing).
@@ -42,6 +47,15 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A batch this big is flushed at once rather than at the next interval.
 const BATCH_BYTES: usize = 1024 * 1024;
+
+/// Largest transcript value written to sled (a flushed batch is stored as several).
+/// sled keeps values inside its B-tree leaves and rewrites a leaf whole when it
+/// splits (every 16 keys) or consolidates, so every value is written about three
+/// times whatever its size; what the size decides is how much of that garbage sled
+/// can reclaim. Values up to a quarter of a segment ([`crate::store`]) are written
+/// into the log, and 64 KiB values in 2 MiB segments left the least behind
+/// (`benches/proxy.rs` measures it; see the README's Performance section).
+const STORED_VALUE_BYTES: usize = 64 * 1024;
 
 /// Unflushed bytes per session beyond which the relay waits for the flusher.
 const PENDING_CAP: usize = 8 * 1024 * 1024;
@@ -204,6 +218,9 @@ pub struct Recorder {
     live: Mutex<HashMap<u64, Arc<Live>>>,
     /// Session ids reserved and not yet recording or given up (see [`Reservation`]).
     reserved: Mutex<BTreeSet<u64>>,
+    limits: RecordingLimits,
+    /// Where free space is measured (the data dir); `None`: not measured.
+    data_dir: Option<PathBuf>,
 }
 
 /// A session id taken from the counter before connecting to the target (so the
@@ -252,6 +269,9 @@ impl Drop for Reservation {
 
 /// Shared between a session's relay, its flusher and its watchers.
 struct Live {
+    user: String,
+    /// Transcript bytes in the store so far (for quotas and the disk watermark).
+    stored: AtomicU64,
     started: Instant,
     inner: Mutex<Pending>,
     /// Wakes the flusher early (a full batch, or the end of the session).
@@ -293,7 +313,114 @@ impl Recorder {
             record_file_transfers,
             live: Mutex::new(HashMap::new()),
             reserved: Mutex::new(BTreeSet::new()),
+            limits: RecordingLimits::UNLIMITED,
+            data_dir: None,
         }
+    }
+
+    /// The same recorder enforcing `limits`, with free space measured in `data_dir`.
+    pub fn with_limits(mut self, limits: RecordingLimits, data_dir: PathBuf) -> Recorder {
+        self.limits = limits;
+        self.data_dir = Some(data_dir);
+        self
+    }
+
+    pub fn limits(&self) -> RecordingLimits {
+        self.limits
+    }
+
+    /// Whether `user` may start a session now: the store can be written, the disk
+    /// is above `min_free_disk`, and their live sessions are under `user_quota`.
+    /// The refusal says which and what to do.
+    pub fn room_for(&self, user: &str) -> Result<(), String> {
+        if let Some(failure) = self.store.failure() {
+            return Err(format!(
+                "the bastion cannot write its database ({failure}); new sessions are refused \
+                 until it restarts with the database reopened; tell an operator"
+            ));
+        }
+        if let Some(free) = self.disk_low() {
+            return Err(disk_full_message(
+                free,
+                self.limits.min_free_disk,
+                "new sessions are refused until an operator frees space",
+            ));
+        }
+        if let Some(quota) = self.limits.user_quota {
+            let used = self.user_stored(user);
+            if used >= quota {
+                return Err(format!(
+                    "your live sessions have recorded {} (user_quota = {}); end one of them first",
+                    Size(used),
+                    Size(quota)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The free bytes on the data directory's file system when they are below
+    /// `min_free_disk` (a failed measurement counts as no space: fail closed).
+    pub fn disk_low(&self) -> Option<u64> {
+        let dir = self.data_dir.as_ref()?;
+        if self.limits.min_free_disk == 0 {
+            return None;
+        }
+        let free = disk::free_bytes(dir).unwrap_or_else(|err| {
+            tracing::error!(dir = %dir.display(), error = %err, "cannot measure free disk space");
+            0
+        });
+        (free < self.limits.min_free_disk).then_some(free)
+    }
+
+    /// Ends the live session that has stored the most (and is not ending already)
+    /// with `reason`; returns its id, user and stored bytes.
+    pub fn end_largest(&self, reason: &str) -> Option<(u64, String, u64)> {
+        let live = self.live.lock().expect("recorder lock poisoned");
+        let (id, session) = live
+            .iter()
+            .filter(|(_, l)| l.failure.borrow().is_none())
+            .max_by_key(|(_, l)| l.stored.load(Ordering::Relaxed))?;
+        stop(session, reason.to_string());
+        Some((
+            *id,
+            session.user.clone(),
+            session.stored.load(Ordering::Relaxed),
+        ))
+    }
+
+    /// Bytes stored by `user`'s live sessions.
+    fn user_stored(&self, user: &str) -> u64 {
+        self.live
+            .lock()
+            .expect("recorder lock poisoned")
+            .values()
+            .filter(|l| l.user == user)
+            .map(|l| l.stored.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Why a session that has just stored more must end, if it must.
+    fn over_quota(&self, live: &Live) -> Option<String> {
+        let stored = live.stored.load(Ordering::Relaxed);
+        if let Some(quota) = self.limits.session_quota.filter(|q| stored > *q) {
+            return Some(format!(
+                "this session reached its recording quota ({} stored, session_quota = {})",
+                Size(stored),
+                Size(quota)
+            ));
+        }
+        if let Some(quota) = self.limits.user_quota {
+            let used = self.user_stored(&live.user);
+            if used > quota {
+                return Some(format!(
+                    "your live sessions reached your recording quota ({} stored, user_quota = {})",
+                    Size(used),
+                    Size(quota)
+                ));
+            }
+        }
+        None
     }
 
     /// Takes the next session id. `failed` (kind `session.failed`, with actor,
@@ -361,6 +488,8 @@ impl Recorder {
         reservation.failed = None; // the record accounts for the id now
         drop(reservation);
         let live = Arc::new(Live {
+            user: record.user.clone(),
+            stored: AtomicU64::new(0),
             started: Instant::now(),
             inner: Mutex::new(Pending {
                 chunks: Vec::new(),
@@ -379,12 +508,7 @@ impl Recorder {
             .lock()
             .expect("recorder lock poisoned")
             .insert(record.id, live.clone());
-        let flusher = tokio::spawn(flush_loop(
-            self.store.clone(),
-            self.writers.clone(),
-            live.clone(),
-            record.clone(),
-        ));
+        let flusher = tokio::spawn(flush_loop(self.clone(), live.clone(), record.clone()));
         Ok(SessionRecorder {
             recorder: self.clone(),
             id: record.id,
@@ -501,7 +625,7 @@ impl Recorder {
     /// `interrupted` without one.
     pub fn recover(
         &self,
-        mut announce: impl FnMut(&SessionRecord),
+        mut announce: impl FnMut(&SessionRecord) -> Result<(), StoreError>,
     ) -> Result<Vec<SessionRecord>, StoreError> {
         let mut recovered = Vec::new();
         for mut session in self.store.sessions()? {
@@ -529,7 +653,7 @@ impl Recorder {
             session.stored_bytes = stored_bytes;
             session.transcript_bytes = transcript_bytes;
             session.received_input = received_input;
-            announce(&session);
+            announce(&session)?;
             self.store.save_session(&session)?;
             recovered.push(session);
         }
@@ -626,6 +750,28 @@ impl<'a> SearchWindow<'a> {
         }
         false
     }
+}
+
+/// What a session ended for the disk's sake, or a refused one, is told.
+pub fn disk_full_message(free: u64, min_free: u64, consequence: &str) -> String {
+    format!(
+        "the bastion's disk is nearly full ({} free, min_free_disk = {}); {consequence}",
+        Size(free),
+        Size(min_free)
+    )
+}
+
+/// Ends a live session's relay with `reason` (its flusher still writes what is
+/// pending); the first reason wins.
+fn stop(live: &Live, reason: String) {
+    live.failure.send_if_modified(|failure| {
+        if failure.is_some() {
+            return false;
+        }
+        *failure = Some(reason);
+        true
+    });
+    live.room.notify_waiters();
 }
 
 fn damaged(err: TranscriptError) -> StoreError {
@@ -789,11 +935,11 @@ struct Flushed {
 
 /// Writes a session's batches until it is finished (or the store fails).
 async fn flush_loop(
-    store: Arc<Store>,
-    writers: Arc<Semaphore>,
+    recorder: Arc<Recorder>,
     live: Arc<Live>,
     mut record: SessionRecord,
 ) -> Flushed {
+    let (store, writers) = (&recorder.store, &recorder.writers);
     let mut digest = TranscriptDigest::default();
     // Sessions that start together must not flush together: a random phase spreads
     // hundreds of flushers over the interval instead of waking them in one burst.
@@ -816,7 +962,7 @@ async fn flush_loop(
                     .acquire()
                     .await
                     .expect("the writer semaphore is never closed");
-                write_batch(&store, &mut record, &mut digest, chunks).await
+                write_batch(store, &mut record, &mut digest, chunks).await
             };
             if let Err(error) = written {
                 tracing::error!(session = record.id, %error, "cannot write recording; ending the session");
@@ -834,6 +980,11 @@ async fn flush_loop(
             pending.bytes -= bytes;
             pending.batches = record.batches;
             drop(pending);
+            live.stored.store(record.stored_bytes, Ordering::Relaxed);
+            if let Some(reason) = recorder.over_quota(&live) {
+                tracing::warn!(session = record.id, user = %record.user, %reason, "ending the session");
+                stop(&live, reason);
+            }
             live.room.notify_waiters();
         }
         if finished {
@@ -846,32 +997,59 @@ async fn flush_loop(
     }
 }
 
-/// Frames, compresses and stores one batch; counts it in the in-memory record. (The
-/// stored record is written at the start and the end only: a crash recovery
-/// recounts the batches, and one write per flush would cost a sled write per
-/// session per interval.)
+/// Frames, compresses (when that pays) and stores what was pending, as values of
+/// about [`STORED_VALUE_BYTES`]; counts them in the in-memory record. (The stored
+/// record is written at the start and the end only: a crash recovery recounts the
+/// batches, and one write per flush would cost a sled write per session per
+/// interval.)
 async fn write_batch(
     store: &Arc<Store>,
     record: &mut SessionRecord,
     digest: &mut TranscriptDigest,
     chunks: Vec<Chunk>,
 ) -> Result<(), String> {
-    let (id, index) = (record.id, record.batches);
+    let (id, first) = (record.id, record.batches);
     let plain: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
     let writer = store.clone();
-    let compressed = tokio::task::spawn_blocking(move || {
-        let compressed = transcript::compress_chunks(&chunks);
-        writer.put_batch(id, index, &compressed)?;
-        Ok::<Vec<u8>, StoreError>(compressed)
+    let stored = tokio::task::spawn_blocking(move || {
+        let mut stored = Vec::new();
+        for (n, piece) in pieces(&chunks).enumerate() {
+            let value = transcript::encode_stored(piece);
+            writer.put_batch(id, first + n as u32, &value)?;
+            stored.push(value);
+        }
+        Ok::<Vec<Vec<u8>>, StoreError>(stored)
     })
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    digest.update(&compressed);
-    record.batches += 1;
+    for value in &stored {
+        digest.update(value);
+        record.stored_bytes += value.len() as u64;
+    }
+    record.batches += stored.len() as u32;
     record.transcript_bytes += plain;
-    record.stored_bytes += compressed.len() as u64;
     Ok(())
+}
+
+/// Splits pending chunks into runs of about [`STORED_VALUE_BYTES`] (a chunk is never
+/// cut; one bigger than that is a run of its own).
+fn pieces(chunks: &[Chunk]) -> impl Iterator<Item = &[Chunk]> {
+    let mut rest = chunks;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut size = 0;
+        let mut end = 0;
+        while end < rest.len() && (end == 0 || size + rest[end].data.len() <= STORED_VALUE_BYTES) {
+            size += rest[end].data.len();
+            end += 1;
+        }
+        let (piece, tail) = rest.split_at(end);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 #[cfg(test)]
@@ -954,6 +1132,54 @@ mod tests {
         assert_eq!(record.state, SessionState::Closed);
         assert_eq!(record.digest_source, Some(DigestSource::Bastion));
         assert_eq!(record.digest.unwrap(), recorder.digest_of(id).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_user_over_their_quota_is_ended_and_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let limits = RecordingLimits {
+            user_quota: Some(100 * 1024),
+            ..RecordingLimits::UNLIMITED
+        };
+        let recorder =
+            Arc::new(Recorder::new(store, true, false).with_limits(limits, dir.path().into()));
+        let first = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        let second = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        // Incompressible, so stored bytes grow with what is recorded.
+        let mut x: u64 = 1;
+        let noise: Bytes = (0..80 * 1024)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        first.output(Stream::Stdout, &noise).await;
+        tokio::time::sleep(FLUSH_INTERVAL * 2).await;
+        assert_eq!(recorder.room_for("alice"), Ok(()), "80 KiB of 100");
+        second.output(Stream::Stdout, &noise).await;
+        let reason = tokio::time::timeout(Duration::from_secs(3), second.failed())
+            .await
+            .expect("the session that crossed the quota is ended");
+        assert!(reason.contains("user_quota = 100KiB"), "{reason}");
+        let refusal = recorder.room_for("alice").unwrap_err();
+        assert!(refusal.contains("user_quota"), "{refusal}");
+        assert_eq!(recorder.room_for("bob"), Ok(()));
+        for session in [first, second] {
+            let (_, error) = session.finish(SessionEnd::default(), |_, _| {}).await;
+            assert_eq!(error, None, "everything recorded was stored");
+        }
+        assert_eq!(
+            recorder.room_for("alice"),
+            Ok(()),
+            "ended sessions do not count"
+        );
     }
 
     #[tokio::test]

@@ -1,10 +1,14 @@
-//! The transcript format: timed chunks, framed into batches, compressed with zstd.
+//! The transcript format: timed chunks, framed into batches, compressed with zstd
+//! unless that would not pay.
 //!
 //! A batch is the concatenation of frames `offset_us: u64 BE | stream: u8 |
-//! len: u32 BE | data`, compressed as one zstd frame. The transcript digest is the
-//! SHA-256 of the stored (compressed) batches in order: it proves the stored bytes are
-//! unchanged, costs a fraction of hashing the raw output, and verifying it needs no
-//! decompression.
+//! len: u32 BE | data`, stored either as one zstd frame or, when its data does not
+//! compress (encrypted archives, compressed tarballs, git packs piped through `ssh`),
+//! as it is behind a single [`RAW_TAG`] byte. A zstd frame never starts with that
+//! byte (its magic number is `28 b5 2f fd`, a skippable frame's `5? 2a 4d 18`), so
+//! batches written before raw storage existed read as they always did. The
+//! transcript digest is the SHA-256 of the stored batches in order: it proves the
+//! stored bytes are unchanged, and verifying it needs no decompression.
 
 use std::io::Write;
 
@@ -20,6 +24,19 @@ const ZSTD_LEVEL: i32 = 1;
 const MAX_BATCH: usize = 64 * 1024 * 1024;
 
 const FRAME_HEADER: usize = 8 + 1 + 4;
+
+/// First byte of a batch stored uncompressed.
+const RAW_TAG: u8 = 0;
+
+/// Bytes of a batch's data compressed on trial to decide whether the whole batch is
+/// worth compressing: enough for zstd to find repetition in terminal output, cheap
+/// next to compressing (or failing to compress) a whole batch.
+const SAMPLE: usize = 16 * 1024;
+
+/// A batch is compressed only if its sample shrinks to at most this fraction (in
+/// percent): below a 10 % gain, zstd costs CPU on every write and every read for
+/// almost no space.
+const WORTH_COMPRESSING_PERCENT: usize = 90;
 
 /// Where a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +114,55 @@ pub fn decode(batch: &[u8]) -> Result<Vec<Chunk>, TranscriptError> {
     Ok(chunks)
 }
 
+/// The batch as it is stored: compressed if a sample of its data compresses well,
+/// otherwise framed as it is behind [`RAW_TAG`]. Either way each byte is copied once.
+pub fn encode_stored(chunks: &[Chunk]) -> Vec<u8> {
+    if worth_compressing(chunks) {
+        compress_chunks(chunks)
+    } else {
+        raw_chunks(chunks)
+    }
+}
+
+/// Whether zstd shrinks the first [`SAMPLE`] bytes of the batch's data enough.
+fn worth_compressing(chunks: &[Chunk]) -> bool {
+    let mut sample = Vec::with_capacity(SAMPLE);
+    for chunk in chunks {
+        let take = (SAMPLE - sample.len()).min(chunk.data.len());
+        sample.extend_from_slice(&chunk.data[..take]);
+        if sample.len() == SAMPLE {
+            break;
+        }
+    }
+    if sample.len() < 256 {
+        return true; // too little to judge; small batches cost nothing either way
+    }
+    match zstd::bulk::compress(&sample, ZSTD_LEVEL) {
+        Ok(compressed) => compressed.len() * 100 <= sample.len() * WORTH_COMPRESSING_PERCENT,
+        Err(_) => false,
+    }
+}
+
+/// Frames `chunks` behind [`RAW_TAG`], uncompressed.
+fn raw_chunks(chunks: &[Chunk]) -> Vec<u8> {
+    let size: usize = chunks.iter().map(|c| FRAME_HEADER + c.data.len()).sum();
+    let mut out = Vec::with_capacity(1 + size);
+    out.push(RAW_TAG);
+    for chunk in chunks {
+        out.extend_from_slice(&frame_header(chunk));
+        out.extend_from_slice(&chunk.data);
+    }
+    out
+}
+
+fn frame_header(chunk: &Chunk) -> [u8; FRAME_HEADER] {
+    let mut header = [0u8; FRAME_HEADER];
+    header[..8].copy_from_slice(&chunk.offset_us.to_be_bytes());
+    header[8] = chunk.stream.code();
+    header[9..].copy_from_slice(&(chunk.data.len() as u32).to_be_bytes());
+    header
+}
+
 /// Frames and compresses `chunks` in one pass, without first copying them into
 /// one contiguous batch.
 pub fn compress_chunks(chunks: &[Chunk]) -> Vec<u8> {
@@ -107,22 +173,24 @@ pub fn compress_chunks(chunks: &[Chunk]) -> Vec<u8> {
         .set_pledged_src_size(Some(size as u64))
         .expect("pledged size before writing");
     for chunk in chunks {
-        let mut header = [0u8; FRAME_HEADER];
-        header[..8].copy_from_slice(&chunk.offset_us.to_be_bytes());
-        header[8] = chunk.stream.code();
-        header[9..].copy_from_slice(&(chunk.data.len() as u32).to_be_bytes());
-        encoder.write_all(&header).expect("writing to memory");
+        encoder
+            .write_all(&frame_header(chunk))
+            .expect("writing to memory");
         encoder.write_all(&chunk.data).expect("writing to memory");
     }
     encoder.finish().expect("zstd compression in memory")
 }
 
+/// The framed batch from its stored form (raw or zstd).
 pub fn decompress(stored: &[u8]) -> Result<Vec<u8>, TranscriptError> {
+    if let Some((&RAW_TAG, framed)) = stored.split_first() {
+        return Ok(framed.to_vec());
+    }
     zstd::bulk::decompress(stored, MAX_BATCH)
         .map_err(|err| TranscriptError::Damaged(format!("zstd: {err}")))
 }
 
-/// The running SHA-256 over a transcript's uncompressed batches.
+/// The running SHA-256 over a transcript's stored batches.
 #[derive(Clone, Default)]
 pub struct TranscriptDigest(Sha256);
 
@@ -181,6 +249,61 @@ mod tests {
         assert!(decompress(b"not zstd").is_err());
     }
 
+    fn random(n: usize) -> Bytes {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn stdout(data: Bytes) -> Chunk {
+        Chunk {
+            offset_us: 7,
+            stream: Stream::Stdout,
+            data,
+        }
+    }
+
+    #[test]
+    fn incompressible_batches_are_stored_as_they_are() {
+        let chunks = vec![stdout(random(40_000)), stdout(random(30_000))];
+        let stored = encode_stored(&chunks);
+        assert_eq!(stored[0], RAW_TAG);
+        assert_eq!(
+            stored.len(),
+            1 + encode(&chunks).len(),
+            "one tag byte, no more"
+        );
+        assert_eq!(decode(&decompress(&stored).unwrap()).unwrap(), chunks);
+    }
+
+    #[test]
+    fn terminal_output_is_still_compressed() {
+        let listing = "drwxr-xr-x 2 root root 4096 Jan  1 00:00 bin\r\n".repeat(2000);
+        let chunks = vec![stdout(Bytes::from(listing))];
+        let stored = encode_stored(&chunks);
+        assert_ne!(stored[0], RAW_TAG);
+        assert!(
+            stored.len() * 20 < encode(&chunks).len(),
+            "{}",
+            stored.len()
+        );
+        assert_eq!(decode(&decompress(&stored).unwrap()).unwrap(), chunks);
+    }
+
+    #[test]
+    fn batches_stored_before_raw_storage_still_read() {
+        // What the previous version wrote for every batch: one zstd frame.
+        let chunks = vec![stdout(random(20_000))];
+        let old = compress_chunks(&chunks);
+        assert_eq!(decode(&decompress(&old).unwrap()).unwrap(), chunks);
+    }
+
     proptest::proptest! {
         #[test]
         fn any_bytes_decode_or_fail_cleanly(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
@@ -201,6 +324,8 @@ mod tests {
                     data: Bytes::from(data),
                 })
                 .collect();
+            let stored = encode_stored(&chunks);
+            proptest::prop_assert_eq!(decode(&decompress(&stored).unwrap()).unwrap(), chunks.clone());
             let stored = compress_chunks(&chunks);
             proptest::prop_assert_eq!(decode(&decompress(&stored).unwrap()).unwrap(), chunks);
         }

@@ -111,15 +111,17 @@ impl ChannelContext {
         } else {
             "stepup.failure"
         };
-        self.state.audit(
+        let audited = self.state.audit_or_refuse(
             AuditEvent::new(kind, user, now)
                 .detail("purpose", purpose)
                 .detail("result", verdict.explain(user)),
         );
         if verdict.locked_now() {
-            self.state
+            let _ = self
+                .state
                 .audit(AuditEvent::new("stepup.locked", user, now).detail("purpose", purpose));
         }
+        audited?;
         if accepted {
             self.identity.mark_stepped_up(now);
             Ok(())

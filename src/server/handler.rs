@@ -96,7 +96,7 @@ pub async fn drive(
     for lockout in gate.charge(peer.ip(), ending, &attempts, std::time::Instant::now()) {
         let key = lockout.key.as_deref().unwrap_or("any");
         tracing::warn!(source = %peer.ip(), key, seconds = lockout.duration.as_secs(), ?ending, "penalty threshold reached; locked out");
-        state.audit(
+        let _ = state.audit(
             AuditEvent::new("preauth.lockout", "portcullis", Utc::now())
                 .detail("source", peer.ip().to_string())
                 .detail("key", key)
@@ -170,7 +170,7 @@ async fn run(
         }
         (identity, why) = withdrawn => {
             tracing::warn!(%peer, user = %identity.user, reason = %why, "identity withdrawn; connection closed");
-            state.audit(
+            let _ = state.audit(
                 AuditEvent::new("auth.withdrawn", &identity.user, Utc::now())
                     .detail("key", fingerprint(&identity.key))
                     .detail("client", peer.to_string())
@@ -282,7 +282,7 @@ impl Connection {
             Ok(slot) => self.user_slot = Some(slot),
             Err(why) => {
                 tracing::warn!(peer = %self.peer(), user = %identity.user, "refused: {why}");
-                self.state.audit(
+                let _ = self.state.audit(
                     AuditEvent::new("connection.limited", &identity.user, Utc::now())
                         .detail("client", self.peer())
                         .detail("reason", why.as_str()),
@@ -375,14 +375,16 @@ impl Connection {
             "stepup.failure"
         };
         let username: String = username.chars().take(128).collect();
-        self.state.audit(
+        // Refusing a step-up for want of its event would not help: the session it
+        // is for needs its own `session.start`, which fails the same way.
+        let _ = self.state.audit(
             AuditEvent::new(kind, user, now)
                 .detail("client", self.peer())
                 .detail("username", username)
                 .detail("result", verdict.explain(user)),
         );
         if verdict.locked_now() {
-            self.state.audit(
+            let _ = self.state.audit(
                 AuditEvent::new("stepup.locked", user, now)
                     .detail("client", self.peer())
                     .detail("minutes", crate::totp::LOCKOUT_SECS / 60),
@@ -394,7 +396,9 @@ impl Connection {
     /// address.
     fn audit_auth(&self, kind: &str, user: &str, key: &PublicKey, username: &str) {
         let username: String = username.chars().take(128).collect();
-        self.state.audit(
+        // Best effort: every action after authentication (a session, a request, a
+        // decision) needs its own event and is refused when that cannot be written.
+        let _ = self.state.audit(
             AuditEvent::new(kind, user, chrono::Utc::now())
                 .detail("key", fingerprint(key))
                 .detail("client", self.peer())

@@ -96,11 +96,14 @@ impl State {
         let notifier = Notifier::new(config.notify.webhook.clone());
         Ok(State {
             grants: Grants::new(store.clone(), notifier)?.with_limits(config.limits.requests()),
-            recorder: Arc::new(Recorder::new(
-                store.clone(),
-                config.record_input,
-                config.record_file_transfers,
-            )),
+            recorder: Arc::new(
+                Recorder::new(
+                    store.clone(),
+                    config.record_input,
+                    config.record_file_transfers,
+                )
+                .with_limits(config.recording, config.data_dir.clone()),
+            ),
             user_connections: PerUser::new(
                 "connections",
                 "connections_per_user",
@@ -122,9 +125,17 @@ impl State {
         })
     }
 
-    /// Appends an audit event (failures are logged by the store layer).
-    pub fn audit(&self, event: AuditEvent) {
-        self.grants.audit(event);
+    /// Appends an audit event durably; on failure (logged) the caller must refuse
+    /// what the event records.
+    pub fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.grants.audit(event)
+    }
+
+    /// [`State::audit`] for callers that answer a user: the refusal to show when the
+    /// event cannot be written.
+    pub fn audit_or_refuse(&self, event: AuditEvent) -> Result<(), String> {
+        self.audit(event)
+            .map_err(|err| crate::audit::refused_unaudited(&err))
     }
 
     /// The policy in force right now; callers keep the `Arc` for one decision.
@@ -170,7 +181,8 @@ impl State {
             }
             crate::totp::invite::withdraw(&self.config.data_dir, &user);
             tracing::warn!(%user, grants = ended.len(), "user removed from the policy; grants withdrawn, TOTP forgotten");
-            self.audit(
+            // Taking access away needs no permission; a failed append is logged.
+            let _ = self.audit(
                 AuditEvent::new("user.removed", "portcullis", now)
                     .detail("user", user.as_str())
                     .detail("grants", ended),
@@ -344,6 +356,11 @@ pub async fn serve(config: Config) -> Result<()> {
     tokio::select! {
         _ = accept(listener, state.clone(), russh_config, gate) => {}
         _ = termination() => {}
+        failure = upkeep::watch_disk(state.clone()) => {
+            // Live sessions could not be recorded any more: nothing to drain.
+            tracing::error!(reason = %failure, "exiting so that the service manager restarts portcullis with the database reopened");
+            anyhow::bail!("{failure}");
+        }
     }
     drain(&state).await;
     state.store.flush().context("cannot flush the database")?;
@@ -396,7 +413,8 @@ async fn drain(state: &State) {
     let live = *state.live_sessions.borrow();
     let grace = state.config.shutdown_grace;
     tracing::info!(live_sessions = live, grace = ?grace, "shutting down: no new connections");
-    state.audit(
+    // Stopping is not refused for want of an event; a failed append is logged.
+    let _ = state.audit(
         AuditEvent::new("bastion.shutdown", "portcullis", chrono::Utc::now())
             .detail("live_sessions", live),
     );
@@ -449,7 +467,7 @@ fn mark_interrupted_sessions(state: &State) -> Result<()> {
                         "digest_source",
                         session.digest_source.map(|s| s.as_str()),
                     ),
-            );
+            )
         })
         .context("cannot recover the recordings of interrupted sessions")?;
     Ok(())
@@ -478,11 +496,12 @@ async fn reload_on_sighup(state: Arc<State>) {
         match state.reload_policy() {
             Ok(()) => {
                 tracing::info!("policy reloaded");
-                state.audit(AuditEvent::new("policy.reloaded", "portcullis", now));
+                // In force already; a failed append is logged.
+                let _ = state.audit(AuditEvent::new("policy.reloaded", "portcullis", now));
             }
             Err(errors) => {
                 tracing::error!(%errors, "policy reload failed; keeping the previous policy");
-                state.audit(
+                let _ = state.audit(
                     AuditEvent::new("policy.reload_failed", "portcullis", now)
                         .detail("errors", errors.to_string()),
                 );

@@ -49,7 +49,9 @@ pub async fn prune_recordings(state: Arc<State>, retention: Duration) {
                     bytes = freed,
                     "pruned old recordings"
                 );
-                state.audit(
+                // Done already; a failed append is logged (and the store's failure
+                // restarts the bastion, see `watch_store`).
+                let _ = state.audit(
                     AuditEvent::new("recordings.pruned", "portcullis", Utc::now())
                         .detail("sessions", pruned)
                         .detail("bytes", freed)
@@ -57,6 +59,57 @@ pub async fn prune_recordings(state: Arc<State>, retention: Duration) {
                 );
             }
             Err(err) => tracing::error!(error = %err, "cannot prune recordings"),
+        }
+    }
+}
+
+/// How often free space and the store's health are checked.
+const DISK_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the disk from filling and gets the bastion out of a failed store.
+///
+/// While the data directory's free space is below `min_free_disk`, ends the live
+/// session that has recorded the most, one a second, with a notice (new sessions
+/// are refused meanwhile, see `Recorder::room_for`).
+///
+/// Once sled has failed a write, it fails every later one until it is reopened, and
+/// everything that needs a write is refused meanwhile (`/healthz` says why). This
+/// returns, for the server to exit non-zero so that systemd (`Restart=on-failure`)
+/// starts it again on a freshly opened store, as soon as free space is back above
+/// `min_free_disk`: restarting earlier would only fail again.
+pub async fn watch_disk(state: Arc<State>) -> String {
+    let mut tick = tokio::time::interval(DISK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let recorder = &state.recorder;
+    loop {
+        tick.tick().await;
+        let low = recorder.disk_low();
+        if let Some(failure) = state.store.failure() {
+            if low.is_none() {
+                return format!(
+                    "the database failed a write ({failure}) and the disk has room again"
+                );
+            }
+            continue;
+        }
+        let Some(free) = low else { continue };
+        let min = recorder.limits().min_free_disk;
+        let notice = crate::record::disk_full_message(
+            free,
+            min,
+            "the largest live sessions are ended so that the recordings made so far are kept",
+        );
+        if let Some((session, user, stored)) = recorder.end_largest(&notice) {
+            tracing::warn!(session, %user, stored, free, min_free_disk = min, "disk nearly full; ending the largest live session");
+            // Ended either way; a failed append is logged.
+            let _ = state.audit(
+                AuditEvent::new("session.disk_full", "portcullis", Utc::now())
+                    .detail("session", session)
+                    .detail("user", user.as_str())
+                    .detail("stored_bytes", stored)
+                    .detail("free_bytes", free)
+                    .detail("min_free_disk", min),
+            );
         }
     }
 }
