@@ -32,7 +32,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{login_user, public_key_of, AnyHostKey, Client, Sshd, World, WorldOptions};
+use common::{
+    login_user, percentile, public_key_of, AnyHostKey, Client, Sshd, World, WorldOptions,
+};
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
 
 /// Each login of a burst gives up after this long (the bastion's login grace).
@@ -293,13 +295,4 @@ fn flood(port: u16) -> Flood {
         std::thread::sleep(Duration::from_millis(50));
     }
     Flood { stop, peak, thread }
-}
-
-fn percentile(samples: &mut [f64], p: f64) -> f64 {
-    if samples.is_empty() {
-        return f64::NAN;
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
-    samples[rank]
 }

@@ -27,7 +27,7 @@ use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cpu_seconds, login_user, status_kib, AnyHostKey, World, TARGET};
+use common::{cpu_seconds, login_user, percentile, status_kib, AnyHostKey, World, TARGET};
 use russh::client;
 use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
 use russh::ChannelMsg;
@@ -374,13 +374,4 @@ async fn type_until(mut typist: Typist, deadline: Instant, offset: Duration) -> 
         samples.push(sent.elapsed().as_secs_f64() * 1000.0);
     }
     (typist, samples)
-}
-
-fn percentile(samples: &mut [f64], p: f64) -> f64 {
-    if samples.is_empty() {
-        return f64::NAN;
-    }
-    samples.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
-    samples[rank]
 }

@@ -273,15 +273,6 @@ impl Store {
         Ok((piece > 0).then_some(batch))
     }
 
-    /// A session's compressed batches, in order.
-    pub fn batches(&self, session: u64) -> Result<Vec<Vec<u8>>> {
-        let mut batches = Vec::new();
-        while let Some(batch) = self.batch(session, batches.len() as u32)? {
-            batches.push(batch);
-        }
-        Ok(batches)
-    }
-
     /// Removes a session's transcript (retention); returns the bytes freed.
     pub fn delete_batches(&self, session: u64) -> Result<u64> {
         let mut freed = 0;
@@ -407,12 +398,10 @@ mod tests {
             .all(|piece| piece.unwrap().len() <= PIECE_BYTES));
         store.chunks.insert(batch_key(3, 2), &b"whole"[..]).unwrap();
         assert_eq!(store.batch(3, 0).unwrap().unwrap(), batch);
-        assert_eq!(
-            store.batches(3).unwrap()[1..],
-            [b"small".to_vec(), b"whole".to_vec()]
-        );
+        assert_eq!(store.batch(3, 1).unwrap().unwrap(), b"small");
+        assert_eq!(store.batch(3, 2).unwrap().unwrap(), b"whole");
         assert_eq!(store.batch(3, 3).unwrap(), None);
         assert_eq!(store.delete_batches(3).unwrap(), 40_000 + 5 + 5);
-        assert!(store.batches(3).unwrap().is_empty());
+        assert_eq!(store.batch(3, 0).unwrap(), None);
     }
 }

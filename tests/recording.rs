@@ -467,17 +467,7 @@ fn audit_verify_recordings_finds_an_edited_transcript() {
 #[test]
 fn a_bastion_crash_leaves_an_interrupted_but_replayable_session() {
     let mut w = World::start();
-    let line = w.alice.ssh_shell_line(&local(), &["-tt"], &[]);
-    let tmux = Tmux::start(w.dir.path(), 100, 30, &line);
-    tmux.send("echo survived-$((3*3))", true);
-    tmux.send("Enter", false);
-    assert!(
-        tmux.wait_for("survived-9", Duration::from_secs(10)),
-        "{}",
-        tmux.screen()
-    );
-    // Longer than the flush interval, so the output is on disk.
-    std::thread::sleep(Duration::from_millis(2500));
+    let _tmux = flushed_shell_session(&w);
     w.restart_bastion(); // SIGKILL
     let session = single_session(&w);
     assert_eq!(session["state"], "interrupted");

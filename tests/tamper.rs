@@ -337,16 +337,7 @@ fn a_session_deleted_with_its_events_leaves_a_gap_in_session_ids() {
 #[test]
 fn a_transcript_replaced_after_a_crash_is_marked_unsealed() {
     let mut w = World::start();
-    let line = w.alice.ssh_shell_line(&local(), &["-tt"], &[]);
-    let tmux = Tmux::start(w.dir.path(), 100, 30, &line);
-    tmux.send("echo survived-$((3*3))", true);
-    tmux.send("Enter", false);
-    assert!(
-        tmux.wait_for("survived-9", Duration::from_secs(10)),
-        "{}",
-        tmux.screen()
-    );
-    std::thread::sleep(Duration::from_millis(2500)); // flushed
+    let _tmux = flushed_shell_session(&w);
     w.restart_bastion_after(false, |data| {
         with_db(data, |db| {
             forge_transcript(db, 1, |plain| replace(plain, b"survived-9", b"harmless-1"));

@@ -221,12 +221,17 @@ struct Stalled {
 
 impl Stalled {
     /// Runs a write that waits for `peer`'s window, giving up (and keeping the
-    /// reason) when the window stayed shut for the whole limit.
+    /// reason) when the window stayed shut for the whole limit. A write that
+    /// finishes at once (the common case, every keystroke) never arms a timer.
     async fn unless(
         &self,
         peer: &str,
         write: impl Future<Output = Result<(), russh::Error>>,
     ) -> Result<(), russh::Error> {
+        let mut write = pin!(write);
+        if let Poll::Ready(done) = poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            return done;
+        }
         match tokio::time::timeout(self.limit, write).await {
             Ok(done) => done,
             Err(elapsed) => {

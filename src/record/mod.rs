@@ -812,13 +812,14 @@ impl SessionRecorder {
 
     /// What the user typed or piped in (unless `record_input = false`).
     pub async fn input(&self, data: &Bytes) {
-        self.live
-            .inner
-            .lock()
-            .expect("recording lock poisoned")
-            .input_bytes += data.len() as u64;
         if self.record_input {
-            self.push(Stream::Stdin, data.clone()).await;
+            self.push(Stream::Stdin, data.clone()).await; // counts the input too
+        } else {
+            self.live
+                .inner
+                .lock()
+                .expect("recording lock poisoned")
+                .input_bytes += data.len() as u64;
         }
     }
 
@@ -856,6 +857,9 @@ impl SessionRecorder {
         let over_batch = {
             let mut pending = self.live.inner.lock().expect("recording lock poisoned");
             pending.bytes += chunk.data.len();
+            if chunk.stream == Stream::Stdin {
+                pending.input_bytes += chunk.data.len() as u64;
+            }
             if let Some(watchers) = &pending.watchers {
                 let _ = watchers.send(chunk.clone()); // no watchers is fine
             }

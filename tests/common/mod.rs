@@ -312,6 +312,36 @@ pub fn wait_output(child: Child, timeout: Duration) -> (Output, Duration) {
     (out, started.elapsed())
 }
 
+/// The `p`th percentile of `samples` (sorted in place); NaN when empty.
+pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
+    if samples.is_empty() {
+        return f64::NAN;
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * (samples.len() - 1) as f64).round() as usize;
+    samples[rank]
+}
+
+/// An interactive shell session of alice on the local target, in tmux, that has
+/// printed `survived-9` and waited past the recording's flush interval, so its
+/// output is on disk (for crash and tampering tests).
+pub fn flushed_shell_session(world: &World) -> Tmux {
+    let line = world
+        .alice
+        .ssh_shell_line(&format!("{}@{TARGET}", login_user()), &["-tt"], &[]);
+    let tmux = Tmux::start(world.dir.path(), 100, 30, &line);
+    tmux.send("echo survived-$((3*3))", true);
+    tmux.send("Enter", false);
+    assert!(
+        tmux.wait_for("survived-9", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    // Longer than the flush interval, so the output is on disk.
+    thread::sleep(Duration::from_millis(2500));
+    tmux
+}
+
 /// `users` (users.toml text) without the `[users.NAME]` table.
 pub fn without_user(users: &str, name: &str) -> String {
     let header = format!("[users.{name}]");
