@@ -64,7 +64,11 @@ fn main() {
     let held: Vec<Child> = (0..stalled)
         .map(|_| {
             w.alice
-                .ssh_command(&target, &[], &["cat /dev/zero"])
+                .ssh_command(
+                    &target,
+                    &[],
+                    &[&std::env::var("SOAK_STALL_CMD").unwrap_or("cat /dev/zero".into())],
+                )
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped()) // never read
                 .stderr(Stdio::null())

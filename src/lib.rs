@@ -5,6 +5,7 @@
 //! policy, and proxies the session to the target with its own credentials.
 
 pub mod audit;
+pub mod budget;
 pub mod config;
 pub mod control;
 pub mod display;

@@ -29,6 +29,7 @@ pub struct Metrics {
     active_sessions: Gauge,
     pending_requests: Gauge,
     recording_queue_bytes: Gauge,
+    relay_memory_bytes: Gauge,
     tasks_alive: Gauge,
     open_fds: Gauge,
 }
@@ -46,6 +47,7 @@ impl Default for Metrics {
             active_sessions: Gauge::default(),
             pending_requests: Gauge::default(),
             recording_queue_bytes: Gauge::default(),
+            relay_memory_bytes: Gauge::default(),
             tasks_alive: Gauge::default(),
             open_fds: Gauge::default(),
         };
@@ -96,6 +98,11 @@ impl Metrics {
             "Recorded bytes not yet written to the store",
             self.recording_queue_bytes.clone(),
         );
+        r.register(
+            "relay_memory_bytes",
+            "Session bytes held beyond their own allowances, charged to [limits] relay_memory",
+            self.relay_memory_bytes.clone(),
+        );
         r.register("tasks_alive", "Tokio tasks alive", self.tasks_alive.clone());
         r.register("open_fds", "Open file descriptors", self.open_fds.clone());
         self
@@ -109,6 +116,7 @@ impl Metrics {
             .set(state.grants.pending_count() as i64);
         self.recording_queue_bytes
             .set(state.recorder.queued_bytes() as i64);
+        self.relay_memory_bytes.set(state.memory.used() as i64);
         self.tasks_alive
             .set(runtime.metrics().num_alive_tasks() as i64);
         let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());

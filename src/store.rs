@@ -23,7 +23,7 @@ use crate::record::SessionRecord;
 
 /// sled's page cache; its default (1 GiB) would let recordings grow the bastion's
 /// memory far beyond what the relay uses.
-const CACHE_BYTES: u64 = 32 * 1024 * 1024;
+const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Largest value a stored batch is split into. sled 0.34 keeps every value larger
 /// than a few pages in memory for as long as the process lives, whatever its cache

@@ -9,13 +9,12 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{free_port, text, wait_until, Background, World, WorldOptions};
+use common::{free_port, http_get, text, wait_until, Background, World, WorldOptions};
 use portcullis::record::disk::free_bytes;
 
 const MIB: u64 = 1 << 20;
@@ -67,19 +66,7 @@ fn fill(path: &Path, leave: u64) {
 
 /// `GET /healthz`: status code and body.
 fn healthz(port: u16) -> (u16, String) {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
-    stream
-        .write_all(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n")
-        .expect("send request");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read answer");
-    let status = answer
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = answer.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (status, body)
+    http_get(port, "/healthz")
 }
 
 #[test]

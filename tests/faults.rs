@@ -491,3 +491,62 @@ fn a_client_that_reads_nothing_is_cut_off_after_the_idle_window() {
         w.logs()
     );
 }
+
+/// A client that floods its input while reading none of its output overdraws
+/// the relay only within `[limits] relay_memory`: the charge shows in the
+/// metrics, never passes the budget, and is refunded when the idle-window
+/// timeout ends the session.
+#[test]
+fn a_client_that_floods_without_reading_is_held_to_the_memory_budget() {
+    const BUDGET: u64 = 1 << 20;
+    let metrics = free_port();
+    let w = World::start_with(WorldOptions {
+        extra_config: format!(
+            "metrics_listen = \"127.0.0.1:{metrics}\"\n\
+             [limits]\npenalty_exempt = [\"127.0.0.1\"]\n\
+             relay_memory = \"1MiB\"\nidle_window_timeout = \"8s\"\n"
+        ),
+        ..WorldOptions::default()
+    });
+    let held = || -> u64 {
+        let (_, body) = http_get(metrics, "/metrics");
+        body.lines()
+            .find_map(|line| line.strip_prefix("portcullis_relay_memory_bytes "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("the metrics name the relay memory")
+    };
+    let mut flooding = w
+        .alice
+        .ssh_command(&local(), &[], &["cat"])
+        .stdin(std::fs::File::open("/dev/zero").unwrap())
+        .stdout(Stdio::piped()) // never read
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut most = 0;
+    let charged = wait_until(Duration::from_secs(20), || {
+        let now = held();
+        assert!(
+            now <= BUDGET,
+            "{now} bytes held over a {BUDGET}-byte budget"
+        );
+        most = most.max(now);
+        now > 0
+    });
+    let refunded = wait_until(Duration::from_secs(30), || {
+        let now = held();
+        assert!(
+            now <= BUDGET,
+            "{now} bytes held over a {BUDGET}-byte budget"
+        );
+        now == 0 && w.bastion.log().contains("idle_window_timeout")
+    });
+    let _ = flooding.kill();
+    let _ = flooding.wait();
+    assert!(
+        charged,
+        "the overdraft never showed in the metrics\n{}",
+        w.logs()
+    );
+    assert!(refunded, "the budget was not refunded\n{}", w.logs());
+}

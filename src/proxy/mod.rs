@@ -189,8 +189,16 @@ pub async fn run(
         }
     };
     let idle_window = context.state.config.limits.idle_window_timeout;
-    let (outcome, out, stopped) =
-        relay::relay(client, channel, pending, &recording, stop, idle_window).await;
+    let (outcome, out, stopped) = relay::relay(
+        client,
+        channel,
+        pending,
+        &recording,
+        stop,
+        idle_window,
+        &context.state.memory,
+    )
+    .await;
     end_session(context, &permit, session, recording, &outcome).await;
     if let Some(message) = stopped {
         tracing::info!(user, target, session, reason = %message, "session closed by the bastion");

@@ -12,40 +12,82 @@
 //!
 //! The way out: while the writer of the opposite direction cannot finish a write at
 //! once (the peer's window is shut, or the peer's connection loop is busy), this pipe
-//! may take up to [`OVERDRAFT_LIMIT`] bytes instead of [`PIPE_LIMIT`], so the loop keeps
-//! reading and keeps sending our output. The overdraft is bounded: a peer that floods
-//! us while never reading what we send is held at the limit. 64 MiB carried `cat` of
-//! 300 MB and 1 GB on loopback without a stall (peak RSS 140 MB); this is the price of
-//! russh's read-time windows, written down in the README.
+//! may overdraw beyond [`PIPE_LIMIT`], up to [`OVERDRAFT_LIMIT`], so the loop keeps
+//! reading and reaches the window adjustment we wait for. The overdraft is charged to
+//! the bastion-wide [`Budget`] (`[limits] relay_memory`): when that is spent, no pipe
+//! overdraws until some overdraft is written on. And it is only granted while the
+//! other peer makes progress: a write that has waited [`PROGRESS_GRACE`] means a
+//! peer that reads nothing, and overdrawing for it would only pin memory (a client
+//! that floods its input while never reading output would otherwise hold the whole
+//! overdraft for as long as its session lasts).
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use russh::{ChannelMsg, ChannelReadHalf};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
-/// Bytes one relay direction holds between its reader and its writer.
-pub const PIPE_LIMIT: usize = 4 * 1024 * 1024;
-/// What a pipe may hold while the opposite direction's writer is stalled.
+use crate::budget::{Account, Budget};
+
+/// Bytes one relay direction holds between its reader and its writer, its own
+/// allowance. Small: a pipe only has to cover the moment between a read and the
+/// next write, and a session whose client reads nothing pins it (with 4 MiB, 100
+/// such sessions took 173 MiB; with 256 KiB, 117 MiB, half of it the sessions'
+/// connections themselves; `benches/soak.rs`).
+pub const PIPE_LIMIT: usize = 256 * 1024;
+/// What a pipe may hold, overdraft included, while the opposite direction's writer
+/// is stalled (64 MiB carried `cat` of 300 MB and 1 GB both ways on loopback).
 pub const OVERDRAFT_LIMIT: usize = 64 * 1024 * 1024;
+/// How long one stalled write keeps the opposite pipe's overdraft open: a healthy
+/// peer's window adjustment arrives within a round trip once the loop reads on.
+pub const PROGRESS_GRACE: Duration = Duration::from_secs(5);
 
-#[derive(Default)]
 struct Shared {
     state: Mutex<State>,
+    budget: Arc<Budget>,
     /// Wakes the sender: bytes were consumed or the overdraft opened.
     room: Notify,
     /// Wakes the receiver: a message arrived or the sender left.
     ready: Notify,
-    /// Set while the *other* direction's writer cannot finish a write at once.
-    overdraft: AtomicBool,
 }
 
-#[derive(Default)]
 struct State {
     queue: VecDeque<(ChannelMsg, usize)>,
     bytes: usize,
+    /// The bytes over [`PIPE_LIMIT`], charged to the budget.
+    account: Account,
+    /// When the *other* direction's writer began the write it is stalled on.
+    stalled_since: Option<Instant>,
     closed: bool,
+}
+
+impl State {
+    /// Whether `size` more bytes fit: in the pipe's own allowance, or as an
+    /// overdraft while the other direction is stalled and still within its grace.
+    fn admits(&mut self, size: usize) -> Admits {
+        let total = self.bytes + size;
+        if self.bytes == 0 || total <= PIPE_LIMIT {
+            return Admits::Yes;
+        }
+        let overdrawing = self
+            .stalled_since
+            .is_some_and(|since| since.elapsed() < PROGRESS_GRACE);
+        if !overdrawing || total > OVERDRAFT_LIMIT {
+            Admits::NoRoom
+        } else if self.account.hold(total) {
+            Admits::Yes
+        } else {
+            Admits::NoBudget
+        }
+    }
+}
+
+enum Admits {
+    Yes,
+    NoRoom,
+    NoBudget,
 }
 
 pub struct PipeTx {
@@ -61,9 +103,20 @@ pub struct Overdraft {
     shared: Arc<Shared>,
 }
 
-/// A new empty pipe.
-pub fn pipe() -> (PipeTx, PipeRx) {
-    let shared = Arc::new(Shared::default());
+/// A new empty pipe whose overdraft is charged to `budget`.
+pub fn pipe(budget: &Arc<Budget>) -> (PipeTx, PipeRx) {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            bytes: 0,
+            account: Account::new(budget.clone(), PIPE_LIMIT),
+            stalled_since: None,
+            closed: false,
+        }),
+        budget: budget.clone(),
+        room: Notify::new(),
+        ready: Notify::new(),
+    });
     (
         PipeTx {
             shared: shared.clone(),
@@ -86,27 +139,32 @@ impl PipeTx {
         let mut msg = Some(msg);
         loop {
             let room = self.shared.room.notified();
-            {
+            let freed = self.shared.budget.freed();
+            let admits = {
                 let mut state = self.shared.state.lock().expect("pipe lock poisoned");
                 if state.closed {
                     return false;
                 }
-                let limit = if self.shared.overdraft.load(Ordering::Acquire) {
-                    OVERDRAFT_LIMIT
-                } else {
-                    PIPE_LIMIT
-                };
-                if state.bytes == 0 || state.bytes + size <= limit {
+                let admits = state.admits(size);
+                if let Admits::Yes = admits {
                     state.bytes += size;
                     state
                         .queue
                         .push_back((msg.take().expect("sent once"), size));
-                    drop(state);
+                }
+                admits
+            };
+            match admits {
+                Admits::Yes => {
                     self.shared.ready.notify_one();
                     return true;
                 }
+                Admits::NoRoom => room.await,
+                Admits::NoBudget => tokio::select! {
+                    _ = room => {}
+                    _ = freed => {}
+                },
             }
-            room.await;
         }
     }
 
@@ -149,7 +207,11 @@ impl PipeRx {
 
     fn release(&self, size: usize) {
         if size > 0 {
-            self.shared.state.lock().expect("pipe lock poisoned").bytes -= size;
+            let mut state = self.shared.state.lock().expect("pipe lock poisoned");
+            state.bytes -= size;
+            let total = state.bytes;
+            state.account.hold(total); // shrinking: refunds any overdraft written on
+            drop(state);
             self.shared.room.notify_one();
         }
     }
@@ -163,13 +225,23 @@ impl Drop for PipeRx {
 }
 
 impl Overdraft {
+    /// The other direction's writer is stalled from now on.
     pub fn open(&self) {
-        self.shared.overdraft.store(true, Ordering::Release);
+        self.shared
+            .state
+            .lock()
+            .expect("pipe lock poisoned")
+            .stalled_since = Some(Instant::now());
         self.shared.room.notify_one();
     }
 
+    /// The stalled write finished: the peer made progress.
     pub fn close(&self) {
-        self.shared.overdraft.store(false, Ordering::Release);
+        self.shared
+            .state
+            .lock()
+            .expect("pipe lock poisoned")
+            .stalled_since = None;
     }
 }
 
@@ -201,12 +273,15 @@ pub enum Drained {
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use std::time::Duration;
 
     fn data(n: usize) -> ChannelMsg {
         ChannelMsg::Data {
             data: Bytes::from(vec![0u8; n]),
         }
+    }
+
+    fn plenty() -> Arc<Budget> {
+        Budget::new(usize::MAX / 2)
     }
 
     async fn blocks(tx: &PipeTx, msg: ChannelMsg) -> bool {
@@ -217,7 +292,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_pipe_makes_the_sender_wait_until_bytes_are_written_on() {
-        let (tx, mut rx) = pipe();
+        let (tx, mut rx) = pipe(&plenty());
         assert!(tx.send(data(PIPE_LIMIT - 10)).await);
         assert!(tx.send(ChannelMsg::Eof).await, "control messages are free");
         assert!(blocks(&tx, data(20)).await, "over the limit");
@@ -242,7 +317,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_overdraft_admits_more_until_its_own_limit() {
-        let (tx, _rx) = pipe();
+        let (tx, _rx) = pipe(&plenty());
         assert!(tx.send(data(PIPE_LIMIT)).await);
         assert!(blocks(&tx, data(1024)).await);
         tx.overdraft().open();
@@ -250,9 +325,60 @@ mod tests {
         assert!(blocks(&tx, data(1)).await, "the overdraft is bounded too");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn no_overdraft_once_the_other_peer_stopped_making_progress() {
+        let (tx, _rx) = pipe(&plenty());
+        assert!(tx.send(data(PIPE_LIMIT)).await);
+        let overdraft = tx.overdraft();
+        overdraft.open();
+        assert!(tx.send(data(1024)).await, "a fresh stall may overdraw");
+        tokio::time::advance(PROGRESS_GRACE).await;
+        assert!(
+            blocks(&tx, data(1024)).await,
+            "a write stalled for the whole grace means a peer that reads nothing"
+        );
+        overdraft.close();
+        overdraft.open();
+        assert!(
+            tx.send(data(1024)).await,
+            "progress (the write finished) opens it again"
+        );
+    }
+
+    #[tokio::test]
+    async fn overdrafts_share_one_budget_and_refund_it_when_written_on() {
+        let budget = Budget::new(1024 * 1024);
+        let (first, mut first_rx) = pipe(&budget);
+        let (second, _second_rx) = pipe(&budget);
+        for pipe in [&first, &second] {
+            assert!(pipe.send(data(PIPE_LIMIT)).await);
+            pipe.overdraft().open();
+        }
+        assert!(first.send(data(1024 * 1024)).await);
+        assert_eq!(budget.used(), 1024 * 1024);
+        assert!(
+            blocks(&second, data(1)).await,
+            "the budget is spent: no other pipe overdraws"
+        );
+        let waiting = tokio::spawn(async move { second.send(data(4096)).await });
+        let mut held = 0;
+        first_rx.recv(&mut held).await;
+        first_rx.recv(&mut held).await; // the first chunk is written on
+        assert!(tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the refund wakes the waiting pipe")
+            .unwrap());
+        drop((first, first_rx));
+        assert_eq!(
+            budget.used(),
+            4096,
+            "only the second pipe's overdraft is left"
+        );
+    }
+
     #[tokio::test]
     async fn ends_when_either_side_leaves() {
-        let (tx, mut rx) = pipe();
+        let (tx, mut rx) = pipe(&plenty());
         assert!(tx.send(data(3)).await);
         drop(tx);
         let mut held = 0;
@@ -261,7 +387,7 @@ mod tests {
             "queued messages are still delivered"
         );
         assert!(rx.recv(&mut held).await.is_none());
-        let (tx, rx) = pipe();
+        let (tx, rx) = pipe(&plenty());
         drop(rx);
         assert!(!tx.send(data(3)).await);
     }

@@ -8,13 +8,14 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 
 use russh::client;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 
 use super::pipe::{drain, pipe, Drained, Overdraft, PipeRx};
+use crate::budget::Budget;
 use crate::record::{SessionRecorder, Stream};
 use crate::server::{ClientChannel, ClientOut};
 
@@ -64,11 +65,12 @@ pub async fn relay(
     recording: &SessionRecorder,
     stop: impl Future<Output = String>,
     idle_window: std::time::Duration,
+    memory: &Arc<Budget>,
 ) -> (Outcome, ClientOut, Option<String>) {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
-    let (to_target_tx, to_target_rx) = pipe();
-    let (to_client_tx, to_client_rx) = pipe();
+    let (to_target_tx, to_target_rx) = pipe(memory);
+    let (to_client_tx, to_client_rx) = pipe(memory);
     let to_target_overdraft = to_target_tx.overdraft();
     let to_client_overdraft = to_client_tx.overdraft();
     let mut outcome = Outcome::default();
@@ -119,12 +121,20 @@ pub async fn relay(
                 // until the target confirms: sshd may still send the exit status, which
                 // OpenSSH clients (ControlMaster in particular) wait for. A client whose
                 // connection vanished waits for nothing.
-                let _ = up_writer.close().await;
-                let grace = match drained {
-                    Drained::Closed => CLOSE_GRACE,
-                    Drained::Gone => std::time::Duration::ZERO,
-                };
-                if tokio::time::timeout(grace, &mut target_side).await.is_err() {
+                //
+                // The target's side keeps being relayed while the close is sent: the
+                // target connection's reader loop may be blocked on our full queue, and
+                // it has to move for the close to go out.
+                let confirmed = tokio::time::timeout(CLOSE_GRACE, async {
+                    let close = pin!(up_writer.close());
+                    tokio::select! {
+                        _ = close => if drained == Drained::Closed {
+                            (&mut target_side).await;
+                        },
+                        () = &mut target_side => {}
+                    }
+                });
+                if confirmed.await.is_err() {
                     tracing::debug!("target did not confirm the channel close in time");
                 }
             }

@@ -32,6 +32,7 @@ use tokio::sync::{broadcast, watch, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::audit::AuditEvent;
+use crate::budget::{Account, Budget};
 use crate::store::{Store, StoreError};
 pub use disk::RecordingLimits;
 use disk::Size;
@@ -57,7 +58,9 @@ const BATCH_BYTES: usize = 1024 * 1024;
 /// (`benches/proxy.rs` measures it; see the README's Performance section).
 const STORED_VALUE_BYTES: usize = 64 * 1024;
 
-/// Unflushed bytes per session beyond which the relay waits for the flusher.
+/// Unflushed bytes per session beyond which the relay waits for the flusher (those
+/// over [`BATCH_BYTES`] are also charged to the bastion's memory budget, and when
+/// that is spent the relay waits at [`BATCH_BYTES`]).
 const PENDING_CAP: usize = 8 * 1024 * 1024;
 
 /// Batch writes (compression plus sled insert) in flight at once.
@@ -221,6 +224,8 @@ pub struct Recorder {
     limits: RecordingLimits,
     /// Where free space is measured (the data dir); `None`: not measured.
     data_dir: Option<PathBuf>,
+    /// Charged with what a session's unflushed batch holds beyond [`BATCH_BYTES`].
+    memory: Arc<Budget>,
 }
 
 /// A session id taken from the counter before connecting to the target (so the
@@ -285,6 +290,8 @@ struct Live {
 struct Pending {
     chunks: Vec<Chunk>,
     bytes: usize,
+    /// `bytes` beyond [`BATCH_BYTES`], charged to the memory budget.
+    account: Account,
     /// Batches already in the store.
     batches: u32,
     resizes: u32,
@@ -315,7 +322,15 @@ impl Recorder {
             reserved: Mutex::new(BTreeSet::new()),
             limits: RecordingLimits::UNLIMITED,
             data_dir: None,
+            memory: Budget::new(crate::budget::DEFAULT_LIMIT),
         }
+    }
+
+    /// The same recorder charging unflushed batches to `memory`, the budget the
+    /// relay's pipes share.
+    pub fn with_memory(mut self, memory: Arc<Budget>) -> Recorder {
+        self.memory = memory;
+        self
     }
 
     /// The same recorder enforcing `limits`, with free space measured in `data_dir`.
@@ -494,6 +509,7 @@ impl Recorder {
             inner: Mutex::new(Pending {
                 chunks: Vec::new(),
                 bytes: 0,
+                account: Account::new(self.memory.clone(), BATCH_BYTES),
                 batches: 0,
                 resizes: 0,
                 input_bytes: 0,
@@ -854,35 +870,39 @@ impl SessionRecorder {
             stream,
             data,
         };
-        let over_batch = {
-            let mut pending = self.live.inner.lock().expect("recording lock poisoned");
-            pending.bytes += chunk.data.len();
-            if chunk.stream == Stream::Stdin {
-                pending.input_bytes += chunk.data.len() as u64;
-            }
-            if let Some(watchers) = &pending.watchers {
-                let _ = watchers.send(chunk.clone()); // no watchers is fine
-            }
-            pending.chunks.push(chunk);
-            pending.bytes >= BATCH_BYTES
-        };
-        if over_batch {
-            self.live.flush_now.notify_one();
-            self.wait_for_room().await;
-        }
-    }
-
-    /// Waits while the unflushed batch is over its cap (the disk is behind).
-    async fn wait_for_room(&self) {
+        let size = chunk.data.len();
         loop {
             let room = self.live.room.notified();
+            let freed = self.recorder.memory.freed();
             {
-                let pending = self.live.inner.lock().expect("recording lock poisoned");
-                if pending.bytes < PENDING_CAP || self.live.failure.borrow().is_some() {
+                let mut pending = self.live.inner.lock().expect("recording lock poisoned");
+                let total = pending.bytes + size;
+                let failed = self.live.failure.borrow().is_some();
+                // An empty batch always takes one chunk, so a session never waits on
+                // other sessions' memory for ever.
+                let fits =
+                    pending.bytes == 0 || (total <= PENDING_CAP && pending.account.hold(total));
+                if failed || fits {
+                    pending.bytes = total;
+                    if chunk.stream == Stream::Stdin {
+                        pending.input_bytes += size as u64;
+                    }
+                    if let Some(watchers) = &pending.watchers {
+                        let _ = watchers.send(chunk.clone()); // no watchers is fine
+                    }
+                    pending.chunks.push(chunk);
+                    if total >= BATCH_BYTES {
+                        self.live.flush_now.notify_one();
+                    }
                     return;
                 }
             }
-            room.await;
+            // The disk is behind (or the budget is spent): wait for a flush.
+            self.live.flush_now.notify_one();
+            tokio::select! {
+                _ = room => {}
+                _ = freed => {}
+            }
         }
     }
 
@@ -982,6 +1002,8 @@ async fn flush_loop(
             let mut pending = live.inner.lock().expect("recording lock poisoned");
             pending.chunks.drain(..count);
             pending.bytes -= bytes;
+            let held = pending.bytes;
+            pending.account.hold(held); // shrinking: refunds the written excess
             pending.batches = record.batches;
             drop(pending);
             live.stored.store(record.stored_bytes, Ordering::Relaxed);

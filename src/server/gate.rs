@@ -94,6 +94,11 @@ pub struct Limits {
     /// relay's buffers for ever.
     #[serde(with = "humantime")]
     pub idle_window_timeout: Duration,
+    /// Bytes all sessions together may hold in memory beyond each relay pipe's and
+    /// each recording's own allowance (see `crate::budget`): overdrafts of pipes
+    /// whose peer is slow, and recording batches waiting for a slow disk.
+    #[serde(deserialize_with = "size")]
+    pub relay_memory: usize,
     // Keys of the rate-based gate, refused with a pointer to what replaced them.
     #[serde(rename = "connections_per_second")]
     removed_connections_per_second: Option<IgnoredAny>,
@@ -187,6 +192,13 @@ fn max_startups<'de, D: Deserializer<'de>>(d: D) -> Result<MaxStartups, D::Error
     }
 }
 
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    let text = String::deserialize(d)?;
+    crate::record::disk::parse_size(&text)
+        .and_then(|bytes| usize::try_from(bytes).map_err(|_| format!("{text:?} is too large")))
+        .map_err(serde::de::Error::custom)
+}
+
 fn prefixes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Prefix>, D::Error> {
     Vec::<String>::deserialize(d)?
         .iter()
@@ -222,6 +234,7 @@ impl Default for Limits {
             connections_per_user: 128,
             sessions_per_user: 256,
             idle_window_timeout: Duration::from_secs(600),
+            relay_memory: crate::budget::DEFAULT_LIMIT,
             removed_connections_per_second: None,
             removed_preauth_per_source: None,
             removed_failures_per_source: None,

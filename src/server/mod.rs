@@ -18,6 +18,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::audit::AuditEvent;
+use crate::budget::Budget;
 use crate::config::Config;
 use crate::grant::Grants;
 use crate::keys::KeySet;
@@ -47,6 +48,9 @@ pub struct State {
     pub store: Arc<Store>,
     pub grants: Grants,
     pub recorder: Arc<Recorder>,
+    /// What sessions may hold in memory beyond their own allowances
+    /// (`[limits] relay_memory`), shared by relay pipes and recordings.
+    pub memory: Arc<Budget>,
     pub totp: Totp,
     /// Where the bastion is in its life; sessions watch it to end gracefully.
     pub phase: watch::Sender<Phase>,
@@ -94,6 +98,7 @@ impl State {
         totp: Totp,
     ) -> Result<State, StoreError> {
         let notifier = Notifier::new(config.notify.webhook.clone());
+        let memory = Budget::new(config.limits.relay_memory);
         Ok(State {
             grants: Grants::new(store.clone(), notifier)?.with_limits(config.limits.requests()),
             recorder: Arc::new(
@@ -102,8 +107,10 @@ impl State {
                     config.record_input,
                     config.record_file_transfers,
                 )
-                .with_limits(config.recording, config.data_dir.clone()),
+                .with_limits(config.recording, config.data_dir.clone())
+                .with_memory(memory.clone()),
             ),
+            memory,
             user_connections: PerUser::new(
                 "connections",
                 "connections_per_user",
