@@ -15,6 +15,7 @@ use russh::client;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 
 use super::pipe::{drain, pipe, Drained, Overdraft, PipeRx};
+use super::sftp::SymlinkGuard;
 use crate::record::{SessionRecorder, Stream};
 use crate::server::{ClientChannel, ClientOut};
 
@@ -57,6 +58,9 @@ pub const ENDED_BY_BASTION: u32 = 255;
 ///
 /// A peer whose window stays shut for `idle_window` (it reads nothing it is sent)
 /// ends the session the same way, so it cannot pin the relay's buffers for ever.
+/// So does an sftp symlink request that `symlink_guard` (with the target's name)
+/// refuses.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay(
     client: ClientChannel,
     upstream: Channel<client::Msg>,
@@ -64,6 +68,7 @@ pub async fn relay(
     recording: &SessionRecorder,
     stop: impl Future<Output = String>,
     idle_window: std::time::Duration,
+    symlink_guard: Option<(SymlinkGuard, &str)>,
 ) -> (Outcome, ClientOut, Option<String>) {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
@@ -92,7 +97,8 @@ pub async fn relay(
                     &to_client_overdraft,
                     recording,
                     &shared.stalled,
-                    &mut bytes_to_target
+                    &mut bytes_to_target,
+                    symlink_guard
                 )
             );
             drained
@@ -173,11 +179,22 @@ async fn write_to_target(
     recording: &SessionRecorder,
     stalled: &Stalled,
     bytes: &mut u64,
+    mut symlink_guard: Option<(SymlinkGuard, &str)>,
 ) {
     let mut held = 0;
     while let Some(msg) = pipe.recv(&mut held).await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
+                if let Some(why) = symlink_guard
+                    .as_mut()
+                    .and_then(|(guard, target_name)| guard.refusal(&data, target_name))
+                {
+                    // Ends the session like a stalled peer: the target's close
+                    // ends the relay, and the client is told why.
+                    let _ = stalled.why.set(why);
+                    let _ = target.close().await;
+                    return;
+                }
                 *bytes += data.len() as u64;
                 recording.input(&data).await;
                 stalled
