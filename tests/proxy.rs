@@ -494,6 +494,146 @@ fn multiplexed_channels_share_one_connection() {
     );
 }
 
+/// A command that registers itself in `dir` and then waits until `count`
+/// commands have (giving up after 60 s), so that they all hold their session at
+/// once; then it prints `word`.
+fn gathering_command(dir: &Path, count: usize, word: &str) -> String {
+    let dir = dir.display();
+    format!(
+        "touch {dir}/{word}; i=0; while [ $(ls {dir} | wc -l) -lt {count} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo {word}"
+    )
+}
+
+/// How many connections the target's sshd accepted so far.
+fn target_logins(w: &World) -> usize {
+    w.sshd.log().matches("Accepted publickey").count()
+}
+
+/// Runs `commands` at once as mux clients of the ControlMaster on `control_path`.
+fn multiplexed(w: &World, control_path: &Path, commands: &[String]) -> Vec<std::process::Output> {
+    let user = w.target_user();
+    let path_opt = format!("ControlPath={}", control_path.display());
+    thread::scope(|scope| {
+        let handles: Vec<_> = commands
+            .iter()
+            .map(|command| {
+                let (client, user, path_opt) = (&w.alice, &user, &path_opt);
+                scope.spawn(move || {
+                    let flags = ["-o", path_opt.as_str(), "-o", "ControlMaster=no"];
+                    client.ssh_with(user, &flags, &[command])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// sshd allows 10 sessions per connection (`MaxSessions`). Thirty commands that all
+/// hold their session at once over one ControlMaster still all run: the bastion
+/// opens more connections to the target when it refuses a channel (issue 17 §1),
+/// and each command is recorded and audited as its own session.
+#[test]
+fn thirty_commands_at_once_over_one_control_master_pass_max_sessions() {
+    let w = World::start_with(WorldOptions {
+        sshd_config: "MaxSessions 10\n".into(),
+        ..WorldOptions::default()
+    });
+    let control_path = w.path("cm");
+    let _master = w
+        .alice
+        .control_master(&w.target_user(), &control_path, &w.path("master.log"));
+    let gathering = w.path("gathering");
+    fs::create_dir(&gathering).unwrap();
+    let commands: Vec<String> = (0..30)
+        .map(|n| gathering_command(&gathering, 30, &format!("w{n}")))
+        .collect();
+    let outputs = multiplexed(&w, &control_path, &commands);
+    for (n, out) in outputs.iter().enumerate() {
+        assert_success(out, &format!("session {n}\n{}", w.logs()));
+        assert_eq!(text(&out.stdout), format!("w{n}\n"), "session {n}");
+    }
+    // Thirty sessions held at once need at least three connections of ten.
+    assert!(target_logins(&w) >= 3, "{}", w.logs());
+
+    let sessions: Vec<serde_json::Value> =
+        serde_json::from_str(&w.ok(&w.dave, &["sessions", "--json"])).unwrap();
+    let ours: std::collections::BTreeSet<String> = sessions
+        .iter()
+        .filter(|s| s["state"] == "closed" && s["exit_status"] == 0)
+        .filter_map(|s| s["command"].as_str())
+        .filter(|c| c.contains("gathering"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        ours.len(),
+        30,
+        "one closed session per command: {sessions:#?}"
+    );
+    let kinds = w.audit_kinds();
+    assert_eq!(kinds.iter().filter(|k| *k == "session.start").count(), 30);
+    assert_eq!(kinds.iter().filter(|k| *k == "session.end").count(), 30);
+}
+
+/// Past `[limits] upstream_connections_per_client` the session is refused with a
+/// message naming the limit, and the sessions already open are untouched.
+#[test]
+fn sessions_past_the_upstream_connection_limit_are_refused_by_name() {
+    let w = World::start_with(WorldOptions {
+        sshd_config: "MaxSessions 2\n".into(),
+        extra_config:
+            "[limits]\npenalty_exempt = [\"127.0.0.1\"]\nupstream_connections_per_client = 1\n"
+                .into(),
+        ..WorldOptions::default()
+    });
+    let control_path = w.path("cm");
+    let _master = w
+        .alice
+        .control_master(&w.target_user(), &control_path, &w.path("master.log"));
+    let gathering = w.path("gathering");
+    fs::create_dir(&gathering).unwrap();
+    // Two sessions wait for a third file, which the refused session never makes.
+    let holders = [0, 1].map(|n| gathering_command(&gathering, 3, &format!("h{n}")));
+    thread::scope(|scope| {
+        let held = scope.spawn(|| multiplexed(&w, &control_path, &holders));
+        assert!(
+            wait_until(REMOTE_WAIT, || fs::read_dir(&gathering).unwrap().count()
+                == 2),
+            "{}",
+            w.logs()
+        );
+        let marker = gathering.join("refused");
+        let refused = multiplexed(&w, &control_path, &[touch_command(&marker)]);
+        assert_failure_mentions(
+            &refused[0],
+            "a third session on one upstream connection",
+            &["upstream_connections_per_client = 1", "MaxSessions"],
+        );
+        assert!(!marker.exists(), "the refused session ran");
+        fs::write(gathering.join("go"), "").unwrap();
+        for (n, out) in held.join().unwrap().iter().enumerate() {
+            assert_success(out, &format!("holder {n}"));
+        }
+    });
+    assert_eq!(target_logins(&w), 1, "{}", w.logs());
+}
+
+/// A target that refuses a session on a connection carrying no other one is not
+/// asked again on new connections: the refusal is reported at once.
+#[test]
+fn a_target_that_allows_no_sessions_is_reported_without_retrying() {
+    let w = World::start_with(WorldOptions {
+        sshd_config: "MaxSessions 0\n".into(),
+        ..WorldOptions::default()
+    });
+    let out = w.alice.ssh(&w.target_user(), &["true"]);
+    assert_failure_mentions(
+        &out,
+        "a session to a target with MaxSessions 0",
+        &["refused to open a session"],
+    );
+    assert_eq!(target_logins(&w), 1, "{}", w.logs());
+}
+
 #[test]
 fn thirty_two_concurrent_sessions_all_succeed() {
     let w = World::start();

@@ -183,15 +183,19 @@ pub async fn run(
         }
     };
     let channel_id = client.out.writer.id();
+    let (symlink_guard, symlink_refused) = match symlink_guard {
+        Some((guard, refused)) => (Some(guard), Some(refused)),
+        None => (None, None),
+    };
     let stop = async {
         tokio::select! {
+            message = sftp::refused(symlink_refused) => message,
             message = grant_ends(&context.state.grants, grant, grant_changes) => message,
             message = bastion_stops(context, channel_id) => message,
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
         }
     };
     let idle_window = context.state.config.limits.idle_window_timeout;
-    let guard = symlink_guard.map(|guard| (guard, target));
     let (outcome, out, stopped) = relay::relay(
         client,
         channel,
@@ -199,7 +203,7 @@ pub async fn run(
         &recording,
         stop,
         idle_window,
-        guard,
+        symlink_guard,
     )
     .await;
     end_session(context, &permit, session, recording, &outcome).await;
@@ -448,7 +452,7 @@ async fn open_target_channel(
     };
     let sftp = matches!(start, Start::Subsystem(name) if name == "sftp");
     let symlink_guard = (sftp && !connection.upstream().reads_openssh_symlink_order())
-        .then(sftp::SymlinkGuard::default);
+        .then(|| sftp::SymlinkGuard::new(&target.name));
     Ok(TargetChannel {
         channel,
         connection,
@@ -475,8 +479,9 @@ struct TargetChannel {
     connection: Connection,
     /// The certificate used, in OpenSSH format, for the session record.
     certificate: Option<String>,
-    /// For an sftp session to a target whose symlink order is unknown.
-    symlink_guard: Option<sftp::SymlinkGuard>,
+    /// For an sftp session to a target whose symlink order is unknown, with the
+    /// receiver of its refusal.
+    symlink_guard: Option<(sftp::SymlinkGuard, tokio::sync::oneshot::Receiver<String>)>,
 }
 
 /// The upstream connection a session runs on, kept open while the session lives.

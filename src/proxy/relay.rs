@@ -58,9 +58,8 @@ pub const ENDED_BY_BASTION: u32 = 255;
 ///
 /// A peer whose window stays shut for `idle_window` (it reads nothing it is sent)
 /// ends the session the same way, so it cannot pin the relay's buffers for ever.
-/// So does an sftp symlink request that `symlink_guard` (with the target's name)
-/// refuses.
-#[allow(clippy::too_many_arguments)]
+/// An sftp request that `symlink_guard` refuses is not forwarded, nor anything
+/// after it; the guard ends the session through `stop`.
 pub async fn relay(
     client: ClientChannel,
     upstream: Channel<client::Msg>,
@@ -68,7 +67,7 @@ pub async fn relay(
     recording: &SessionRecorder,
     stop: impl Future<Output = String>,
     idle_window: std::time::Duration,
-    symlink_guard: Option<(SymlinkGuard, &str)>,
+    symlink_guard: Option<SymlinkGuard>,
 ) -> (Outcome, ClientOut, Option<String>) {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
@@ -179,20 +178,16 @@ async fn write_to_target(
     recording: &SessionRecorder,
     stalled: &Stalled,
     bytes: &mut u64,
-    mut symlink_guard: Option<(SymlinkGuard, &str)>,
+    mut symlink_guard: Option<SymlinkGuard>,
 ) {
     let mut held = 0;
     while let Some(msg) = pipe.recv(&mut held).await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
-                if let Some(why) = symlink_guard
+                if symlink_guard
                     .as_mut()
-                    .and_then(|(guard, target_name)| guard.refusal(&data, target_name))
+                    .is_some_and(|guard| !guard.pass(&data))
                 {
-                    // Ends the session like a stalled peer: the target's close
-                    // ends the relay, and the client is told why.
-                    let _ = stalled.why.set(why);
-                    let _ = target.close().await;
                     return;
                 }
                 *bytes += data.len() as u64;

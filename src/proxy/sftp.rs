@@ -11,15 +11,76 @@
 //! error, so a symlink request to such a target ends the session instead.
 //!
 //! [`SymlinkGuard`] follows the client's SFTP packets (a 4-byte length, then the
-//! type) across chunk boundaries, holding four bytes at most.
+//! type) across chunk boundaries, holding four bytes at most, and stops the
+//! session through its own signal: the target is not trusted to confirm a close.
+
+use tokio::sync::oneshot;
 
 /// `SSH_FXP_SYMLINK` (draft-ietf-secsh-filexfer-02, section 3).
 const SSH_FXP_SYMLINK: u8 = 20;
 
 /// Watches what a client sends on an sftp channel to a target whose symlink order
 /// is unknown.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SymlinkGuard {
+    framing: Framing,
+    /// The target's name, for the message.
+    target: String,
+    /// Where the refusal goes (the session's stop signal); taken when used.
+    refused: Option<oneshot::Sender<String>>,
+}
+
+impl SymlinkGuard {
+    /// A guard for an sftp session to `target`, and the receiver that yields the
+    /// message to end the session with once it refused a request.
+    pub fn new(target: &str) -> (SymlinkGuard, oneshot::Receiver<String>) {
+        let (refused, receiver) = oneshot::channel();
+        let guard = SymlinkGuard {
+            framing: Framing::default(),
+            target: target.to_string(),
+            refused: Some(refused),
+        };
+        (guard, receiver)
+    }
+
+    /// Follows the next chunk of the client's stream. `false` when it holds an
+    /// `SSH_FXP_SYMLINK` request: nothing more may reach the target, and the
+    /// session's stop signal has been sent.
+    pub fn pass(&mut self, data: &[u8]) -> bool {
+        if self.refused.is_none() {
+            return false;
+        }
+        if !self.framing.holds_symlink(data) {
+            return true;
+        }
+        let why = format!(
+            "sftp symlink refused: target '{}' does not identify as OpenSSH, so the bastion \
+             cannot tell in which order its sftp server reads the two paths — session closed \
+             (see the README, Clients)",
+            self.target
+        );
+        if let Some(refused) = self.refused.take() {
+            let _ = refused.send(why);
+        }
+        false
+    }
+}
+
+/// Resolves with the refusal of `guard`'s session, if there is a guard and it
+/// refused; otherwise never.
+pub async fn refused(receiver: Option<oneshot::Receiver<String>>) -> String {
+    match receiver {
+        Some(receiver) => match receiver.await {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Where the client's stream is in its SFTP packets.
+#[derive(Debug, Default)]
+struct Framing {
     /// The length field being read, and how many of its bytes are in.
     length: [u8; 4],
     have: usize,
@@ -29,19 +90,14 @@ pub struct SymlinkGuard {
     at_type: bool,
 }
 
-impl SymlinkGuard {
-    /// Follows the next chunk of the client's stream; returns why the session must
-    /// end when the chunk holds the type byte of an `SSH_FXP_SYMLINK` request.
-    pub fn refusal(&mut self, mut data: &[u8], target: &str) -> Option<String> {
+impl Framing {
+    /// Follows `data`; whether it holds the type byte of an `SSH_FXP_SYMLINK`.
+    fn holds_symlink(&mut self, mut data: &[u8]) -> bool {
         while !data.is_empty() {
             if self.at_type {
                 self.at_type = false;
                 if data[0] == SSH_FXP_SYMLINK {
-                    return Some(format!(
-                        "sftp symlink refused: target '{target}' does not identify as OpenSSH, so \
-                         the bastion cannot tell in which order its sftp server reads the two \
-                         paths — session closed (see the README, Clients)"
-                    ));
+                    return true;
                 }
             }
             if self.remaining > 0 {
@@ -60,7 +116,7 @@ impl SymlinkGuard {
                 self.at_type = self.remaining > 0;
             }
         }
-        None
+        false
     }
 }
 
@@ -91,11 +147,11 @@ mod tests {
     fn only_a_symlink_request_is_refused_whatever_the_chunking() {
         let (stream, at) = symlink_stream();
         for chunk in [1, 2, 3, 5, 7, 64, 4096] {
-            let mut guard = SymlinkGuard::default();
+            let mut framing = Framing::default();
             let mut offset = 0;
             let mut refused_at = None;
             for piece in stream.chunks(chunk) {
-                if guard.refusal(piece, "t").is_some() {
+                if framing.holds_symlink(piece) {
                     refused_at = Some(offset);
                     break;
                 }
@@ -111,22 +167,23 @@ mod tests {
 
     #[test]
     fn other_requests_pass() {
-        let mut guard = SymlinkGuard::default();
+        let (mut guard, mut refused) = SymlinkGuard::new("t");
         let mut stream = packet(1, &3u32.to_be_bytes());
         stream.extend(packet(3, &[SSH_FXP_SYMLINK; 40])); // SSH_FXP_OPEN
         stream.extend(packet(21, b"link")); // SSH_FXP_LINK (v6), not SYMLINK
-        assert_eq!(guard.refusal(&stream, "t"), None);
+        assert!(guard.pass(&stream));
+        assert!(refused.try_recv().is_err());
     }
 
     #[test]
-    fn the_message_names_the_target() {
-        let mut guard = SymlinkGuard::default();
-        let why = guard
-            .refusal(&packet(SSH_FXP_SYMLINK, b""), "ftp-1")
-            .unwrap();
+    fn a_refusal_names_the_target_and_nothing_passes_after_it() {
+        let (mut guard, mut refused) = SymlinkGuard::new("ftp-1");
+        assert!(!guard.pass(&packet(SSH_FXP_SYMLINK, b"")));
+        let why = refused.try_recv().unwrap();
         assert!(
             why.contains("target 'ftp-1'") && why.contains("OpenSSH"),
             "{why}"
         );
+        assert!(!guard.pass(&packet(1, b"")), "the stream is cut for good");
     }
 }
