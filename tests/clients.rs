@@ -225,6 +225,25 @@ fn run_script(
         .args(extra))
 }
 
+/// Runs a client script as alice to the target `local` through `bastion`.
+fn run_local(
+    f: &Fixture,
+    interpreter: &Path,
+    name: &str,
+    bastion: &Bastion,
+    work: &Path,
+) -> Output {
+    run_script(
+        f,
+        interpreter,
+        name,
+        bastion,
+        &f.world.target_user(),
+        work,
+        &[],
+    )
+}
+
 /// Asserts the script printed `ok STEP` for every step.
 fn assert_steps(f: &Fixture, out: &Output, what: &str, steps: &[&str]) {
     f.assert_ok(out, what);
@@ -353,16 +372,7 @@ fn putty_pscp_and_psftp_copy_files() {
 fn paramiko_runs_exec_sftp_and_a_pty() {
     let f = fixture();
     let work = f.workdir("paramiko");
-    let user = f.world.target_user();
-    let out = run_script(
-        &f,
-        &python(),
-        "paramiko_client.py",
-        &f.world.bastion,
-        &user,
-        &work,
-        &[],
-    );
+    let out = run_local(&f, &python(), "paramiko_client.py", &f.world.bastion, &work);
     assert_steps(&f, &out, "paramiko (PyPI)", &["exec", "sftp", "pty"]);
 }
 
@@ -370,16 +380,7 @@ fn paramiko_runs_exec_sftp_and_a_pty() {
 fn asyncssh_runs_exec_sftp_a_pty_and_puts_a_symlink_where_asked() {
     let f = fixture();
     let work = f.workdir("asyncssh");
-    let user = f.world.target_user();
-    let out = run_script(
-        &f,
-        &python(),
-        "asyncssh_client.py",
-        &f.world.bastion,
-        &user,
-        &work,
-        &[],
-    );
+    let out = run_local(&f, &python(), "asyncssh_client.py", &f.world.bastion, &work);
     assert_steps(&f, &out, "asyncssh", &["exec", "sftp", "pty", "symlink"]);
     assert_link_where_asked(&work.join("link"));
 }
@@ -388,16 +389,7 @@ fn asyncssh_runs_exec_sftp_a_pty_and_puts_a_symlink_where_asked() {
 fn libssh_runs_exec_sftp_and_puts_a_symlink_where_asked() {
     let f = fixture();
     let work = f.workdir("libssh");
-    let user = f.world.target_user();
-    let out = run_script(
-        &f,
-        &python(),
-        "libssh_client.py",
-        &f.world.bastion,
-        &user,
-        &work,
-        &[],
-    );
+    let out = run_local(&f, &python(), "libssh_client.py", &f.world.bastion, &work);
     assert_steps(
         &f,
         &out,
@@ -474,32 +466,15 @@ fn home() -> PathBuf {
 fn debian_paramiko_needs_legacy_clients() {
     let f = fixture();
     let work = f.workdir("debian-paramiko");
-    let user = f.world.target_user();
     let python = Path::new(DEBIAN_PYTHON);
-    let out = run_script(
-        &f,
-        python,
-        "paramiko_client.py",
-        &f.world.bastion,
-        &user,
-        &work,
-        &[],
-    );
+    let out = run_local(&f, python, "paramiko_client.py", &f.world.bastion, &work);
     assert_failure_mentions(
         &out,
         "Debian's paramiko, default bastion",
         &["no acceptable ciphers"],
     );
     assert_refusal_names_legacy_clients(&f, "aes128-ctr,aes192-ctr,aes256-ctr,aes128-cbc");
-    let out = run_script(
-        &f,
-        python,
-        "paramiko_client.py",
-        &f.legacy,
-        &user,
-        &work,
-        &[],
-    );
+    let out = run_local(&f, python, "paramiko_client.py", &f.legacy, &work);
     assert_steps(
         &f,
         &out,

@@ -13,6 +13,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A world whose target sshd gets `sshd_config` first.
+fn world_with_sshd(sshd_config: &str) -> World {
+    World::start_with(WorldOptions {
+        sshd_config: sshd_config.into(),
+        ..WorldOptions::default()
+    })
+}
+
 /// How long to wait for something a remote process writes.
 const REMOTE_WAIT: Duration = Duration::from_secs(10);
 
@@ -131,10 +139,7 @@ fn eof_is_forwarded_when_it_happens_and_the_status_still_arrives() {
 /// reported as that, not as a lost connection.
 #[test]
 fn a_channel_the_target_closes_is_not_a_lost_connection() {
-    let w = World::start_with(WorldOptions {
-        sshd_config: "ChannelTimeout session:*=1s\n".into(),
-        ..WorldOptions::default()
-    });
+    let w = world_with_sshd("ChannelTimeout session:*=1s\n");
     let out = w.alice.ssh(&w.target_user(), &["sleep 30"]);
     assert_failure_mentions(
         &out,
@@ -534,10 +539,7 @@ fn multiplexed(w: &World, control_path: &Path, commands: &[String]) -> Vec<std::
 /// and each command is recorded and audited as its own session.
 #[test]
 fn thirty_commands_at_once_over_one_control_master_pass_max_sessions() {
-    let w = World::start_with(WorldOptions {
-        sshd_config: "MaxSessions 10\n".into(),
-        ..WorldOptions::default()
-    });
+    let w = world_with_sshd("MaxSessions 10\n");
     let control_path = w.path("cm");
     let _master = w
         .alice
@@ -621,10 +623,7 @@ fn sessions_past_the_upstream_connection_limit_are_refused_by_name() {
 /// asked again on new connections: the refusal is reported at once.
 #[test]
 fn a_target_that_allows_no_sessions_is_reported_without_retrying() {
-    let w = World::start_with(WorldOptions {
-        sshd_config: "MaxSessions 0\n".into(),
-        ..WorldOptions::default()
-    });
+    let w = world_with_sshd("MaxSessions 0\n");
     let out = w.alice.ssh(&w.target_user(), &["true"]);
     assert_failure_mentions(
         &out,
