@@ -201,6 +201,33 @@ fn remote_environment_is_the_target_not_the_bastion() {
     );
 }
 
+/// `accept_env` decides which variables reach the target (the target's sshd
+/// accepts `LANG LC_* TZ`): `LC_*` and `TZ` pass, others do not, and a session
+/// passes at most 64 variables and 64 KiB of them.
+#[test]
+fn accept_env_passes_what_it_names_and_no_more_than_its_bounds() {
+    let w = World::start_with(WorldOptions {
+        extra_config: "accept_env = \"LC_* TZ\"\n".into(),
+        ..WorldOptions::default()
+    });
+    let mut vars: Vec<String> = (0..70).map(|n| format!("LC_V{n:02}=v{n}")).collect();
+    vars.insert(0, "TZ=UTC".into());
+    vars.insert(1, "LANG=C".into()); // the target accepts it; the bastion does not
+    vars.insert(2, format!("LC_BIG={}", "x".repeat(70 * 1024)));
+    let set_env = format!("SetEnv={}", vars.join(" "));
+    let out = w.alice.ssh_with(
+        &w.target_user(),
+        &["-o", &set_env],
+        &["echo TZ=$TZ LANG=${LANG-unset}; env | grep -c ^LC_V; echo ${#LC_BIG}"],
+    );
+    assert_success(&out, "ssh -o SetEnv");
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(lines[0], "TZ=UTC LANG=unset", "{}", describe(&out));
+    // TZ and 63 LC_V* make 64: LC_BIG is over the byte budget and dropped.
+    assert_eq!(lines[1], "63", "{}", describe(&out));
+    assert_eq!(lines[2], "0", "{}", describe(&out));
+}
+
 // ---------------------------------------------------------------------------
 // pty
 // ---------------------------------------------------------------------------
@@ -617,6 +644,42 @@ fn sessions_past_the_upstream_connection_limit_are_refused_by_name() {
         }
     });
     assert_eq!(target_logins(&w), 1, "{}", w.logs());
+}
+
+/// A session that a policy reload sends elsewhere (here: another default login)
+/// does not reuse the upstream connection of the sessions before it.
+#[test]
+fn a_reload_that_changes_the_login_opens_a_new_upstream_connection() {
+    let w = World::start();
+    let control_path = w.path("cm");
+    // The bare target name: its default login, the first in `logins`.
+    let _master = w
+        .alice
+        .control_master(TARGET, &control_path, &w.path("master.log"));
+    let path_opt = format!("ControlPath={}", control_path.display());
+    let flags = ["-o", path_opt.as_str(), "-o", "ControlMaster=no"];
+    let out = w.alice.ssh_with(TARGET, &flags, &["id -un"]);
+    assert_success(&out, "before the reload");
+    assert_eq!(text(&out.stdout).trim(), login_user());
+    let logins = default_logins();
+    assert!(logins.len() > 1, "the test policies have a second login");
+    let (first, second) = (logins[0].clone(), logins[1].clone());
+    w.edit_policy("targets.toml", |targets| {
+        targets.replace(
+            &format!("logins = [\"{first}\", \"{second}\"]"),
+            &format!("logins = [\"{second}\", \"{first}\"]"),
+        )
+    });
+    let out = w.alice.ssh_with(TARGET, &flags, &["id -un"]);
+    assert_ne!(text(&out.stdout).trim(), login_user(), "{}", describe(&out));
+    assert!(
+        wait_until(REMOTE_WAIT, || w
+            .sshd
+            .log()
+            .contains(&format!("Accepted publickey for {second} "))),
+        "{}",
+        w.logs()
+    );
 }
 
 /// A target that refuses a session on a connection carrying no other one is not

@@ -410,9 +410,16 @@ async fn open_target_channel(
     let target = &permit.target;
     let (channel, connection, certificate) = match target.auth {
         UpstreamAuth::Key => {
+            let route = format!(
+                "{}@{} {} {}",
+                permit.login,
+                target.name,
+                target.address,
+                crate::policy::fingerprint(&target.host_key)
+            );
             let (channel, lease) = context
                 .upstream
-                .open_session(&target.name, || {
+                .open_session(&target.name, &route, || {
                     timed(
                         context,
                         connect(

@@ -9,6 +9,11 @@
 //! opens another connection, up to `[limits] upstream_connections_per_client`, and
 //! tries there. The first connection lives as long as the client connection (as a
 //! ProxyJump hop would); an extra one is closed as soon as its last session ends.
+//!
+//! A connection is only ever reused for the same route (login, target, address
+//! and pinned host key): a policy reload that changes any of them between two
+//! sessions must not let the second run over the first one's connection, as
+//! another login or on a host whose key is no longer the pinned one.
 
 use std::sync::{Arc, Mutex};
 
@@ -35,6 +40,8 @@ struct Connections {
 
 struct Pooled {
     id: u64,
+    /// Login, target, address and host key it was opened for.
+    route: String,
     upstream: Arc<Upstream>,
     /// Sessions holding a [`Lease`] on it, including those still being opened.
     sessions: usize,
@@ -75,13 +82,14 @@ impl UpstreamPool {
         })
     }
 
-    /// Opens a session channel to the target on one of the pool's connections,
-    /// opening one with `connect` when none is open or all of them refused. A
-    /// refusal on a connection that carries no other session is final: another
-    /// connection would be refused the same way.
+    /// Opens a session channel to the target on one of the pool's connections for
+    /// `route`, opening one with `connect` when none is open or all of them
+    /// refused. A refusal on a connection that carries no other session is final:
+    /// another connection would be refused the same way.
     pub async fn open_session<F, C>(
         self: &Arc<Self>,
         target: &str,
+        route: &str,
         mut connect: F,
     ) -> Result<(russh::Channel<client::Msg>, Lease), UpstreamError>
     where
@@ -90,11 +98,11 @@ impl UpstreamPool {
     {
         let mut tried = Vec::new();
         loop {
-            let lease = match self.lease(&tried) {
+            let lease = match self.lease(route, &tried) {
                 Some(lease) => lease,
                 None => {
                     let _connecting = self.connecting.lock().await;
-                    match self.lease(&tried) {
+                    match self.lease(route, &tried) {
                         Some(lease) => lease,
                         None if self.open_count() >= self.limit => {
                             return Err(UpstreamError::SessionsExhausted {
@@ -102,7 +110,7 @@ impl UpstreamPool {
                                 limit: self.limit,
                             });
                         }
-                        None => self.add(connect().await?),
+                        None => self.add(route, connect().await?),
                     }
                 }
             };
@@ -140,15 +148,24 @@ impl UpstreamPool {
             .expect("upstream pool lock poisoned")
     }
 
-    /// A lease on the first open connection not in `tried` that is not known to be
-    /// full, forgetting connections that have closed.
-    fn lease(self: &Arc<Self>, tried: &[u64]) -> Option<Lease> {
+    /// A lease on the first open connection for `route` not in `tried` that is
+    /// not known to be full, forgetting connections that have closed and idle
+    /// ones for another route.
+    fn lease(self: &Arc<Self>, route: &str, tried: &[u64]) -> Option<Lease> {
         let mut connections = self.lock();
-        connections
-            .open
-            .retain(|pooled| !pooled.upstream.handle.is_closed());
+        let mut stale = Vec::new();
+        connections.open.retain(|pooled| {
+            let idle_elsewhere = pooled.route != route && pooled.sessions == 0;
+            if idle_elsewhere {
+                stale.push(pooled.upstream.clone());
+            }
+            !pooled.upstream.handle.is_closed() && !idle_elsewhere
+        });
+        stale.into_iter().for_each(close);
         let pooled = connections.open.iter_mut().find(|pooled| {
-            !tried.contains(&pooled.id) && pooled.full_at.is_none_or(|full| pooled.sessions < full)
+            pooled.route == route
+                && !tried.contains(&pooled.id)
+                && pooled.full_at.is_none_or(|full| pooled.sessions < full)
         })?;
         pooled.sessions += 1;
         Some(Lease {
@@ -162,14 +179,15 @@ impl UpstreamPool {
         self.lock().open.len()
     }
 
-    /// Adds a new connection with one lease on it.
-    fn add(self: &Arc<Self>, upstream: Upstream) -> Lease {
+    /// Adds a new connection for `route` with one lease on it.
+    fn add(self: &Arc<Self>, route: &str, upstream: Upstream) -> Lease {
         let upstream = Arc::new(upstream);
         let mut connections = self.lock();
         let id = connections.next_id;
         connections.next_id += 1;
         connections.open.push(Pooled {
             id,
+            route: route.to_string(),
             upstream: upstream.clone(),
             sessions: 1,
             full_at: None,

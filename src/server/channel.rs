@@ -332,17 +332,21 @@ pub async fn serve_channel(context: ChannelContext, channel: Channel<Msg>) {
     }
 }
 
-/// How many environment variables one session passes on; the rest are dropped (a
-/// client cannot grow a channel's set-up without bound).
+/// How many environment variables one session passes on, and how many bytes of
+/// names and values; the rest are dropped (a client cannot grow a channel's
+/// set-up without bound).
 pub const MAX_ENV: usize = 64;
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
 
-/// Collects pty, env (what `accept_env` allows, at most [`MAX_ENV`]) and window
-/// changes until the session-starting request arrives.
+/// Collects pty, env (what `accept_env` allows, within [`MAX_ENV`] and
+/// [`MAX_ENV_BYTES`]) and window changes until the session-starting request
+/// arrives.
 async fn read_setup(
     reader: &mut ChannelReadHalf,
     accept_env: &super::AcceptEnv,
 ) -> Option<(SessionSetup, Start)> {
     let mut setup = SessionSetup::default();
+    let mut env_bytes = 0;
     loop {
         match reader.wait().await? {
             ChannelMsg::RequestPty {
@@ -379,10 +383,14 @@ async fn read_setup(
                 variable_value,
                 ..
             } if accept_env.allows(&variable_name) => {
-                if setup.env.len() < MAX_ENV {
+                let bytes = variable_name.len() + variable_value.len();
+                if setup.env.len() < MAX_ENV && env_bytes + bytes <= MAX_ENV_BYTES {
+                    env_bytes += bytes;
                     setup.env.push((variable_name, variable_value));
                 } else {
-                    tracing::debug!("dropped an environment variable over {MAX_ENV}");
+                    tracing::debug!(
+                        "dropped an environment variable over {MAX_ENV} or {MAX_ENV_BYTES} bytes"
+                    );
                 }
             }
             ChannelMsg::RequestShell { .. } => return Some((setup, Start::Shell)),

@@ -163,7 +163,8 @@ async fn run(
             return match result {
                 Err(error) => {
                     match no_common_algorithm(&error, state.config.legacy_clients) {
-                        Some(why) => tracing::warn!(%peer, "refused a client: {why}"),
+                        // Info, not a warning: anyone can make one per connection.
+                        Some(why) => tracing::info!(%peer, "refused a client: {why}"),
                         None => tracing::debug!(%peer, %error, "connection ended with an error"),
                     }
                     ending_of(&error)
