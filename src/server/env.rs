@@ -16,7 +16,8 @@ const MAX_PATTERN_LEN: usize = 128;
 
 /// Names no pattern may match: they change what runs on the target (the shell's
 /// start-up files, options and functions, the search path, the dynamic linker) or
-/// who the session is. `BASH_FUNC_x%%` stands for bash's exported functions.
+/// who the session is, or what a target's forced command reads as the client's
+/// command. `BASH_FUNC_x%%` stands for bash's exported functions.
 const NEVER_PASSED: &[&str] = &[
     "BASH_ENV",
     "BASH_FUNC_x%%",
@@ -33,6 +34,7 @@ const NEVER_PASSED: &[&str] = &[
     "PS4",
     "SHELL",
     "SHELLOPTS",
+    "SSH_ORIGINAL_COMMAND",
     "USER",
     "ZDOTDIR",
 ];
