@@ -546,3 +546,33 @@ async fn reload_on_sighup(state: Arc<State>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// asyncssh looks for "OpenSSH" anywhere; libssh for "OpenSSH_" and a version;
+    /// OpenSSH matches its compatibility table against the start.
+    #[test]
+    fn the_identification_names_openssh_only_in_its_comment() {
+        let id = server_id();
+        let (software, comment) = id.split_once(' ').unwrap();
+        assert!(software.starts_with("SSH-2.0-portcullis_"), "{id}");
+        assert!(comment.starts_with("OpenSSH_9.0"), "{id}");
+        assert!(id.len() <= 253 && id.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+    }
+
+    #[test]
+    fn legacy_clients_adds_ctr_with_sha2_macs_after_the_aead_ciphers() {
+        let strict = preferred_algorithms(false, false);
+        assert!(strict
+            .cipher
+            .iter()
+            .all(|c| c.as_ref().contains("gcm") || c.as_ref().contains("chacha")));
+        let legacy = preferred_algorithms(false, true);
+        let ciphers: Vec<&str> = legacy.cipher.iter().map(|c| c.as_ref()).collect();
+        assert_eq!(&ciphers[3..], ["aes256-ctr", "aes128-ctr"]);
+        let macs: Vec<&str> = legacy.mac.iter().map(|m| m.as_ref()).collect();
+        assert!(macs.contains(&"hmac-sha2-256") && macs.contains(&"hmac-sha2-512-etm@openssh.com"));
+    }
+}
