@@ -16,7 +16,7 @@ use serde::Deserialize;
 use crate::record::disk::{parse_quota, parse_size};
 use crate::record::RecordingLimits;
 
-pub use crate::server::Limits;
+pub use crate::server::{AcceptEnv, Limits};
 
 /// The listen address of the embedded default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2222";
@@ -79,6 +79,8 @@ struct RawConfig {
     metrics_listen: Option<SocketAddr>,
     step_up_max_age: Option<String>,
     totp_require_invite: Option<bool>,
+    legacy_clients: Option<bool>,
+    accept_env: Option<String>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -118,6 +120,11 @@ pub struct Config {
     /// `totp enroll` needs a one-time code from `portcullis totp invite USER`, so a
     /// stolen key of a user who never enrolled cannot enrol itself.
     pub totp_require_invite: bool,
+    /// Also offer AES-CTR with SHA-2 MACs, for clients without AEAD ciphers
+    /// (Debian 12's Paramiko 2.12, libssh2 1.10 and so curl).
+    pub legacy_clients: bool,
+    /// Environment variables clients may pass on to targets (sshd's `AcceptEnv`).
+    pub accept_env: AcceptEnv,
 }
 
 impl Config {
@@ -172,6 +179,10 @@ impl Config {
             None => None,
         };
         let recording = recording_limits(raw.recording.unwrap_or_default())?;
+        let accept_env = match raw.accept_env {
+            Some(text) => AcceptEnv::parse(&text).map_err(anyhow::Error::msg)?,
+            None => AcceptEnv::default(),
+        };
         Ok(Config {
             recording,
             listen: raw
@@ -195,6 +206,8 @@ impl Config {
             metrics_listen: raw.metrics_listen,
             step_up_max_age,
             totp_require_invite: raw.totp_require_invite.unwrap_or(false),
+            legacy_clients: raw.legacy_clients.unwrap_or(false),
+            accept_env,
         })
     }
 }
@@ -248,6 +261,28 @@ mod tests {
         assert!(config.record_input);
         assert_eq!(config.step_up_max_age, Duration::from_secs(300));
         assert!(!config.totp_require_invite);
+        assert!(!config.legacy_clients);
+        assert_eq!(
+            config.accept_env,
+            AcceptEnv::parse("LANG LC_* TZ GIT_PROTOCOL").unwrap()
+        );
+    }
+
+    #[test]
+    fn accept_env_is_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, "accept_env = \"LANG *\"\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(err.contains("accept_env pattern '*'"), "{err}");
+        std::fs::write(
+            &path,
+            "accept_env = \"LANG FOO_?\"\nlegacy_clients = true\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        assert!(config.accept_env.allows("FOO_1") && !config.accept_env.allows("TZ"));
+        assert!(config.legacy_clients);
     }
 
     #[test]

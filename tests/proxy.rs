@@ -13,6 +13,14 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// A world whose target sshd gets `sshd_config` first.
+fn world_with_sshd(sshd_config: &str) -> World {
+    World::start_with(WorldOptions {
+        sshd_config: sshd_config.into(),
+        ..WorldOptions::default()
+    })
+}
+
 /// How long to wait for something a remote process writes.
 const REMOTE_WAIT: Duration = Duration::from_secs(10);
 
@@ -131,10 +139,7 @@ fn eof_is_forwarded_when_it_happens_and_the_status_still_arrives() {
 /// reported as that, not as a lost connection.
 #[test]
 fn a_channel_the_target_closes_is_not_a_lost_connection() {
-    let w = World::start_with(WorldOptions {
-        sshd_config: "ChannelTimeout session:*=1s\n".into(),
-        ..WorldOptions::default()
-    });
+    let w = world_with_sshd("ChannelTimeout session:*=1s\n");
     let out = w.alice.ssh(&w.target_user(), &["sleep 30"]);
     assert_failure_mentions(
         &out,
@@ -194,6 +199,33 @@ fn remote_environment_is_the_target_not_the_bastion() {
         "{}",
         describe(&out)
     );
+}
+
+/// `accept_env` decides which variables reach the target (the target's sshd
+/// accepts `LANG LC_* TZ`): `LC_*` and `TZ` pass, others do not, and a session
+/// passes at most 64 variables and 64 KiB of them.
+#[test]
+fn accept_env_passes_what_it_names_and_no_more_than_its_bounds() {
+    let w = World::start_with(WorldOptions {
+        extra_config: "accept_env = \"LC_* TZ\"\n".into(),
+        ..WorldOptions::default()
+    });
+    let mut vars: Vec<String> = (0..70).map(|n| format!("LC_V{n:02}=v{n}")).collect();
+    vars.insert(0, "TZ=UTC".into());
+    vars.insert(1, "LANG=C".into()); // the target accepts it; the bastion does not
+    vars.insert(2, format!("LC_BIG={}", "x".repeat(70 * 1024)));
+    let set_env = format!("SetEnv={}", vars.join(" "));
+    let out = w.alice.ssh_with(
+        &w.target_user(),
+        &["-o", &set_env],
+        &["echo TZ=$TZ LANG=${LANG-unset}; env | grep -c ^LC_V; echo ${#LC_BIG}"],
+    );
+    assert_success(&out, "ssh -o SetEnv");
+    let lines: Vec<String> = text(&out.stdout).lines().map(str::to_string).collect();
+    assert_eq!(lines[0], "TZ=UTC LANG=unset", "{}", describe(&out));
+    // TZ and 63 LC_V* make 64: LC_BIG is over the byte budget and dropped.
+    assert_eq!(lines[1], "63", "{}", describe(&out));
+    assert_eq!(lines[2], "0", "{}", describe(&out));
 }
 
 // ---------------------------------------------------------------------------
@@ -492,6 +524,176 @@ fn multiplexed_channels_share_one_connection() {
         "master still running after -O exit:\n{}",
         master.output()
     );
+}
+
+/// A command that registers itself in `dir` and then waits until `count`
+/// commands have (giving up after 60 s), so that they all hold their session at
+/// once; then it prints `word`.
+fn gathering_command(dir: &Path, count: usize, word: &str) -> String {
+    let dir = dir.display();
+    format!(
+        "touch {dir}/{word}; i=0; while [ $(ls {dir} | wc -l) -lt {count} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; echo {word}"
+    )
+}
+
+/// How many connections the target's sshd accepted so far.
+fn target_logins(w: &World) -> usize {
+    w.sshd.log().matches("Accepted publickey").count()
+}
+
+/// Runs `commands` at once as mux clients of the ControlMaster on `control_path`.
+fn multiplexed(w: &World, control_path: &Path, commands: &[String]) -> Vec<std::process::Output> {
+    let user = w.target_user();
+    let path_opt = format!("ControlPath={}", control_path.display());
+    thread::scope(|scope| {
+        let handles: Vec<_> = commands
+            .iter()
+            .map(|command| {
+                let (client, user, path_opt) = (&w.alice, &user, &path_opt);
+                scope.spawn(move || {
+                    let flags = ["-o", path_opt.as_str(), "-o", "ControlMaster=no"];
+                    client.ssh_with(user, &flags, &[command])
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// sshd allows 10 sessions per connection (`MaxSessions`). Thirty commands that all
+/// hold their session at once over one ControlMaster still all run: the bastion
+/// opens more connections to the target when it refuses a channel (issue 17 §1),
+/// and each command is recorded and audited as its own session.
+#[test]
+fn thirty_commands_at_once_over_one_control_master_pass_max_sessions() {
+    let w = world_with_sshd("MaxSessions 10\n");
+    let control_path = w.path("cm");
+    let _master = w
+        .alice
+        .control_master(&w.target_user(), &control_path, &w.path("master.log"));
+    let gathering = w.path("gathering");
+    fs::create_dir(&gathering).unwrap();
+    let commands: Vec<String> = (0..30)
+        .map(|n| gathering_command(&gathering, 30, &format!("w{n}")))
+        .collect();
+    let outputs = multiplexed(&w, &control_path, &commands);
+    for (n, out) in outputs.iter().enumerate() {
+        assert_success(out, &format!("session {n}\n{}", w.logs()));
+        assert_eq!(text(&out.stdout), format!("w{n}\n"), "session {n}");
+    }
+    // Thirty sessions held at once need at least three connections of ten.
+    assert!(target_logins(&w) >= 3, "{}", w.logs());
+
+    let sessions: Vec<serde_json::Value> =
+        serde_json::from_str(&w.ok(&w.dave, &["sessions", "--json"])).unwrap();
+    let ours: std::collections::BTreeSet<String> = sessions
+        .iter()
+        .filter(|s| s["state"] == "closed" && s["exit_status"] == 0)
+        .filter_map(|s| s["command"].as_str())
+        .filter(|c| c.contains("gathering"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(
+        ours.len(),
+        30,
+        "one closed session per command: {sessions:#?}"
+    );
+    let kinds = w.audit_kinds();
+    assert_eq!(kinds.iter().filter(|k| *k == "session.start").count(), 30);
+    assert_eq!(kinds.iter().filter(|k| *k == "session.end").count(), 30);
+}
+
+/// Past `[limits] upstream_connections_per_client` the session is refused with a
+/// message naming the limit, and the sessions already open are untouched.
+#[test]
+fn sessions_past_the_upstream_connection_limit_are_refused_by_name() {
+    let w = World::start_with(WorldOptions {
+        sshd_config: "MaxSessions 2\n".into(),
+        extra_config:
+            "[limits]\npenalty_exempt = [\"127.0.0.1\"]\nupstream_connections_per_client = 1\n"
+                .into(),
+        ..WorldOptions::default()
+    });
+    let control_path = w.path("cm");
+    let _master = w
+        .alice
+        .control_master(&w.target_user(), &control_path, &w.path("master.log"));
+    let gathering = w.path("gathering");
+    fs::create_dir(&gathering).unwrap();
+    // Two sessions wait for a third file, which the refused session never makes.
+    let holders = [0, 1].map(|n| gathering_command(&gathering, 3, &format!("h{n}")));
+    thread::scope(|scope| {
+        let held = scope.spawn(|| multiplexed(&w, &control_path, &holders));
+        assert!(
+            wait_until(REMOTE_WAIT, || fs::read_dir(&gathering).unwrap().count()
+                == 2),
+            "{}",
+            w.logs()
+        );
+        let marker = gathering.join("refused");
+        let refused = multiplexed(&w, &control_path, &[touch_command(&marker)]);
+        assert_failure_mentions(
+            &refused[0],
+            "a third session on one upstream connection",
+            &["upstream_connections_per_client = 1", "MaxSessions"],
+        );
+        assert!(!marker.exists(), "the refused session ran");
+        fs::write(gathering.join("go"), "").unwrap();
+        for (n, out) in held.join().unwrap().iter().enumerate() {
+            assert_success(out, &format!("holder {n}"));
+        }
+    });
+    assert_eq!(target_logins(&w), 1, "{}", w.logs());
+}
+
+/// A session that a policy reload sends elsewhere (here: another default login)
+/// does not reuse the upstream connection of the sessions before it.
+#[test]
+fn a_reload_that_changes_the_login_opens_a_new_upstream_connection() {
+    let w = World::start();
+    let control_path = w.path("cm");
+    // The bare target name: its default login, the first in `logins`.
+    let _master = w
+        .alice
+        .control_master(TARGET, &control_path, &w.path("master.log"));
+    let path_opt = format!("ControlPath={}", control_path.display());
+    let flags = ["-o", path_opt.as_str(), "-o", "ControlMaster=no"];
+    let out = w.alice.ssh_with(TARGET, &flags, &["id -un"]);
+    assert_success(&out, "before the reload");
+    assert_eq!(text(&out.stdout).trim(), login_user());
+    let logins = default_logins();
+    assert!(logins.len() > 1, "the test policies have a second login");
+    let (first, second) = (logins[0].clone(), logins[1].clone());
+    w.edit_policy("targets.toml", |targets| {
+        targets.replace(
+            &format!("logins = [\"{first}\", \"{second}\"]"),
+            &format!("logins = [\"{second}\", \"{first}\"]"),
+        )
+    });
+    let out = w.alice.ssh_with(TARGET, &flags, &["id -un"]);
+    assert_ne!(text(&out.stdout).trim(), login_user(), "{}", describe(&out));
+    assert!(
+        wait_until(REMOTE_WAIT, || w
+            .sshd
+            .log()
+            .contains(&format!("Accepted publickey for {second} "))),
+        "{}",
+        w.logs()
+    );
+}
+
+/// A target that refuses a session on a connection carrying no other one is not
+/// asked again on new connections: the refusal is reported at once.
+#[test]
+fn a_target_that_allows_no_sessions_is_reported_without_retrying() {
+    let w = world_with_sshd("MaxSessions 0\n");
+    let out = w.alice.ssh(&w.target_user(), &["true"]);
+    assert_failure_mentions(
+        &out,
+        "a session to a target with MaxSessions 0",
+        &["refused to open a session"],
+    );
+    assert_eq!(target_logins(&w), 1, "{}", w.logs());
 }
 
 #[test]

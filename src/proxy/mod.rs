@@ -5,7 +5,9 @@ mod admit;
 mod ask;
 pub mod certificate;
 mod pipe;
+mod pool;
 mod relay;
+mod sftp;
 mod upstream;
 
 use std::collections::VecDeque;
@@ -23,10 +25,9 @@ use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
 use crate::server::{LiveSession, Phase, PtyRequest};
 use admit::admit;
 
+pub use pool::{Lease, UpstreamPool};
 pub use relay::{Outcome, PendingReply};
-pub use upstream::{
-    client_config, connect, Credential, PinnedHostKey, Upstream, UpstreamError, UpstreamSlot,
-};
+pub use upstream::{client_config, connect, Credential, PinnedHostKey, Upstream, UpstreamError};
 
 /// The client configuration towards targets, built once.
 fn shared_client_config() -> Arc<client::Config> {
@@ -116,6 +117,7 @@ pub async fn run(
         channel,
         connection: _connection,
         certificate,
+        symlink_guard,
     } = opened;
     let pty = setup.pty.clone();
     let info = session_info(context, &permit, &start, pty.as_ref(), certificate);
@@ -181,8 +183,13 @@ pub async fn run(
         }
     };
     let channel_id = client.out.writer.id();
+    let (symlink_guard, symlink_refused) = match symlink_guard {
+        Some((guard, refused)) => (Some(guard), Some(refused)),
+        None => (None, None),
+    };
     let stop = async {
         tokio::select! {
+            message = sftp::refused(symlink_refused) => message,
             message = grant_ends(&context.state.grants, grant, grant_changes) => message,
             message = bastion_stops(context, channel_id) => message,
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
@@ -197,6 +204,7 @@ pub async fn run(
         stop,
         idle_window,
         &context.state.memory,
+        symlink_guard,
     )
     .await;
     end_session(context, &permit, session, recording, &outcome).await;
@@ -391,7 +399,8 @@ async fn grant_ends(
     }
 }
 
-/// A session channel on the connection's upstream, connecting first if needed.
+/// A session channel on the target: on one of the client connection's pooled
+/// connections (key mode), or on a connection of its own (certificate mode).
 async fn open_target_channel(
     context: &ChannelContext,
     permit: &Permit,
@@ -399,54 +408,64 @@ async fn open_target_channel(
     session: u64,
 ) -> Result<TargetChannel, UpstreamError> {
     let state = &context.state;
-    let (upstream, connection, certificate) = match permit.target.auth {
+    let target = &permit.target;
+    let (channel, connection, certificate) = match target.auth {
         UpstreamAuth::Key => {
-            let shared = context
+            let route = format!(
+                "{}@{} {} {}",
+                permit.login,
+                target.name,
+                target.address,
+                crate::policy::fingerprint(&target.host_key)
+            );
+            let (channel, lease) = context
                 .upstream
-                .get_or_connect(timed(
-                    context,
-                    connect(
-                        shared_client_config(),
-                        &permit.target,
-                        &permit.login,
-                        Credential::Key(state.keys.upstream.clone()),
-                        state.config.connect_timeout,
-                    ),
-                ))
+                .open_session(&target.name, &route, || {
+                    timed(
+                        context,
+                        connect(
+                            shared_client_config(),
+                            target,
+                            &permit.login,
+                            Credential::Key(state.keys.upstream.clone()),
+                            state.config.connect_timeout,
+                        ),
+                    )
+                })
                 .await?;
-            (shared, None, None)
+            (channel, Connection::Pooled(lease), None)
         }
         UpstreamAuth::Certificate => {
             let issued = session_certificate(context, permit, start, session)?;
             let openssh = issued.openssh();
-            let own = Arc::new(
-                timed(
-                    context,
-                    connect(
-                        shared_client_config(),
-                        &permit.target,
-                        &permit.login,
-                        Credential::Certificate(issued.key, Box::new(issued.certificate)),
-                        state.config.connect_timeout,
-                    ),
-                )
-                .await?,
-            );
-            (own.clone(), Some(own), Some(openssh))
+            let own = timed(
+                context,
+                connect(
+                    shared_client_config(),
+                    target,
+                    &permit.login,
+                    Credential::Certificate(issued.key, Box::new(issued.certificate)),
+                    state.config.connect_timeout,
+                ),
+            )
+            .await?;
+            let channel = own.handle.channel_open_session().await.map_err(|source| {
+                UpstreamError::Protocol {
+                    target: target.name.clone(),
+                    source,
+                }
+            })?;
+            (channel, Connection::Own(own), Some(openssh))
         }
     };
-    let channel =
-        upstream
-            .channel_open_session()
-            .await
-            .map_err(|source| UpstreamError::Protocol {
-                target: permit.target.name.clone(),
-                source,
-            })?;
+    let sftp = matches!(start, Start::Subsystem(name) if name == "sftp");
+    let symlink_guard = (sftp && !connection.upstream().reads_openssh_symlink_order())
+        .then(|| sftp::SymlinkGuard::new(&target.name));
     Ok(TargetChannel {
         channel,
         connection,
         certificate,
+        symlink_guard,
     })
 }
 
@@ -465,11 +484,30 @@ async fn timed<T>(context: &ChannelContext, connecting: impl std::future::Future
 /// A session channel on a target, with what must live as long as it.
 struct TargetChannel {
     channel: russh::Channel<client::Msg>,
-    /// A certificate-mode connection belongs to its one session (its certificate may
-    /// force a command), so it is held here rather than shared.
-    connection: Option<Arc<Upstream>>,
+    connection: Connection,
     /// The certificate used, in OpenSSH format, for the session record.
     certificate: Option<String>,
+    /// For an sftp session to a target whose symlink order is unknown, with the
+    /// receiver of its refusal.
+    symlink_guard: Option<(sftp::SymlinkGuard, tokio::sync::oneshot::Receiver<String>)>,
+}
+
+/// The upstream connection a session runs on, kept open while the session lives.
+enum Connection {
+    /// Shared with the client connection's other sessions.
+    Pooled(Lease),
+    /// A certificate-mode connection belongs to its one session (its certificate may
+    /// force a command), so it is not shared.
+    Own(Upstream),
+}
+
+impl Connection {
+    fn upstream(&self) -> &Upstream {
+        match self {
+            Connection::Pooled(lease) => lease.upstream(),
+            Connection::Own(upstream) => upstream,
+        }
+    }
 }
 
 /// Issues the certificate for one session: a shell grant gets a pty, anything

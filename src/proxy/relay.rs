@@ -16,6 +16,7 @@ use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 
 use super::pipe::{drain, pipe, Drained, Overdraft, PipeRx};
 use crate::budget::Budget;
+use super::sftp::SymlinkGuard;
 use crate::record::{SessionRecorder, Stream};
 use crate::server::{ClientChannel, ClientOut};
 
@@ -58,6 +59,8 @@ pub const ENDED_BY_BASTION: u32 = 255;
 ///
 /// A peer whose window stays shut for `idle_window` (it reads nothing it is sent)
 /// ends the session the same way, so it cannot pin the relay's buffers for ever.
+/// An sftp request that `symlink_guard` refuses is not forwarded, nor anything
+/// after it; the guard ends the session through `stop`.
 pub async fn relay(
     client: ClientChannel,
     upstream: Channel<client::Msg>,
@@ -66,6 +69,7 @@ pub async fn relay(
     stop: impl Future<Output = String>,
     idle_window: std::time::Duration,
     memory: &Arc<Budget>,
+    symlink_guard: Option<SymlinkGuard>,
 ) -> (Outcome, ClientOut, Option<String>) {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
@@ -94,7 +98,8 @@ pub async fn relay(
                     &to_client_overdraft,
                     recording,
                     &shared.stalled,
-                    &mut bytes_to_target
+                    &mut bytes_to_target,
+                    symlink_guard
                 )
             );
             drained
@@ -183,11 +188,18 @@ async fn write_to_target(
     recording: &SessionRecorder,
     stalled: &Stalled,
     bytes: &mut u64,
+    mut symlink_guard: Option<SymlinkGuard>,
 ) {
     let mut held = 0;
     while let Some(msg) = pipe.recv(&mut held).await {
         let sent = match msg {
             ChannelMsg::Data { data } => {
+                if symlink_guard
+                    .as_mut()
+                    .is_some_and(|guard| !guard.pass(&data))
+                {
+                    return;
+                }
                 *bytes += data.len() as u64;
                 recording.input(&data).await;
                 stalled

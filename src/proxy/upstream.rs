@@ -51,6 +51,17 @@ pub enum UpstreamError {
     CertificateRejected { target: String, login: String },
     #[error("cannot issue a certificate for target '{target}': {detail}")]
     Certificate { target: String, detail: String },
+    #[error(
+        "target '{target}' refused to open a session ({reason}); its sshd allows this login no \
+         sessions (MaxSessions) or refuses the bastion"
+    )]
+    SessionRefused { target: String, reason: String },
+    #[error(
+        "target '{target}' refused another session on each of the {limit} connections this \
+         connection may open to it ([limits] upstream_connections_per_client = {limit}); sshd \
+         counts MaxSessions per connection: end some sessions, or raise the limit"
+    )]
+    SessionsExhausted { target: String, limit: usize },
     #[error("SSH error talking to target '{target}': {source}")]
     Protocol {
         target: String,
@@ -58,10 +69,12 @@ pub enum UpstreamError {
     },
 }
 
-/// russh client handler that only accepts the pinned host key and remembers what it saw.
+/// russh client handler that only accepts the pinned host key and remembers what it
+/// saw, and the target's identification string.
 pub struct PinnedHostKey {
     expected: PublicKey,
     seen: Arc<Mutex<Option<PublicKey>>>,
+    server_id: Arc<Mutex<String>>,
 }
 
 impl client::Handler for PinnedHostKey {
@@ -77,9 +90,38 @@ impl client::Handler for PinnedHostKey {
         *self.seen.lock().expect("host key slot poisoned") = Some(key.clone());
         Ok(key.key_data() == self.expected.key_data())
     }
+
+    async fn kex_done(
+        &mut self,
+        _shared_secret: Option<&[u8]>,
+        _names: &russh::Names,
+        session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let id = String::from_utf8_lossy(session.remote_sshid());
+        *self.server_id.lock().expect("server id slot poisoned") = id.chars().take(255).collect();
+        Ok(())
+    }
 }
 
-pub type Upstream = Handle<PinnedHostKey>;
+/// An authenticated SSH connection to a target.
+pub struct Upstream {
+    pub handle: Handle<PinnedHostKey>,
+    /// The target's identification string (`SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u7`).
+    pub server_id: String,
+}
+
+impl Upstream {
+    /// Whether the target reads the paths of `SSH_FXP_SYMLINK` in OpenSSH's order,
+    /// the order the bastion's clients send (see `sftp`): it says it is OpenSSH, or
+    /// another portcullis (which makes the same promise to its own clients).
+    pub fn reads_openssh_symlink_order(&self) -> bool {
+        self.server_id
+            .strip_prefix("SSH-2.0-")
+            .is_some_and(|software| {
+                software.starts_with("OpenSSH_") || software.starts_with("portcullis_")
+            })
+    }
+}
 
 /// Client settings towards targets, mirroring the server side's flow control.
 pub fn client_config() -> client::Config {
@@ -89,7 +131,7 @@ pub fn client_config() -> client::Config {
         ),
         window_size: crate::server::WINDOW_SIZE,
         maximum_packet_size: crate::server::MAX_PACKET_SIZE,
-        preferred: crate::server::preferred_algorithms(false),
+        preferred: crate::server::preferred_algorithms(false, false),
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 3,
@@ -115,9 +157,11 @@ pub async fn connect(
     timeout: Duration,
 ) -> Result<Upstream, UpstreamError> {
     let seen = Arc::new(Mutex::new(None));
+    let server_id = Arc::new(Mutex::new(String::new()));
     let handler = PinnedHostKey {
         expected: target.host_key.clone(),
         seen: seen.clone(),
+        server_id: server_id.clone(),
     };
     let connecting = async {
         let socket = TcpStream::connect(target.address.as_str())
@@ -178,28 +222,6 @@ pub async fn connect(
             UpstreamError::AuthRejected { target, login }
         });
     }
-    Ok(handle)
-}
-
-/// One upstream connection per client connection, opened on first use and shared by
-/// all its channels (OpenSSH ControlMaster multiplexes several sessions on one).
-#[derive(Default)]
-pub struct UpstreamSlot {
-    connection: tokio::sync::Mutex<Option<Arc<Upstream>>>,
-}
-
-impl UpstreamSlot {
-    /// The open connection, or a new one from `open` if there is none or it has closed.
-    pub async fn get_or_connect<F>(&self, open: F) -> Result<Arc<Upstream>, UpstreamError>
-    where
-        F: std::future::Future<Output = Result<Upstream, UpstreamError>>,
-    {
-        let mut slot = self.connection.lock().await;
-        if let Some(upstream) = slot.as_ref().filter(|upstream| !upstream.is_closed()) {
-            return Ok(upstream.clone());
-        }
-        let upstream = Arc::new(open.await?);
-        *slot = Some(upstream.clone());
-        Ok(upstream)
-    }
+    let server_id = server_id.lock().expect("server id slot poisoned").clone();
+    Ok(Upstream { handle, server_id })
 }

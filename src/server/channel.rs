@@ -9,12 +9,11 @@ use bytes::Bytes;
 use russh::server::{Handle, Msg};
 use russh::{Channel, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty};
 
-use super::handler::env_allowed;
 use super::route::{InvalidUsername, Route};
 use super::State;
 use crate::audit::AuditEvent;
 use crate::grant::Action;
-use crate::proxy::UpstreamSlot;
+use crate::proxy::UpstreamPool;
 
 /// Who is on this connection and where they asked to go.
 #[derive(Debug)]
@@ -89,7 +88,7 @@ pub struct ChannelContext {
     pub refused: Option<String>,
     pub state: Arc<State>,
     pub identity: Arc<Identity>,
-    pub upstream: Arc<UpstreamSlot>,
+    pub upstream: Arc<UpstreamPool>,
     pub handle: Handle,
 }
 
@@ -308,7 +307,8 @@ impl ClientOut {
 /// Drives one session channel to its end.
 pub async fn serve_channel(context: ChannelContext, channel: Channel<Msg>) {
     let (mut reader, writer) = channel.split();
-    let Some((setup, start)) = read_setup(&mut reader).await else {
+    let accept_env = &context.state.config.accept_env;
+    let Some((setup, start)) = read_setup(&mut reader, accept_env).await else {
         return; // closed before anything started
     };
     let client = ClientChannel {
@@ -332,9 +332,21 @@ pub async fn serve_channel(context: ChannelContext, channel: Channel<Msg>) {
     }
 }
 
-/// Collects pty, env and window changes until the session-starting request arrives.
-async fn read_setup(reader: &mut ChannelReadHalf) -> Option<(SessionSetup, Start)> {
+/// How many environment variables one session passes on, and how many bytes of
+/// names and values; the rest are dropped (a client cannot grow a channel's
+/// set-up without bound).
+pub const MAX_ENV: usize = 64;
+pub const MAX_ENV_BYTES: usize = 64 * 1024;
+
+/// Collects pty, env (what `accept_env` allows, within [`MAX_ENV`] and
+/// [`MAX_ENV_BYTES`]) and window changes until the session-starting request
+/// arrives.
+async fn read_setup(
+    reader: &mut ChannelReadHalf,
+    accept_env: &super::AcceptEnv,
+) -> Option<(SessionSetup, Start)> {
     let mut setup = SessionSetup::default();
+    let mut env_bytes = 0;
     loop {
         match reader.wait().await? {
             ChannelMsg::RequestPty {
@@ -370,8 +382,16 @@ async fn read_setup(reader: &mut ChannelReadHalf) -> Option<(SessionSetup, Start
                 variable_name,
                 variable_value,
                 ..
-            } if env_allowed(&variable_name) => {
-                setup.env.push((variable_name, variable_value));
+            } if accept_env.allows(&variable_name) => {
+                let bytes = variable_name.len() + variable_value.len();
+                if setup.env.len() < MAX_ENV && env_bytes + bytes <= MAX_ENV_BYTES {
+                    env_bytes += bytes;
+                    setup.env.push((variable_name, variable_value));
+                } else {
+                    tracing::debug!(
+                        "dropped an environment variable over {MAX_ENV} or {MAX_ENV_BYTES} bytes"
+                    );
+                }
             }
             ChannelMsg::RequestShell { .. } => return Some((setup, Start::Shell)),
             ChannelMsg::Exec { command, .. } => return Some((setup, Start::Exec(command))),

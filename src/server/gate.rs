@@ -99,6 +99,9 @@ pub struct Limits {
     /// whose peer is slow, and recording batches waiting for a slow disk.
     #[serde(deserialize_with = "size")]
     pub relay_memory: usize,
+    /// Upstream connections one client connection may open to its target: more than
+    /// one only when the target refuses a session channel (sshd's `MaxSessions`).
+    pub upstream_connections_per_client: usize,
     // Keys of the rate-based gate, refused with a pointer to what replaced them.
     #[serde(rename = "connections_per_second")]
     removed_connections_per_second: Option<IgnoredAny>,
@@ -235,6 +238,7 @@ impl Default for Limits {
             sessions_per_user: 256,
             idle_window_timeout: Duration::from_secs(600),
             relay_memory: crate::budget::DEFAULT_LIMIT,
+            upstream_connections_per_client: 4,
             removed_connections_per_second: None,
             removed_preauth_per_source: None,
             removed_failures_per_source: None,
@@ -287,6 +291,10 @@ impl Limits {
             ("requests_per_user", self.requests_per_user),
             ("connections_per_user", self.connections_per_user),
             ("sessions_per_user", self.sessions_per_user),
+            (
+                "upstream_connections_per_client",
+                self.upstream_connections_per_client,
+            ),
         ] {
             if value == 0 {
                 return Err(format!(

@@ -25,7 +25,7 @@ use super::route::Route;
 use super::State;
 use crate::audit::AuditEvent;
 use crate::policy::fingerprint;
-use crate::proxy::UpstreamSlot;
+use crate::proxy::UpstreamPool;
 use crate::totp::Verdict;
 
 /// Runs one accepted TCP connection: waits for a pre-auth slot, then the SSH
@@ -66,7 +66,7 @@ pub async fn drive(
         identity,
         kex_done,
         awaiting_step_up: None,
-        upstream: Arc::new(UpstreamSlot::default()),
+        upstream: UpstreamPool::new(state.config.limits.upstream_connections_per_client),
         gate: gate.clone(),
         preauth: Some(preauth),
         attempts: attempts.clone(),
@@ -162,7 +162,11 @@ async fn run(
         result = running => {
             return match result {
                 Err(error) => {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
+                    match no_common_algorithm(&error, state.config.legacy_clients) {
+                        // Info, not a warning: anyone can make one per connection.
+                        Some(why) => tracing::info!(%peer, "refused a client: {why}"),
+                        None => tracing::debug!(%peer, %error, "connection ended with an error"),
+                    }
                     ending_of(&error)
                 }
                 Ok(()) => Ending::Closed,
@@ -196,6 +200,28 @@ async fn run(
     } else {
         Ending::Closed
     }
+}
+
+/// For a client that shares no algorithm with the bastion, what it lacked and
+/// what to do about it: a cipher or MAC is what `legacy_clients` adds. The client's
+/// list is its own text, so it is escaped and shortened.
+fn no_common_algorithm(error: &russh::Error, legacy_clients: bool) -> Option<String> {
+    let russh::Error::NoCommonAlgo { kind, theirs, .. } = error else {
+        return None;
+    };
+    let offered = theirs.join(",");
+    let offered =
+        crate::display::escape(&offered.chars().take(300).collect::<String>()).into_owned();
+    let what = format!("{kind:?}").to_lowercase();
+    let hint = match kind {
+        russh::AlgorithmKind::Cipher | russh::AlgorithmKind::Mac if !legacy_clients => {
+            "; set `legacy_clients = true` in portcullis.toml to also offer AES-CTR with SHA-2 MACs (Paramiko 2.12, libssh2 1.10, curl)"
+        }
+        _ => "",
+    };
+    Some(format!(
+        "no common {what} algorithm (the client offers {offered}){hint}"
+    ))
 }
 
 /// Malformed input is a protocol error; a client that goes away, or cannot agree on
@@ -256,8 +282,8 @@ pub struct Connection {
     kex_done: watch::Sender<bool>,
     /// Set when the public key was accepted and a TOTP code is still owed.
     awaiting_step_up: Option<StepUp>,
-    /// The upstream SSH connection, shared by this connection's channels.
-    upstream: Arc<UpstreamSlot>,
+    /// The upstream SSH connections, shared by this connection's channels.
+    upstream: Arc<UpstreamPool>,
     gate: Arc<Gate>,
     /// The pre-authentication slot, released on success.
     preauth: Option<Preauth>,
@@ -411,12 +437,6 @@ impl Connection {
             .map(|p| p.to_string())
             .unwrap_or_else(|| "-".into())
     }
-}
-
-/// Environment variables passed to targets; everything else is refused, as sshd's
-/// default `AcceptEnv` would. `TERM` travels with the pty request.
-pub fn env_allowed(name: &str) -> bool {
-    name == "LANG" || name == "TZ" || name.starts_with("LC_")
 }
 
 impl russh::server::Handler for Connection {
@@ -675,7 +695,8 @@ impl russh::server::Handler for Connection {
         _value: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if env_allowed(name) {
+        // `accept_env`; `TERM` travels with the pty request.
+        if self.state.config.accept_env.allows(name) {
             session.channel_success(channel)
         } else {
             session.channel_failure(channel)

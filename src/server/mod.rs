@@ -2,6 +2,7 @@
 //! session channel to the control plane or to the proxy.
 
 mod channel;
+mod env;
 mod gate;
 mod handler;
 mod per_user;
@@ -33,6 +34,7 @@ pub use channel::{
     ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start, CTRL_C,
     CTRL_D,
 };
+pub use env::{AcceptEnv, DEFAULT_ACCEPT_ENV};
 pub use gate::{Gate, Limits, MaxStartups, Preauth, Prefix, Refusal};
 pub use per_user::{PerUser, Slot};
 pub use route::{InvalidUsername, Route, CONTROL_USER};
@@ -212,7 +214,11 @@ fn warn_about(policy: &crate::policy::Policy) {
 ///
 /// curve25519 stays behind ML-KEM unless `post_quantum_only`: OpenSSH before 9.9
 /// (Debian 12 ships 9.2) has no ML-KEM, and russh has no sntrup761.
-pub fn preferred_algorithms(post_quantum_only: bool) -> Preferred {
+///
+/// `legacy_clients` (server side only) adds AES-CTR with SHA-2 MACs after the AEAD
+/// ciphers, for clients that have nothing else (Paramiko 2.12, libssh2 1.10): a
+/// client that has an AEAD cipher still picks it, since its own order wins.
+pub fn preferred_algorithms(post_quantum_only: bool, legacy_clients: bool) -> Preferred {
     const WITH_CLASSIC: &[kex::Name] = &[
         kex::MLKEM768X25519_SHA256,
         kex::CURVE25519,
@@ -229,30 +235,63 @@ pub fn preferred_algorithms(post_quantum_only: bool) -> Preferred {
         kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
         kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
     ];
+    const AEAD_AES_FIRST: &[cipher::Name] = &[
+        cipher::AES_256_GCM,
+        cipher::CHACHA20_POLY1305,
+        cipher::AES_128_GCM,
+    ];
+    const AEAD_CHACHA_FIRST: &[cipher::Name] = &[
+        cipher::CHACHA20_POLY1305,
+        cipher::AES_256_GCM,
+        cipher::AES_128_GCM,
+    ];
+    const LEGACY: &[cipher::Name] = &[
+        cipher::AES_256_GCM,
+        cipher::CHACHA20_POLY1305,
+        cipher::AES_128_GCM,
+        cipher::AES_256_CTR,
+        cipher::AES_128_CTR,
+    ];
+    // With AEAD ciphers only, no MAC is ever used; the list is still advertised, and
+    // encrypt-then-MAC is the only kind worth advertising. Legacy clients get the
+    // plain SHA-2 MACs too (Paramiko 2.12 and libssh2 1.10 have no -etm).
+    const ETM: &[mac::Name] = &[mac::HMAC_SHA512_ETM, mac::HMAC_SHA256_ETM];
+    const LEGACY_MACS: &[mac::Name] = &[
+        mac::HMAC_SHA256_ETM,
+        mac::HMAC_SHA512_ETM,
+        mac::HMAC_SHA256,
+        mac::HMAC_SHA512,
+    ];
+    let cipher: &[cipher::Name] = match (legacy_clients, has_aes_hardware()) {
+        (true, _) => LEGACY,
+        (false, true) => AEAD_AES_FIRST,
+        (false, false) => AEAD_CHACHA_FIRST,
+    };
     Preferred {
         kex: std::borrow::Cow::Borrowed(if post_quantum_only {
             PQ_ONLY
         } else {
             WITH_CLASSIC
         }),
-        cipher: std::borrow::Cow::Borrowed(if has_aes_hardware() {
-            &[
-                cipher::AES_256_GCM,
-                cipher::CHACHA20_POLY1305,
-                cipher::AES_128_GCM,
-            ]
-        } else {
-            &[
-                cipher::CHACHA20_POLY1305,
-                cipher::AES_256_GCM,
-                cipher::AES_128_GCM,
-            ]
-        }),
-        // Only AEAD ciphers are offered, so no MAC is ever used; the list is still
-        // advertised, and encrypt-then-MAC is the only kind worth advertising.
-        mac: std::borrow::Cow::Borrowed(&[mac::HMAC_SHA512_ETM, mac::HMAC_SHA256_ETM]),
+        cipher: std::borrow::Cow::Borrowed(cipher),
+        mac: std::borrow::Cow::Borrowed(if legacy_clients { LEGACY_MACS } else { ETM }),
         ..Preferred::default()
     }
+}
+
+/// The identification string clients see. The comment names OpenSSH because
+/// SFTP clients such as asyncssh and libssh choose the argument order of
+/// `SSH_FXP_SYMLINK` by looking for "OpenSSH" in it: OpenSSH's sftp-server reads
+/// the two paths in the reverse of the draft's order, every other major client
+/// (OpenSSH's own, Paramiko, PuTTY) always sends that order, and the bastion makes
+/// sure that order is what a target gets (see `proxy::sftp`). OpenSSH itself matches
+/// its compatibility table against the start of the string, which stays
+/// `portcullis_`.
+pub fn server_id() -> String {
+    format!(
+        "SSH-2.0-portcullis_{} OpenSSH_9.0-compatible",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// Whether AES-GCM runs in hardware here (AES-NI and carry-less multiply on x86,
@@ -286,11 +325,9 @@ pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
 /// the buffer (bulk copies) bypass it.
 pub const READ_BUFFER: usize = 16 * 1024;
 
-fn russh_config(keys: &KeySet, post_quantum_only: bool) -> russh::server::Config {
+fn russh_config(keys: &KeySet, config: &Config) -> russh::server::Config {
     russh::server::Config {
-        server_id: russh::SshId::Standard(
-            format!("SSH-2.0-portcullis_{}", env!("CARGO_PKG_VERSION")).into(),
-        ),
+        server_id: russh::SshId::Standard(server_id().into()),
         // Keyboard-interactive only ever follows a verified public key (TOTP step-up);
         // the handler enforces that order, this list only advertises.
         methods: russh::MethodSet::from(
@@ -304,7 +341,7 @@ fn russh_config(keys: &KeySet, post_quantum_only: bool) -> russh::server::Config
         keys: vec![keys.host.clone()],
         window_size: WINDOW_SIZE,
         maximum_packet_size: MAX_PACKET_SIZE,
-        preferred: preferred_algorithms(post_quantum_only),
+        preferred: preferred_algorithms(config.post_quantum_only, config.legacy_clients),
         max_auth_attempts: 6,
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
@@ -329,7 +366,7 @@ pub async fn serve(config: Config) -> Result<()> {
             config.data_dir.display()
         )
     })?);
-    let russh_config = Arc::new(russh_config(&keys, config.post_quantum_only));
+    let russh_config = Arc::new(russh_config(&keys, &config));
     let (users, targets, flows) = (policy.users.len(), policy.targets.len(), policy.flows.len());
     let totp = Totp::open(&config.data_dir, store.clone())?;
     let state = Arc::new(
@@ -514,5 +551,35 @@ async fn reload_on_sighup(state: Arc<State>) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// asyncssh looks for "OpenSSH" anywhere; libssh for "OpenSSH_" and a version;
+    /// OpenSSH matches its compatibility table against the start.
+    #[test]
+    fn the_identification_names_openssh_only_in_its_comment() {
+        let id = server_id();
+        let (software, comment) = id.split_once(' ').unwrap();
+        assert!(software.starts_with("SSH-2.0-portcullis_"), "{id}");
+        assert!(comment.starts_with("OpenSSH_9.0"), "{id}");
+        assert!(id.len() <= 253 && id.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+    }
+
+    #[test]
+    fn legacy_clients_adds_ctr_with_sha2_macs_after_the_aead_ciphers() {
+        let strict = preferred_algorithms(false, false);
+        assert!(strict
+            .cipher
+            .iter()
+            .all(|c| c.as_ref().contains("gcm") || c.as_ref().contains("chacha")));
+        let legacy = preferred_algorithms(false, true);
+        let ciphers: Vec<&str> = legacy.cipher.iter().map(|c| c.as_ref()).collect();
+        assert_eq!(&ciphers[3..], ["aes256-ctr", "aes128-ctr"]);
+        let macs: Vec<&str> = legacy.mac.iter().map(|m| m.as_ref()).collect();
+        assert!(macs.contains(&"hmac-sha2-256") && macs.contains(&"hmac-sha2-512-etm@openssh.com"));
     }
 }
