@@ -15,8 +15,8 @@ use russh::client;
 use russh::{Channel, ChannelMsg, ChannelWriteHalf};
 
 use super::pipe::{drain, pipe, Drained, Overdraft, PipeRx};
-use crate::budget::Budget;
 use super::sftp::SymlinkGuard;
+use crate::budget::Budget;
 use crate::record::{SessionRecorder, Stream};
 use crate::server::{ClientChannel, ClientOut};
 
