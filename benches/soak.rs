@@ -64,11 +64,7 @@ fn main() {
     let held: Vec<Child> = (0..stalled)
         .map(|_| {
             w.alice
-                .ssh_command(
-                    &target,
-                    &[],
-                    &[&std::env::var("SOAK_STALL_CMD").unwrap_or("cat /dev/zero".into())],
-                )
+                .ssh_command(&target, &[], &["cat /dev/zero"])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped()) // never read
                 .stderr(Stdio::null())
@@ -83,12 +79,13 @@ fn main() {
     std::thread::sleep(Duration::from_secs(5)); // every window and pipe fills
     let rss = mib("VmRSS:");
     println!(
-        "{stalled} stalled sessions{}: RSS {rss} MiB (was {before}; goal < {} MiB)",
+        "{stalled} stalled sessions{}: RSS {rss} MiB (was {before}; +{:.2} MiB per session; goal < {} MiB)",
         if all_started {
             ""
         } else {
             " (not all started)"
         },
+        rss.saturating_sub(before) as f64 / stalled.max(1) as f64,
         100 + stalled
     );
     for mut child in held {

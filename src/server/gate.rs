@@ -842,4 +842,14 @@ mod tests {
         assert_eq!(startups.max_startups.full, 100);
         assert!(toml::from_str::<Limits>("max_startups = \"10:130:100\"").is_err());
     }
+
+    #[test]
+    fn the_relay_memory_budget_is_a_size() {
+        let limits: Limits = toml::from_str("relay_memory = \"64MiB\"").unwrap();
+        assert_eq!(limits.relay_memory, 64 << 20);
+        let err = toml::from_str::<Limits>("relay_memory = \"lots\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("512MiB or 2GiB"), "{err}");
+    }
 }
