@@ -7,9 +7,11 @@
 pub mod audit;
 pub mod config;
 pub mod control;
+pub mod datadir;
 pub mod display;
 pub mod duration;
 pub mod grant;
+pub mod init;
 pub mod keys;
 pub mod metrics;
 pub mod notify;
