@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -53,7 +53,11 @@ pub fn load_or_create(path: &Path) -> Result<PrivateKey> {
             .with_context(|| format!("cannot load private key {}", path.display()));
     }
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let key = PrivateKey::random(&mut rand::rng(), Algorithm::Ed25519)?;
     let pem = key.to_openssh(LineEnding::LF)?;
@@ -67,7 +71,14 @@ pub fn load_or_create(path: &Path) -> Result<PrivateKey> {
     file.write_all(pem.as_bytes())?;
     file.sync_all()?;
     let public = key.public_key().to_openssh()?;
-    fs::write(path.with_extension("pub"), format!("{public}\n"))?;
+    // Every file in the data directory is 0600, whatever the umask.
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path.with_extension("pub"))?;
+    file.write_all(format!("{public}\n").as_bytes())?;
     tracing::info!(path = %path.display(), "generated new ed25519 key");
     Ok(key)
 }

@@ -20,16 +20,64 @@ struct Cli {
     command: Command,
 }
 
+/// Shared by every command that reads the configuration.
+const CONFIG_HELP: &str = "The config file (portcullis.toml; paths in it are relative to its directory). Without it: the embedded default, which listens on 127.0.0.1:2222 and keeps data in ./portcullis-data and policies in ./policies, relative to the working directory";
+
 #[derive(Subcommand)]
 enum Command {
-    /// Run the bastion (embedded default config when --config is not given).
+    /// Write a working policy set for this machine: your keys, its sshd, a demo teammate.
+    ///
+    /// Writes users.toml (you, from ~/.ssh/id_*.pub and the agent, in group
+    /// engineers; and a demo teammate, approver and auditor, whose key pair is kept
+    /// in DATA_DIR/demo/), targets.toml (this machine's sshd as target `localhost`,
+    /// its host key pinned as scanned) and flows.toml (one flow that needs one
+    /// approval). Adds the bastion's upstream key to ~/.ssh/authorized_keys so it
+    /// can log in to that sshd as you. Never overwrites a policy file unless it is
+    /// the example shipped in the repository, or --force is given.
+    Init {
+        /// The SSH server to pin as the target, HOST or HOST:PORT.
+        #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:22")]
+        target: String,
+        /// Login on the target (default: your user name here).
+        #[arg(long)]
+        login: Option<String>,
+        /// Your public key file (default: every ~/.ssh/id_*.pub and the agent's keys).
+        #[arg(long, value_name = "FILE.pub")]
+        key: Option<PathBuf>,
+        /// Replace policy files that exist.
+        #[arg(long)]
+        force: bool,
+        /// Leave ~/.ssh/authorized_keys alone (print the line to add instead).
+        #[arg(long)]
+        no_authorize: bool,
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+    },
+    /// Run the bastion.
+    ///
+    /// Reads the policies (and refuses to start when they have errors), creates the
+    /// data directory (mode 0700) and the bastion's keys on first start, and
+    /// listens. Without --config it uses the embedded default: listen 127.0.0.1:2222,
+    /// data_dir ./portcullis-data, policies ./policies (relative to the working
+    /// directory). After editing policies run `portcullis reload` (or send SIGHUP);
+    /// SIGTERM or Ctrl-C stops it gracefully.
     Serve {
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
+        config: Option<PathBuf>,
+    },
+    /// Make the running bastion reload its policies, and say how that went.
+    ///
+    /// Sends SIGHUP to the `serve` holding the data directory (its pid is in
+    /// DATA_DIR/portcullis.pid) and waits for its verdict: exit 0 when the new
+    /// policy is in force, 1 with the errors when it was refused (the previous
+    /// policy then stays in force).
+    Reload {
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
     /// Create missing keys and print each public key with its role and path.
     Keys {
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
     /// Policy tools.
@@ -53,7 +101,7 @@ enum TotpCommand {
         /// How long the code stays valid.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         ttl: std::time::Duration,
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
 }
@@ -65,9 +113,14 @@ fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
 #[derive(Subcommand)]
 enum PolicyCommand {
     /// Validate a policy directory (default: the one in the config); exit 1 on errors.
+    ///
+    /// Also warns (exit 0) about what loads but cannot work as meant: flows nobody
+    /// can approve, groups nobody is in (often misspelt), principals that name no
+    /// user, users in no group, targets no flow matches, and one host reachable
+    /// under different approval rules.
     Check {
         dir: Option<PathBuf>,
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", help = CONFIG_HELP)]
         config: Option<PathBuf>,
     },
 }
@@ -85,30 +138,77 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Init {
+            target,
+            login,
+            key,
+            force,
+            no_authorize,
+            config: config_arg,
+        } => {
+            portcullis::datadir::private_umask();
+            let config = Config::load(config_arg.as_deref())?;
+            let options = portcullis::init::Options {
+                target,
+                login,
+                key,
+                force,
+                authorize: !no_authorize,
+                config_arg,
+            };
+            let runtime = tokio::runtime::Runtime::new()?;
+            let report = runtime.block_on(portcullis::init::run(&config, &options))?;
+            print!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve { config } => {
+            portcullis::datadir::private_umask();
             let config = Config::load(config.as_deref())?;
             init_logging(config.log_format);
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(portcullis::server::serve(config))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Keys { config } => {
+        Command::Reload { config } => {
             let config = Config::load(config.as_deref())?;
+            let status =
+                portcullis::datadir::reload(&config.data_dir, std::time::Duration::from_secs(10))?;
+            for warning in &status.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if status.ok {
+                println!(
+                    "policy reloaded by portcullis (pid {}): {}",
+                    status.pid, status.summary
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("{}", status.summary);
+                eprintln!(
+                    "portcullis: the reload was refused; portcullis (pid {}) keeps the previous policy",
+                    status.pid
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Keys { config } => {
+            portcullis::datadir::private_umask();
+            let config = Config::load(config.as_deref())?;
+            portcullis::datadir::prepare(&config.data_dir)?;
             print_keys(&config)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Policy {
             command: PolicyCommand::Check { dir, config },
         } => {
-            let dir = match dir {
-                Some(dir) => dir,
-                None => Config::load(config.as_deref())?.policies,
-            };
-            Ok(check_policy(&dir))
+            let loaded = Config::load(config.as_deref())?;
+            let dir = dir.unwrap_or_else(|| loaded.policies.clone());
+            Ok(check_policy(&dir, &loaded.auditors))
         }
         Command::Totp {
             command: TotpCommand::Invite { user, ttl, config },
         } => {
+            portcullis::datadir::private_umask();
             let config = Config::load(config.as_deref())?;
             invite(&config, &user, ttl)?;
             Ok(ExitCode::SUCCESS)
@@ -129,9 +229,9 @@ fn invite(config: &Config, user: &str, ttl: std::time::Duration) -> Result<()> {
     let code = portcullis::totp::invite::issue(&config.data_dir, user, ttl, chrono::Utc::now())?;
     println!("{code}");
     eprintln!(
-        "one-time TOTP enrolment code for {user}, valid for {}; give it to them over a channel you trust. They run:\n  ssh -p {} portcullis@BASTION \"totp enroll --invite {code}\"",
+        "one-time TOTP enrolment code for {user}, valid for {}; give it to them over a channel you trust. They run:\n  {}",
         portcullis::duration::format(ttl),
-        config.listen.port()
+        portcullis::control::hint::control_line(config, &["totp", "enroll", "--invite", &code])
     );
     Ok(())
 }
@@ -151,10 +251,10 @@ fn print_keys(config: &Config) -> Result<()> {
     Ok(())
 }
 
-fn check_policy(dir: &std::path::Path) -> ExitCode {
+fn check_policy(dir: &std::path::Path, auditors: &[String]) -> ExitCode {
     match portcullis::policy::load_dir(dir) {
         Ok(policy) => {
-            let warnings = policy.warnings();
+            let warnings = policy.warnings_for(auditors);
             for warning in &warnings {
                 eprintln!("warning: {warning}");
             }

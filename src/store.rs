@@ -43,10 +43,18 @@ const SEGMENT_BYTES: usize = 2 * 1024 * 1024;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
+    /// sled's message is part of this one, so it is not also a `source` (which
+    /// would print it twice in an error chain).
     #[error("database error: {0}")]
-    Sled(#[from] sled::Error),
+    Sled(sled::Error),
     #[error("damaged record in tree {tree}: {detail}")]
     Corrupt { tree: &'static str, detail: String },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(err: sled::Error) -> StoreError {
+        StoreError::Sled(err)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;

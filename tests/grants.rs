@@ -1046,11 +1046,13 @@ fn the_default_pending_cap_is_ten() {
 fn policy_check_warns_about_one_host_under_different_approval_rules() {
     let dir = tempfile::tempdir().unwrap();
     let key = keygen(&dir.path().join("alice"), "alice");
+    let lead = keygen(&dir.path().join("bob"), "bob");
     let host = keygen(&dir.path().join("host"), "host");
     let other = keygen(&dir.path().join("other"), "other");
+    // Otherwise clean: someone approves, someone audits.
     fs::write(
         dir.path().join("users.toml"),
-        format!("[users.alice]\nkeys = [\"{key}\"]\ngroups = [\"engineers\"]\n"),
+        format!("[users.alice]\nkeys = [\"{key}\"]\ngroups = [\"engineers\"]\n[users.bob]\nkeys = [\"{lead}\"]\ngroups = [\"sre\", \"auditors\"]\n"),
     )
     .unwrap();
     fs::write(

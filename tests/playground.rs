@@ -12,6 +12,7 @@
 mod common;
 
 use std::fs::{self, File};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -28,6 +29,9 @@ const BASTION_UID: &str = "10022";
 /// The playground's targets (compose services), in the order of their links.
 const TARGETS: [&str; 2] = ["staging", "production"];
 
+/// The owner of the checkout that compose bind-mounts (a user, not root).
+const CHECKOUT_OWNER: &str = "1000:1000";
+
 /// Where the playground publishes the bastion and its metrics.
 const SSH_PORT: u16 = 2222;
 const METRICS_PORT: u16 = 9922;
@@ -37,6 +41,30 @@ fn the_readme_walkthrough_works_on_the_playground() {
     let playground = Playground::up();
     let alice = playground.user("alice");
     let bob = playground.user("bob");
+
+    // The demo keys belong to the checkout's owner, private, and git ignores them.
+    for key in ["alice", "bob"] {
+        let path = playground.path("playground/keys").join(key);
+        let meta = fs::metadata(&path).expect("demo key");
+        assert_eq!(
+            format!("{}:{}", meta.uid(), meta.gid()),
+            CHECKOUT_OWNER,
+            "{}",
+            path.display()
+        );
+        assert_eq!(meta.mode() & 0o777, 0o600, "{}", path.display());
+    }
+    let ignored = run(Command::new("git").arg("-C").arg(repository()).args([
+        "check-ignore",
+        "-q",
+        "deploy/playground/keys/alice",
+    ]));
+    // 1: not ignored (128: not a git checkout, nothing to say).
+    assert_ne!(
+        ignored.status.code(),
+        Some(1),
+        "deploy/playground/keys is not git-ignored"
+    );
 
     says(&alice.ok("root@staging", "uptime"), "load average"); // auto-approved
 
@@ -94,9 +122,18 @@ impl Playground {
         let root = dir.path();
         let playground = root.join("playground"); // compose mounts it from the checkout
         copy_dir(&repository().join("deploy/playground"), &playground);
+        // A checkout belongs to a user, not to root: the demo keys must be theirs.
+        let chown = run(Command::new("chown")
+            .args(["-R", CHECKOUT_OWNER])
+            .arg(&playground));
+        assert_success(&chown, "chown the playground checkout");
         for volume in ["data", "shared"] {
             fs::create_dir(root.join(volume)).expect("volume directory");
         }
+        // As the image creates its data dir (install -d -m 0700), which a fresh
+        // named volume copies.
+        fs::set_permissions(root.join("data"), fs::Permissions::from_mode(0o700))
+            .expect("chmod the data volume");
         let network = Network::new();
         let mut this = Playground {
             services: Vec::new(),

@@ -5,7 +5,11 @@ set -eu
 cd /playground
 keys=/playground/keys          # bind-mounted: the demo users' private keys
 shared=/shared                 # read by the targets
+# The checkout's owner, who runs ssh -i with the demo keys: on rootful Docker
+# this script runs as root, and keys left to root (mode 0600) would be unusable.
+owner=$(stat -c '%u:%g' /playground)
 mkdir -p "$keys" "$shared" /var/lib/portcullis/policies
+chmod 0700 /var/lib/portcullis   # portcullis refuses a data dir others can read
 
 portcullis keys --config /playground/portcullis.toml > /tmp/keys.tsv
 cp /var/lib/portcullis/ca_ed25519.pub /var/lib/portcullis/upstream_ed25519.pub "$shared/"
@@ -15,6 +19,7 @@ for user in alice bob; do
 done
 chmod 0644 "$keys"/*.pub
 chmod 0600 "$keys/alice" "$keys/bob"
+chown "$owner" "$keys" "$keys/alice" "$keys/alice.pub" "$keys/bob" "$keys/bob.pub"
 
 for target in staging production; do
     mkdir -p "$shared/$target"

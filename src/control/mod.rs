@@ -5,6 +5,7 @@
 
 mod args;
 mod audit;
+pub mod hint;
 mod requests;
 mod sessions;
 mod step_up;
@@ -13,7 +14,7 @@ mod table;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use russh::ChannelMsg;
 
 use crate::audit::AuditEvent;
@@ -61,9 +62,22 @@ auditors:
 Connect to a target with: ssh -p PORT LOGIN@TARGET@BASTION (or TARGET@BASTION for its default login)
 ";
 
-/// ssh joins its arguments with bare spaces, so a quoted `--reason "a b"` arrives as
-/// two words; the most common cause of an unexpected argument.
-const QUOTING_HINT: &str = "\n  note: ssh joins its arguments with spaces; quote the whole command, e.g.\n  ssh portcullis@BASTION \"request db-prod-1 --shell --reason 'INC-4411 disk full'\"\n";
+/// The command table for this bastion: `ssh` is how its control plane is reached
+/// (`ssh -p 2222 portcullis@127.0.0.1`).
+pub fn help(ssh: &str) -> String {
+    let targets = ssh.replacen(
+        &format!("{}@", crate::server::CONTROL_USER),
+        "LOGIN@TARGET@",
+        1,
+    );
+    let host = ssh.rsplit_once('@').map_or("BASTION", |(_, host)| host);
+    HELP.replace("ssh -p PORT portcullis@BASTION", ssh)
+        .replace("ssh -p PORT LOGIN@TARGET@BASTION", &targets)
+        .replace("TARGET@BASTION", &format!("TARGET@{host}"))
+}
+
+/// Options whose value is free text, which ssh's word joining splits up.
+const TEXT_OPTIONS: [&str; 4] = ["--reason", "--comment", "--command", "--grep"];
 
 /// What a command line turned out to be.
 pub enum Parsed {
@@ -77,6 +91,12 @@ pub enum Parsed {
 /// Parses an exec command line (raw bytes from the client) into a command. Never
 /// panics, whatever the bytes; fuzzed and property-tested.
 pub fn parse(command: &[u8]) -> Parsed {
+    parse_with(command, "ssh portcullis@BASTION")
+}
+
+/// [`parse`], naming the control plane as `ssh` (e.g. `ssh -p 2222
+/// portcullis@127.0.0.1`) in usage lines and in the command lines it suggests.
+pub fn parse_with(command: &[u8], ssh: &str) -> Parsed {
     if command.len() > MAX_LINE {
         return Parsed::Error(format!(
             "the command line is {} bytes; the control plane accepts at most {MAX_LINE}",
@@ -92,39 +112,141 @@ pub fn parse(command: &[u8]) -> Parsed {
         words.first().map(String::as_str),
         None | Some("help") | Some("--help")
     ) {
-        return Parsed::Help(HELP.to_string());
+        return Parsed::Help(help(ssh));
     }
-    match ControlArgs::try_parse_from(&words) {
+    match try_parse(&words, ssh) {
         Ok(args) => Parsed::Command(args),
         Err(err) if err.kind() == clap::error::ErrorKind::DisplayHelp => {
             Parsed::Help(err.render().to_string())
         }
-        Err(err) => {
-            let mut message = err.render().to_string();
-            if err.kind() == clap::error::ErrorKind::UnknownArgument {
-                message.push_str(QUOTING_HINT);
+        Err(err) => Parsed::Error(explain(&err, &words, ssh)),
+    }
+}
+
+fn try_parse(words: &[String], ssh: &str) -> Result<ControlArgs, clap::Error> {
+    let matches = ControlArgs::command()
+        .bin_name(ssh.to_string())
+        .try_get_matches_from(words)?;
+    ControlArgs::from_arg_matches(&matches)
+}
+
+/// clap's message, made right for a command line that came through ssh: when
+/// the words parse once the values ssh's word joining split up are put back
+/// together, say so and show the quoted command; never clap's `use '-- -a'` tip
+/// (wrong here), and `--help` in the quoted form that reaches the control plane.
+fn explain(err: &clap::Error, words: &[String], ssh: &str) -> String {
+    use clap::error::ErrorKind;
+    if err.kind() == ErrorKind::UnknownArgument {
+        if let Some((split, regrouped)) = regroup(words) {
+            if try_parse(&regrouped, ssh).is_ok() {
+                let split: Vec<String> = split
+                    .iter()
+                    .map(|(option, value)| format!("{option} {}", hint::quote_word(value)))
+                    .collect();
+                return format!(
+                    "ssh joins its arguments with spaces, so {} arrived as separate words; quote the whole command, with each value of several words in single quotes inside it:\n  {ssh} {}",
+                    split.join(" and "),
+                    hint::remote(&regrouped)
+                );
             }
-            Parsed::Error(message.trim_end().to_string())
         }
     }
+    let rendered = err.render().to_string();
+    let mut message = String::new();
+    for line in rendered.lines() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("tip: to pass") || trimmed.starts_with("For more information") {
+            continue;
+        }
+        if line.is_empty() && (message.is_empty() || message.ends_with("\n\n")) {
+            continue;
+        }
+        message.push_str(line);
+        message.push('\n');
+    }
+    let subcommand = words
+        .first()
+        .filter(|w| ControlArgs::command().find_subcommand(w.as_str()).is_some());
+    // A stray plain word is most often one word of a value ssh split up.
+    let stray_word = match err.get(clap::error::ContextKind::InvalidArg) {
+        Some(clap::error::ContextValue::String(arg)) => !arg.starts_with('-'),
+        _ => false,
+    };
+    if err.kind() == ErrorKind::UnknownArgument && stray_word {
+        message.push_str("note: ssh joins its arguments with spaces; quote the whole command, with each value of several words in single quotes inside it\n");
+    }
+    match subcommand {
+        Some(name) => message.push_str(&format!(
+            "For more information: {ssh} \"{name} --help\" (in quotes, ssh never takes --help for an option of its own)"
+        )),
+        None => message.push_str(&format!("Commands: {ssh} help")),
+    }
+    message.trim_end().to_string()
+}
+
+/// An option and the value of several words that ssh split up.
+type SplitValue = (String, String);
+
+/// `words` with the free-text values that ssh split up joined again (everything
+/// after `--reason` up to the next option of the same subcommand), and which
+/// those were; `None` when nothing was split.
+fn regroup(words: &[String]) -> Option<(Vec<SplitValue>, Vec<String>)> {
+    let command = ControlArgs::command();
+    let subcommand = command.find_subcommand(words.first()?)?;
+    let known: Vec<String> = subcommand
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .map(|long| format!("--{long}"))
+        .chain(["--help".to_string()])
+        .collect();
+    let is_option = |word: &str| {
+        known.iter().any(|k| {
+            word == k
+                || word
+                    .strip_prefix(k.as_str())
+                    .is_some_and(|r| r.starts_with('='))
+        })
+    };
+    let (mut out, mut split) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while i < words.len() {
+        let word = &words[i];
+        out.push(word.clone());
+        i += 1;
+        if TEXT_OPTIONS.contains(&word.as_str()) && known.contains(word) {
+            let start = i;
+            while i < words.len() && !is_option(&words[i]) {
+                i += 1;
+            }
+            if i > start {
+                let value = words[start..i].join(" ");
+                if i - start > 1 {
+                    split.push((word.clone(), value.clone()));
+                }
+                out.push(value);
+            }
+        }
+    }
+    (!split.is_empty()).then_some((split, out))
 }
 
 /// Runs one control-plane command on a session channel.
 pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Start) {
     let out = &client.out;
+    let ssh = hint::ssh_prefix(&context.state.config);
     let command = match start {
         Start::Exec(command) => command,
         Start::Shell => {
-            out.stdout(HELP).await;
+            out.stdout(&help(&ssh)).await;
             out.exit(0).await;
             return;
         }
         Start::Subsystem(name) => {
-            out.fail(&format!("the control plane has no subsystem {name:?}; run commands with ssh portcullis@BASTION COMMAND"), 1).await;
+            out.fail(&format!("the control plane has no subsystem {:?}; run commands with {ssh} COMMAND (e.g. {ssh} help)", crate::display::escape(&name)), 1).await;
             return;
         }
     };
-    let args = match parse(&command) {
+    let args = match parse_with(&command, &ssh) {
         Parsed::Command(args) => args,
         Parsed::Help(text) => {
             out.stdout(&text).await;
@@ -466,6 +588,44 @@ mod tests {
         assert!(message.contains("quote the whole command"), "{message}");
         assert!(matches!(parse(b"\xff\xfe"), Parsed::Error(_)));
         assert!(matches!(parse(&vec![b'a'; MAX_LINE + 1]), Parsed::Error(_)));
+    }
+
+    #[test]
+    fn words_split_by_ssh_are_explained_with_the_quoted_command() {
+        let ssh = "ssh -p 2222 portcullis@127.0.0.1";
+        let Parsed::Error(message) = parse_with(
+            b"request db-prod-1 --login root --command uname -a --reason WHY",
+            ssh,
+        ) else {
+            panic!("unquoted words are an error")
+        };
+        assert_eq!(
+            message,
+            "ssh joins its arguments with spaces, so --command 'uname -a' arrived as separate words; quote the whole command, with each value of several words in single quotes inside it:\n  ssh -p 2222 portcullis@127.0.0.1 \"request db-prod-1 --login root --command 'uname -a' --reason 'WHY'\""
+        );
+        let Parsed::Error(message) =
+            parse_with(b"approve 7f3a9c --comment ok, INC-4411 --totp 123456", ssh)
+        else {
+            panic!("unquoted words are an error")
+        };
+        assert!(
+            message.ends_with("\"approve 7f3a9c --comment 'ok, INC-4411' --totp 123456\""),
+            "{message}"
+        );
+        // Nothing to regroup: clap's own words, without its `-- -a` tip, and the
+        // quoted --help.
+        let Parsed::Error(message) = parse_with(b"requests -a", ssh) else {
+            panic!("-a is no option of requests")
+        };
+        assert!(!message.contains("-- -a"), "{message}");
+        assert!(!message.contains("try '--help'"), "{message}");
+        assert!(
+            message.contains("For more information: ssh -p 2222 portcullis@127.0.0.1 \"requests --help\" (in quotes"),
+            "{message}"
+        );
+        assert!(
+            matches!(parse_with(b"requests --help", ssh), Parsed::Help(text) if text.contains("Usage: ssh -p 2222 portcullis@127.0.0.1 requests"))
+        );
     }
 
     proptest::proptest! {

@@ -87,13 +87,13 @@ pub fn outcome(caller: &Caller, grant: &Grant, json: bool) -> String {
 pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
     match grant.state {
         GrantState::Pending => format!(
-            "request {} pending: needs {} approval(s) from {}\napprovers run: approve {}\n",
+            "request {} pending: needs {} approval(s) from {}\napprovers run: {}\n",
             grant.id,
             grant.approvals_needed,
             approvers_of(grant, &caller.policy)
                 .map(|a| a.join(", "))
                 .unwrap_or_else(|| "(nobody)".into()),
-            grant.id
+            super::hint::control_line(&caller.state.config, &["approve", grant.id.as_str()])
         ),
         GrantState::Approved => format!(
             "request {} approved by {}; {} on {} expires {}\n",

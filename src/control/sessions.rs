@@ -46,6 +46,9 @@ pub fn list(caller: &Caller, filter: SessionFilter, json: bool) -> Reply {
         }
         if session.is_live() {
             session.received_input = recorder.live_received_input(session.id);
+            if let Some((bytes_in, bytes_out)) = recorder.live_bytes(session.id) {
+                (session.bytes_in, session.bytes_out) = (bytes_in, bytes_out);
+            }
         }
         sessions.push(session);
     }
@@ -122,17 +125,16 @@ fn human_bytes(n: u64) -> String {
 /// Parses a session id and loads its record.
 pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, String> {
     let shown = crate::display::escape(&text.chars().take(20).collect::<String>()).into_owned();
+    let list = super::hint::control_line(&caller.state.config, &["sessions"]);
     let id: u64 = text.parse().map_err(|_| {
-        format!(
-            "'{shown}' is not a session id: ids are numbers like 42; run `sessions` to list them"
-        )
+        format!("'{shown}' is not a session id: ids are numbers like 42; `{list}` lists them")
     })?;
     caller
         .state
         .store
         .session(id)
         .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no session {id}; run `sessions` to list them"))
+        .ok_or_else(|| format!("no session {id}; `{list}` lists them"))
 }
 
 /// The stored transcript of a session, read one batch at a time, unless retention
@@ -255,9 +257,11 @@ pub async fn watch(
         .follow(session.id)
         .map_err(|e| e.to_string())?;
     let Some(mut follow) = follow else {
+        let replay =
+            super::hint::control_line(&caller.state.config, &["replay", &session.id.to_string()]);
         return Err(format!(
-            "session {} is not live; use `replay {}`",
-            session.id, session.id
+            "session {} is not live; replay it: `{replay}`",
+            session.id
         ));
     };
     let out = &client.out;

@@ -16,7 +16,10 @@ pub fn status(caller: &Caller) -> Reply {
         .map_err(|e| e.to_string())?;
     let mut text = match status.enrolled_at {
         Some(at) => format!("TOTP: enrolled {}\n", at.format("%Y-%m-%d %H:%M UTC")),
-        None => "TOTP: not enrolled; run `totp enroll`\n".to_string(),
+        None => format!(
+            "TOTP: not enrolled; run `{}`\n",
+            super::hint::control_line(&caller.state.config, &["totp", "enroll"])
+        ),
     };
     if let Some(until) = status.locked_until {
         text.push_str(&format!(
@@ -60,7 +63,10 @@ pub async fn enroll(
         .confirm(user, &enrolment, &code, Utc::now())
         .map_err(|e| e.to_string())?;
     if !confirmed {
-        return Err("that code does not match the new secret; nothing changed. Check the app's clock and run `totp enroll` again".into());
+        return Err(format!(
+            "that code does not match the new secret; nothing changed. Check the app's clock and run `{}` again",
+            super::hint::control_line(&context.state.config, &["totp", "enroll"])
+        ));
     }
     let mut event = AuditEvent::new("totp.enrolled", user, Utc::now());
     if let Some(claim) = invited {

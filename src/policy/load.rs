@@ -27,7 +27,7 @@ pub fn load_dir(dir: &Path) -> Result<Policy, PolicyErrors> {
             file: dir.to_path_buf(),
             line: None,
             key: String::new(),
-            message: "policy directory not found: create it with users.toml and targets.toml (see policies/ in the repository)".into(),
+            message: "policy directory not found: `portcullis init` writes a working set for this machine (or write users.toml, targets.toml and flows.toml there; see the README's policy reference)".into(),
         });
         return Err(PolicyErrors(errors));
     }
@@ -209,7 +209,7 @@ fn build_target(
         report.error(
             Some(raw.host_key.span().start),
             format!("{key_path}.host_key"),
-            format!("not an OpenSSH public key ({err}); copy the target's /etc/ssh/ssh_host_ed25519_key.pub, or run ssh-keyscan -t ed25519 HOST"),
+            host_key_problem(raw.host_key.get_ref(), err),
         );
     }
     let logins_at = Some(raw.logins.span().start);
@@ -258,8 +258,30 @@ fn build_target(
     })
 }
 
+/// Why a `host_key` value is not a key, and exactly what to write instead.
+fn host_key_problem(value: &str, err: &impl std::fmt::Display) -> String {
+    const FETCH: &str = "`portcullis init --target HOST:PORT` pins it for you, or run `ssh-keyscan -t ed25519 -p PORT HOST | cut -d' ' -f2-` (ssh-keyscan prints the host name first), or copy the target's /etc/ssh/ssh_host_ed25519_key.pub";
+    let value = value.trim();
+    if value.is_empty() {
+        return format!(
+            "host_key is empty (an ssh-keyscan that found no SSH server prints nothing); {FETCH}"
+        );
+    }
+    // A known_hosts or ssh-keyscan line: `HOST ssh-ed25519 AAAA...`.
+    if let Some((host, rest)) = value.split_once(char::is_whitespace) {
+        let rest = rest.trim_start();
+        if PublicKey::from_openssh(rest).is_ok() {
+            let shown = crate::display::escape(host);
+            return format!(
+                "this is an ssh-keyscan (known_hosts) line: drop the host name '{shown}' in front and write host_key = \"{rest}\""
+            );
+        }
+    }
+    format!("not an OpenSSH public key ({err}); {FETCH}")
+}
+
 /// `host:port`, `host` (port 22) or `[v6]:port`, returned as `host:port`.
-fn normalize_address(address: &str) -> Option<String> {
+pub fn normalize_address(address: &str) -> Option<String> {
     let address = address.trim();
     if address.is_empty() || address.contains(char::is_whitespace) {
         return None;
@@ -387,6 +409,24 @@ fn build_flow(raw: RawFlow, key_path: &str, at: usize, report: &mut Reporter) ->
         };
     let requesters = principals(raw.requesters, "requesters", report);
     let approvers = principals(raw.approvers, "approvers", report);
+    // Named approvers only (no group): more approvals than names can never be met,
+    // whoever is in users.toml.
+    let named: HashSet<&String> = approvers.iter().collect();
+    if !raw.auto_approve
+        && !named.is_empty()
+        && approvers.iter().all(|p| !p.starts_with(GROUP_PREFIX))
+        && named.len() < approvals as usize
+    {
+        report.error(
+            raw.approvals.as_ref().map(|n| n.span().start).or(Some(at)),
+            format!("{key_path}.approvals"),
+            format!(
+                "approvals = {approvals} but only {} approver(s) are listed ({}), so no request could ever be approved; lower approvals or list a group",
+                named.len(),
+                approvers.join(", ")
+            ),
+        );
+    }
     let mut commands = Vec::new();
     for pattern in raw.commands {
         match crate::grant::scope::pattern_problem(pattern.get_ref()) {
@@ -513,6 +553,39 @@ mod tests {
             text.contains("flows.toml:5: flows[0] (x).commands") && text.contains("';'"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn host_keys_pasted_from_ssh_keyscan_say_what_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            "targets.toml",
+            &target_toml(&format!("127.0.0.1 {KEY}")),
+        );
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "drop the host name '127.0.0.1' in front and write host_key = \"{KEY}\""
+            )),
+            "{err}"
+        );
+        write(dir.path(), "targets.toml", &target_toml(""));
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("host_key is empty") && err.contains("cut -d' ' -f2-"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn more_approvals_than_named_approvers_can_never_work() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "flows.toml", "[[flows]]\nname = \"x\"\nrequesters = [\"a\"]\napprovers = [\"b\", \"c\"]\napprovals = 3\n");
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("flows.toml:5: flows[0] (x).approvals: approvals = 3 but only 2 approver(s) are listed (b, c)"), "{err}");
+        write(dir.path(), "flows.toml", "[[flows]]\nname = \"x\"\nrequesters = [\"a\"]\napprovers = [\"b\", \"group:g\"]\napprovals = 3\n");
+        load_dir(dir.path()).unwrap();
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 mod error;
 mod files;
+mod lint;
 mod load;
 
 use std::collections::{BTreeMap, HashMap};
@@ -12,7 +13,7 @@ use std::time::Duration;
 use russh::keys::{HashAlg, PublicKey};
 
 pub use error::{PolicyError, PolicyErrors};
-pub use load::load_dir;
+pub use load::{load_dir, normalize_address};
 
 /// Principal prefix for group membership in `requesters`, `approvers`, `auditors`.
 pub const GROUP_PREFIX: &str = "group:";

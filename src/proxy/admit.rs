@@ -29,8 +29,8 @@ pub async fn admit(
         Decision::Allow(permit) => return stepped_up(context, client, setup, *permit).await,
         Decision::Deny(denial) => denial,
     };
-    audit_denial(context, start, target, &denial);
     let Some(requestable) = denial.requestable.clone() else {
+        audit_denial(context, start, target, &denial);
         client
             .out
             .fail(&crate::display::escape(&denial.reason), 1)
@@ -38,21 +38,24 @@ pub async fn admit(
         return None;
     };
     let filed = if requestable.flow.auto_approve {
-        auto_approve(context, client, &requestable, start, setup.pty.is_some()).await
+        // Not a refusal unless filing fails: an auto-approved session starts here.
+        let filed = auto_approve(context, client, &requestable, start, setup.pty.is_some()).await;
+        if !filed {
+            audit_denial(context, start, target, &denial);
+        }
+        filed
     } else if setup.pty.is_some() {
+        audit_denial(context, start, target, &denial);
         ask::request_on_terminal(context, client, setup, &requestable, &denial.reason).await
     } else {
-        let hint = request_command(context, &requestable, start);
-        client
-            .out
-            .fail(
-                &format!(
-                    "{}\nrequest it with:\n  {hint}",
-                    crate::display::escape(&denial.reason)
-                ),
-                1,
-            )
-            .await;
+        audit_denial(context, start, target, &denial);
+        let reason = crate::display::escape(&denial.reason);
+        let config = &context.state.config;
+        let message = match crate::control::hint::request(config, &requestable, start, false) {
+            Ok(line) => format!("{reason}\nrequest it with:\n  {line}"),
+            Err(why) => format!("{reason}\n{why}"),
+        };
+        client.out.fail(&message, 1).await;
         false
     };
     if !filed {
@@ -76,9 +79,9 @@ fn not_enrolled(context: &ChannelContext, target: &str) -> Option<String> {
     if !flow.step_up_totp || context.state.totp.is_enrolled(user).unwrap_or(true) {
         return None;
     }
-    let port = context.state.config.listen.port();
+    let enroll = crate::control::hint::control_line(&context.state.config, &["totp", "enroll"]);
     Some(format!(
-        "target '{target}' needs a TOTP step-up and {user} has no TOTP enrolled: run `ssh -p {port} portcullis@BASTION totp enroll` first"
+        "target '{target}' needs a TOTP step-up and {user} has no TOTP enrolled: run `{enroll}` first"
     ))
 }
 
@@ -267,48 +270,9 @@ pub fn scope_for(requestable: &Requestable, start: &Start, pty: bool) -> Option<
     }
 }
 
-/// The exact control-plane command that requests what the client just tried.
-pub fn request_command(
-    context: &ChannelContext,
-    requestable: &Requestable,
-    start: &Start,
-) -> String {
-    let listen = context.state.config.listen;
-    let host = if listen.ip().is_unspecified() {
-        "BASTION".to_string()
-    } else {
-        listen.ip().to_string()
-    };
-    let scope = match start {
-        Start::Shell => "--shell".to_string(),
-        Start::Subsystem(name) if name == "sftp" => "--sftp".to_string(),
-        Start::Subsystem(_) => "--shell".to_string(),
-        Start::Exec(command) => {
-            let command = String::from_utf8_lossy(command);
-            if crate::grant::scope::plain_words_problem(&command).is_some() {
-                "--shell".to_string()
-            } else {
-                format!("--command {}", quote(&command))
-            }
-        }
-    };
-    format!(
-        "ssh -p {} portcullis@{host} request {} --login {} {scope} --reason 'WHY'",
-        listen.port(),
-        requestable.target.name,
-        requestable.login
-    )
-}
-
-fn quote(word: &str) -> String {
-    shlex::try_quote(word)
-        .map(|q| q.into_owned())
-        .unwrap_or_else(|_| format!("'{word}'"))
-}
-
 fn audit_denial(context: &ChannelContext, start: &Start, target: &str, denial: &Denial) {
     let user = context.identity.user.as_str();
-    tracing::warn!(user, target, action = %start.action().describe(), reason = %crate::display::escape(&denial.reason), "denied");
+    tracing::warn!(user, target = %crate::display::escape(target), action = %crate::display::escape(&start.action().describe()), reason = %crate::display::escape(&denial.reason), "denied");
     // Denied either way; a failed append is logged.
     let _ = context.state.audit(
         AuditEvent::new("session.denied", user, Utc::now())

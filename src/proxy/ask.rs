@@ -27,15 +27,13 @@ pub async fn request_on_terminal(
     why_refused: &str,
 ) -> bool {
     let Some(scope) = scope_for(requestable, &Start::Shell, true) else {
-        let hint = super::admit::request_command(context, requestable, &Start::Shell);
+        let config = &context.state.config;
+        let why = crate::control::hint::request(config, requestable, &Start::Shell, true)
+            .unwrap_or_else(|why| why);
         client
             .out
             .fail(
-                &format!(
-                    "{why_refused}; flow '{}' grants commands only, so request one without a terminal:\n  {}",
-                    requestable.flow.name,
-                    hint.replace("--shell", "--command 'COMMAND'")
-                ),
+                &format!("{}.\n{why}", crate::display::escape(why_refused)),
                 1,
             )
             .await;
@@ -124,7 +122,9 @@ async fn wait_for_decision(
                         Utc::now(),
                     );
                     if result.is_ok() {
-                        client.out.fail(&format!("\nrequest {} cancelled", grant.id), 1).await;
+                        // End the status line first: the notice starts a line of its own.
+                        client.out.stderr("\r\x1b[K").await;
+                        client.out.fail(&format!("request {} cancelled", grant.id), 1).await;
                         return false;
                     }
                     // Decided in the meantime: the next round reports it.
@@ -160,9 +160,10 @@ async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {
                 .and_then(|e| e.reason.as_deref())
                 .map(|r| format!(": {}", crate::display::escape(r)))
                 .unwrap_or_default();
+            client.out.stderr("\r\x1b[K").await;
             client
                 .out
-                .fail(&format!("\nrequest {} {state} by {who}{why}", grant.id), 1)
+                .fail(&format!("request {} {state} by {who}{why}", grant.id), 1)
                 .await;
             false
         }

@@ -297,6 +297,8 @@ struct Pending {
     resizes: u32,
     /// Bytes the user sent, recorded or not.
     input_bytes: u64,
+    /// Bytes the target sent, recorded or not (for `sessions` while it is live).
+    output_bytes: u64,
     finished: bool,
     /// Live chunks for watchers; dropped at the end so they see the session close.
     watchers: Option<broadcast::Sender<Chunk>>,
@@ -513,6 +515,7 @@ impl Recorder {
                 batches: 0,
                 resizes: 0,
                 input_bytes: 0,
+                output_bytes: 0,
                 finished: false,
                 watchers: Some(broadcast::channel(WATCH_BACKLOG).0),
             }),
@@ -620,6 +623,19 @@ impl Recorder {
                 .input_bytes
                 > 0
         })
+    }
+
+    /// Bytes a live session has received and sent so far, `(in, out)` as in
+    /// [`SessionRecord::bytes_in`] and [`SessionRecord::bytes_out`].
+    pub fn live_bytes(&self, id: u64) -> Option<(u64, u64)> {
+        let live = self
+            .live
+            .lock()
+            .expect("recorder lock poisoned")
+            .get(&id)
+            .cloned()?;
+        let pending = live.inner.lock().expect("recording lock poisoned");
+        Some((pending.input_bytes, pending.output_bytes))
     }
 
     /// Recomputes a transcript's SHA-256 from the stored batches.
@@ -822,7 +838,13 @@ impl SessionRecorder {
     /// Output the user sees.
     pub async fn output(&self, stream: Stream, data: &Bytes) {
         if self.full {
-            self.push(stream, data.clone()).await;
+            self.push(stream, data.clone()).await; // counts the output too
+        } else {
+            self.live
+                .inner
+                .lock()
+                .expect("recording lock poisoned")
+                .output_bytes += data.len() as u64;
         }
     }
 
@@ -886,6 +908,8 @@ impl SessionRecorder {
                     pending.bytes = total;
                     if chunk.stream == Stream::Stdin {
                         pending.input_bytes += size as u64;
+                    } else if chunk.stream.is_output() {
+                        pending.output_bytes += size as u64;
                     }
                     if let Some(watchers) = &pending.watchers {
                         let _ = watchers.send(chunk.clone()); // no watchers is fine

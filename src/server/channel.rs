@@ -124,6 +124,10 @@ impl ChannelContext {
         if accepted {
             self.identity.mark_stepped_up(now);
             Ok(())
+        } else if verdict == crate::totp::Verdict::NotEnrolled {
+            let enroll =
+                crate::control::hint::control_line(&self.state.config, &["totp", "enroll"]);
+            Err(format!("{user} has no TOTP enrolled: run `{enroll}` first"))
         } else {
             Err(verdict.explain(user))
         }
@@ -324,7 +328,11 @@ pub async fn serve_channel(context: ChannelContext, channel: Channel<Msg>) {
         return client.out.fail(why, 1).await;
     }
     match &context.identity.route {
-        Err(invalid) => client.out.fail(&invalid.to_string(), 1).await,
+        Err(invalid) => {
+            let why = invalid.to_string();
+            tracing::warn!(user = %context.identity.user, key = %crate::policy::fingerprint(&context.identity.key), reason = %crate::display::escape(&why), "refused: invalid username");
+            client.out.fail(&why, 1).await
+        }
         Ok(Route::Control) => crate::control::run(&context, client, start).await,
         Ok(Route::Target { target, login }) => {
             crate::proxy::run(&context, client, setup, start, target, login.as_deref()).await

@@ -460,6 +460,9 @@ impl russh::server::Handler for Connection {
         Ok(match self.known_user(offer.public_key) {
             Some(_) => Auth::Accept,
             None => {
+                // OpenSSH offers each key before signing with it, so this is where an
+                // unknown key is refused: one console line, as for every refusal.
+                tracing::warn!(peer = %self.peer(), key = %fingerprint(offer.public_key), username = %crate::display::escape(user), "authentication refused: key not in users.toml");
                 self.key_failed(offer.public_key);
                 self.state.metrics.auth_failures.inc();
                 self.audit_auth("auth.failure", "-", offer.public_key, user);
@@ -478,7 +481,7 @@ impl russh::server::Handler for Connection {
             return Ok(Auth::reject());
         }
         let Some(user) = self.known_user(key.public_key) else {
-            tracing::warn!(peer = %self.peer(), key = %fp, username, "authentication refused: unknown key");
+            tracing::warn!(peer = %self.peer(), key = %fp, username = %crate::display::escape(username), "authentication refused: key not in users.toml");
             self.key_failed(key.public_key);
             self.state.metrics.auth_failures.inc();
             self.audit_auth("auth.failure", "-", key.public_key, username);

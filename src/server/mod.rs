@@ -162,7 +162,7 @@ impl State {
     /// (their connections end on their own: see `handler::identity_withdrawn`).
     pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
         let fresh = Arc::new(policy::load_dir(&self.config.policies)?);
-        warn_about(&fresh);
+        warn_about(&fresh, &self.config.auditors);
         self.policy.send_replace(fresh.clone());
         self.forget_users_not_in(&fresh);
         Ok(())
@@ -201,9 +201,38 @@ impl State {
 }
 
 /// Logs what `portcullis policy check` warns about.
-fn warn_about(policy: &crate::policy::Policy) {
-    for warning in policy.warnings() {
+fn warn_about(policy: &crate::policy::Policy, auditors: &[String]) {
+    for warning in policy.warnings_for(auditors) {
         tracing::warn!("policy: {warning}");
+    }
+}
+
+/// Tells `portcullis reload` how the policy load numbered `seq` went.
+fn report_load(state: &State, seq: u64, result: Result<(), &PolicyErrors>) {
+    let policy = state.policy();
+    let status = match result {
+        Ok(()) => crate::datadir::ReloadStatus {
+            pid: std::process::id(),
+            seq,
+            ok: true,
+            summary: format!(
+                "{} users, {} targets, {} flows",
+                policy.users.len(),
+                policy.targets.len(),
+                policy.flows.len()
+            ),
+            warnings: policy.warnings_for(&state.config.auditors),
+        },
+        Err(errors) => crate::datadir::ReloadStatus {
+            pid: std::process::id(),
+            seq,
+            ok: false,
+            summary: errors.to_string(),
+            warnings: Vec::new(),
+        },
+    };
+    if let Err(err) = status.write(&state.config.data_dir) {
+        tracing::warn!(error = %err, "cannot write the reload status for `portcullis reload`");
     }
 }
 
@@ -353,19 +382,25 @@ fn russh_config(keys: &KeySet, config: &Config) -> russh::server::Config {
 
 /// Runs the bastion until SIGTERM or Ctrl-C.
 pub async fn serve(config: Config) -> Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data dir {}", config.data_dir.display()))?;
-    let keys = KeySet::load_or_create(&config)?;
+    // The policy first: started in the wrong directory, nothing is created there.
     let policy = policy::load_dir(&config.policies).map_err(|errors| {
         anyhow::anyhow!("the policy has errors; fix them and start again:\n{errors}")
     })?;
-    warn_about(&policy);
-    let store = Arc::new(Store::open(&config.data_dir).with_context(|| {
-        format!(
-            "cannot open the database in {} (is another portcullis running on it?)",
-            config.data_dir.display()
-        )
-    })?);
+    crate::datadir::prepare(&config.data_dir)?;
+    // One bastion per data directory; held until the process ends.
+    let _lock = crate::datadir::Lock::acquire(&config.data_dir)?;
+    let keys = KeySet::load_or_create(&config)?;
+    warn_about(&policy, &config.auditors);
+    if crate::init::is_shipped_example(&config.policies) {
+        tracing::warn!(
+            "the policies in {} are the examples shipped with portcullis, with placeholder keys: nobody can log in. `portcullis init` writes a working set for this machine; then run `portcullis reload`",
+            config.policies.display()
+        );
+    }
+    let store =
+        Arc::new(Store::open(&config.data_dir).with_context(|| {
+            format!("cannot open the database in {}", config.data_dir.display())
+        })?);
     let russh_config = Arc::new(russh_config(&keys, &config));
     let (users, targets, flows) = (policy.users.len(), policy.targets.len(), policy.flows.len());
     let totp = Totp::open(&config.data_dir, store.clone())?;
@@ -375,6 +410,7 @@ pub async fn serve(config: Config) -> Result<()> {
     );
     mark_interrupted_sessions(&state)?;
     state.forget_users_not_in(&state.policy());
+    report_load(&state, 0, Ok(()));
     tokio::spawn(reload_on_sighup(state.clone()));
     tokio::spawn(expire_grants(state.clone()));
     tokio::spawn(upkeep::anchor_audit_chain(state.clone()));
@@ -535,13 +571,16 @@ async fn reload_on_sighup(state: Arc<State>) {
         tracing::warn!("cannot install SIGHUP handler; policy reload disabled");
         return;
     };
+    let mut seq = 0;
     while hup.recv().await.is_some() {
         let now = chrono::Utc::now();
+        seq += 1;
         match state.reload_policy() {
             Ok(()) => {
                 tracing::info!("policy reloaded");
                 // In force already; a failed append is logged.
                 let _ = state.audit(AuditEvent::new("policy.reloaded", "portcullis", now));
+                report_load(&state, seq, Ok(()));
             }
             Err(errors) => {
                 tracing::error!(%errors, "policy reload failed; keeping the previous policy");
@@ -549,6 +588,7 @@ async fn reload_on_sighup(state: Arc<State>) {
                     AuditEvent::new("policy.reload_failed", "portcullis", now)
                         .detail("errors", errors.to_string()),
                 );
+                report_load(&state, seq, Err(&errors));
             }
         }
     }

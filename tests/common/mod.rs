@@ -532,6 +532,10 @@ impl Daemon {
         self.port
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the daemon has written to stdout and stderr so far.
     pub fn log(&self) -> String {
         fs::read(&self.log).map(|b| text(&b)).unwrap_or_default()
