@@ -195,15 +195,17 @@ pub async fn run(
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
         }
     };
-    let idle_window = context.state.config.limits.idle_window_timeout;
+    let bounds = relay::Bounds {
+        idle_window: context.state.config.limits.idle_window_timeout,
+        memory: &context.state.memory,
+    };
     let (outcome, out, stopped) = relay::relay(
         client,
         channel,
         pending,
         &recording,
         stop,
-        idle_window,
-        &context.state.memory,
+        bounds,
         symlink_guard,
     )
     .await;

@@ -48,6 +48,14 @@ pub struct Outcome {
 /// expired), the same status OpenSSH reports for a lost connection.
 pub const ENDED_BY_BASTION: u32 = 255;
 
+/// What one session's relay may hold, and for how long.
+pub struct Bounds<'a> {
+    /// `[limits] idle_window_timeout`.
+    pub idle_window: std::time::Duration,
+    /// `[limits] relay_memory`, shared by every session.
+    pub memory: &'a Arc<Budget>,
+}
+
 /// Relays until either side closes the channel, or until `stop` resolves: then the
 /// target's channel is closed and the stop message is returned, for the caller to
 /// tell the client once the recording is finished (a client that never reads must
@@ -57,8 +65,9 @@ pub const ENDED_BY_BASTION: u32 = 255;
 /// the recording is stored, so that when `ssh` returns, the session's record and
 /// audit event are already there.
 ///
-/// A peer whose window stays shut for `idle_window` (it reads nothing it is sent)
-/// ends the session the same way, so it cannot pin the relay's buffers for ever.
+/// A peer whose window stays shut for `bounds.idle_window` (it reads nothing it is
+/// sent) ends the session the same way, so it cannot pin the relay's buffers for
+/// ever.
 /// An sftp request that `symlink_guard` refuses is not forwarded, nor anything
 /// after it; the guard ends the session through `stop`.
 pub async fn relay(
@@ -67,14 +76,13 @@ pub async fn relay(
     pending: VecDeque<PendingReply>,
     recording: &SessionRecorder,
     stop: impl Future<Output = String>,
-    idle_window: std::time::Duration,
-    memory: &Arc<Budget>,
+    bounds: Bounds<'_>,
     symlink_guard: Option<SymlinkGuard>,
 ) -> (Outcome, ClientOut, Option<String>) {
     let (up_reader, up_writer) = upstream.split();
     let ClientChannel { reader, out } = client;
-    let (to_target_tx, to_target_rx) = pipe(memory);
-    let (to_client_tx, to_client_rx) = pipe(memory);
+    let (to_target_tx, to_target_rx) = pipe(bounds.memory);
+    let (to_client_tx, to_client_rx) = pipe(bounds.memory);
     let to_target_overdraft = to_target_tx.overdraft();
     let to_client_overdraft = to_client_tx.overdraft();
     let mut outcome = Outcome::default();
@@ -82,7 +90,7 @@ pub async fn relay(
     let shared = Shared {
         client_input_closed: AtomicBool::new(false),
         stalled: Stalled {
-            limit: idle_window,
+            limit: bounds.idle_window,
             why: OnceLock::new(),
         },
     };
