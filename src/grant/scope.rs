@@ -420,6 +420,8 @@ mod tests {
         #[test]
         fn star_never_crosses_words(words in proptest::collection::vec("[a-z0-9_][a-z0-9._-]{0,7}", 1..6)) {
             let command = words.join(" ");
+            // A shell keyword as the command name (`in`, `do`) is refused outright.
+            proptest::prop_assume!(command::split(&command).is_ok());
             let stars = vec!["*"; words.len()].join(" ");
             proptest::prop_assert!(command_matches(&stars, &command));
             let fewer = vec!["*"; words.len() - 1].join(" ");
