@@ -221,11 +221,11 @@ pub async fn run(config: &Config, options: &Options) -> Result<String> {
         .map(|p| {
             format!(
                 " --config {}",
-                crate::control::hint::quote_word(&p.display().to_string())
+                crate::session::hint::quote_word(&p.display().to_string())
             )
         })
         .unwrap_or_default();
-    let ssh = crate::control::hint::ssh_prefix(config);
+    let ssh = crate::session::hint::ssh_prefix(config);
     let _ = writeln!(out, "\nNext (README, \"The first hour\"):");
     match crate::datadir::serving_pid(&config.data_dir)? {
         Some(pid) => {
@@ -265,7 +265,7 @@ fn caller_login() -> Result<String> {
 /// The caller's name in the policy: their login, unless the policy cannot take it.
 fn policy_user_name(login: &str) -> String {
     if crate::policy::is_valid_name(login)
-        && login != crate::server::CONTROL_USER
+        && login != crate::policy::CONTROL_USER
         && login != TEAMMATE
     {
         login.to_string()

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod budget;
+pub mod command;
 pub mod config;
 pub mod control;
 pub mod datadir;
@@ -15,10 +16,10 @@ pub mod grant;
 pub mod init;
 pub mod keys;
 pub mod metrics;
-pub mod notify;
 pub mod policy;
 pub mod proxy;
 pub mod record;
 pub mod server;
+pub mod session;
 pub mod store;
 pub mod totp;

@@ -231,7 +231,7 @@ fn invite(config: &Config, user: &str, ttl: std::time::Duration) -> Result<()> {
     eprintln!(
         "one-time TOTP enrolment code for {user}, valid for {}; give it to them over a channel you trust. They run:\n  {}",
         portcullis::duration::format(ttl),
-        portcullis::control::hint::control_line(config, &["totp", "enroll", "--invite", &code])
+        portcullis::session::hint::control_line(config, &["totp", "enroll", "--invite", &code])
     );
     Ok(())
 }

@@ -16,8 +16,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::server::{Phase, State};
-
 /// Everything counted while the bastion runs; gauges are refreshed at each scrape.
 pub struct Metrics {
     registry: Registry,
@@ -108,17 +106,14 @@ impl Metrics {
         self
     }
 
-    /// The text exposition, with gauges read now.
-    pub fn render(&self, state: &State, runtime: &tokio::runtime::Handle) -> String {
-        self.active_sessions
-            .set(*state.live_sessions.borrow() as i64);
-        self.pending_requests
-            .set(state.grants.pending_count() as i64);
+    /// The text exposition, with the gauges set from `now`.
+    pub fn render(&self, now: &Snapshot) -> String {
+        self.active_sessions.set(now.live_sessions as i64);
+        self.pending_requests.set(now.pending_requests as i64);
         self.recording_queue_bytes
-            .set(state.recorder.queued_bytes() as i64);
-        self.relay_memory_bytes.set(state.memory.used() as i64);
-        self.tasks_alive
-            .set(runtime.metrics().num_alive_tasks() as i64);
+            .set(now.recording_queue_bytes as i64);
+        self.relay_memory_bytes.set(now.relay_memory_bytes as i64);
+        self.tasks_alive.set(now.tasks_alive as i64);
         let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
         self.open_fds.set(fds as i64);
         let mut out = String::new();
@@ -127,43 +122,46 @@ impl Metrics {
     }
 }
 
+/// What the gauges and the health check show, read from the bastion at a scrape.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub live_sessions: usize,
+    pub pending_requests: usize,
+    pub recording_queue_bytes: u64,
+    pub relay_memory_bytes: usize,
+    pub tasks_alive: usize,
+    /// Why the bastion should get no new users right now (`/healthz` answers 503
+    /// with it), or `None` when it is healthy.
+    pub unhealthy: Option<String>,
+}
+
+/// Where the metrics thread reads from: the bastion's state, as the server wires it.
+pub trait Source: Send + Sync + 'static {
+    fn metrics(&self) -> &Metrics;
+    fn snapshot(&self) -> Snapshot;
+}
+
 /// `/healthz`: status and body.
-fn health(state: &State) -> (u16, String) {
-    if *state.phase.borrow() != Phase::Running {
-        return (503, "draining\n".to_string());
+fn health(now: &Snapshot) -> (u16, String) {
+    match &now.unhealthy {
+        None => (200, "ok\n".to_string()),
+        Some(why) => (503, format!("{why}\n")),
     }
-    if let Some(failure) = state.store.failure() {
-        return (
-            503,
-            format!("store failed: {failure}; restarting once the disk has room\n"),
-        );
-    }
-    if let Some(free) = state.recorder.disk_low() {
-        let min = state.recorder.limits().min_free_disk;
-        return (
-            503,
-            format!(
-                "disk nearly full: {free} bytes free, min_free_disk = {min}; new sessions are refused\n"
-            ),
-        );
-    }
-    (200, "ok\n".to_string())
 }
 
 /// Serves `/metrics` and `/healthz` on `listen` from a small thread of its own.
-pub fn serve(listen: SocketAddr, state: Arc<State>) -> Result<()> {
+pub fn serve(listen: SocketAddr, source: Arc<dyn Source>) -> Result<()> {
     let server = tiny_http::Server::http(listen)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("cannot listen for metrics on {listen}"))?;
-    let runtime = tokio::runtime::Handle::current();
     tracing::info!(%listen, "metrics and health check listening");
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
             for request in server.incoming_requests() {
                 let (status, body) = match request.url() {
-                    "/metrics" => (200, state.metrics.render(&state, &runtime)),
-                    "/healthz" => health(&state),
+                    "/metrics" => (200, source.metrics().render(&source.snapshot())),
+                    "/healthz" => health(&source.snapshot()),
                     _ => (404, "try /metrics or /healthz\n".to_string()),
                 };
                 let response = tiny_http::Response::from_string(body).with_status_code(status);

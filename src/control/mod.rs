@@ -5,7 +5,7 @@
 
 mod args;
 mod audit;
-pub mod hint;
+use crate::session::hint;
 mod requests;
 mod sessions;
 mod step_up;
@@ -19,7 +19,7 @@ use russh::ChannelMsg;
 
 use crate::audit::AuditEvent;
 use crate::grant::{Grant, GrantState, Scope};
-use crate::server::{ChannelContext, ClientChannel, ClientOut, Start};
+use crate::session::{ChannelContext, ClientChannel, ClientOut, Start};
 pub use args::ControlArgs;
 use args::{AuditAction, Command, TotpAction};
 use requests::{to_json, Caller, Filter, RequestArgs};
@@ -66,7 +66,7 @@ Connect to a target with: ssh -p PORT LOGIN@TARGET@BASTION (or TARGET@BASTION fo
 /// (`ssh -p 2222 portcullis@127.0.0.1`).
 pub fn help(ssh: &str) -> String {
     let targets = ssh.replacen(
-        &format!("{}@", crate::server::CONTROL_USER),
+        &format!("{}@", crate::policy::CONTROL_USER),
         "LOGIN@TARGET@",
         1,
     );

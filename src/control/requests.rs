@@ -14,7 +14,7 @@ use crate::display::escape;
 use crate::grant::lifecycle::{approvers_of, is_approver};
 use crate::grant::{Grant, GrantError, GrantState, RequestSpec, Scope};
 use crate::policy::Policy;
-use crate::server::State;
+use crate::session::State;
 
 pub type Reply = Result<String, String>;
 
@@ -93,7 +93,10 @@ pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
             approvers_of(grant, &caller.policy)
                 .map(|a| a.join(", "))
                 .unwrap_or_else(|| "(nobody)".into()),
-            super::hint::control_line(&caller.state.config, &["approve", grant.id.as_str()])
+            crate::session::hint::control_line(
+                &caller.state.config,
+                &["approve", grant.id.as_str()]
+            )
         ),
         GrantState::Approved => format!(
             "request {} approved by {}; {} on {} expires {}\n",

@@ -8,7 +8,7 @@ use super::requests::{to_json, Caller, Reply};
 use super::table::{clip, relative, render, short_span};
 use crate::record::screen::ScreenFilter;
 use crate::record::{asciicast, replay, Chunk, SessionRecord};
-use crate::server::{ClientChannel, ClientOut};
+use crate::session::{ClientChannel, ClientOut};
 
 /// Filters of `sessions`.
 pub struct SessionFilter {
@@ -125,7 +125,7 @@ fn human_bytes(n: u64) -> String {
 /// Parses a session id and loads its record.
 pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, String> {
     let shown = crate::display::escape(&text.chars().take(20).collect::<String>()).into_owned();
-    let list = super::hint::control_line(&caller.state.config, &["sessions"]);
+    let list = crate::session::hint::control_line(&caller.state.config, &["sessions"]);
     let id: u64 = text.parse().map_err(|_| {
         format!("'{shown}' is not a session id: ids are numbers like 42; `{list}` lists them")
     })?;
@@ -257,8 +257,10 @@ pub async fn watch(
         .follow(session.id)
         .map_err(|e| e.to_string())?;
     let Some(mut follow) = follow else {
-        let replay =
-            super::hint::control_line(&caller.state.config, &["replay", &session.id.to_string()]);
+        let replay = crate::session::hint::control_line(
+            &caller.state.config,
+            &["replay", &session.id.to_string()],
+        );
         return Err(format!(
             "session {} is not live; replay it: `{replay}`",
             session.id

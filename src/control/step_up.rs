@@ -5,7 +5,7 @@ use chrono::Utc;
 
 use super::requests::{Caller, Reply};
 use crate::audit::AuditEvent;
-use crate::server::{ChannelContext, ClientChannel};
+use crate::session::{ChannelContext, ClientChannel};
 use crate::totp::invite;
 
 pub fn status(caller: &Caller) -> Reply {
@@ -18,7 +18,7 @@ pub fn status(caller: &Caller) -> Reply {
         Some(at) => format!("TOTP: enrolled {}\n", at.format("%Y-%m-%d %H:%M UTC")),
         None => format!(
             "TOTP: not enrolled; run `{}`\n",
-            super::hint::control_line(&caller.state.config, &["totp", "enroll"])
+            crate::session::hint::control_line(&caller.state.config, &["totp", "enroll"])
         ),
     };
     if let Some(until) = status.locked_until {
@@ -65,7 +65,7 @@ pub async fn enroll(
     if !confirmed {
         return Err(format!(
             "that code does not match the new secret; nothing changed. Check the app's clock and run `{}` again",
-            super::hint::control_line(&context.state.config, &["totp", "enroll"])
+            crate::session::hint::control_line(&context.state.config, &["totp", "enroll"])
         ));
     }
     let mut event = AuditEvent::new("totp.enrolled", user, Utc::now());

@@ -8,8 +8,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use thiserror::Error;
 
-use super::scope::{pattern_problem, pattern_within, Scope};
+use super::scope::{pattern_within, Scope};
 use super::{Approval, Ending, Grant, GrantState};
+use crate::command::pattern_problem;
 use crate::duration::format as format_duration;
 use crate::policy::{Flow, Policy, Target};
 

@@ -6,9 +6,10 @@
 //! while they hold an approved, unexpired grant for that exact target and login whose
 //! scope covers it.
 
-pub mod command;
+pub use crate::command;
 pub mod lifecycle;
 mod model;
+pub mod notify;
 pub mod scope;
 mod service;
 

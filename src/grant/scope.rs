@@ -2,7 +2,7 @@
 //! command patterns.
 //!
 //! A pattern such as `systemctl restart *` is split into shell words like the command
-//! is ([`super::command::split`]), and the two are compared word by word: the same
+//! is ([`crate::command::split`]), and the two are compared word by word: the same
 //! number of words, each word equal except for the wildcards. Matching is path-aware,
 //! so that a pattern for a directory never reaches outside it:
 //!
@@ -15,12 +15,12 @@
 //!
 //! A command that the remote shell would interpret beyond plain words never matches,
 //! and what the target runs is the canonical form of the compared words
-//! ([`super::command::canonical`]), never the client's string.
+//! ([`crate::command::canonical`]), never the client's string.
 
 use serde::{Deserialize, Serialize};
 
-use super::command;
 use super::Action;
+use crate::command;
 
 pub use command::MAX_COMMAND_LEN;
 
@@ -110,22 +110,6 @@ impl Scope {
 /// Why `command` is not a plain list of shell words, if it is not.
 pub fn plain_words_problem(command: &str) -> Option<String> {
     command::split(command).err()
-}
-
-/// Why `pattern` is not a usable command pattern, if it is not: the same rules as
-/// for commands, `*` is the wildcard, and `**` stands only as a whole path segment.
-pub fn pattern_problem(pattern: &str) -> Option<String> {
-    let words = match command::split_pattern(pattern) {
-        Ok(words) => words,
-        Err(why) => return Some(why),
-    };
-    let misplaced = words
-        .iter()
-        .flat_map(|w| w.split('/'))
-        .any(|segment| segment != "**" && segment.contains("**"));
-    misplaced.then(|| {
-        "'**' inside a path segment ('**' crosses directories only as a whole segment, as in /srv/app/**)".to_string()
-    })
 }
 
 /// Whether `command` matches `pattern`, word by word.
@@ -238,6 +222,7 @@ fn segment_matches(pattern: &str, segment: &str, wildcards: Wildcards) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::command::pattern_problem;
 
     fn commands(patterns: &[&str]) -> Scope {
         Scope {

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::lifecycle::{self, RequestSpec, RuleError, SYSTEM_ACTOR};
 use super::{Grant, GrantState};
 use crate::audit::AuditEvent;
-use crate::notify::Notifier;
+use crate::grant::notify::Notifier;
 use crate::policy::Policy;
 use crate::store::{Store, StoreError};
 

@@ -62,9 +62,22 @@ impl Reporter<'_> {
     ) {
         self.errors.push(PolicyError {
             file: self.file.to_path_buf(),
-            line: span_start.map(|offset| crate::config::line_of(self.text, offset)),
+            line: span_start.map(|offset| line_of(self.text, offset)),
             key: key.into(),
             message: message.into(),
         });
     }
+}
+/// Renders a TOML error as `line N: message`, so operators find the spot.
+pub fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message();
+    match err.span() {
+        Some(span) => format!("line {}: {message}", line_of(text, span.start)),
+        None => message.to_string(),
+    }
+}
+
+/// The 1-based line number of byte `offset` in `text`.
+pub fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
 }

@@ -10,7 +10,8 @@ use serde::de::DeserializeOwned;
 use super::error::{PolicyError, PolicyErrors, Reporter};
 use super::files::{FlowsFile, RawFlow, RawTarget, RawUser, TargetsFile, UsersFile};
 use super::{
-    is_valid_login, is_valid_name, Flow, Policy, Target, UpstreamAuth, User, GROUP_PREFIX,
+    is_valid_login, is_valid_name, Flow, Policy, Target, UpstreamAuth, User, CONTROL_USER,
+    GROUP_PREFIX,
 };
 
 const DEFAULT_PENDING_TTL: Duration = Duration::from_secs(3600);
@@ -106,7 +107,7 @@ fn build_users(
             );
             continue;
         }
-        if name.get_ref() == crate::server::CONTROL_USER {
+        if name.get_ref() == CONTROL_USER {
             report.error(
                 Some(name.span().start),
                 &key_path,
@@ -178,7 +179,7 @@ fn build_targets(
     let mut targets = BTreeMap::new();
     for (name, raw) in file.targets {
         let key_path = format!("targets.{}", name.get_ref());
-        if !is_valid_name(name.get_ref()) || name.get_ref() == crate::server::CONTROL_USER {
+        if !is_valid_name(name.get_ref()) || name.get_ref() == CONTROL_USER {
             report.error(Some(name.span().start), &key_path, "target names use letters, digits, '-', '_' and '.' (at most 64), and 'portcullis' is reserved");
             continue;
         }
@@ -429,7 +430,7 @@ fn build_flow(raw: RawFlow, key_path: &str, at: usize, report: &mut Reporter) ->
     }
     let mut commands = Vec::new();
     for pattern in raw.commands {
-        match crate::grant::scope::pattern_problem(pattern.get_ref()) {
+        match crate::command::pattern_problem(pattern.get_ref()) {
             None => commands.push(pattern.into_inner()),
             Some(problem) => report.error(
                 Some(pattern.span().start),

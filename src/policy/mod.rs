@@ -12,7 +12,11 @@ use std::time::Duration;
 
 use russh::keys::{HashAlg, PublicKey};
 
-pub use error::{PolicyError, PolicyErrors};
+pub use error::{describe_toml_error, PolicyError, PolicyErrors};
+
+/// The reserved username that reaches the control plane; no user or target may
+/// take the name.
+pub const CONTROL_USER: &str = "portcullis";
 pub use load::{load_dir, normalize_address};
 
 /// Principal prefix for group membership in `requesters`, `approvers`, `auditors`.

@@ -10,7 +10,7 @@ use crate::audit::AuditEvent;
 use crate::grant::{
     authorize, AccessRequest, Decision, Denial, Grant, Permit, RequestSpec, Requestable, Scope,
 };
-use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
+use crate::session::{ChannelContext, ClientChannel, SessionSetup, Start};
 
 /// Returns the permit to proxy under, or `None` after telling the client why not.
 pub async fn admit(
@@ -51,7 +51,7 @@ pub async fn admit(
         audit_denial(context, start, target, &denial);
         let reason = crate::display::escape(&denial.reason);
         let config = &context.state.config;
-        let message = match crate::control::hint::request(config, &requestable, start, false) {
+        let message = match crate::session::hint::request(config, &requestable, start, false) {
             Ok(line) => format!("{reason}\nrequest it with:\n  {line}"),
             Err(why) => format!("{reason}\n{why}"),
         };
@@ -79,7 +79,7 @@ fn not_enrolled(context: &ChannelContext, target: &str) -> Option<String> {
     if !flow.step_up_totp || context.state.totp.is_enrolled(user).unwrap_or(true) {
         return None;
     }
-    let enroll = crate::control::hint::control_line(&context.state.config, &["totp", "enroll"]);
+    let enroll = crate::session::hint::control_line(&context.state.config, &["totp", "enroll"]);
     Some(format!(
         "target '{target}' needs a TOTP step-up and {user} has no TOTP enrolled: run `{enroll}` first"
     ))

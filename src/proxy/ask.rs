@@ -11,9 +11,9 @@ use russh::ChannelMsg;
 
 use super::admit::{file_request, scope_for};
 use crate::grant::{Grant, GrantState, Requestable};
-use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
+use crate::session::{ChannelContext, ClientChannel, SessionSetup, Start};
 
-use crate::server::{CTRL_C, CTRL_D};
+use crate::session::{CTRL_C, CTRL_D};
 
 /// How often the waiting line's elapsed time is redrawn.
 const REDRAW: Duration = Duration::from_secs(1);
@@ -28,7 +28,7 @@ pub async fn request_on_terminal(
 ) -> bool {
     let Some(scope) = scope_for(requestable, &Start::Shell, true) else {
         let config = &context.state.config;
-        let why = crate::control::hint::request(config, requestable, &Start::Shell, true)
+        let why = crate::session::hint::request(config, requestable, &Start::Shell, true)
             .unwrap_or_else(|why| why);
         client
             .out

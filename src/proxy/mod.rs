@@ -21,8 +21,8 @@ use crate::audit::AuditEvent;
 use crate::grant::{Grant, GrantState, Grants, Permit};
 use crate::policy::UpstreamAuth;
 use crate::record::{SessionEnd, SessionInfo};
-use crate::server::{ChannelContext, ClientChannel, SessionSetup, Start};
-use crate::server::{LiveSession, Phase, PtyRequest};
+use crate::session::{ChannelContext, ClientChannel, SessionSetup, Start};
+use crate::session::{LiveSession, Phase, PtyRequest};
 use admit::admit;
 
 pub use pool::{Lease, UpstreamPool};
@@ -44,6 +44,7 @@ fn shared_client_config() -> Arc<client::Config> {
 /// start anything, so nothing runs on a target unrecorded.
 pub async fn run(
     context: &ChannelContext,
+    upstream: &Arc<UpstreamPool>,
     mut client: ClientChannel,
     mut setup: SessionSetup,
     start: Start,
@@ -97,7 +98,7 @@ pub async fn run(
         }
     };
     let session = reservation.id();
-    let opened = match open_target_channel(context, &permit, &start, session).await {
+    let opened = match open_target_channel(context, upstream, &permit, &start, session).await {
         Ok(opened) => opened,
         Err(err) => {
             tracing::warn!(user, target, error = %err, "cannot open target session");
@@ -405,6 +406,7 @@ async fn grant_ends(
 /// connections (key mode), or on a connection of its own (certificate mode).
 async fn open_target_channel(
     context: &ChannelContext,
+    upstream: &Arc<UpstreamPool>,
     permit: &Permit,
     start: &Start,
     session: u64,
@@ -420,8 +422,7 @@ async fn open_target_channel(
                 target.address,
                 crate::policy::fingerprint(&target.host_key)
             );
-            let (channel, lease) = context
-                .upstream
+            let (channel, lease) = upstream
                 .open_session(&target.name, &route, || {
                     timed(
                         context,

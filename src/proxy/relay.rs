@@ -18,7 +18,7 @@ use super::pipe::{drain, pipe, Drained, Overdraft, PipeRx};
 use super::sftp::SymlinkGuard;
 use crate::budget::Budget;
 use crate::record::{SessionRecorder, Stream};
-use crate::server::{ClientChannel, ClientOut};
+use crate::session::{ClientChannel, ClientOut};
 
 /// How long a target may take to confirm a close the client started.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

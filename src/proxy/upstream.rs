@@ -129,9 +129,9 @@ pub fn client_config() -> client::Config {
         client_id: russh::SshId::Standard(
             format!("SSH-2.0-portcullis_{}", env!("CARGO_PKG_VERSION")).into(),
         ),
-        window_size: crate::server::WINDOW_SIZE,
-        maximum_packet_size: crate::server::MAX_PACKET_SIZE,
-        preferred: crate::server::preferred_algorithms(false, false),
+        window_size: crate::session::WINDOW_SIZE,
+        maximum_packet_size: crate::session::MAX_PACKET_SIZE,
+        preferred: crate::session::preferred_algorithms(false, false),
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),
         keepalive_max: 3,
@@ -168,7 +168,7 @@ pub async fn connect(
             .await
             .map_err(russh::Error::IO)?;
         let _ = socket.set_nodelay(true);
-        let buffered = BufReader::with_capacity(crate::server::READ_BUFFER, socket);
+        let buffered = BufReader::with_capacity(crate::session::READ_BUFFER, socket);
         client::connect_stream(config, buffered, handler).await
     };
     let result = tokio::time::timeout(timeout, connecting)

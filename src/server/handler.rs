@@ -19,13 +19,12 @@ use russh::server::{
 };
 use russh::{Channel, ChannelId, MethodKind, MethodSet};
 
-use super::channel::{serve_channel, ChannelContext, Identity};
+use super::channel::serve_channel;
 use super::gate::{Attempts, Ending, Gate, Preauth};
-use super::route::Route;
-use super::State;
 use crate::audit::AuditEvent;
 use crate::policy::fingerprint;
 use crate::proxy::UpstreamPool;
+use crate::session::{ChannelContext, Identity, Route, State};
 use crate::totp::Verdict;
 
 /// Runs one accepted TCP connection: waits for a pre-auth slot, then the SSH
@@ -125,7 +124,7 @@ async fn run(
         handshake_deadline,
         russh::server::run_stream(
             config,
-            BufReader::with_capacity(super::READ_BUFFER, stream),
+            BufReader::with_capacity(crate::session::READ_BUFFER, stream),
             connection,
         ),
     )
@@ -293,7 +292,7 @@ pub struct Connection {
     /// number of channels).
     open_channels: Arc<()>,
     /// This connection's place under `[limits] connections_per_user`.
-    user_slot: Option<super::Slot>,
+    user_slot: Option<crate::session::Slot>,
     /// Why every channel of this connection is refused (the user is over a cap).
     refused: Option<String>,
 }
@@ -587,12 +586,12 @@ impl russh::server::Handler for Connection {
             refused: self.refused.clone(),
             state: self.state.clone(),
             identity,
-            upstream: self.upstream.clone(),
             handle: session.handle(),
         };
         let counted = self.open_channels.clone();
+        let upstream = self.upstream.clone();
         tokio::spawn(async move {
-            serve_channel(context, channel).await;
+            serve_channel(context, upstream, channel).await;
             drop(counted);
         });
         Ok(())

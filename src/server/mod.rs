@@ -2,209 +2,69 @@
 //! session channel to the control plane or to the proxy.
 
 mod channel;
-mod env;
 mod gate;
 mod handler;
-mod per_user;
-mod route;
 mod upkeep;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use russh::{cipher, kex, mac, Preferred};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
 
 use crate::audit::AuditEvent;
-use crate::budget::Budget;
 use crate::config::Config;
-use crate::grant::Grants;
 use crate::keys::KeySet;
-use crate::metrics::Metrics;
-use crate::notify::Notifier;
-use crate::policy::{self, Policy, PolicyErrors};
-use crate::record::Recorder;
-use crate::store::{Store, StoreError};
+use crate::policy::{self, PolicyErrors};
+use crate::session::{
+    preferred_algorithms, server_id, warn_about, Phase, State, MAX_PACKET_SIZE, WINDOW_SIZE,
+};
+use crate::store::Store;
 use crate::totp::Totp;
 
-pub use channel::{
-    ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start, CTRL_C,
-    CTRL_D,
-};
-pub use env::{AcceptEnv, DEFAULT_ACCEPT_ENV};
-pub use gate::{Gate, Limits, MaxStartups, Preauth, Prefix, Refusal};
-pub use per_user::{PerUser, Slot};
-pub use route::{InvalidUsername, Route, CONTROL_USER};
+pub use gate::{Gate, Preauth, Refusal};
 
-/// Everything connections share: configuration, keys, the current policy and the
-/// database.
-pub struct State {
-    pub config: Config,
-    pub keys: KeySet,
-    /// The policy in force; connections subscribe to re-check their identity at
-    /// every reload.
-    policy: watch::Sender<Arc<Policy>>,
-    pub store: Arc<Store>,
-    pub grants: Grants,
-    pub recorder: Arc<Recorder>,
-    /// What sessions may hold in memory beyond their own allowances
-    /// (`[limits] relay_memory`), shared by relay pipes and recordings.
-    pub memory: Arc<Budget>,
-    pub totp: Totp,
-    /// Where the bastion is in its life; sessions watch it to end gracefully.
-    pub phase: watch::Sender<Phase>,
-    /// Proxied sessions running now.
-    pub live_sessions: watch::Sender<usize>,
-    /// Authenticated connections per user (`[limits] connections_per_user`).
-    pub user_connections: Arc<PerUser>,
-    /// Proxied sessions per user (`[limits] sessions_per_user`).
-    pub user_sessions: Arc<PerUser>,
-    pub metrics: Metrics,
+/// What the metrics thread reads: the state, and the runtime whose tasks it counts.
+struct MetricsSource {
+    state: Arc<State>,
+    runtime: tokio::runtime::Handle,
 }
 
-/// The bastion's life cycle, as sessions see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Running,
-    /// SIGTERM received: no new connections; live sessions were told and may finish.
-    Draining,
-    /// The grace period is over: remaining sessions are closed now.
-    Closing,
-}
-
-/// Counts a proxied session for graceful shutdown while it lives.
-pub struct LiveSession<'a>(&'a watch::Sender<usize>);
-
-impl<'a> LiveSession<'a> {
-    pub fn new(counter: &'a watch::Sender<usize>) -> LiveSession<'a> {
-        counter.send_modify(|n| *n += 1);
-        LiveSession(counter)
-    }
-}
-
-impl Drop for LiveSession<'_> {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n = n.saturating_sub(1));
-    }
-}
-
-impl State {
-    pub fn new(
-        config: Config,
-        keys: KeySet,
-        policy: Policy,
-        store: Arc<Store>,
-        totp: Totp,
-    ) -> Result<State, StoreError> {
-        let notifier = Notifier::new(config.notify.webhook.clone());
-        let memory = Budget::new(config.limits.relay_memory);
-        Ok(State {
-            grants: Grants::new(store.clone(), notifier)?.with_limits(config.limits.requests()),
-            recorder: Arc::new(
-                Recorder::new(
-                    store.clone(),
-                    config.record_input,
-                    config.record_file_transfers,
-                )
-                .with_limits(config.recording, config.data_dir.clone())
-                .with_memory(memory.clone()),
-            ),
-            memory,
-            user_connections: PerUser::new(
-                "connections",
-                "connections_per_user",
-                config.limits.connections_per_user,
-            ),
-            user_sessions: PerUser::new(
-                "sessions",
-                "sessions_per_user",
-                config.limits.sessions_per_user,
-            ),
-            config,
-            keys,
-            policy: watch::channel(Arc::new(policy)).0,
-            store,
-            totp,
-            phase: watch::channel(Phase::Running).0,
-            live_sessions: watch::channel(0).0,
-            metrics: Metrics::default(),
-        })
+impl crate::metrics::Source for MetricsSource {
+    fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.state.metrics
     }
 
-    /// Appends an audit event durably; on failure (logged) the caller must refuse
-    /// what the event records.
-    pub fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
-        self.grants.audit(event)
-    }
-
-    /// [`State::audit`] for callers that answer a user: the refusal to show when the
-    /// event cannot be written.
-    pub fn audit_or_refuse(&self, event: AuditEvent) -> Result<(), String> {
-        self.audit(event)
-            .map_err(|err| crate::audit::refused_unaudited(&err))
-    }
-
-    /// The policy in force right now; callers keep the `Arc` for one decision.
-    pub fn policy(&self) -> Arc<Policy> {
-        self.policy.borrow().clone()
-    }
-
-    /// A receiver that wakes at every successful policy reload.
-    pub fn policy_changes(&self) -> watch::Receiver<Arc<Policy>> {
-        self.policy.subscribe()
-    }
-
-    /// Re-reads the policy directory; on error the previous policy stays in force.
-    /// Users that the new policy no longer knows lose their grants and TOTP state
-    /// (their connections end on their own: see `handler::identity_withdrawn`).
-    pub fn reload_policy(&self) -> Result<(), PolicyErrors> {
-        let fresh = Arc::new(policy::load_dir(&self.config.policies)?);
-        warn_about(&fresh, &self.config.auditors);
-        self.policy.send_replace(fresh.clone());
-        self.forget_users_not_in(&fresh);
-        Ok(())
-    }
-
-    /// Withdraws the grants and pending requests of users the policy does not know,
-    /// and forgets their TOTP state, with a `user.removed` event each. Runs at every
-    /// reload and at start, so a user removed while the bastion was down is removed
-    /// all the same.
-    pub fn forget_users_not_in(&self, policy: &Policy) {
-        let now = chrono::Utc::now();
-        let mut gone: std::collections::BTreeSet<String> =
-            self.grants.requesters().into_iter().collect();
-        gone.extend(self.totp.users().unwrap_or_else(|err| {
-            tracing::error!(error = %err, "cannot list TOTP users");
-            Vec::new()
-        }));
-        gone.retain(|user| !policy.users.contains_key(user));
-        for user in gone {
-            let ended = self
-                .grants
-                .withdraw_all_of(&user, "user removed from the policy", now);
-            if let Err(err) = self.totp.forget(&user) {
-                tracing::error!(%user, error = %err, "cannot forget the TOTP state of a removed user");
-            }
-            crate::totp::invite::withdraw(&self.config.data_dir, &user);
-            tracing::warn!(%user, grants = ended.len(), "user removed from the policy; grants withdrawn, TOTP forgotten");
-            // Taking access away needs no permission; a failed append is logged.
-            let _ = self.audit(
-                AuditEvent::new("user.removed", "portcullis", now)
-                    .detail("user", user.as_str())
-                    .detail("grants", ended),
-            );
+    fn snapshot(&self) -> crate::metrics::Snapshot {
+        let state = &self.state;
+        crate::metrics::Snapshot {
+            live_sessions: *state.live_sessions.borrow(),
+            pending_requests: state.grants.pending_count(),
+            recording_queue_bytes: state.recorder.queued_bytes() as u64,
+            relay_memory_bytes: state.memory.used(),
+            tasks_alive: self.runtime.metrics().num_alive_tasks(),
+            unhealthy: unhealthy(state),
         }
     }
 }
 
-/// Logs what `portcullis policy check` warns about.
-fn warn_about(policy: &crate::policy::Policy, auditors: &[String]) {
-    for warning in policy.warnings_for(auditors) {
-        tracing::warn!("policy: {warning}");
+/// Why `/healthz` should turn new users away now: draining, a failed store, a
+/// nearly full disk.
+fn unhealthy(state: &State) -> Option<String> {
+    if *state.phase.borrow() != Phase::Running {
+        return Some("draining".to_string());
     }
+    if let Some(failure) = state.store.failure() {
+        return Some(format!(
+            "store failed: {failure}; restarting once the disk has room"
+        ));
+    }
+    let free = state.recorder.disk_low()?;
+    let min = state.recorder.limits().min_free_disk;
+    Some(format!(
+        "disk nearly full: {free} bytes free, min_free_disk = {min}; new sessions are refused"
+    ))
 }
 
 /// Tells `portcullis reload` how the policy load numbered `seq` went.
@@ -235,124 +95,6 @@ fn report_load(state: &State, seq: u64, result: Result<(), &PolicyErrors>) {
         tracing::warn!(error = %err, "cannot write the reload status for `portcullis reload`");
     }
 }
-
-/// Algorithms offered to clients and targets: post-quantum hybrid key exchange first,
-/// AEAD ciphers only. The cipher order only matters where portcullis is the SSH
-/// client (towards targets; the client's order wins a negotiation), and there it puts
-/// AES-GCM first only when the CPU has AES instructions, ChaCha20-Poly1305 otherwise.
-///
-/// curve25519 stays behind ML-KEM unless `post_quantum_only`: OpenSSH before 9.9
-/// (Debian 12 ships 9.2) has no ML-KEM, and russh has no sntrup761.
-///
-/// `legacy_clients` (server side only) adds AES-CTR with SHA-2 MACs after the AEAD
-/// ciphers, for clients that have nothing else (Paramiko 2.12, libssh2 1.10): a
-/// client that has an AEAD cipher still picks it, since its own order wins.
-pub fn preferred_algorithms(post_quantum_only: bool, legacy_clients: bool) -> Preferred {
-    const WITH_CLASSIC: &[kex::Name] = &[
-        kex::MLKEM768X25519_SHA256,
-        kex::CURVE25519,
-        kex::CURVE25519_PRE_RFC_8731,
-        kex::EXTENSION_SUPPORT_AS_SERVER,
-        kex::EXTENSION_SUPPORT_AS_CLIENT,
-        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
-        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
-    ];
-    const PQ_ONLY: &[kex::Name] = &[
-        kex::MLKEM768X25519_SHA256,
-        kex::EXTENSION_SUPPORT_AS_SERVER,
-        kex::EXTENSION_SUPPORT_AS_CLIENT,
-        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
-        kex::EXTENSION_OPENSSH_STRICT_KEX_AS_CLIENT,
-    ];
-    const AEAD_AES_FIRST: &[cipher::Name] = &[
-        cipher::AES_256_GCM,
-        cipher::CHACHA20_POLY1305,
-        cipher::AES_128_GCM,
-    ];
-    const AEAD_CHACHA_FIRST: &[cipher::Name] = &[
-        cipher::CHACHA20_POLY1305,
-        cipher::AES_256_GCM,
-        cipher::AES_128_GCM,
-    ];
-    const LEGACY: &[cipher::Name] = &[
-        cipher::AES_256_GCM,
-        cipher::CHACHA20_POLY1305,
-        cipher::AES_128_GCM,
-        cipher::AES_256_CTR,
-        cipher::AES_128_CTR,
-    ];
-    // With AEAD ciphers only, no MAC is ever used; the list is still advertised, and
-    // encrypt-then-MAC is the only kind worth advertising. Legacy clients get the
-    // plain SHA-2 MACs too (Paramiko 2.12 and libssh2 1.10 have no -etm).
-    const ETM: &[mac::Name] = &[mac::HMAC_SHA512_ETM, mac::HMAC_SHA256_ETM];
-    const LEGACY_MACS: &[mac::Name] = &[
-        mac::HMAC_SHA256_ETM,
-        mac::HMAC_SHA512_ETM,
-        mac::HMAC_SHA256,
-        mac::HMAC_SHA512,
-    ];
-    let cipher: &[cipher::Name] = match (legacy_clients, has_aes_hardware()) {
-        (true, _) => LEGACY,
-        (false, true) => AEAD_AES_FIRST,
-        (false, false) => AEAD_CHACHA_FIRST,
-    };
-    Preferred {
-        kex: std::borrow::Cow::Borrowed(if post_quantum_only {
-            PQ_ONLY
-        } else {
-            WITH_CLASSIC
-        }),
-        cipher: std::borrow::Cow::Borrowed(cipher),
-        mac: std::borrow::Cow::Borrowed(if legacy_clients { LEGACY_MACS } else { ETM }),
-        ..Preferred::default()
-    }
-}
-
-/// The identification string clients see. The comment names OpenSSH because
-/// SFTP clients such as asyncssh and libssh choose the argument order of
-/// `SSH_FXP_SYMLINK` by looking for "OpenSSH" in it: OpenSSH's sftp-server reads
-/// the two paths in the reverse of the draft's order, every other major client
-/// (OpenSSH's own, Paramiko, PuTTY) always sends that order, and the bastion makes
-/// sure that order is what a target gets (see `proxy::sftp`). OpenSSH itself matches
-/// its compatibility table against the start of the string, which stays
-/// `portcullis_`.
-pub fn server_id() -> String {
-    format!(
-        "SSH-2.0-portcullis_{} OpenSSH_9.0-compatible",
-        env!("CARGO_PKG_VERSION")
-    )
-}
-
-/// Whether AES-GCM runs in hardware here (AES-NI and carry-less multiply on x86,
-/// the crypto extension on ARM); without it ChaCha20 is the faster AEAD.
-fn has_aes_hardware() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("aes")
-            && std::arch::is_x86_feature_detected!("pclmulqdq")
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        std::arch::is_aarch64_feature_detected!("aes")
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        false
-    }
-}
-
-/// Flow-control settings shared by both sides of the relay. Large windows keep bulk
-/// copies from stalling on round trips; the per-channel message queue stays at russh's
-/// bounded default so a slow reader still makes the writer wait.
-pub const WINDOW_SIZE: u32 = 8 * 1024 * 1024;
-pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
-
-/// Read buffer in front of every SSH connection, client or target. russh reads a
-/// packet with two exact reads (its first block, then the rest); unbuffered, each is
-/// a `recv` of its own, plus one more that finds the socket empty. Buffered, one
-/// `recv` brings a keystroke's whole packet, or a burst of them. Reads bigger than
-/// the buffer (bulk copies) bypass it.
-pub const READ_BUFFER: usize = 16 * 1024;
 
 fn russh_config(keys: &KeySet, config: &Config) -> russh::server::Config {
     russh::server::Config {
@@ -418,7 +160,11 @@ pub async fn serve(config: Config) -> Result<()> {
         tokio::spawn(upkeep::prune_recordings(state.clone(), retention));
     }
     if let Some(listen) = state.config.metrics_listen {
-        crate::metrics::serve(listen, state.clone())?;
+        let source = MetricsSource {
+            state: state.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        crate::metrics::serve(listen, Arc::new(source))?;
     }
     // The SSH port opens last: once it accepts, everything behind it is ready.
     let listen = state.config.listen;

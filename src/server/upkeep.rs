@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use super::State;
 use crate::audit::AuditEvent;
+use crate::session::State;
 
 /// How often the audit chain's head is logged.
 const ANCHOR_EVERY: Duration = Duration::from_secs(60);

@@ -4,10 +4,12 @@
 //! command as one argument, and the control plane splits it back into exactly
 //! the words meant. `tests/first_hour.rs` pastes them through `sh -c` and ssh.
 
+use crate::command::pattern_problem;
 use crate::config::Config;
-use crate::grant::scope::{pattern_problem, pattern_within, plain_words_problem};
+use crate::grant::scope::{pattern_within, plain_words_problem};
 use crate::grant::Requestable;
-use crate::server::{Start, CONTROL_USER};
+use crate::policy::CONTROL_USER;
+use crate::session::Start;
 
 /// `ssh -p PORT portcullis@HOST` for this bastion. HOST is the listen address;
 /// `BASTION` when it listens on every address (it cannot know the name clients

@@ -5,10 +5,7 @@
 
 use std::fmt;
 
-use crate::policy::{is_valid_login, is_valid_name};
-
-/// The reserved username that reaches the control plane.
-pub const CONTROL_USER: &str = "portcullis";
+use crate::policy::{is_valid_login, is_valid_name, CONTROL_USER};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {

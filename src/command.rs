@@ -57,7 +57,7 @@ pub fn split(command: &str) -> Result<Vec<String>, String> {
 }
 
 /// [`split`] for command patterns, where `*` is the wildcard.
-pub(crate) fn split_pattern(pattern: &str) -> Result<Vec<String>, String> {
+pub fn split_pattern(pattern: &str) -> Result<Vec<String>, String> {
     split_with(pattern, Some('*'))
 }
 
@@ -236,6 +236,22 @@ fn single_quoted(word: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\"'\"")
+}
+
+/// Why `pattern` is not a usable command pattern, if it is not: the same rules as
+/// for commands, `*` is the wildcard, and `**` stands only as a whole path segment.
+pub fn pattern_problem(pattern: &str) -> Option<String> {
+    let words = match split_pattern(pattern) {
+        Ok(words) => words,
+        Err(why) => return Some(why),
+    };
+    let misplaced = words
+        .iter()
+        .flat_map(|w| w.split('/'))
+        .any(|segment| segment != "**" && segment.contains("**"));
+    misplaced.then(|| {
+        "'**' inside a path segment ('**' crosses directories only as a whole segment, as in /srv/app/**)".to_string()
+    })
 }
 
 #[cfg(test)]

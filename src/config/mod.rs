@@ -16,7 +16,11 @@ use serde::Deserialize;
 use crate::record::disk::{parse_quota, parse_size};
 use crate::record::RecordingLimits;
 
-pub use crate::server::{AcceptEnv, Limits};
+pub mod accept_env;
+pub mod limits;
+
+pub use accept_env::{AcceptEnv, DEFAULT_ACCEPT_ENV};
+pub use limits::{Limits, MaxStartups, Prefix};
 
 /// The listen address of the embedded default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2222";
@@ -136,7 +140,11 @@ impl Config {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
                 let raw: RawConfig = toml::from_str(&text).map_err(|err| {
-                    anyhow::anyhow!("{}: {}", path.display(), describe_toml_error(&text, &err))
+                    anyhow::anyhow!(
+                        "{}: {}",
+                        path.display(),
+                        crate::policy::describe_toml_error(&text, &err)
+                    )
                 })?;
                 let base = path.parent().unwrap_or(Path::new("."));
                 Config::resolve(raw, base)
@@ -231,20 +239,6 @@ fn recording_limits(raw: RawRecording) -> Result<RecordingLimits> {
             .with_context(|| format!("recording.min_free_disk = {text:?}"))?;
     }
     Ok(limits)
-}
-
-/// Renders a TOML error as `line N: message`, so operators find the spot.
-pub fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
-    let message = err.message();
-    match err.span() {
-        Some(span) => format!("line {}: {message}", line_of(text, span.start)),
-        None => message.to_string(),
-    }
-}
-
-/// The 1-based line number of byte `offset` in `text`.
-pub fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
 #[cfg(test)]

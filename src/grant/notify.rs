@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use super::Grant;
 use crate::display;
 use crate::duration::format as format_duration;
-use crate::grant::Grant;
 
 /// How long one webhook delivery may take, connect to response.
 const TIMEOUT: Duration = Duration::from_secs(3);
