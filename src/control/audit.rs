@@ -3,22 +3,21 @@
 
 use std::collections::HashSet;
 
-use super::requests::{Caller, Reply};
+use super::error::{ControlError, Reply};
+use super::requests::Caller;
 use crate::audit::{verify_chain, Anchor, AuditEvent};
 use crate::record::check::cross_check;
 
 pub fn list(caller: &Caller, since: Option<String>, json: bool) -> Reply {
     let since = match since {
-        Some(text) => {
-            Some(caller.now - crate::duration::parse(&text).map_err(|e| format!("--since: {e}"))?)
-        }
+        Some(text) => Some(
+            caller.now
+                - crate::duration::parse(&text)
+                    .map_err(|e| ControlError::refused(format!("--since: {e}")))?,
+        ),
         None => None,
     };
-    let events = caller
-        .state
-        .store
-        .audit_events()
-        .map_err(|e| e.to_string())?;
+    let events = caller.state.store.audit_events()?;
     let mut out = String::new();
     for event in events.iter().filter(|e| since.is_none_or(|at| e.at >= at)) {
         if json {
@@ -59,27 +58,24 @@ fn human(event: &AuditEvent) -> String {
 pub fn verify(caller: &Caller, recordings: bool, anchors: &[Anchor]) -> Reply {
     let store = &caller.state.store;
     // This order lets a busy bastion go on writing meanwhile (see `record::check`).
-    let before = store.sessions().map_err(|e| e.to_string())?;
-    let (issued, reserved) = caller
-        .state
-        .recorder
-        .reservations()
-        .map_err(|e| e.to_string())?;
-    let events = store.audit_events().map_err(|e| e.to_string())?;
-    let after = store.sessions().map_err(|e| e.to_string())?;
-    let summary = verify_chain(&events).map_err(|err| err.to_string())?;
+    let before = store.sessions()?;
+    let (issued, reserved) = caller.state.recorder.reservations()?;
+    let events = store.audit_events()?;
+    let after = store.sessions()?;
+    let summary = verify_chain(&events)?;
     let mut report = format!(
         "audit chain OK: {} events, head #{} {}\n",
         summary.events, summary.head_seq, summary.head_digest
     );
     for anchor in anchors {
-        anchor.check(&events)?;
+        anchor.check(&events).map_err(ControlError::Refused)?;
         report.push_str(&format!(
             "anchor OK: event {} matches {anchor}\n",
             anchor.seq
         ));
     }
-    let sessions = cross_check(&before, issued, &reserved, &events, &after)?;
+    let sessions =
+        cross_check(&before, issued, &reserved, &events, &after).map_err(ControlError::Refused)?;
     report.push_str(&format!(
         "sessions OK: {} records match their chained start and end events; no session id is missing ({} failed before recording)\n",
         sessions.matched, sessions.failed
@@ -125,7 +121,7 @@ fn ids(ids: &[u64]) -> String {
 /// Checks each session's transcript against the digest in its end (or interrupted)
 /// event. Sessions pruned by retention are skipped only if a `recordings.pruned`
 /// event says so.
-fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, String> {
+fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, ControlError> {
     let pruned: HashSet<u64> = events
         .iter()
         .filter(|e| e.kind == "recordings.pruned")
@@ -151,16 +147,16 @@ fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, St
             continue;
         }
         let actual = caller.state.recorder.digest_of(session).map_err(|e| {
-            format!(
+            ControlError::refused(format!(
                 "recording of session {session} (event #{}) is damaged: {e}",
                 event.seq
-            )
+            ))
         })?;
         if actual != expected {
-            return Err(format!(
+            return Err(ControlError::refused(format!(
                 "recording of session {session} was altered: its transcript no longer matches the digest in audit event #{}",
                 event.seq
-            ));
+            )));
         }
         checked += 1;
     }

@@ -9,14 +9,13 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use super::error::{ControlError, Reply};
 use super::table::{clip, relative, render, scope_cell, short_span};
 use crate::display::escape;
 use crate::grant::lifecycle::{approvers_of, is_approver};
 use crate::grant::{Grant, GrantError, GrantState, RequestSpec, Scope};
 use crate::policy::Policy;
 use crate::session::State;
-
-pub type Reply = Result<String, String>;
 
 /// Who is asking, against which policy, at what time.
 pub struct Caller<'a> {
@@ -36,12 +35,12 @@ impl Caller<'_> {
     }
 
     /// A grant the caller may see; others look exactly like unknown ids.
-    pub(super) fn visible(&self, id: &str) -> Result<Grant, String> {
-        let grant = self.state.grants.get(id).map_err(|e| e.to_string())?;
+    pub(super) fn visible(&self, id: &str) -> Result<Grant, ControlError> {
+        let grant = self.state.grants.get(id)?;
         if self.can_see(&grant) {
             Ok(grant)
         } else {
-            Err(GrantError::NotFound(id.to_string()).to_string())
+            Err(GrantError::NotFound(id.to_string()).into())
         }
     }
 }
@@ -55,9 +54,12 @@ pub struct RequestArgs {
     pub reason: String,
 }
 
-pub fn request(caller: &Caller, args: RequestArgs) -> Result<Grant, String> {
+pub fn request(caller: &Caller, args: RequestArgs) -> Result<Grant, ControlError> {
     let ttl = match &args.ttl {
-        Some(text) => Some(crate::duration::parse(text).map_err(|e| format!("--ttl: {e}"))?),
+        Some(text) => Some(
+            crate::duration::parse(text)
+                .map_err(|e| ControlError::refused(format!("--ttl: {e}")))?,
+        ),
         None => None,
     };
     let spec = RequestSpec {
@@ -71,7 +73,7 @@ pub fn request(caller: &Caller, args: RequestArgs) -> Result<Grant, String> {
         .state
         .grants
         .file(&caller.policy, caller.user, spec, caller.now)
-        .map_err(|e| e.to_string())
+        .map_err(ControlError::from)
 }
 
 /// What a command that changed `grant` answers: the grant as JSON, or in words.
@@ -165,7 +167,7 @@ pub fn grants(caller: &Caller, json: bool) -> Reply {
 }
 
 /// The caller's own active grants, for `whoami`.
-pub fn own_active(caller: &Caller) -> Result<Vec<Grant>, String> {
+pub fn own_active(caller: &Caller) -> Result<Vec<Grant>, ControlError> {
     Ok(all_visible(caller)?
         .into_iter()
         .filter(|g| g.requester == caller.user && g.is_active(caller.now))
@@ -257,11 +259,11 @@ pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
 
 pub fn approve(caller: &Caller, id: &str, comment: Option<String>, json: bool) -> Reply {
     let known = caller.visible(id)?;
-    let grant = caller
-        .state
-        .grants
-        .approve(&caller.policy, &known.id, caller.user, comment, caller.now)
-        .map_err(|e| e.to_string())?;
+    let grant =
+        caller
+            .state
+            .grants
+            .approve(&caller.policy, &known.id, caller.user, comment, caller.now)?;
     if json {
         return Ok(to_json(&grant));
     }
@@ -278,30 +280,29 @@ pub fn approve(caller: &Caller, id: &str, comment: Option<String>, json: bool) -
 
 pub fn deny(caller: &Caller, id: &str, reason: String, json: bool) -> Reply {
     let known = caller.visible(id)?;
-    let grant = caller
-        .state
-        .grants
-        .deny(&caller.policy, &known.id, caller.user, reason, caller.now)
-        .map_err(|e| e.to_string())?;
+    let grant =
+        caller
+            .state
+            .grants
+            .deny(&caller.policy, &known.id, caller.user, reason, caller.now)?;
     Ok(outcome(caller, &grant, json))
 }
 
 pub fn revoke(caller: &Caller, id: &str, reason: Option<String>, json: bool) -> Reply {
     let known = caller.visible(id)?;
-    let grant = caller
-        .state
-        .grants
-        .revoke(&caller.policy, &known.id, caller.user, reason, caller.now)
-        .map_err(|e| e.to_string())?;
+    let grant =
+        caller
+            .state
+            .grants
+            .revoke(&caller.policy, &known.id, caller.user, reason, caller.now)?;
     Ok(outcome(caller, &grant, json))
 }
 
-fn all_visible(caller: &Caller) -> Result<Vec<Grant>, String> {
+fn all_visible(caller: &Caller) -> Result<Vec<Grant>, ControlError> {
     Ok(caller
         .state
         .grants
-        .all()
-        .map_err(|e| e.to_string())?
+        .all()?
         .into_iter()
         .filter(|g| caller.can_see(g))
         .collect())

@@ -122,7 +122,7 @@ async fn stepped_up(
         ))
         .await;
     let Some(code) = client
-        .read_line(false, |msg| ask::keep_window_change(setup, msg))
+        .read_line(false, |msg| setup.keep_window_change(msg))
         .await
     else {
         client.out.fail("cancelled", 1).await;

@@ -150,6 +150,26 @@ pub struct SessionSetup {
     pub env: Vec<(String, String)>,
 }
 
+impl SessionSetup {
+    /// Keeps the terminal's new size from a `window-change`, so the target's pty
+    /// starts at the size the client has now; any other message is ignored.
+    pub fn keep_window_change(&mut self, msg: &ChannelMsg) {
+        if let (
+            Some(pty),
+            ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            },
+        ) = (self.pty.as_mut(), msg)
+        {
+            (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
+                (*col_width, *row_height, *pix_width, *pix_height);
+        }
+    }
+}
+
 /// The request that starts the session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Start {
