@@ -13,7 +13,7 @@ use super::error::{ControlError, Reply};
 use super::table::{clip, relative, render, scope_cell, short_span};
 use crate::display::escape;
 use crate::grant::lifecycle::{approvers_of, is_approver};
-use crate::grant::{Grant, GrantError, GrantState, RequestSpec, Scope};
+use crate::grant::{Ending, Grant, GrantError, GrantState, RequestSpec, Scope};
 use crate::policy::Policy;
 use crate::session::State;
 
@@ -103,7 +103,7 @@ pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
         GrantState::Approved => format!(
             "request {} approved by {}; {} on {} expires {}\n",
             grant.id,
-            approver_names(grant),
+            grant.approver_names(),
             escape(&grant.scope.describe()),
             grant.destination(),
             grant
@@ -115,12 +115,13 @@ pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
             "request {} {state} by {}{}\n",
             grant.id,
             grant.ended.as_ref().map(|e| e.by.as_str()).unwrap_or("-"),
-            grant
-                .ended
-                .as_ref()
-                .and_then(|e| e.reason.as_deref())
-                .map(|r| format!(": {}", escape(r)))
-                .unwrap_or_default()
+            escape(
+                &grant
+                    .ended
+                    .as_ref()
+                    .map(Ending::because)
+                    .unwrap_or_default()
+            )
         ),
     }
 }
@@ -246,11 +247,7 @@ pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
                 "by {} {}{}",
                 ended.by,
                 relative(ended.at, now),
-                ended
-                    .reason
-                    .as_deref()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
+                ended.because()
             ),
         );
     }
@@ -351,15 +348,6 @@ fn when(grant: &Grant, now: DateTime<Utc>) -> String {
         (state, Some(ended)) => format!("{state} {}", relative(ended.at, now)),
         (state, None) => state.to_string(),
     }
-}
-
-fn approver_names(grant: &Grant) -> String {
-    grant
-        .approvals
-        .iter()
-        .map(|a| a.by.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 pub fn to_json<T: serde::Serialize>(value: &T) -> String {

@@ -9,7 +9,7 @@ use russh::ChannelMsg;
 
 use super::admit::{file_request, scope_for};
 use crate::grant::lifecycle::approvers_of;
-use crate::grant::{Grant, GrantState, Requestable};
+use crate::grant::{Ending, Grant, GrantState, Requestable};
 use crate::session::wait::{self, StatusLine, Waited};
 use crate::session::{ChannelContext, ClientChannel, SessionSetup, Start, CTRL_C, CTRL_D};
 
@@ -115,12 +115,7 @@ async fn wait_for_decision(
 }
 
 async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {
-    let by = grant
-        .approvals
-        .iter()
-        .map(|a| a.by.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let by = grant.approver_names();
     match grant.state {
         GrantState::Approved => {
             client
@@ -136,10 +131,8 @@ async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {
         state => {
             let ending = grant.ended.as_ref();
             let who = ending.map(|e| e.by.as_str()).unwrap_or("portcullis");
-            let why = ending
-                .and_then(|e| e.reason.as_deref())
-                .map(|r| format!(": {}", crate::display::escape(r)))
-                .unwrap_or_default();
+            let why = ending.map(Ending::because).unwrap_or_default();
+            let why = crate::display::escape(&why);
             client.out.stderr("\r\x1b[K").await;
             client
                 .out
