@@ -170,8 +170,12 @@ mod tests {
     #[test]
     fn the_human_listing_escapes_what_users_wrote() {
         // JSON escapes C0 controls but not DEL, C1 controls or bidi overrides.
-        let event = AuditEvent::new("request.created", "alice", chrono::Utc::now())
-            .detail("reason", "INC-1 \u{202e}gnitset\u{9b}2J\u{7f}\u{1b}[2K");
+        let event = AuditEvent::new(
+            crate::audit::AuditKind::RequestCreated,
+            "alice",
+            chrono::Utc::now(),
+        )
+        .detail("reason", "INC-1 \u{202e}gnitset\u{9b}2J\u{7f}\u{1b}[2K");
         let line = human(&event);
         assert!(!line.chars().any(crate::display::needs_escape), "{line:?}");
         assert!(

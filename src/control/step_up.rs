@@ -6,7 +6,7 @@ use chrono::Utc;
 use super::cmd::Call;
 use super::error::{ControlError, Reply};
 use super::requests::Caller;
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::session::{ChannelContext, ClientChannel};
 use crate::totp::invite;
 
@@ -64,7 +64,7 @@ pub async fn enroll(
             crate::session::hint::control_line(&context.state.config, &["totp", "enroll"])
         )));
     }
-    let mut event = AuditEvent::new("totp.enrolled", user, Utc::now());
+    let mut event = AuditEvent::new(AuditKind::TotpEnrolled, user, Utc::now());
     if let Some(claim) = invited {
         event = event.detail("invite_issued_at", claim.issued_at.to_rfc3339());
         claim.consume();
@@ -103,7 +103,7 @@ async fn check_invite(
     invite::claim(&context.state.config.data_dir, user, &code, Utc::now()).map_err(|err| {
         // Refused either way; a failed append is logged.
         let _ = context.state.audit(
-            AuditEvent::new("totp.invite_refused", user, Utc::now())
+            AuditEvent::new(AuditKind::TotpInviteRefused, user, Utc::now())
                 .detail("reason", err.to_string()),
         );
         ControlError::Refused(err.to_string())

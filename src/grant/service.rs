@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use super::lifecycle::{self, RequestSpec, RuleError, SYSTEM_ACTOR};
 use super::{Grant, GrantState};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::grant::notify::Notifier;
 use crate::policy::Policy;
 use crate::store::{Store, StoreError};
@@ -129,7 +129,7 @@ impl Grants {
             if let Err(refusal) = self.within_limits(&grant, now) {
                 // Refused either way; a failed append is logged.
                 let _ = self.audit(
-                    AuditEvent::new("request.limited", requester, now)
+                    AuditEvent::new(AuditKind::RequestLimited, requester, now)
                         .target(&grant.target)
                         .detail("limit", refusal.key)
                         .detail("max", refusal.max as u64),
@@ -137,9 +137,9 @@ impl Grants {
                 return Err(RuleError(refusal.message).into());
             }
         }
-        self.commit(&grant, "request.created", requester, now)?;
+        self.commit(&grant, AuditKind::RequestCreated, requester, now)?;
         if grant.state == GrantState::Approved {
-            self.commit(&grant, "request.approved", SYSTEM_ACTOR, now)?;
+            self.commit(&grant, AuditKind::RequestApproved, SYSTEM_ACTOR, now)?;
         }
         Ok(grant)
     }
@@ -156,9 +156,9 @@ impl Grants {
             lifecycle::approve(grant, policy, approver, comment, now)?;
             Ok((
                 if grant.state == GrantState::Approved {
-                    "request.approved"
+                    AuditKind::RequestApproved
                 } else {
-                    "request.approval"
+                    AuditKind::RequestApproval
                 },
                 approver,
             ))
@@ -175,7 +175,7 @@ impl Grants {
     ) -> Result<Grant, GrantError> {
         self.change(id, now, |grant| {
             lifecycle::deny(grant, policy, approver, reason, now)?;
-            Ok(("request.denied", approver))
+            Ok((AuditKind::RequestDenied, approver))
         })
     }
 
@@ -191,9 +191,9 @@ impl Grants {
             lifecycle::revoke(grant, policy, user, reason, now)?;
             Ok((
                 if grant.state == GrantState::Cancelled {
-                    "request.cancelled"
+                    AuditKind::RequestCancelled
                 } else {
-                    "request.revoked"
+                    AuditKind::RequestRevoked
                 },
                 user,
             ))
@@ -228,9 +228,9 @@ impl Grants {
                     lifecycle::withdraw(grant, reason, now)?;
                     Ok((
                         if grant.state == GrantState::Cancelled {
-                            "request.cancelled"
+                            AuditKind::RequestCancelled
                         } else {
-                            "request.revoked"
+                            AuditKind::RequestRevoked
                         },
                         lifecycle::SYSTEM_ACTOR,
                     ))
@@ -301,7 +301,7 @@ impl Grants {
         for id in due {
             let result = self.change(&id, now, |grant| {
                 if lifecycle::expire_if_due(grant, now) {
-                    Ok(("request.expired", SYSTEM_ACTOR))
+                    Ok((AuditKind::RequestExpired, SYSTEM_ACTOR))
                 } else {
                     Err(RuleError("no longer due".into()))
                 }
@@ -397,7 +397,7 @@ impl Grants {
         &self,
         id: &str,
         now: DateTime<Utc>,
-        apply: impl FnOnce(&mut Grant) -> Result<(&'static str, &'a str), RuleError>,
+        apply: impl FnOnce(&mut Grant) -> Result<(AuditKind, &'a str), RuleError>,
     ) -> Result<Grant, GrantError> {
         let _guard = self.write.lock().expect("grant lock poisoned");
         let mut grant = self.get(id)?;
@@ -411,7 +411,7 @@ impl Grants {
                 // A decision attempt that found the request past its time still
                 // records the expiry, even though the decision itself is refused.
                 if grant.state == GrantState::Expired && was != GrantState::Expired {
-                    self.commit(&grant, "request.expired", SYSTEM_ACTOR, now)?;
+                    self.commit(&grant, AuditKind::RequestExpired, SYSTEM_ACTOR, now)?;
                 }
                 Err(refusal.into())
             }
@@ -425,14 +425,14 @@ impl Grants {
     fn commit(
         &self,
         grant: &Grant,
-        kind: &str,
+        kind: AuditKind,
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<(), GrantError> {
         self.audit(event_for(grant, kind, actor, now))
             .map_err(GrantError::Unaudited)?;
         if let Err(err) = self.store.save_grant(grant) {
-            tracing::error!(event = kind, grant = %grant.id, error = %err, "audited change not saved");
+            tracing::error!(event = kind.as_str(), grant = %grant.id, error = %err, "audited change not saved");
             return Err(err.into());
         }
         {
@@ -444,9 +444,9 @@ impl Grants {
             }
         }
         self.changes.send_modify(|n| *n += 1);
-        self.notifier.grant_event(kind, actor, grant);
+        self.notifier.grant_event(kind.as_str(), actor, grant);
         tracing::info!(
-            event = kind,
+            event = kind.as_str(),
             %actor,
             grant = %grant.id,
             requester = %grant.requester,
@@ -483,7 +483,7 @@ fn check_id(id: &str) -> Result<(), GrantError> {
 }
 
 /// The audit form of a lifecycle event.
-fn event_for(grant: &Grant, kind: &str, actor: &str, now: DateTime<Utc>) -> AuditEvent {
+fn event_for(grant: &Grant, kind: AuditKind, actor: &str, now: DateTime<Utc>) -> AuditEvent {
     let mut event = AuditEvent::new(kind, actor, now)
         .target(&grant.target)
         .grant(&grant.id)
@@ -493,12 +493,12 @@ fn event_for(grant: &Grant, kind: &str, actor: &str, now: DateTime<Utc>) -> Audi
         .detail("state", grant.state.as_str())
         .detail("flow", grant.flow.as_str());
     match kind {
-        "request.created" => {
+        AuditKind::RequestCreated => {
             event = event
                 .detail("reason", grant.reason.as_str())
                 .detail("ttl_secs", grant.ttl_secs);
         }
-        "request.approved" | "request.approval" => {
+        AuditKind::RequestApproved | AuditKind::RequestApproval => {
             if let Some(approval) = grant.approvals.last() {
                 event = event.detail("comment", approval.comment.clone().unwrap_or_default());
             }

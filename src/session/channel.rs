@@ -12,7 +12,7 @@ use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty};
 
 use super::route::{InvalidUsername, Route};
 use super::State;
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::grant::Action;
 
 /// Who is on this connection and where they asked to go.
@@ -105,9 +105,9 @@ impl ChannelContext {
             .map_err(|e| e.to_string())?;
         let accepted = verdict == crate::totp::Verdict::Accepted;
         let kind = if accepted {
-            "stepup.success"
+            AuditKind::StepupSuccess
         } else {
-            "stepup.failure"
+            AuditKind::StepupFailure
         };
         let audited = self.state.audit_or_refuse(
             AuditEvent::new(kind, user, now)
@@ -115,9 +115,9 @@ impl ChannelContext {
                 .detail("result", verdict.explain(user)),
         );
         if verdict.locked_now() {
-            let _ = self
-                .state
-                .audit(AuditEvent::new("stepup.locked", user, now).detail("purpose", purpose));
+            let _ = self.state.audit(
+                AuditEvent::new(AuditKind::StepupLocked, user, now).detail("purpose", purpose),
+            );
         }
         audited?;
         if accepted {

@@ -6,7 +6,7 @@ use chrono::Utc;
 use clap::{Args, Subcommand};
 
 use super::Call;
-use crate::audit::{Anchor, AuditEvent};
+use crate::audit::{Anchor, AuditEvent, AuditKind};
 use crate::control::error::{ControlError, Reply};
 use crate::control::requests::Caller;
 use crate::control::{audit, sessions};
@@ -59,7 +59,7 @@ impl AuditorCommand {
 fn record(
     caller: &Caller,
     event: impl FnOnce(AuditEvent) -> AuditEvent,
-    kind: &str,
+    kind: AuditKind,
 ) -> Result<(), ControlError> {
     let event = event(AuditEvent::new(kind, caller.user, Utc::now()));
     caller
@@ -90,7 +90,11 @@ pub struct Sessions {
 impl Sessions {
     async fn run(self, call: &mut Call<'_>) -> Reply {
         let grep = self.grep.clone();
-        record(&call.caller, |e| e.detail("grep", grep), "auditor.sessions")?;
+        record(
+            &call.caller,
+            |e| e.detail("grep", grep),
+            AuditKind::AuditorSessions,
+        )?;
         let filter = sessions::SessionFilter {
             user: self.user,
             target: self.target,
@@ -122,7 +126,7 @@ impl Replay {
         record(
             caller,
             |e| e.detail("session", found.id).detail("raw", raw),
-            "auditor.replay",
+            AuditKind::AuditorReplay,
         )?;
         sessions::replay(caller, &call.client.out, &found, self.speed, raw).await
     }
@@ -143,7 +147,7 @@ impl Watch {
         record(
             &call.caller,
             |e| e.detail("session", found.id).detail("raw", raw),
-            "auditor.watch",
+            AuditKind::AuditorWatch,
         )?;
         sessions::watch(&call.caller, call.client, &found, raw).await
     }
@@ -158,7 +162,11 @@ impl Export {
     async fn run(self, call: &mut Call<'_>) -> Reply {
         let caller = &call.caller;
         let found = sessions::find(caller, &self.session)?;
-        record(caller, |e| e.detail("session", found.id), "auditor.export")?;
+        record(
+            caller,
+            |e| e.detail("session", found.id),
+            AuditKind::AuditorExport,
+        )?;
         sessions::export(caller, &call.client.out, &found).await
     }
 }
@@ -204,13 +212,17 @@ impl Audit {
                         e.detail("recordings", recordings)
                             .detail("anchors", anchored)
                     },
-                    "auditor.verify",
+                    AuditKind::AuditorVerify,
                 )?;
                 audit::verify(caller, recordings, &anchors)
             }
             None => {
                 let since = self.since.clone();
-                record(caller, |e| e.detail("since", since), "auditor.audit")?;
+                record(
+                    caller,
+                    |e| e.detail("since", since),
+                    AuditKind::AuditorAudit,
+                )?;
                 audit::list(caller, self.since, self.json)
             }
         }
