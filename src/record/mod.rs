@@ -289,6 +289,7 @@ struct Live {
 /// Chunks not yet written, and what watchers need to join consistently.
 struct Pending {
     chunks: Vec<Chunk>,
+    /// What `chunks` hold in memory, each counted by [`held_by`].
     bytes: usize,
     /// `bytes` beyond [`BATCH_BYTES`], charged to the memory budget.
     account: Account,
@@ -709,7 +710,8 @@ impl Recorder {
         Ok((pruned, freed))
     }
 
-    /// Recorded bytes of live sessions not yet written to the store.
+    /// Memory held by live sessions' recordings not yet written to the store
+    /// (chunks counted by [`held_by`]).
     pub fn queued_bytes(&self) -> usize {
         self.live
             .lock()
@@ -893,12 +895,13 @@ impl SessionRecorder {
             data,
         };
         let size = chunk.data.len();
+        let cost = held_by(&chunk);
         loop {
             let room = self.live.room.notified();
             let freed = self.recorder.memory.freed();
             {
                 let mut pending = self.live.inner.lock().expect("recording lock poisoned");
-                let total = pending.bytes + size;
+                let total = pending.bytes + cost;
                 let failed = self.live.failure.borrow().is_some();
                 // An empty batch always takes one chunk, so a session never waits on
                 // other sessions' memory for ever.
@@ -1003,8 +1006,7 @@ async fn flush_loop(
             (pending.chunks.clone(), pending.finished)
         };
         if !chunks.is_empty() {
-            let (count, bytes): (usize, usize) =
-                (chunks.len(), chunks.iter().map(|c| c.data.len()).sum());
+            let (count, bytes): (usize, usize) = (chunks.len(), chunks.iter().map(held_by).sum());
             let written = {
                 let _writer = writers
                     .acquire()
@@ -1082,6 +1084,14 @@ async fn write_batch(
     Ok(())
 }
 
+/// What one unflushed chunk holds in memory: its bytes and its own slot. Empty
+/// chunks are not free: a client may send empty data packets or window changes at
+/// wire speed, and counting only their bytes would let them pile up without bound
+/// while the disk is behind.
+fn held_by(chunk: &Chunk) -> usize {
+    std::mem::size_of::<Chunk>() + chunk.data.len()
+}
+
 /// Splits pending chunks into runs of about [`STORED_VALUE_BYTES`] (a chunk is never
 /// cut; one bigger than that is a run of its own).
 fn pieces(chunks: &[Chunk]) -> impl Iterator<Item = &[Chunk]> {
@@ -1156,6 +1166,33 @@ mod tests {
         assert!(error.contains("injected"), "{error}");
         assert_eq!(announced.as_deref(), Some(error.as_str()));
         assert_eq!(record.digest.unwrap(), recorder.digest_of(1).unwrap());
+    }
+
+    #[tokio::test]
+    async fn empty_chunks_count_against_the_unflushed_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let recorder = Arc::new(Recorder::new(store, true, false).with_memory(Budget::new(0)));
+        let session = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        // The disk is behind: no batch can be written.
+        let _disk = recorder.writers.acquire_many(WRITERS as u32).await.unwrap();
+        let most = BATCH_BYTES / std::mem::size_of::<Chunk>() + 1;
+        let empty = Bytes::new();
+        for pushed in 0.. {
+            if tokio::time::timeout(Duration::from_millis(50), session.input(&empty))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            assert!(
+                pushed <= most,
+                "{pushed} empty chunks held while the disk is behind"
+            );
+        }
+        assert!(recorder.queued_bytes() <= BATCH_BYTES);
     }
 
     #[tokio::test]
