@@ -317,23 +317,15 @@ mod tests {
 
     /// A policy with the given `(user, key)` pairs and one target.
     fn policy(users: &[(&str, &str)]) -> crate::policy::Policy {
-        let dir = tempfile::tempdir().unwrap();
         let users: String = users
             .iter()
             .map(|(name, key)| format!("[users.{name}]\nkeys = [\"{key}\"]\ngroups = [\"eng\"]\n"))
             .collect();
-        std::fs::write(dir.path().join("users.toml"), users).unwrap();
-        std::fs::write(
-            dir.path().join("targets.toml"),
-            format!("[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{ALICE}\"\nlogins = [\"postgres\"]\nlabels = {{ env = \"prod\" }}\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("flows.toml"),
+        crate::policy::from_texts(
+            &users,
+            &format!("[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{ALICE}\"\nlogins = [\"postgres\"]\nlabels = {{ env = \"prod\" }}\n"),
             "[[flows]]\nname = \"prod\"\nmatch = { env = \"prod\" }\nrequesters = [\"group:eng\"]\napprovers = [\"bob\"]\n",
         )
-        .unwrap();
-        crate::policy::load_dir(dir.path()).unwrap()
     }
 
     /// The check every channel open and every reload runs on a live connection.
