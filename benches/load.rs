@@ -21,7 +21,7 @@
 //! each would measure the machine's process table, not the bastion).
 
 #[path = "../tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::fs;
 use std::sync::Arc;

@@ -31,7 +31,7 @@
 //! per route, default 21), `BENCH_ONLY=recording` (only the recording costs).
 
 #[path = "../tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io::Read;

@@ -2,7 +2,7 @@
 //! carol (approvers), dave (engineer and auditor); a real sshd behind four targets
 //! with different flows (see `common::Policies`).
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
