@@ -18,6 +18,70 @@ impl russh::client::Handler for AnyHostKey {
     }
 }
 
+/// A russh session to `127.0.0.1:port`, authenticated as `user` with `key`, low
+/// latency (`nodelay`): how tests and benchmarks that run their clients in their own
+/// process log in.
+pub async fn russh_login(
+    port: u16,
+    user: &str,
+    key: &std::sync::Arc<russh::keys::PrivateKey>,
+) -> russh::client::Handle<AnyHostKey> {
+    let session = russh::client::connect(russh_config(), ("127.0.0.1", port), AnyHostKey)
+        .await
+        .unwrap_or_else(|e| panic!("connect to port {port}: {e}"));
+    authenticated(session, user, key).await
+}
+
+/// A russh client configuration with Nagle off, as OpenSSH's interactive sessions.
+pub fn russh_config() -> std::sync::Arc<russh::client::Config> {
+    std::sync::Arc::new(russh::client::Config {
+        nodelay: true,
+        ..Default::default()
+    })
+}
+
+/// `session` once it authenticated as `user` with `key`; panics when refused.
+pub async fn authenticated(
+    mut session: russh::client::Handle<AnyHostKey>,
+    user: &str,
+    key: &std::sync::Arc<russh::keys::PrivateKey>,
+) -> russh::client::Handle<AnyHostKey> {
+    let auth = session
+        .authenticate_publickey(
+            user,
+            russh::keys::PrivateKeyWithHashAlg::new(key.clone(), None),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("authenticate as {user}: {e}"));
+    assert!(auth.success(), "authentication as {user} refused");
+    session
+}
+
+/// What a command run over russh printed, and how it ended.
+#[derive(Debug, Default)]
+pub struct Exec {
+    pub status: Option<u32>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// Runs `command` on a new channel of `session` and collects its output until the
+/// channel closes.
+pub async fn russh_exec(session: &russh::client::Handle<AnyHostKey>, command: &str) -> Exec {
+    let mut channel = session.channel_open_session().await.expect("open channel");
+    channel.exec(true, command).await.expect("exec");
+    let mut exec = Exec::default();
+    while let Some(msg) = channel.wait().await {
+        match msg {
+            russh::ChannelMsg::Data { data } => exec.stdout.extend_from_slice(&data),
+            russh::ChannelMsg::ExtendedData { data, .. } => exec.stderr.extend_from_slice(&data),
+            russh::ChannelMsg::ExitStatus { exit_status } => exec.status = Some(exit_status),
+            _ => {}
+        }
+    }
+    exec
+}
+
 /// The OpenSSH client tools of one engineer (one key) pointed at one port.
 #[derive(Debug, Clone)]
 pub struct Client {

@@ -307,7 +307,13 @@ fn kill_process_group(pgid: u32) {
 
 /// A `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`), 0 if unreadable.
 pub fn status_kib(pid: u32, field: &str) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
+    proc_kib(pid, "status", field)
+}
+
+/// A field in KiB of the `/proc/PID/FILE` kind that lists `Field: N kB` lines
+/// (`status`, `smaps_rollup`), 0 if unreadable.
+pub fn proc_kib(pid: u32, file: &str, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix(field))
@@ -315,14 +321,19 @@ pub fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The fields of `/proc/PID/stat` after the command name (which is in parentheses
+/// and may hold spaces): state first, then the parent pid. Empty if unreadable.
+pub fn stat_fields(pid: u32) -> Vec<String> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    match stat.rfind(')') {
+        Some(at) => stat[at + 2..].split(' ').map(str::to_string).collect(),
+        None => Vec::new(),
+    }
+}
+
 /// User plus system CPU seconds a process has used so far, from /proc.
 pub fn cpu_seconds(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name (in parentheses, may hold spaces).
-    let Some(at) = stat.rfind(')') else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = stat[at + 2..].split(' ').collect();
+    let fields = stat_fields(pid);
     let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
         + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
     ticks / 100.0 // USER_HZ is 100 on Linux

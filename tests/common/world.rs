@@ -48,6 +48,17 @@ impl World {
     }
 
     pub fn start_with(options: WorldOptions) -> World {
+        let mut world = World::prepare(options);
+        let bastion = Bastion::start(world.dir.path());
+        world.follow(bastion.port());
+        world.bastion = bastion;
+        world
+    }
+
+    /// Everything of [`World::start_with`] but the bastion process, for tests that
+    /// run the bastion in their own process ([`InProcess`]); clients point nowhere
+    /// until [`World::follow`].
+    pub fn prepare(options: WorldOptions) -> World {
         let dir = tempfile::Builder::new()
             .prefix("portcullis-test-")
             .tempdir()
@@ -100,9 +111,8 @@ impl World {
             logins: default_logins(),
         }
         .write(&root.join("policies"));
-        let bastion = Bastion::start(root);
-        let port = bastion.port();
-        let client = |name: &str| Client::new(&root.join(name), port);
+        let bastion = Bastion::placeholder(root);
+        let client = |name: &str| Client::new(&root.join(name), 0);
         World {
             cert_sshd,
             alice: client(USER),
@@ -143,7 +153,20 @@ impl World {
         drop(old);
         between(&root.join("data"));
         self.bastion = Bastion::start(&root);
-        let port = self.bastion.port();
+        self.follow(self.bastion.port());
+    }
+
+    /// A second sshd as an OpenSSH jump host (the ProxyJump route) that lets alice
+    /// in, and alice let in on the target with her own key too: what benchmarks
+    /// compare the bastion with, on the same machine and target.
+    pub fn jump_host(&self) -> Sshd {
+        let alice = public_key_of(self.alice.key());
+        self.sshd.authorize_key(&alice);
+        Sshd::start(&self.path("jump"), &[alice])
+    }
+
+    /// Points every engineer's client at the bastion on `port`.
+    pub fn follow(&mut self, port: u16) {
         for client in [
             &mut self.alice,
             &mut self.bob,
