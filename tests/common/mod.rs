@@ -14,12 +14,14 @@
 //! - [`processes`]: commands with a deadline, daemons, background clients, output helpers
 //! - [`sshd`]: a real OpenSSH server as the target (and jump host), and key files
 //! - [`bastion`]: the `portcullis` binary under test, its config, keys and test policies
-//! - [`clients`]: the OpenSSH client tools of one engineer
+//! - [`clients`]: the OpenSSH client tools of one engineer, and russh sessions from the test's process
+//! - [`in_process`]: the bastion run inside the test (for tokio's paused clock)
 //! - [`tmux`]: a real terminal whose size the test controls
 //! - [`world`]: all of them together, one temp dir per test
 
 pub mod bastion;
 pub mod clients;
+pub mod in_process;
 pub mod processes;
 pub mod sshd;
 pub mod tmux;
@@ -27,6 +29,7 @@ pub mod world;
 
 pub use bastion::*;
 pub use clients::*;
+pub use in_process::*;
 pub use processes::*;
 pub use sshd::*;
 pub use tmux::*;
