@@ -11,6 +11,7 @@ pub mod lifecycle;
 mod model;
 pub mod scope;
 mod service;
+mod table;
 
 use chrono::{DateTime, Utc};
 
