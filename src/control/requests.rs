@@ -133,7 +133,8 @@ pub fn list(caller: &Caller, filter: Filter, json: bool) -> Reply {
     // Read through an index unless the whole history was asked for.
     let grants = &caller.state.grants;
     let read = match (filter.mine, filter.all) {
-        (true, _) => grants.of_user(caller.user),
+        (true, true) => grants.of_user(caller.user),
+        (true, false) => grants.live_of(caller.user),
         (false, true) => grants.all(),
         (false, false) => grants.live(),
     };
@@ -172,7 +173,7 @@ pub fn grants(caller: &Caller, json: bool) -> Reply {
 
 /// The caller's own active grants, for `whoami`.
 pub fn own_active(caller: &Caller) -> Result<Vec<Grant>, String> {
-    Ok(visible(caller, caller.state.grants.live())?
+    Ok(visible(caller, caller.state.grants.live_of(caller.user))?
         .into_iter()
         .filter(|g| g.requester == caller.user && g.is_active(caller.now))
         .collect())

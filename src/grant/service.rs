@@ -149,7 +149,7 @@ impl Grants {
         let mut filed = self.inner.filed.lock().expect("request rate lock poisoned");
         if grant.state == GrantState::Pending {
             let pending = self
-                .of_user(requester)?
+                .live_of(requester)?
                 .iter()
                 .filter(|g| g.state == GrantState::Pending)
                 .count();
@@ -273,12 +273,8 @@ impl Grants {
     /// Withdraws every live grant and pending request of `user` (who left the
     /// policy); returns their ids. Their live sessions end as for a revocation.
     pub fn withdraw_all_of(&self, user: &str, reason: &str, now: DateTime<Utc>) -> Vec<String> {
-        let live: Vec<String> = match self.inner.table.of_user(user) {
-            Ok(grants) => grants
-                .into_iter()
-                .filter(|g| g.state.is_live())
-                .map(|g| g.id)
-                .collect(),
+        let live: Vec<String> = match self.inner.table.live_of(user) {
+            Ok(grants) => grants.into_iter().map(|g| g.id).collect(),
             Err(err) => {
                 tracing::error!(%user, error = %err, "cannot read the grants to withdraw");
                 Vec::new()
@@ -396,6 +392,12 @@ impl Grants {
         Ok(self.inner.table.live()?)
     }
 
+    /// The pending and approved grants of `user`, oldest first (read through an
+    /// index).
+    pub fn live_of(&self, user: &str) -> Result<Vec<Grant>, GrantError> {
+        Ok(self.inner.table.live_of(user)?)
+    }
+
     /// Every grant `user` filed, oldest first (read through an index).
     pub fn of_user(&self, user: &str) -> Result<Vec<Grant>, GrantError> {
         Ok(self.inner.table.of_user(user)?)
@@ -409,7 +411,7 @@ impl Grants {
         now: DateTime<Utc>,
     ) -> Result<Vec<Grant>, GrantError> {
         Ok(self
-            .of_user(user)?
+            .live_of(user)?
             .into_iter()
             .filter(|g| g.target == target && g.is_active(now))
             .collect())
@@ -705,6 +707,12 @@ mod tests {
         }
     }
 
+    /// The kinds of the audit events so far, in order.
+    fn event_kinds(grants: &Grants) -> Vec<String> {
+        let events = grants.audit_log().events().unwrap();
+        events.into_iter().map(|e| e.kind).collect()
+    }
+
     /// A policy, a store and the grant service on it, in `dir`.
     fn service(dir: &std::path::Path) -> (Policy, Arc<Store>, Grants) {
         let policy = policy(dir);
@@ -750,13 +758,7 @@ mod tests {
         assert_eq!(grants.get(&approved.id).unwrap().state, GrantState::Expired);
         assert_eq!(grants.all().unwrap().len(), 2, "nothing disappears");
 
-        let kinds: Vec<String> = grants
-            .audit_log()
-            .events()
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
+        let kinds = event_kinds(&grants);
         assert_eq!(
             kinds,
             [
@@ -890,13 +892,7 @@ mod tests {
         assert!(approve("carol").join().unwrap());
         let approved = grants.get(&grant.id).unwrap();
         assert_eq!(approved.state, GrantState::Approved);
-        let kinds: Vec<String> = grants
-            .audit_log()
-            .events()
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
+        let kinds = event_kinds(&grants);
         assert_eq!(
             kinds,
             ["request.created", "request.approval", "request.approved"]
@@ -1028,6 +1024,10 @@ mod tests {
                 proptest::prop_assert_eq!(
                     grants.of_user(user).unwrap(),
                     scan(&|g| g.requester == user)
+                );
+                proptest::prop_assert_eq!(
+                    grants.live_of(user).unwrap(),
+                    scan(&|g| g.requester == user && g.state.is_live())
                 );
             }
         }

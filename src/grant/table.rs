@@ -6,7 +6,8 @@
 //!   raises: a change is a compare-and-swap from the version it read.
 //! - `request_ids`: id → seq (8 bytes), claimed with an insert-if-absent, so two
 //!   requests can never get one id.
-//! - `grants_live`: seq → nothing, for every pending or approved grant.
+//! - `grants_live`: `user 0x00 seq` → nothing, for every pending or approved
+//!   grant (a session start reads its user's live grants with one prefix scan).
 //! - `grants_by_user`: `user 0x00 seq` → nothing, for every grant.
 //!
 //! An index entry is written before the grant it points to and removed after it,
@@ -172,7 +173,7 @@ impl GrantTable {
             return Ok(None);
         }
         if !changed.state.is_live() {
-            self.seam().remove(LIVE, &changed.seq.encode())?;
+            self.seam().remove(LIVE, &user_key(changed))?;
         }
         Ok(Some(Read {
             grant: changed.clone(),
@@ -203,7 +204,15 @@ impl GrantTable {
 
     /// The pending and approved grants, oldest first, read through the live index.
     pub fn live(&self) -> Result<Vec<Grant>> {
-        self.through(LIVE, b"", |_| true)
+        let mut live = self.through(LIVE, b"", |_| true)?;
+        live.sort_by_key(|g| g.seq); // the index orders them by user first
+        Ok(live)
+    }
+
+    /// The pending and approved grants of `user`, oldest first, read through the
+    /// live index.
+    pub fn live_of(&self, user: &str) -> Result<Vec<Grant>> {
+        self.through(LIVE, &user_prefix(user), |g| g.requester == user)
     }
 
     /// Every grant `user` filed, oldest first, read through the by-user index.
@@ -240,23 +249,26 @@ impl GrantTable {
     }
 
     fn index(&self, grant: &Grant) -> Result<()> {
-        let seq = grant.seq.encode();
+        let key = user_key(grant);
         if grant.state.is_live() {
-            self.seam().put(LIVE, &seq, b"")?;
+            self.seam().put(LIVE, &key, b"")?;
         }
-        let mut by_user = user_prefix(&grant.requester);
-        by_user.extend_from_slice(&seq);
-        self.seam().put(BY_USER, &by_user, b"")
+        self.seam().put(BY_USER, &key, b"")
     }
 
     fn unindex(&self, grant: &Grant) -> Result<()> {
-        let seq = grant.seq.encode();
-        self.seam().remove(LIVE, &seq)?;
-        let mut by_user = user_prefix(&grant.requester);
-        by_user.extend_from_slice(&seq);
-        self.seam().remove(BY_USER, &by_user)?;
+        let key = user_key(grant);
+        self.seam().remove(LIVE, &key)?;
+        self.seam().remove(BY_USER, &key)?;
         Ok(())
     }
+}
+
+/// A grant's key in the indexes: `requester 0x00 seq`.
+fn user_key(grant: &Grant) -> Vec<u8> {
+    let mut key = user_prefix(&grant.requester);
+    key.extend_from_slice(&grant.seq.encode());
+    key
 }
 
 /// `user 0x00`: user names never hold a NUL byte, so one user's prefix never
