@@ -349,7 +349,9 @@ impl Grants {
     /// Expires every pending request and grant whose time is up. Runs every second.
     pub fn sweep(&self, now: DateTime<Utc>) -> Result<usize, GrantError> {
         let due: Vec<String> = self
-            .live_where(|g| g.deadline().is_some_and(|at| at <= now))?
+            .inner
+            .table
+            .due(now)?
             .into_iter()
             .map(|g| g.id)
             .collect();
@@ -936,21 +938,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let policy = policy(dir.path());
         let now = Utc::now();
-        {
-            let store = Store::open(dir.path()).unwrap();
-            let seam = store.backend();
-            for (seq, id, user) in [(7u64, "00000a", "alice"), (9, "00000b", "carol")] {
-                let spec = shell_spec();
-                let grant =
-                    lifecycle::file_request(&policy, user, spec, id.into(), seq, now).unwrap();
-                let json = serde_json::to_vec(&grant).unwrap();
-                seam.put("requests", &seq.to_be_bytes(), &json).unwrap();
-                seam.put("request_ids", id.as_bytes(), &seq.to_be_bytes())
-                    .unwrap();
-            }
-            store.flush().unwrap();
-        }
         let store = Arc::new(Store::open(dir.path()).unwrap());
+        let seam = store.backend();
+        for (seq, id, user) in [(7u64, "00000a", "alice"), (9, "00000b", "carol")] {
+            let grant =
+                lifecycle::file_request(&policy, user, shell_spec(), id.into(), seq, now).unwrap();
+            let json = serde_json::to_vec(&grant).unwrap();
+            seam.put("requests", &seq.to_be_bytes(), &json).unwrap();
+            seam.put("request_ids", id.as_bytes(), &seq.to_be_bytes())
+                .unwrap();
+        }
         assert_eq!(crate::store::schema_version(&store, "grants").unwrap(), 0);
         let grants = Grants::new(store.clone(), Notifier::new(None)).unwrap();
         assert_eq!(crate::store::schema_version(&store, "grants").unwrap(), 1);
@@ -961,6 +958,8 @@ mod tests {
         let filed = grants.file(&policy, "alice", shell_spec(), now).unwrap();
         assert_eq!(filed.seq, 10, "new seqs follow the old ones");
         assert_eq!(grants.all().unwrap().len(), 3);
+        let expired = grants.sweep(now + Duration::from_secs(600)).unwrap();
+        assert_eq!(expired, 2, "the old and the new pending request are due");
     }
 
     /// What a property test does to the grants.
@@ -1020,6 +1019,15 @@ mod tests {
                 all.iter().filter(|g| keep(g)).cloned().collect()
             };
             proptest::prop_assert_eq!(grants.live().unwrap(), scan(&|g| g.state.is_live()));
+            for later in [0, 600, 3600] {
+                let at = now + Duration::from_secs(later);
+                let mut due = grants.inner.table.due(at).unwrap();
+                due.sort_by_key(|g| g.seq);
+                proptest::prop_assert_eq!(
+                    due,
+                    scan(&|g| g.state.is_live() && g.deadline().is_some_and(|d| d <= at))
+                );
+            }
             for user in ["alice", "carol", "bob"] {
                 proptest::prop_assert_eq!(
                     grants.of_user(user).unwrap(),

@@ -9,6 +9,9 @@
 //! - `grants_live`: `user 0x00 seq` → nothing, for every pending or approved
 //!   grant (a session start reads its user's live grants with one prefix scan).
 //! - `grants_by_user`: `user 0x00 seq` → nothing, for every grant.
+//! - `grants_due`: `deadline (ms) ‖ seq` → nothing, for every grant with a
+//!   deadline (a pending one's decision time, an approved one's expiry): the
+//!   sweep reads only what is due.
 //!
 //! An index entry is written before the grant it points to and removed after it,
 //! so an index may briefly hold an entry too many but never misses one; readers
@@ -17,6 +20,7 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::Grant;
@@ -26,6 +30,7 @@ const GRANTS: &str = "requests";
 const IDS: &str = "request_ids";
 const LIVE: &str = "grants_live";
 const BY_USER: &str = "grants_by_user";
+const DUE: &str = "grants_due";
 /// The counter grant seqs come from.
 const SEQ: &str = "grant_seq";
 /// The schema this module migrates databases to.
@@ -169,11 +174,18 @@ impl GrantTable {
             version: read.version + 1,
             grant: changed.clone(),
         };
+        let (was_due, due) = (due_key(&read.grant), due_key(changed));
+        if let Some(key) = &due {
+            self.seam().put(DUE, key, b"")?;
+        }
         if !self.grants.swap(&changed.seq, Some(&read.bytes), &stored)? {
             return Ok(None);
         }
         if !changed.state.is_live() {
             self.seam().remove(LIVE, &user_key(changed))?;
+        }
+        if let Some(key) = was_due.filter(|key| Some(key) != due.as_ref()) {
+            self.seam().remove(DUE, &key)?;
         }
         Ok(Some(Read {
             grant: changed.clone(),
@@ -215,6 +227,37 @@ impl GrantTable {
         self.through(LIVE, &user_prefix(user), |g| g.requester == user)
     }
 
+    /// The live grants whose deadline is at or before `now`, soonest first, read
+    /// through the due index. Entries of grants that ended are dropped on the way.
+    pub fn due(&self, now: DateTime<Utc>) -> Result<Vec<Grant>> {
+        let mut due = Vec::new();
+        for entry in self.seam().scan(DUE, b"", None) {
+            let (key, _) = entry?;
+            let (at, seq) = key.split_at(key.len().min(8));
+            let (Some(at), Some(seq)) = (u64::decode(at), u64::decode(seq)) else {
+                return Err(StoreError::Corrupt {
+                    tree: DUE,
+                    detail: format!("a key of {} bytes", key.len()),
+                });
+            };
+            if at > millis(now) {
+                break;
+            }
+            match self.read_seq(seq)? {
+                Some(read) if read.grant.state.is_live() => {
+                    if read.grant.deadline().is_some_and(|at| at <= now) {
+                        due.push(read.grant);
+                    }
+                }
+                // Final states are final: this entry can never be due again.
+                _ => {
+                    self.seam().remove(DUE, &key)?;
+                }
+            }
+        }
+        Ok(due)
+    }
+
     /// Every grant `user` filed, oldest first, read through the by-user index.
     pub fn of_user(&self, user: &str) -> Result<Vec<Grant>> {
         self.through(BY_USER, &user_prefix(user), |g| g.requester == user)
@@ -253,15 +296,33 @@ impl GrantTable {
         if grant.state.is_live() {
             self.seam().put(LIVE, &key, b"")?;
         }
+        if let Some(due) = due_key(grant) {
+            self.seam().put(DUE, &due, b"")?;
+        }
         self.seam().put(BY_USER, &key, b"")
     }
 
     fn unindex(&self, grant: &Grant) -> Result<()> {
         let key = user_key(grant);
         self.seam().remove(LIVE, &key)?;
+        if let Some(due) = due_key(grant) {
+            self.seam().remove(DUE, &due)?;
+        }
         self.seam().remove(BY_USER, &key)?;
         Ok(())
     }
+}
+
+/// A grant's key in the due index, if it has a deadline.
+fn due_key(grant: &Grant) -> Option<Vec<u8>> {
+    let mut key = millis(grant.deadline()?).encode();
+    key.extend_from_slice(&grant.seq.encode());
+    Some(key)
+}
+
+/// Milliseconds since 1970 (times before it count as 0: due at once).
+fn millis(at: DateTime<Utc>) -> u64 {
+    u64::try_from(at.timestamp_millis()).unwrap_or(0)
 }
 
 /// A grant's key in the indexes: `requester 0x00 seq`.
