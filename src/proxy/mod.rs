@@ -364,10 +364,9 @@ fn grant_ended(grants: &Grants, grant: &Grant) -> Option<String> {
 /// Why `current` (the grant as it is now) no longer allows its sessions, if it
 /// does not.
 fn ending(current: &Grant) -> Option<String> {
-    let grant = current;
     if current.state == GrantState::Approved {
         let expired = current.expires_at.is_some_and(|at| at <= Utc::now());
-        return expired.then(|| format!("grant {} expired — session closed", grant.id));
+        return expired.then(|| format!("grant {} expired — session closed", current.id));
     }
     let by = current
         .ended
@@ -382,7 +381,7 @@ fn ending(current: &Grant) -> Option<String> {
         .unwrap_or_default();
     Some(format!(
         "grant {} {} by {by}{why} — session closed",
-        grant.id, current.state
+        current.id, current.state
     ))
 }
 

@@ -248,6 +248,35 @@ mod tests {
         assert_eq!(keys, (1..=1000).collect::<Vec<_>>());
     }
 
+    /// Scans stay inside their prefix, start where asked and come back in key
+    /// order; typed tables read the same entries.
+    #[test]
+    fn scans_by_prefix_and_range() {
+        let (_dir, store) = store();
+        let table: Table<String, u32> = Table::new(&store, "t");
+        for (key, value) in [("b/2", 2), ("a/1", 1), ("b/1", 1), ("b/3", 3), ("c/1", 1)] {
+            table.put(&key.to_string(), &value).unwrap();
+        }
+        let keys = |prefix: &[u8], from: Option<&str>| -> Vec<String> {
+            let from = from.map(str::to_string);
+            table
+                .scan(prefix, from.as_ref())
+                .map(|e| e.unwrap().0)
+                .collect()
+        };
+        assert_eq!(keys(b"b/", None), ["b/1", "b/2", "b/3"]);
+        assert_eq!(keys(b"b/", Some("b/2")), ["b/2", "b/3"]);
+        assert_eq!(keys(b"", Some("b/3")), ["b/3", "c/1"]);
+        assert_eq!(keys(b"d", None), Vec::<String>::new());
+        assert_eq!(table.last().unwrap(), Some(("c/1".to_string(), 1)));
+        let (value, bytes) = table.get_versioned(&"b/2".to_string()).unwrap().unwrap();
+        assert!(table
+            .swap(&"b/2".to_string(), Some(&bytes), &(value + 1))
+            .unwrap());
+        assert!(!table.swap(&"b/2".to_string(), Some(&bytes), &0).unwrap());
+        assert_eq!(table.get(&"b/2".to_string()).unwrap(), Some(3));
+    }
+
     #[test]
     fn counters_hand_out_each_number_once() {
         let (_dir, store) = store();

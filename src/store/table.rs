@@ -97,13 +97,6 @@ impl<K: Key, V: Serialize + DeserializeOwned> Table<K, V> {
             .compare_and_swap(self.tree, &key.encode(), old, Some(&to_json(new)))
     }
 
-    /// Removes the entry only if its stored bytes are still `old`.
-    pub fn swap_out(&self, key: &K, old: &[u8]) -> Result<bool> {
-        self.store
-            .backend()
-            .compare_and_swap(self.tree, &key.encode(), Some(old), None)
-    }
-
     /// Every entry, in key order.
     pub fn iter(&self) -> impl Iterator<Item = Result<(K, V)>> + '_ {
         self.scan(b"", None)
