@@ -16,8 +16,9 @@ pub fn list(caller: &Caller, since: Option<String>, json: bool) -> Reply {
     };
     let events = caller
         .state
-        .store
-        .audit_events()
+        .grants
+        .audit_log()
+        .events()
         .map_err(|e| e.to_string())?;
     let mut out = String::new();
     for event in events.iter().filter(|e| since.is_none_or(|at| e.at >= at)) {
@@ -57,16 +58,16 @@ fn human(event: &AuditEvent) -> String {
 /// session record to its chained events and, with `recordings`, recomputes every
 /// transcript digest. The first problem found is the error.
 pub fn verify(caller: &Caller, recordings: bool, anchors: &[Anchor]) -> Reply {
-    let store = &caller.state.store;
+    let (recorder, audit) = (&caller.state.recorder, caller.state.grants.audit_log());
     // This order lets a busy bastion go on writing meanwhile (see `record::check`).
-    let before = store.sessions().map_err(|e| e.to_string())?;
+    let before = recorder.sessions().map_err(|e| e.to_string())?;
     let (issued, reserved) = caller
         .state
         .recorder
         .reservations()
         .map_err(|e| e.to_string())?;
-    let events = store.audit_events().map_err(|e| e.to_string())?;
-    let after = store.sessions().map_err(|e| e.to_string())?;
+    let events = audit.events().map_err(|e| e.to_string())?;
+    let after = recorder.sessions().map_err(|e| e.to_string())?;
     let summary = verify_chain(&events).map_err(|err| err.to_string())?;
     let mut report = format!(
         "audit chain OK: {} events, head #{} {}\n",

@@ -290,7 +290,7 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
                 ttl,
                 reason,
             };
-            match requests::request(&caller, args) {
+            match requests::request(&caller, args).await {
                 Ok(grant) if wait && grant.state == GrantState::Pending => {
                     if !json {
                         out.stdout(&requests::describe_outcome(&caller, &grant))
@@ -314,24 +314,26 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
             comment,
             totp,
             json,
-        } => step_up::for_decision(context, &mut client, &caller, &id, totp)
-            .await
-            .and_then(|()| requests::approve(&caller, &id, comment, json)),
+        } => match step_up::for_decision(context, &mut client, &caller, &id, totp).await {
+            Ok(()) => requests::approve(&caller, &id, comment, json).await,
+            Err(refusal) => Err(refusal),
+        },
         Command::Deny {
             id,
             reason,
             totp,
             json,
-        } => step_up::for_decision(context, &mut client, &caller, &id, totp)
-            .await
-            .and_then(|()| requests::deny(&caller, &id, reason, json)),
+        } => match step_up::for_decision(context, &mut client, &caller, &id, totp).await {
+            Ok(()) => requests::deny(&caller, &id, reason, json).await,
+            Err(refusal) => Err(refusal),
+        },
         Command::Totp {
             action: TotpAction::Enroll { invite },
         } => step_up::enroll(context, &mut client, invite).await,
         Command::Totp {
             action: TotpAction::Status,
         } => step_up::status(&caller),
-        Command::Revoke { id, reason, json } => requests::revoke(&caller, &id, reason, json),
+        Command::Revoke { id, reason, json } => requests::revoke(&caller, &id, reason, json).await,
         Command::Grants { json } => requests::grants(&caller, json),
         auditor_command => {
             let reply = match auditor(&caller) {
@@ -384,7 +386,7 @@ async fn run_auditor(
                 active,
                 grep,
             };
-            sessions::list(caller, filter, json)
+            sessions::list(caller, filter, json).await
         }
         Command::Replay {
             session,

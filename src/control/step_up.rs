@@ -166,5 +166,5 @@ async fn check_code(
         }
         None => return Err(format!("a TOTP code is needed {purpose}: add --totp CODE")),
     };
-    context.check_totp(&code, purpose)
+    context.check_totp(&code, purpose).await
 }

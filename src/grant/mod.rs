@@ -12,6 +12,7 @@ mod model;
 pub mod notify;
 pub mod scope;
 mod service;
+mod table;
 
 use chrono::{DateTime, Utc};
 

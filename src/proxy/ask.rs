@@ -70,7 +70,13 @@ async fn wait_for_decision(
     grant: Grant,
 ) -> bool {
     let grants = &context.state.grants;
-    let mut changes = grants.subscribe();
+    let mut changes = match grants.watch(&grant.id) {
+        Ok(changes) => changes,
+        Err(err) => {
+            client.out.fail(&err.to_string(), 1).await;
+            return false;
+        }
+    };
     let started = Instant::now();
     let mut redraw = tokio::time::interval(REDRAW);
     let approvers = context
@@ -87,13 +93,7 @@ async fn wait_for_decision(
         })
         .unwrap_or_default();
     loop {
-        let current = match grants.get(&grant.id) {
-            Ok(current) => current,
-            Err(err) => {
-                client.out.fail(&err.to_string(), 1).await;
-                return false;
-            }
-        };
+        let current = changes.borrow_and_update().clone();
         if current.state != GrantState::Pending {
             return report_decision(client, &current).await;
         }
@@ -114,13 +114,12 @@ async fn wait_for_decision(
                 };
                 if cancelled {
                     let user = context.identity.user.as_str();
-                    let result = grants.revoke(
-                        &context.state.policy(),
-                        &grant.id,
-                        user,
-                        Some("cancelled at the prompt".into()),
-                        Utc::now(),
-                    );
+                    let (policy, id, user) = (context.state.policy(), grant.id.clone(), user.to_string());
+                    let result = grants
+                        .run(move |grants| {
+                            grants.revoke(&policy, &id, &user, Some("cancelled at the prompt".into()), Utc::now())
+                        })
+                        .await;
                     if result.is_ok() {
                         // End the status line first: the notice starts a line of its own.
                         client.out.stderr("\r\x1b[K").await;

@@ -16,6 +16,7 @@ pub mod check;
 pub mod disk;
 pub mod replay;
 pub mod screen;
+mod stored;
 mod transcript;
 
 use std::collections::{BTreeSet, HashMap};
@@ -36,6 +37,7 @@ use crate::budget::{Account, Budget};
 use crate::store::{Store, StoreError};
 pub use disk::RecordingLimits;
 use disk::Size;
+pub use stored::SessionStore;
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
 
 /// Decompresses and decodes one stored batch (for tools and fuzzing).
@@ -212,7 +214,7 @@ pub struct SessionEnd {
 
 /// All recordings: starts sessions, finds live ones for `watch`, reads transcripts.
 pub struct Recorder {
-    store: Arc<Store>,
+    store: SessionStore,
     /// Batches being compressed and written at once, across all sessions: bounded so
     /// that a burst of flushes queues instead of taking every core from the relay.
     writers: Arc<Semaphore>,
@@ -317,7 +319,7 @@ pub struct Follow {
 impl Recorder {
     pub fn new(store: Arc<Store>, record_input: bool, record_file_transfers: bool) -> Recorder {
         Recorder {
-            store,
+            store: SessionStore::new(store),
             writers: Arc::new(Semaphore::new(WRITERS)),
             record_input,
             record_file_transfers,
@@ -639,6 +641,16 @@ impl Recorder {
         Some((pending.input_bytes, pending.output_bytes))
     }
 
+    /// Every recorded session, oldest first.
+    pub fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        self.store.sessions()
+    }
+
+    /// One session's record.
+    pub fn session(&self, id: u64) -> Result<Option<SessionRecord>, StoreError> {
+        self.store.session(id)
+    }
+
     /// Recomputes a transcript's SHA-256 from the stored batches.
     pub fn digest_of(&self, id: u64) -> Result<String, StoreError> {
         let mut digest = TranscriptDigest::default();
@@ -731,7 +743,7 @@ impl Recorder {
 
 /// Iterator over a session's stored batches, decoded, fetched one at a time.
 pub struct Batches<'a> {
-    store: &'a Store,
+    store: &'a SessionStore,
     session: u64,
     next: u32,
 }
@@ -1055,7 +1067,7 @@ async fn flush_loop(
 /// batches, and one write per flush would cost a sled write per session per
 /// interval.)
 async fn write_batch(
-    store: &Arc<Store>,
+    store: &SessionStore,
     record: &mut SessionRecord,
     digest: &mut TranscriptDigest,
     chunks: Vec<Chunk>,
@@ -1148,7 +1160,7 @@ mod tests {
         session
             .output(Stream::Stdout, &Bytes::from_static(b"before\r\n"))
             .await;
-        store.fail_batch_writes(true);
+        recorder.store.fail_batch_writes(true);
         session
             .output(Stream::Stdout, &Bytes::from_static(b"after\r\n"))
             .await;
@@ -1284,7 +1296,7 @@ mod tests {
         given_up.fail("target unreachable");
         let session = recorder.start(used, info()).unwrap();
         assert!(recorder.reservations().unwrap().1.is_empty());
-        let events = store.audit_events().unwrap();
+        let events = crate::audit::AuditLog::new(&store).events().unwrap();
         assert_eq!(
             events.len(),
             1,

@@ -330,7 +330,8 @@ async fn expire_grants(state: Arc<State>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(err) = state.grants.sweep(chrono::Utc::now()) {
+        let now = chrono::Utc::now();
+        if let Err(err) = state.grants.run(move |grants| grants.sweep(now)).await {
             tracing::error!(error = %err, "cannot expire grants");
         }
     }
