@@ -491,7 +491,7 @@ async fn a_grant_ends_its_live_session_at_expiry_on_a_paused_clock() {
     // time); it lasts from the moment `sleep` runs on the target.
     let (session, mut channel) = with_clock_held(async {
         let session = russh_login(bastion.port, &on("prod"), &alice).await;
-        let mut channel = session.channel_open_session().await.expect("channel");
+        let channel = session.channel_open_session().await.expect("channel");
         channel
             .exec(true, format!("sleep {seconds}"))
             .await
