@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     authenticated, cpu_seconds, login_user, percentile, proc_kib, russh_config, russh_login,
-    stat_fields, AnyHostKey, World, TARGET,
+    stat_fields, AnyHostKey, World, WorldOptions, TARGET,
 };
 use russh::client;
 use russh::keys::PrivateKey;
@@ -122,7 +122,14 @@ fn main() {
     );
     let duration = Duration::from_secs(seconds);
     for n in sizes {
-        let world = World::start();
+        // One user holds all N sessions, each on a connection of its own: above the
+        // per-user defaults (128 connections, 256 sessions) for the larger N.
+        let world = World::start_with(WorldOptions {
+            extra_config: format!(
+                "[limits]\nconnections_per_user = {n}\nsessions_per_user = {n}\npenalty_exempt = [\"127.0.0.1\"]\n"
+            ),
+            ..WorldOptions::default()
+        });
         let jump = world.jump_host();
         let key =
             Arc::new(russh::keys::load_secret_key(world.alice.key(), None).expect("alice's key"));

@@ -120,12 +120,7 @@ impl Bastion {
 
     /// Waits up to `timeout` for the bastion to exit and returns how it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        wait_until(timeout, || {
-            status = self.daemon.child.try_wait().expect("poll bastion");
-            status.is_some()
-        });
-        status
+        wait_exit(&mut self.daemon.child, timeout)
     }
 
     /// A stand-in while the real bastion restarts: a process that is already gone.

@@ -366,14 +366,7 @@ impl Daemon {
                 .append(true)
                 .open(log)
                 .expect("open daemon log");
-            let mut cmd = prepare(port);
-            cmd.stdin(Stdio::null())
-                .stdout(log_file.try_clone().expect("clone log handle"))
-                .stderr(log_file)
-                .process_group(0);
-            let child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("cannot start {what} ({cmd:?}): {e}"));
+            let child = spawn_logged(&mut prepare(port), log_file);
             let mut daemon = Daemon {
                 what,
                 child,
@@ -453,14 +446,7 @@ pub struct Background {
 
 impl Background {
     pub fn spawn(mut cmd: Command, log: &Path) -> Background {
-        let file = File::create(log).expect("create background log");
-        cmd.stdin(Stdio::null())
-            .stdout(file.try_clone().expect("clone log handle"))
-            .stderr(file)
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let child = spawn_logged(&mut cmd, File::create(log).expect("create background log"));
         Background {
             child,
             log: log.to_path_buf(),
@@ -470,12 +456,7 @@ impl Background {
     /// Waits up to `timeout` for the process to exit; returns whether it did
     /// and with which status.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let mut status = None;
-        wait_until(timeout, || {
-            status = self.child.try_wait().expect("poll background process");
-            status.is_some()
-        });
-        status
+        wait_exit(&mut self.child, timeout)
     }
 
     /// What the process has printed so far.
@@ -489,4 +470,25 @@ impl Drop for Background {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns `cmd` in a process group of its own (so that it can be killed with its
+/// children), stdin closed, stdout and stderr to `log`.
+fn spawn_logged(cmd: &mut Command, log: File) -> Child {
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone log handle"))
+        .stderr(log)
+        .process_group(0);
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+/// Waits up to `timeout` for `child` to exit; returns its status if it did.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let mut status = None;
+    wait_until(timeout, || {
+        status = child.try_wait().expect("poll child process");
+        status.is_some()
+    });
+    status
 }
