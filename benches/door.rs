@@ -24,7 +24,7 @@
 //! with the worlds' temporary directories.
 
 #[path = "../tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::net::IpAddr;
 use std::process::{Command, Stdio};

@@ -6,30 +6,38 @@
 //! ```
 //!
 //! For each N (default 100 and 500; `BENCH_SESSIONS=100,500,1000` to choose), a fresh
-//! target sshd and bastion are started and N sessions are opened on each route:
-//! straight to sshd, and through portcullis with recording on. Each session is a pty
-//! running `stty raw -echo; cat`, so every byte typed comes back once. The routes
-//! then take turns (`BENCH_ROUNDS`, default 3): every session of one route types a
-//! byte every 100 ms for `BENCH_SECONDS` (default 10) and times each echo. The table
-//! shows echo latency (p50/p99, the median over rounds) on both routes and what
-//! portcullis adds, the bastion's CPU and peak RSS per session, the session setup
-//! rate, how busy the whole machine and this load generator were while each route
-//! typed (the target sshd and the generator share the cores with the bastion), and
-//! each round's p99 so that a noisy round is visible.
+//! target sshd, a second sshd as an OpenSSH jump host, and a bastion are started, and N
+//! sessions are opened on each of three routes to the same target: straight to sshd,
+//! through the jump host as `ssh -J` does (an SSH connection to the target tunnelled
+//! in a `direct-tcpip` channel of one to the jump host), and through portcullis with
+//! recording on. Each session is a pty running `stty raw -echo; cat`, so every byte
+//! typed comes back once. The routes then take turns (`BENCH_ROUNDS`, default 3):
+//! every session of one route types a byte every 100 ms for `BENCH_SECONDS` (default
+//! 10) and times each echo. The table has one row per route and N: echo latency
+//! (p50/p99, the median over rounds) and what the route adds over direct, the CPU of
+//! the hop in the middle (the bastion, or the jump sshd with its per-connection
+//! processes) while its sessions typed, the hop's memory per session (growth of its
+//! proportional set size, PSS, so that pages shared between sshd processes count
+//! once), the session setup rate, how busy the whole machine and this load generator
+//! were while the route typed (the target sshd and the generator share the cores with
+//! the hop), and each round's p99 so that a noisy round is visible.
 //!
 //! The clients are russh sessions in this process (N OpenSSH processes with a pty
-//! each would measure the machine's process table, not the bastion).
+//! each would measure the machine's process table, not the hop).
 
 #[path = "../tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cpu_seconds, login_user, percentile, status_kib, AnyHostKey, World, TARGET};
+use common::{
+    authenticated, cpu_seconds, login_user, percentile, proc_kib, russh_config, russh_login,
+    stat_fields, AnyHostKey, World, WorldOptions, TARGET,
+};
 use russh::client;
-use russh::keys::{PrivateKey, PrivateKeyWithHashAlg};
+use russh::keys::PrivateKey;
 use russh::ChannelMsg;
 use tokio::task::JoinSet;
 
@@ -45,12 +53,24 @@ struct Endpoint {
     port: u16,
     user: String,
     key: Arc<PrivateKey>,
+    /// The jump host's port, for the ProxyJump route (same user and key).
+    jump: Option<u16>,
 }
 
 /// One interactive session, ready to type into.
 struct Typist {
     _session: client::Handle<AnyHostKey>,
+    /// The connection to the jump host that carries the session, if any.
+    _jump: Option<client::Handle<AnyHostKey>>,
     channel: russh::Channel<client::Msg>,
+}
+
+/// One route to the target, with the process in the middle whose cost is measured.
+struct Route {
+    name: &'static str,
+    endpoint: Endpoint,
+    /// The hop's process (its descendants count too); none for the direct route.
+    hop: Option<u32>,
 }
 
 /// Sessions open to one endpoint, and how fast they were opened.
@@ -87,86 +107,118 @@ fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "\n{:>5} {:>11} {:>11} {:>14} {:>14} {:>10} {:>10} {:>6} {:>12} {:>15} {:>14} {:>14}   p99 by round dir/pc",
+        "\n{:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>7} {:>11} {:>8} {:>8} {:>8}   p99 by round",
+        "route",
         "N",
-        "direct p50",
-        "direct p99",
-        "portcullis p50",
-        "portcullis p99",
+        "p50",
+        "p99",
         "added p50",
         "added p99",
-        "CPU %",
-        "RSS/session",
-        "setup/s dir/pc",
-        "machine dir/pc",
-        "loadgen dir/pc",
+        "hop CPU",
+        "hop mem/ses",
+        "setup/s",
+        "machine",
+        "loadgen",
     );
     let duration = Duration::from_secs(seconds);
     for n in sizes {
-        let world = World::start();
+        // One user holds all N sessions, each on a connection of its own: above the
+        // per-user defaults (128 connections, 256 sessions) for the larger N.
+        let world = World::start_with(WorldOptions {
+            extra_config: format!(
+                "[limits]\nconnections_per_user = {n}\nsessions_per_user = {n}\npenalty_exempt = [\"127.0.0.1\"]\n"
+            ),
+            ..WorldOptions::default()
+        });
+        let jump = world.jump_host();
         let key =
             Arc::new(russh::keys::load_secret_key(world.alice.key(), None).expect("alice's key"));
-        let alice_pub = fs::read_to_string(world.alice.key().with_extension("pub")).unwrap();
-        world.sshd.authorize_key(&alice_pub);
-        let direct = Endpoint {
-            port: world.sshd.port(),
-            user: login_user().to_string(),
+        let endpoint = |port: u16, user: String, jump: Option<u16>| Endpoint {
+            port,
+            user,
             key: key.clone(),
+            jump,
         };
-        let through = Endpoint {
-            port: world.bastion.port(),
-            user: format!("{}@{TARGET}", login_user()),
-            key,
-        };
-        let pid = world.bastion.pid();
-        let rss_before = status_kib(pid, "VmRSS:");
-        let mut base = runtime.block_on(open_all(&direct, n));
-        let mut ours = runtime.block_on(open_all(&through, n));
-        // Both routes are open at once and type in alternating rounds, so both see
-        // the same machine; a hiccup of the machine shows in one round, not the result.
-        let (mut base_rounds, mut our_rounds) = (Vec::new(), Vec::new());
-        let (mut base_cpu, mut our_cpu) = (Usage::default(), Usage::default());
-        for _ in 0..rounds {
-            base_rounds
-                .push(base_cpu.measure(pid, || runtime.block_on(type_round(&mut base, duration))));
-            our_rounds
-                .push(our_cpu.measure(pid, || runtime.block_on(type_round(&mut ours, duration))));
-        }
-        let peak = status_kib(pid, "VmHWM:");
-        let per_session_kib = peak.saturating_sub(rss_before) as f64 / n as f64;
-        let (d50, d99) = medians(&base_rounds);
-        let (p50, p99) = medians(&our_rounds);
-        let by_round: Vec<String> = base_rounds
+        let login = login_user().to_string();
+        let routes = [
+            Route {
+                name: "direct",
+                endpoint: endpoint(world.sshd.port(), login.clone(), None),
+                hop: None,
+            },
+            Route {
+                name: "proxyjump",
+                endpoint: endpoint(world.sshd.port(), login.clone(), Some(jump.port())),
+                hop: Some(jump.pid()),
+            },
+            Route {
+                name: "portcullis",
+                endpoint: endpoint(world.bastion.port(), format!("{login}@{TARGET}"), None),
+                hop: Some(world.bastion.pid()),
+            },
+        ];
+        let memory_before: Vec<u64> = routes
             .iter()
-            .zip(&our_rounds)
-            .map(|(d, p)| format!("{:.1}/{:.1}", d.p99, p.p99))
+            .map(|r| r.hop.map_or(0, tree_pss_kib))
             .collect();
-        println!(
-            "{n:>5} {d50:>9.2}ms {d99:>9.2}ms {p50:>12.2}ms {p99:>12.2}ms {:>8.2}ms {:>8.2}ms {:>5.0}% {:>8.0} KiB {:>7.0} / {:<5.0} {:>5.0}% / {:<4.0}% {:>5.0}% / {:<4.0}%   {}",
-            p50 - d50,
-            p99 - d99,
-            our_cpu.bastion_percent(),
-            per_session_kib,
-            base.setup_per_second,
-            ours.setup_per_second,
-            base_cpu.machine.busy_percent(),
-            our_cpu.machine.busy_percent(),
-            base_cpu.generator_percent(),
-            our_cpu.generator_percent(),
-            by_round.join(" ")
-        );
-        runtime.block_on(close_all(base));
-        runtime.block_on(close_all(ours));
+        let mut sides: Vec<Side> = routes
+            .iter()
+            .map(|r| runtime.block_on(open_all(&r.endpoint, n)))
+            .collect();
+        // All routes are open at once and type in alternating rounds, so all see the
+        // same machine; a hiccup of the machine shows in one round, not the result.
+        let mut results: Vec<Vec<Round>> = routes.iter().map(|_| Vec::new()).collect();
+        let mut usage: Vec<Usage> = routes.iter().map(|_| Usage::default()).collect();
+        for _ in 0..rounds {
+            for (i, route) in routes.iter().enumerate() {
+                let side = &mut sides[i];
+                let round =
+                    usage[i].measure(route.hop, || runtime.block_on(type_round(side, duration)));
+                results[i].push(round);
+            }
+        }
+        let (d50, d99) = medians(&results[0]);
+        for (i, route) in routes.iter().enumerate() {
+            let (p50, p99) = medians(&results[i]);
+            let by_round: Vec<String> =
+                results[i].iter().map(|r| format!("{:.1}", r.p99)).collect();
+            let (hop_cpu, hop_memory) = match route.hop {
+                Some(pid) => (
+                    format!("{:.0}%", usage[i].hop_percent()),
+                    format!(
+                        "{:.0} KiB",
+                        tree_pss_kib(pid).saturating_sub(memory_before[i]) as f64 / n as f64
+                    ),
+                ),
+                None => ("-".to_string(), "-".to_string()),
+            };
+            println!(
+                "{:<10} {n:>5} {p50:>7.2}ms {p99:>7.2}ms {:>7.2}ms {:>7.2}ms {hop_cpu:>7} {hop_memory:>11} {:>8.0} {:>7.0}% {:>7.0}%   {}",
+                route.name,
+                p50 - d50,
+                p99 - d99,
+                sides[i].setup_per_second,
+                usage[i].machine.busy_percent(),
+                usage[i].generator_percent(),
+                by_round.join(" ")
+            );
+        }
+        for side in sides {
+            runtime.block_on(close_all(side));
+        }
+        drop(jump);
     }
-    println!("\nLatencies are medians over the rounds of each round's percentile.");
     println!(
-        "CPU % is the bastion's while the portcullis sessions typed; machine is the whole machine's and"
+        "\nLatencies are medians over the rounds of each round's percentile; added is over direct."
     );
     println!(
-        "loadgen this benchmark's own client sessions', while each route typed (100% = one core)."
+        "hop CPU is the bastion's, or the jump sshd's with its per-connection processes', while the route typed;"
     );
     println!(
-        "targets: 500 sessions with p99 added echo latency < 10 ms and < 1 MiB RSS per session"
+        "machine is the whole machine's and loadgen this benchmark's own client sessions' (100% = one core)."
+    );
+    println!(
+        "targets: 500 sessions with p99 added echo latency < 10 ms and no worse than proxyjump's, < 1 MiB per session"
     );
 }
 
@@ -222,31 +274,32 @@ impl MachineCpu {
 #[derive(Default)]
 struct Usage {
     machine: MachineCpu,
-    bastion_seconds: f64,
+    hop_seconds: f64,
     generator_seconds: f64,
     wall_seconds: f64,
 }
 
 impl Usage {
     /// Runs one typing round and adds what it cost to this route's usage.
-    fn measure(&mut self, bastion: u32, round: impl FnOnce() -> Round) -> Round {
+    fn measure(&mut self, hop: Option<u32>, round: impl FnOnce() -> Round) -> Round {
         let generator = std::process::id();
-        let (machine, bastion_before, generator_before, started) = (
+        let hop_cpu = || hop.map_or(0.0, tree_cpu_seconds);
+        let (machine, hop_before, generator_before, started) = (
             MachineCpu::now(),
-            cpu_seconds(bastion),
+            hop_cpu(),
             cpu_seconds(generator),
             Instant::now(),
         );
         let result = round();
         self.wall_seconds += started.elapsed().as_secs_f64();
-        self.bastion_seconds += cpu_seconds(bastion) - bastion_before;
+        self.hop_seconds += hop_cpu() - hop_before;
         self.generator_seconds += cpu_seconds(generator) - generator_before;
         self.machine.add(MachineCpu::now().since(&machine));
         result
     }
 
-    fn bastion_percent(&self) -> f64 {
-        self.bastion_seconds / self.wall_seconds * 100.0
+    fn hop_percent(&self) -> f64 {
+        self.hop_seconds / self.wall_seconds * 100.0
     }
 
     fn generator_percent(&self) -> f64 {
@@ -313,24 +366,30 @@ async fn close_all(side: Side) {
     }
 }
 
-/// Connects, authenticates, and starts `stty raw -echo; cat` on a pty; returns
-/// once the session echoes.
+/// Connects (through the jump host when the endpoint has one, as `ssh -J` does),
+/// authenticates, and starts `stty raw -echo; cat` on a pty; returns once the
+/// session echoes.
 async fn open(endpoint: Endpoint) -> Typist {
-    let config = Arc::new(client::Config {
-        nodelay: true,
-        ..Default::default()
-    });
-    let mut session = client::connect(config, ("127.0.0.1", endpoint.port), AnyHostKey)
-        .await
-        .expect("connect");
-    let auth = session
-        .authenticate_publickey(
-            endpoint.user.clone(),
-            PrivateKeyWithHashAlg::new(endpoint.key.clone(), None),
-        )
-        .await
-        .expect("authenticate");
-    assert!(auth.success(), "authentication refused");
+    let (session, jump) = match endpoint.jump {
+        None => (
+            russh_login(endpoint.port, &endpoint.user, &endpoint.key).await,
+            None,
+        ),
+        Some(jump_port) => {
+            let hop = russh_login(jump_port, &endpoint.user, &endpoint.key).await;
+            let tunnel = hop
+                .channel_open_direct_tcpip("127.0.0.1", endpoint.port.into(), "127.0.0.1", 0)
+                .await
+                .expect("direct-tcpip through the jump host");
+            let session = client::connect_stream(russh_config(), tunnel.into_stream(), AnyHostKey)
+                .await
+                .expect("connect through the jump host");
+            (
+                authenticated(session, &endpoint.user, &endpoint.key).await,
+                Some(hop),
+            )
+        }
+    };
     let mut channel = session.channel_open_session().await.expect("open channel");
     channel
         .request_pty(false, "xterm", 80, 24, 0, 0, &[])
@@ -350,6 +409,7 @@ async fn open(endpoint: Endpoint) -> Typist {
     }
     Typist {
         _session: session,
+        _jump: jump,
         channel,
     }
 }
@@ -374,4 +434,48 @@ async fn type_until(mut typist: Typist, deadline: Instant, offset: Duration) -> 
         samples.push(sent.elapsed().as_secs_f64() * 1000.0);
     }
     (typist, samples)
+}
+
+/// `pid` and every process below it: the bastion is one process, an sshd is one per
+/// connection (and more per session), all children of the listener.
+fn process_tree(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|p| Some((p, parent_of(p)?)))
+        .collect();
+    let mut tree = vec![pid];
+    let mut at = 0;
+    while at < tree.len() {
+        let parent = tree[at];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        at += 1;
+    }
+    tree
+}
+
+/// The parent pid of `pid`.
+fn parent_of(pid: u32) -> Option<u32> {
+    stat_fields(pid).get(1)?.parse().ok()
+}
+
+/// CPU seconds used so far by `pid` and the processes below it.
+fn tree_cpu_seconds(pid: u32) -> f64 {
+    process_tree(pid).into_iter().map(cpu_seconds).sum()
+}
+
+/// Proportional set size of `pid` and the processes below it, in KiB: memory
+/// shared between them (sshd's processes share most of theirs) counts once.
+fn tree_pss_kib(pid: u32) -> u64 {
+    process_tree(pid)
+        .into_iter()
+        .map(|p| proc_kib(p, "smaps_rollup", "Pss:"))
+        .sum()
 }

@@ -31,7 +31,7 @@
 //! per route, default 21), `BENCH_ONLY=recording` (only the recording costs).
 
 #[path = "../tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io::Read;
@@ -84,12 +84,9 @@ fn main() {
         return;
     }
     let world = World::start();
-    let alice_pub = fs::read_to_string(world.alice.key().with_extension("pub"))
-        .expect("read alice's public key");
     // Direct ssh and ProxyJump log in to the target with alice's own key; portcullis
     // uses its upstream key, which the target already trusts.
-    world.sshd.authorize_key(&alice_pub);
-    let jump = Sshd::start(&world.path("jump"), &[alice_pub.trim().to_string()]);
+    let jump = world.jump_host();
     let client_config = write_client_config(&world.path("ssh_config"), world.alice.key());
     let routes = routes(&client_config, &world, &jump);
 

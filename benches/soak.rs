@@ -17,7 +17,7 @@
 //!    bastion's peak RSS rose above its resident size before (goal: under 100 MiB).
 
 #[path = "../tests/common/mod.rs"]
-mod common;
+pub mod common;
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};

@@ -112,30 +112,46 @@ impl Lock {
     /// Takes the data directory for this process, or says which process has it.
     pub fn acquire(dir: &Path) -> Result<Lock> {
         let path = dir.join(PID_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|err| unwritable(dir, &err))?;
-        if let Err(err) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
-            if err == rustix::io::Errno::WOULDBLOCK {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                let pid = text.trim();
-                let pid = if pid.is_empty() { "unknown" } else { pid };
-                bail!("another portcullis (pid {pid}) is using {}", dir.display());
+        loop {
+            let mut file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|err| unwritable(dir, &err))?;
+            if let Err(err) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                if err == rustix::io::Errno::WOULDBLOCK {
+                    let mut text = String::new();
+                    let _ = file.read_to_string(&mut text);
+                    let pid = text.trim();
+                    let pid = if pid.is_empty() { "unknown" } else { pid };
+                    bail!("another portcullis (pid {pid}) is using {}", dir.display());
+                }
+                return Err(std::io::Error::from(err))
+                    .with_context(|| format!("cannot lock {}", path.display()));
             }
-            return Err(std::io::Error::from(err))
-                .with_context(|| format!("cannot lock {}", path.display()));
+            // The holder we waited out removes the file before unlocking it: a lock
+            // on the removed file would let the next `serve` lock a new one too.
+            if !is_at(&file, &path) {
+                continue;
+            }
+            file.set_len(0)?;
+            file.rewind()?;
+            writeln!(file, "{}", std::process::id())?;
+            file.sync_all()?;
+            return Ok(Lock { file, path });
         }
-        file.set_len(0)?;
-        file.rewind()?;
-        writeln!(file, "{}", std::process::id())?;
-        file.sync_all()?;
-        Ok(Lock { file, path })
+    }
+}
+
+/// Whether `file` is still the file at `path` (not one removed since it was opened).
+fn is_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
     }
 }
 

@@ -8,7 +8,7 @@
 //! packages are pinned in `scripts/requirements.txt`; Debian's come from the
 //! distribution (`scripts/test` installs both).
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};

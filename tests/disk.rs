@@ -6,7 +6,7 @@
 //! be written is refused; `/healthz` says why; once space is back the bastion exits
 //! non-zero (the test plays systemd and starts it again) and `audit verify` holds.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io::Write;

@@ -4,7 +4,7 @@
 //! real OpenSSH clients and raw TCP sockets on loopback (127.0.0.0/8 addresses as
 //! sources). The figures are in `cargo bench --bench door`.
 
-mod common;
+pub mod common;
 
 use std::io::Read;
 use std::net::{IpAddr, TcpStream};

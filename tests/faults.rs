@@ -1,7 +1,7 @@
 //! Behaviour under faults and stress: graceful shutdown, a target that dies, clients
 //! that vanish, policy reloads under load, odd clients; metrics and health.
 
-mod common;
+pub mod common;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;

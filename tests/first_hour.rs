@@ -14,7 +14,7 @@
 //! The one other difference: the bastion listens on a free port (a config file
 //! saying only that), not on 2222, so tests can run side by side.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -2,7 +2,7 @@
 //! carol (approvers), dave (engineer and auditor); a real sshd behind four targets
 //! with different flows (see `common::Policies`).
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -445,6 +445,92 @@ fn a_grant_ends_its_live_session_at_expiry() {
         wait_until(Duration::from_secs(3), || state_of(&w, &id) == "expired"),
         "the sweeper marks it expired"
     );
+}
+
+/// The same rule with the bastion in this process on tokio's paused clock: the grant
+/// lasts a minute, which passes in virtual time as soon as the session is idle, so
+/// the test takes as long as setting the session up. The target is still the real
+/// sshd; only the clients are russh sessions in this process (an OpenSSH child
+/// process would block the one runtime thread the bastion runs on).
+#[tokio::test(start_paused = true)]
+async fn a_grant_ends_its_live_session_at_expiry_on_a_paused_clock() {
+    let ttl = Duration::from_secs(60);
+    let mut w = World::prepare(WorldOptions::default());
+    let bastion = InProcess::start(w.dir.path()).await;
+    w.follow(bastion.port);
+    let key = |name: &str| {
+        std::sync::Arc::new(russh::keys::load_secret_key(w.path(name), None).expect("key"))
+    };
+    let (alice, bob) = (key(USER), key("bob"));
+    let control = |user: &std::sync::Arc<russh::keys::PrivateKey>, command: String| {
+        let user = user.clone();
+        async move {
+            let session = russh_login(bastion.port, CONTROL_USER, &user).await;
+            let out = russh_exec(&session, &command).await;
+            assert_eq!(out.status, Some(0), "{command}: {}", text(&out.stderr));
+            text(&out.stdout)
+        }
+    };
+    let filed = control(
+        &alice,
+        format!(
+            "request prod --command 'sleep *' --ttl {}s --reason INC-4411 --json",
+            ttl.as_secs()
+        ),
+    )
+    .await;
+    let id = serde_json::from_str::<Value>(&filed).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    control(&bob, format!("approve {id} --comment 'go ahead'")).await;
+
+    // Longer than the test takes in real time, and unique to this run.
+    let seconds = format!("90.{}", bastion.port);
+    // The session is set up with the clock held (the real sshd answers in real
+    // time); it lasts from the moment `sleep` runs on the target.
+    let (session, mut channel) = with_clock_held(async {
+        let session = russh_login(bastion.port, &on("prod"), &alice).await;
+        let channel = session.channel_open_session().await.expect("channel");
+        channel
+            .exec(true, format!("sleep {seconds}"))
+            .await
+            .expect("exec");
+        let running = tokio::task::spawn_blocking(move || {
+            wait_until(STARTUP_TIMEOUT, || process_running(&["sleep", &seconds]))
+        });
+        assert!(
+            running.await.unwrap(),
+            "the command never ran on the target"
+        );
+        (session, channel)
+    })
+    .await;
+    let started = tokio::time::Instant::now();
+    let mut out = Exec::default();
+    let ended = tokio::time::timeout(ttl * 2, async {
+        while let Some(msg) = channel.wait().await {
+            match msg {
+                russh::ChannelMsg::ExtendedData { data, .. } => out.stderr.extend_from_slice(&data),
+                russh::ChannelMsg::ExitStatus { exit_status } => out.status = Some(exit_status),
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the session outlived its grant: {out:?}");
+    let lasted = started.elapsed();
+    let said = text(&out.stderr);
+    assert!(
+        said.contains(&format!("grant {id} expired — session closed")),
+        "{out:?}"
+    );
+    // Closed at its expiry: not before (setting the session up took a few virtual
+    // seconds of the minute), and not at the end of `sleep`.
+    assert!(lasted > ttl - Duration::from_secs(15), "lasted {lasted:?}");
+    assert!(lasted <= ttl, "lasted {lasted:?}");
+    drop(session);
+    bastion.stop().await;
 }
 
 #[test]

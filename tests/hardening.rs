@@ -1,7 +1,7 @@
 //! Hardened by default: what ssh-audit (the real tool) thinks of the bastion, and
 //! how it holds up against floods of failed authentications and odd clients.
 
-mod common;
+pub mod common;
 
 use std::path::Path;
 use std::process::Command;

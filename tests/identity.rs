@@ -2,7 +2,7 @@
 //! removed user and a revocation take effect on live connections and sessions at
 //! once, through real OpenSSH clients (ControlMaster included) and a real sshd.
 
-mod common;
+pub mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -9,7 +9,7 @@
 //! names, as on compose's network. Then the README's walkthrough runs word for
 //! word. What this cannot check is the Dockerfiles' build steps.
 
-mod common;
+pub mod common;
 
 use std::fs::{self, File};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -2,7 +2,7 @@
 //! a real sshd, asserting what an engineer sees (output, exit status, files,
 //! terminal size, error messages). Each test builds its own [`World`].
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io::Read;

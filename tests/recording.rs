@@ -1,7 +1,7 @@
 //! Recording, replay, export, watch and the audit chain, end to end: real OpenSSH
 //! clients, a real sshd target, and the auditor (dave) on the control plane.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::path::Path;

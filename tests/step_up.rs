@@ -1,7 +1,7 @@
 //! TOTP step-up and certificate mode, end to end: real OpenSSH clients (the TOTP
 //! answered by an `SSH_ASKPASS` helper that computes the code), real sshd targets.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};

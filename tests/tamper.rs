@@ -4,7 +4,7 @@
 //! the attacker re-links the chain after it with the bastion's own code, as anyone
 //! with the source can.
 
-mod common;
+pub mod common;
 
 use std::fs;
 use std::path::Path;

@@ -17,7 +17,7 @@ pub fn list(caller: &Caller, since: Option<String>, json: bool) -> Reply {
         ),
         None => None,
     };
-    let events = caller.state.store.audit_events()?;
+    let events = caller.state.grants.audit_log().events()?;
     let mut out = String::new();
     for event in events.iter().filter(|e| since.is_none_or(|at| e.at >= at)) {
         if json {
@@ -56,12 +56,12 @@ fn human(event: &AuditEvent) -> String {
 /// session record to its chained events and, with `recordings`, recomputes every
 /// transcript digest. The first problem found is the error.
 pub fn verify(caller: &Caller, recordings: bool, anchors: &[Anchor]) -> Reply {
-    let store = &caller.state.store;
+    let (recorder, audit) = (&caller.state.recorder, caller.state.grants.audit_log());
     // This order lets a busy bastion go on writing meanwhile (see `record::check`).
-    let before = store.sessions()?;
+    let before = recorder.sessions()?;
     let (issued, reserved) = caller.state.recorder.reservations()?;
-    let events = store.audit_events()?;
-    let after = store.sessions()?;
+    let events = audit.events()?;
+    let after = recorder.sessions()?;
     let summary = verify_chain(&events)?;
     let mut report = format!(
         "audit chain OK: {} events, head #{} {}\n",

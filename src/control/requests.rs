@@ -13,7 +13,7 @@ use super::error::{ControlError, Reply};
 use super::table::{clip, relative, render, scope_cell, short_span};
 use crate::display::escape;
 use crate::grant::lifecycle::{approvers_of, is_approver};
-use crate::grant::{Ending, Grant, GrantError, GrantState, RequestSpec, Scope};
+use crate::grant::{Ending, Grant, GrantError, GrantState, Grants, RequestSpec, Scope};
 use crate::policy::Policy;
 use crate::session::State;
 
@@ -54,7 +54,7 @@ pub struct RequestArgs {
     pub reason: String,
 }
 
-pub fn request(caller: &Caller, args: RequestArgs) -> Result<Grant, ControlError> {
+pub async fn request(caller: &Caller<'_>, args: RequestArgs) -> Result<Grant, ControlError> {
     let ttl = match &args.ttl {
         Some(text) => Some(
             crate::duration::parse(text)
@@ -69,10 +69,12 @@ pub fn request(caller: &Caller, args: RequestArgs) -> Result<Grant, ControlError
         ttl,
         reason: args.reason,
     };
+    let (policy, user, now) = (caller.policy.clone(), caller.user.to_string(), caller.now);
     caller
         .state
         .grants
-        .file(&caller.policy, caller.user, spec, caller.now)
+        .run(move |grants| grants.file(&policy, &user, spec, now))
+        .await
         .map_err(ControlError::from)
 }
 
@@ -134,7 +136,15 @@ pub struct Filter {
 }
 
 pub fn list(caller: &Caller, filter: Filter, json: bool) -> Reply {
-    let grants: Vec<Grant> = all_visible(caller)?
+    // Read through an index unless the whole history was asked for.
+    let grants = &caller.state.grants;
+    let read = match (filter.mine, filter.all) {
+        (true, true) => grants.of_user(caller.user),
+        (true, false) => grants.live_of(caller.user),
+        (false, true) => grants.all(),
+        (false, false) => grants.live(),
+    };
+    let grants: Vec<Grant> = visible(caller, read)?
         .into_iter()
         .filter(|g| !filter.mine || g.requester == caller.user)
         .filter(|g| !filter.pending || g.state == GrantState::Pending)
@@ -154,7 +164,7 @@ pub fn list(caller: &Caller, filter: Filter, json: bool) -> Reply {
 }
 
 pub fn grants(caller: &Caller, json: bool) -> Reply {
-    let active: Vec<Grant> = all_visible(caller)?
+    let active: Vec<Grant> = visible(caller, caller.state.grants.live())?
         .into_iter()
         .filter(|g| g.is_active(caller.now))
         .collect();
@@ -169,7 +179,7 @@ pub fn grants(caller: &Caller, json: bool) -> Reply {
 
 /// The caller's own active grants, for `whoami`.
 pub fn own_active(caller: &Caller) -> Result<Vec<Grant>, ControlError> {
-    Ok(all_visible(caller)?
+    Ok(visible(caller, caller.state.grants.live_of(caller.user))?
         .into_iter()
         .filter(|g| g.requester == caller.user && g.is_active(caller.now))
         .collect())
@@ -254,13 +264,12 @@ pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
     Ok(out)
 }
 
-pub fn approve(caller: &Caller, id: &str, comment: Option<String>, json: bool) -> Reply {
-    let known = caller.visible(id)?;
-    let grant =
-        caller
-            .state
-            .grants
-            .approve(&caller.policy, &known.id, caller.user, comment, caller.now)?;
+pub async fn approve(caller: &Caller<'_>, id: &str, comment: Option<String>, json: bool) -> Reply {
+    let now = caller.now;
+    let grant = decide(caller, id, move |grants, policy, id, user| {
+        grants.approve(policy, id, user, comment, now)
+    })
+    .await?;
     if json {
         return Ok(to_json(&grant));
     }
@@ -275,34 +284,48 @@ pub fn approve(caller: &Caller, id: &str, comment: Option<String>, json: bool) -
     })
 }
 
-pub fn deny(caller: &Caller, id: &str, reason: String, json: bool) -> Reply {
-    let known = caller.visible(id)?;
-    let grant =
-        caller
-            .state
-            .grants
-            .deny(&caller.policy, &known.id, caller.user, reason, caller.now)?;
+pub async fn deny(caller: &Caller<'_>, id: &str, reason: String, json: bool) -> Reply {
+    let now = caller.now;
+    let grant = decide(caller, id, move |grants, policy, id, user| {
+        grants.deny(policy, id, user, reason, now)
+    })
+    .await?;
     Ok(outcome(caller, &grant, json))
 }
 
-pub fn revoke(caller: &Caller, id: &str, reason: Option<String>, json: bool) -> Reply {
-    let known = caller.visible(id)?;
-    let grant =
-        caller
-            .state
-            .grants
-            .revoke(&caller.policy, &known.id, caller.user, reason, caller.now)?;
+pub async fn revoke(caller: &Caller<'_>, id: &str, reason: Option<String>, json: bool) -> Reply {
+    let now = caller.now;
+    let grant = decide(caller, id, move |grants, policy, id, user| {
+        grants.revoke(policy, id, user, reason, now)
+    })
+    .await?;
     Ok(outcome(caller, &grant, json))
 }
 
-fn all_visible(caller: &Caller) -> Result<Vec<Grant>, ControlError> {
-    Ok(caller
+/// Changes grant `id`, which the caller must be able to see, as the caller with
+/// `change(grants, policy, id, caller)`, on the blocking pool: a change syncs the
+/// store to disk.
+async fn decide(
+    caller: &Caller<'_>,
+    id: &str,
+    change: impl FnOnce(&Grants, &Policy, &str, &str) -> Result<Grant, GrantError> + Send + 'static,
+) -> Result<Grant, ControlError> {
+    let known = caller.visible(id)?;
+    let (policy, user) = (caller.policy.clone(), caller.user.to_string());
+    caller
         .state
         .grants
-        .all()?
-        .into_iter()
-        .filter(|g| caller.can_see(g))
-        .collect())
+        .run(move |grants| change(grants, &policy, &known.id, &user))
+        .await
+        .map_err(ControlError::from)
+}
+
+/// The grants of `read` the caller may see.
+fn visible(
+    caller: &Caller,
+    read: Result<Vec<Grant>, GrantError>,
+) -> Result<Vec<Grant>, ControlError> {
+    Ok(read?.into_iter().filter(|g| caller.can_see(g)).collect())
 }
 
 fn table(caller: &Caller, grants: &[Grant]) -> String {

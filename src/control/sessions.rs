@@ -1,6 +1,7 @@
 //! Auditor commands on recordings: `sessions`, `replay`, `watch`, `export`.
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use russh::ChannelMsg;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -8,7 +9,7 @@ use super::error::{ControlError, Reply};
 use super::requests::{to_json, Caller};
 use super::table::{clip, relative, render, short_span};
 use crate::record::screen::ScreenFilter;
-use crate::record::{asciicast, replay, Chunk, SessionRecord};
+use crate::record::{asciicast, replay, Chunk, Recorder, SessionRecord};
 use crate::session::{ClientChannel, ClientOut};
 
 /// Filters of `sessions`.
@@ -20,7 +21,7 @@ pub struct SessionFilter {
     pub grep: Option<String>,
 }
 
-pub fn list(caller: &Caller, filter: SessionFilter, json: bool) -> Reply {
+pub async fn list(caller: &Caller<'_>, filter: SessionFilter, json: bool) -> Reply {
     let since = match &filter.since {
         Some(text) => Some(
             caller.now
@@ -29,9 +30,37 @@ pub fn list(caller: &Caller, filter: SessionFilter, json: bool) -> Reply {
         ),
         None => None,
     };
-    let recorder = &caller.state.recorder;
+    // Reading every record, and with `--grep` decompressing transcripts, blocks:
+    // it runs on the blocking pool, not on a runtime worker.
+    let recorder = caller.state.recorder.clone();
+    let sessions = tokio::task::spawn_blocking(move || matching(&recorder, &filter, since))
+        .await
+        .map_err(|e| ControlError::refused(e.to_string()))??;
+    if json {
+        return Ok(to_json(&sessions));
+    }
+    if sessions.is_empty() {
+        return Ok("no sessions match\n".to_string());
+    }
+    let rows: Vec<Vec<String>> = sessions.iter().map(|s| row(s, caller)).collect();
+    Ok(render(
+        &[
+            "ID", "USER", "TARGET", "GRANT", "STARTED", "DURATION", "STATE", "EXIT", "INPUT",
+            "IN/OUT", "COMMAND",
+        ],
+        &rows,
+    ))
+}
+
+/// The sessions `filter` selects (started at or after `since`), oldest first, with
+/// the live ones' counts as they are now.
+fn matching(
+    recorder: &Recorder,
+    filter: &SessionFilter,
+    since: Option<DateTime<Utc>>,
+) -> Result<Vec<SessionRecord>, ControlError> {
     let mut sessions = Vec::new();
-    for mut session in caller.state.store.sessions()? {
+    for mut session in recorder.sessions()? {
         let keep = filter.user.as_ref().is_none_or(|u| &session.user == u)
             && filter.target.as_ref().is_none_or(|t| &session.target == t)
             && since.is_none_or(|at| session.started_at >= at)
@@ -52,20 +81,7 @@ pub fn list(caller: &Caller, filter: SessionFilter, json: bool) -> Reply {
         }
         sessions.push(session);
     }
-    if json {
-        return Ok(to_json(&sessions));
-    }
-    if sessions.is_empty() {
-        return Ok("no sessions match\n".to_string());
-    }
-    let rows: Vec<Vec<String>> = sessions.iter().map(|s| row(s, caller)).collect();
-    Ok(render(
-        &[
-            "ID", "USER", "TARGET", "GRANT", "STARTED", "DURATION", "STATE", "EXIT", "INPUT",
-            "IN/OUT", "COMMAND",
-        ],
-        &rows,
-    ))
+    Ok(sessions)
 }
 
 fn row(session: &SessionRecord, caller: &Caller) -> Vec<String> {
@@ -133,7 +149,7 @@ pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, ControlError> 
     })?;
     caller
         .state
-        .store
+        .recorder
         .session(id)?
         .ok_or_else(|| ControlError::refused(format!("no session {id}; `{list}` lists them")))
 }

@@ -180,5 +180,6 @@ async fn check_code(
     };
     context
         .check_totp(&code, purpose)
+        .await
         .map_err(ControlError::Refused)
 }

@@ -391,7 +391,6 @@ mod tests {
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBnPj0TH2hTmIobo5mbbFnqBThDCSdHTvEKAbAeRh9+H";
 
     fn policy() -> Policy {
-        let dir = tempfile::tempdir().unwrap();
         let users = ["alice", "bob", "carol", "dave"]
             .iter()
             .enumerate()
@@ -406,24 +405,17 @@ mod tests {
                 format!("[users.{u}]\nkeys = [\"{key}\"]\ngroups = [\"{group}\"]\n")
             })
             .collect::<String>();
-        std::fs::write(dir.path().join("users.toml"), users).unwrap();
-        std::fs::write(
-            dir.path().join("targets.toml"),
-            format!(
+        crate::policy::from_texts(
+            &users,
+            &format!(
                 "[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{KEY}\"\nlogins = [\"postgres\"]\nlabels = {{ env = \"production\" }}\n\
                  [targets.web]\naddress = \"127.0.0.1\"\nhost_key = \"{KEY}\"\nlogins = [\"ubuntu\"]\nlabels = {{ env = \"staging\" }}\n\
                  [targets.lab]\naddress = \"127.0.0.1\"\nhost_key = \"{KEY}\"\nlogins = [\"ubuntu\"]\n"
             ),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("flows.toml"),
             "[[flows]]\nname = \"production\"\nmatch = { env = \"production\" }\nrequesters = [\"group:engineers\"]\n\
              approvers = [\"group:sre\", \"alice\"]\napprovals = 2\nmax_ttl = \"1h\"\nshell = false\ncommands = [\"uname *\", \"id\"]\n\
              [[flows]]\nname = \"staging\"\nmatch = { env = \"staging\" }\nrequesters = [\"group:engineers\"]\nauto_approve = true\nshell = true\n",
         )
-        .unwrap();
-        crate::policy::load_dir(dir.path()).unwrap()
     }
 
     fn commands(list: &[&str]) -> Scope {

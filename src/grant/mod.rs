@@ -12,6 +12,7 @@ mod model;
 pub mod notify;
 pub mod scope;
 mod service;
+mod table;
 
 use chrono::{DateTime, Utc};
 
@@ -219,23 +220,11 @@ mod tests {
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBnPj0TH2hTmIobo5mbbFnqBThDCSdHTvEKAbAeRh9+H";
 
     fn policy() -> Policy {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("users.toml"),
-            format!("[users.alice]\nkeys = [\"{KEY}\"]\ngroups = [\"eng\"]\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("targets.toml"),
-            format!("[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{KEY}\"\nlogins = [\"postgres\", \"ubuntu\"]\nlabels = {{ env = \"prod\" }}\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("flows.toml"),
+        crate::policy::from_texts(
+            &format!("[users.alice]\nkeys = [\"{KEY}\"]\ngroups = [\"eng\"]\n"),
+            &format!("[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{KEY}\"\nlogins = [\"postgres\", \"ubuntu\"]\nlabels = {{ env = \"prod\" }}\n"),
             "[[flows]]\nname = \"prod\"\nmatch = { env = \"prod\" }\nrequesters = [\"group:eng\"]\napprovers = [\"bob\"]\n",
         )
-        .unwrap();
-        crate::policy::load_dir(dir.path()).unwrap()
     }
 
     fn grant(login: &str, scope: Scope, now: DateTime<Utc>) -> Grant {

@@ -157,17 +157,13 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::super::load_dir;
     use super::*;
 
     const KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBnPj0TH2hTmIobo5mbbFnqBThDCSdHTvEKAbAeRh9+H alice@laptop";
     const KEY2: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHHX82dilXNCtglMu6vQyR3JHcc+LrvBjrFKtmr+N2Ft bob@laptop";
 
     fn policy(users: &str, flows: &str) -> Policy {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("users.toml"), users).unwrap();
-        std::fs::write(dir.path().join("flows.toml"), flows).unwrap();
-        load_dir(dir.path()).unwrap()
+        super::super::from_texts(users, "", flows)
     }
 
     #[test]

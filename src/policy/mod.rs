@@ -248,6 +248,20 @@ pub fn is_valid_login(login: &str) -> bool {
         && !login.starts_with(['-', '.'])
 }
 
+/// A policy from the text of its three files, for unit tests.
+#[cfg(test)]
+pub fn from_texts(users: &str, targets: &str, flows: &str) -> Policy {
+    let dir = tempfile::tempdir().expect("a scratch directory");
+    for (file, text) in [
+        ("users.toml", users),
+        ("targets.toml", targets),
+        ("flows.toml", flows),
+    ] {
+        std::fs::write(dir.path().join(file), text).expect("write a policy file");
+    }
+    load_dir(dir.path()).expect("a valid test policy")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

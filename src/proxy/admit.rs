@@ -129,7 +129,10 @@ async fn stepped_up(
         return None;
     };
     client.out.stderr("\r\n").await;
-    match context.check_totp(&code, &format!("to start a session on {target}")) {
+    match context
+        .check_totp(&code, &format!("to start a session on {target}"))
+        .await
+    {
         Ok(()) => Some(permit),
         Err(why) => {
             client.out.fail(&why, 1).await;

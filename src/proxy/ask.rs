@@ -91,14 +91,21 @@ async fn wait_for_decision(
                 return false;
             }
             Waited::Left => {
-                let user = context.identity.user.as_str();
-                let result = context.state.grants.revoke(
-                    &context.state.policy(),
-                    &grant.id,
-                    user,
-                    Some("cancelled at the prompt".into()),
-                    Utc::now(),
-                );
+                let (policy, id) = (context.state.policy(), grant.id.clone());
+                let user = context.identity.user.clone();
+                let result = context
+                    .state
+                    .grants
+                    .run(move |grants| {
+                        grants.revoke(
+                            &policy,
+                            &id,
+                            &user,
+                            Some("cancelled at the prompt".into()),
+                            Utc::now(),
+                        )
+                    })
+                    .await;
                 if result.is_ok() {
                     // End the status line first: the notice starts a line of its own.
                     client.out.stderr("\r\x1b[K").await;

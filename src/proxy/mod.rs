@@ -60,9 +60,16 @@ pub async fn run(
             return;
         }
     };
-    let grant_changes = context.state.grants.subscribe();
     let Some(permit) = admit(context, &mut client, &mut setup, &start, target, login).await else {
         return;
+    };
+    // Watched from here, before every later check of the grant, so no change is missed.
+    let grant_changes = match context.state.grants.watch(&permit.grant.id) {
+        Ok(changes) => changes,
+        Err(err) => {
+            client.out.fail(&err.to_string(), 1).await;
+            return;
+        }
     };
     // From here on, "what runs" is the canonical command wherever there is one: sent
     // to the target, pinned in the certificate, audited and recorded.
@@ -191,7 +198,7 @@ pub async fn run(
     let stop = async {
         tokio::select! {
             message = sftp::refused(symlink_refused) => message,
-            message = grant_ends(&context.state.grants, grant, grant_changes) => message,
+            message = grant_ends(grant, grant_changes) => message,
             message = bastion_stops(context, channel_id) => message,
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
         }
@@ -352,9 +359,15 @@ fn grant_ended(grants: &Grants, grant: &Grant) -> Option<String> {
             grant.id
         ));
     };
+    ending(&current)
+}
+
+/// Why `current` (the grant as it is now) no longer allows its sessions, if it
+/// does not.
+fn ending(current: &Grant) -> Option<String> {
     if current.state == GrantState::Approved {
         let expired = current.expires_at.is_some_and(|at| at <= Utc::now());
-        return expired.then(|| format!("grant {} expired — session closed", grant.id));
+        return expired.then(|| format!("grant {} expired — session closed", current.id));
     }
     let by = current
         .ended
@@ -369,18 +382,15 @@ fn grant_ended(grants: &Grants, grant: &Grant) -> Option<String> {
         .unwrap_or_default();
     Some(format!(
         "grant {} {} by {by}{why} — session closed",
-        grant.id, current.state
+        current.id, current.state
     ))
 }
 
 /// Resolves, with the message for the user, when the grant a session runs under
-/// stops being active: at its expiry, or as soon as it is revoked. `changes` was
-/// subscribed before the session was authorised, so no change since is missed.
-async fn grant_ends(
-    grants: &Grants,
-    grant: &Grant,
-    mut changes: tokio::sync::watch::Receiver<u64>,
-) -> String {
+/// stops being active: at its expiry, or as soon as it is revoked. `changes`
+/// watches this grant alone (it wakes with the changed grant in hand) and was
+/// created before the last check of the grant, so no change since is missed.
+async fn grant_ends(grant: &Grant, mut changes: tokio::sync::watch::Receiver<Grant>) -> String {
     let left = grant
         .expires_at
         .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
@@ -388,7 +398,7 @@ async fn grant_ends(
     let expiry = tokio::time::sleep(left);
     tokio::pin!(expiry);
     loop {
-        if let Some(ended) = grant_ended(grants, grant) {
+        if let Some(ended) = ending(&changes.borrow_and_update()) {
             return ended;
         }
         tokio::select! {

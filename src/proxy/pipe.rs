@@ -25,14 +25,14 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use russh::{ChannelMsg, ChannelReadHalf};
+use russh::{ChannelMsg, ChannelReadHalf, Sig};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::budget::{Account, Budget};
 
 /// Bytes one relay direction holds between its reader and its writer, its own
-/// allowance. Small: a pipe only has to cover the moment between a read and the
+/// allowance (every message counted with its queue slot, see [`cost_of`]). Small: a pipe only has to cover the moment between a read and the
 /// next write, and a session whose client reads nothing pins it (with 4 MiB, 100
 /// such sessions took 173 MiB; with 256 KiB, 117 MiB, half of it the sessions'
 /// connections themselves; `benches/soak.rs`).
@@ -125,9 +125,46 @@ pub fn pipe(budget: &Arc<Budget>) -> (PipeTx, PipeRx) {
     )
 }
 
-fn size_of(msg: &ChannelMsg) -> usize {
-    match msg {
+/// What one queued message costs the pipe: its queue slot plus the heap bytes it
+/// carries. Nothing is free: a client can send bodiless messages (window changes,
+/// empty data) and signals with long custom names as fast as it likes, and behind a
+/// stalled write a pipe that counted only data would queue them without bound.
+fn cost_of(msg: &ChannelMsg) -> usize {
+    const SLOT: usize = std::mem::size_of::<(ChannelMsg, usize)>();
+    let heap = match msg {
         ChannelMsg::Data { data } | ChannelMsg::ExtendedData { data, .. } => data.len(),
+        ChannelMsg::Signal { signal } => signal_bytes(signal),
+        ChannelMsg::ExitSignal {
+            signal_name,
+            error_message,
+            lang_tag,
+            ..
+        } => signal_bytes(signal_name) + error_message.len() + lang_tag.len(),
+        ChannelMsg::Exec { command, .. } => command.len(),
+        ChannelMsg::RequestSubsystem { name, .. } => name.len(),
+        ChannelMsg::SetEnv {
+            variable_name,
+            variable_value,
+            ..
+        } => variable_name.len() + variable_value.len(),
+        ChannelMsg::RequestPty {
+            term,
+            terminal_modes,
+            ..
+        } => term.len() + std::mem::size_of_val(terminal_modes.as_slice()),
+        ChannelMsg::RequestX11 {
+            x11_authentication_protocol,
+            x11_authentication_cookie,
+            ..
+        } => x11_authentication_protocol.len() + x11_authentication_cookie.len(),
+        _ => 0,
+    };
+    SLOT + heap
+}
+
+fn signal_bytes(signal: &Sig) -> usize {
+    match signal {
+        Sig::Custom(name) => name.len(),
         _ => 0,
     }
 }
@@ -135,7 +172,7 @@ fn size_of(msg: &ChannelMsg) -> usize {
 impl PipeTx {
     /// Queues `msg`, waiting while the pipe is full. False when the receiver is gone.
     pub async fn send(&self, msg: ChannelMsg) -> bool {
-        let size = size_of(&msg);
+        let size = cost_of(&msg);
         let mut msg = Some(msg);
         loop {
             let room = self.shared.room.notified();
@@ -293,8 +330,9 @@ mod tests {
     #[tokio::test]
     async fn a_full_pipe_makes_the_sender_wait_until_bytes_are_written_on() {
         let (tx, mut rx) = pipe(&plenty());
-        assert!(tx.send(data(PIPE_LIMIT - 10)).await);
-        assert!(tx.send(ChannelMsg::Eof).await, "control messages are free");
+        let slot = cost_of(&ChannelMsg::Eof);
+        assert!(tx.send(data(PIPE_LIMIT - 2 * slot)).await);
+        assert!(tx.send(ChannelMsg::Eof).await, "a control message fits");
         assert!(blocks(&tx, data(20)).await, "over the limit");
         let mut held = 0;
         assert!(matches!(
@@ -316,12 +354,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn bodiless_messages_and_signal_names_count_against_the_pipe() {
+        // Behind a write the target never lets finish, a client may send window
+        // changes, empty data and signals with long custom names at wire speed.
+        let (tx, _rx) = pipe(&plenty());
+        let name = "X".repeat(32 * 1024);
+        let signal = || ChannelMsg::Signal {
+            signal: Sig::Custom(name.clone()),
+        };
+        let mut queued = 0;
+        while !blocks(&tx, signal()).await {
+            queued += 1;
+            assert!(
+                queued <= PIPE_LIMIT / name.len(),
+                "{queued} signals of {} bytes queued past the pipe's limit",
+                name.len()
+            );
+        }
+        let (tx, _rx) = pipe(&plenty());
+        let mut queued = 0;
+        while !blocks(&tx, data(0)).await {
+            queued += 1;
+            assert!(queued <= PIPE_LIMIT, "{queued} empty messages queued");
+        }
+    }
+
+    #[tokio::test]
     async fn the_overdraft_admits_more_until_its_own_limit() {
         let (tx, _rx) = pipe(&plenty());
-        assert!(tx.send(data(PIPE_LIMIT)).await);
+        let slot = cost_of(&ChannelMsg::Eof);
+        assert!(tx.send(data(PIPE_LIMIT - slot)).await);
         assert!(blocks(&tx, data(1024)).await);
         tx.overdraft().open();
-        assert!(tx.send(data(OVERDRAFT_LIMIT - PIPE_LIMIT)).await);
+        assert!(tx.send(data(OVERDRAFT_LIMIT - PIPE_LIMIT - slot)).await);
         assert!(blocks(&tx, data(1)).await, "the overdraft is bounded too");
     }
 
@@ -350,11 +415,12 @@ mod tests {
         let budget = Budget::new(1024 * 1024);
         let (first, mut first_rx) = pipe(&budget);
         let (second, _second_rx) = pipe(&budget);
+        let slot = cost_of(&ChannelMsg::Eof);
         for pipe in [&first, &second] {
-            assert!(pipe.send(data(PIPE_LIMIT)).await);
+            assert!(pipe.send(data(PIPE_LIMIT - slot)).await);
             pipe.overdraft().open();
         }
-        assert!(first.send(data(1024 * 1024)).await);
+        assert!(first.send(data(1024 * 1024 - slot)).await);
         assert_eq!(budget.used(), 1024 * 1024);
         assert!(
             blocks(&second, data(1)).await,
@@ -371,7 +437,7 @@ mod tests {
         drop((first, first_rx));
         assert_eq!(
             budget.used(),
-            4096,
+            4096 + slot,
             "only the second pipe's overdraft is left"
         );
     }

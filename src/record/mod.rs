@@ -16,6 +16,7 @@ pub mod check;
 pub mod disk;
 pub mod replay;
 pub mod screen;
+mod stored;
 mod transcript;
 
 use std::collections::{BTreeSet, HashMap};
@@ -36,6 +37,7 @@ use crate::budget::{Account, Budget};
 use crate::store::{Store, StoreError};
 pub use disk::RecordingLimits;
 use disk::Size;
+pub use stored::SessionStore;
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
 
 /// Decompresses and decodes one stored batch (for tools and fuzzing).
@@ -212,7 +214,7 @@ pub struct SessionEnd {
 
 /// All recordings: starts sessions, finds live ones for `watch`, reads transcripts.
 pub struct Recorder {
-    store: Arc<Store>,
+    store: SessionStore,
     /// Batches being compressed and written at once, across all sessions: bounded so
     /// that a burst of flushes queues instead of taking every core from the relay.
     writers: Arc<Semaphore>,
@@ -289,6 +291,7 @@ struct Live {
 /// Chunks not yet written, and what watchers need to join consistently.
 struct Pending {
     chunks: Vec<Chunk>,
+    /// What `chunks` hold in memory, each counted by [`held_by`].
     bytes: usize,
     /// `bytes` beyond [`BATCH_BYTES`], charged to the memory budget.
     account: Account,
@@ -316,7 +319,7 @@ pub struct Follow {
 impl Recorder {
     pub fn new(store: Arc<Store>, record_input: bool, record_file_transfers: bool) -> Recorder {
         Recorder {
-            store,
+            store: SessionStore::new(store),
             writers: Arc::new(Semaphore::new(WRITERS)),
             record_input,
             record_file_transfers,
@@ -638,6 +641,16 @@ impl Recorder {
         Some((pending.input_bytes, pending.output_bytes))
     }
 
+    /// Every recorded session, oldest first.
+    pub fn sessions(&self) -> Result<Vec<SessionRecord>, StoreError> {
+        self.store.sessions()
+    }
+
+    /// One session's record.
+    pub fn session(&self, id: u64) -> Result<Option<SessionRecord>, StoreError> {
+        self.store.session(id)
+    }
+
     /// Recomputes a transcript's SHA-256 from the stored batches.
     pub fn digest_of(&self, id: u64) -> Result<String, StoreError> {
         let mut digest = TranscriptDigest::default();
@@ -709,7 +722,8 @@ impl Recorder {
         Ok((pruned, freed))
     }
 
-    /// Recorded bytes of live sessions not yet written to the store.
+    /// Memory held by live sessions' recordings not yet written to the store
+    /// (chunks counted by [`held_by`]).
     pub fn queued_bytes(&self) -> usize {
         self.live
             .lock()
@@ -729,7 +743,7 @@ impl Recorder {
 
 /// Iterator over a session's stored batches, decoded, fetched one at a time.
 pub struct Batches<'a> {
-    store: &'a Store,
+    store: &'a SessionStore,
     session: u64,
     next: u32,
 }
@@ -893,12 +907,13 @@ impl SessionRecorder {
             data,
         };
         let size = chunk.data.len();
+        let cost = held_by(&chunk);
         loop {
             let room = self.live.room.notified();
             let freed = self.recorder.memory.freed();
             {
                 let mut pending = self.live.inner.lock().expect("recording lock poisoned");
-                let total = pending.bytes + size;
+                let total = pending.bytes + cost;
                 let failed = self.live.failure.borrow().is_some();
                 // An empty batch always takes one chunk, so a session never waits on
                 // other sessions' memory for ever.
@@ -1003,8 +1018,7 @@ async fn flush_loop(
             (pending.chunks.clone(), pending.finished)
         };
         if !chunks.is_empty() {
-            let (count, bytes): (usize, usize) =
-                (chunks.len(), chunks.iter().map(|c| c.data.len()).sum());
+            let (count, bytes): (usize, usize) = (chunks.len(), chunks.iter().map(held_by).sum());
             let written = {
                 let _writer = writers
                     .acquire()
@@ -1053,7 +1067,7 @@ async fn flush_loop(
 /// batches, and one write per flush would cost a sled write per session per
 /// interval.)
 async fn write_batch(
-    store: &Arc<Store>,
+    store: &SessionStore,
     record: &mut SessionRecord,
     digest: &mut TranscriptDigest,
     chunks: Vec<Chunk>,
@@ -1080,6 +1094,14 @@ async fn write_batch(
     record.batches += stored.len() as u32;
     record.transcript_bytes += plain;
     Ok(())
+}
+
+/// What one unflushed chunk holds in memory: its bytes and its own slot. Empty
+/// chunks are not free: a client may send empty data packets or window changes at
+/// wire speed, and counting only their bytes would let them pile up without bound
+/// while the disk is behind.
+fn held_by(chunk: &Chunk) -> usize {
+    std::mem::size_of::<Chunk>() + chunk.data.len()
 }
 
 /// Splits pending chunks into runs of about [`STORED_VALUE_BYTES`] (a chunk is never
@@ -1138,7 +1160,7 @@ mod tests {
         session
             .output(Stream::Stdout, &Bytes::from_static(b"before\r\n"))
             .await;
-        store.fail_batch_writes(true);
+        recorder.store.fail_batch_writes(true);
         session
             .output(Stream::Stdout, &Bytes::from_static(b"after\r\n"))
             .await;
@@ -1156,6 +1178,33 @@ mod tests {
         assert!(error.contains("injected"), "{error}");
         assert_eq!(announced.as_deref(), Some(error.as_str()));
         assert_eq!(record.digest.unwrap(), recorder.digest_of(1).unwrap());
+    }
+
+    #[tokio::test]
+    async fn empty_chunks_count_against_the_unflushed_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let recorder = Arc::new(Recorder::new(store, true, false).with_memory(Budget::new(0)));
+        let session = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        // The disk is behind: no batch can be written.
+        let _disk = recorder.writers.acquire_many(WRITERS as u32).await.unwrap();
+        let most = BATCH_BYTES / std::mem::size_of::<Chunk>() + 1;
+        let empty = Bytes::new();
+        for pushed in 0.. {
+            if tokio::time::timeout(Duration::from_millis(50), session.input(&empty))
+                .await
+                .is_err()
+            {
+                break;
+            }
+            assert!(
+                pushed <= most,
+                "{pushed} empty chunks held while the disk is behind"
+            );
+        }
+        assert!(recorder.queued_bytes() <= BATCH_BYTES);
     }
 
     #[tokio::test]
@@ -1247,7 +1296,7 @@ mod tests {
         given_up.fail("target unreachable");
         let session = recorder.start(used, info()).unwrap();
         assert!(recorder.reservations().unwrap().1.is_empty());
-        let events = store.audit_events().unwrap();
+        let events = crate::audit::AuditLog::new(&store).events().unwrap();
         assert_eq!(
             events.len(),
             1,

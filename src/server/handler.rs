@@ -536,8 +536,16 @@ impl russh::server::Handler for Connection {
             .next()
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
-        let verdict = match self.state.totp.verify(&user, &code, now) {
-            Ok(verdict) => verdict,
+        // The check syncs the consumed step to disk: on the blocking pool.
+        let (state, checked) = (self.state.clone(), user.clone());
+        let verified =
+            tokio::task::spawn_blocking(move || state.totp.verify(&checked, &code, now)).await;
+        let verdict = match verified.map_err(|e| e.to_string()) {
+            Ok(Ok(verdict)) => verdict,
+            Ok(Err(err)) => {
+                tracing::error!(%user, error = %err, "cannot check TOTP");
+                return Ok(Auth::reject());
+            }
             Err(err) => {
                 tracing::error!(%user, error = %err, "cannot check TOTP");
                 return Ok(Auth::reject());

@@ -124,41 +124,8 @@ fn russh_config(keys: &KeySet, config: &Config) -> russh::server::Config {
 
 /// Runs the bastion until SIGTERM or Ctrl-C.
 pub async fn serve(config: Config) -> Result<()> {
-    // The policy first: started in the wrong directory, nothing is created there.
-    let policy = policy::load_dir(&config.policies).map_err(|errors| {
-        anyhow::anyhow!("the policy has errors; fix them and start again:\n{errors}")
-    })?;
-    crate::datadir::prepare(&config.data_dir)?;
-    // One bastion per data directory; held until the process ends.
-    let _lock = crate::datadir::Lock::acquire(&config.data_dir)?;
-    let keys = KeySet::load_or_create(&config)?;
-    warn_about(&policy, &config.auditors);
-    if crate::init::is_shipped_example(&config.policies) {
-        tracing::warn!(
-            "the policies in {} are the examples shipped with portcullis, with placeholder keys: nobody can log in. `portcullis init` writes a working set for this machine; then run `portcullis reload`",
-            config.policies.display()
-        );
-    }
-    let store =
-        Arc::new(Store::open(&config.data_dir).with_context(|| {
-            format!("cannot open the database in {}", config.data_dir.display())
-        })?);
-    let russh_config = Arc::new(russh_config(&keys, &config));
-    let (users, targets, flows) = (policy.users.len(), policy.targets.len(), policy.flows.len());
-    let totp = Totp::open(&config.data_dir, store.clone())?;
-    let state = Arc::new(
-        State::new(config, keys, policy, store, totp)
-            .context("cannot read the grants from the database")?,
-    );
-    mark_interrupted_sessions(&state)?;
-    state.forget_users_not_in(&state.policy());
-    report_load(&state, 0, Ok(()));
+    let (state, _lock) = open(config)?;
     tokio::spawn(reload_on_sighup(state.clone()));
-    tokio::spawn(expire_grants(state.clone()));
-    tokio::spawn(upkeep::anchor_audit_chain(state.clone()));
-    if let Some(retention) = state.config.recordings_retention {
-        tokio::spawn(upkeep::prune_recordings(state.clone(), retention));
-    }
     if let Some(listen) = state.config.metrics_listen {
         let source = MetricsSource {
             state: state.clone(),
@@ -171,17 +138,73 @@ pub async fn serve(config: Config) -> Result<()> {
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
+    let policy = state.policy();
     tracing::info!(
         listen = %listener.local_addr()?,
-        users,
-        targets,
-        flows,
+        users = policy.users.len(),
+        targets = policy.targets.len(),
+        flows = policy.flows.len(),
         "portcullis listening"
     );
+    drop(policy);
+    run(listener, state, termination()).await
+}
+
+/// Opens everything a bastion needs before it accepts connections: the policy, the
+/// data directory (locked: one bastion per directory, for as long as the returned
+/// lock lives), the keys and the database; marks the sessions a previous run left
+/// open as interrupted and forgets users the policy no longer knows.
+pub fn open(config: Config) -> Result<(Arc<State>, crate::datadir::Lock)> {
+    // The policy first: started in the wrong directory, nothing is created there.
+    let policy = policy::load_dir(&config.policies).map_err(|errors| {
+        anyhow::anyhow!("the policy has errors; fix them and start again:\n{errors}")
+    })?;
+    crate::datadir::prepare(&config.data_dir)?;
+    let lock = crate::datadir::Lock::acquire(&config.data_dir)?;
+    let keys = KeySet::load_or_create(&config)?;
+    warn_about(&policy, &config.auditors);
+    if crate::init::is_shipped_example(&config.policies) {
+        tracing::warn!(
+            "the policies in {} are the examples shipped with portcullis, with placeholder keys: nobody can log in. `portcullis init` writes a working set for this machine; then run `portcullis reload`",
+            config.policies.display()
+        );
+    }
+    let store =
+        Arc::new(Store::open(&config.data_dir).with_context(|| {
+            format!("cannot open the database in {}", config.data_dir.display())
+        })?);
+    let totp = Totp::open(&config.data_dir, store.clone())?;
+    let state = Arc::new(
+        State::new(config, keys, policy, store, totp)
+            .context("cannot read the grants from the database")?,
+    );
+    mark_interrupted_sessions(&state)?;
+    state.forget_users_not_in(&state.policy());
+    report_load(&state, 0, Ok(()));
+    Ok((state, lock))
+}
+
+/// Serves SSH on `listener` until `shutdown` resolves, then drains: the one path
+/// from an opened [`State`] to a stopped bastion, shared by `serve` and by tests
+/// that run a bastion in their own process (on port 0, and on a paused tokio clock
+/// for timing tests: every timer here is tokio's). The background jobs (grant
+/// expiry, audit anchoring, recording retention) live as long as this call.
+pub async fn run(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let mut jobs = tokio::task::JoinSet::new();
+    jobs.spawn(expire_grants(state.clone()));
+    jobs.spawn(upkeep::anchor_audit_chain(state.clone()));
+    if let Some(retention) = state.config.recordings_retention {
+        jobs.spawn(upkeep::prune_recordings(state.clone(), retention));
+    }
+    let russh_config = Arc::new(russh_config(&state.keys, &state.config));
     let gate = Gate::new(state.config.limits.clone());
     tokio::select! {
         _ = accept(listener, state.clone(), russh_config, gate) => {}
-        _ = termination() => {}
+        _ = shutdown => {}
         failure = upkeep::watch_disk(state.clone()) => {
             // Live sessions could not be recorded any more: nothing to drain.
             tracing::error!(reason = %failure, "exiting so that the service manager restarts portcullis with the database reopened");
@@ -189,6 +212,7 @@ pub async fn serve(config: Config) -> Result<()> {
         }
     }
     drain(&state).await;
+    jobs.shutdown().await;
     state.store.flush().context("cannot flush the database")?;
     tracing::info!("stopped");
     Ok(())
@@ -306,7 +330,8 @@ async fn expire_grants(state: Arc<State>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if let Err(err) = state.grants.sweep(chrono::Utc::now()) {
+        let now = chrono::Utc::now();
+        if let Err(err) = state.grants.run(move |grants| grants.sweep(now)).await {
             tracing::error!(error = %err, "cannot expire grants");
         }
     }

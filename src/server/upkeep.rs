@@ -23,7 +23,7 @@ pub async fn anchor_audit_chain(state: Arc<State>) {
     let mut last_logged = None;
     loop {
         tick.tick().await;
-        match state.store.audit_head() {
+        match state.grants.audit_log().head() {
             Ok(Some(head)) if last_logged != Some(head.seq) => {
                 tracing::info!(seq = head.seq, digest = %head.digest(), "audit chain head");
                 last_logged = Some(head.seq);

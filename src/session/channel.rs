@@ -94,14 +94,15 @@ pub struct ChannelContext {
 impl ChannelContext {
     /// Checks a TOTP code the connected user typed for `purpose`, with its audit
     /// events (success, failure, lockout). An accepted code counts as this
-    /// connection's latest step-up.
-    pub fn check_totp(&self, code: &str, purpose: &str) -> Result<(), String> {
+    /// connection's latest step-up. The check syncs the consumed step to disk, so
+    /// it runs on the blocking pool.
+    pub async fn check_totp(&self, code: &str, purpose: &str) -> Result<(), String> {
         let user = self.identity.user.as_str();
         let now = chrono::Utc::now();
-        let verdict = self
-            .state
-            .totp
-            .verify(user, code, now)
+        let (state, checked, code) = (self.state.clone(), user.to_string(), code.to_string());
+        let verdict = tokio::task::spawn_blocking(move || state.totp.verify(&checked, &code, now))
+            .await
+            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
         let accepted = verdict == crate::totp::Verdict::Accepted;
         let kind = if accepted {
@@ -337,23 +338,15 @@ mod tests {
 
     /// A policy with the given `(user, key)` pairs and one target.
     fn policy(users: &[(&str, &str)]) -> crate::policy::Policy {
-        let dir = tempfile::tempdir().unwrap();
         let users: String = users
             .iter()
             .map(|(name, key)| format!("[users.{name}]\nkeys = [\"{key}\"]\ngroups = [\"eng\"]\n"))
             .collect();
-        std::fs::write(dir.path().join("users.toml"), users).unwrap();
-        std::fs::write(
-            dir.path().join("targets.toml"),
-            format!("[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{ALICE}\"\nlogins = [\"postgres\"]\nlabels = {{ env = \"prod\" }}\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            dir.path().join("flows.toml"),
+        crate::policy::from_texts(
+            &users,
+            &format!("[targets.db]\naddress = \"127.0.0.1\"\nhost_key = \"{ALICE}\"\nlogins = [\"postgres\"]\nlabels = {{ env = \"prod\" }}\n"),
             "[[flows]]\nname = \"prod\"\nmatch = { env = \"prod\" }\nrequesters = [\"group:eng\"]\napprovers = [\"bob\"]\n",
         )
-        .unwrap();
-        crate::policy::load_dir(dir.path()).unwrap()
     }
 
     /// The check every channel open and every reload runs on a live connection.

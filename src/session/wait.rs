@@ -1,6 +1,6 @@
 //! Waiting for a decision on a request, with the client on the line: the one loop
 //! behind `request --wait` on the control plane and request-on-connect in the
-//! proxy. It wakes on every grant change (never on a polling interval), redraws a
+//! proxy. It wakes on every change of that grant (never on a polling interval), redraws a
 //! status line once a second on a terminal, and hands every message from the
 //! client to the caller, who says whether it ends the wait.
 
@@ -45,15 +45,15 @@ pub async fn until_decided(
     status: &StatusLine<'_>,
     mut leaves: impl FnMut(Option<&ChannelMsg>) -> bool,
 ) -> Waited {
-    let grants = &state.grants;
-    let mut changes = grants.subscribe();
+    // The grant's own watch: woken by its changes only, with the change in hand.
+    let mut changes = match state.grants.watch(id) {
+        Ok(changes) => changes,
+        Err(err) => return Waited::Failed(err),
+    };
     let started = Instant::now();
     let mut redraw = tokio::time::interval(REDRAW);
     loop {
-        let current = match grants.get(id) {
-            Ok(current) => current,
-            Err(err) => return Waited::Failed(err),
-        };
+        let current = changes.borrow_and_update().clone();
         if current.state != GrantState::Pending {
             return Waited::Decided(Box::new(current));
         }

@@ -10,11 +10,16 @@
 //! seen once is never accepted again. Five wrong codes within five minutes lock that
 //! user's step-up for five minutes. Every check takes the time as an argument, so the
 //! rules are tested with an injected clock.
+//!
+//! Each check is a conditional update of the user's state in the store: it is
+//! written only if the state is still what the check read, and a check that lost
+//! the race runs again on what won, so a code used by two logins at once (or on two
+//! bastions) is accepted once.
 
 pub mod invite;
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
@@ -23,7 +28,10 @@ use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use totp_rs::{Algorithm, Secret, TOTP};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, Table};
+
+/// The tree of per-user state.
+const TREE: &str = "users_state";
 
 pub const ISSUER: &str = "portcullis";
 const STEP_SECS: u64 = 30;
@@ -114,9 +122,8 @@ pub struct Status {
 /// TOTP secrets and their checks.
 pub struct Totp {
     store: Arc<Store>,
+    users: Table<String, UserState>,
     key: LessSafeKey,
-    /// Serialises read-check-write of one user's state (replay guard, failures).
-    check: Mutex<()>,
 }
 
 impl Totp {
@@ -127,9 +134,9 @@ impl Totp {
         let key = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| anyhow::anyhow!("{} does not hold a 32-byte key", path.display()))?;
         Ok(Totp {
+            users: Table::new(&store, TREE),
             store,
             key: LessSafeKey::new(key),
-            check: Mutex::new(()),
         })
     }
 
@@ -146,15 +153,15 @@ impl Totp {
 
     /// Users with a TOTP secret or step-up state.
     pub fn users(&self) -> Result<Vec<String>, StoreError> {
-        self.store.users_with_state()
+        self.users.keys().collect()
     }
 
     /// Forgets everything about `user`'s TOTP (they left the policy): a user added
     /// later under the same name enrols afresh instead of inheriting a secret that
     /// someone else, perhaps with a stolen key, may have enrolled.
     pub fn forget(&self, user: &str) -> Result<(), StoreError> {
-        let _guard = self.check.lock().expect("totp lock poisoned");
-        self.store.delete_user_state(user)
+        self.users.remove(&user.to_string())?;
+        self.store.flush()
     }
 
     pub fn is_enrolled(&self, user: &str) -> Result<bool, StoreError> {
@@ -184,38 +191,48 @@ impl Totp {
         code: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, StoreError> {
-        let _guard = self.check.lock().expect("totp lock poisoned");
         let Some(step) = matching_step(&enrolment.secret, user, code, now) else {
             return Ok(false);
         };
-        let mut state = self.state(user)?;
-        state.sealed_secret = Some(self.seal(user, &enrolment.secret));
-        state.enrolled_at = Some(now);
-        state.last_step = state.last_step.max(step);
-        state.failures.clear();
-        state.locked_until = None;
-        self.store.put_user_state(user, &state)?;
-        Ok(true)
+        let sealed = self.seal(user, &enrolment.secret);
+        self.update(user, |state| {
+            state.sealed_secret = Some(sealed.clone());
+            state.enrolled_at = Some(now);
+            state.last_step = state.last_step.max(step);
+            state.failures.clear();
+            state.locked_until = None;
+            Ok((true, true))
+        })
     }
 
     /// Checks a step-up code for `user` at `now`, updating the replay guard and the
-    /// failure count.
+    /// failure count. Blocks (the update is synced to disk): async code runs it on
+    /// the blocking pool.
     pub fn verify(
         &self,
         user: &str,
         code: &str,
         now: DateTime<Utc>,
     ) -> Result<Verdict, StoreError> {
-        let _guard = self.check.lock().expect("totp lock poisoned");
-        let mut state = self.state(user)?;
+        self.update(user, |state| self.check(user, state, code, now))
+    }
+
+    /// The verdict on `code` against `state`, and `state` as it must be stored
+    /// after it; `(verdict, false)` when nothing changes.
+    fn check(
+        &self,
+        user: &str,
+        state: &mut UserState,
+        code: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(Verdict, bool), StoreError> {
         let Some(sealed) = &state.sealed_secret else {
-            return Ok(Verdict::NotEnrolled);
+            return Ok((Verdict::NotEnrolled, false));
         };
         let t = now.timestamp();
         if let Some(until) = state.locked_until.filter(|until| *until > t) {
-            return Ok(Verdict::Locked {
-                until: DateTime::from_timestamp(until, 0).unwrap_or(now),
-            });
+            let until = DateTime::from_timestamp(until, 0).unwrap_or(now);
+            return Ok((Verdict::Locked { until }, false));
         }
         let secret = self.unseal(user, sealed)?;
         let verdict = match matching_step(&secret, user, code, now) {
@@ -240,12 +257,37 @@ impl Totp {
                 }
             }
         };
-        self.store.put_user_state(user, &state)?;
-        Ok(verdict)
+        Ok((verdict, true))
+    }
+
+    /// Runs `change` on `user`'s state and, when it says the state changed, stores
+    /// it durably if nobody stored another meanwhile; otherwise runs it again on
+    /// the state that won. A consumed step must stay consumed, hence the sync.
+    fn update<T>(
+        &self,
+        user: &str,
+        change: impl Fn(&mut UserState) -> Result<(T, bool), StoreError>,
+    ) -> Result<T, StoreError> {
+        let key = user.to_string();
+        loop {
+            let read = self.users.get_versioned(&key)?;
+            let (mut state, old) = match read {
+                Some((state, bytes)) => (state, Some(bytes)),
+                None => (UserState::default(), None),
+            };
+            let (outcome, changed) = change(&mut state)?;
+            if !changed {
+                return Ok(outcome);
+            }
+            if self.users.swap(&key, old.as_deref(), &state)? {
+                self.store.flush()?;
+                return Ok(outcome);
+            }
+        }
     }
 
     fn state(&self, user: &str) -> Result<UserState, StoreError> {
-        Ok(self.store.user_state(user)?.unwrap_or_default())
+        Ok(self.users.get(&user.to_string())?.unwrap_or_default())
     }
 
     fn seal(&self, user: &str, secret: &[u8]) -> String {
@@ -404,6 +446,31 @@ mod tests {
             totp.verify("bob", "123456", at(0)).unwrap(),
             Verdict::NotEnrolled
         );
+    }
+
+    /// Logins racing with one code: the conditional update lets exactly one
+    /// of them consume the step; every other one finds it used.
+    #[test]
+    fn a_code_raced_by_many_logins_is_accepted_once() {
+        let (_dir, totp) = setup();
+        let secret = enrolled(&totp);
+        let code = code_at(&secret, "alice", at(60)).unwrap();
+        let totp = Arc::new(totp);
+        // Fewer than MAX_FAILURES, so the replays do not lock the user.
+        let verdicts: Vec<Verdict> = (0..MAX_FAILURES - 1)
+            .map(|_| {
+                let (totp, code) = (totp.clone(), code.clone());
+                std::thread::spawn(move || totp.verify("alice", &code, at(60)).unwrap())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        let accepted = verdicts.iter().filter(|v| **v == Verdict::Accepted).count();
+        assert_eq!(accepted, 1, "{verdicts:?}");
+        assert!(verdicts
+            .iter()
+            .all(|v| *v == Verdict::Accepted || matches!(v, Verdict::Replayed { .. })));
     }
 
     #[test]

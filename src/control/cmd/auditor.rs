@@ -102,7 +102,7 @@ impl Sessions {
             active: self.active,
             grep: self.grep,
         };
-        sessions::list(&call.caller, filter, self.json)
+        sessions::list(&call.caller, filter, self.json).await
     }
 }
 

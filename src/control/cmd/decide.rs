@@ -22,7 +22,7 @@ pub struct Approve {
 impl Approve {
     pub async fn run(self, call: &mut Call<'_>) -> Reply {
         step_up::for_decision(call, &self.id, self.totp).await?;
-        requests::approve(&call.caller, &self.id, self.comment, self.json)
+        requests::approve(&call.caller, &self.id, self.comment, self.json).await
     }
 }
 
@@ -41,7 +41,7 @@ pub struct Deny {
 impl Deny {
     pub async fn run(self, call: &mut Call<'_>) -> Reply {
         step_up::for_decision(call, &self.id, self.totp).await?;
-        requests::deny(&call.caller, &self.id, self.reason, self.json)
+        requests::deny(&call.caller, &self.id, self.reason, self.json).await
     }
 }
 
@@ -56,6 +56,6 @@ pub struct Revoke {
 
 impl Revoke {
     pub async fn run(self, call: &mut Call<'_>) -> Reply {
-        requests::revoke(&call.caller, &self.id, self.reason, self.json)
+        requests::revoke(&call.caller, &self.id, self.reason, self.json).await
     }
 }

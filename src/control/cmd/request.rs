@@ -54,7 +54,7 @@ impl Request {
             ttl: self.ttl,
             reason: self.reason,
         };
-        let grant = requests::request(&call.caller, args)?;
+        let grant = requests::request(&call.caller, args).await?;
         if !(wait && grant.state == GrantState::Pending) {
             return Ok(requests::outcome(&call.caller, &grant, json));
         }

@@ -1,0 +1,341 @@
+//! Where grants live in the store, and the indexes that lists read.
+//!
+//! Trees (names kept from before the storage seam, so old databases open as they
+//! are):
+//! - `requests`: seq → the grant (JSON) with its `version`, which every change
+//!   raises: a change is a compare-and-swap from the version it read.
+//! - `request_ids`: id → seq (8 bytes), claimed with an insert-if-absent, so two
+//!   requests can never get one id.
+//! - `grants_live`: `user 0x00 seq` → nothing, for every pending or approved
+//!   grant (a session start reads its user's live grants with one prefix scan).
+//! - `grants_by_user`: `user 0x00 seq` → nothing, for every grant.
+//! - `grants_due`: `deadline (ms) ‖ seq` → nothing, for every grant with a
+//!   deadline (a pending one's decision time, an approved one's expiry): the
+//!   sweep reads only what is due.
+//!
+//! An index entry is written before the grant it points to and removed after it,
+//! so an index may briefly hold an entry too many but never misses one; readers
+//! check every grant they read through an index against what they asked for.
+//! Databases from before the indexes get them built once, at open (schema 1).
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::Grant;
+use crate::store::{self, Backend, Key, Result, Store, StoreError, Table};
+
+const GRANTS: &str = "requests";
+const IDS: &str = "request_ids";
+const LIVE: &str = "grants_live";
+const BY_USER: &str = "grants_by_user";
+const DUE: &str = "grants_due";
+/// The counter grant seqs come from.
+const SEQ: &str = "grant_seq";
+/// The schema this module migrates databases to.
+const SCHEMA: u64 = 1;
+
+/// A grant as stored: the grant's own JSON, plus the version of this record.
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    /// 0 for grants written before versions were (no change has been made to them
+    /// since).
+    #[serde(default)]
+    version: u64,
+    #[serde(flatten)]
+    grant: Grant,
+}
+
+/// A grant read for a change: the bytes it must still have when the change is
+/// written.
+pub struct Read {
+    pub grant: Grant,
+    version: u64,
+    bytes: Vec<u8>,
+}
+
+impl Read {
+    /// The stored version (raised by every change).
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+/// The grant trees of one store.
+#[derive(Clone)]
+pub struct GrantTable {
+    grants: Table<u64, Stored>,
+}
+
+impl GrantTable {
+    /// The table on `store`, building indexes an older database lacks.
+    pub fn open(store: &Arc<Store>) -> Result<GrantTable> {
+        let table = GrantTable {
+            grants: Table::new(store, GRANTS),
+        };
+        table.migrate()?;
+        Ok(table)
+    }
+
+    fn seam(&self) -> &dyn Backend {
+        self.grants.store().backend()
+    }
+
+    /// Builds the live and by-user indexes and the seq counter from the grants,
+    /// once (recorded as the schema version).
+    fn migrate(&self) -> Result<()> {
+        let store = self.grants.store();
+        if store::schema_version(store, "grants")? >= SCHEMA {
+            return Ok(());
+        }
+        let mut last = 0;
+        for entry in self.grants.iter() {
+            let (seq, stored) = entry?;
+            self.index(&stored.grant)?;
+            last = seq;
+        }
+        // Grant seqs came from sled's id generator before; the counter starts past
+        // every one of them.
+        self.seam().seed_counter(SEQ, last)?;
+        store::set_schema_version(store, "grants", SCHEMA)
+    }
+
+    /// A fresh seq (store order).
+    pub fn next_seq(&self) -> Result<u64> {
+        self.grants.store().next_id(SEQ)
+    }
+
+    pub fn id_taken(&self, id: &str) -> Result<bool> {
+        Ok(self.seam().get(IDS, id.as_bytes())?.is_some())
+    }
+
+    /// The grant with id `id`, as read for a change.
+    pub fn read(&self, id: &str) -> Result<Option<Read>> {
+        let Some(seq) = self.seam().get(IDS, id.as_bytes())? else {
+            return Ok(None);
+        };
+        let seq = u64::decode(&seq).ok_or_else(|| StoreError::Corrupt {
+            tree: IDS,
+            detail: format!("the seq of {id} is not 8 bytes"),
+        })?;
+        self.read_seq(seq)
+    }
+
+    fn read_seq(&self, seq: u64) -> Result<Option<Read>> {
+        Ok(self
+            .grants
+            .get_versioned(&seq)?
+            .map(|(stored, bytes)| Read {
+                grant: stored.grant,
+                version: stored.version,
+                bytes,
+            }))
+    }
+
+    /// Stores a new grant under its id. `Ok(false)`: the id is taken (nothing
+    /// was written).
+    pub fn insert(&self, grant: &Grant) -> Result<bool> {
+        let seq = grant.seq.encode();
+        if !self
+            .seam()
+            .compare_and_swap(IDS, grant.id.as_bytes(), None, Some(&seq))?
+        {
+            return Ok(false);
+        }
+        self.index(grant)?;
+        let stored = Stored {
+            version: 1,
+            grant: grant.clone(),
+        };
+        if !self.grants.swap(&grant.seq, None, &stored)? {
+            return Err(StoreError::Corrupt {
+                tree: GRANTS,
+                detail: format!("seq {} was handed out twice", grant.seq),
+            });
+        }
+        Ok(true)
+    }
+
+    /// Removes a grant [`GrantTable::insert`] just stored (its event could not be
+    /// written).
+    pub fn uninsert(&self, grant: &Grant) -> Result<()> {
+        self.seam().remove(GRANTS, &grant.seq.encode())?;
+        self.unindex(grant)?;
+        self.seam().remove(IDS, grant.id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Writes `changed` over the grant as `read` saw it, if nobody changed it since.
+    /// Returns what to pass to [`GrantTable::restore`], or `None` when the race
+    /// was lost (nothing written: read again and redo the change).
+    pub fn update(&self, read: &Read, changed: &Grant) -> Result<Option<Read>> {
+        let stored = Stored {
+            version: read.version + 1,
+            grant: changed.clone(),
+        };
+        let (was_due, due) = (due_key(&read.grant), due_key(changed));
+        if let Some(key) = &due {
+            self.seam().put(DUE, key, b"")?;
+        }
+        if !self.grants.swap(&changed.seq, Some(&read.bytes), &stored)? {
+            return Ok(None);
+        }
+        if !changed.state.is_live() {
+            self.seam().remove(LIVE, &user_key(changed))?;
+        }
+        if let Some(key) = was_due.filter(|key| Some(key) != due.as_ref()) {
+            self.seam().remove(DUE, &key)?;
+        }
+        Ok(Some(Read {
+            grant: changed.clone(),
+            version: stored.version,
+            bytes: store::table::to_json(&stored),
+        }))
+    }
+
+    /// Puts back the grant as `before` had it, over `written` (a change whose
+    /// event could not be written). `Ok(false)`: it changed again meanwhile.
+    pub fn restore(&self, written: &Read, before: &Read) -> Result<bool> {
+        self.index(&before.grant)?;
+        self.grants.store().backend().compare_and_swap(
+            GRANTS,
+            &before.grant.seq.encode(),
+            Some(&written.bytes),
+            Some(&before.bytes),
+        )
+    }
+
+    /// Every grant ever filed, oldest first (history: `requests --all`).
+    pub fn all(&self) -> Result<Vec<Grant>> {
+        self.grants
+            .iter()
+            .map(|entry| entry.map(|(_, stored)| stored.grant))
+            .collect()
+    }
+
+    /// The pending and approved grants, oldest first, read through the live index.
+    pub fn live(&self) -> Result<Vec<Grant>> {
+        let mut live = self.through(LIVE, b"", |_| true)?;
+        live.sort_by_key(|g| g.seq); // the index orders them by user first
+        Ok(live)
+    }
+
+    /// The pending and approved grants of `user`, oldest first, read through the
+    /// live index.
+    pub fn live_of(&self, user: &str) -> Result<Vec<Grant>> {
+        self.through(LIVE, &user_prefix(user), |g| g.requester == user)
+    }
+
+    /// The live grants whose deadline is at or before `now`, soonest first, read
+    /// through the due index. Entries of grants that ended are dropped on the way.
+    pub fn due(&self, now: DateTime<Utc>) -> Result<Vec<Grant>> {
+        let mut due = Vec::new();
+        for entry in self.seam().scan(DUE, b"", None) {
+            let (key, _) = entry?;
+            let (at, seq) = key.split_at(key.len().min(8));
+            let (Some(at), Some(seq)) = (u64::decode(at), u64::decode(seq)) else {
+                return Err(StoreError::Corrupt {
+                    tree: DUE,
+                    detail: format!("a key of {} bytes", key.len()),
+                });
+            };
+            if at > millis(now) {
+                break;
+            }
+            match self.read_seq(seq)? {
+                Some(read) if read.grant.state.is_live() => {
+                    if read.grant.deadline().is_some_and(|at| at <= now) {
+                        due.push(read.grant);
+                    }
+                }
+                // Final states are final: this entry can never be due again.
+                _ => {
+                    self.seam().remove(DUE, &key)?;
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    /// Every grant `user` filed, oldest first, read through the by-user index.
+    pub fn of_user(&self, user: &str) -> Result<Vec<Grant>> {
+        self.through(BY_USER, &user_prefix(user), |g| g.requester == user)
+    }
+
+    /// The grants an index names (keys end in the seq), checked with `keep`.
+    fn through(
+        &self,
+        index: &str,
+        prefix: &[u8],
+        keep: impl Fn(&Grant) -> bool,
+    ) -> Result<Vec<Grant>> {
+        let mut grants = Vec::new();
+        for entry in self.seam().scan(index, prefix, None) {
+            let (key, _) = entry?;
+            let seq = key
+                .len()
+                .checked_sub(8)
+                .and_then(|at| u64::decode(&key[at..]))
+                .ok_or_else(|| StoreError::Corrupt {
+                    tree: "grant index",
+                    detail: format!("a key of {} bytes", key.len()),
+                })?;
+            if let Some(read) = self.read_seq(seq)? {
+                let live_ok = index != LIVE || read.grant.state.is_live();
+                if live_ok && keep(&read.grant) {
+                    grants.push(read.grant);
+                }
+            }
+        }
+        Ok(grants)
+    }
+
+    fn index(&self, grant: &Grant) -> Result<()> {
+        let key = user_key(grant);
+        if grant.state.is_live() {
+            self.seam().put(LIVE, &key, b"")?;
+        }
+        if let Some(due) = due_key(grant) {
+            self.seam().put(DUE, &due, b"")?;
+        }
+        self.seam().put(BY_USER, &key, b"")
+    }
+
+    fn unindex(&self, grant: &Grant) -> Result<()> {
+        let key = user_key(grant);
+        self.seam().remove(LIVE, &key)?;
+        if let Some(due) = due_key(grant) {
+            self.seam().remove(DUE, &due)?;
+        }
+        self.seam().remove(BY_USER, &key)?;
+        Ok(())
+    }
+}
+
+/// A grant's key in the due index, if it has a deadline.
+fn due_key(grant: &Grant) -> Option<Vec<u8>> {
+    let mut key = millis(grant.deadline()?).encode();
+    key.extend_from_slice(&grant.seq.encode());
+    Some(key)
+}
+
+/// Milliseconds since 1970 (times before it count as 0: due at once).
+fn millis(at: DateTime<Utc>) -> u64 {
+    u64::try_from(at.timestamp_millis()).unwrap_or(0)
+}
+
+/// A grant's key in the indexes: `requester 0x00 seq`.
+fn user_key(grant: &Grant) -> Vec<u8> {
+    let mut key = user_prefix(&grant.requester);
+    key.extend_from_slice(&grant.seq.encode());
+    key
+}
+
+/// `user 0x00`: user names never hold a NUL byte, so one user's prefix never
+/// starts another's.
+fn user_prefix(user: &str) -> Vec<u8> {
+    let mut prefix = user.as_bytes().to_vec();
+    prefix.push(0);
+    prefix
+}

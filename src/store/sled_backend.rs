@@ -1,0 +1,183 @@
+//! The seam on sled 0.34: one sled `Db` in `DATA_DIR/db`, one sled tree per named
+//! tree, counters in the `meta` tree.
+//!
+//! A failed write poisons sled for good: once it has seen an I/O error (a full
+//! disk), every later write returns it again, even after space was freed. The
+//! backend remembers the first such error ([`Backend::failure`]) so the health
+//! check can report it and the server can restart itself once space is back.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use super::{Backend, Entry, Result, Scan, StoreError, META};
+
+/// sled's page cache; its default (1 GiB) would let recordings grow the bastion's
+/// memory far beyond what the relay uses.
+const CACHE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// sled's log segment size for new databases (sled's default is 512 KiB). A log
+/// message over a quarter of a segment becomes a file of its own under `blobs/`,
+/// which sled rewrites whole and frees late; 2 MiB segments keep transcript values
+/// (64 KiB, see `record`) and most leaf rewrites in the log, where its segment
+/// cleaner reclaims them. A database keeps the segment size it was created with
+/// (sled refuses to open it with another).
+const SEGMENT_BYTES: usize = 2 * 1024 * 1024;
+
+pub struct SledBackend {
+    db: sled::Db,
+    /// The first write error sled returned: from then on sled fails every write.
+    failure: Mutex<Option<String>>,
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(err: sled::Error) -> StoreError {
+        StoreError::Backend(err.to_string())
+    }
+}
+
+impl SledBackend {
+    /// Opens (or creates) the database in directory `db`.
+    pub fn open(db: &Path) -> Result<SledBackend> {
+        Ok(SledBackend {
+            db: sled_config(db).open()?,
+            failure: Mutex::new(None),
+        })
+    }
+
+    fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.db.open_tree(name)?)
+    }
+
+    /// Passes a write's result on, remembering the first I/O error.
+    fn written<T>(&self, result: sled::Result<T>) -> Result<T> {
+        if let Err(err @ (sled::Error::Io(_) | sled::Error::ReportableBug(_))) = &result {
+            let mut failure = self.failure.lock().expect("store lock poisoned");
+            if failure.is_none() {
+                tracing::error!(error = %err, "the database cannot be written; refusing everything that needs it");
+                *failure = Some(err.to_string());
+            }
+        }
+        Ok(result?)
+    }
+}
+
+impl Backend for SledBackend {
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.tree(tree)?.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan<'a>(&'a self, tree: &str, prefix: &[u8], from: Option<&[u8]>) -> Scan<'a> {
+        let tree = match self.tree(tree) {
+            Ok(tree) => tree,
+            Err(err) => return Box::new(std::iter::once(Err(err))),
+        };
+        let prefix = prefix.to_vec();
+        let entries = match from {
+            Some(from) => tree.range(from.to_vec()..),
+            None => tree.range(prefix.clone()..),
+        };
+        Box::new(
+            entries
+                .take_while(move |entry| {
+                    entry
+                        .as_ref()
+                        .map_or(true, |(key, _)| key.starts_with(&prefix))
+                })
+                .map(|entry| {
+                    let (key, value) = entry?;
+                    Ok((key.to_vec(), value.to_vec()))
+                }),
+        )
+    }
+
+    fn last(&self, tree: &str) -> Result<Option<Entry>> {
+        Ok(self
+            .tree(tree)?
+            .last()?
+            .map(|(k, v)| (k.to_vec(), v.to_vec())))
+    }
+
+    fn put(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        self.written(self.tree(tree)?.insert(key, value))?;
+        Ok(())
+    }
+
+    fn put_all(&self, tree: &str, entries: Vec<Entry>) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (key, value) in entries {
+            batch.insert(key, value);
+        }
+        self.written(self.tree(tree)?.apply_batch(batch))
+    }
+
+    fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .written(self.tree(tree)?.remove(key))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn compare_and_swap(
+        &self,
+        tree: &str,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool> {
+        let swapped = self.written(self.tree(tree)?.compare_and_swap(key, old, new))?;
+        Ok(swapped.is_ok())
+    }
+
+    fn increment(&self, name: &str) -> Result<u64> {
+        let next = self.written(self.tree(META)?.update_and_fetch(name, |old| {
+            Some((decode_counter(old) + 1).to_be_bytes().to_vec())
+        }))?;
+        Ok(decode_counter(next.as_deref()))
+    }
+
+    fn counter(&self, name: &str) -> Result<u64> {
+        Ok(decode_counter(self.tree(META)?.get(name)?.as_deref()))
+    }
+
+    fn seed_counter(&self, name: &str, value: u64) -> Result<()> {
+        self.written(self.tree(META)?.update_and_fetch(name, |old| {
+            Some(decode_counter(old).max(value).to_be_bytes().to_vec())
+        }))?;
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.written(self.db.flush())?;
+        Ok(())
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.failure.lock().expect("store lock poisoned").clone()
+    }
+}
+
+/// A counter's stored form: 8 bytes, big-endian (absent or damaged: 0).
+fn decode_counter(bytes: Option<&[u8]>) -> u64 {
+    bytes
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+/// sled's settings for the database in `db` (`DATA_DIR/db`); tools and tests that
+/// open the files directly must use them too (sled refuses another segment size).
+pub fn sled_config(db: &Path) -> sled::Config {
+    sled::Config::new()
+        .segment_size(existing_segment_size(db).unwrap_or(SEGMENT_BYTES))
+        .path(db)
+        .flush_every_ms(Some(200))
+        .cache_capacity(CACHE_BYTES)
+}
+
+/// The segment size an existing database was created with (sled's `conf` file
+/// says `segment_size: N`), so that databases created before [`SEGMENT_BYTES`]
+/// open as they are.
+fn existing_segment_size(db: &Path) -> Option<usize> {
+    let conf = std::fs::read_to_string(db.join("conf")).ok()?;
+    conf.lines()
+        .find_map(|line| line.strip_prefix("segment_size: "))
+        .and_then(|n| n.trim().parse().ok())
+}
