@@ -461,18 +461,6 @@ impl Grants {
         Ok(receiver)
     }
 
-    /// Waits until `id` is no longer pending and returns it. Wakes on the change itself,
-    /// not on a polling interval.
-    pub async fn wait_decided(&self, id: &str) -> Result<Grant, GrantError> {
-        let mut changes = self.watch(id)?;
-        loop {
-            let grant = changes.borrow_and_update().clone();
-            if grant.state != GrantState::Pending || changes.changed().await.is_err() {
-                return Ok(grant);
-            }
-        }
-    }
-
     /// Appends an audit event, durably. A failure is logged and returned: the
     /// caller must not go on with what the event records.
     pub fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
