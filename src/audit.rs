@@ -39,7 +39,7 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    pub fn new(kind: &str, actor: &str, at: DateTime<Utc>) -> AuditEvent {
+    pub fn new(kind: AuditKind, actor: &str, at: DateTime<Utc>) -> AuditEvent {
         AuditEvent {
             seq: 0,
             at,
@@ -295,8 +295,11 @@ mod tests {
                 let log = log.clone();
                 tokio::task::spawn_blocking(move || {
                     for i in 0..1000u64 {
-                        log.append(AuditEvent::new("test", actor, Utc::now()).detail("i", i))
-                            .unwrap();
+                        log.append(
+                            AuditEvent::new(AuditKind::SessionStart, actor, Utc::now())
+                                .detail("i", i),
+                        )
+                        .unwrap();
                     }
                 })
             })
@@ -313,7 +316,8 @@ mod tests {
     fn chain(n: u64) -> Vec<AuditEvent> {
         let mut events: Vec<AuditEvent> = Vec::new();
         for i in 0..n {
-            let mut event = AuditEvent::new("test", "alice", Utc::now()).detail("i", i);
+            let mut event =
+                AuditEvent::new(AuditKind::SessionStart, "alice", Utc::now()).detail("i", i);
             event.link_after(events.last());
             events.push(event);
         }
@@ -346,9 +350,10 @@ mod tests {
     #[test]
     fn events_chain_by_digest() {
         let now = Utc::now();
-        let mut first = AuditEvent::new("request.created", "alice", now).grant("7f3a9c");
+        let mut first = AuditEvent::new(AuditKind::RequestCreated, "alice", now).grant("7f3a9c");
         first.link_after(None);
-        let mut second = AuditEvent::new("request.approved", "bob", now).detail("comment", "ok");
+        let mut second =
+            AuditEvent::new(AuditKind::RequestApproved, "bob", now).detail("comment", "ok");
         second.link_after(Some(&first));
         assert_eq!((first.seq, second.seq), (1, 2));
         assert_eq!(first.prev, GENESIS);
@@ -417,5 +422,194 @@ mod tests {
         }
         .check(&rechained)
         .unwrap();
+    }
+}
+
+/// Every kind of audit event, in one place. The strings are the stored form:
+/// `as_str`, `Display` and serde all give exactly these, so events already in a
+/// chain read, list and verify byte for byte as before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum AuditKind {
+    #[serde(rename = "auditor.audit")]
+    AuditorAudit,
+    #[serde(rename = "auditor.export")]
+    AuditorExport,
+    #[serde(rename = "auditor.replay")]
+    AuditorReplay,
+    #[serde(rename = "auditor.sessions")]
+    AuditorSessions,
+    #[serde(rename = "auditor.verify")]
+    AuditorVerify,
+    #[serde(rename = "auditor.watch")]
+    AuditorWatch,
+    #[serde(rename = "auth.failure")]
+    AuthFailure,
+    #[serde(rename = "auth.publickey")]
+    AuthPublickey,
+    #[serde(rename = "auth.success")]
+    AuthSuccess,
+    #[serde(rename = "auth.withdrawn")]
+    AuthWithdrawn,
+    #[serde(rename = "bastion.shutdown")]
+    BastionShutdown,
+    #[serde(rename = "connection.limited")]
+    ConnectionLimited,
+    #[serde(rename = "policy.reload_failed")]
+    PolicyReloadFailed,
+    #[serde(rename = "policy.reloaded")]
+    PolicyReloaded,
+    #[serde(rename = "preauth.lockout")]
+    PreauthLockout,
+    #[serde(rename = "recordings.pruned")]
+    RecordingsPruned,
+    #[serde(rename = "request.approval")]
+    RequestApproval,
+    #[serde(rename = "request.approved")]
+    RequestApproved,
+    #[serde(rename = "request.cancelled")]
+    RequestCancelled,
+    #[serde(rename = "request.created")]
+    RequestCreated,
+    #[serde(rename = "request.denied")]
+    RequestDenied,
+    #[serde(rename = "request.expired")]
+    RequestExpired,
+    #[serde(rename = "request.limited")]
+    RequestLimited,
+    #[serde(rename = "request.revoked")]
+    RequestRevoked,
+    #[serde(rename = "session.denied")]
+    SessionDenied,
+    #[serde(rename = "session.disk_full")]
+    SessionDiskFull,
+    #[serde(rename = "session.end")]
+    SessionEnd,
+    #[serde(rename = "session.failed")]
+    SessionFailed,
+    #[serde(rename = "session.interrupted")]
+    SessionInterrupted,
+    #[serde(rename = "session.refused")]
+    SessionRefused,
+    #[serde(rename = "session.start")]
+    SessionStart,
+    #[serde(rename = "stepup.failure")]
+    StepupFailure,
+    #[serde(rename = "stepup.locked")]
+    StepupLocked,
+    #[serde(rename = "stepup.success")]
+    StepupSuccess,
+    #[serde(rename = "totp.enrolled")]
+    TotpEnrolled,
+    #[serde(rename = "totp.invite_refused")]
+    TotpInviteRefused,
+    #[serde(rename = "user.removed")]
+    UserRemoved,
+}
+
+impl AuditKind {
+    /// Every kind, for checks that must cover them all.
+    pub const ALL: [AuditKind; 37] = [
+        AuditKind::AuditorAudit,
+        AuditKind::AuditorExport,
+        AuditKind::AuditorReplay,
+        AuditKind::AuditorSessions,
+        AuditKind::AuditorVerify,
+        AuditKind::AuditorWatch,
+        AuditKind::AuthFailure,
+        AuditKind::AuthPublickey,
+        AuditKind::AuthSuccess,
+        AuditKind::AuthWithdrawn,
+        AuditKind::BastionShutdown,
+        AuditKind::ConnectionLimited,
+        AuditKind::PolicyReloadFailed,
+        AuditKind::PolicyReloaded,
+        AuditKind::PreauthLockout,
+        AuditKind::RecordingsPruned,
+        AuditKind::RequestApproval,
+        AuditKind::RequestApproved,
+        AuditKind::RequestCancelled,
+        AuditKind::RequestCreated,
+        AuditKind::RequestDenied,
+        AuditKind::RequestExpired,
+        AuditKind::RequestLimited,
+        AuditKind::RequestRevoked,
+        AuditKind::SessionDenied,
+        AuditKind::SessionDiskFull,
+        AuditKind::SessionEnd,
+        AuditKind::SessionFailed,
+        AuditKind::SessionInterrupted,
+        AuditKind::SessionRefused,
+        AuditKind::SessionStart,
+        AuditKind::StepupFailure,
+        AuditKind::StepupLocked,
+        AuditKind::StepupSuccess,
+        AuditKind::TotpEnrolled,
+        AuditKind::TotpInviteRefused,
+        AuditKind::UserRemoved,
+    ];
+
+    /// The stored name, e.g. `request.approved`.
+    pub fn as_str(self) -> &'static str {
+        use AuditKind::*;
+        match self {
+            AuditorAudit => "auditor.audit",
+            AuditorExport => "auditor.export",
+            AuditorReplay => "auditor.replay",
+            AuditorSessions => "auditor.sessions",
+            AuditorVerify => "auditor.verify",
+            AuditorWatch => "auditor.watch",
+            AuthFailure => "auth.failure",
+            AuthPublickey => "auth.publickey",
+            AuthSuccess => "auth.success",
+            AuthWithdrawn => "auth.withdrawn",
+            BastionShutdown => "bastion.shutdown",
+            ConnectionLimited => "connection.limited",
+            PolicyReloadFailed => "policy.reload_failed",
+            PolicyReloaded => "policy.reloaded",
+            PreauthLockout => "preauth.lockout",
+            RecordingsPruned => "recordings.pruned",
+            RequestApproval => "request.approval",
+            RequestApproved => "request.approved",
+            RequestCancelled => "request.cancelled",
+            RequestCreated => "request.created",
+            RequestDenied => "request.denied",
+            RequestExpired => "request.expired",
+            RequestLimited => "request.limited",
+            RequestRevoked => "request.revoked",
+            SessionDenied => "session.denied",
+            SessionDiskFull => "session.disk_full",
+            SessionEnd => "session.end",
+            SessionFailed => "session.failed",
+            SessionInterrupted => "session.interrupted",
+            SessionRefused => "session.refused",
+            SessionStart => "session.start",
+            StepupFailure => "stepup.failure",
+            StepupLocked => "stepup.locked",
+            StepupSuccess => "stepup.success",
+            TotpEnrolled => "totp.enrolled",
+            TotpInviteRefused => "totp.invite_refused",
+            UserRemoved => "user.removed",
+        }
+    }
+}
+
+impl std::fmt::Display for AuditKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::AuditKind;
+
+    #[test]
+    fn every_kind_is_stored_as_its_name() {
+        for kind in AuditKind::ALL {
+            let json = serde_json::to_string(&kind).unwrap();
+            assert_eq!(json, format!("\"{}\"", kind.as_str()));
+            assert_eq!(serde_json::from_str::<AuditKind>(&json).unwrap(), kind);
+            assert_eq!(kind.to_string(), kind.as_str());
+        }
     }
 }

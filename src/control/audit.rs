@@ -3,23 +3,21 @@
 
 use std::collections::HashSet;
 
-use super::requests::{Caller, Reply};
+use super::error::{ControlError, Reply};
+use super::requests::Caller;
 use crate::audit::{verify_chain, Anchor, AuditEvent};
 use crate::record::check::cross_check;
 
 pub fn list(caller: &Caller, since: Option<String>, json: bool) -> Reply {
     let since = match since {
-        Some(text) => {
-            Some(caller.now - crate::duration::parse(&text).map_err(|e| format!("--since: {e}"))?)
-        }
+        Some(text) => Some(
+            caller.now
+                - crate::duration::parse(&text)
+                    .map_err(|e| ControlError::refused(format!("--since: {e}")))?,
+        ),
         None => None,
     };
-    let events = caller
-        .state
-        .grants
-        .audit_log()
-        .events()
-        .map_err(|e| e.to_string())?;
+    let events = caller.state.grants.audit_log().events()?;
     let mut out = String::new();
     for event in events.iter().filter(|e| since.is_none_or(|at| e.at >= at)) {
         if json {
@@ -60,27 +58,24 @@ fn human(event: &AuditEvent) -> String {
 pub fn verify(caller: &Caller, recordings: bool, anchors: &[Anchor]) -> Reply {
     let (recorder, audit) = (&caller.state.recorder, caller.state.grants.audit_log());
     // This order lets a busy bastion go on writing meanwhile (see `record::check`).
-    let before = recorder.sessions().map_err(|e| e.to_string())?;
-    let (issued, reserved) = caller
-        .state
-        .recorder
-        .reservations()
-        .map_err(|e| e.to_string())?;
-    let events = audit.events().map_err(|e| e.to_string())?;
-    let after = recorder.sessions().map_err(|e| e.to_string())?;
-    let summary = verify_chain(&events).map_err(|err| err.to_string())?;
+    let before = recorder.sessions()?;
+    let (issued, reserved) = caller.state.recorder.reservations()?;
+    let events = audit.events()?;
+    let after = recorder.sessions()?;
+    let summary = verify_chain(&events)?;
     let mut report = format!(
         "audit chain OK: {} events, head #{} {}\n",
         summary.events, summary.head_seq, summary.head_digest
     );
     for anchor in anchors {
-        anchor.check(&events)?;
+        anchor.check(&events).map_err(ControlError::Refused)?;
         report.push_str(&format!(
             "anchor OK: event {} matches {anchor}\n",
             anchor.seq
         ));
     }
-    let sessions = cross_check(&before, issued, &reserved, &events, &after)?;
+    let sessions =
+        cross_check(&before, issued, &reserved, &events, &after).map_err(ControlError::Refused)?;
     report.push_str(&format!(
         "sessions OK: {} records match their chained start and end events; no session id is missing ({} failed before recording)\n",
         sessions.matched, sessions.failed
@@ -126,7 +121,7 @@ fn ids(ids: &[u64]) -> String {
 /// Checks each session's transcript against the digest in its end (or interrupted)
 /// event. Sessions pruned by retention are skipped only if a `recordings.pruned`
 /// event says so.
-fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, String> {
+fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, ControlError> {
     let pruned: HashSet<u64> = events
         .iter()
         .filter(|e| e.kind == "recordings.pruned")
@@ -152,16 +147,16 @@ fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, St
             continue;
         }
         let actual = caller.state.recorder.digest_of(session).map_err(|e| {
-            format!(
+            ControlError::refused(format!(
                 "recording of session {session} (event #{}) is damaged: {e}",
                 event.seq
-            )
+            ))
         })?;
         if actual != expected {
-            return Err(format!(
+            return Err(ControlError::refused(format!(
                 "recording of session {session} was altered: its transcript no longer matches the digest in audit event #{}",
                 event.seq
-            ));
+            )));
         }
         checked += 1;
     }
@@ -175,8 +170,12 @@ mod tests {
     #[test]
     fn the_human_listing_escapes_what_users_wrote() {
         // JSON escapes C0 controls but not DEL, C1 controls or bidi overrides.
-        let event = AuditEvent::new("request.created", "alice", chrono::Utc::now())
-            .detail("reason", "INC-1 \u{202e}gnitset\u{9b}2J\u{7f}\u{1b}[2K");
+        let event = AuditEvent::new(
+            crate::audit::AuditKind::RequestCreated,
+            "alice",
+            chrono::Utc::now(),
+        )
+        .detail("reason", "INC-1 \u{202e}gnitset\u{9b}2J\u{7f}\u{1b}[2K");
         let line = human(&event);
         assert!(!line.chars().any(crate::display::needs_escape), "{line:?}");
         assert!(

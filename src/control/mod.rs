@@ -3,26 +3,23 @@
 //! The exec line is split into shell words and parsed with clap; output goes to
 //! stdout, errors to stderr with exit status 1 and a hint of what to do next.
 
-mod args;
 mod audit;
-use crate::session::hint;
+mod cmd;
+mod error;
 mod requests;
 mod sessions;
 mod step_up;
 mod table;
 
-use std::time::{Duration, Instant};
-
 use chrono::Utc;
 use clap::{CommandFactory, FromArgMatches};
-use russh::ChannelMsg;
 
-use crate::audit::AuditEvent;
-use crate::grant::{Grant, GrantState, Scope};
+use crate::session::hint;
 use crate::session::{ChannelContext, ClientChannel, ClientOut, Start};
-pub use args::ControlArgs;
-use args::{AuditAction, Command, TotpAction};
-use requests::{to_json, Caller, Filter, RequestArgs};
+use cmd::Call;
+pub use cmd::ControlArgs;
+pub use error::{ControlError, Reply};
+use requests::Caller;
 
 /// Longest command line the control plane reads, in bytes.
 const MAX_LINE: usize = 64 * 1024;
@@ -260,194 +257,23 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
     };
     let user = context.identity.user.as_str();
     tracing::info!(user, command = ?args.command.name(), "control command");
-    let caller = Caller {
-        user,
-        state: &context.state,
-        policy: context.state.policy(),
-        now: Utc::now(),
-    };
-    let reply = match args.command {
-        Command::Whoami { json } => whoami(&caller, json),
-        Command::Request {
-            target,
-            login,
-            shell,
-            sftp,
-            commands,
-            ttl,
-            reason,
-            wait,
-            json,
-        } => {
-            let args = RequestArgs {
-                target,
-                login,
-                scope: Scope {
-                    shell,
-                    sftp,
-                    commands,
-                },
-                ttl,
-                reason,
-            };
-            match requests::request(&caller, args).await {
-                Ok(grant) if wait && grant.state == GrantState::Pending => {
-                    if !json {
-                        out.stdout(&requests::describe_outcome(&caller, &grant))
-                            .await;
-                    }
-                    wait_and_report(context, &mut client, &caller, grant, json).await;
-                    return;
-                }
-                filed => filed.map(|grant| requests::outcome(&caller, &grant, json)),
-            }
-        }
-        Command::Requests {
-            pending,
-            mine,
-            all,
-            json,
-        } => requests::list(&caller, Filter { pending, mine, all }, json),
-        Command::Show { id, json } => requests::show(&caller, &id, json),
-        Command::Approve {
-            id,
-            comment,
-            totp,
-            json,
-        } => match step_up::for_decision(context, &mut client, &caller, &id, totp).await {
-            Ok(()) => requests::approve(&caller, &id, comment, json).await,
-            Err(refusal) => Err(refusal),
+    let mut call = Call {
+        context,
+        client: &mut client,
+        caller: Caller {
+            user,
+            state: &context.state,
+            policy: context.state.policy(),
+            now: Utc::now(),
         },
-        Command::Deny {
-            id,
-            reason,
-            totp,
-            json,
-        } => match step_up::for_decision(context, &mut client, &caller, &id, totp).await {
-            Ok(()) => requests::deny(&caller, &id, reason, json).await,
-            Err(refusal) => Err(refusal),
-        },
-        Command::Totp {
-            action: TotpAction::Enroll { invite },
-        } => step_up::enroll(context, &mut client, invite).await,
-        Command::Totp {
-            action: TotpAction::Status,
-        } => step_up::status(&caller),
-        Command::Revoke { id, reason, json } => requests::revoke(&caller, &id, reason, json).await,
-        Command::Grants { json } => requests::grants(&caller, json),
-        auditor_command => {
-            let reply = match auditor(&caller) {
-                Ok(()) => run_auditor(&caller, &mut client, auditor_command).await,
-                Err(refusal) => Err(refusal),
-            };
-            finish(&client.out, reply).await;
-            return;
-        }
     };
+    let reply = args.command.run(&mut call).await;
     finish(&client.out, reply).await;
 }
 
-/// Refuses auditor commands to everyone outside `auditors`.
-fn auditor(caller: &Caller) -> Result<(), String> {
-    let auditors = &caller.state.config.auditors;
-    if caller.policy.is_member(caller.user, auditors) {
-        Ok(())
-    } else {
-        Err(format!(
-            "only auditors ({}) may read recordings and the audit log",
-            auditors.join(", ")
-        ))
-    }
-}
-
-/// Runs an auditor command and records that the auditor ran it.
-async fn run_auditor(
-    caller: &Caller<'_>,
-    client: &mut ClientChannel,
-    command: Command,
-) -> requests::Reply {
-    let event = |kind: &str| AuditEvent::new(kind, caller.user, Utc::now());
-    match command {
-        Command::Sessions {
-            user,
-            target,
-            since,
-            active,
-            grep,
-            json,
-        } => {
-            caller
-                .state
-                .audit_or_refuse(event("auditor.sessions").detail("grep", grep.clone()))?;
-            let filter = sessions::SessionFilter {
-                user,
-                target,
-                since,
-                active,
-                grep,
-            };
-            sessions::list(caller, filter, json).await
-        }
-        Command::Replay {
-            session,
-            speed,
-            raw,
-        } => {
-            let record = sessions::find(caller, &session)?;
-            caller.state.audit_or_refuse(
-                event("auditor.replay")
-                    .detail("session", record.id)
-                    .detail("raw", raw),
-            )?;
-            sessions::replay(caller, &client.out, &record, speed, raw).await
-        }
-        Command::Watch { session, raw } => {
-            let record = sessions::find(caller, &session)?;
-            caller.state.audit_or_refuse(
-                event("auditor.watch")
-                    .detail("session", record.id)
-                    .detail("raw", raw),
-            )?;
-            sessions::watch(caller, client, &record, raw).await
-        }
-        Command::Export { session } => {
-            let record = sessions::find(caller, &session)?;
-            caller
-                .state
-                .audit_or_refuse(event("auditor.export").detail("session", record.id))?;
-            sessions::export(caller, &client.out, &record).await
-        }
-        Command::Audit {
-            action:
-                Some(AuditAction::Verify {
-                    recordings,
-                    anchors,
-                }),
-            ..
-        } => {
-            let anchored: Vec<String> = anchors.iter().map(|a| a.to_string()).collect();
-            caller.state.audit_or_refuse(
-                event("auditor.verify")
-                    .detail("recordings", recordings)
-                    .detail("anchors", anchored),
-            )?;
-            audit::verify(caller, recordings, &anchors)
-        }
-        Command::Audit {
-            action: None,
-            since,
-            json,
-        } => {
-            caller
-                .state
-                .audit_or_refuse(event("auditor.audit").detail("since", since.clone()))?;
-            audit::list(caller, since, json)
-        }
-        other => Err(format!("{other:?} is not an auditor command")),
-    }
-}
-
-async fn finish(out: &ClientOut, reply: requests::Reply) {
+/// Answers the client: the text on stdout and exit status 0, or the error on
+/// stderr (a `portcullis: ...` line) and exit status 1.
+async fn finish(out: &ClientOut, reply: Reply) {
     match reply {
         Ok(text) => {
             if !text.is_empty() {
@@ -455,121 +281,13 @@ async fn finish(out: &ClientOut, reply: requests::Reply) {
             }
             out.exit(0).await;
         }
-        Err(message) => out.fail(&message, 1).await,
-    }
-}
-
-/// `request --wait`: blocks until the request is decided (woken by the decision
-/// itself), redrawing a status line on a terminal. Exits 0 only when approved. A
-/// client that goes away stops waiting; the request stays pending.
-async fn wait_and_report(
-    context: &ChannelContext,
-    client: &mut ClientChannel,
-    caller: &Caller<'_>,
-    grant: Grant,
-    json: bool,
-) {
-    let grants = &context.state.grants;
-    let started = Instant::now();
-    let approvers = crate::grant::lifecycle::approvers_of(&grant, &caller.policy)
-        .map(|a| a.join(", "))
-        .unwrap_or_default();
-    let mut redraw = tokio::time::interval(Duration::from_secs(1));
-    let decided = grants.wait_decided(&grant.id);
-    tokio::pin!(decided);
-    let result = loop {
-        tokio::select! {
-            result = &mut decided => break result,
-            _ = redraw.tick(), if client.out.pty => {
-                let line = grant.waiting_status(&approvers, started.elapsed());
-                client.out.stderr(&format!("\r\x1b[K{line}")).await;
-            }
-            msg = client.reader.wait() => {
-                if matches!(msg, None | Some(ChannelMsg::Close)) {
-                    return;
-                }
-            }
+        Err(ControlError::NotApprovedJson(json)) => {
+            out.stdout(&json).await;
+            out.exit(1).await;
         }
-    };
-    if client.out.pty {
-        client.out.stderr("\r\x1b[K").await;
-    }
-    let out = &client.out;
-    let caller = Caller {
-        user: caller.user,
-        state: caller.state,
-        policy: caller.policy.clone(),
-        now: Utc::now(),
-    };
-    match result {
-        Ok(decided) if json => {
-            out.stdout(&to_json(&decided)).await;
-            out.exit(if decided.state == GrantState::Approved {
-                0
-            } else {
-                1
-            })
-            .await;
-        }
-        Ok(decided) if decided.state == GrantState::Approved => {
-            out.stdout(&requests::describe_outcome(&caller, &decided))
-                .await;
-            out.exit(0).await;
-        }
-        Ok(decided) => {
-            out.fail(requests::describe_outcome(&caller, &decided).trim_end(), 1)
-                .await
-        }
+        Err(ControlError::Gone) => {}
         Err(err) => out.fail(&err.to_string(), 1).await,
     }
-}
-
-fn whoami(caller: &Caller, json: bool) -> requests::Reply {
-    let user = caller.user;
-    let groups = caller
-        .policy
-        .users
-        .get(user)
-        .map(|u| u.groups.clone())
-        .unwrap_or_default();
-    let active = requests::own_active(caller)?;
-    let totp = caller
-        .state
-        .totp
-        .is_enrolled(user)
-        .map_err(|e| e.to_string())?;
-    if json {
-        let doc = serde_json::json!({
-            "user": user,
-            "groups": groups,
-            "totp_enrolled": totp,
-            "grants": active,
-        });
-        return Ok(format!("{doc}\n"));
-    }
-    let mut text = format!(
-        "user:   {user}\ngroups: {}\ntotp:   {}\ngrants: {}\n",
-        if groups.is_empty() {
-            "-".to_string()
-        } else {
-            groups.join(", ")
-        },
-        if totp { "enrolled" } else { "not enrolled" },
-        if active.is_empty() { "none" } else { "" }
-    );
-    for grant in &active {
-        text.push_str(&format!(
-            "  {}  {}  {}  expires {}\n",
-            grant.id,
-            grant.destination(),
-            crate::display::escape(&grant.scope.describe()),
-            grant
-                .expires_at
-                .map(|at| table::relative(at, caller.now))
-                .unwrap_or_default()
-        ));
-    }
-    Ok(text)
 }
 
 #[cfg(test)]

@@ -9,14 +9,13 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
+use super::error::{ControlError, Reply};
 use super::table::{clip, relative, render, scope_cell, short_span};
 use crate::display::escape;
 use crate::grant::lifecycle::{approvers_of, is_approver};
-use crate::grant::{Grant, GrantError, GrantState, Grants, RequestSpec, Scope};
+use crate::grant::{Ending, Grant, GrantError, GrantState, Grants, RequestSpec, Scope};
 use crate::policy::Policy;
 use crate::session::State;
-
-pub type Reply = Result<String, String>;
 
 /// Who is asking, against which policy, at what time.
 pub struct Caller<'a> {
@@ -36,12 +35,12 @@ impl Caller<'_> {
     }
 
     /// A grant the caller may see; others look exactly like unknown ids.
-    pub(super) fn visible(&self, id: &str) -> Result<Grant, String> {
-        let grant = self.state.grants.get(id).map_err(|e| e.to_string())?;
+    pub(super) fn visible(&self, id: &str) -> Result<Grant, ControlError> {
+        let grant = self.state.grants.get(id)?;
         if self.can_see(&grant) {
             Ok(grant)
         } else {
-            Err(GrantError::NotFound(id.to_string()).to_string())
+            Err(GrantError::NotFound(id.to_string()).into())
         }
     }
 }
@@ -55,9 +54,12 @@ pub struct RequestArgs {
     pub reason: String,
 }
 
-pub async fn request(caller: &Caller<'_>, args: RequestArgs) -> Result<Grant, String> {
+pub async fn request(caller: &Caller<'_>, args: RequestArgs) -> Result<Grant, ControlError> {
     let ttl = match &args.ttl {
-        Some(text) => Some(crate::duration::parse(text).map_err(|e| format!("--ttl: {e}"))?),
+        Some(text) => Some(
+            crate::duration::parse(text)
+                .map_err(|e| ControlError::refused(format!("--ttl: {e}")))?,
+        ),
         None => None,
     };
     let spec = RequestSpec {
@@ -73,7 +75,7 @@ pub async fn request(caller: &Caller<'_>, args: RequestArgs) -> Result<Grant, St
         .grants
         .run(move |grants| grants.file(&policy, &user, spec, now))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(ControlError::from)
 }
 
 /// What a command that changed `grant` answers: the grant as JSON, or in words.
@@ -103,7 +105,7 @@ pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
         GrantState::Approved => format!(
             "request {} approved by {}; {} on {} expires {}\n",
             grant.id,
-            approver_names(grant),
+            grant.approver_names(),
             escape(&grant.scope.describe()),
             grant.destination(),
             grant
@@ -115,12 +117,13 @@ pub fn describe_outcome(caller: &Caller, grant: &Grant) -> String {
             "request {} {state} by {}{}\n",
             grant.id,
             grant.ended.as_ref().map(|e| e.by.as_str()).unwrap_or("-"),
-            grant
-                .ended
-                .as_ref()
-                .and_then(|e| e.reason.as_deref())
-                .map(|r| format!(": {}", escape(r)))
-                .unwrap_or_default()
+            escape(
+                &grant
+                    .ended
+                    .as_ref()
+                    .map(Ending::because)
+                    .unwrap_or_default()
+            )
         ),
     }
 }
@@ -175,7 +178,7 @@ pub fn grants(caller: &Caller, json: bool) -> Reply {
 }
 
 /// The caller's own active grants, for `whoami`.
-pub fn own_active(caller: &Caller) -> Result<Vec<Grant>, String> {
+pub fn own_active(caller: &Caller) -> Result<Vec<Grant>, ControlError> {
     Ok(visible(caller, caller.state.grants.live_of(caller.user))?
         .into_iter()
         .filter(|g| g.requester == caller.user && g.is_active(caller.now))
@@ -254,11 +257,7 @@ pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
                 "by {} {}{}",
                 ended.by,
                 relative(ended.at, now),
-                ended
-                    .reason
-                    .as_deref()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default()
+                ended.because()
             ),
         );
     }
@@ -310,7 +309,7 @@ async fn decide(
     caller: &Caller<'_>,
     id: &str,
     change: impl FnOnce(&Grants, &Policy, &str, &str) -> Result<Grant, GrantError> + Send + 'static,
-) -> Result<Grant, String> {
+) -> Result<Grant, ControlError> {
     let known = caller.visible(id)?;
     let (policy, user) = (caller.policy.clone(), caller.user.to_string());
     caller
@@ -318,16 +317,15 @@ async fn decide(
         .grants
         .run(move |grants| change(grants, &policy, &known.id, &user))
         .await
-        .map_err(|e| e.to_string())
+        .map_err(ControlError::from)
 }
 
 /// The grants of `read` the caller may see.
-fn visible(caller: &Caller, read: Result<Vec<Grant>, GrantError>) -> Result<Vec<Grant>, String> {
-    Ok(read
-        .map_err(|e| e.to_string())?
-        .into_iter()
-        .filter(|g| caller.can_see(g))
-        .collect())
+fn visible(
+    caller: &Caller,
+    read: Result<Vec<Grant>, GrantError>,
+) -> Result<Vec<Grant>, ControlError> {
+    Ok(read?.into_iter().filter(|g| caller.can_see(g)).collect())
 }
 
 fn table(caller: &Caller, grants: &[Grant]) -> String {
@@ -373,15 +371,6 @@ fn when(grant: &Grant, now: DateTime<Utc>) -> String {
         (state, Some(ended)) => format!("{state} {}", relative(ended.at, now)),
         (state, None) => state.to_string(),
     }
-}
-
-fn approver_names(grant: &Grant) -> String {
-    grant
-        .approvals
-        .iter()
-        .map(|a| a.by.as_str())
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 pub fn to_json<T: serde::Serialize>(value: &T) -> String {

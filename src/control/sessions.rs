@@ -5,7 +5,8 @@ use chrono::{DateTime, Utc};
 use russh::ChannelMsg;
 use tokio::sync::broadcast::error::RecvError;
 
-use super::requests::{to_json, Caller, Reply};
+use super::error::{ControlError, Reply};
+use super::requests::{to_json, Caller};
 use super::table::{clip, relative, render, short_span};
 use crate::record::screen::ScreenFilter;
 use crate::record::{asciicast, replay, Chunk, Recorder, SessionRecord};
@@ -22,9 +23,11 @@ pub struct SessionFilter {
 
 pub async fn list(caller: &Caller<'_>, filter: SessionFilter, json: bool) -> Reply {
     let since = match &filter.since {
-        Some(text) => {
-            Some(caller.now - crate::duration::parse(text).map_err(|e| format!("--since: {e}"))?)
-        }
+        Some(text) => Some(
+            caller.now
+                - crate::duration::parse(text)
+                    .map_err(|e| ControlError::refused(format!("--since: {e}")))?,
+        ),
         None => None,
     };
     // Reading every record, and with `--grep` decompressing transcripts, blocks:
@@ -32,7 +35,7 @@ pub async fn list(caller: &Caller<'_>, filter: SessionFilter, json: bool) -> Rep
     let recorder = caller.state.recorder.clone();
     let sessions = tokio::task::spawn_blocking(move || matching(&recorder, &filter, since))
         .await
-        .map_err(|e| e.to_string())??;
+        .map_err(|e| ControlError::refused(e.to_string()))??;
     if json {
         return Ok(to_json(&sessions));
     }
@@ -55,9 +58,9 @@ fn matching(
     recorder: &Recorder,
     filter: &SessionFilter,
     since: Option<DateTime<Utc>>,
-) -> Result<Vec<SessionRecord>, String> {
+) -> Result<Vec<SessionRecord>, ControlError> {
     let mut sessions = Vec::new();
-    for mut session in recorder.sessions().map_err(|e| e.to_string())? {
+    for mut session in recorder.sessions()? {
         let keep = filter.user.as_ref().is_none_or(|u| &session.user == u)
             && filter.target.as_ref().is_none_or(|t| &session.target == t)
             && since.is_none_or(|at| session.started_at >= at)
@@ -66,10 +69,7 @@ fn matching(
             continue;
         }
         if let Some(needle) = &filter.grep {
-            if !recorder
-                .transcript_contains(session.id, needle.as_bytes())
-                .map_err(|e| e.to_string())?
-            {
+            if !recorder.transcript_contains(session.id, needle.as_bytes())? {
                 continue;
             }
         }
@@ -139,18 +139,19 @@ fn human_bytes(n: u64) -> String {
 }
 
 /// Parses a session id and loads its record.
-pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, String> {
+pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, ControlError> {
     let shown = crate::display::escape(&text.chars().take(20).collect::<String>()).into_owned();
     let list = crate::session::hint::control_line(&caller.state.config, &["sessions"]);
     let id: u64 = text.parse().map_err(|_| {
-        format!("'{shown}' is not a session id: ids are numbers like 42; `{list}` lists them")
+        ControlError::refused(format!(
+            "'{shown}' is not a session id: ids are numbers like 42; `{list}` lists them"
+        ))
     })?;
     caller
         .state
         .recorder
-        .session(id)
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("no session {id}; `{list}` lists them"))
+        .session(id)?
+        .ok_or_else(|| ControlError::refused(format!("no session {id}; `{list}` lists them")))
 }
 
 /// The stored transcript of a session, read one batch at a time, unless retention
@@ -158,19 +159,19 @@ pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, String> {
 fn transcript<'a>(
     caller: &'a Caller,
     session: &SessionRecord,
-) -> Result<crate::record::Batches<'a>, String> {
+) -> Result<crate::record::Batches<'a>, ControlError> {
     if session.pruned {
-        return Err(format!(
+        return Err(ControlError::refused(format!(
             "the recording of session {} was pruned by retention",
             session.id
-        ));
+        )));
     }
     Ok(caller.state.recorder.batches(session.id))
 }
 
 /// The next batch of a transcript, or the reason it cannot be read.
-fn next_batch(batches: &mut crate::record::Batches) -> Result<Option<Vec<Chunk>>, String> {
-    batches.next().transpose().map_err(|e| e.to_string())
+fn next_batch(batches: &mut crate::record::Batches) -> Result<Option<Vec<Chunk>>, ControlError> {
+    Ok(batches.next().transpose()?)
 }
 
 /// What reaches the auditor's terminal: the recorded bytes, less the sequences that
@@ -205,7 +206,9 @@ pub async fn replay(
     raw: bool,
 ) -> Reply {
     if !(0.01..=1000.0).contains(&speed) {
-        return Err("--speed must be between 0.01 and 1000".into());
+        return Err(ControlError::refused(
+            "--speed must be between 0.01 and 1000",
+        ));
     }
     let mut batches = transcript(caller, session)?;
     let with_input = !session.echoes_input();
@@ -267,20 +270,16 @@ pub async fn watch(
     session: &SessionRecord,
     raw: bool,
 ) -> Reply {
-    let follow = caller
-        .state
-        .recorder
-        .follow(session.id)
-        .map_err(|e| e.to_string())?;
+    let follow = caller.state.recorder.follow(session.id)?;
     let Some(mut follow) = follow else {
         let replay = crate::session::hint::control_line(
             &caller.state.config,
             &["replay", &session.id.to_string()],
         );
-        return Err(format!(
+        return Err(ControlError::refused(format!(
             "session {} is not live; replay it: `{replay}`",
             session.id
-        ));
+        )));
     };
     let out = &client.out;
     let with_input = !session.echoes_input();
@@ -292,7 +291,7 @@ pub async fn watch(
         .recorder
         .batches(session.id)
         .take(follow.stored as usize);
-    while let Some(chunks) = stored.next().transpose().map_err(|e| e.to_string())? {
+    while let Some(chunks) = stored.next().transpose()? {
         for chunk in chunks.into_iter().filter(|c| replay::shown(c, with_input)) {
             if !show(out, &mut shown, chunk.data).await {
                 return Ok(String::new());

@@ -3,17 +3,15 @@
 
 use chrono::Utc;
 
-use super::requests::{Caller, Reply};
-use crate::audit::AuditEvent;
+use super::cmd::Call;
+use super::error::{ControlError, Reply};
+use super::requests::Caller;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::session::{ChannelContext, ClientChannel};
 use crate::totp::invite;
 
 pub fn status(caller: &Caller) -> Reply {
-    let status = caller
-        .state
-        .totp
-        .status(caller.user, caller.now)
-        .map_err(|e| e.to_string())?;
+    let status = caller.state.totp.status(caller.user, caller.now)?;
     let mut text = match status.enrolled_at {
         Some(at) => format!("TOTP: enrolled {}\n", at.format("%Y-%m-%d %H:%M UTC")),
         None => format!(
@@ -41,7 +39,7 @@ pub async fn enroll(
     let user = context.identity.user.as_str();
     let totp = &context.state.totp;
     let mut invited = None;
-    if totp.is_enrolled(user).map_err(|e| e.to_string())? {
+    if totp.is_enrolled(user)? {
         check_code(context, client, None, "to replace your TOTP", true).await?;
     } else if context.state.config.totp_require_invite {
         invited = Some(check_invite(context, client, invite).await?);
@@ -58,24 +56,25 @@ pub async fn enroll(
     let code = client
         .read_line(true, |_| {})
         .await
-        .ok_or("cancelled; nothing changed")?;
-    let confirmed = totp
-        .confirm(user, &enrolment, &code, Utc::now())
-        .map_err(|e| e.to_string())?;
+        .ok_or(ControlError::refused("cancelled; nothing changed"))?;
+    let confirmed = totp.confirm(user, &enrolment, &code, Utc::now())?;
     if !confirmed {
-        return Err(format!(
+        return Err(ControlError::refused(format!(
             "that code does not match the new secret; nothing changed. Check the app's clock and run `{}` again",
             crate::session::hint::control_line(&context.state.config, &["totp", "enroll"])
-        ));
+        )));
     }
-    let mut event = AuditEvent::new("totp.enrolled", user, Utc::now());
+    let mut event = AuditEvent::new(AuditKind::TotpEnrolled, user, Utc::now());
     if let Some(claim) = invited {
         event = event.detail("invite_issued_at", claim.issued_at.to_rfc3339());
         claim.consume();
     }
     // The secret is active now; with the disk full, storing it would have failed
     // first, so this refusal only catches a disk that filled in between.
-    context.state.audit_or_refuse(event)?;
+    context
+        .state
+        .audit_or_refuse(event)
+        .map_err(ControlError::Refused)?;
     Ok(format!("TOTP enrolled for {user}\n"))
 }
 
@@ -86,7 +85,7 @@ async fn check_invite(
     context: &ChannelContext,
     client: &mut ClientChannel,
     given: Option<String>,
-) -> Result<invite::Claim, String> {
+) -> Result<invite::Claim, ControlError> {
     let user = context.identity.user.as_str();
     let code = match given {
         Some(code) => code,
@@ -98,16 +97,16 @@ async fn check_invite(
             client
                 .read_line(true, |_| {})
                 .await
-                .ok_or("cancelled; nothing changed")?
+                .ok_or(ControlError::refused("cancelled; nothing changed"))?
         }
     };
     invite::claim(&context.state.config.data_dir, user, &code, Utc::now()).map_err(|err| {
         // Refused either way; a failed append is logged.
         let _ = context.state.audit(
-            AuditEvent::new("totp.invite_refused", user, Utc::now())
+            AuditEvent::new(AuditKind::TotpInviteRefused, user, Utc::now())
                 .detail("reason", err.to_string()),
         );
-        err.to_string()
+        ControlError::Refused(err.to_string())
     })
 }
 
@@ -115,12 +114,11 @@ async fn check_invite(
 /// must have passed TOTP within `step_up_max_age`, or pass it now (`--totp CODE`,
 /// or a prompt on a terminal).
 pub async fn for_decision(
-    context: &ChannelContext,
-    client: &mut ClientChannel,
-    caller: &Caller<'_>,
+    call: &mut Call<'_>,
     id: &str,
     code: Option<String>,
-) -> Result<(), String> {
+) -> Result<(), ControlError> {
+    let (context, caller) = (call.context, &call.caller);
     // A request the caller may not see must answer exactly like an unknown id, so
     // visibility is checked before anything that depends on the request's flow.
     let Ok(grant) = caller.visible(id) else {
@@ -141,7 +139,14 @@ pub async fn for_decision(
     if recent && code.is_none() {
         return Ok(());
     }
-    check_code(context, client, code, &format!("to decide {id}"), false).await
+    check_code(
+        context,
+        call.client,
+        code,
+        &format!("to decide {id}"),
+        false,
+    )
+    .await
 }
 
 /// Checks a TOTP code given on the command line, or asks for one: on a terminal,
@@ -153,7 +158,7 @@ async fn check_code(
     code: Option<String>,
     purpose: &str,
     ask_without_pty: bool,
-) -> Result<(), String> {
+) -> Result<(), ControlError> {
     let user = context.identity.user.as_str();
     let code = match code {
         Some(code) => code,
@@ -162,9 +167,19 @@ async fn check_code(
                 .out
                 .stderr(&format!("TOTP code for {user} ({purpose}): "))
                 .await;
-            client.read_line(false, |_| {}).await.ok_or("cancelled")?
+            client
+                .read_line(false, |_| {})
+                .await
+                .ok_or(ControlError::refused("cancelled"))?
         }
-        None => return Err(format!("a TOTP code is needed {purpose}: add --totp CODE")),
+        None => {
+            return Err(ControlError::refused(format!(
+                "a TOTP code is needed {purpose}: add --totp CODE"
+            )))
+        }
     };
-    context.check_totp(&code, purpose).await
+    context
+        .check_totp(&code, purpose)
+        .await
+        .map_err(ControlError::Refused)
 }

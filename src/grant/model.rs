@@ -60,6 +60,17 @@ pub struct Ending {
     pub reason: Option<String>,
 }
 
+impl Ending {
+    /// `: REASON`, or nothing when none was given; unescaped (callers escape for
+    /// where it is shown).
+    pub fn because(&self) -> String {
+        self.reason
+            .as_deref()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    }
+}
+
 /// A request for access and, once approved, the grant itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
@@ -91,6 +102,12 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// Who approved it so far, `a, b`.
+    pub fn approver_names(&self) -> String {
+        let names: Vec<&str> = self.approvals.iter().map(|a| a.by.as_str()).collect();
+        names.join(", ")
+    }
+
     /// Approved and not past its expiry at `now`.
     pub fn is_active(&self, now: DateTime<Utc>) -> bool {
         self.state == GrantState::Approved && self.expires_at.is_some_and(|at| now < at)

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::Grant;
+use super::{Ending, Grant};
 use crate::display;
 use crate::duration::format as format_duration;
 
@@ -91,8 +91,7 @@ fn summary(kind: &str, actor: &str, grant: &Grant) -> String {
     let why = grant
         .ended
         .as_ref()
-        .and_then(|e| e.reason.clone())
-        .map(|r| format!(": {r}"))
+        .map(Ending::because)
         .unwrap_or_default();
     match kind {
         "request.created" => format!(

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use super::lifecycle::{self, RequestSpec, RuleError, SYSTEM_ACTOR};
 use super::table::{GrantTable, Read};
 use super::{Grant, GrantState};
-use crate::audit::{AuditEvent, AuditLog};
+use crate::audit::{AuditEvent, AuditKind, AuditLog};
 use crate::grant::notify::Notifier;
 use crate::policy::Policy;
 use crate::store::{Store, StoreError};
@@ -156,7 +156,7 @@ impl Grants {
             if let Err(refusal) = self.within_limits(&mut filed, &grant, pending, now) {
                 // Refused either way; a failed append is logged.
                 let _ = self.audit(
-                    AuditEvent::new("request.limited", requester, now)
+                    AuditEvent::new(AuditKind::RequestLimited, requester, now)
                         .target(&grant.target)
                         .detail("limit", refusal.key)
                         .detail("max", refusal.max as u64),
@@ -166,11 +166,14 @@ impl Grants {
         }
         let grant = self.insert(grant)?;
         drop(filed);
-        let audited = self.audit(event_for(&grant, "request.created", requester, now));
+        let audited = self.audit(event_for(&grant, AuditKind::RequestCreated, requester, now));
         let audited = audited.and_then(|()| match grant.state {
-            GrantState::Approved => {
-                self.audit(event_for(&grant, "request.approved", SYSTEM_ACTOR, now))
-            }
+            GrantState::Approved => self.audit(event_for(
+                &grant,
+                AuditKind::RequestApproved,
+                SYSTEM_ACTOR,
+                now,
+            )),
             _ => Ok(()),
         });
         if let Err(err) = audited {
@@ -179,9 +182,9 @@ impl Grants {
             }
             return Err(GrantError::Unaudited(err));
         }
-        self.announce(&grant, "request.created", requester);
+        self.announce(&grant, AuditKind::RequestCreated, requester);
         if grant.state == GrantState::Approved {
-            self.announce(&grant, "request.approved", SYSTEM_ACTOR);
+            self.announce(&grant, AuditKind::RequestApproved, SYSTEM_ACTOR);
         }
         Ok(grant)
     }
@@ -209,9 +212,9 @@ impl Grants {
             lifecycle::approve(grant, policy, approver, comment.clone(), now)?;
             Ok((
                 if grant.state == GrantState::Approved {
-                    "request.approved"
+                    AuditKind::RequestApproved
                 } else {
-                    "request.approval"
+                    AuditKind::RequestApproval
                 },
                 approver,
             ))
@@ -228,7 +231,7 @@ impl Grants {
     ) -> Result<Grant, GrantError> {
         self.change(id, now, |grant| {
             lifecycle::deny(grant, policy, approver, reason.clone(), now)?;
-            Ok(("request.denied", approver))
+            Ok((AuditKind::RequestDenied, approver))
         })
     }
 
@@ -244,9 +247,9 @@ impl Grants {
             lifecycle::revoke(grant, policy, user, reason.clone(), now)?;
             Ok((
                 if grant.state == GrantState::Cancelled {
-                    "request.cancelled"
+                    AuditKind::RequestCancelled
                 } else {
-                    "request.revoked"
+                    AuditKind::RequestRevoked
                 },
                 user,
             ))
@@ -286,9 +289,9 @@ impl Grants {
                     lifecycle::withdraw(grant, reason, now)?;
                     Ok((
                         if grant.state == GrantState::Cancelled {
-                            "request.cancelled"
+                            AuditKind::RequestCancelled
                         } else {
-                            "request.revoked"
+                            AuditKind::RequestRevoked
                         },
                         lifecycle::SYSTEM_ACTOR,
                     ))
@@ -359,7 +362,7 @@ impl Grants {
         for id in due {
             let result = self.change(&id, now, |grant| {
                 if lifecycle::expire_if_due(grant, now) {
-                    Ok(("request.expired", SYSTEM_ACTOR))
+                    Ok((AuditKind::RequestExpired, SYSTEM_ACTOR))
                 } else {
                     Err(RuleError("no longer due".into()))
                 }
@@ -458,18 +461,6 @@ impl Grants {
         Ok(receiver)
     }
 
-    /// Waits until `id` is no longer pending and returns it. Wakes on the change itself,
-    /// not on a polling interval.
-    pub async fn wait_decided(&self, id: &str) -> Result<Grant, GrantError> {
-        let mut changes = self.watch(id)?;
-        loop {
-            let grant = changes.borrow_and_update().clone();
-            if grant.state != GrantState::Pending || changes.changed().await.is_err() {
-                return Ok(grant);
-            }
-        }
-    }
-
     /// Appends an audit event, durably. A failure is logged and returned: the
     /// caller must not go on with what the event records.
     pub fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
@@ -501,7 +492,7 @@ impl Grants {
         &self,
         id: &str,
         now: DateTime<Utc>,
-        apply: impl Fn(&mut Grant) -> Result<(&'static str, &'a str), RuleError>,
+        apply: impl Fn(&mut Grant) -> Result<(AuditKind, &'a str), RuleError>,
     ) -> Result<Grant, GrantError> {
         self.writable()?;
         loop {
@@ -515,7 +506,7 @@ impl Grants {
                 Err(refusal)
                     if grant.state == GrantState::Expired && was != GrantState::Expired =>
                 {
-                    (Err(refusal), "request.expired", SYSTEM_ACTOR)
+                    (Err(refusal), AuditKind::RequestExpired, SYSTEM_ACTOR)
                 }
                 Err(refusal) => return Err(refusal.into()),
             };
@@ -533,7 +524,7 @@ impl Grants {
         &self,
         read: &Read,
         grant: &Grant,
-        kind: &str,
+        kind: AuditKind,
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<bool, GrantError> {
@@ -544,10 +535,10 @@ impl Grants {
             match self.inner.table.restore(&written, read) {
                 Ok(true) => {}
                 Ok(false) => {
-                    tracing::error!(event = kind, grant = %grant.id, "unaudited change changed again before it could be undone")
+                    tracing::error!(event = kind.as_str(), grant = %grant.id, "unaudited change changed again before it could be undone")
                 }
                 Err(undo) => {
-                    tracing::error!(event = kind, grant = %grant.id, error = %undo, "unaudited change not undone")
+                    tracing::error!(event = kind.as_str(), grant = %grant.id, error = %undo, "unaudited change not undone")
                 }
             }
             return Err(GrantError::Unaudited(err));
@@ -573,10 +564,10 @@ impl Grants {
     }
 
     /// Notifies the webhook and logs a change that is saved and audited.
-    fn announce(&self, grant: &Grant, kind: &str, actor: &str) {
-        self.inner.notifier.grant_event(kind, actor, grant);
+    fn announce(&self, grant: &Grant, kind: AuditKind, actor: &str) {
+        self.inner.notifier.grant_event(kind.as_str(), actor, grant);
         tracing::info!(
-            event = kind,
+            event = kind.as_str(),
             %actor,
             grant = %grant.id,
             requester = %grant.requester,
@@ -612,7 +603,7 @@ fn check_id(id: &str) -> Result<(), GrantError> {
 }
 
 /// The audit form of a lifecycle event.
-fn event_for(grant: &Grant, kind: &str, actor: &str, now: DateTime<Utc>) -> AuditEvent {
+fn event_for(grant: &Grant, kind: AuditKind, actor: &str, now: DateTime<Utc>) -> AuditEvent {
     let mut event = AuditEvent::new(kind, actor, now)
         .target(&grant.target)
         .grant(&grant.id)
@@ -622,12 +613,12 @@ fn event_for(grant: &Grant, kind: &str, actor: &str, now: DateTime<Utc>) -> Audi
         .detail("state", grant.state.as_str())
         .detail("flow", grant.flow.as_str());
     match kind {
-        "request.created" => {
+        AuditKind::RequestCreated => {
             event = event
                 .detail("reason", grant.reason.as_str())
                 .detail("ttl_secs", grant.ttl_secs);
         }
-        "request.approved" | "request.approval" => {
+        AuditKind::RequestApproved | AuditKind::RequestApproval => {
             if let Some(approval) = grant.approvals.last() {
                 event = event.detail("comment", approval.comment.clone().unwrap_or_default());
             }

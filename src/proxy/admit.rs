@@ -6,7 +6,7 @@
 use chrono::Utc;
 
 use super::ask;
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::grant::{
     authorize, AccessRequest, Decision, Denial, Grant, Permit, RequestSpec, Requestable, Scope,
 };
@@ -122,7 +122,7 @@ async fn stepped_up(
         ))
         .await;
     let Some(code) = client
-        .read_line(false, |msg| ask::keep_window_change(setup, msg))
+        .read_line(false, |msg| setup.keep_window_change(msg))
         .await
     else {
         client.out.fail("cancelled", 1).await;
@@ -278,7 +278,7 @@ fn audit_denial(context: &ChannelContext, start: &Start, target: &str, denial: &
     tracing::warn!(user, target = %crate::display::escape(target), action = %crate::display::escape(&start.action().describe()), reason = %crate::display::escape(&denial.reason), "denied");
     // Denied either way; a failed append is logged.
     let _ = context.state.audit(
-        AuditEvent::new("session.denied", user, Utc::now())
+        AuditEvent::new(AuditKind::SessionDenied, user, Utc::now())
             .target(target)
             .detail("action", start.action().describe())
             .detail("reason", denial.reason.as_str()),

@@ -4,19 +4,14 @@
 //! with the reason; Ctrl-C (or closing the session) cancels the request.
 //!
 
-use std::time::{Duration, Instant};
-
 use chrono::Utc;
 use russh::ChannelMsg;
 
 use super::admit::{file_request, scope_for};
-use crate::grant::{Grant, GrantState, Requestable};
-use crate::session::{ChannelContext, ClientChannel, SessionSetup, Start};
-
-use crate::session::{CTRL_C, CTRL_D};
-
-/// How often the waiting line's elapsed time is redrawn.
-const REDRAW: Duration = Duration::from_secs(1);
+use crate::grant::lifecycle::approvers_of;
+use crate::grant::{Ending, Grant, GrantState, Requestable};
+use crate::session::wait::{self, StatusLine, Waited};
+use crate::session::{ChannelContext, ClientChannel, SessionSetup, Start, CTRL_C, CTRL_D};
 
 /// Asks, files and waits. Returns whether the grant was approved.
 pub async fn request_on_terminal(
@@ -50,7 +45,7 @@ pub async fn request_on_terminal(
         ))
         .await;
     let Some(reason) = client
-        .read_line(true, |msg| keep_window_change(setup, msg))
+        .read_line(true, |msg| setup.keep_window_change(msg))
         .await
     else {
         client.out.fail("cancelled; no request filed", 1).await;
@@ -62,84 +57,72 @@ pub async fn request_on_terminal(
     }
 }
 
-/// Shows a live status line until the request is decided. Ctrl-C cancels it.
+/// Shows a live status line until the request is decided. Ctrl-C (or Ctrl-D, or
+/// closing the session) cancels it.
 async fn wait_for_decision(
     context: &ChannelContext,
     client: &mut ClientChannel,
     setup: &mut SessionSetup,
     grant: Grant,
 ) -> bool {
-    let grants = &context.state.grants;
-    let mut changes = match grants.watch(&grant.id) {
-        Ok(changes) => changes,
-        Err(err) => {
-            client.out.fail(&err.to_string(), 1).await;
-            return false;
+    let policy = context.state.policy();
+    let approvers = approvers_of(&grant, &policy)
+        .map(|a| a.join(", "))
+        .unwrap_or_default();
+    let status = StatusLine {
+        shown: true,
+        approvers: &approvers,
+        decorate: |line| format!("portcullis: {line} · Ctrl-C cancels"),
+    };
+    let cancels = |msg: Option<&ChannelMsg>| match msg {
+        None | Some(ChannelMsg::Eof) | Some(ChannelMsg::Close) => true,
+        Some(ChannelMsg::Data { data }) => data.contains(&CTRL_C) || data.contains(&CTRL_D),
+        Some(other) => {
+            setup.keep_window_change(other);
+            false
         }
     };
-    let started = Instant::now();
-    let mut redraw = tokio::time::interval(REDRAW);
-    let approvers = context
-        .state
-        .policy()
-        .targets
-        .get(&grant.target)
-        .and_then(|t| {
-            context
-                .state
-                .policy()
-                .flow_for(t)
-                .map(|f| f.approvers.join(", "))
-        })
-        .unwrap_or_default();
+    let mut cancels = cancels;
     loop {
-        let current = changes.borrow_and_update().clone();
-        if current.state != GrantState::Pending {
-            return report_decision(client, &current).await;
-        }
-        tokio::select! {
-            _ = changes.changed() => {}
-            _ = redraw.tick() => {
-                let line = current.waiting_status(&approvers, started.elapsed());
-                client.out.stderr(&format!("\r\x1b[Kportcullis: {line} · Ctrl-C cancels")).await;
+        match wait::until_decided(&context.state, client, &grant.id, &status, &mut cancels).await {
+            Waited::Decided(decided) => return report_decision(client, &decided).await,
+            Waited::Failed(err) => {
+                client.out.fail(&err.to_string(), 1).await;
+                return false;
             }
-            msg = client.reader.wait() => {
-                let cancelled = match &msg {
-                    None | Some(ChannelMsg::Eof) | Some(ChannelMsg::Close) => true,
-                    Some(ChannelMsg::Data { data }) => data.contains(&CTRL_C) || data.contains(&CTRL_D),
-                    Some(other) => {
-                        keep_window_change(setup, other);
-                        false
-                    }
-                };
-                if cancelled {
-                    let user = context.identity.user.as_str();
-                    let (policy, id, user) = (context.state.policy(), grant.id.clone(), user.to_string());
-                    let result = grants
-                        .run(move |grants| {
-                            grants.revoke(&policy, &id, &user, Some("cancelled at the prompt".into()), Utc::now())
-                        })
+            Waited::Left => {
+                let (policy, id) = (context.state.policy(), grant.id.clone());
+                let user = context.identity.user.clone();
+                let result = context
+                    .state
+                    .grants
+                    .run(move |grants| {
+                        grants.revoke(
+                            &policy,
+                            &id,
+                            &user,
+                            Some("cancelled at the prompt".into()),
+                            Utc::now(),
+                        )
+                    })
+                    .await;
+                if result.is_ok() {
+                    // End the status line first: the notice starts a line of its own.
+                    client.out.stderr("\r\x1b[K").await;
+                    client
+                        .out
+                        .fail(&format!("request {} cancelled", grant.id), 1)
                         .await;
-                    if result.is_ok() {
-                        // End the status line first: the notice starts a line of its own.
-                        client.out.stderr("\r\x1b[K").await;
-                        client.out.fail(&format!("request {} cancelled", grant.id), 1).await;
-                        return false;
-                    }
-                    // Decided in the meantime: the next round reports it.
+                    return false;
                 }
+                // Decided in the meantime: the next round reports it.
             }
         }
     }
 }
 
 async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {
-    let by = grant
-        .approvals
-        .iter()
-        .map(|a| a.by.as_str())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let by = grant.approver_names();
     match grant.state {
         GrantState::Approved => {
             client
@@ -155,10 +138,8 @@ async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {
         state => {
             let ending = grant.ended.as_ref();
             let who = ending.map(|e| e.by.as_str()).unwrap_or("portcullis");
-            let why = ending
-                .and_then(|e| e.reason.as_deref())
-                .map(|r| format!(": {}", crate::display::escape(r)))
-                .unwrap_or_default();
+            let why = ending.map(Ending::because).unwrap_or_default();
+            let why = crate::display::escape(&why);
             client.out.stderr("\r\x1b[K").await;
             client
                 .out
@@ -166,21 +147,5 @@ async fn report_decision(client: &ClientChannel, grant: &Grant) -> bool {
                 .await;
             false
         }
-    }
-}
-
-pub(super) fn keep_window_change(setup: &mut SessionSetup, msg: &ChannelMsg) {
-    if let (
-        Some(pty),
-        ChannelMsg::WindowChange {
-            col_width,
-            row_height,
-            pix_width,
-            pix_height,
-        },
-    ) = (setup.pty.as_mut(), msg)
-    {
-        (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
-            (*col_width, *row_height, *pix_width, *pix_height);
     }
 }

@@ -17,7 +17,7 @@ use russh::client;
 
 use chrono::Utc;
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::grant::{Grant, GrantState, Grants, Permit};
 use crate::policy::UpstreamAuth;
 use crate::record::{SessionEnd, SessionInfo};
@@ -83,7 +83,7 @@ pub async fn run(
         tracing::warn!(user, target, reason = %refusal, "session refused");
         // Refused either way; a failed append is logged.
         let _ = context.state.audit(
-            AuditEvent::new("session.refused", user, Utc::now())
+            AuditEvent::new(AuditKind::SessionRefused, user, Utc::now())
                 .target(target)
                 .grant(&permit.grant.id)
                 .detail("reason", refusal.as_str()),
@@ -91,7 +91,7 @@ pub async fn run(
         client.out.fail(&refusal, 1).await;
         return;
     }
-    let failed = AuditEvent::new("session.failed", user, Utc::now())
+    let failed = AuditEvent::new(AuditKind::SessionFailed, user, Utc::now())
         .target(target)
         .grant(&permit.grant.id);
     let reservation = match context.state.recorder.reserve(failed) {
@@ -146,7 +146,7 @@ pub async fn run(
     // Everything the record says about the start, so `audit verify` can hold the
     // record to it; its time is the record's `started_at`.
     let started = context.state.audit(
-        AuditEvent::new("session.start", user, recording.started_at())
+        AuditEvent::new(AuditKind::SessionStart, user, recording.started_at())
             .target(target)
             .grant(&grant.id)
             .detail("session", session)
@@ -256,7 +256,7 @@ async fn end_session(
         bytes_in: outcome.bytes_to_target,
         bytes_out: outcome.bytes_from_target,
     };
-    let event = AuditEvent::new("session.end", user, Utc::now())
+    let event = AuditEvent::new(AuditKind::SessionEnd, user, Utc::now())
         .target(target)
         .grant(&grant.id)
         .detail("session", session)

@@ -310,26 +310,36 @@ mod tests {
 
     /// The events the bastion chains for `record`.
     fn chained(record: &SessionRecord) -> Vec<AuditEvent> {
-        let start = AuditEvent::new("session.start", &record.user, record.started_at)
-            .target(&record.target)
-            .grant(&record.grant)
-            .detail("session", record.id)
-            .detail("login", record.login.as_str())
-            .detail("kind", record.kind.as_str())
-            .detail("command", record.command.clone())
-            .detail("client", record.client.as_str());
+        let start = AuditEvent::new(
+            crate::audit::AuditKind::SessionStart,
+            &record.user,
+            record.started_at,
+        )
+        .target(&record.target)
+        .grant(&record.grant)
+        .detail("session", record.id)
+        .detail("login", record.login.as_str())
+        .detail("kind", record.kind.as_str())
+        .detail("command", record.command.clone())
+        .detail("client", record.client.as_str());
         let end = match record.state {
             SessionState::Live => return vec![start],
-            SessionState::Closed => AuditEvent::new("session.end", &record.user, Utc::now())
-                .detail("exit_status", record.exit_status)
-                .detail("exit_signal", record.exit_signal.clone())
-                .detail("bytes_in", record.bytes_in)
-                .detail("bytes_out", record.bytes_out),
-            SessionState::Interrupted => {
-                AuditEvent::new("session.interrupted", "portcullis", Utc::now())
-                    .detail("user", record.user.as_str())
-                    .detail("digest_source", "recovery")
-            }
+            SessionState::Closed => AuditEvent::new(
+                crate::audit::AuditKind::SessionEnd,
+                &record.user,
+                Utc::now(),
+            )
+            .detail("exit_status", record.exit_status)
+            .detail("exit_signal", record.exit_signal.clone())
+            .detail("bytes_in", record.bytes_in)
+            .detail("bytes_out", record.bytes_out),
+            SessionState::Interrupted => AuditEvent::new(
+                crate::audit::AuditKind::SessionInterrupted,
+                "portcullis",
+                Utc::now(),
+            )
+            .detail("user", record.user.as_str())
+            .detail("digest_source", "recovery"),
         };
         vec![
             start,
@@ -339,7 +349,8 @@ mod tests {
     }
 
     fn failed(id: u64) -> AuditEvent {
-        AuditEvent::new("session.failed", "alice", Utc::now()).detail("session", id)
+        AuditEvent::new(crate::audit::AuditKind::SessionFailed, "alice", Utc::now())
+            .detail("session", id)
     }
 
     fn check(records: &[SessionRecord], events: &[AuditEvent]) -> Result<SessionsChecked, String> {

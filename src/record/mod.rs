@@ -1129,7 +1129,7 @@ mod tests {
     use super::*;
 
     fn failed() -> AuditEvent {
-        AuditEvent::new("session.failed", "alice", Utc::now())
+        AuditEvent::new(crate::audit::AuditKind::SessionFailed, "alice", Utc::now())
     }
 
     fn info() -> SessionInfo {

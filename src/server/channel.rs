@@ -93,17 +93,7 @@ async fn read_setup(
                     modes: terminal_modes,
                 });
             }
-            ChannelMsg::WindowChange {
-                col_width,
-                row_height,
-                pix_width,
-                pix_height,
-            } => {
-                if let Some(pty) = setup.pty.as_mut() {
-                    (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
-                        (col_width, row_height, pix_width, pix_height);
-                }
-            }
+            msg @ ChannelMsg::WindowChange { .. } => setup.keep_window_change(&msg),
             ChannelMsg::SetEnv {
                 variable_name,
                 variable_value,

@@ -21,7 +21,7 @@ use russh::{Channel, ChannelId, MethodKind, MethodSet};
 
 use super::channel::serve_channel;
 use super::gate::{Attempts, Ending, Gate, Preauth};
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::policy::fingerprint;
 use crate::proxy::UpstreamPool;
 use crate::session::{ChannelContext, Identity, Route, State};
@@ -96,7 +96,7 @@ pub async fn drive(
         let key = lockout.key.as_deref().unwrap_or("any");
         tracing::warn!(source = %peer.ip(), key, seconds = lockout.duration.as_secs(), ?ending, "penalty threshold reached; locked out");
         let _ = state.audit(
-            AuditEvent::new("preauth.lockout", "portcullis", Utc::now())
+            AuditEvent::new(AuditKind::PreauthLockout, "portcullis", Utc::now())
                 .detail("source", peer.ip().to_string())
                 .detail("key", key)
                 .detail("seconds", lockout.duration.as_secs()),
@@ -174,7 +174,7 @@ async fn run(
         (identity, why) = withdrawn => {
             tracing::warn!(%peer, user = %identity.user, reason = %why, "identity withdrawn; connection closed");
             let _ = state.audit(
-                AuditEvent::new("auth.withdrawn", &identity.user, Utc::now())
+                AuditEvent::new(AuditKind::AuthWithdrawn, &identity.user, Utc::now())
                     .detail("key", fingerprint(&identity.key))
                     .detail("client", peer.to_string())
                     .detail("reason", why.as_str()),
@@ -308,7 +308,7 @@ impl Connection {
             Err(why) => {
                 tracing::warn!(peer = %self.peer(), user = %identity.user, "refused: {why}");
                 let _ = self.state.audit(
-                    AuditEvent::new("connection.limited", &identity.user, Utc::now())
+                    AuditEvent::new(AuditKind::ConnectionLimited, &identity.user, Utc::now())
                         .detail("client", self.peer())
                         .detail("reason", why.as_str()),
                 );
@@ -395,9 +395,9 @@ impl Connection {
         now: chrono::DateTime<Utc>,
     ) {
         let kind = if *verdict == Verdict::Accepted {
-            "stepup.success"
+            AuditKind::StepupSuccess
         } else {
-            "stepup.failure"
+            AuditKind::StepupFailure
         };
         let username: String = username.chars().take(128).collect();
         // Refusing a step-up for want of its event would not help: the session it
@@ -410,7 +410,7 @@ impl Connection {
         );
         if verdict.locked_now() {
             let _ = self.state.audit(
-                AuditEvent::new("stepup.locked", user, now)
+                AuditEvent::new(AuditKind::StepupLocked, user, now)
                     .detail("client", self.peer())
                     .detail("minutes", crate::totp::LOCKOUT_SECS / 60),
             );
@@ -419,7 +419,7 @@ impl Connection {
 
     /// Records an authentication outcome with the key's fingerprint and the client's
     /// address.
-    fn audit_auth(&self, kind: &str, user: &str, key: &PublicKey, username: &str) {
+    fn audit_auth(&self, kind: AuditKind, user: &str, key: &PublicKey, username: &str) {
         let username: String = username.chars().take(128).collect();
         // Best effort: every action after authentication (a session, a request, a
         // decision) needs its own event and is refused when that cannot be written.
@@ -464,7 +464,7 @@ impl russh::server::Handler for Connection {
                 tracing::warn!(peer = %self.peer(), key = %fingerprint(offer.public_key), username = %crate::display::escape(user), "authentication refused: key not in users.toml");
                 self.key_failed(offer.public_key);
                 self.state.metrics.auth_failures.inc();
-                self.audit_auth("auth.failure", "-", offer.public_key, user);
+                self.audit_auth(AuditKind::AuthFailure, "-", offer.public_key, user);
                 Auth::reject()
             }
         })
@@ -483,12 +483,12 @@ impl russh::server::Handler for Connection {
             tracing::warn!(peer = %self.peer(), key = %fp, username = %crate::display::escape(username), "authentication refused: key not in users.toml");
             self.key_failed(key.public_key);
             self.state.metrics.auth_failures.inc();
-            self.audit_auth("auth.failure", "-", key.public_key, username);
+            self.audit_auth(AuditKind::AuthFailure, "-", key.public_key, username);
             return Ok(Auth::reject());
         };
         if self.needs_step_up(username) && self.state.totp.is_enrolled(&user).unwrap_or(true) {
             tracing::info!(peer = %self.peer(), %user, key = %fp, username, "public key accepted; TOTP step-up required");
-            self.audit_auth("auth.publickey", &user, key.public_key, username);
+            self.audit_auth(AuditKind::AuthPublickey, &user, key.public_key, username);
             self.awaiting_step_up = Some(StepUp {
                 username: username.to_string(),
                 user,
@@ -500,7 +500,7 @@ impl russh::server::Handler for Connection {
             });
         }
         tracing::info!(peer = %self.peer(), %user, key = %fp, username, "authenticated");
-        self.audit_auth("auth.success", &user, key.public_key, username);
+        self.audit_auth(AuditKind::AuthSuccess, &user, key.public_key, username);
         let identity = Identity::new(
             user,
             key.public_key.clone(),

@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::config::Config;
 use crate::keys::KeySet;
 use crate::policy::{self, PolicyErrors};
@@ -265,7 +265,7 @@ async fn drain(state: &State) {
     tracing::info!(live_sessions = live, grace = ?grace, "shutting down: no new connections");
     // Stopping is not refused for want of an event; a failed append is logged.
     let _ = state.audit(
-        AuditEvent::new("bastion.shutdown", "portcullis", chrono::Utc::now())
+        AuditEvent::new(AuditKind::BastionShutdown, "portcullis", chrono::Utc::now())
             .detail("live_sessions", live),
     );
     state.phase.send_replace(Phase::Draining);
@@ -307,7 +307,7 @@ fn mark_interrupted_sessions(state: &State) -> Result<()> {
         .recover(|session| {
             tracing::warn!(session = session.id, user = %session.user, target = %session.target, "session was interrupted by a bastion stop; its transcript digest is computed now, unsealed");
             state.audit(
-                AuditEvent::new("session.interrupted", "portcullis", chrono::Utc::now())
+                AuditEvent::new(AuditKind::SessionInterrupted, "portcullis", chrono::Utc::now())
                     .target(&session.target)
                     .grant(&session.grant)
                     .detail("session", session.id)
@@ -350,13 +350,17 @@ async fn reload_on_sighup(state: Arc<State>) {
             Ok(()) => {
                 tracing::info!("policy reloaded");
                 // In force already; a failed append is logged.
-                let _ = state.audit(AuditEvent::new("policy.reloaded", "portcullis", now));
+                let _ = state.audit(AuditEvent::new(
+                    AuditKind::PolicyReloaded,
+                    "portcullis",
+                    now,
+                ));
                 report_load(&state, seq, Ok(()));
             }
             Err(errors) => {
                 tracing::error!(%errors, "policy reload failed; keeping the previous policy");
                 let _ = state.audit(
-                    AuditEvent::new("policy.reload_failed", "portcullis", now)
+                    AuditEvent::new(AuditKind::PolicyReloadFailed, "portcullis", now)
                         .detail("errors", errors.to_string()),
                 );
                 report_load(&state, seq, Err(&errors));

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::session::State;
 
 /// How often the audit chain's head is logged.
@@ -52,7 +52,7 @@ pub async fn prune_recordings(state: Arc<State>, retention: Duration) {
                 // Done already; a failed append is logged (and the store's failure
                 // restarts the bastion, see `watch_store`).
                 let _ = state.audit(
-                    AuditEvent::new("recordings.pruned", "portcullis", Utc::now())
+                    AuditEvent::new(AuditKind::RecordingsPruned, "portcullis", Utc::now())
                         .detail("sessions", pruned)
                         .detail("bytes", freed)
                         .detail("cutoff", cutoff.to_rfc3339()),
@@ -103,7 +103,7 @@ pub async fn watch_disk(state: Arc<State>) -> String {
             tracing::warn!(session, %user, stored, free, min_free_disk = min, "disk nearly full; ending the largest live session");
             // Ended either way; a failed append is logged.
             let _ = state.audit(
-                AuditEvent::new("session.disk_full", "portcullis", Utc::now())
+                AuditEvent::new(AuditKind::SessionDiskFull, "portcullis", Utc::now())
                     .detail("session", session)
                     .detail("user", user.as_str())
                     .detail("stored_bytes", stored)

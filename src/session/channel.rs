@@ -12,7 +12,7 @@ use russh::{ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Pty};
 
 use super::route::{InvalidUsername, Route};
 use super::State;
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::grant::Action;
 
 /// Who is on this connection and where they asked to go.
@@ -106,9 +106,9 @@ impl ChannelContext {
             .map_err(|e| e.to_string())?;
         let accepted = verdict == crate::totp::Verdict::Accepted;
         let kind = if accepted {
-            "stepup.success"
+            AuditKind::StepupSuccess
         } else {
-            "stepup.failure"
+            AuditKind::StepupFailure
         };
         let audited = self.state.audit_or_refuse(
             AuditEvent::new(kind, user, now)
@@ -116,9 +116,9 @@ impl ChannelContext {
                 .detail("result", verdict.explain(user)),
         );
         if verdict.locked_now() {
-            let _ = self
-                .state
-                .audit(AuditEvent::new("stepup.locked", user, now).detail("purpose", purpose));
+            let _ = self.state.audit(
+                AuditEvent::new(AuditKind::StepupLocked, user, now).detail("purpose", purpose),
+            );
         }
         audited?;
         if accepted {
@@ -149,6 +149,26 @@ pub struct PtyRequest {
 pub struct SessionSetup {
     pub pty: Option<PtyRequest>,
     pub env: Vec<(String, String)>,
+}
+
+impl SessionSetup {
+    /// Keeps the terminal's new size from a `window-change`, so the target's pty
+    /// starts at the size the client has now; any other message is ignored.
+    pub fn keep_window_change(&mut self, msg: &ChannelMsg) {
+        if let (
+            Some(pty),
+            ChannelMsg::WindowChange {
+                col_width,
+                row_height,
+                pix_width,
+                pix_height,
+            },
+        ) = (self.pty.as_mut(), msg)
+        {
+            (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
+                (*col_width, *row_height, *pix_width, *pix_height);
+        }
+    }
 }
 
 /// The request that starts the session.

@@ -9,7 +9,8 @@
 //! - [`route`]: where a connection wants to go, read from its SSH username;
 //! - [`per_user`]: per-user caps on connections and sessions;
 //! - [`hint`]: control-plane command lines that work when pasted;
-//! - [`transport`]: SSH algorithms, identification, windows, packet sizes.
+//! - [`transport`]: SSH algorithms, identification, windows, packet sizes;
+//! - [`wait`]: waiting for a decision on a request with the client on the line.
 
 pub mod channel;
 pub mod hint;
@@ -17,6 +18,7 @@ pub mod per_user;
 pub mod route;
 pub mod state;
 pub mod transport;
+pub mod wait;
 
 pub use channel::{
     ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start, CTRL_C,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use super::per_user::PerUser;
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::grant::notify::Notifier;
@@ -170,7 +170,7 @@ impl State {
             tracing::warn!(%user, grants = ended.len(), "user removed from the policy; grants withdrawn, TOTP forgotten");
             // Taking access away needs no permission; a failed append is logged.
             let _ = self.audit(
-                AuditEvent::new("user.removed", "portcullis", now)
+                AuditEvent::new(AuditKind::UserRemoved, "portcullis", now)
                     .detail("user", user.as_str())
                     .detail("grants", ended),
             );
