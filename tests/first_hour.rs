@@ -691,15 +691,19 @@ fn status_lines_end_and_live_sessions_show_their_bytes() {
         let pending: serde_json::Value = serde_json::from_str(&pending).unwrap();
         pending[0]["id"].as_str().unwrap().to_string()
     };
-    let dir = w.path("deny");
-    fs::create_dir_all(&dir).unwrap();
-    let tmux = Tmux::start(
-        &dir,
-        120,
-        20,
-        &w.alice
-            .ssh_shell_line(&format!("{login}@prod"), &["-tt"], &[]),
-    );
+    // A terminal whose ssh waits at the request prompt for `prod`.
+    let prompt_in = |name: &str| {
+        let dir = w.path(name);
+        fs::create_dir_all(&dir).unwrap();
+        Tmux::start(
+            &dir,
+            120,
+            20,
+            &w.alice
+                .ssh_shell_line(&format!("{login}@prod"), &["-tt"], &[]),
+        )
+    };
+    let tmux = prompt_in("deny");
     let id = wait_request(&tmux);
     w.ok(&w.bob, &["deny", &id, "--reason", "use the replica"]);
     assert!(
@@ -722,15 +726,7 @@ fn status_lines_end_and_live_sessions_show_their_bytes() {
     );
     drop(tmux);
 
-    let dir = w.path("cancel");
-    fs::create_dir_all(&dir).unwrap();
-    let tmux = Tmux::start(
-        &dir,
-        120,
-        20,
-        &w.alice
-            .ssh_shell_line(&format!("{login}@prod"), &["-tt"], &[]),
-    );
+    let tmux = prompt_in("cancel");
     let id = wait_request(&tmux);
     tmux.send("C-c", false);
     assert!(
