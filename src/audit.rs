@@ -454,6 +454,8 @@ pub enum AuditKind {
     BastionShutdown,
     #[serde(rename = "connection.limited")]
     ConnectionLimited,
+    #[serde(rename = "node.lost")]
+    NodeLost,
     #[serde(rename = "policy.reload_failed")]
     PolicyReloadFailed,
     #[serde(rename = "policy.reloaded")]
@@ -508,7 +510,7 @@ pub enum AuditKind {
 
 impl AuditKind {
     /// Every kind, for checks that must cover them all.
-    pub const ALL: [AuditKind; 37] = [
+    pub const ALL: [AuditKind; 38] = [
         AuditKind::AuditorAudit,
         AuditKind::AuditorExport,
         AuditKind::AuditorReplay,
@@ -521,6 +523,7 @@ impl AuditKind {
         AuditKind::AuthWithdrawn,
         AuditKind::BastionShutdown,
         AuditKind::ConnectionLimited,
+        AuditKind::NodeLost,
         AuditKind::PolicyReloadFailed,
         AuditKind::PolicyReloaded,
         AuditKind::PreauthLockout,
@@ -564,6 +567,7 @@ impl AuditKind {
             AuthWithdrawn => "auth.withdrawn",
             BastionShutdown => "bastion.shutdown",
             ConnectionLimited => "connection.limited",
+            NodeLost => "node.lost",
             PolicyReloadFailed => "policy.reload_failed",
             PolicyReloaded => "policy.reloaded",
             PreauthLockout => "preauth.lockout",

@@ -6,6 +6,7 @@
 
 pub mod audit;
 pub mod budget;
+pub mod cluster;
 pub mod command;
 pub mod config;
 pub mod control;

@@ -330,7 +330,7 @@ impl Limits {
 }
 
 /// Durations as `30s`, `5m` in the config file.
-mod humantime {
+pub(super) mod humantime {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer};

@@ -17,9 +17,11 @@ use crate::record::disk::{parse_quota, parse_size};
 use crate::record::RecordingLimits;
 
 pub mod accept_env;
+pub mod cluster;
 pub mod limits;
 
 pub use accept_env::{AcceptEnv, DEFAULT_ACCEPT_ENV};
+pub use cluster::ClusterSettings;
 pub use limits::{Limits, MaxStartups, Prefix};
 
 /// The listen address of the embedded default.
@@ -85,6 +87,7 @@ struct RawConfig {
     totp_require_invite: Option<bool>,
     legacy_clients: Option<bool>,
     accept_env: Option<String>,
+    cluster: Option<ClusterSettings>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -129,6 +132,8 @@ pub struct Config {
     pub legacy_clients: bool,
     /// Environment variables clients may pass on to targets (sshd's `AcceptEnv`).
     pub accept_env: AcceptEnv,
+    /// This node among several on one database (`[cluster]`).
+    pub cluster: ClusterSettings,
 }
 
 impl Config {
@@ -187,12 +192,15 @@ impl Config {
             None => None,
         };
         let recording = recording_limits(raw.recording.unwrap_or_default())?;
+        let cluster = raw.cluster.unwrap_or_default();
+        cluster.check().map_err(anyhow::Error::msg)?;
         let accept_env = match raw.accept_env {
             Some(text) => AcceptEnv::parse(&text).map_err(anyhow::Error::msg)?,
             None => AcceptEnv::default(),
         };
         Ok(Config {
             recording,
+            cluster,
             listen: raw
                 .listen
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default")),

@@ -45,8 +45,8 @@ pub async fn list(caller: &Caller<'_>, filter: SessionFilter, json: bool) -> Rep
     let rows: Vec<Vec<String>> = sessions.iter().map(|s| row(s, caller)).collect();
     Ok(render(
         &[
-            "ID", "USER", "TARGET", "GRANT", "STARTED", "DURATION", "STATE", "EXIT", "INPUT",
-            "IN/OUT", "COMMAND",
+            "ID", "USER", "TARGET", "GRANT", "STARTED", "DURATION", "STATE", "NODE", "EXIT",
+            "INPUT", "IN/OUT", "COMMAND",
         ],
         &rows,
     ))
@@ -99,6 +99,10 @@ fn row(session: &SessionRecord, caller: &Caller) -> Vec<String> {
         relative(session.started_at, caller.now),
         short_span((end - session.started_at).num_seconds().max(0) as u64),
         state_mark(session),
+        match session.node.as_str() {
+            "" => "-".to_string(),
+            node => node.to_string(),
+        },
         exit,
         input_mark(session).to_string(),
         format!(

@@ -160,6 +160,10 @@ pub struct SessionRecord {
     /// recorded): auditors look at these first.
     #[serde(default)]
     pub received_input: bool,
+    /// The bastion node that carried the session (`[cluster] node_id`); empty in
+    /// records from before nodes had ids.
+    #[serde(default)]
+    pub node: String,
 }
 
 impl SessionRecord {
@@ -228,6 +232,8 @@ pub struct Recorder {
     data_dir: Option<PathBuf>,
     /// Charged with what a session's unflushed batch holds beyond [`BATCH_BYTES`].
     memory: Arc<Budget>,
+    /// The node id written into every session record this recorder starts.
+    node: String,
 }
 
 /// A session id taken from the counter before connecting to the target (so the
@@ -328,7 +334,14 @@ impl Recorder {
             limits: RecordingLimits::UNLIMITED,
             data_dir: None,
             memory: Budget::new(crate::budget::DEFAULT_LIMIT),
+            node: String::new(),
         }
+    }
+
+    /// The same recorder writing `node` into the sessions it starts.
+    pub fn with_node(mut self, node: &str) -> Recorder {
+        self.node = node.to_string();
+        self
     }
 
     /// The same recorder charging unflushed batches to `memory`, the budget the
@@ -503,6 +516,7 @@ impl Recorder {
             digest_source: None,
             pruned: false,
             received_input: false,
+            node: self.node.clone(),
         };
         self.store.save_session(&record)?;
         reservation.failed = None; // the record accounts for the id now
@@ -662,19 +676,23 @@ impl Recorder {
         Ok(digest.hex())
     }
 
-    /// Marks sessions that were live when the bastion last stopped as
-    /// `interrupted`, with the digest of what was flushed, computed now and marked
-    /// as such ([`DigestSource::Recovery`]): nothing proves the batches are the ones
-    /// the bastion wrote. Run once at start; `announce` chains each session's
-    /// `session.interrupted` event before its record changes, so a record never says
-    /// `interrupted` without one.
+    /// Marks the live sessions that `node` carried as `interrupted` (and those
+    /// recorded before nodes had ids, with `node` empty), with the digest of what
+    /// was flushed, computed now and marked as such ([`DigestSource::Recovery`]):
+    /// nothing proves the batches are the ones the bastion wrote. Run at start for
+    /// this node's previous run, and for a node the cluster declared dead;
+    /// `announce` chains each session's `session.interrupted` event before its
+    /// record changes, so a record never says `interrupted` without one.
     pub fn recover(
         &self,
+        node: &str,
         mut announce: impl FnMut(&SessionRecord) -> Result<(), StoreError>,
     ) -> Result<Vec<SessionRecord>, StoreError> {
         let mut recovered = Vec::new();
         for mut session in self.store.sessions()? {
-            if session.state != SessionState::Live {
+            if session.state != SessionState::Live
+                || !(session.node == node || session.node.is_empty())
+            {
                 continue;
             }
             session.state = SessionState::Interrupted;

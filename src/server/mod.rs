@@ -13,9 +13,12 @@ use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
 
+use russh::keys::HashAlg;
+
 use crate::audit::{AuditEvent, AuditKind};
+use crate::cluster::{Cluster, NodeSettings};
 use crate::config::Config;
-use crate::keys::KeySet;
+use crate::keys::{KeySet, Role};
 use crate::policy::{self, PolicyErrors};
 use crate::session::{
     preferred_algorithms, server_id, warn_about, Phase, State, MAX_PACKET_SIZE, WINDOW_SIZE,
@@ -174,11 +177,13 @@ pub fn open(config: Config) -> Result<(Arc<State>, crate::datadir::Lock)> {
             format!("cannot open the database in {}", config.data_dir.display())
         })?);
     let totp = Totp::open(&config.data_dir, store.clone())?;
+    let cluster = join_cluster(&config, &store, &keys, &totp)?;
     let state = Arc::new(
-        State::new(config, keys, policy, store, totp)
+        State::new(config, keys, policy, store, totp, cluster)
             .context("cannot read the grants from the database")?,
     );
-    mark_interrupted_sessions(&state)?;
+    let node = state.cluster.node().to_string();
+    mark_interrupted_sessions(&state, &node, None)?;
     state.forget_users_not_in(&state.policy());
     report_load(&state, 0, Ok(()));
     Ok((state, lock))
@@ -210,9 +215,21 @@ pub async fn run(
             tracing::error!(reason = %failure, "exiting so that the service manager restarts portcullis with the database reopened");
             anyhow::bail!("{failure}");
         }
+        lost = upkeep::keep_heartbeat(state.clone()) => {
+            tracing::error!(reason = %lost, "exiting so that the service manager restarts portcullis");
+            anyhow::bail!("{lost}");
+        }
     }
-    drain(&state).await;
+    // Heartbeats go on while draining: a node that stopped beating would be
+    // declared dead, its draining sessions marked interrupted under it.
+    tokio::select! {
+        _ = drain(&state) => {}
+        lost = upkeep::keep_heartbeat(state.clone()) => anyhow::bail!("{lost}"),
+    }
     jobs.shutdown().await;
+    if let Err(err) = state.cluster.leave(chrono::Utc::now()) {
+        tracing::warn!(error = %err, "cannot record this node's stop; the others will find it dead after node_timeout");
+    }
     state.store.flush().context("cannot flush the database")?;
     tracing::info!("stopped");
     Ok(())
@@ -299,19 +316,60 @@ async fn termination() {
     }
 }
 
-/// Sessions that were live when the bastion last stopped can no longer end cleanly:
-/// mark them `interrupted` (their transcript up to the last flush stays replayable).
-fn mark_interrupted_sessions(state: &State) -> Result<()> {
+/// Registers this node with the cluster (one node alone is a cluster of one) and
+/// checks that its keys are the cluster's.
+fn join_cluster(
+    config: &Config,
+    store: &Arc<Store>,
+    keys: &KeySet,
+    totp: &Totp,
+) -> Result<Cluster> {
+    let settings = NodeSettings {
+        id: config.cluster.node_id.clone(),
+        machine: format!(
+            "{}:{}",
+            rustix::system::uname().nodename().to_string_lossy(),
+            config.data_dir.display()
+        ),
+        heartbeat: config.cluster.heartbeat,
+        timeout: config.cluster.node_timeout,
+    };
+    let cluster = Cluster::join(store, settings, chrono::Utc::now())?;
+    let mut fingerprints: Vec<(&str, String)> = Role::ALL
+        .iter()
+        .map(|role| {
+            let fingerprint = keys.get(*role).public_key().fingerprint(HashAlg::Sha256);
+            (role.name(), fingerprint.to_string())
+        })
+        .collect();
+    fingerprints.push(("totp sealing", totp.key_fingerprint().to_string()));
+    for change in cluster.check_identity(&fingerprints, chrono::Utc::now())? {
+        tracing::warn!("no other node is running: the cluster takes this node's keys ({change})");
+    }
+    Ok(cluster)
+}
+
+/// Sessions that were live on `node` when it stopped can no longer end cleanly:
+/// mark them `interrupted` (their transcript up to the last flush stays
+/// replayable). `declared_by`: the node that found `node` dead, when it was not
+/// this node's own previous run.
+pub(crate) fn mark_interrupted_sessions(
+    state: &State,
+    node: &str,
+    declared_by: Option<&str>,
+) -> Result<()> {
     state
         .recorder
-        .recover(|session| {
-            tracing::warn!(session = session.id, user = %session.user, target = %session.target, "session was interrupted by a bastion stop; its transcript digest is computed now, unsealed");
+        .recover(node, |session| {
+            tracing::warn!(session = session.id, user = %session.user, target = %session.target, node = %session.node, "session was interrupted by a bastion stop; its transcript digest is computed now, unsealed");
             state.audit(
                 AuditEvent::new(AuditKind::SessionInterrupted, "portcullis", chrono::Utc::now())
                     .target(&session.target)
                     .grant(&session.grant)
                     .detail("session", session.id)
                     .detail("user", session.user.as_str())
+                    .detail("node", session.node.as_str())
+                    .detail("declared_by", declared_by)
                     .detail("transcript_sha256", session.digest.clone())
                     .detail(
                         "digest_source",

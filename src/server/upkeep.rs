@@ -113,3 +113,59 @@ pub async fn watch_disk(state: Arc<State>) -> String {
         }
     }
 }
+
+/// Writes this node's heartbeat every `[cluster] heartbeat` and marks the live
+/// sessions of nodes the cluster finds dead `interrupted`, with a `node.lost`
+/// event first. Returns (for the server to exit non-zero) when this node finds
+/// itself declared dead: its sessions are on record as interrupted already.
+pub async fn keep_heartbeat(state: Arc<State>) -> String {
+    let mut tick = tokio::time::interval(state.cluster.settings().heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let beating = state.clone();
+        match tokio::task::spawn_blocking(move || beat_and_sweep(&beating)).await {
+            Ok(Some(lost)) => return lost,
+            Ok(None) => {}
+            Err(err) => tracing::error!(error = %err, "the heartbeat task failed"),
+        }
+    }
+}
+
+/// One heartbeat and one sweep; `Some(reason)` when this node was declared dead.
+fn beat_and_sweep(state: &State) -> Option<String> {
+    let now = Utc::now();
+    match state.cluster.beat(now) {
+        Ok(Ok(())) => {}
+        Ok(Err(lost)) => return Some(lost.to_string()),
+        Err(err) => {
+            // `/healthz` reports the store; the next beat tries again.
+            tracing::error!(error = %err, "cannot write this node's heartbeat");
+            return None;
+        }
+    }
+    let dead = match state.cluster.claim_dead(now) {
+        Ok(dead) => dead,
+        Err(err) => {
+            tracing::error!(error = %err, "cannot read the other nodes' heartbeats");
+            return None;
+        }
+    };
+    let me = state.cluster.node();
+    for node in dead {
+        tracing::warn!(%node, "node stopped sending heartbeats; marking its live sessions interrupted");
+        let swept = state
+            .audit(
+                AuditEvent::new(AuditKind::NodeLost, "portcullis", now)
+                    .detail("node", node.as_str())
+                    .detail("declared_by", me),
+            )
+            .map_err(anyhow::Error::from)
+            .and_then(|()| super::mark_interrupted_sessions(state, &node, Some(me)))
+            .and_then(|()| Ok(state.cluster.swept(&node)?));
+        if let Err(err) = swept {
+            tracing::error!(%node, error = %err, "cannot mark the sessions of a dead node; trying again at the next heartbeat");
+        }
+    }
+    None
+}

@@ -7,6 +7,7 @@ use tokio::sync::watch;
 use super::per_user::PerUser;
 use crate::audit::{AuditEvent, AuditKind};
 use crate::budget::Budget;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::grant::notify::Notifier;
 use crate::grant::Grants;
@@ -41,6 +42,8 @@ pub struct State {
     /// Proxied sessions per user (`[limits] sessions_per_user`).
     pub user_sessions: Arc<PerUser>,
     pub metrics: Metrics,
+    /// This node among the bastions sharing the database.
+    pub cluster: Cluster,
 }
 
 /// The bastion's life cycle, as sessions see it.
@@ -76,6 +79,7 @@ impl State {
         policy: Policy,
         store: Arc<Store>,
         totp: Totp,
+        cluster: Cluster,
     ) -> Result<State, StoreError> {
         let notifier = Notifier::new(config.notify.webhook.clone());
         let memory = Budget::new(config.limits.relay_memory);
@@ -88,7 +92,8 @@ impl State {
                     config.record_file_transfers,
                 )
                 .with_limits(config.recording, config.data_dir.clone())
-                .with_memory(memory.clone()),
+                .with_memory(memory.clone())
+                .with_node(cluster.node()),
             ),
             memory,
             user_connections: PerUser::new(
@@ -109,6 +114,7 @@ impl State {
             phase: watch::channel(Phase::Running).0,
             live_sessions: watch::channel(0).0,
             metrics: Metrics::default(),
+            cluster,
         })
     }
 

@@ -124,6 +124,9 @@ pub struct Totp {
     store: Arc<Store>,
     users: Table<String, UserState>,
     key: LessSafeKey,
+    /// A fingerprint of the sealing key (a domain-separated SHA-256 of it, which
+    /// reveals nothing of the key): nodes of one cluster must all have the same.
+    key_id: String,
 }
 
 impl Totp {
@@ -137,7 +140,14 @@ impl Totp {
             users: Table::new(&store, TREE),
             store,
             key: LessSafeKey::new(key),
+            key_id: key_fingerprint(&bytes),
         })
+    }
+
+    /// The sealing key's fingerprint (`SHA256:` and hex), for the cluster's
+    /// identity check.
+    pub fn key_fingerprint(&self) -> &str {
+        &self.key_id
     }
 
     pub fn status(&self, user: &str, now: DateTime<Utc>) -> Result<Status, StoreError> {
@@ -365,6 +375,15 @@ fn terminal_qr(text: &str) -> String {
             .build(),
         Err(_) => String::new(),
     }
+}
+
+fn key_fingerprint(key: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(b"portcullis totp sealing key fingerprint\0")
+        .chain_update(key)
+        .finalize();
+    format!("SHA256:{}", hex::encode(digest))
 }
 
 fn load_or_create_key(path: &Path) -> Result<Vec<u8>> {
