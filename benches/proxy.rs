@@ -28,7 +28,11 @@
 //! Tunables (environment): `BENCH_MIB` (transfer size, default 1024; the payload
 //! files are written to the temp dir), `BENCH_RUNS`
 //! (transfers per route and direction, default 5), `BENCH_CONNECTS` (latency samples
-//! per route, default 21), `BENCH_ONLY=recording` (only the recording costs).
+//! per route, default 21), `BENCH_ONLY=recording` (only the recording costs),
+//! `BENCH_BASELINE=PATH` (also measure another portcullis binary, e.g. a release
+//! build of an older commit, as route `baseline`, interleaved with the others, on
+//! the same keys, policies and target: a regression shows in one run's
+//! `portcullis/baseline` row).
 
 #[path = "../tests/common/mod.rs"]
 pub mod common;
@@ -88,7 +92,21 @@ fn main() {
     // uses its upstream key, which the target already trusts.
     let jump = world.jump_host();
     let client_config = write_client_config(&world.path("ssh_config"), world.alice.key());
-    let routes = routes(&client_config, &world, &jump);
+    let baseline = std::env::var_os("BENCH_BASELINE").map(|bin| baseline_bastion(&world, &bin));
+    let mut routes = routes(&client_config, &world, &jump);
+    if let Some(baseline) = &baseline {
+        routes.push(Route {
+            name: "baseline",
+            ssh_args: with_host(vec![
+                "-F".into(),
+                client_config.display().to_string(),
+                "-p".into(),
+                baseline.port().to_string(),
+                "-l".into(),
+                world.target_user(),
+            ]),
+        });
+    }
 
     for route in &routes {
         let out = route.ssh("true").output().expect("run ssh");
@@ -158,8 +176,37 @@ fn main() {
     );
     println!("\ntargets: throughput ratios >= 1.0, latency ratio <= 1.0 (lower latency is better)");
     drop(jump);
+    drop(baseline);
     drop(world);
     recording_costs(mib, runs);
+}
+
+/// A second bastion running `binary`, with this world's keys, policies and extra
+/// config (so the target trusts it and alice may use it), in its own directory.
+fn baseline_bastion(world: &World, binary: &std::ffi::OsStr) -> common::Bastion {
+    let dir = world.path("baseline");
+    let data = dir.join("data");
+    fs::create_dir_all(&data).unwrap();
+    fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let root = world.dir.path();
+    let mut copy = Command::new("cp");
+    copy.arg("-a")
+        .arg(root.join("policies"))
+        .arg(root.join("portcullis.extra.toml"))
+        .arg(&dir);
+    assert!(copy.status().unwrap().success(), "copy the policies");
+    let mut keys = Command::new("cp");
+    keys.arg("-a");
+    for key in ["host_ed25519", "upstream_ed25519", "ca_ed25519", "totp.key"] {
+        keys.arg(root.join("data").join(key));
+    }
+    assert!(keys.arg(&data).status().unwrap().success(), "copy the keys");
+    let baseline = common::Bastion::start_binary(&dir, Path::new(binary));
+    println!(
+        "baseline: {} (route `baseline`)",
+        Path::new(binary).display()
+    );
+    baseline
 }
 
 /// A payload file of `bytes` from `source`, in the world's directory.
@@ -489,14 +536,20 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
             .map(|i| medians[i])
             .expect("route measured")
     };
-    let (ours, jump) = (by_name("portcullis"), by_name("proxyjump"));
-    println!(
-        "{:<22} {:>15.2}x {:>15.2}x {:>17.2}x",
-        "portcullis/proxyjump",
-        ours[0] / jump[0],
-        ours[1] / jump[1],
-        ours[2] / jump[2]
-    );
+    let ours = by_name("portcullis");
+    let ratio = |label: &str, other: [f64; 3]| {
+        println!(
+            "{:<22} {:>15.2}x {:>15.2}x {:>17.2}x",
+            label,
+            ours[0] / other[0],
+            ours[1] / other[1],
+            ours[2] / other[2]
+        )
+    };
+    ratio("portcullis/proxyjump", by_name("proxyjump"));
+    if routes.iter().any(|r| r.name == "baseline") {
+        ratio("portcullis/baseline", by_name("baseline"));
+    }
 }
 
 fn median(samples: &mut [f64]) -> f64 {

@@ -92,9 +92,15 @@ impl Bastion {
     /// Starts `portcullis serve` for the config in `dir` (rewritten with a
     /// fresh port) and waits until it accepts TCP connections.
     pub fn start(dir: &Path) -> Bastion {
+        Bastion::start_binary(dir, Path::new(Bastion::binary()))
+    }
+
+    /// [`Bastion::start`] with another build of portcullis (benchmarks compare
+    /// with an older commit's).
+    pub fn start_binary(dir: &Path, binary: &Path) -> Bastion {
         let daemon = Daemon::start("portcullis", &dir.join("bastion.log"), |port| {
             let config = Bastion::write_config(dir, port);
-            let mut cmd = Command::new(Bastion::binary());
+            let mut cmd = Command::new(binary);
             cmd.arg("serve").arg("--config").arg(config);
             // The log is a file read by people on failure: no colour codes.
             cmd.env("NO_COLOR", "1");
