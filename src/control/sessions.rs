@@ -9,7 +9,7 @@ use super::error::{ControlError, Reply};
 use super::requests::{to_json, Caller};
 use super::table::{clip, relative, render, short_span};
 use crate::record::screen::ScreenFilter;
-use crate::record::{asciicast, replay, Chunk, Recorder, SessionRecord};
+use crate::record::{asciicast, replay, Chunk, Recorder, SessionRecord, FLUSH_INTERVAL};
 use crate::session::{ClientChannel, ClientOut};
 
 /// Filters of `sessions`.
@@ -276,6 +276,9 @@ pub async fn watch(
 ) -> Reply {
     let follow = caller.state.recorder.follow(session.id)?;
     let Some(mut follow) = follow else {
+        if session.is_live() && session.node != caller.state.cluster.node() {
+            return watch_elsewhere(caller, client, session, raw).await;
+        }
         let replay = crate::session::hint::control_line(
             &caller.state.config,
             &["replay", &session.id.to_string()],
@@ -332,4 +335,68 @@ pub async fn watch(
         }
     }
     Ok(format!("\n[portcullis: session {} ended]\n", session.id))
+}
+
+/// `watch` of a session that another node carries: its transcript as that node
+/// flushes it (every `FLUSH_INTERVAL`), read from the shared database, until the
+/// session's record says it is over and every batch is shown.
+async fn watch_elsewhere(
+    caller: &Caller<'_>,
+    client: &mut ClientChannel,
+    session: &SessionRecord,
+    raw: bool,
+) -> Reply {
+    let out = &client.out;
+    let with_input = !session.echoes_input();
+    let mut shown = Shown::new(raw);
+    let mut next = 0;
+    let mut tick = tokio::time::interval(FLUSH_INTERVAL / 2);
+    loop {
+        let (batches, ended) =
+            read_flushed(caller.state.recorder.clone(), session.id, next).await?;
+        for chunks in &batches {
+            for chunk in chunks.iter().filter(|c| replay::shown(c, with_input)) {
+                if !show(out, &mut shown, chunk.data.clone()).await {
+                    return Ok(String::new());
+                }
+            }
+        }
+        next += batches.len() as u32;
+        if ended && batches.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            msg = client.reader.wait() => {
+                if matches!(msg, None | Some(ChannelMsg::Close)) {
+                    return Ok(String::new());
+                }
+            }
+        }
+    }
+    Ok(format!("\n[portcullis: session {} ended]\n", session.id))
+}
+
+/// At most this many batches are read per look, so a watcher that joins a long
+/// session holds a bounded number in memory.
+const BATCHES_PER_LOOK: usize = 4;
+
+/// The batches flushed from `first` on (up to [`BATCHES_PER_LOOK`]), and whether
+/// the session had ended before they were read, on the blocking pool.
+async fn read_flushed(
+    recorder: std::sync::Arc<Recorder>,
+    id: u64,
+    first: u32,
+) -> Result<(Vec<Vec<Chunk>>, bool), ControlError> {
+    tokio::task::spawn_blocking(move || {
+        // The state first: batches flushed before the end are then all read.
+        let ended = recorder.session(id)?.is_none_or(|record| !record.is_live());
+        let batches = recorder
+            .batches_from(id, first)
+            .take(BATCHES_PER_LOOK)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((batches, ended))
+    })
+    .await
+    .map_err(|e| ControlError::refused(e.to_string()))?
 }

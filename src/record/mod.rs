@@ -591,6 +591,16 @@ impl Recorder {
         }
     }
 
+    /// [`Recorder::batches`] from batch `first` on (`watch` of a session another
+    /// node carries reads what that node flushed since it last looked).
+    pub fn batches_from(&self, id: u64, first: u32) -> Batches<'_> {
+        Batches {
+            store: &self.store,
+            session: id,
+            next: first,
+        }
+    }
+
     /// Every stored chunk of a session, in order (for tests and small tools; the
     /// bastion itself reads with [`Recorder::batches`]).
     pub fn chunks(&self, id: u64) -> Result<Vec<Chunk>, StoreError> {
