@@ -248,6 +248,12 @@ fn print_keys(config: &Config) -> Result<()> {
             key.public_key().to_openssh()?
         );
     }
+    // Secret, so only its fingerprint: nodes of one cluster must show the same.
+    let fingerprint = portcullis::totp::ensure_sealing_key(&config.data_dir)?;
+    println!(
+        "totp-seal\t{}\t{fingerprint}",
+        portcullis::totp::sealing_key_path(&config.data_dir).display()
+    );
     Ok(())
 }
 

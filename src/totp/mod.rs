@@ -132,7 +132,7 @@ pub struct Totp {
 impl Totp {
     /// Loads (or creates, mode 0600) the sealing key in `data_dir/totp.key`.
     pub fn open(data_dir: &Path, store: Arc<Store>) -> Result<Totp> {
-        let path = data_dir.join("totp.key");
+        let path = sealing_key_path(data_dir);
         let bytes = load_or_create_key(&path)?;
         let key = UnboundKey::new(&AES_256_GCM, &bytes)
             .map_err(|_| anyhow::anyhow!("{} does not hold a 32-byte key", path.display()))?;
@@ -375,6 +375,20 @@ fn terminal_qr(text: &str) -> String {
             .build(),
         Err(_) => String::new(),
     }
+}
+
+/// Where the sealing key lives: every node of a cluster needs the same file.
+pub fn sealing_key_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("totp.key")
+}
+
+/// Creates the sealing key if it is missing (`portcullis keys`, so that the whole
+/// key set can be copied to other nodes before any of them serves) and returns its
+/// fingerprint.
+pub fn ensure_sealing_key(data_dir: &Path) -> Result<String> {
+    Ok(key_fingerprint(&load_or_create_key(&sealing_key_path(
+        data_dir,
+    ))?))
 }
 
 fn key_fingerprint(key: &[u8]) -> String {
