@@ -10,6 +10,7 @@
 //! readable with any dump tool, tolerant of added fields, and small enough for the
 //! record sizes involved (recordings are compressed by `record`).
 
+pub mod migrate;
 mod sled_backend;
 pub(crate) mod table;
 
@@ -84,6 +85,13 @@ pub trait Backend: Send + Sync {
 
     /// Makes every write so far durable.
     fn flush(&self) -> Result<()>;
+
+    /// The names of the trees that hold at least one entry (`store migrate`
+    /// copies them all).
+    fn trees(&self) -> Result<Vec<String>>;
+
+    /// Every counter and its value. Counter names never contain `/`.
+    fn counters(&self) -> Result<Vec<(String, u64)>>;
 
     /// Why the database cannot be written any more, if it cannot (see
     /// [`SledBackend`]: its write errors are sticky until a restart).

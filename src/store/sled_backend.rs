@@ -150,6 +150,41 @@ impl Backend for SledBackend {
         Ok(())
     }
 
+    fn trees(&self) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for name in self.db.tree_names() {
+            // sled's own default tree is not one of ours.
+            if name.as_ref() == b"__sled__default" {
+                continue;
+            }
+            let name = String::from_utf8(name.to_vec()).map_err(|_| StoreError::Corrupt {
+                tree: "(tree names)",
+                detail: "a tree name is not UTF-8".into(),
+            })?;
+            if !self.tree(&name)?.is_empty() {
+                names.push(name);
+            }
+        }
+        Ok(names)
+    }
+
+    /// Counters share the `meta` tree with schema versions and the like, whose
+    /// keys have a `/` (`schema/grants`): a counter is an 8-byte value under a
+    /// plain name.
+    fn counters(&self) -> Result<Vec<(String, u64)>> {
+        let mut counters = Vec::new();
+        for entry in self.tree(META)?.iter() {
+            let (key, value) = entry?;
+            let Ok(name) = std::str::from_utf8(&key) else {
+                continue;
+            };
+            if !name.contains('/') && value.len() == 8 {
+                counters.push((name.to_string(), decode_counter(Some(&value))));
+            }
+        }
+        Ok(counters)
+    }
+
     fn failure(&self) -> Option<String> {
         self.failure.lock().expect("store lock poisoned").clone()
     }
