@@ -273,6 +273,20 @@ impl GateState {
 }
 
 impl Preauth {
+    /// The connection came through a load balancer and is really from `ip` (its
+    /// PROXY header says so): from now on it is counted, limited and charged as
+    /// `ip`'s, which must not be serving a lockout. Only before a slot is held, since
+    /// the slot belongs to the prefix.
+    pub fn readdress(&mut self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        debug_assert!(self.slot.is_none(), "readdressed while holding a slot");
+        if self.gate.locked(ip, None, now) {
+            return Err(Refusal::Penalised);
+        }
+        self.ip = ip;
+        self.prefix = self.gate.limits.prefix_of(ip);
+        Ok(())
+    }
+
     /// Waits for a slot in this connection's prefix, then overall (in that order, so
     /// the queue of a crowded prefix holds no global slot), and checks again that
     /// the source has not been locked out meanwhile.
@@ -387,6 +401,43 @@ mod tests {
         assert_eq!(gate.admit_with(B, now, 99).err(), Some(Refusal::Startups));
         drop((held, seventh, eighth));
         assert!(gate.admit_with(B, now, 0).is_ok());
+    }
+
+    #[test]
+    fn a_readdressed_connection_takes_its_clients_slot_and_lockout() {
+        let gate = gate();
+        let now = Instant::now();
+        let none = Attempts::default();
+        let locked_client: IpAddr = "192.0.2.9".parse().unwrap();
+        for _ in 0..2 {
+            gate.charge(locked_client, Ending::ProtocolError, &none, now);
+        }
+        // Through the balancer A: the client's lockout applies.
+        let mut refused = gate.admit(A, now).unwrap();
+        assert_eq!(
+            refused.readdress(locked_client, now).err(),
+            Some(Refusal::Penalised)
+        );
+        // The client's prefix fills, not the balancer's.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut p = gate.admit(A, now).unwrap();
+            p.readdress(B, now).unwrap();
+            assert!(slot_now(&mut p));
+            held.push(p);
+        }
+        let mut waiting = gate.admit(A, now).unwrap();
+        waiting.readdress(B, now).unwrap();
+        assert!(!slot_now(&mut waiting));
+        let mut own = gate.admit(A, now).unwrap();
+        own.readdress(A2, now).unwrap();
+        assert!(
+            slot_now(&mut own),
+            "the balancer's network has its own slots"
+        );
+        drop((held, waiting, own, refused));
+        assert_eq!(gate.startups(), 0);
+        assert!(gate.inner.lock().unwrap().prefixes.is_empty());
     }
 
     fn failed(key: &str) -> Attempts {

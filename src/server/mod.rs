@@ -4,6 +4,7 @@
 mod channel;
 mod gate;
 mod handler;
+mod proxy_protocol;
 mod upkeep;
 
 use std::sync::Arc;
