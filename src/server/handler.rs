@@ -42,7 +42,7 @@ pub async fn drive(
 ) {
     let limits = gate.limits();
     let deadline = tokio::time::Instant::now() + limits.login_grace;
-    if proxy_protocol::is_balancer(&state.config.proxy_protocol_from, peer.ip()) {
+    if preauth.relayed() {
         let Some(client) =
             client_behind_balancer(&state, &gate, &mut stream, peer, &mut preauth, deadline).await
         else {
