@@ -6,21 +6,27 @@
 
 pub mod common;
 
+use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
 
-/// A bastion that takes PROXY headers from 127.0.0.1 only (with `config` after
-/// that line, e.g. a `[limits]` table), and HAProxy on 127.0.0.1 in front of it
-/// with `server_options`.
-fn behind_haproxy(server_options: &str, config: &str) -> (World, Haproxy) {
-    let w = World::start_with(WorldOptions {
+/// A bastion that takes PROXY headers from 127.0.0.1 only, with `config` after
+/// that line (e.g. a `[limits]` table).
+fn balanced_world(config: &str) -> World {
+    World::start_with(WorldOptions {
         extra_config: format!("proxy_protocol_from = [\"127.0.0.1\"]\n{config}"),
         ..WorldOptions::default()
-    });
+    })
+}
+
+/// [`balanced_world`] and HAProxy on 127.0.0.1 in front of it with `server_options`.
+fn behind_haproxy(server_options: &str, config: &str) -> (World, Haproxy) {
+    let w = balanced_world(config);
     let haproxy = Haproxy::start(&w.path("haproxy"), &[w.bastion.port()], server_options);
     (w, haproxy)
 }
@@ -126,6 +132,44 @@ fn haproxy_send_proxy_v1_shows_the_real_client_too() {
 }
 
 #[test]
+fn the_shipped_haproxy_cfg_relays_real_clients_and_its_health_checks_cost_nothing() {
+    let w = balanced_world("");
+    let shipped =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg"))
+            .expect("read deploy/haproxy.cfg");
+    let bastion = w.bastion.port();
+    let haproxy = Haproxy::start_with(&w.path("shipped"), |port| {
+        let config = shipped
+            .replace("bind :22", &format!("bind 127.0.0.1:{port}"))
+            .replace("127.0.0.1:2222", &format!("127.0.0.1:{bastion}"))
+            .replace(" check\n", " check inter 100ms\n");
+        assert!(config.contains(&format!("127.0.0.1:{bastion} send-proxy-v2 check inter")));
+        config
+    });
+    let out = echo_from(&w, &w.alice, haproxy.port(), "127.0.0.2");
+    assert_success(&out, "ssh through the shipped haproxy.cfg");
+    let events = audit_events(&w, haproxy.port(), "127.0.0.2");
+    assert_session_seen_from(&events, "127.0.0.2", &w);
+    // Ten health checks (LOCAL headers, then a reset) later: none refused, charged
+    // or logged as a failure.
+    std::thread::sleep(Duration::from_secs(1));
+    let log = w.bastion.log();
+    let checks = log.matches("SSH handshake failed peer=127.0.0.1:").count();
+    assert!(
+        checks >= 5,
+        "{checks} health checks reached the bastion\n{}",
+        w.logs()
+    );
+    assert!(
+        !log.contains("without a valid PROXY header")
+            && !log.contains("locked out")
+            && !log.contains(" WARN portcullis::server"),
+        "{}",
+        w.logs()
+    );
+}
+
+#[test]
 fn a_listed_balancer_without_a_header_is_refused_and_charged() {
     // One protocol error locks its source out, to show the charge.
     let (w, haproxy) = behind_haproxy("send-proxy-v2", "[limits]\npenalty_protocol = \"15s\"\n");
@@ -219,12 +263,8 @@ fn closed_within(w: &World, bytes: &[u8], limit: Duration) -> Duration {
 
 #[test]
 fn oversized_garbage_or_stalled_headers_are_refused_without_hanging() {
-    let w = World::start_with(WorldOptions {
-        extra_config: "proxy_protocol_from = [\"127.0.0.1\"]\n\
-                       [limits]\nhandshake_timeout = \"2s\"\npenalty_exempt = [\"127.0.0.1\"]\n"
-            .into(),
-        ..WorldOptions::default()
-    });
+    let w =
+        balanced_world("[limits]\nhandshake_timeout = \"2s\"\npenalty_exempt = [\"127.0.0.1\"]\n");
     // Declares 65535 bytes: refused from its first 16.
     let mut huge = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff".to_vec();
     huge.extend(std::iter::repeat_n(0u8, 4096));

@@ -17,18 +17,23 @@ impl Haproxy {
     /// in `server_options` (`"send-proxy-v2"`, `"send-proxy"`, or with
     /// `"source 127.0.0.2"` to connect from another address).
     pub fn start(dir: &Path, backends: &[u16], server_options: &str) -> Haproxy {
+        Haproxy::start_with(dir, |port| haproxy_config(port, backends, server_options))
+    }
+
+    /// Starts HAProxy on the config `config(port)` returns for its free loopback
+    /// `port` (to run a shipped config with the test's ports put in).
+    pub fn start_with(dir: &Path, config: impl Fn(u16) -> String) -> Haproxy {
         assert!(
             Path::new(HAPROXY).exists(),
             "{HAPROXY} is missing: run scripts/test, which installs haproxy"
         );
         fs::create_dir_all(dir).expect("create haproxy dir");
-        let config = dir.join("haproxy.cfg");
+        let path = dir.join("haproxy.cfg");
         let daemon = Daemon::start("haproxy", &dir.join("haproxy.log"), |port| {
-            fs::write(&config, haproxy_config(port, backends, server_options))
-                .expect("write haproxy.cfg");
+            fs::write(&path, config(port)).expect("write haproxy.cfg");
             let mut cmd = Command::new(HAPROXY);
             // -db: stay in the foreground, so the test owns the process.
-            cmd.args(["-db", "-f"]).arg(&config);
+            cmd.args(["-db", "-f"]).arg(&path);
             cmd
         });
         Haproxy { daemon }
