@@ -275,6 +275,19 @@ fn oversized_garbage_or_stalled_headers_are_refused_without_hanging() {
     closed_within(&w, &long_v1, Duration::from_secs(10));
     // Half a header, then nothing: closed at handshake_timeout.
     closed_within(&w, b"PROXY TCP4 192.0.2.7 ", Duration::from_secs(10));
+    // Half a header, then the balancer hangs up.
+    let mut stream = TcpStream::connect(("127.0.0.1", w.bastion.port())).expect("connect");
+    stream.write_all(b"PROXY TCP4 192.0.2.7").unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let _ = stream.read_to_end(&mut Vec::new());
+    assert!(
+        wait_until(Duration::from_secs(5), || w
+            .bastion
+            .log()
+            .contains("closed in the middle of the PROXY header")),
+        "{}",
+        w.logs()
+    );
     let log = w.bastion.log();
     for why in [
         "declares 65551 bytes, more than the 1024 accepted",

@@ -89,6 +89,13 @@ pub async fn read_client_address(
         if want > MAX_HEADER {
             return Err(HeaderError::TooLong(want));
         }
+        if want <= header.len() {
+            // ppp asked for no more bytes yet did not decide: never spin on it.
+            return Err(HeaderError::Invalid(format!(
+                "undecided after {} bytes",
+                header.len()
+            )));
+        }
         read_to(stream, &mut header, want).await?;
     }
 }
