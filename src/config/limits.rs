@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Deserializer};
 
+use super::prefix::{mask, Prefix};
 use crate::grant::RequestLimits;
 
 /// `[limits]` in portcullis.toml.
@@ -58,7 +59,7 @@ pub struct Limits {
     pub penalty_max: Duration,
     /// Addresses or prefixes (`"203.0.113.7"`, `"10.0.0.0/8"`) never locked out as
     /// a whole (NAT gateways, CI egress); their (address, key) lockouts still apply.
-    #[serde(deserialize_with = "prefixes")]
+    #[serde(deserialize_with = "super::prefix::list")]
     pub penalty_exempt: Vec<Prefix>,
     /// Session channels open at once on one connection (ControlMaster multiplexing).
     pub channels_per_connection: usize,
@@ -106,61 +107,6 @@ pub struct MaxStartups {
     pub full: usize,
 }
 
-/// An address and prefix length, as in `10.0.0.0/8`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Prefix {
-    pub network: IpAddr,
-    pub len: u8,
-}
-
-impl Prefix {
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        ip.is_ipv4() == self.network.is_ipv4() && mask(ip, self.len) == self.network
-    }
-}
-
-impl std::str::FromStr for Prefix {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Prefix, String> {
-        let (address, len) = text.split_once('/').unwrap_or((text, ""));
-        let ip: IpAddr = address
-            .parse()
-            .map_err(|_| format!("{text:?} is not an address or prefix like 10.0.0.0/8"))?;
-        let bits = if ip.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            "" => bits,
-            len => len
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= bits)
-                .ok_or_else(|| format!("{text:?}: prefix length must be 0 to {bits}"))?,
-        };
-        Ok(Prefix {
-            network: mask(ip, len),
-            len,
-        })
-    }
-}
-
-/// `ip` with all but its first `len` bits cleared.
-pub fn mask(ip: IpAddr, len: u8) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => {
-            let bits = u32::from(v4)
-                & u32::MAX
-                    .checked_shl(32 - u32::from(len.min(32)))
-                    .unwrap_or(0);
-            IpAddr::V4(bits.into())
-        }
-        IpAddr::V6(v6) => {
-            let shift = 128 - u32::from(len.min(128));
-            let bits = u128::from(v6) & u128::MAX.checked_shl(shift).unwrap_or(0);
-            IpAddr::V6(bits.into())
-        }
-    }
-}
-
 fn max_startups<'de, D: Deserializer<'de>>(d: D) -> Result<MaxStartups, D::Error> {
     let text = String::deserialize(d)?;
     let numbers: Vec<usize> = text
@@ -183,13 +129,6 @@ fn size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     crate::record::disk::parse_size(&text)
         .and_then(|bytes| usize::try_from(bytes).map_err(|_| format!("{text:?} is too large")))
         .map_err(serde::de::Error::custom)
-}
-
-fn prefixes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Prefix>, D::Error> {
-    Vec::<String>::deserialize(d)?
-        .iter()
-        .map(|p| p.parse().map_err(serde::de::Error::custom))
-        .collect()
 }
 
 impl Default for Limits {
@@ -344,19 +283,6 @@ pub(super) mod humantime {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefixes_mask_addresses() {
-        let p: Prefix = "10.1.2.3/8".parse().unwrap();
-        assert_eq!(p.network.to_string(), "10.0.0.0");
-        assert!(p.contains("10.200.0.1".parse().unwrap()));
-        assert!(!p.contains("11.0.0.1".parse().unwrap()));
-        let v6: Prefix = "2001:db8::1/64".parse().unwrap();
-        assert!(v6.contains("2001:db8::ffff".parse().unwrap()));
-        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
-        assert!("10.0.0.0/33".parse::<Prefix>().is_err());
-        assert_eq!(mask("1.2.3.4".parse().unwrap(), 0).to_string(), "0.0.0.0");
-    }
 
     #[test]
     fn limits_that_refuse_everyone_or_removed_keys_are_rejected() {

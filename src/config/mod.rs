@@ -19,10 +19,12 @@ use crate::record::RecordingLimits;
 pub mod accept_env;
 pub mod cluster;
 pub mod limits;
+pub mod prefix;
 
 pub use accept_env::{AcceptEnv, DEFAULT_ACCEPT_ENV};
 pub use cluster::ClusterSettings;
-pub use limits::{Limits, MaxStartups, Prefix};
+pub use limits::{Limits, MaxStartups};
+pub use prefix::Prefix;
 
 /// The listen address of the embedded default.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:2222";
@@ -88,6 +90,8 @@ struct RawConfig {
     legacy_clients: Option<bool>,
     accept_env: Option<String>,
     cluster: Option<ClusterSettings>,
+    #[serde(default, deserialize_with = "prefix::list")]
+    proxy_protocol_from: Vec<Prefix>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -134,6 +138,9 @@ pub struct Config {
     pub accept_env: AcceptEnv,
     /// This node among several on one database (`[cluster]`).
     pub cluster: ClusterSettings,
+    /// Load balancers whose connections start with a PROXY protocol header naming
+    /// the real client (see `server::proxy_protocol`); nobody else may name one.
+    pub proxy_protocol_from: Vec<Prefix>,
 }
 
 impl Config {
@@ -198,6 +205,7 @@ impl Config {
             Some(text) => AcceptEnv::parse(&text).map_err(anyhow::Error::msg)?,
             None => AcceptEnv::default(),
         };
+        check_proxy_protocol_from(&raw.proxy_protocol_from)?;
         Ok(Config {
             recording,
             cluster,
@@ -224,8 +232,20 @@ impl Config {
             totp_require_invite: raw.totp_require_invite.unwrap_or(false),
             legacy_clients: raw.legacy_clients.unwrap_or(false),
             accept_env,
+            proxy_protocol_from: raw.proxy_protocol_from,
         })
     }
+}
+
+/// Refuses a `proxy_protocol_from` that would let any address name its own client
+/// address: every address listed there may claim to be anyone.
+fn check_proxy_protocol_from(balancers: &[Prefix]) -> Result<()> {
+    if let Some(all) = balancers.iter().find(|p| p.len == 0) {
+        anyhow::bail!(
+            "proxy_protocol_from = [\"{all}\"] would let every address claim any client address; list only your load balancers' addresses (e.g. \"10.0.0.5\" or \"10.0.0.0/29\")"
+        );
+    }
+    Ok(())
 }
 
 /// `[recording]` over its defaults.
@@ -285,6 +305,53 @@ mod tests {
         let config = Config::load(Some(&path)).unwrap();
         assert!(config.accept_env.allows("FOO_1") && !config.accept_env.allows("TZ"));
         assert!(config.legacy_clients);
+    }
+
+    #[test]
+    fn proxy_protocol_from_takes_addresses_and_networks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(
+            &path,
+            "proxy_protocol_from = [\"127.0.0.1\", \"10.0.0.0/8\", \"fd00::/64\"]\n",
+        )
+        .unwrap();
+        let config = Config::load(Some(&path)).unwrap();
+        let listed: Vec<String> = config
+            .proxy_protocol_from
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(listed, ["127.0.0.1/32", "10.0.0.0/8", "fd00::/64"]);
+        assert!(Config::load(None).unwrap().proxy_protocol_from.is_empty());
+    }
+
+    #[test]
+    fn a_bad_proxy_protocol_network_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        for (text, wanted) in [
+            (
+                "listen = \"127.0.0.1:2222\"\nproxy_protocol_from = [\"10.0.0.0/33\"]\n",
+                "line 2: \"10.0.0.0/33\": prefix length must be 0 to 32",
+            ),
+            (
+                "proxy_protocol_from = [\"lb.example.com\"]\n",
+                "\"lb.example.com\" is not an address or prefix like 10.0.0.0/8",
+            ),
+            (
+                "proxy_protocol_from = \"10.0.0.1\"\n",
+                "line 1: invalid type: string \"10.0.0.1\", expected a sequence",
+            ),
+            (
+                "proxy_protocol_from = [\"10.0.0.5\", \"0.0.0.0/0\"]\n",
+                "would let every address claim any client address",
+            ),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+            assert!(err.contains(wanted), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -107,6 +107,8 @@ pub struct Preauth {
     prefix: IpAddr,
     slot: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
     counted: bool,
+    /// From a load balancer: its PROXY header is owed before anything else.
+    relayed: bool,
 }
 
 impl Gate {
@@ -131,6 +133,18 @@ impl Gate {
         self.admit_with(ip, now, rand::random_range(0..100))
     }
 
+    /// Decides at accept whether a new connection from the load balancer at `ip`
+    /// (`proxy_protocol_from`) may read its PROXY header. Only the random early
+    /// drop applies here: whose lockout counts is known once the header names the
+    /// client ([`Preauth::readdress`]), so a balancer charged for a bad header does
+    /// not lock out every client behind it (its own connections, `LOCAL`, still
+    /// meet its lockout there).
+    pub fn admit_relayed(self: &Arc<Self>, ip: IpAddr) -> Result<Preauth, Refusal> {
+        let mut preauth = self.startup(ip, rand::random_range(0..100))?;
+        preauth.relayed = true;
+        Ok(preauth)
+    }
+
     /// [`Gate::admit`] with the random early drop's die already cast (0..100).
     fn admit_with(
         self: &Arc<Self>,
@@ -141,6 +155,12 @@ impl Gate {
         if self.locked(ip, None, now) {
             return Err(Refusal::Penalised);
         }
+        self.startup(ip, die)
+    }
+
+    /// Counts a new unauthenticated connection, unless the random early drop (with
+    /// its die cast, 0..100) refuses it.
+    fn startup(self: &Arc<Self>, ip: IpAddr, die: usize) -> Result<Preauth, Refusal> {
         let MaxStartups { start, rate, full } = self.limits.max_startups;
         let startups = self.startups.load(Ordering::Relaxed);
         if startups >= start {
@@ -157,6 +177,7 @@ impl Gate {
             prefix: self.limits.prefix_of(ip),
             slot: None,
             counted: true,
+            relayed: false,
         })
     }
 
@@ -273,6 +294,25 @@ impl GateState {
 }
 
 impl Preauth {
+    /// Whether the connection came from a load balancer ([`Gate::admit_relayed`]).
+    pub fn relayed(&self) -> bool {
+        self.relayed
+    }
+
+    /// The relayed connection is really from `ip` (its PROXY header says so): from
+    /// now on it is counted, limited and charged as `ip`'s, which must not be
+    /// serving a lockout. Only before a slot is held, since the slot belongs to the
+    /// prefix.
+    pub fn readdress(&mut self, ip: IpAddr, now: Instant) -> Result<(), Refusal> {
+        debug_assert!(self.relayed && self.slot.is_none());
+        if self.gate.locked(ip, None, now) {
+            return Err(Refusal::Penalised);
+        }
+        self.ip = ip;
+        self.prefix = self.gate.limits.prefix_of(ip);
+        Ok(())
+    }
+
     /// Waits for a slot in this connection's prefix, then overall (in that order, so
     /// the queue of a crowded prefix holds no global slot), and checks again that
     /// the source has not been locked out meanwhile.
@@ -387,6 +427,52 @@ mod tests {
         assert_eq!(gate.admit_with(B, now, 99).err(), Some(Refusal::Startups));
         drop((held, seventh, eighth));
         assert!(gate.admit_with(B, now, 0).is_ok());
+    }
+
+    #[test]
+    fn a_readdressed_connection_takes_its_clients_slot_and_lockout() {
+        let gate = gate();
+        let now = Instant::now();
+        let none = Attempts::default();
+        let locked_client: IpAddr = "192.0.2.9".parse().unwrap();
+        for _ in 0..2 {
+            gate.charge(locked_client, Ending::ProtocolError, &none, now);
+        }
+        // Through the balancer A: the client's lockout applies.
+        // A balancer locked out for bad headers of its own still relays its clients.
+        for _ in 0..2 {
+            gate.charge(A, Ending::ProtocolError, &none, now);
+        }
+        assert_eq!(gate.admit(A, now).err(), Some(Refusal::Penalised));
+        let mut own_check = gate.admit_relayed(A).unwrap();
+        assert_eq!(own_check.readdress(A, now).err(), Some(Refusal::Penalised));
+        drop(own_check);
+        let mut refused = gate.admit_relayed(A).unwrap();
+        assert_eq!(
+            refused.readdress(locked_client, now).err(),
+            Some(Refusal::Penalised)
+        );
+        drop(refused);
+        // The client's prefix fills, not the balancer's.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let mut p = gate.admit_relayed(A).unwrap();
+            p.readdress(B, now).unwrap();
+            assert!(slot_now(&mut p));
+            held.push(p);
+        }
+        let mut waiting = gate.admit_relayed(A).unwrap();
+        waiting.readdress(B, now).unwrap();
+        assert!(!slot_now(&mut waiting));
+        let mut own = gate.admit_relayed(A).unwrap();
+        own.readdress(A2, now).unwrap();
+        assert!(
+            slot_now(&mut own),
+            "the balancer's network has its own slots"
+        );
+        drop((held, waiting, own));
+        assert_eq!(gate.startups(), 0);
+        assert!(gate.inner.lock().unwrap().prefixes.is_empty());
     }
 
     fn failed(key: &str) -> Attempts {

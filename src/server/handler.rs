@@ -5,7 +5,7 @@
 //! as the protocol requires, since russh keeps one want-reply flag per channel); the
 //! channel task does the work from the queue, so events stay ordered with the data.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::BufReader;
@@ -21,6 +21,7 @@ use russh::{Channel, ChannelId, MethodKind, MethodSet};
 
 use super::channel::serve_channel;
 use super::gate::{Attempts, Ending, Gate, Preauth};
+use super::proxy_protocol::{self, HeaderError};
 use crate::audit::{AuditEvent, AuditKind};
 use crate::policy::fingerprint;
 use crate::proxy::UpstreamPool;
@@ -35,12 +36,20 @@ pub async fn drive(
     state: Arc<State>,
     config: Arc<russh::server::Config>,
     gate: Arc<Gate>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    mut stream: TcpStream,
+    mut peer: SocketAddr,
     mut preauth: Preauth,
 ) {
     let limits = gate.limits();
     let deadline = tokio::time::Instant::now() + limits.login_grace;
+    if preauth.relayed() {
+        let Some(client) =
+            client_behind_balancer(&state, &gate, &mut stream, peer, &mut preauth, deadline).await
+        else {
+            return;
+        };
+        peer = client;
+    }
     match tokio::time::timeout_at(deadline, preauth.wait_for_slot()).await {
         Ok(Ok(())) => {}
         Ok(Err(refusal)) => {
@@ -92,15 +101,73 @@ pub async fn drive(
         return;
     }
     let attempts = std::mem::take(&mut *attempts.lock().expect("attempts lock poisoned"));
-    for lockout in gate.charge(peer.ip(), ending, &attempts, std::time::Instant::now()) {
+    charge(&state, &gate, peer.ip(), ending, &attempts);
+}
+
+/// Charges a connection from `ip` that ended unauthenticated, and audits the
+/// lockouts that starts.
+fn charge(state: &State, gate: &Gate, ip: IpAddr, ending: Ending, attempts: &Attempts) {
+    for lockout in gate.charge(ip, ending, attempts, std::time::Instant::now()) {
         let key = lockout.key.as_deref().unwrap_or("any");
-        tracing::warn!(source = %peer.ip(), key, seconds = lockout.duration.as_secs(), ?ending, "penalty threshold reached; locked out");
+        tracing::warn!(source = %ip, key, seconds = lockout.duration.as_secs(), ?ending, "penalty threshold reached; locked out");
         let _ = state.audit(
             AuditEvent::new(AuditKind::PreauthLockout, "portcullis", Utc::now())
-                .detail("source", peer.ip().to_string())
+                .detail("source", ip.to_string())
                 .detail("key", key)
                 .detail("seconds", lockout.duration.as_secs()),
         );
+    }
+}
+
+/// For a connection from a load balancer in `proxy_protocol_from`: reads its PROXY
+/// header (within the handshake timeout and the login grace) and returns the
+/// client it names, now the connection's address for the gate and everything
+/// after. Without a valid header the connection is closed, logged and charged to
+/// the balancer's own address like any pre-auth failure (a TCP health check that
+/// closes at once costs nothing); `None` then.
+async fn client_behind_balancer(
+    state: &State,
+    gate: &Gate,
+    stream: &mut TcpStream,
+    balancer: SocketAddr,
+    preauth: &mut Preauth,
+    deadline: tokio::time::Instant,
+) -> Option<SocketAddr> {
+    let started = std::time::Instant::now();
+    let by = deadline.min(tokio::time::Instant::now() + gate.limits().handshake_timeout);
+    let read = proxy_protocol::read_client_address(stream, balancer);
+    let (ending, why) = match tokio::time::timeout_at(by, read).await {
+        Ok(Ok(client)) => {
+            if let Err(refusal) = preauth.readdress(client.ip(), std::time::Instant::now()) {
+                tracing::debug!(%balancer, %client, ?refusal, "connection refused at the door");
+                let _ = stream.try_write(refusal.message());
+                return None;
+            }
+            tracing::debug!(%balancer, %client, "client address from the PROXY header");
+            return Some(client);
+        }
+        Ok(Err(HeaderError::Silent)) if started.elapsed() < PROBE_GRACE => return None,
+        Ok(Err(error)) => (header_ending(&error), error.to_string()),
+        Err(_) => (
+            Ending::TimedOut,
+            format!(
+                "no PROXY header within {:?} (limits.handshake_timeout)",
+                gate.limits().handshake_timeout
+            ),
+        ),
+    };
+    tracing::warn!(%balancer, "closed: a connection from a load balancer in proxy_protocol_from came without a valid PROXY header: {why}; the balancer must send one (HAProxy: `send-proxy-v2` on the server line), and clients must connect through it");
+    charge(state, gate, balancer.ip(), ending, &Attempts::default());
+    None
+}
+
+/// How a balancer's connection without a valid header is charged: like an SSH
+/// connection that closed, or sent something that is not SSH.
+fn header_ending(error: &HeaderError) -> Ending {
+    match error {
+        HeaderError::Silent => Ending::Silent,
+        HeaderError::Truncated | HeaderError::Io(_) => Ending::Closed,
+        HeaderError::TooLong(_) | HeaderError::Invalid(_) => Ending::ProtocolError,
     }
 }
 

@@ -4,6 +4,7 @@
 mod channel;
 mod gate;
 mod handler;
+mod proxy_protocol;
 mod upkeep;
 
 use std::sync::Arc;
@@ -253,7 +254,13 @@ async fn accept(
                 continue;
             }
         };
-        match gate.admit(peer.ip(), std::time::Instant::now()) {
+        let admitted = if proxy_protocol::is_balancer(&state.config.proxy_protocol_from, peer.ip())
+        {
+            gate.admit_relayed(peer.ip())
+        } else {
+            gate.admit(peer.ip(), std::time::Instant::now())
+        };
+        match admitted {
             Ok(preauth) => {
                 let _ = stream.set_nodelay(true);
                 tokio::spawn(handler::drive(

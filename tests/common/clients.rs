@@ -110,6 +110,14 @@ impl Client {
         }
     }
 
+    /// The same engineer connecting to `port` instead (a load balancer's).
+    pub fn via(&self, port: u16) -> Client {
+        Client {
+            port,
+            ..self.clone()
+        }
+    }
+
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -16,11 +16,13 @@
 //! - [`bastion`]: the `portcullis` binary under test, its config, keys and test policies
 //! - [`clients`]: the OpenSSH client tools of one engineer, and russh sessions from the test's process
 //! - [`in_process`]: the bastion run inside the test (for tokio's paused clock)
+//! - [`haproxy`]: a real HAProxy in front of bastions, sending the PROXY protocol
 //! - [`tmux`]: a real terminal whose size the test controls
 //! - [`world`]: all of them together, one temp dir per test
 
 pub mod bastion;
 pub mod clients;
+pub mod haproxy;
 pub mod in_process;
 pub mod processes;
 pub mod sshd;
@@ -29,6 +31,7 @@ pub mod world;
 
 pub use bastion::*;
 pub use clients::*;
+pub use haproxy::*;
 pub use in_process::*;
 pub use processes::*;
 pub use sshd::*;
