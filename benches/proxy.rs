@@ -181,32 +181,13 @@ fn main() {
     recording_costs(mib, runs);
 }
 
-/// A second bastion running `binary`, with this world's keys, policies and extra
-/// config (so the target trusts it and alice may use it), in its own directory.
+/// A second bastion running `binary`, on this world's keys, policies and target.
 fn baseline_bastion(world: &World, binary: &std::ffi::OsStr) -> common::Bastion {
-    let dir = world.path("baseline");
-    let data = dir.join("data");
-    fs::create_dir_all(&data).unwrap();
-    fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let root = world.dir.path();
-    let mut copy = Command::new("cp");
-    copy.arg("-a")
-        .arg(root.join("policies"))
-        .arg(root.join("portcullis.extra.toml"))
-        .arg(&dir);
-    assert!(copy.status().unwrap().success(), "copy the policies");
-    let mut keys = Command::new("cp");
-    keys.arg("-a");
-    for key in ["host_ed25519", "upstream_ed25519", "ca_ed25519", "totp.key"] {
-        keys.arg(root.join("data").join(key));
-    }
-    assert!(keys.arg(&data).status().unwrap().success(), "copy the keys");
-    let baseline = common::Bastion::start_binary(&dir, Path::new(binary));
     println!(
         "baseline: {} (route `baseline`)",
         Path::new(binary).display()
     );
-    baseline
+    world.another_node("baseline", Path::new(binary), "")
 }
 
 /// A payload file of `bytes` from `source`, in the world's directory.

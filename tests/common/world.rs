@@ -165,6 +165,40 @@ impl World {
         Sshd::start(&self.path("jump"), &[alice])
     }
 
+    /// Another bastion node beside this world's, in its own directory `name`
+    /// (under the world's), running `binary`: the same keys, policies and extra
+    /// config, then `extra` (e.g. its own `[cluster] node_id`). Targets trust it and
+    /// the world's clients may use it at its port. For several nodes on one
+    /// database and for benchmarks against another build.
+    pub fn another_node(&self, name: &str, binary: &Path, extra: &str) -> Bastion {
+        let dir = self.path(name);
+        let data = dir.join("data");
+        fs::create_dir_all(&data).expect("create the node's data dir");
+        fs::set_permissions(&data, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .expect("chmod the node's data dir");
+        let root = self.dir.path();
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(root.join("policies"))
+            .arg(&dir)
+            .status()
+            .expect("run cp");
+        assert!(copied.success(), "copy the policies to {name}");
+        let mut keys = Command::new("cp");
+        keys.arg("-a");
+        for key in ["host_ed25519", "upstream_ed25519", "ca_ed25519", "totp.key"] {
+            keys.arg(root.join("data").join(key));
+        }
+        assert!(
+            keys.arg(&data).status().expect("run cp").success(),
+            "copy the keys to {name}"
+        );
+        let shared = fs::read_to_string(root.join(EXTRA_CONFIG)).unwrap_or_default();
+        fs::write(dir.join(EXTRA_CONFIG), format!("{shared}\n{extra}"))
+            .expect("write extra config");
+        Bastion::start_binary(&dir, binary)
+    }
+
     /// Points every engineer's client at the bastion on `port`.
     pub fn follow(&mut self, port: u16) {
         for client in [
