@@ -155,18 +155,39 @@ impl SessionSetup {
     /// Keeps the terminal's new size from a `window-change`, so the target's pty
     /// starts at the size the client has now; any other message is ignored.
     pub fn keep_window_change(&mut self, msg: &ChannelMsg) {
-        if let (
-            Some(pty),
+        if let (Some(pty), Some(size)) = (self.pty.as_mut(), WindowSize::of(msg)) {
+            (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
+                (size.cols, size.rows, size.pix_width, size.pix_height);
+        }
+    }
+}
+
+/// A terminal's size from a client's `window-change`: the one place that
+/// unpacks the message, for the set-up before a session and the relay during it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSize {
+    pub cols: u32,
+    pub rows: u32,
+    pub pix_width: u32,
+    pub pix_height: u32,
+}
+
+impl WindowSize {
+    /// The size `msg` carries, if it is a `window-change`.
+    pub fn of(msg: &ChannelMsg) -> Option<WindowSize> {
+        match *msg {
             ChannelMsg::WindowChange {
                 col_width,
                 row_height,
                 pix_width,
                 pix_height,
-            },
-        ) = (self.pty.as_mut(), msg)
-        {
-            (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
-                (*col_width, *row_height, *pix_width, *pix_height);
+            } => Some(WindowSize {
+                cols: col_width,
+                rows: row_height,
+                pix_width,
+                pix_height,
+            }),
+            _ => None,
         }
     }
 }
