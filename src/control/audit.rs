@@ -17,9 +17,13 @@ pub fn list(caller: &Caller, since: Option<String>, json: bool) -> Reply {
         ),
         None => None,
     };
-    let events = caller.state.grants.audit_log().events()?;
+    let log = caller.state.grants.audit_log();
+    let events = match since {
+        Some(at) => log.since(at)?,
+        None => log.events()?,
+    };
     let mut out = String::new();
-    for event in events.iter().filter(|e| since.is_none_or(|at| e.at >= at)) {
+    for event in &events {
         if json {
             out.push_str(&serde_json::to_string(event).expect("events serialise"));
         } else {

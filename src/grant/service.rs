@@ -104,7 +104,7 @@ impl Grants {
         Ok(Grants {
             inner: Arc::new(Inner {
                 table: GrantTable::open(&store)?,
-                audit: AuditLog::new(&store),
+                audit: AuditLog::open(&store)?,
                 store,
                 notifier,
                 limits: RequestLimits::default(),

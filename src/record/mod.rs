@@ -14,6 +14,7 @@
 pub mod asciicast;
 pub mod check;
 pub mod disk;
+mod index;
 pub mod replay;
 pub mod screen;
 mod stored;
@@ -37,6 +38,7 @@ use crate::budget::{Account, Budget};
 use crate::store::{Store, StoreError};
 pub use disk::RecordingLimits;
 use disk::Size;
+pub use index::SessionQuery;
 pub use stored::SessionStore;
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
 
@@ -317,9 +319,15 @@ pub struct Follow {
 }
 
 impl Recorder {
-    pub fn new(store: Arc<Store>, record_input: bool, record_file_transfers: bool) -> Recorder {
-        Recorder {
-            store: SessionStore::new(store),
+    /// The recorder on `store` (building the session indexes an older database
+    /// lacks).
+    pub fn open(
+        store: Arc<Store>,
+        record_input: bool,
+        record_file_transfers: bool,
+    ) -> Result<Recorder, StoreError> {
+        Ok(Recorder {
+            store: SessionStore::open(store)?,
             writers: Arc::new(Semaphore::new(WRITERS)),
             record_input,
             record_file_transfers,
@@ -328,7 +336,7 @@ impl Recorder {
             limits: RecordingLimits::UNLIMITED,
             data_dir: None,
             memory: Budget::new(crate::budget::DEFAULT_LIMIT),
-        }
+        })
     }
 
     /// The same recorder charging unflushed batches to `memory`, the budget the
@@ -646,6 +654,12 @@ impl Recorder {
         self.store.sessions()
     }
 
+    /// The recorded sessions `query` wants, oldest first (read through an index
+    /// when it names a user, target, start or live sessions).
+    pub fn find(&self, query: &SessionQuery) -> Result<Vec<SessionRecord>, StoreError> {
+        self.store.find(query)
+    }
+
     /// One session's record.
     pub fn session(&self, id: u64) -> Result<Option<SessionRecord>, StoreError> {
         self.store.session(id)
@@ -673,10 +687,11 @@ impl Recorder {
         mut announce: impl FnMut(&SessionRecord) -> Result<(), StoreError>,
     ) -> Result<Vec<SessionRecord>, StoreError> {
         let mut recovered = Vec::new();
-        for mut session in self.store.sessions()? {
-            if session.state != SessionState::Live {
-                continue;
-            }
+        let live = SessionQuery {
+            live: true,
+            ..SessionQuery::default()
+        };
+        for mut session in self.store.find(&live)? {
             session.state = SessionState::Interrupted;
             session.digest = Some(self.digest_of(session.id)?);
             session.digest_source = Some(DigestSource::Recovery);
@@ -710,7 +725,7 @@ impl Recorder {
     pub fn prune(&self, cutoff: DateTime<Utc>) -> Result<(Vec<u64>, u64), StoreError> {
         let mut pruned = Vec::new();
         let mut freed = 0;
-        for mut session in self.store.sessions()? {
+        for mut session in self.store.started_by(cutoff)? {
             if session.is_live() || session.pruned || session.last_seen() >= cutoff {
                 continue;
             }
@@ -1153,7 +1168,7 @@ mod tests {
     async fn a_recording_that_cannot_be_written_fails_the_session() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let recorder = Arc::new(Recorder::new(store.clone(), true, false));
+        let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
@@ -1184,7 +1199,11 @@ mod tests {
     async fn empty_chunks_count_against_the_unflushed_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let recorder = Arc::new(Recorder::new(store, true, false).with_memory(Budget::new(0)));
+        let recorder = Arc::new(
+            Recorder::open(store, true, false)
+                .unwrap()
+                .with_memory(Budget::new(0)),
+        );
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
@@ -1211,7 +1230,7 @@ mod tests {
     async fn a_recording_is_flushed_within_the_interval_and_replayable() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let recorder = Arc::new(Recorder::new(store.clone(), true, false));
+        let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
@@ -1241,8 +1260,11 @@ mod tests {
             user_quota: Some(100 * 1024),
             ..RecordingLimits::UNLIMITED
         };
-        let recorder =
-            Arc::new(Recorder::new(store, true, false).with_limits(limits, dir.path().into()));
+        let recorder = Arc::new(
+            Recorder::open(store, true, false)
+                .unwrap()
+                .with_limits(limits, dir.path().into()),
+        );
         let first = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
@@ -1285,7 +1307,7 @@ mod tests {
     async fn an_unused_reservation_is_audited_and_released() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let recorder = Arc::new(Recorder::new(store.clone(), true, false));
+        let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
         let given_up = recorder.reserve(failed()).unwrap();
         let used = recorder.reserve(failed()).unwrap();
         let (last, reserved) = recorder.reservations().unwrap();
@@ -1296,7 +1318,10 @@ mod tests {
         given_up.fail("target unreachable");
         let session = recorder.start(used, info()).unwrap();
         assert!(recorder.reservations().unwrap().1.is_empty());
-        let events = crate::audit::AuditLog::new(&store).events().unwrap();
+        let events = crate::audit::AuditLog::open(&store)
+            .unwrap()
+            .events()
+            .unwrap();
         assert_eq!(
             events.len(),
             1,

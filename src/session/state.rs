@@ -82,11 +82,11 @@ impl State {
         Ok(State {
             grants: Grants::new(store.clone(), notifier)?.with_limits(config.limits.requests()),
             recorder: Arc::new(
-                Recorder::new(
+                Recorder::open(
                     store.clone(),
                     config.record_input,
                     config.record_file_transfers,
-                )
+                )?
                 .with_limits(config.recording, config.data_dir.clone())
                 .with_memory(memory.clone()),
             ),
