@@ -82,12 +82,15 @@ pub async fn run(
     if let Err(refusal) = context.state.recorder.room_for(user) {
         tracing::warn!(user, target, reason = %refusal, "session refused");
         // Refused either way; a failed append is logged.
-        let _ = context.state.audit(
-            AuditEvent::new(AuditKind::SessionRefused, user, Utc::now())
-                .target(target)
-                .grant(&permit.grant.id)
-                .detail("reason", refusal.as_str()),
-        );
+        let _ = context
+            .state
+            .audit(
+                AuditEvent::new(AuditKind::SessionRefused, user, Utc::now())
+                    .target(target)
+                    .grant(&permit.grant.id)
+                    .detail("reason", refusal.as_str()),
+            )
+            .await;
         client.out.fail(&refusal, 1).await;
         return;
     }
@@ -145,20 +148,25 @@ pub async fn run(
     tracing::info!(user, target, login = %permit.login, grant = %grant.id, session, action = %start.action().describe(), "session started");
     // Everything the record says about the start, so `audit verify` can hold the
     // record to it; its time is the record's `started_at`.
-    let started = context.state.audit(
-        AuditEvent::new(AuditKind::SessionStart, user, recording.started_at())
-            .target(target)
-            .grant(&grant.id)
-            .detail("session", session)
-            .detail("login", permit.login.as_str())
-            .detail("kind", kind)
-            .detail("command", command)
-            .detail("action", start.action().describe())
-            .detail("client", peer(context)),
-    );
+    let started = context
+        .state
+        .audit(
+            AuditEvent::new(AuditKind::SessionStart, user, recording.started_at())
+                .target(target)
+                .grant(&grant.id)
+                .detail("session", session)
+                .detail("login", permit.login.as_str())
+                .detail("kind", kind)
+                .detail("command", command)
+                .detail("action", start.action().describe())
+                .detail("client", peer(context)),
+        )
+        .await;
     if let Err(err) = started {
         // Nothing has run on the target yet, and nothing will without its event.
-        recording.finish(SessionEnd::default(), |_, _| {}).await;
+        recording
+            .finish(SessionEnd::default(), |_, _| async {})
+            .await;
         let _ = channel.close().await;
         client
             .out
@@ -272,7 +280,9 @@ async fn end_session(
             }
             // The session is over; a failed append is logged, and the store's
             // failure restarts the bastion (see `server::upkeep`).
-            let _ = context.state.audit(event);
+            async move {
+                let _ = context.state.audit(event).await;
+            }
         })
         .await;
     if let Some(error) = error {

@@ -258,21 +258,35 @@ impl Reservation {
 }
 
 impl Drop for Reservation {
+    /// Appends the `session.failed` event of an unused id, then releases the id.
+    /// The append syncs to disk: on a runtime, it runs on the blocking pool
+    /// (dropping cannot wait for it; the id stays reserved until it is done, so
+    /// `audit verify` never takes it for a deleted session meanwhile).
     fn drop(&mut self) {
-        if let Some(event) = self.failed.take() {
-            let event = event
-                .detail("session", self.id)
-                .detail("reason", self.reason.as_str());
-            if let Err(err) = self.recorder.store.append_audit(event) {
-                tracing::error!(session = self.id, error = %err, "cannot append to the audit log");
+        let (recorder, id) = (self.recorder.clone(), self.id);
+        let failed = self.failed.take().map(|event| {
+            event
+                .detail("session", id)
+                .detail("reason", self.reason.as_str())
+        });
+        let appends = failed.is_some();
+        let release = move || {
+            if let Some(event) = failed {
+                if let Err(err) = recorder.store.append_audit(event) {
+                    tracing::error!(session = id, error = %err, "cannot append to the audit log");
+                }
             }
+            // Only now: the id is accounted for in the store before it leaves this set.
+            recorder
+                .reserved
+                .lock()
+                .expect("recorder lock poisoned")
+                .remove(&id);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if appends => drop(runtime.spawn_blocking(release)),
+            _ => release(),
         }
-        // Only now: the id is accounted for in the store before it leaves this set.
-        self.recorder
-            .reserved
-            .lock()
-            .expect("recorder lock poisoned")
-            .remove(&self.id);
     }
 }
 
@@ -962,12 +976,12 @@ impl SessionRecorder {
 
     /// Flushes the rest, stores the end state and returns the final record, with
     /// the error if the recording could not be completed. `announce` chains the
-    /// `session.end` event before the record is stored as closed, so a record never
-    /// says `closed` without one.
-    pub async fn finish(
+    /// `session.end` event (the future it returns is awaited) before the record is
+    /// stored as closed, so a record never says `closed` without one.
+    pub async fn finish<Announced: std::future::Future<Output = ()>>(
         self,
         end: SessionEnd,
-        announce: impl FnOnce(&SessionRecord, Option<&str>),
+        announce: impl FnOnce(&SessionRecord, Option<&str>) -> Announced,
     ) -> (SessionRecord, Option<String>) {
         {
             let mut pending = self.live.inner.lock().expect("recording lock poisoned");
@@ -997,7 +1011,7 @@ impl SessionRecorder {
         record.state = SessionState::Closed;
         record.digest = Some(digest);
         record.digest_source = Some(DigestSource::Bastion);
-        announce(&record, error.as_deref());
+        announce(&record, error.as_deref()).await;
         let saved = self.recorder.store.save_session(&record);
         let error = error.or(saved.err().map(|e| e.to_string()));
         (record, error)
@@ -1186,7 +1200,8 @@ mod tests {
         let mut announced = None;
         let (record, error) = session
             .finish(SessionEnd::default(), |_, error| {
-                announced = error.map(str::to_string)
+                announced = error.map(str::to_string);
+                async {}
             })
             .await;
         let error = error.unwrap();
@@ -1245,7 +1260,7 @@ mod tests {
             2,
             "on disk before the end"
         );
-        let (record, error) = session.finish(SessionEnd::default(), |_, _| {}).await;
+        let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
         assert_eq!(error, None);
         assert_eq!(record.state, SessionState::Closed);
         assert_eq!(record.digest_source, Some(DigestSource::Bastion));
@@ -1293,7 +1308,7 @@ mod tests {
         assert!(refusal.contains("user_quota"), "{refusal}");
         assert_eq!(recorder.room_for("bob"), Ok(()));
         for session in [first, second] {
-            let (_, error) = session.finish(SessionEnd::default(), |_, _| {}).await;
+            let (_, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
             assert_eq!(error, None, "everything recorded was stored");
         }
         assert_eq!(
@@ -1317,6 +1332,16 @@ mod tests {
         );
         given_up.fail("target unreachable");
         let session = recorder.start(used, info()).unwrap();
+        // The unused id's event is appended on the blocking pool; the id stays
+        // reserved until it is stored.
+        let released = async {
+            while recorder.reservations().unwrap().1.contains(&1) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), released)
+            .await
+            .expect("the unused id is released once its event is stored");
         assert!(recorder.reservations().unwrap().1.is_empty());
         let events = crate::audit::AuditLog::open(&store)
             .unwrap()
@@ -1330,6 +1355,6 @@ mod tests {
         assert_eq!(events[0].kind, "session.failed");
         assert_eq!(events[0].details["session"], 1);
         assert_eq!(events[0].details["reason"], "target unreachable");
-        session.finish(SessionEnd::default(), |_, _| {}).await;
+        session.finish(SessionEnd::default(), |_, _| async {}).await;
     }
 }

@@ -213,7 +213,10 @@ pub async fn run(
     }
     drain(&state).await;
     jobs.shutdown().await;
-    state.store.flush().context("cannot flush the database")?;
+    state
+        .blocking(|state| state.store.flush())
+        .await
+        .context("cannot flush the database")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -264,10 +267,12 @@ async fn drain(state: &State) {
     let grace = state.config.shutdown_grace;
     tracing::info!(live_sessions = live, grace = ?grace, "shutting down: no new connections");
     // Stopping is not refused for want of an event; a failed append is logged.
-    let _ = state.audit(
-        AuditEvent::new(AuditKind::BastionShutdown, "portcullis", chrono::Utc::now())
-            .detail("live_sessions", live),
-    );
+    let _ = state
+        .audit(
+            AuditEvent::new(AuditKind::BastionShutdown, "portcullis", chrono::Utc::now())
+                .detail("live_sessions", live),
+        )
+        .await;
     state.phase.send_replace(Phase::Draining);
     let mut sessions = state.live_sessions.subscribe();
     let all_done = tokio::time::timeout(grace, sessions.wait_for(|n| *n == 0))
@@ -301,12 +306,13 @@ async fn termination() {
 
 /// Sessions that were live when the bastion last stopped can no longer end cleanly:
 /// mark them `interrupted` (their transcript up to the last flush stays replayable).
+/// Runs at start, before the bastion serves anyone, so it appends where it is.
 fn mark_interrupted_sessions(state: &State) -> Result<()> {
     state
         .recorder
         .recover(|session| {
             tracing::warn!(session = session.id, user = %session.user, target = %session.target, "session was interrupted by a bastion stop; its transcript digest is computed now, unsealed");
-            state.audit(
+            state.grants.audit(
                 AuditEvent::new(AuditKind::SessionInterrupted, "portcullis", chrono::Utc::now())
                     .target(&session.target)
                     .grant(&session.grant)
@@ -344,27 +350,34 @@ async fn reload_on_sighup(state: Arc<State>) {
     };
     let mut seq = 0;
     while hup.recv().await.is_some() {
-        let now = chrono::Utc::now();
         seq += 1;
-        match state.reload_policy() {
-            Ok(()) => {
-                tracing::info!("policy reloaded");
-                // In force already; a failed append is logged.
-                let _ = state.audit(AuditEvent::new(
-                    AuditKind::PolicyReloaded,
-                    "portcullis",
-                    now,
-                ));
-                report_load(&state, seq, Ok(()));
-            }
-            Err(errors) => {
-                tracing::error!(%errors, "policy reload failed; keeping the previous policy");
-                let _ = state.audit(
-                    AuditEvent::new(AuditKind::PolicyReloadFailed, "portcullis", now)
-                        .detail("errors", errors.to_string()),
-                );
-                report_load(&state, seq, Err(&errors));
-            }
+        // Withdrawing removed users' grants and the events sync to disk.
+        state.blocking(move |state| reload(state, seq)).await;
+    }
+}
+
+/// Loads the policy again (reload number `seq`), with its audit event, and tells
+/// `portcullis reload` how it went. Blocks.
+fn reload(state: &State, seq: u64) {
+    let now = chrono::Utc::now();
+    match state.reload_policy() {
+        Ok(()) => {
+            tracing::info!("policy reloaded");
+            // In force already; a failed append is logged.
+            let _ = state.grants.audit(AuditEvent::new(
+                AuditKind::PolicyReloaded,
+                "portcullis",
+                now,
+            ));
+            report_load(state, seq, Ok(()));
+        }
+        Err(errors) => {
+            tracing::error!(%errors, "policy reload failed; keeping the previous policy");
+            let _ = state.grants.audit(
+                AuditEvent::new(AuditKind::PolicyReloadFailed, "portcullis", now)
+                    .detail("errors", errors.to_string()),
+            );
+            report_load(state, seq, Err(&errors));
         }
     }
 }

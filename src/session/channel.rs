@@ -99,29 +99,22 @@ impl ChannelContext {
     pub async fn check_totp(&self, code: &str, purpose: &str) -> Result<(), String> {
         let user = self.identity.user.as_str();
         let now = chrono::Utc::now();
-        let (state, checked, code) = (self.state.clone(), user.to_string(), code.to_string());
-        let verdict = tokio::task::spawn_blocking(move || state.totp.verify(&checked, &code, now))
+        let (checked, code) = (user.to_string(), code.to_string());
+        let verdict = self
+            .state
+            .blocking(move |state| state.totp.verify(&checked, &code, now))
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        let accepted = verdict == crate::totp::Verdict::Accepted;
-        let kind = if accepted {
-            AuditKind::StepupSuccess
-        } else {
-            AuditKind::StepupFailure
-        };
-        let audited = self.state.audit_or_refuse(
-            AuditEvent::new(kind, user, now)
-                .detail("purpose", purpose)
-                .detail("result", verdict.explain(user)),
-        );
-        if verdict.locked_now() {
-            let _ = self.state.audit(
-                AuditEvent::new(AuditKind::StepupLocked, user, now).detail("purpose", purpose),
-            );
+        let (result, locked) = step_up_events(user, &verdict, now);
+        let audited = self
+            .state
+            .audit_or_refuse(result.detail("purpose", purpose))
+            .await;
+        if let Some(locked) = locked {
+            let _ = self.state.audit(locked.detail("purpose", purpose)).await;
         }
         audited?;
-        if accepted {
+        if verdict == crate::totp::Verdict::Accepted {
             self.identity.mark_stepped_up(now);
             Ok(())
         } else if verdict == crate::totp::Verdict::NotEnrolled {
@@ -131,6 +124,25 @@ impl ChannelContext {
             Err(verdict.explain(user))
         }
     }
+}
+
+/// The audit events of a TOTP check by `user`: its result (`stepup.success` or
+/// `stepup.failure`, saying why), and `stepup.locked` when this check locked the
+/// user out. The caller adds where the check happened.
+pub fn step_up_events(
+    user: &str,
+    verdict: &crate::totp::Verdict,
+    now: chrono::DateTime<chrono::Utc>,
+) -> (AuditEvent, Option<AuditEvent>) {
+    let kind = match verdict {
+        crate::totp::Verdict::Accepted => AuditKind::StepupSuccess,
+        _ => AuditKind::StepupFailure,
+    };
+    let result = AuditEvent::new(kind, user, now).detail("result", verdict.explain(user));
+    let locked = verdict
+        .locked_now()
+        .then(|| AuditEvent::new(AuditKind::StepupLocked, user, now));
+    (result, locked)
 }
 
 /// The pseudo-terminal a client asked for.
