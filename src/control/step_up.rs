@@ -11,7 +11,8 @@ use crate::session::{ChannelContext, ClientChannel};
 use crate::totp::invite;
 
 pub fn status(caller: &Caller) -> Reply {
-    let status = caller.state.totp.status(caller.user, caller.now)?;
+    // TOTP runs on the wall clock, as authenticator apps do.
+    let status = caller.state.totp.status(caller.user, Utc::now())?;
     let mut text = match status.enrolled_at {
         Some(at) => format!("TOTP: enrolled {}\n", at.format("%Y-%m-%d %H:%M UTC")),
         None => format!(

@@ -171,7 +171,7 @@ fn decide(
     login: Option<&str>,
 ) -> Decision {
     let user = context.identity.user.as_str();
-    let now = Utc::now();
+    let now = context.state.now();
     let grants = match context.state.grants.active_for(user, target, now) {
         Ok(grants) => grants,
         Err(err) => {
@@ -239,7 +239,7 @@ pub async fn file_request(
     let filed = context
         .state
         .grants
-        .run(move |grants| grants.file(&policy, &user, spec, Utc::now()))
+        .run(move |grants| grants.file(&policy, &user, spec, grants.now()))
         .await;
     match filed {
         Ok(grant) => Some(grant),

@@ -15,10 +15,10 @@ use std::sync::{Arc, OnceLock};
 
 use russh::client;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::audit::{AuditEvent, AuditKind};
-use crate::grant::{Grant, GrantState, Grants, Permit};
+use crate::grant::{Clock, Grant, GrantState, Grants, Permit};
 use crate::policy::UpstreamAuth;
 use crate::record::{SessionEnd, SessionInfo};
 use crate::session::{ChannelContext, ClientChannel, SessionSetup, Start};
@@ -206,7 +206,7 @@ pub async fn run(
     let stop = async {
         tokio::select! {
             message = sftp::refused(symlink_refused) => message,
-            message = grant_ends(grant, grant_changes) => message,
+            message = grant_ends(grant, grant_changes, context.state.grants.clock()) => message,
             message = bastion_stops(context, channel_id) => message,
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
         }
@@ -369,14 +369,14 @@ fn grant_ended(grants: &Grants, grant: &Grant) -> Option<String> {
             grant.id
         ));
     };
-    ending(&current)
+    ending(&current, grants.now())
 }
 
-/// Why `current` (the grant as it is now) no longer allows its sessions, if it
-/// does not.
-fn ending(current: &Grant) -> Option<String> {
+/// Why `current` (the grant as it is now) no longer allows its sessions at `now`,
+/// if it does not.
+fn ending(current: &Grant, now: DateTime<Utc>) -> Option<String> {
     if current.state == GrantState::Approved {
-        let expired = current.expires_at.is_some_and(|at| at <= Utc::now());
+        let expired = current.expires_at.is_some_and(|at| at <= now);
         return expired.then(|| format!("grant {} expired — session closed", current.id));
     }
     let by = current
@@ -400,15 +400,21 @@ fn ending(current: &Grant) -> Option<String> {
 /// stops being active: at its expiry, or as soon as it is revoked. `changes`
 /// watches this grant alone (it wakes with the changed grant in hand) and was
 /// created before the last check of the grant, so no change since is missed.
-async fn grant_ends(grant: &Grant, mut changes: tokio::sync::watch::Receiver<Grant>) -> String {
+/// `clock` is the grant service's: its expiry is a tokio timer, so on a clock
+/// following tokio's both move together.
+async fn grant_ends(
+    grant: &Grant,
+    mut changes: tokio::sync::watch::Receiver<Grant>,
+    clock: Clock,
+) -> String {
     let left = grant
         .expires_at
-        .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
+        .map(|at| (at - clock.now()).to_std().unwrap_or_default())
         .unwrap_or_default();
     let expiry = tokio::time::sleep(left);
     tokio::pin!(expiry);
     loop {
-        if let Some(ended) = ending(&changes.borrow_and_update()) {
+        if let Some(ended) = ending(&changes.borrow_and_update(), clock.now()) {
             return ended;
         }
         tokio::select! {

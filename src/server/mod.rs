@@ -15,6 +15,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::audit::{AuditEvent, AuditKind};
 use crate::config::Config;
+use crate::grant::Clock;
 use crate::keys::KeySet;
 use crate::policy::{self, PolicyErrors};
 use crate::session::{
@@ -155,6 +156,12 @@ pub async fn serve(config: Config) -> Result<()> {
 /// lock lives), the keys and the database; marks the sessions a previous run left
 /// open as interrupted and forgets users the policy no longer knows.
 pub fn open(config: Config) -> Result<(Arc<State>, crate::datadir::Lock)> {
+    open_with_clock(config, Clock::Wall)
+}
+
+/// [`open`] with the grant rules reading the time from `clock` (a test's bastion
+/// on tokio's paused clock: [`Clock::following_tokio`]).
+pub fn open_with_clock(config: Config, clock: Clock) -> Result<(Arc<State>, crate::datadir::Lock)> {
     // The policy first: started in the wrong directory, nothing is created there.
     let policy = policy::load_dir(&config.policies).map_err(|errors| {
         anyhow::anyhow!("the policy has errors; fix them and start again:\n{errors}")
@@ -175,7 +182,7 @@ pub fn open(config: Config) -> Result<(Arc<State>, crate::datadir::Lock)> {
         })?);
     let totp = Totp::open(&config.data_dir, store.clone())?;
     let state = Arc::new(
-        State::new(config, keys, policy, store, totp)
+        State::new(config, keys, policy, store, totp, clock)
             .context("cannot read the grants from the database")?,
     );
     mark_interrupted_sessions(&state)?;
@@ -336,7 +343,7 @@ async fn expire_grants(state: Arc<State>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = chrono::Utc::now();
+        let now = state.now();
         if let Err(err) = state.grants.run(move |grants| grants.sweep(now)).await {
             tracing::error!(error = %err, "cannot expire grants");
         }

@@ -9,7 +9,7 @@ use crate::audit::{AuditEvent, AuditKind};
 use crate::budget::Budget;
 use crate::config::Config;
 use crate::grant::notify::Notifier;
-use crate::grant::Grants;
+use crate::grant::{Clock, Grants};
 use crate::keys::KeySet;
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, PolicyErrors};
@@ -76,11 +76,14 @@ impl State {
         policy: Policy,
         store: Arc<Store>,
         totp: Totp,
+        clock: Clock,
     ) -> Result<State, StoreError> {
         let notifier = Notifier::new(config.notify.webhook.clone());
         let memory = Budget::new(config.limits.relay_memory);
         Ok(State {
-            grants: Grants::new(store.clone(), notifier)?.with_limits(config.limits.requests()),
+            grants: Grants::new(store.clone(), notifier)?
+                .with_limits(config.limits.requests())
+                .with_clock(clock),
             recorder: Arc::new(
                 Recorder::open(
                     store.clone(),
@@ -142,6 +145,13 @@ impl State {
         }
     }
 
+    /// Now, by the grant service's clock: the time grants are filed, decided,
+    /// checked and expired at (the wall clock, unless a test runs the bastion on
+    /// tokio's paused clock).
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.grants.now()
+    }
+
     /// The policy in force right now; callers keep the `Arc` for one decision.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy.borrow().clone()
@@ -169,7 +179,7 @@ impl State {
     /// all the same. Blocks (grant changes and events sync to disk): the reload
     /// runs on the blocking pool, the start before the bastion serves.
     pub fn forget_users_not_in(&self, policy: &Policy) {
-        let now = chrono::Utc::now();
+        let now = self.now();
         let mut gone: std::collections::BTreeSet<String> =
             self.grants.requesters().into_iter().collect();
         gone.extend(self.totp.users().unwrap_or_else(|err| {
