@@ -112,7 +112,7 @@ pub async fn run(
         Ok(opened) => opened,
         Err(err) => {
             tracing::warn!(user, target, error = %err, "cannot open target session");
-            reservation.fail(&err.to_string());
+            reservation.fail(&err.to_string()).await;
             client.out.fail(&err.to_string(), 1).await;
             return;
         }
@@ -120,7 +120,7 @@ pub async fn run(
     let grant = &permit.grant;
     if let Some(ended) = no_longer_allowed(context, grant) {
         let _ = opened.channel.close().await;
-        reservation.fail(&ended);
+        reservation.fail(&ended).await;
         client.out.fail(&ended, 1).await;
         return;
     }

@@ -251,42 +251,37 @@ impl Reservation {
         self.id
     }
 
-    /// Gives the id up, saying why in its `session.failed` event.
-    pub fn fail(mut self, reason: &str) {
+    /// Gives the id up, saying why in its `session.failed` event, and returns
+    /// once the event is stored (or its failure logged). The append syncs to
+    /// disk, so the reservation is dropped on the blocking pool.
+    pub async fn fail(mut self, reason: &str) {
         self.reason = reason.to_string();
+        // Should the pool not run it (the runtime is shutting down), the closure
+        // is dropped, and the reservation with it, where that happens.
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
 }
 
 impl Drop for Reservation {
     /// Appends the `session.failed` event of an unused id, then releases the id.
-    /// The append syncs to disk: on a runtime, it runs on the blocking pool
-    /// (dropping cannot wait for it; the id stays reserved until it is done, so
-    /// `audit verify` never takes it for a deleted session meanwhile).
+    /// [`Reservation::fail`] drops it on the blocking pool; any other drop (a
+    /// session task cancelled in set-up) appends where it happens, rather than
+    /// leave an id no event explains.
     fn drop(&mut self) {
-        let (recorder, id) = (self.recorder.clone(), self.id);
-        let failed = self.failed.take().map(|event| {
-            event
-                .detail("session", id)
-                .detail("reason", self.reason.as_str())
-        });
-        let appends = failed.is_some();
-        let release = move || {
-            if let Some(event) = failed {
-                if let Err(err) = recorder.store.append_audit(event) {
-                    tracing::error!(session = id, error = %err, "cannot append to the audit log");
-                }
+        if let Some(event) = self.failed.take() {
+            let event = event
+                .detail("session", self.id)
+                .detail("reason", self.reason.as_str());
+            if let Err(err) = self.recorder.store.append_audit(event) {
+                tracing::error!(session = self.id, error = %err, "cannot append to the audit log");
             }
-            // Only now: the id is accounted for in the store before it leaves this set.
-            recorder
-                .reserved
-                .lock()
-                .expect("recorder lock poisoned")
-                .remove(&id);
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if appends => drop(runtime.spawn_blocking(release)),
-            _ => release(),
         }
+        // Only now: the id is accounted for in the store before it leaves this set.
+        self.recorder
+            .reserved
+            .lock()
+            .expect("recorder lock poisoned")
+            .remove(&self.id);
     }
 }
 
@@ -1330,18 +1325,8 @@ mod tests {
             (last, reserved.into_iter().collect::<Vec<_>>()),
             (2, vec![1, 2])
         );
-        given_up.fail("target unreachable");
+        given_up.fail("target unreachable").await;
         let session = recorder.start(used, info()).unwrap();
-        // The unused id's event is appended on the blocking pool; the id stays
-        // reserved until it is stored.
-        let released = async {
-            while recorder.reservations().unwrap().1.contains(&1) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), released)
-            .await
-            .expect("the unused id is released once its event is stored");
         assert!(recorder.reservations().unwrap().1.is_empty());
         let events = crate::audit::AuditLog::open(&store)
             .unwrap()
