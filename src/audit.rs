@@ -2,17 +2,32 @@
 //! a SHA-256 hash chain. Each event carries the digest of the previous event's
 //! canonical form (its JSON serialisation), so editing, removing or reordering any
 //! event breaks every link after it.
+//!
+//! Trees: `audit` (seq → event, JSON) and the index `audit_by_time`
+//! (`at (ms) ‖ seq` → nothing), which `audit --since` reads instead of the whole
+//! chain. The index is not part of the chain: `audit verify` never reads it, and
+//! a reader checks every event it finds through it. Its entry is written before
+//! the event, so it never misses one; an entry too many (an append that lost its
+//! number to another appender and failed before it could take its entry back) is
+//! skipped by that check. Databases from before the index get it built once, at
+//! open (schema 1).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::store::{Store, StoreError, Table};
+use crate::store::table::{millis, trailing_u64};
+use crate::store::{self, Key, Store, StoreError, Table};
 
 /// The tree of events, by sequence number (big-endian).
 const TREE: &str = "audit";
+/// The index of events by time: `at (ms) ‖ seq` → nothing.
+const BY_TIME: &str = "audit_by_time";
+/// The schema this module migrates databases to.
+const SCHEMA: u64 = 1;
 
 /// `prev` of the first event.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -98,10 +113,19 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    pub fn new(store: &Arc<Store>) -> AuditLog {
-        AuditLog {
+    /// The log on `store`, building the time index an older database lacks.
+    pub fn open(store: &Arc<Store>) -> Result<AuditLog, StoreError> {
+        let log = AuditLog {
             events: Table::new(store, TREE),
+        };
+        if store::schema_version(store, "audit")? < SCHEMA {
+            for entry in log.events.iter() {
+                let (_, event) = entry?;
+                store.backend().put(BY_TIME, &time_key(&event), b"")?;
+            }
+            store::set_schema_version(store, "audit", SCHEMA)?;
         }
+        Ok(log)
     }
 
     /// Appends an event to the chain, linking it to the previous one, and returns
@@ -111,6 +135,10 @@ impl AuditLog {
     /// worker threads where a caller can wait (`spawn_blocking`).
     pub fn append(&self, mut event: AuditEvent) -> Result<AuditEvent, StoreError> {
         let store = self.events.store();
+        // The number this append tried last and its index entry: taken back when
+        // another appender got that number first (unless the winner's entry is the
+        // same key: both events fell in one millisecond).
+        let mut indexed: Option<(u64, Vec<u8>)> = None;
         let (_, stored) = store.append(TREE, |seq, previous| {
             let previous: Option<AuditEvent> =
                 previous.map(|bytes| self.events.parse(bytes)).transpose()?;
@@ -121,6 +149,15 @@ impl AuditLog {
                     detail: format!("event {} is stored under key {}", event.seq - 1, seq - 1),
                 });
             }
+            if let Some((lost, key)) = indexed.take() {
+                let winner = self.events.get(&lost)?.map(|e| time_key(&e));
+                if winner.as_ref() != Some(&key) {
+                    store.backend().remove(BY_TIME, &key)?;
+                }
+            }
+            let key = time_key(&event);
+            store.backend().put(BY_TIME, &key, b"")?;
+            indexed = Some((seq, key));
             Ok(crate::store::table::to_json(&event))
         })?;
         store.flush()?;
@@ -135,10 +172,45 @@ impl AuditLog {
             .collect()
     }
 
+    /// The events at or after `at`, in chain order, read through the time index
+    /// (events are appended in about time order, but not exactly: the index finds
+    /// a late one wherever it sits in the chain).
+    pub fn since(&self, at: DateTime<Utc>) -> Result<Vec<AuditEvent>, StoreError> {
+        let seam = self.events.store().backend();
+        let mut seqs = BTreeSet::new();
+        for entry in seam.scan(BY_TIME, b"", Some(&millis(at).encode())) {
+            let (key, _) = entry?;
+            match trailing_u64(&key).filter(|_| key.len() == 16) {
+                Some(seq) => seqs.insert(seq),
+                None => {
+                    return Err(StoreError::Corrupt {
+                        tree: BY_TIME,
+                        detail: format!("a key of {} bytes", key.len()),
+                    })
+                }
+            };
+        }
+        let mut events = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            match self.events.get(&seq)? {
+                Some(event) if event.at >= at => events.push(event),
+                _ => {}
+            }
+        }
+        Ok(events)
+    }
+
     /// The last audit event, the head of the chain.
     pub fn head(&self) -> Result<Option<AuditEvent>, StoreError> {
         Ok(self.events.last()?.map(|(_, event)| event))
     }
+}
+
+/// An event's key in the time index.
+fn time_key(event: &AuditEvent) -> Vec<u8> {
+    let mut key = millis(event.at).encode();
+    key.extend_from_slice(&event.seq.encode());
+    key
 }
 
 /// A verified chain: how long it is and where its head is.
@@ -288,7 +360,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_keep_one_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::new(&Arc::new(Store::open(dir.path()).unwrap()));
+        let log = AuditLog::open(&Arc::new(Store::open(dir.path()).unwrap())).unwrap();
         let tasks: Vec<_> = ["alice", "bob"]
             .into_iter()
             .map(|actor| {
@@ -311,6 +383,64 @@ mod tests {
         let summary = verify_chain(&events).unwrap();
         assert_eq!((summary.events, summary.head_seq), (2000, 2000));
         assert_eq!(log.head().unwrap().unwrap().digest(), summary.head_digest);
+        // Appends that lost their number took their index entry back.
+        let store = log.events.store();
+        assert_eq!(store.backend().scan(BY_TIME, b"", None).count(), 2000);
+        assert_eq!(log.since(DateTime::UNIX_EPOCH).unwrap(), events);
+    }
+
+    fn at(ms: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap() + chrono::Duration::milliseconds(ms)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Events appended with times out of order (as concurrent appenders leave
+        /// them): `since` finds through the index what a full scan filtered in
+        /// Rust would, in chain order.
+        #[test]
+        fn since_agrees_with_a_full_scan(times in proptest::collection::vec(0..3000i64, 0..30)) {
+            let dir = tempfile::tempdir().unwrap();
+            let log = AuditLog::open(&Arc::new(Store::open(dir.path()).unwrap())).unwrap();
+            for ms in times {
+                log.append(AuditEvent::new(AuditKind::SessionStart, "alice", at(ms))).unwrap();
+            }
+            let events = log.events().unwrap();
+            for ms in [-1, 0, 1, 1499, 1500, 2999, 3000] {
+                let scanned: Vec<_> = events.iter().filter(|e| e.at >= at(ms)).cloned().collect();
+                proptest::prop_assert_eq!(log.since(at(ms)).unwrap(), scanned);
+            }
+        }
+    }
+
+    /// A chain from before the time index gets it at open, once.
+    #[test]
+    fn the_time_index_is_built_for_an_old_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let mut old: Vec<AuditEvent> = Vec::new();
+        for ms in [30, 10, 20] {
+            let mut event = AuditEvent::new(AuditKind::SessionStart, "alice", at(ms));
+            event.link_after(old.last());
+            let json = serde_json::to_vec(&event).unwrap();
+            store
+                .backend()
+                .put(TREE, &event.seq.encode(), &json)
+                .unwrap();
+            old.push(event);
+        }
+        assert_eq!(store::schema_version(&store, "audit").unwrap(), 0);
+        let log = AuditLog::open(&store).unwrap();
+        assert_eq!(store::schema_version(&store, "audit").unwrap(), SCHEMA);
+        let seqs = |from: i64| -> Vec<u64> {
+            log.since(at(from)).unwrap().iter().map(|e| e.seq).collect()
+        };
+        assert_eq!(seqs(15), [1, 3]);
+        log.append(AuditEvent::new(AuditKind::SessionEnd, "alice", at(40)))
+            .unwrap();
+        assert_eq!(seqs(25), [1, 4]);
+        verify_chain(&log.events().unwrap()).unwrap();
     }
 
     fn chain(n: u64) -> Vec<AuditEvent> {

@@ -13,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
+use portcullis::grant::GrantState;
 use serde_json::Value;
 
 /// `LOGIN@TARGET` for one of the test targets.
@@ -447,30 +448,50 @@ fn a_grant_ends_its_live_session_at_expiry() {
     );
 }
 
+/// A key of the test world, for russh clients in the test's process.
+fn russh_key(w: &World, name: &str) -> std::sync::Arc<russh::keys::PrivateKey> {
+    std::sync::Arc::new(russh::keys::load_secret_key(w.path(name), None).expect("key"))
+}
+
+/// Runs a control-plane command as `user` on an in-process bastion; its stdout.
+async fn russh_control(
+    port: u16,
+    user: &std::sync::Arc<russh::keys::PrivateKey>,
+    command: String,
+) -> String {
+    let session = russh_login(port, CONTROL_USER, user).await;
+    let out = russh_exec(&session, &command).await;
+    assert_eq!(out.status, Some(0), "{command}: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+/// Waits (in virtual time) until the grant's stored state is `state`, as the
+/// once-a-second expiry sweep leaves it.
+async fn wait_state(bastion: &InProcess, id: &str, state: GrantState) -> bool {
+    for _ in 0..5 {
+        if bastion.state.grants.get(id).expect("the grant").state == state {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    false
+}
+
 /// The same rule with the bastion in this process on tokio's paused clock: the grant
 /// lasts a minute, which passes in virtual time as soon as the session is idle, so
-/// the test takes as long as setting the session up. The target is still the real
-/// sshd; only the clients are russh sessions in this process (an OpenSSH child
-/// process would block the one runtime thread the bastion runs on).
+/// the test takes as long as setting the session up. The grant service reads the
+/// time from a clock that follows tokio's, so the sweeper marks the grant expired
+/// in virtual time too. The target is still the real sshd; only the clients are
+/// russh sessions in this process (an OpenSSH child process would go on in real
+/// time while the bastion's clock jumps).
 #[tokio::test(start_paused = true)]
 async fn a_grant_ends_its_live_session_at_expiry_on_a_paused_clock() {
     let ttl = Duration::from_secs(60);
     let mut w = World::prepare(WorldOptions::default());
     let bastion = InProcess::start(w.dir.path()).await;
     w.follow(bastion.port);
-    let key = |name: &str| {
-        std::sync::Arc::new(russh::keys::load_secret_key(w.path(name), None).expect("key"))
-    };
-    let (alice, bob) = (key(USER), key("bob"));
-    let control = |user: &std::sync::Arc<russh::keys::PrivateKey>, command: String| {
-        let user = user.clone();
-        async move {
-            let session = russh_login(bastion.port, CONTROL_USER, &user).await;
-            let out = russh_exec(&session, &command).await;
-            assert_eq!(out.status, Some(0), "{command}: {}", text(&out.stderr));
-            text(&out.stdout)
-        }
-    };
+    let (alice, bob) = (russh_key(&w, USER), russh_key(&w, "bob"));
+    let control = |user, command| russh_control(bastion.port, user, command);
     let filed = control(
         &alice,
         format!(
@@ -529,7 +550,64 @@ async fn a_grant_ends_its_live_session_at_expiry_on_a_paused_clock() {
     // seconds of the minute), and not at the end of `sleep`.
     assert!(lasted > ttl - Duration::from_secs(15), "lasted {lasted:?}");
     assert!(lasted <= ttl, "lasted {lasted:?}");
+    assert!(
+        wait_state(&bastion, &id, GrantState::Expired).await,
+        "the sweeper marks it expired"
+    );
     drop(session);
+    bastion.stop().await;
+}
+
+/// A request nobody decides expires after the flow's `pending_ttl` (an hour by
+/// default): on the paused clock the hour passes in virtual time, and the
+/// requester is told, and the audit log says, that it expired.
+#[tokio::test(start_paused = true)]
+async fn an_undecided_request_expires_after_its_pending_ttl_on_a_paused_clock() {
+    let mut w = World::prepare(WorldOptions::default());
+    let bastion = InProcess::start(w.dir.path()).await;
+    w.follow(bastion.port);
+    let alice = russh_key(&w, USER);
+    let filed = russh_control(
+        bastion.port,
+        &alice,
+        "request prod --shell --reason INC-4412 --json".into(),
+    )
+    .await;
+    let id = serde_json::from_str::<Value>(&filed).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // Filing took a few virtual seconds of the hour: wait for what is left of it.
+    let pending_until = bastion
+        .state
+        .grants
+        .get(&id)
+        .expect("the grant")
+        .pending_until;
+    let left = (pending_until - bastion.state.now())
+        .to_std()
+        .expect("in the future");
+    assert!(left > Duration::from_secs(3500), "{left:?} left");
+    tokio::time::sleep(left - Duration::from_secs(5)).await;
+    assert_eq!(
+        bastion.state.grants.get(&id).expect("the grant").state,
+        GrantState::Pending,
+        "still pending just before its hour is up"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        wait_state(&bastion, &id, GrantState::Expired).await,
+        "expired an hour after it was filed"
+    );
+    let shown = russh_control(bastion.port, &alice, format!("show {id}")).await;
+    assert!(shown.contains("expired"), "{shown}");
+    let events = bastion.state.grants.audit_log().events().expect("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "request.expired" && e.grant.as_deref() == Some(id.as_str())),
+        "{events:?}"
+    );
     bastion.stop().await;
 }
 

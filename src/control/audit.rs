@@ -2,24 +2,43 @@
 //! `audit verify [--recordings] [--anchor SEQ:DIGEST]...`.
 
 use std::collections::HashSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 
 use super::error::{ControlError, Reply};
-use super::requests::Caller;
 use crate::audit::{verify_chain, Anchor, AuditEvent};
 use crate::record::check::cross_check;
+use crate::session::State;
 
-pub fn list(caller: &Caller, since: Option<String>, json: bool) -> Reply {
+/// `audit [--since]`: the events (at or after `now - since`), on the blocking pool
+/// (the whole chain, without `--since`, is a full-history read).
+pub async fn list(
+    state: &Arc<State>,
+    now: DateTime<Utc>,
+    since: Option<String>,
+    json: bool,
+) -> Reply {
     let since = match since {
         Some(text) => Some(
-            caller.now
-                - crate::duration::parse(&text)
-                    .map_err(|e| ControlError::refused(format!("--since: {e}")))?,
+            now - crate::duration::parse(&text)
+                .map_err(|e| ControlError::refused(format!("--since: {e}")))?,
         ),
         None => None,
     };
-    let events = caller.state.grants.audit_log().events()?;
+    state
+        .blocking(move |state| listing(state, since, json))
+        .await
+}
+
+fn listing(state: &State, since: Option<DateTime<Utc>>, json: bool) -> Reply {
+    let log = state.grants.audit_log();
+    let events = match since {
+        Some(at) => log.since(at)?,
+        None => log.events()?,
+    };
     let mut out = String::new();
-    for event in events.iter().filter(|e| since.is_none_or(|at| e.at >= at)) {
+    for event in &events {
         if json {
             out.push_str(&serde_json::to_string(event).expect("events serialise"));
         } else {
@@ -54,12 +73,19 @@ fn human(event: &AuditEvent) -> String {
 
 /// Recomputes the chain, checks it against the operator's anchors, holds every
 /// session record to its chained events and, with `recordings`, recomputes every
-/// transcript digest. The first problem found is the error.
-pub fn verify(caller: &Caller, recordings: bool, anchors: &[Anchor]) -> Reply {
-    let (recorder, audit) = (&caller.state.recorder, caller.state.grants.audit_log());
+/// transcript digest. The first problem found is the error. Reads the whole
+/// history (and decompresses every transcript): on the blocking pool.
+pub async fn verify(state: &Arc<State>, recordings: bool, anchors: Vec<Anchor>) -> Reply {
+    state
+        .blocking(move |state| verify_now(state, recordings, &anchors))
+        .await
+}
+
+fn verify_now(state: &State, recordings: bool, anchors: &[Anchor]) -> Reply {
+    let (recorder, audit) = (&state.recorder, state.grants.audit_log());
     // This order lets a busy bastion go on writing meanwhile (see `record::check`).
     let before = recorder.sessions()?;
-    let (issued, reserved) = caller.state.recorder.reservations()?;
+    let (issued, reserved) = recorder.reservations()?;
     let events = audit.events()?;
     let after = recorder.sessions()?;
     let summary = verify_chain(&events)?;
@@ -88,7 +114,7 @@ pub fn verify(caller: &Caller, recordings: bool, anchors: &[Anchor]) -> Reply {
         ));
     }
     if recordings {
-        let checked = verify_recordings(caller, &events)?;
+        let checked = verify_recordings(state, &events)?;
         report.push_str(&format!(
             "recordings OK: {checked} transcripts match their digests\n"
         ));
@@ -121,7 +147,7 @@ fn ids(ids: &[u64]) -> String {
 /// Checks each session's transcript against the digest in its end (or interrupted)
 /// event. Sessions pruned by retention are skipped only if a `recordings.pruned`
 /// event says so.
-fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, ControlError> {
+fn verify_recordings(state: &State, events: &[AuditEvent]) -> Result<usize, ControlError> {
     let pruned: HashSet<u64> = events
         .iter()
         .filter(|e| e.kind == "recordings.pruned")
@@ -146,7 +172,7 @@ fn verify_recordings(caller: &Caller, events: &[AuditEvent]) -> Result<usize, Co
         if pruned.contains(&session) {
             continue;
         }
-        let actual = caller.state.recorder.digest_of(session).map_err(|e| {
+        let actual = state.recorder.digest_of(session).map_err(|e| {
             ControlError::refused(format!(
                 "recording of session {session} (event #{}) is damaged: {e}",
                 event.seq

@@ -11,7 +11,6 @@ mod sessions;
 mod step_up;
 mod table;
 
-use chrono::Utc;
 use clap::{CommandFactory, FromArgMatches};
 
 use crate::session::hint;
@@ -264,7 +263,7 @@ pub async fn run(context: &ChannelContext, mut client: ClientChannel, start: Sta
             user,
             state: &context.state,
             policy: context.state.policy(),
-            now: Utc::now(),
+            now: context.state.now(),
         },
     };
     let reply = args.command.run(&mut call).await;

@@ -135,15 +135,20 @@ pub struct Filter {
     pub all: bool,
 }
 
-pub fn list(caller: &Caller, filter: Filter, json: bool) -> Reply {
-    // Read through an index unless the whole history was asked for.
-    let grants = &caller.state.grants;
-    let read = match (filter.mine, filter.all) {
-        (true, true) => grants.of_user(caller.user),
-        (true, false) => grants.live_of(caller.user),
-        (false, true) => grants.all(),
-        (false, false) => grants.live(),
-    };
+pub async fn list(caller: &Caller<'_>, filter: Filter, json: bool) -> Reply {
+    // Read through an index unless the whole history was asked for (a full scan:
+    // on the blocking pool, as are the others, whose size the user decides).
+    let (user, mine, all) = (caller.user.to_string(), filter.mine, filter.all);
+    let read = caller
+        .state
+        .grants
+        .run(move |grants| match (mine, all) {
+            (true, true) => grants.of_user(&user),
+            (true, false) => grants.live_of(&user),
+            (false, true) => grants.all(),
+            (false, false) => grants.live(),
+        })
+        .await;
     let grants: Vec<Grant> = visible(caller, read)?
         .into_iter()
         .filter(|g| !filter.mine || g.requester == caller.user)

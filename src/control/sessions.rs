@@ -1,7 +1,6 @@
 //! Auditor commands on recordings: `sessions`, `replay`, `watch`, `export`.
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use russh::ChannelMsg;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -9,7 +8,9 @@ use super::error::{ControlError, Reply};
 use super::requests::{to_json, Caller};
 use super::table::{clip, relative, render, short_span};
 use crate::record::screen::ScreenFilter;
-use crate::record::{asciicast, replay, Chunk, Recorder, SessionRecord, FLUSH_INTERVAL};
+use crate::record::{
+    asciicast, replay, Chunk, Recorder, SessionQuery, SessionRecord, FLUSH_INTERVAL,
+};
 use crate::session::{ClientChannel, ClientOut};
 
 /// Filters of `sessions`.
@@ -30,10 +31,17 @@ pub async fn list(caller: &Caller<'_>, filter: SessionFilter, json: bool) -> Rep
         ),
         None => None,
     };
-    // Reading every record, and with `--grep` decompressing transcripts, blocks:
-    // it runs on the blocking pool, not on a runtime worker.
+    let query = SessionQuery {
+        user: filter.user,
+        target: filter.target,
+        since,
+        live: filter.active,
+    };
+    // Reading the records, and with `--grep` decompressing transcripts, blocks: it
+    // runs on the blocking pool, not on a runtime worker.
     let recorder = caller.state.recorder.clone();
-    let sessions = tokio::task::spawn_blocking(move || matching(&recorder, &filter, since))
+    let grep = filter.grep;
+    let sessions = tokio::task::spawn_blocking(move || matching(&recorder, &query, grep))
         .await
         .map_err(|e| ControlError::refused(e.to_string()))??;
     if json {
@@ -52,23 +60,16 @@ pub async fn list(caller: &Caller<'_>, filter: SessionFilter, json: bool) -> Rep
     ))
 }
 
-/// The sessions `filter` selects (started at or after `since`), oldest first, with
-/// the live ones' counts as they are now.
+/// The sessions `query` selects whose transcript holds `grep` (if given), oldest
+/// first, with the live ones' counts as they are now.
 fn matching(
     recorder: &Recorder,
-    filter: &SessionFilter,
-    since: Option<DateTime<Utc>>,
+    query: &SessionQuery,
+    grep: Option<String>,
 ) -> Result<Vec<SessionRecord>, ControlError> {
     let mut sessions = Vec::new();
-    for mut session in recorder.sessions()? {
-        let keep = filter.user.as_ref().is_none_or(|u| &session.user == u)
-            && filter.target.as_ref().is_none_or(|t| &session.target == t)
-            && since.is_none_or(|at| session.started_at >= at)
-            && (!filter.active || session.is_live());
-        if !keep {
-            continue;
-        }
-        if let Some(needle) = &filter.grep {
+    for mut session in recorder.find(query)? {
+        if let Some(needle) = &grep {
             if !recorder.transcript_contains(session.id, needle.as_bytes())? {
                 continue;
             }

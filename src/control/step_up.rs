@@ -11,7 +11,8 @@ use crate::session::{ChannelContext, ClientChannel};
 use crate::totp::invite;
 
 pub fn status(caller: &Caller) -> Reply {
-    let status = caller.state.totp.status(caller.user, caller.now)?;
+    // TOTP runs on the wall clock, as authenticator apps do.
+    let status = caller.state.totp.status(caller.user, Utc::now())?;
     let mut text = match status.enrolled_at {
         Some(at) => format!("TOTP: enrolled {}\n", at.format("%Y-%m-%d %H:%M UTC")),
         None => format!(
@@ -57,7 +58,16 @@ pub async fn enroll(
         .read_line(true, |_| {})
         .await
         .ok_or(ControlError::refused("cancelled; nothing changed"))?;
-    let confirmed = totp.confirm(user, &enrolment, &code, Utc::now())?;
+    // Storing the secret syncs it to disk: on the blocking pool.
+    let enrolling = user.to_string();
+    let confirmed = context
+        .state
+        .blocking(move |state| {
+            state
+                .totp
+                .confirm(&enrolling, &enrolment, &code, Utc::now())
+        })
+        .await?;
     if !confirmed {
         return Err(ControlError::refused(format!(
             "that code does not match the new secret; nothing changed. Check the app's clock and run `{}` again",
@@ -74,6 +84,7 @@ pub async fn enroll(
     context
         .state
         .audit_or_refuse(event)
+        .await
         .map_err(ControlError::Refused)?;
     Ok(format!("TOTP enrolled for {user}\n"))
 }
@@ -100,14 +111,20 @@ async fn check_invite(
                 .ok_or(ControlError::refused("cancelled; nothing changed"))?
         }
     };
-    invite::claim(&context.state.config.data_dir, user, &code, Utc::now()).map_err(|err| {
-        // Refused either way; a failed append is logged.
-        let _ = context.state.audit(
-            AuditEvent::new(AuditKind::TotpInviteRefused, user, Utc::now())
-                .detail("reason", err.to_string()),
-        );
-        ControlError::Refused(err.to_string())
-    })
+    match invite::claim(&context.state.config.data_dir, user, &code, Utc::now()) {
+        Ok(claim) => Ok(claim),
+        Err(err) => {
+            // Refused either way; a failed append is logged.
+            let _ = context
+                .state
+                .audit(
+                    AuditEvent::new(AuditKind::TotpInviteRefused, user, Utc::now())
+                        .detail("reason", err.to_string()),
+                )
+                .await;
+            Err(ControlError::Refused(err.to_string()))
+        }
+    }
 }
 
 /// Before an approver decides request `id`: if its flow wants TOTP, the connection

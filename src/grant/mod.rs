@@ -7,6 +7,7 @@
 //! scope covers it.
 
 pub use crate::command;
+mod clock;
 pub mod lifecycle;
 mod model;
 pub mod notify;
@@ -18,6 +19,7 @@ use chrono::{DateTime, Utc};
 
 use crate::policy::{Flow, Policy, Target, UpstreamAuth};
 
+pub use clock::Clock;
 pub use lifecycle::{RequestSpec, RuleError};
 pub use model::{Approval, Ending, Grant, GrantState};
 pub use scope::Scope;

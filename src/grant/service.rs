@@ -19,6 +19,7 @@ use rand::RngExt;
 use thiserror::Error;
 use tokio::sync::watch;
 
+use super::clock::Clock;
 use super::lifecycle::{self, RequestSpec, RuleError, SYSTEM_ACTOR};
 use super::table::{GrantTable, Read};
 use super::{Grant, GrantState};
@@ -89,6 +90,9 @@ struct Inner {
     audit: AuditLog,
     notifier: Notifier,
     limits: RequestLimits,
+    /// Where "now" comes from for the callers of this service (its own methods
+    /// take the time they act at).
+    clock: Clock,
     /// When each user filed their recent requests that needed a decision (a sliding
     /// window of at most `limits.per_window` entries per user). Held while a
     /// pending request is checked and filed, so this bastion's count and cap hold.
@@ -104,10 +108,11 @@ impl Grants {
         Ok(Grants {
             inner: Arc::new(Inner {
                 table: GrantTable::open(&store)?,
-                audit: AuditLog::new(&store),
+                audit: AuditLog::open(&store)?,
                 store,
                 notifier,
                 limits: RequestLimits::default(),
+                clock: Clock::Wall,
                 filed: Mutex::new(HashMap::new()),
                 watched: Mutex::new(HashMap::new()),
             }),
@@ -120,6 +125,24 @@ impl Grants {
             .expect("limits are set before the service is shared")
             .limits = limits;
         self
+    }
+
+    /// The same service reading the time from `clock` (before it is shared).
+    pub fn with_clock(mut self, clock: Clock) -> Grants {
+        Arc::get_mut(&mut self.inner)
+            .expect("the clock is set before the service is shared")
+            .clock = clock;
+        self
+    }
+
+    /// Now, by this service's clock: the time every grant rule is applied at.
+    pub fn now(&self) -> DateTime<Utc> {
+        self.inner.clock.now()
+    }
+
+    /// The clock [`Grants::now`] reads.
+    pub fn clock(&self) -> Clock {
+        self.inner.clock
     }
 
     /// Runs `work` on the service on a thread where blocking is fine (tokio's

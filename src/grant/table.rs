@@ -24,6 +24,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::Grant;
+use crate::store::table::{millis, name_prefix, trailing_u64};
 use crate::store::{self, Backend, Key, Result, Store, StoreError, Table};
 
 const GRANTS: &str = "requests";
@@ -224,7 +225,7 @@ impl GrantTable {
     /// The pending and approved grants of `user`, oldest first, read through the
     /// live index.
     pub fn live_of(&self, user: &str) -> Result<Vec<Grant>> {
-        self.through(LIVE, &user_prefix(user), |g| g.requester == user)
+        self.through(LIVE, &name_prefix(user), |g| g.requester == user)
     }
 
     /// The live grants whose deadline is at or before `now`, soonest first, read
@@ -260,7 +261,7 @@ impl GrantTable {
 
     /// Every grant `user` filed, oldest first, read through the by-user index.
     pub fn of_user(&self, user: &str) -> Result<Vec<Grant>> {
-        self.through(BY_USER, &user_prefix(user), |g| g.requester == user)
+        self.through(BY_USER, &name_prefix(user), |g| g.requester == user)
     }
 
     /// The grants an index names (keys end in the seq), checked with `keep`.
@@ -273,14 +274,10 @@ impl GrantTable {
         let mut grants = Vec::new();
         for entry in self.seam().scan(index, prefix, None) {
             let (key, _) = entry?;
-            let seq = key
-                .len()
-                .checked_sub(8)
-                .and_then(|at| u64::decode(&key[at..]))
-                .ok_or_else(|| StoreError::Corrupt {
-                    tree: "grant index",
-                    detail: format!("a key of {} bytes", key.len()),
-                })?;
+            let seq = trailing_u64(&key).ok_or_else(|| StoreError::Corrupt {
+                tree: "grant index",
+                detail: format!("a key of {} bytes", key.len()),
+            })?;
             if let Some(read) = self.read_seq(seq)? {
                 let live_ok = index != LIVE || read.grant.state.is_live();
                 if live_ok && keep(&read.grant) {
@@ -320,22 +317,9 @@ fn due_key(grant: &Grant) -> Option<Vec<u8>> {
     Some(key)
 }
 
-/// Milliseconds since 1970 (times before it count as 0: due at once).
-fn millis(at: DateTime<Utc>) -> u64 {
-    u64::try_from(at.timestamp_millis()).unwrap_or(0)
-}
-
 /// A grant's key in the indexes: `requester 0x00 seq`.
 fn user_key(grant: &Grant) -> Vec<u8> {
-    let mut key = user_prefix(&grant.requester);
+    let mut key = name_prefix(&grant.requester);
     key.extend_from_slice(&grant.seq.encode());
     key
-}
-
-/// `user 0x00`: user names never hold a NUL byte, so one user's prefix never
-/// starts another's.
-fn user_prefix(user: &str) -> Vec<u8> {
-    let mut prefix = user.as_bytes().to_vec();
-    prefix.push(0);
-    prefix
 }

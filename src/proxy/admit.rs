@@ -30,7 +30,7 @@ pub async fn admit(
         Decision::Deny(denial) => denial,
     };
     let Some(requestable) = denial.requestable.clone() else {
-        audit_denial(context, start, target, &denial);
+        audit_denial(context, start, target, &denial).await;
         client
             .out
             .fail(&crate::display::escape(&denial.reason), 1)
@@ -41,14 +41,14 @@ pub async fn admit(
         // Not a refusal unless filing fails: an auto-approved session starts here.
         let filed = auto_approve(context, client, &requestable, start, setup.pty.is_some()).await;
         if !filed {
-            audit_denial(context, start, target, &denial);
+            audit_denial(context, start, target, &denial).await;
         }
         filed
     } else if setup.pty.is_some() {
-        audit_denial(context, start, target, &denial);
+        audit_denial(context, start, target, &denial).await;
         ask::request_on_terminal(context, client, setup, &requestable, &denial.reason).await
     } else {
-        audit_denial(context, start, target, &denial);
+        audit_denial(context, start, target, &denial).await;
         let reason = crate::display::escape(&denial.reason);
         let config = &context.state.config;
         let message = match crate::session::hint::request(config, &requestable, start, false) {
@@ -171,7 +171,7 @@ fn decide(
     login: Option<&str>,
 ) -> Decision {
     let user = context.identity.user.as_str();
-    let now = Utc::now();
+    let now = context.state.now();
     let grants = match context.state.grants.active_for(user, target, now) {
         Ok(grants) => grants,
         Err(err) => {
@@ -234,12 +234,14 @@ pub async fn file_request(
         ttl: None,
         reason,
     };
-    let policy = context.state.policy();
-    match context
+    let (policy, user) = (context.state.policy(), context.identity.user.clone());
+    // Filing syncs the store to disk: on the blocking pool.
+    let filed = context
         .state
         .grants
-        .file(&policy, &context.identity.user, spec, Utc::now())
-    {
+        .run(move |grants| grants.file(&policy, &user, spec, grants.now()))
+        .await;
+    match filed {
         Ok(grant) => Some(grant),
         Err(err) => {
             client.out.fail(&err.to_string(), 1).await;
@@ -273,14 +275,17 @@ pub fn scope_for(requestable: &Requestable, start: &Start, pty: bool) -> Option<
     }
 }
 
-fn audit_denial(context: &ChannelContext, start: &Start, target: &str, denial: &Denial) {
+async fn audit_denial(context: &ChannelContext, start: &Start, target: &str, denial: &Denial) {
     let user = context.identity.user.as_str();
     tracing::warn!(user, target = %crate::display::escape(target), action = %crate::display::escape(&start.action().describe()), reason = %crate::display::escape(&denial.reason), "denied");
     // Denied either way; a failed append is logged.
-    let _ = context.state.audit(
-        AuditEvent::new(AuditKind::SessionDenied, user, Utc::now())
-            .target(target)
-            .detail("action", start.action().describe())
-            .detail("reason", denial.reason.as_str()),
-    );
+    let _ = context
+        .state
+        .audit(
+            AuditEvent::new(AuditKind::SessionDenied, user, Utc::now())
+                .target(target)
+                .detail("action", start.action().describe())
+                .detail("reason", denial.reason.as_str()),
+        )
+        .await;
 }

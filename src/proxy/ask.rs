@@ -4,7 +4,6 @@
 //! with the reason; Ctrl-C (or closing the session) cancels the request.
 //!
 
-use chrono::Utc;
 use russh::ChannelMsg;
 
 use super::admit::{file_request, scope_for};
@@ -102,7 +101,7 @@ async fn wait_for_decision(
                             &id,
                             &user,
                             Some("cancelled at the prompt".into()),
-                            Utc::now(),
+                            grants.now(),
                         )
                     })
                     .await;

@@ -15,10 +15,10 @@ use std::sync::{Arc, OnceLock};
 
 use russh::client;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use crate::audit::{AuditEvent, AuditKind};
-use crate::grant::{Grant, GrantState, Grants, Permit};
+use crate::grant::{Clock, Grant, GrantState, Grants, Permit};
 use crate::policy::UpstreamAuth;
 use crate::record::{SessionEnd, SessionInfo};
 use crate::session::{ChannelContext, ClientChannel, SessionSetup, Start};
@@ -82,12 +82,15 @@ pub async fn run(
     if let Err(refusal) = context.state.recorder.room_for(user) {
         tracing::warn!(user, target, reason = %refusal, "session refused");
         // Refused either way; a failed append is logged.
-        let _ = context.state.audit(
-            AuditEvent::new(AuditKind::SessionRefused, user, Utc::now())
-                .target(target)
-                .grant(&permit.grant.id)
-                .detail("reason", refusal.as_str()),
-        );
+        let _ = context
+            .state
+            .audit(
+                AuditEvent::new(AuditKind::SessionRefused, user, Utc::now())
+                    .target(target)
+                    .grant(&permit.grant.id)
+                    .detail("reason", refusal.as_str()),
+            )
+            .await;
         client.out.fail(&refusal, 1).await;
         return;
     }
@@ -109,7 +112,7 @@ pub async fn run(
         Ok(opened) => opened,
         Err(err) => {
             tracing::warn!(user, target, error = %err, "cannot open target session");
-            reservation.fail(&err.to_string());
+            reservation.fail(&err.to_string()).await;
             client.out.fail(&err.to_string(), 1).await;
             return;
         }
@@ -117,7 +120,7 @@ pub async fn run(
     let grant = &permit.grant;
     if let Some(ended) = no_longer_allowed(context, grant) {
         let _ = opened.channel.close().await;
-        reservation.fail(&ended);
+        reservation.fail(&ended).await;
         client.out.fail(&ended, 1).await;
         return;
     }
@@ -145,20 +148,25 @@ pub async fn run(
     tracing::info!(user, target, login = %permit.login, grant = %grant.id, session, action = %start.action().describe(), "session started");
     // Everything the record says about the start, so `audit verify` can hold the
     // record to it; its time is the record's `started_at`.
-    let started = context.state.audit(
-        AuditEvent::new(AuditKind::SessionStart, user, recording.started_at())
-            .target(target)
-            .grant(&grant.id)
-            .detail("session", session)
-            .detail("login", permit.login.as_str())
-            .detail("kind", kind)
-            .detail("command", command)
-            .detail("action", start.action().describe())
-            .detail("client", peer(context)),
-    );
+    let started = context
+        .state
+        .audit(
+            AuditEvent::new(AuditKind::SessionStart, user, recording.started_at())
+                .target(target)
+                .grant(&grant.id)
+                .detail("session", session)
+                .detail("login", permit.login.as_str())
+                .detail("kind", kind)
+                .detail("command", command)
+                .detail("action", start.action().describe())
+                .detail("client", peer(context)),
+        )
+        .await;
     if let Err(err) = started {
         // Nothing has run on the target yet, and nothing will without its event.
-        recording.finish(SessionEnd::default(), |_, _| {}).await;
+        recording
+            .finish(SessionEnd::default(), |_, _| async {})
+            .await;
         let _ = channel.close().await;
         client
             .out
@@ -198,7 +206,7 @@ pub async fn run(
     let stop = async {
         tokio::select! {
             message = sftp::refused(symlink_refused) => message,
-            message = grant_ends(grant, grant_changes) => message,
+            message = grant_ends(grant, grant_changes, context.state.grants.clock()) => message,
             message = bastion_stops(context, channel_id) => message,
             reason = recording.failed() => format!("{reason} — session closed; portcullis never proxies unrecorded sessions"),
         }
@@ -272,7 +280,9 @@ async fn end_session(
             }
             // The session is over; a failed append is logged, and the store's
             // failure restarts the bastion (see `server::upkeep`).
-            let _ = context.state.audit(event);
+            async move {
+                let _ = context.state.audit(event).await;
+            }
         })
         .await;
     if let Some(error) = error {
@@ -359,14 +369,14 @@ fn grant_ended(grants: &Grants, grant: &Grant) -> Option<String> {
             grant.id
         ));
     };
-    ending(&current)
+    ending(&current, grants.now())
 }
 
-/// Why `current` (the grant as it is now) no longer allows its sessions, if it
-/// does not.
-fn ending(current: &Grant) -> Option<String> {
+/// Why `current` (the grant as it is now) no longer allows its sessions at `now`,
+/// if it does not.
+fn ending(current: &Grant, now: DateTime<Utc>) -> Option<String> {
     if current.state == GrantState::Approved {
-        let expired = current.expires_at.is_some_and(|at| at <= Utc::now());
+        let expired = current.expires_at.is_some_and(|at| at <= now);
         return expired.then(|| format!("grant {} expired — session closed", current.id));
     }
     let by = current
@@ -390,15 +400,21 @@ fn ending(current: &Grant) -> Option<String> {
 /// stops being active: at its expiry, or as soon as it is revoked. `changes`
 /// watches this grant alone (it wakes with the changed grant in hand) and was
 /// created before the last check of the grant, so no change since is missed.
-async fn grant_ends(grant: &Grant, mut changes: tokio::sync::watch::Receiver<Grant>) -> String {
+/// `clock` is the grant service's: its expiry is a tokio timer, so on a clock
+/// following tokio's both move together.
+async fn grant_ends(
+    grant: &Grant,
+    mut changes: tokio::sync::watch::Receiver<Grant>,
+    clock: Clock,
+) -> String {
     let left = grant
         .expires_at
-        .map(|at| (at - Utc::now()).to_std().unwrap_or_default())
+        .map(|at| (at - clock.now()).to_std().unwrap_or_default())
         .unwrap_or_default();
     let expiry = tokio::time::sleep(left);
     tokio::pin!(expiry);
     loop {
-        if let Some(ended) = ending(&changes.borrow_and_update()) {
+        if let Some(ended) = ending(&changes.borrow_and_update(), clock.now()) {
             return ended;
         }
         tokio::select! {

@@ -18,7 +18,7 @@ use super::pipe::{drain, pipe, Drained, Overdraft, PipeRx};
 use super::sftp::SymlinkGuard;
 use crate::budget::Budget;
 use crate::record::{SessionRecorder, Stream};
-use crate::session::{ClientChannel, ClientOut};
+use crate::session::{ClientChannel, ClientOut, WindowSize};
 
 /// How long a target may take to confirm a close the client started.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -215,20 +215,18 @@ async fn write_to_target(
                     .await
             }
             ChannelMsg::Eof => target.eof().await,
-            ChannelMsg::WindowChange {
-                col_width,
-                row_height,
-                pix_width,
-                pix_height,
-            } => {
-                recording.resize(col_width, row_height).await;
-                target
-                    .window_change(col_width, row_height, pix_width, pix_height)
-                    .await
-            }
             ChannelMsg::Signal { signal } => target.signal(signal).await,
             ChannelMsg::Close => return,
-            _ => Ok(()),
+            // A window change is passed on (and recorded); anything else is not.
+            other => match WindowSize::of(&other) {
+                Some(size) => {
+                    recording.resize(size.cols, size.rows).await;
+                    target
+                        .window_change(size.cols, size.rows, size.pix_width, size.pix_height)
+                        .await
+                }
+                None => Ok(()),
+            },
         };
         if sent.is_err() {
             return; // the target's channel is gone; the other direction reports it

@@ -281,11 +281,12 @@ fn disagreement(id: u64, event: &AuditEvent, fields: &[(&str, Value, Value)]) ->
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use chrono::Utc;
 
-    fn record(id: u64, state: SessionState) -> SessionRecord {
+    /// A session record of alice's on `db`, started now, in `state`.
+    pub(in crate::record) fn record(id: u64, state: SessionState) -> SessionRecord {
         let mut record: SessionRecord = serde_json::from_value(json!({
             "id": id, "user": "alice", "target": "db", "login": "postgres", "grant": "7f3a9c",
             "client": "127.0.0.1:5000", "started_at": Utc::now(), "ended_at": null,

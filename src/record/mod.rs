@@ -14,6 +14,7 @@
 pub mod asciicast;
 pub mod check;
 pub mod disk;
+mod index;
 pub mod replay;
 pub mod screen;
 mod stored;
@@ -37,6 +38,7 @@ use crate::budget::{Account, Budget};
 use crate::store::{Store, StoreError};
 pub use disk::RecordingLimits;
 use disk::Size;
+pub use index::SessionQuery;
 pub use stored::SessionStore;
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
 
@@ -255,13 +257,22 @@ impl Reservation {
         self.id
     }
 
-    /// Gives the id up, saying why in its `session.failed` event.
-    pub fn fail(mut self, reason: &str) {
+    /// Gives the id up, saying why in its `session.failed` event, and returns
+    /// once the event is stored (or its failure logged). The append syncs to
+    /// disk, so the reservation is dropped on the blocking pool.
+    pub async fn fail(mut self, reason: &str) {
         self.reason = reason.to_string();
+        // Should the pool not run it (the runtime is shutting down), the closure
+        // is dropped, and the reservation with it, where that happens.
+        let _ = tokio::task::spawn_blocking(move || drop(self)).await;
     }
 }
 
 impl Drop for Reservation {
+    /// Appends the `session.failed` event of an unused id, then releases the id.
+    /// [`Reservation::fail`] drops it on the blocking pool; any other drop (a
+    /// session task cancelled in set-up) appends where it happens, rather than
+    /// leave an id no event explains.
     fn drop(&mut self) {
         if let Some(event) = self.failed.take() {
             let event = event
@@ -323,9 +334,15 @@ pub struct Follow {
 }
 
 impl Recorder {
-    pub fn new(store: Arc<Store>, record_input: bool, record_file_transfers: bool) -> Recorder {
-        Recorder {
-            store: SessionStore::new(store),
+    /// The recorder on `store` (building the session indexes an older database
+    /// lacks).
+    pub fn open(
+        store: Arc<Store>,
+        record_input: bool,
+        record_file_transfers: bool,
+    ) -> Result<Recorder, StoreError> {
+        Ok(Recorder {
+            store: SessionStore::open(store)?,
             writers: Arc::new(Semaphore::new(WRITERS)),
             record_input,
             record_file_transfers,
@@ -335,7 +352,7 @@ impl Recorder {
             data_dir: None,
             memory: Budget::new(crate::budget::DEFAULT_LIMIT),
             node: String::new(),
-        }
+        })
     }
 
     /// The same recorder writing `node` into the sessions it starts.
@@ -670,6 +687,12 @@ impl Recorder {
         self.store.sessions()
     }
 
+    /// The recorded sessions `query` wants, oldest first (read through an index
+    /// when it names a user, target, start or live sessions).
+    pub fn find(&self, query: &SessionQuery) -> Result<Vec<SessionRecord>, StoreError> {
+        self.store.find(query)
+    }
+
     /// One session's record.
     pub fn session(&self, id: u64) -> Result<Option<SessionRecord>, StoreError> {
         self.store.session(id)
@@ -699,10 +722,12 @@ impl Recorder {
         mut announce: impl FnMut(&SessionRecord) -> Result<(), StoreError>,
     ) -> Result<Vec<SessionRecord>, StoreError> {
         let mut recovered = Vec::new();
-        for mut session in self.store.sessions()? {
-            if session.state != SessionState::Live
-                || !(session.node == node || session.node.is_empty())
-            {
+        let live = SessionQuery {
+            live: true,
+            ..SessionQuery::default()
+        };
+        for mut session in self.store.find(&live)? {
+            if !(session.node == node || session.node.is_empty()) {
                 continue;
             }
             session.state = SessionState::Interrupted;
@@ -738,7 +763,7 @@ impl Recorder {
     pub fn prune(&self, cutoff: DateTime<Utc>) -> Result<(Vec<u64>, u64), StoreError> {
         let mut pruned = Vec::new();
         let mut freed = 0;
-        for mut session in self.store.sessions()? {
+        for mut session in self.store.started_by(cutoff)? {
             if session.is_live() || session.pruned || session.last_seen() >= cutoff {
                 continue;
             }
@@ -975,12 +1000,12 @@ impl SessionRecorder {
 
     /// Flushes the rest, stores the end state and returns the final record, with
     /// the error if the recording could not be completed. `announce` chains the
-    /// `session.end` event before the record is stored as closed, so a record never
-    /// says `closed` without one.
-    pub async fn finish(
+    /// `session.end` event (the future it returns is awaited) before the record is
+    /// stored as closed, so a record never says `closed` without one.
+    pub async fn finish<Announced: std::future::Future<Output = ()>>(
         self,
         end: SessionEnd,
-        announce: impl FnOnce(&SessionRecord, Option<&str>),
+        announce: impl FnOnce(&SessionRecord, Option<&str>) -> Announced,
     ) -> (SessionRecord, Option<String>) {
         {
             let mut pending = self.live.inner.lock().expect("recording lock poisoned");
@@ -1010,7 +1035,7 @@ impl SessionRecorder {
         record.state = SessionState::Closed;
         record.digest = Some(digest);
         record.digest_source = Some(DigestSource::Bastion);
-        announce(&record, error.as_deref());
+        announce(&record, error.as_deref()).await;
         let saved = self.recorder.store.save_session(&record);
         let error = error.or(saved.err().map(|e| e.to_string()));
         (record, error)
@@ -1181,7 +1206,7 @@ mod tests {
     async fn a_recording_that_cannot_be_written_fails_the_session() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let recorder = Arc::new(Recorder::new(store.clone(), true, false));
+        let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
@@ -1199,7 +1224,8 @@ mod tests {
         let mut announced = None;
         let (record, error) = session
             .finish(SessionEnd::default(), |_, error| {
-                announced = error.map(str::to_string)
+                announced = error.map(str::to_string);
+                async {}
             })
             .await;
         let error = error.unwrap();
@@ -1212,7 +1238,11 @@ mod tests {
     async fn empty_chunks_count_against_the_unflushed_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let recorder = Arc::new(Recorder::new(store, true, false).with_memory(Budget::new(0)));
+        let recorder = Arc::new(
+            Recorder::open(store, true, false)
+                .unwrap()
+                .with_memory(Budget::new(0)),
+        );
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
@@ -1239,7 +1269,7 @@ mod tests {
     async fn a_recording_is_flushed_within_the_interval_and_replayable() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let recorder = Arc::new(Recorder::new(store.clone(), true, false));
+        let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
@@ -1254,7 +1284,7 @@ mod tests {
             2,
             "on disk before the end"
         );
-        let (record, error) = session.finish(SessionEnd::default(), |_, _| {}).await;
+        let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
         assert_eq!(error, None);
         assert_eq!(record.state, SessionState::Closed);
         assert_eq!(record.digest_source, Some(DigestSource::Bastion));
@@ -1269,8 +1299,11 @@ mod tests {
             user_quota: Some(100 * 1024),
             ..RecordingLimits::UNLIMITED
         };
-        let recorder =
-            Arc::new(Recorder::new(store, true, false).with_limits(limits, dir.path().into()));
+        let recorder = Arc::new(
+            Recorder::open(store, true, false)
+                .unwrap()
+                .with_limits(limits, dir.path().into()),
+        );
         let first = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
@@ -1299,7 +1332,7 @@ mod tests {
         assert!(refusal.contains("user_quota"), "{refusal}");
         assert_eq!(recorder.room_for("bob"), Ok(()));
         for session in [first, second] {
-            let (_, error) = session.finish(SessionEnd::default(), |_, _| {}).await;
+            let (_, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
             assert_eq!(error, None, "everything recorded was stored");
         }
         assert_eq!(
@@ -1313,7 +1346,7 @@ mod tests {
     async fn an_unused_reservation_is_audited_and_released() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open(dir.path()).unwrap());
-        let recorder = Arc::new(Recorder::new(store.clone(), true, false));
+        let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
         let given_up = recorder.reserve(failed()).unwrap();
         let used = recorder.reserve(failed()).unwrap();
         let (last, reserved) = recorder.reservations().unwrap();
@@ -1321,10 +1354,13 @@ mod tests {
             (last, reserved.into_iter().collect::<Vec<_>>()),
             (2, vec![1, 2])
         );
-        given_up.fail("target unreachable");
+        given_up.fail("target unreachable").await;
         let session = recorder.start(used, info()).unwrap();
         assert!(recorder.reservations().unwrap().1.is_empty());
-        let events = crate::audit::AuditLog::new(&store).events().unwrap();
+        let events = crate::audit::AuditLog::open(&store)
+            .unwrap()
+            .events()
+            .unwrap();
         assert_eq!(
             events.len(),
             1,
@@ -1333,6 +1369,6 @@ mod tests {
         assert_eq!(events[0].kind, "session.failed");
         assert_eq!(events[0].details["session"], 1);
         assert_eq!(events[0].details["reason"], "target unreachable");
-        session.finish(SessionEnd::default(), |_, _| {}).await;
+        session.finish(SessionEnd::default(), |_, _| async {}).await;
     }
 }

@@ -3,14 +3,18 @@
 //!
 //! Trees: `sessions` (session id → [`SessionRecord`], JSON) and `chunks`
 //! (`session id ‖ batch index ‖ piece index`, big-endian, → compressed bytes); the
-//! `session_id` counter hands out ids.
+//! `session_id` counter hands out ids. The indexes of the records, and the rules
+//! they keep, are in [`super::index`].
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+
+use super::index::{self, SessionQuery};
 use super::SessionRecord;
 use crate::audit::{AuditEvent, AuditLog};
-use crate::store::{Entry, Result, Store, StoreError, Table};
+use crate::store::{self, Entry, Result, Store, StoreError, Table};
 
 const SESSIONS: &str = "sessions";
 const CHUNKS: &str = "chunks";
@@ -35,13 +39,22 @@ pub struct SessionStore {
 }
 
 impl SessionStore {
-    pub fn new(store: Arc<Store>) -> SessionStore {
-        SessionStore {
+    /// The tables on `store`, building the indexes an older database lacks.
+    pub fn open(store: Arc<Store>) -> Result<SessionStore> {
+        let sessions = SessionStore {
             sessions: Table::new(&store, SESSIONS),
-            audit: AuditLog::new(&store),
+            audit: AuditLog::open(&store)?,
             store,
             fail_batches: Arc::new(AtomicBool::new(false)),
+        };
+        if index::missing(&sessions.store)? {
+            for entry in sessions.sessions.iter() {
+                let (_, session) = entry?;
+                index::index(sessions.store.backend(), &session)?;
+            }
+            store::set_schema_version(&sessions.store, index::MODULE, index::SCHEMA)?;
         }
+        Ok(sessions)
     }
 
     /// See [`Store::failure`].
@@ -63,8 +76,11 @@ impl SessionStore {
         self.store.backend().counter(SESSION_ID)
     }
 
+    /// Stores a session's record, its index entries first (see [`super::index`]).
     pub fn save_session(&self, session: &SessionRecord) -> Result<()> {
-        self.sessions.put(&session.id, session)
+        index::index(self.store.backend(), session)?;
+        self.sessions.put(&session.id, session)?;
+        index::unindex(self.store.backend(), session)
     }
 
     pub fn session(&self, id: u64) -> Result<Option<SessionRecord>> {
@@ -77,6 +93,43 @@ impl SessionStore {
             .iter()
             .map(|entry| entry.map(|(_, session)| session))
             .collect()
+    }
+
+    /// The sessions `query` wants, oldest first, read through an index when the
+    /// query names a user, a target, a start or live sessions.
+    pub fn find(&self, query: &SessionQuery) -> Result<Vec<SessionRecord>> {
+        match index::candidates(self.store.backend(), query)? {
+            Some(ids) => self.read_matching(ids, |s| query.matches(s)),
+            None => Ok(self
+                .sessions()?
+                .into_iter()
+                .filter(|s| query.matches(s))
+                .collect()),
+        }
+    }
+
+    /// The sessions that started at or before `at` (their recordings may be old
+    /// enough for retention), oldest first.
+    pub fn started_by(&self, at: DateTime<Utc>) -> Result<Vec<SessionRecord>> {
+        let ids = index::started_by(self.store.backend(), at)?;
+        self.read_matching(ids, |s| s.started_at <= at)
+    }
+
+    /// The records of `ids` that `keep` holds for (an index may name a record
+    /// that changed since, or was never stored).
+    fn read_matching(
+        &self,
+        ids: std::collections::BTreeSet<u64>,
+        keep: impl Fn(&SessionRecord) -> bool,
+    ) -> Result<Vec<SessionRecord>> {
+        let mut sessions = Vec::new();
+        for id in ids {
+            match self.sessions.get(&id)? {
+                Some(session) if keep(&session) => sessions.push(session),
+                _ => {}
+            }
+        }
+        Ok(sessions)
     }
 
     /// Stores one batch, cut into pieces of at most [`PIECE_BYTES`] under keys
@@ -158,7 +211,7 @@ mod tests {
     #[test]
     fn batches_are_stored_in_pieces_and_read_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let sessions = SessionStore::new(Arc::new(Store::open(dir.path()).unwrap()));
+        let sessions = SessionStore::open(Arc::new(Store::open(dir.path()).unwrap())).unwrap();
         let seam = sessions.store.backend();
         let batch: Vec<u8> = (0..40_000u32).map(|i| (i * 7) as u8).collect();
         sessions.put_batch(3, 0, &batch).unwrap();

@@ -101,21 +101,23 @@ pub async fn drive(
         return;
     }
     let attempts = std::mem::take(&mut *attempts.lock().expect("attempts lock poisoned"));
-    charge(&state, &gate, peer.ip(), ending, &attempts);
+    charge(&state, &gate, peer.ip(), ending, &attempts).await;
 }
 
 /// Charges a connection from `ip` that ended unauthenticated, and audits the
 /// lockouts that starts.
-fn charge(state: &State, gate: &Gate, ip: IpAddr, ending: Ending, attempts: &Attempts) {
+async fn charge(state: &State, gate: &Gate, ip: IpAddr, ending: Ending, attempts: &Attempts) {
     for lockout in gate.charge(ip, ending, attempts, std::time::Instant::now()) {
         let key = lockout.key.as_deref().unwrap_or("any");
         tracing::warn!(source = %ip, key, seconds = lockout.duration.as_secs(), ?ending, "penalty threshold reached; locked out");
-        let _ = state.audit(
-            AuditEvent::new(AuditKind::PreauthLockout, "portcullis", Utc::now())
-                .detail("source", ip.to_string())
-                .detail("key", key)
-                .detail("seconds", lockout.duration.as_secs()),
-        );
+        let _ = state
+            .audit(
+                AuditEvent::new(AuditKind::PreauthLockout, "portcullis", Utc::now())
+                    .detail("source", ip.to_string())
+                    .detail("key", key)
+                    .detail("seconds", lockout.duration.as_secs()),
+            )
+            .await;
     }
 }
 
@@ -157,7 +159,7 @@ async fn client_behind_balancer(
         ),
     };
     tracing::warn!(%balancer, "closed: a connection from a load balancer in proxy_protocol_from came without a valid PROXY header: {why}; the balancer must send one (HAProxy: `send-proxy-v2` on the server line), and clients must connect through it");
-    charge(state, gate, balancer.ip(), ending, &Attempts::default());
+    charge(state, gate, balancer.ip(), ending, &Attempts::default()).await;
     None
 }
 
@@ -240,12 +242,14 @@ async fn run(
         }
         (identity, why) = withdrawn => {
             tracing::warn!(%peer, user = %identity.user, reason = %why, "identity withdrawn; connection closed");
-            let _ = state.audit(
-                AuditEvent::new(AuditKind::AuthWithdrawn, &identity.user, Utc::now())
-                    .detail("key", fingerprint(&identity.key))
-                    .detail("client", peer.to_string())
-                    .detail("reason", why.as_str()),
-            );
+            let _ = state
+                .audit(
+                    AuditEvent::new(AuditKind::AuthWithdrawn, &identity.user, Utc::now())
+                        .detail("key", fingerprint(&identity.key))
+                        .detail("client", peer.to_string())
+                        .detail("reason", why.as_str()),
+                )
+                .await;
             (format!("portcullis: {why}; connection closed"), None)
         }
         _ = handshake_over => {
@@ -366,7 +370,7 @@ pub struct Connection {
 
 impl Connection {
     /// Authentication succeeded: free the pre-auth slot, stop the grace timer.
-    fn authenticated(&mut self, identity: Identity) {
+    async fn authenticated(&mut self, identity: Identity) {
         // Over the user's connection cap, the connection is still let in so that
         // each of its channels can say why it is refused (a bare authentication
         // failure would only read "Permission denied").
@@ -374,11 +378,14 @@ impl Connection {
             Ok(slot) => self.user_slot = Some(slot),
             Err(why) => {
                 tracing::warn!(peer = %self.peer(), user = %identity.user, "refused: {why}");
-                let _ = self.state.audit(
-                    AuditEvent::new(AuditKind::ConnectionLimited, &identity.user, Utc::now())
-                        .detail("client", self.peer())
-                        .detail("reason", why.as_str()),
-                );
+                let _ = self
+                    .state
+                    .audit(
+                        AuditEvent::new(AuditKind::ConnectionLimited, &identity.user, Utc::now())
+                            .detail("client", self.peer())
+                            .detail("reason", why.as_str()),
+                    )
+                    .await;
                 self.refused = Some(why);
             }
         }
@@ -454,48 +461,44 @@ impl Connection {
         }
     }
 
-    fn audit_step_up(
+    async fn audit_step_up(
         &self,
         user: &str,
         username: &str,
         verdict: &Verdict,
         now: chrono::DateTime<Utc>,
     ) {
-        let kind = if *verdict == Verdict::Accepted {
-            AuditKind::StepupSuccess
-        } else {
-            AuditKind::StepupFailure
-        };
         let username: String = username.chars().take(128).collect();
+        let (result, locked) = crate::session::channel::step_up_events(user, verdict, now);
         // Refusing a step-up for want of its event would not help: the session it
         // is for needs its own `session.start`, which fails the same way.
-        let _ = self.state.audit(
-            AuditEvent::new(kind, user, now)
+        let result = result
+            .detail("client", self.peer())
+            .detail("username", username);
+        let _ = self.state.audit(result).await;
+        if let Some(locked) = locked {
+            let locked = locked
                 .detail("client", self.peer())
-                .detail("username", username)
-                .detail("result", verdict.explain(user)),
-        );
-        if verdict.locked_now() {
-            let _ = self.state.audit(
-                AuditEvent::new(AuditKind::StepupLocked, user, now)
-                    .detail("client", self.peer())
-                    .detail("minutes", crate::totp::LOCKOUT_SECS / 60),
-            );
+                .detail("minutes", crate::totp::LOCKOUT_SECS / 60);
+            let _ = self.state.audit(locked).await;
         }
     }
 
     /// Records an authentication outcome with the key's fingerprint and the client's
     /// address.
-    fn audit_auth(&self, kind: AuditKind, user: &str, key: &PublicKey, username: &str) {
+    async fn audit_auth(&self, kind: AuditKind, user: &str, key: &PublicKey, username: &str) {
         let username: String = username.chars().take(128).collect();
         // Best effort: every action after authentication (a session, a request, a
         // decision) needs its own event and is refused when that cannot be written.
-        let _ = self.state.audit(
-            AuditEvent::new(kind, user, chrono::Utc::now())
-                .detail("key", fingerprint(key))
-                .detail("client", self.peer())
-                .detail("username", username),
-        );
+        let _ = self
+            .state
+            .audit(
+                AuditEvent::new(kind, user, chrono::Utc::now())
+                    .detail("key", fingerprint(key))
+                    .detail("client", self.peer())
+                    .detail("username", username),
+            )
+            .await;
     }
 
     fn peer(&self) -> String {
@@ -531,7 +534,8 @@ impl russh::server::Handler for Connection {
                 tracing::warn!(peer = %self.peer(), key = %fingerprint(offer.public_key), username = %crate::display::escape(user), "authentication refused: key not in users.toml");
                 self.key_failed(offer.public_key);
                 self.state.metrics.auth_failures.inc();
-                self.audit_auth(AuditKind::AuthFailure, "-", offer.public_key, user);
+                self.audit_auth(AuditKind::AuthFailure, "-", offer.public_key, user)
+                    .await;
                 Auth::reject()
             }
         })
@@ -550,12 +554,14 @@ impl russh::server::Handler for Connection {
             tracing::warn!(peer = %self.peer(), key = %fp, username = %crate::display::escape(username), "authentication refused: key not in users.toml");
             self.key_failed(key.public_key);
             self.state.metrics.auth_failures.inc();
-            self.audit_auth(AuditKind::AuthFailure, "-", key.public_key, username);
+            self.audit_auth(AuditKind::AuthFailure, "-", key.public_key, username)
+                .await;
             return Ok(Auth::reject());
         };
         if self.needs_step_up(username) && self.state.totp.is_enrolled(&user).unwrap_or(true) {
             tracing::info!(peer = %self.peer(), %user, key = %fp, username, "public key accepted; TOTP step-up required");
-            self.audit_auth(AuditKind::AuthPublickey, &user, key.public_key, username);
+            self.audit_auth(AuditKind::AuthPublickey, &user, key.public_key, username)
+                .await;
             self.awaiting_step_up = Some(StepUp {
                 username: username.to_string(),
                 user,
@@ -567,7 +573,8 @@ impl russh::server::Handler for Connection {
             });
         }
         tracing::info!(peer = %self.peer(), %user, key = %fp, username, "authenticated");
-        self.audit_auth(AuditKind::AuthSuccess, &user, key.public_key, username);
+        self.audit_auth(AuditKind::AuthSuccess, &user, key.public_key, username)
+            .await;
         let identity = Identity::new(
             user,
             key.public_key.clone(),
@@ -575,7 +582,7 @@ impl russh::server::Handler for Connection {
             self.peer,
             None,
         );
-        self.authenticated(identity);
+        self.authenticated(identity).await;
         Ok(Auth::Accept)
     }
 
@@ -604,21 +611,19 @@ impl russh::server::Handler for Connection {
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
         // The check syncs the consumed step to disk: on the blocking pool.
-        let (state, checked) = (self.state.clone(), user.clone());
-        let verified =
-            tokio::task::spawn_blocking(move || state.totp.verify(&checked, &code, now)).await;
-        let verdict = match verified.map_err(|e| e.to_string()) {
-            Ok(Ok(verdict)) => verdict,
-            Ok(Err(err)) => {
-                tracing::error!(%user, error = %err, "cannot check TOTP");
-                return Ok(Auth::reject());
-            }
+        let checked = user.clone();
+        let verified = self
+            .state
+            .blocking(move |state| state.totp.verify(&checked, &code, now))
+            .await;
+        let verdict = match verified {
+            Ok(verdict) => verdict,
             Err(err) => {
                 tracing::error!(%user, error = %err, "cannot check TOTP");
                 return Ok(Auth::reject());
             }
         };
-        self.audit_step_up(&user, username, &verdict, now);
+        self.audit_step_up(&user, username, &verdict, now).await;
         if verdict != Verdict::Accepted {
             // The TOTP lockout (per user) deals with wrong codes; the gate charges
             // the connection as unauthenticated.
@@ -632,7 +637,7 @@ impl russh::server::Handler for Connection {
         tracing::info!(peer = %self.peer(), %user, username, "authenticated with TOTP step-up");
         self.awaiting_step_up = None;
         let identity = Identity::new(user, key, Route::parse(username), self.peer, Some(now));
-        self.authenticated(identity);
+        self.authenticated(identity).await;
         Ok(Auth::Accept)
     }
 

@@ -19,6 +19,7 @@ use russh::keys::HashAlg;
 use crate::audit::{AuditEvent, AuditKind};
 use crate::cluster::{Cluster, NodeSettings};
 use crate::config::Config;
+use crate::grant::Clock;
 use crate::keys::{KeySet, Role};
 use crate::policy::{self, PolicyErrors};
 use crate::session::{
@@ -159,6 +160,12 @@ pub async fn serve(config: Config) -> Result<()> {
 /// lock lives), the keys and the database; marks the sessions a previous run left
 /// open as interrupted and forgets users the policy no longer knows.
 pub fn open(config: Config) -> Result<(Arc<State>, crate::datadir::Lock)> {
+    open_with_clock(config, Clock::Wall)
+}
+
+/// [`open`] with the grant rules reading the time from `clock` (a test's bastion
+/// on tokio's paused clock: [`Clock::following_tokio`]).
+pub fn open_with_clock(config: Config, clock: Clock) -> Result<(Arc<State>, crate::datadir::Lock)> {
     // The policy first: started in the wrong directory, nothing is created there.
     let policy = policy::load_dir(&config.policies).map_err(|errors| {
         anyhow::anyhow!("the policy has errors; fix them and start again:\n{errors}")
@@ -180,7 +187,7 @@ pub fn open(config: Config) -> Result<(Arc<State>, crate::datadir::Lock)> {
     let totp = Totp::open(&config.data_dir, store.clone())?;
     let cluster = join_cluster(&config, &store, &keys, &totp)?;
     let state = Arc::new(
-        State::new(config, keys, policy, store, totp, cluster)
+        State::new(config, keys, policy, store, totp, cluster, clock)
             .context("cannot read the grants from the database")?,
     );
     let node = state.cluster.node().to_string();
@@ -231,7 +238,10 @@ pub async fn run(
     if let Err(err) = state.cluster.leave(chrono::Utc::now()) {
         tracing::warn!(error = %err, "cannot record this node's stop; the others will find it dead after node_timeout");
     }
-    state.store.flush().context("cannot flush the database")?;
+    state
+        .blocking(|state| state.store.flush())
+        .await
+        .context("cannot flush the database")?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -288,10 +298,12 @@ async fn drain(state: &State) {
     let grace = state.config.shutdown_grace;
     tracing::info!(live_sessions = live, grace = ?grace, "shutting down: no new connections");
     // Stopping is not refused for want of an event; a failed append is logged.
-    let _ = state.audit(
-        AuditEvent::new(AuditKind::BastionShutdown, "portcullis", chrono::Utc::now())
-            .detail("live_sessions", live),
-    );
+    let _ = state
+        .audit(
+            AuditEvent::new(AuditKind::BastionShutdown, "portcullis", chrono::Utc::now())
+                .detail("live_sessions", live),
+        )
+        .await;
     state.phase.send_replace(Phase::Draining);
     let mut sessions = state.live_sessions.subscribe();
     let all_done = tokio::time::timeout(grace, sessions.wait_for(|n| *n == 0))
@@ -369,7 +381,7 @@ pub(crate) fn mark_interrupted_sessions(
         .recorder
         .recover(node, |session| {
             tracing::warn!(session = session.id, user = %session.user, target = %session.target, node = %session.node, "session was interrupted by a bastion stop; its transcript digest is computed now, unsealed");
-            state.audit(
+            state.grants.audit(
                 AuditEvent::new(AuditKind::SessionInterrupted, "portcullis", chrono::Utc::now())
                     .target(&session.target)
                     .grant(&session.grant)
@@ -395,7 +407,7 @@ async fn expire_grants(state: Arc<State>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = chrono::Utc::now();
+        let now = state.now();
         if let Err(err) = state.grants.run(move |grants| grants.sweep(now)).await {
             tracing::error!(error = %err, "cannot expire grants");
         }
@@ -409,27 +421,34 @@ async fn reload_on_sighup(state: Arc<State>) {
     };
     let mut seq = 0;
     while hup.recv().await.is_some() {
-        let now = chrono::Utc::now();
         seq += 1;
-        match state.reload_policy() {
-            Ok(()) => {
-                tracing::info!("policy reloaded");
-                // In force already; a failed append is logged.
-                let _ = state.audit(AuditEvent::new(
-                    AuditKind::PolicyReloaded,
-                    "portcullis",
-                    now,
-                ));
-                report_load(&state, seq, Ok(()));
-            }
-            Err(errors) => {
-                tracing::error!(%errors, "policy reload failed; keeping the previous policy");
-                let _ = state.audit(
-                    AuditEvent::new(AuditKind::PolicyReloadFailed, "portcullis", now)
-                        .detail("errors", errors.to_string()),
-                );
-                report_load(&state, seq, Err(&errors));
-            }
+        // Withdrawing removed users' grants and the events sync to disk.
+        state.blocking(move |state| reload(state, seq)).await;
+    }
+}
+
+/// Loads the policy again (reload number `seq`), with its audit event, and tells
+/// `portcullis reload` how it went. Blocks.
+fn reload(state: &State, seq: u64) {
+    let now = chrono::Utc::now();
+    match state.reload_policy() {
+        Ok(()) => {
+            tracing::info!("policy reloaded");
+            // In force already; a failed append is logged.
+            let _ = state.grants.audit(AuditEvent::new(
+                AuditKind::PolicyReloaded,
+                "portcullis",
+                now,
+            ));
+            report_load(state, seq, Ok(()));
+        }
+        Err(errors) => {
+            tracing::error!(%errors, "policy reload failed; keeping the previous policy");
+            let _ = state.grants.audit(
+                AuditEvent::new(AuditKind::PolicyReloadFailed, "portcullis", now)
+                    .detail("errors", errors.to_string()),
+            );
+            report_load(state, seq, Err(&errors));
         }
     }
 }

@@ -40,26 +40,34 @@ pub async fn prune_recordings(state: Arc<State>, retention: Duration) {
     let mut tick = tokio::time::interval(PRUNE_EVERY);
     loop {
         tick.tick().await;
-        let cutoff = Utc::now() - retention;
-        match state.recorder.prune(cutoff) {
-            Ok((pruned, _)) if pruned.is_empty() => {}
-            Ok((pruned, freed)) => {
-                tracing::info!(
-                    sessions = pruned.len(),
-                    bytes = freed,
-                    "pruned old recordings"
-                );
-                // Done already; a failed append is logged (and the store's failure
-                // restarts the bastion, see `watch_store`).
-                let _ = state.audit(
-                    AuditEvent::new(AuditKind::RecordingsPruned, "portcullis", Utc::now())
-                        .detail("sessions", pruned)
-                        .detail("bytes", freed)
-                        .detail("cutoff", cutoff.to_rfc3339()),
-                );
-            }
-            Err(err) => tracing::error!(error = %err, "cannot prune recordings"),
+        // Deleting transcripts and the event write to disk: off the runtime.
+        state
+            .blocking(move |state| prune(state, Utc::now() - retention))
+            .await;
+    }
+}
+
+/// Removes the transcripts of sessions last seen before `cutoff`, with the audit
+/// event. Blocks.
+fn prune(state: &State, cutoff: chrono::DateTime<Utc>) {
+    match state.recorder.prune(cutoff) {
+        Ok((pruned, _)) if pruned.is_empty() => {}
+        Ok((pruned, freed)) => {
+            tracing::info!(
+                sessions = pruned.len(),
+                bytes = freed,
+                "pruned old recordings"
+            );
+            // Done already; a failed append is logged (and the store's failure
+            // restarts the bastion, see `watch_store`).
+            let _ = state.grants.audit(
+                AuditEvent::new(AuditKind::RecordingsPruned, "portcullis", Utc::now())
+                    .detail("sessions", pruned)
+                    .detail("bytes", freed)
+                    .detail("cutoff", cutoff.to_rfc3339()),
+            );
         }
+        Err(err) => tracing::error!(error = %err, "cannot prune recordings"),
     }
 }
 
@@ -102,14 +110,16 @@ pub async fn watch_disk(state: Arc<State>) -> String {
         if let Some((session, user, stored)) = recorder.end_largest(&notice) {
             tracing::warn!(session, %user, stored, free, min_free_disk = min, "disk nearly full; ending the largest live session");
             // Ended either way; a failed append is logged.
-            let _ = state.audit(
-                AuditEvent::new(AuditKind::SessionDiskFull, "portcullis", Utc::now())
-                    .detail("session", session)
-                    .detail("user", user.as_str())
-                    .detail("stored_bytes", stored)
-                    .detail("free_bytes", free)
-                    .detail("min_free_disk", min),
-            );
+            let _ = state
+                .audit(
+                    AuditEvent::new(AuditKind::SessionDiskFull, "portcullis", Utc::now())
+                        .detail("session", session)
+                        .detail("user", user.as_str())
+                        .detail("stored_bytes", stored)
+                        .detail("free_bytes", free)
+                        .detail("min_free_disk", min),
+                )
+                .await;
         }
     }
 }
@@ -154,7 +164,9 @@ fn beat_and_sweep(state: &State) -> Option<String> {
     let me = state.cluster.node();
     for node in dead {
         tracing::warn!(%node, "node stopped sending heartbeats; marking its live sessions interrupted");
+        // On the blocking pool already: the grant service appends where it is.
         let swept = state
+            .grants
             .audit(
                 AuditEvent::new(AuditKind::NodeLost, "portcullis", now)
                     .detail("node", node.as_str())

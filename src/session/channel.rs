@@ -99,29 +99,22 @@ impl ChannelContext {
     pub async fn check_totp(&self, code: &str, purpose: &str) -> Result<(), String> {
         let user = self.identity.user.as_str();
         let now = chrono::Utc::now();
-        let (state, checked, code) = (self.state.clone(), user.to_string(), code.to_string());
-        let verdict = tokio::task::spawn_blocking(move || state.totp.verify(&checked, &code, now))
+        let (checked, code) = (user.to_string(), code.to_string());
+        let verdict = self
+            .state
+            .blocking(move |state| state.totp.verify(&checked, &code, now))
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
-        let accepted = verdict == crate::totp::Verdict::Accepted;
-        let kind = if accepted {
-            AuditKind::StepupSuccess
-        } else {
-            AuditKind::StepupFailure
-        };
-        let audited = self.state.audit_or_refuse(
-            AuditEvent::new(kind, user, now)
-                .detail("purpose", purpose)
-                .detail("result", verdict.explain(user)),
-        );
-        if verdict.locked_now() {
-            let _ = self.state.audit(
-                AuditEvent::new(AuditKind::StepupLocked, user, now).detail("purpose", purpose),
-            );
+        let (result, locked) = step_up_events(user, &verdict, now);
+        let audited = self
+            .state
+            .audit_or_refuse(result.detail("purpose", purpose))
+            .await;
+        if let Some(locked) = locked {
+            let _ = self.state.audit(locked.detail("purpose", purpose)).await;
         }
         audited?;
-        if accepted {
+        if verdict == crate::totp::Verdict::Accepted {
             self.identity.mark_stepped_up(now);
             Ok(())
         } else if verdict == crate::totp::Verdict::NotEnrolled {
@@ -131,6 +124,25 @@ impl ChannelContext {
             Err(verdict.explain(user))
         }
     }
+}
+
+/// The audit events of a TOTP check by `user`: its result (`stepup.success` or
+/// `stepup.failure`, saying why), and `stepup.locked` when this check locked the
+/// user out. The caller adds where the check happened.
+pub fn step_up_events(
+    user: &str,
+    verdict: &crate::totp::Verdict,
+    now: chrono::DateTime<chrono::Utc>,
+) -> (AuditEvent, Option<AuditEvent>) {
+    let kind = match verdict {
+        crate::totp::Verdict::Accepted => AuditKind::StepupSuccess,
+        _ => AuditKind::StepupFailure,
+    };
+    let result = AuditEvent::new(kind, user, now).detail("result", verdict.explain(user));
+    let locked = verdict
+        .locked_now()
+        .then(|| AuditEvent::new(AuditKind::StepupLocked, user, now));
+    (result, locked)
 }
 
 /// The pseudo-terminal a client asked for.
@@ -155,18 +167,39 @@ impl SessionSetup {
     /// Keeps the terminal's new size from a `window-change`, so the target's pty
     /// starts at the size the client has now; any other message is ignored.
     pub fn keep_window_change(&mut self, msg: &ChannelMsg) {
-        if let (
-            Some(pty),
+        if let (Some(pty), Some(size)) = (self.pty.as_mut(), WindowSize::of(msg)) {
+            (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
+                (size.cols, size.rows, size.pix_width, size.pix_height);
+        }
+    }
+}
+
+/// A terminal's size from a client's `window-change`: the one place that
+/// unpacks the message, for the set-up before a session and the relay during it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSize {
+    pub cols: u32,
+    pub rows: u32,
+    pub pix_width: u32,
+    pub pix_height: u32,
+}
+
+impl WindowSize {
+    /// The size `msg` carries, if it is a `window-change`.
+    pub fn of(msg: &ChannelMsg) -> Option<WindowSize> {
+        match *msg {
             ChannelMsg::WindowChange {
                 col_width,
                 row_height,
                 pix_width,
                 pix_height,
-            },
-        ) = (self.pty.as_mut(), msg)
-        {
-            (pty.cols, pty.rows, pty.pix_width, pty.pix_height) =
-                (*col_width, *row_height, *pix_width, *pix_height);
+            } => Some(WindowSize {
+                cols: col_width,
+                rows: row_height,
+                pix_width,
+                pix_height,
+            }),
+            _ => None,
         }
     }
 }

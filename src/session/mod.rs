@@ -21,8 +21,8 @@ pub mod transport;
 pub mod wait;
 
 pub use channel::{
-    ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start, CTRL_C,
-    CTRL_D,
+    ChannelContext, ClientChannel, ClientOut, Identity, PtyRequest, SessionSetup, Start,
+    WindowSize, CTRL_C, CTRL_D,
 };
 pub use per_user::{PerUser, Slot};
 pub use route::{InvalidUsername, Route};

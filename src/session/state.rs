@@ -10,7 +10,7 @@ use crate::budget::Budget;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::grant::notify::Notifier;
-use crate::grant::Grants;
+use crate::grant::{Clock, Grants};
 use crate::keys::KeySet;
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, PolicyErrors};
@@ -80,17 +80,20 @@ impl State {
         store: Arc<Store>,
         totp: Totp,
         cluster: Cluster,
+        clock: Clock,
     ) -> Result<State, StoreError> {
         let notifier = Notifier::new(config.notify.webhook.clone());
         let memory = Budget::new(config.limits.relay_memory);
         Ok(State {
-            grants: Grants::new(store.clone(), notifier)?.with_limits(config.limits.requests()),
+            grants: Grants::new(store.clone(), notifier)?
+                .with_limits(config.limits.requests())
+                .with_clock(clock),
             recorder: Arc::new(
-                Recorder::new(
+                Recorder::open(
                     store.clone(),
                     config.record_input,
                     config.record_file_transfers,
-                )
+                )?
                 .with_limits(config.recording, config.data_dir.clone())
                 .with_memory(memory.clone())
                 .with_node(cluster.node()),
@@ -118,17 +121,41 @@ impl State {
         })
     }
 
-    /// Appends an audit event durably; on failure (logged) the caller must refuse
-    /// what the event records.
-    pub fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
-        self.grants.audit(event)
+    /// Appends an audit event durably, on the blocking pool (the append syncs the
+    /// store to disk, which must not stall a runtime worker); on failure (logged)
+    /// the caller must refuse what the event records. Code that already runs where
+    /// blocking is fine appends with `grants.audit`.
+    pub async fn audit(&self, event: AuditEvent) -> Result<(), StoreError> {
+        self.grants.run(move |grants| grants.audit(event)).await
     }
 
     /// [`State::audit`] for callers that answer a user: the refusal to show when the
     /// event cannot be written.
-    pub fn audit_or_refuse(&self, event: AuditEvent) -> Result<(), String> {
+    pub async fn audit_or_refuse(&self, event: AuditEvent) -> Result<(), String> {
         self.audit(event)
+            .await
             .map_err(|err| crate::audit::refused_unaudited(&err))
+    }
+
+    /// Runs `work` on tokio's blocking pool: store writes that sync to disk, and
+    /// reads of whole histories, must not stall the runtime's worker threads. A
+    /// panic in `work` goes on in the caller, as if it had run there.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&State) -> T + Send + 'static,
+    ) -> T {
+        let state = self.clone();
+        match tokio::task::spawn_blocking(move || work(&state)).await {
+            Ok(done) => done,
+            Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+        }
+    }
+
+    /// Now, by the grant service's clock: the time grants are filed, decided,
+    /// checked and expired at (the wall clock, unless a test runs the bastion on
+    /// tokio's paused clock).
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.grants.now()
     }
 
     /// The policy in force right now; callers keep the `Arc` for one decision.
@@ -155,9 +182,10 @@ impl State {
     /// Withdraws the grants and pending requests of users the policy does not know,
     /// and forgets their TOTP state, with a `user.removed` event each. Runs at every
     /// reload and at start, so a user removed while the bastion was down is removed
-    /// all the same.
+    /// all the same. Blocks (grant changes and events sync to disk): the reload
+    /// runs on the blocking pool, the start before the bastion serves.
     pub fn forget_users_not_in(&self, policy: &Policy) {
-        let now = chrono::Utc::now();
+        let now = self.now();
         let mut gone: std::collections::BTreeSet<String> =
             self.grants.requesters().into_iter().collect();
         gone.extend(self.totp.users().unwrap_or_else(|err| {
@@ -175,7 +203,7 @@ impl State {
             crate::totp::invite::withdraw(&self.config.data_dir, &user);
             tracing::warn!(%user, grants = ended.len(), "user removed from the policy; grants withdrawn, TOTP forgotten");
             // Taking access away needs no permission; a failed append is logged.
-            let _ = self.audit(
+            let _ = self.grants.audit(
                 AuditEvent::new(AuditKind::UserRemoved, "portcullis", now)
                     .detail("user", user.as_str())
                     .detail("grants", ended),

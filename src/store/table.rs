@@ -152,6 +152,30 @@ impl<K: Key, V: Serialize + DeserializeOwned> Table<K, V> {
     }
 }
 
+/// Index keys are made of these parts, so that byte order is the order a list
+/// wants: a name ([`name_prefix`]), a time ([`millis`]), and last the number of the
+/// record the entry points to ([`trailing_u64`]).
+///
+/// `name 0x00`: names (users, targets) never hold a NUL byte, so one name's prefix
+/// never starts another's. A hostile name with a NUL only finds entries the reader
+/// then re-checks against the record.
+pub fn name_prefix(name: &str) -> Vec<u8> {
+    let mut prefix = name.as_bytes().to_vec();
+    prefix.push(0);
+    prefix
+}
+
+/// Milliseconds since 1970, the time part of an index key (times before it count
+/// as 0).
+pub fn millis(at: chrono::DateTime<chrono::Utc>) -> u64 {
+    u64::try_from(at.timestamp_millis()).unwrap_or(0)
+}
+
+/// The record number an index key ends with (its last 8 bytes, big-endian).
+pub fn trailing_u64(key: &[u8]) -> Option<u64> {
+    u64::decode(&key[key.len().checked_sub(8)?..])
+}
+
 /// A value's stored form.
 pub fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records always serialise")

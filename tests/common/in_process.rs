@@ -1,10 +1,12 @@
 //! A bastion running inside the test's own process, through the same
 //! `portcullis::server::run` as `portcullis serve`, on a loopback port the kernel
 //! picks. Tests use it with tokio's paused clock (`start_paused`): every timer of
-//! the bastion is tokio's, so a grant's hour passes as fast as the runtime idles.
+//! the bastion is tokio's, and its grant service reads the time from a clock that
+//! follows tokio's (`Clock::following_tokio`), so a grant's hour passes, timestamps
+//! and expiry sweep included, as fast as the runtime idles.
 //!
-//! Wall-clock timestamps (a grant's `expires_at`, the expiry sweeper's "now") stay
-//! real time; what moves with the paused clock is every wait the bastion schedules.
+//! Recordings, audit event times of sessions, TOTP and certificates stay on the
+//! wall clock.
 
 use super::*;
 
@@ -31,7 +33,9 @@ impl InProcess {
     pub async fn start(dir: &Path) -> InProcess {
         let config = Bastion::write_config(dir, 0);
         let config = portcullis::config::Config::load(Some(&config)).expect("load the config");
-        let (state, lock) = portcullis::server::open(config).expect("open the bastion");
+        let clock = portcullis::grant::Clock::following_tokio();
+        let (state, lock) =
+            portcullis::server::open_with_clock(config, clock).expect("open the bastion");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind a loopback port");

@@ -56,8 +56,8 @@ impl AuditorCommand {
 }
 
 /// Records that the auditor ran a command; a failed append refuses the command.
-fn record(
-    caller: &Caller,
+async fn record(
+    caller: &Caller<'_>,
     event: impl FnOnce(AuditEvent) -> AuditEvent,
     kind: AuditKind,
 ) -> Result<(), ControlError> {
@@ -65,6 +65,7 @@ fn record(
     caller
         .state
         .audit_or_refuse(event)
+        .await
         .map_err(ControlError::Refused)
 }
 
@@ -94,7 +95,8 @@ impl Sessions {
             &call.caller,
             |e| e.detail("grep", grep),
             AuditKind::AuditorSessions,
-        )?;
+        )
+        .await?;
         let filter = sessions::SessionFilter {
             user: self.user,
             target: self.target,
@@ -127,7 +129,8 @@ impl Replay {
             caller,
             |e| e.detail("session", found.id).detail("raw", raw),
             AuditKind::AuditorReplay,
-        )?;
+        )
+        .await?;
         sessions::replay(caller, &call.client.out, &found, self.speed, raw).await
     }
 }
@@ -148,7 +151,8 @@ impl Watch {
             &call.caller,
             |e| e.detail("session", found.id).detail("raw", raw),
             AuditKind::AuditorWatch,
-        )?;
+        )
+        .await?;
         sessions::watch(&call.caller, call.client, &found, raw).await
     }
 }
@@ -166,7 +170,8 @@ impl Export {
             caller,
             |e| e.detail("session", found.id),
             AuditKind::AuditorExport,
-        )?;
+        )
+        .await?;
         sessions::export(caller, &call.client.out, &found).await
     }
 }
@@ -213,8 +218,9 @@ impl Audit {
                             .detail("anchors", anchored)
                     },
                     AuditKind::AuditorVerify,
-                )?;
-                audit::verify(caller, recordings, &anchors)
+                )
+                .await?;
+                audit::verify(&call.context.state, recordings, anchors).await
             }
             None => {
                 let since = self.since.clone();
@@ -222,8 +228,9 @@ impl Audit {
                     caller,
                     |e| e.detail("since", since),
                     AuditKind::AuditorAudit,
-                )?;
-                audit::list(caller, self.since, self.json)
+                )
+                .await?;
+                audit::list(&call.context.state, caller.now, self.since, self.json).await
             }
         }
     }

@@ -28,7 +28,7 @@ impl Requests {
             mine: self.mine,
             all: self.all,
         };
-        requests::list(&call.caller, filter, self.json)
+        requests::list(&call.caller, filter, self.json).await
     }
 }
 

@@ -1,7 +1,6 @@
 //! `request`: ask for access to a target; with `--wait`, stay on the line until
 //! the request is decided.
 
-use chrono::Utc;
 use clap::Args;
 use russh::ChannelMsg;
 
@@ -89,7 +88,7 @@ async fn wait_and_report(call: &mut Call<'_>, grant: Grant, json: bool) -> Reply
         call.client.out.stderr("\r\x1b[K").await;
     }
     let caller = Caller {
-        now: Utc::now(),
+        now: call.caller.state.now(),
         policy: call.caller.policy.clone(),
         ..call.caller
     };
