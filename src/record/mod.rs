@@ -283,6 +283,9 @@ impl Drop for Reservation {
             }
         }
         // Only now: the id is accounted for in the store before it leaves this set.
+        if let Err(err) = self.recorder.store.release_id(self.id) {
+            tracing::error!(session = self.id, error = %err, "cannot release a session id's reservation");
+        }
         self.recorder
             .reserved
             .lock()
@@ -478,7 +481,7 @@ impl Recorder {
     /// [`Recorder::start`] uses it.
     pub fn reserve(self: &Arc<Self>, failed: AuditEvent) -> Result<Reservation, StoreError> {
         let mut reserved = self.reserved.lock().expect("recorder lock poisoned");
-        let id = self.store.next_session_id()?;
+        let id = self.store.reserve_id(&self.node)?;
         reserved.insert(id);
         Ok(Reservation {
             recorder: self.clone(),
@@ -488,11 +491,36 @@ impl Recorder {
         })
     }
 
-    /// The last id handed out, and the ids reserved right now whose sessions have
-    /// neither started recording nor failed yet, read together.
+    /// The last id handed out, and the ids reserved right now (by any node) whose
+    /// sessions have neither started recording nor failed yet, read together. The
+    /// counter is read first: an id it counts was reserved before (a node writes
+    /// its reservation right after taking the id) or is accounted for by then.
     pub fn reservations(&self) -> Result<(u64, BTreeSet<u64>), StoreError> {
         let reserved = self.reserved.lock().expect("recorder lock poisoned");
-        Ok((self.store.last_session_id()?, reserved.clone()))
+        let issued = self.store.last_session_id()?;
+        let mut all = reserved.clone();
+        all.extend(self.store.reserved_ids()?.into_iter().map(|(id, _)| id));
+        Ok((issued, all))
+    }
+
+    /// Gives up the ids that `node` reserved and never accounted for (it stopped
+    /// between taking an id and recording), each with a `session.failed` event
+    /// that `announce` appends first.
+    pub fn release_orphans(
+        &self,
+        node: &str,
+        mut announce: impl FnMut(u64) -> Result<(), StoreError>,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut released = Vec::new();
+        for (id, holder) in self.store.reserved_ids()? {
+            if holder != node {
+                continue;
+            }
+            announce(id)?;
+            self.store.release_id(id)?;
+            released.push(id);
+        }
+        Ok(released)
     }
 
     /// Registers a new session (state `live`) under a reserved id and starts its
@@ -1340,6 +1368,47 @@ mod tests {
             Ok(()),
             "ended sessions do not count"
         );
+    }
+
+    /// Reservations live in the store, so every node sees every node's ids in
+    /// flight; the ids of a node that stopped before recording are given up with an
+    /// event each, and nobody else's are.
+    #[test]
+    fn reservations_are_shared_and_a_stopped_nodes_orphans_are_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let node_a = Arc::new(
+            Recorder::open(store.clone(), true, false)
+                .unwrap()
+                .with_node("a"),
+        );
+        let node_b = Recorder::open(store.clone(), true, false)
+            .unwrap()
+            .with_node("b");
+        let in_flight = node_a.reserve(failed()).unwrap();
+        assert_eq!(
+            node_b
+                .reservations()
+                .unwrap()
+                .1
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec![1]
+        );
+        // Node a "crashes": its reservation is never dropped.
+        std::mem::forget(in_flight);
+        let mut announced = Vec::new();
+        let mut announce = |id| {
+            announced.push(id);
+            Ok(())
+        };
+        assert!(node_b
+            .release_orphans("b", &mut announce)
+            .unwrap()
+            .is_empty());
+        assert_eq!(node_b.release_orphans("a", &mut announce).unwrap(), vec![1]);
+        assert_eq!(announced, vec![1]);
+        assert!(node_b.reservations().unwrap().1.is_empty());
     }
 
     #[tokio::test]

@@ -14,11 +14,13 @@ use chrono::{DateTime, Utc};
 use super::index::{self, SessionQuery};
 use super::SessionRecord;
 use crate::audit::{AuditEvent, AuditLog};
-use crate::store::{self, Entry, Result, Store, StoreError, Table};
+use crate::store::{self, Entry, Key, Result, Store, StoreError, Table};
 
 const SESSIONS: &str = "sessions";
 const CHUNKS: &str = "chunks";
 const SESSION_ID: &str = "session_id";
+/// Session ids taken and not yet accounted for: id → the node holding it.
+const RESERVATIONS: &str = "session_reservations";
 
 /// Largest value a stored batch is split into. sled 0.34 keeps every value larger
 /// than a few pages in memory for as long as the process lives, whatever its cache
@@ -69,6 +71,37 @@ impl SessionStore {
     /// A fresh session id: 1, 2, 3… (short enough to type after `replay`).
     pub fn next_session_id(&self) -> Result<u64> {
         self.store.next_id(SESSION_ID)
+    }
+
+    /// A fresh session id, reserved in the store for `node` until
+    /// [`SessionStore::release_id`]: `audit verify` on any node of a cluster then
+    /// tells an id in flight from a deleted session.
+    pub fn reserve_id(&self, node: &str) -> Result<u64> {
+        let id = self.next_session_id()?;
+        self.store
+            .backend()
+            .put(RESERVATIONS, &id.encode(), node.as_bytes())?;
+        Ok(id)
+    }
+
+    /// Ends a reservation (the id's record or `session.failed` event is stored).
+    pub fn release_id(&self, id: u64) -> Result<()> {
+        self.store.backend().remove(RESERVATIONS, &id.encode())?;
+        Ok(())
+    }
+
+    /// The ids reserved now, with the node that holds each.
+    pub fn reserved_ids(&self) -> Result<Vec<(u64, String)>> {
+        let mut reserved = Vec::new();
+        for entry in self.store.backend().scan(RESERVATIONS, b"", None) {
+            let (key, node) = entry?;
+            let id = u64::decode(&key).ok_or_else(|| StoreError::Corrupt {
+                tree: RESERVATIONS,
+                detail: format!("a key of {} bytes is not a session id", key.len()),
+            })?;
+            reserved.push((id, String::from_utf8_lossy(&node).into_owned()));
+        }
+        Ok(reserved)
     }
 
     /// The last session id [`SessionStore::next_session_id`] handed out (0 if none).

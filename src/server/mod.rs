@@ -397,6 +397,21 @@ pub(crate) fn mark_interrupted_sessions(
             )
         })
         .context("cannot recover the recordings of interrupted sessions")?;
+    state
+        .recorder
+        .release_orphans(node, |id| {
+            tracing::warn!(session = id, %node, "a session id was taken but its session never started recording: the node stopped first");
+            state
+                .grants
+                .audit(
+                    AuditEvent::new(AuditKind::SessionFailed, "portcullis", chrono::Utc::now())
+                        .detail("session", id)
+                        .detail("node", node)
+                        .detail("reason", "the bastion node stopped before the session's recording started"),
+                )
+                .map(|_| ())
+        })
+        .context("cannot release the session ids of sessions that never started")?;
     Ok(())
 }
 
