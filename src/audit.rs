@@ -288,7 +288,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_keep_one_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::new(&Arc::new(Store::open(dir.path()).unwrap()));
+        let log = AuditLog::new(&Arc::new(Store::sled(dir.path()).unwrap()));
         let tasks: Vec<_> = ["alice", "bob"]
             .into_iter()
             .map(|actor| {

@@ -18,6 +18,7 @@ use crate::record::RecordingLimits;
 
 pub mod accept_env;
 pub mod limits;
+mod store;
 
 pub use accept_env::{AcceptEnv, DEFAULT_ACCEPT_ENV};
 pub use limits::{Limits, MaxStartups, Prefix};
@@ -85,6 +86,7 @@ struct RawConfig {
     totp_require_invite: Option<bool>,
     legacy_clients: Option<bool>,
     accept_env: Option<String>,
+    store: Option<store::RawStore>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -129,6 +131,8 @@ pub struct Config {
     pub legacy_clients: bool,
     /// Environment variables clients may pass on to targets (sshd's `AcceptEnv`).
     pub accept_env: AcceptEnv,
+    /// Where the state lives (`[store]`): sled in `data_dir`, or PostgreSQL.
+    pub store: crate::store::Settings,
 }
 
 impl Config {
@@ -191,7 +195,9 @@ impl Config {
             Some(text) => AcceptEnv::parse(&text).map_err(anyhow::Error::msg)?,
             None => AcceptEnv::default(),
         };
+        let store = raw.store.unwrap_or_default().resolve(at)?;
         Ok(Config {
+            store,
             recording,
             listen: raw
                 .listen

@@ -1152,7 +1152,7 @@ mod tests {
     #[tokio::test]
     async fn a_recording_that_cannot_be_written_fails_the_session() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let recorder = Arc::new(Recorder::new(store.clone(), true, false));
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
@@ -1183,7 +1183,7 @@ mod tests {
     #[tokio::test]
     async fn empty_chunks_count_against_the_unflushed_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let recorder = Arc::new(Recorder::new(store, true, false).with_memory(Budget::new(0)));
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
@@ -1210,7 +1210,7 @@ mod tests {
     #[tokio::test]
     async fn a_recording_is_flushed_within_the_interval_and_replayable() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let recorder = Arc::new(Recorder::new(store.clone(), true, false));
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
@@ -1236,7 +1236,7 @@ mod tests {
     #[tokio::test]
     async fn a_user_over_their_quota_is_ended_and_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let limits = RecordingLimits {
             user_quota: Some(100 * 1024),
             ..RecordingLimits::UNLIMITED
@@ -1284,7 +1284,7 @@ mod tests {
     #[tokio::test]
     async fn an_unused_reservation_is_audited_and_released() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let recorder = Arc::new(Recorder::new(store.clone(), true, false));
         let given_up = recorder.reserve(failed()).unwrap();
         let used = recorder.reserve(failed()).unwrap();

@@ -158,7 +158,7 @@ mod tests {
     #[test]
     fn batches_are_stored_in_pieces_and_read_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let sessions = SessionStore::new(Arc::new(Store::open(dir.path()).unwrap()));
+        let sessions = SessionStore::new(Arc::new(Store::sled(dir.path()).unwrap()));
         let seam = sessions.store.backend();
         let batch: Vec<u8> = (0..40_000u32).map(|i| (i * 7) as u8).collect();
         sessions.put_batch(3, 0, &batch).unwrap();
