@@ -349,8 +349,19 @@ impl PgBackend {
                     err.to_string().trim_start_matches("database error: ")
                 ))
             })?;
+        // Subscriptions made once `open` returns hear every change after them.
+        let (ready, listening) = std::sync::mpsc::sync_channel(1);
         let shared = backend.shared.clone();
-        backend.runtime().spawn(listen(shared, config, tls));
+        backend.runtime().spawn(listen(shared, config, tls, ready));
+        listening
+            .recv_timeout(settings.connect_timeout + OPERATION_TIMEOUT)
+            .map_err(|_| {
+                StoreError::Backend(format!(
+                    "PostgreSQL at {}: the change feed could not LISTEN: {}",
+                    settings.url,
+                    backend.failure().unwrap_or_else(|| "no answer".into())
+                ))
+            })?;
         Ok(backend)
     }
 
@@ -491,9 +502,14 @@ async fn migrate(client: &mut deadpool_postgres::Client) -> PgResult<()> {
 }
 
 /// The change feed: keeps one connection listening, reconnecting after a drop.
-async fn listen(shared: Arc<Shared>, config: tokio_postgres::Config, tls: MakeRustlsConnect) {
+async fn listen(
+    shared: Arc<Shared>,
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    ready: std::sync::mpsc::SyncSender<()>,
+) {
     loop {
-        let down = listen_once(&shared, &config, tls.clone()).await;
+        let down = listen_once(&shared, &config, tls.clone(), &ready).await;
         tracing::warn!(reason = %down, "the database change feed is down; reconnecting");
         shared.health.listener(Some(down));
         tokio::time::sleep(RECONNECT_EVERY).await;
@@ -505,6 +521,7 @@ async fn listen_once(
     shared: &Shared,
     config: &tokio_postgres::Config,
     tls: MakeRustlsConnect,
+    ready_signal: &std::sync::mpsc::SyncSender<()>,
 ) -> String {
     let (client, mut connection) = match config.connect(tls).await {
         Ok(pair) => pair,
@@ -530,6 +547,8 @@ async fn listen_once(
                 shared.health.listener(None);
                 // Whatever changed while nobody listened is unknown.
                 shared.subscribers.resync_all();
+                // Only the first time counts (`open` waits for it); later, nobody reads.
+                let _ = ready_signal.try_send(());
             }
         }
     }

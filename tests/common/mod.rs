@@ -17,11 +17,13 @@
 //! - [`clients`]: the OpenSSH client tools of one engineer, and russh sessions from the test's process
 //! - [`in_process`]: the bastion run inside the test (for tokio's paused clock)
 //! - [`tmux`]: a real terminal whose size the test controls
+//! - [`postgres`]: a real PostgreSQL server, one per test binary, a database per test
 //! - [`world`]: all of them together, one temp dir per test
 
 pub mod bastion;
 pub mod clients;
 pub mod in_process;
+pub mod postgres;
 pub mod processes;
 pub mod sshd;
 pub mod tmux;
@@ -30,6 +32,7 @@ pub mod world;
 pub use bastion::*;
 pub use clients::*;
 pub use in_process::*;
+pub use postgres::*;
 pub use processes::*;
 pub use sshd::*;
 pub use tmux::*;
