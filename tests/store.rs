@@ -427,6 +427,45 @@ fn migrations_are_idempotent_and_safe_at_concurrent_start() {
     );
 }
 
+/// TLS by default: a URL without `sslmode` gets `require`, and the server's
+/// certificate must chain to `ca_file` (or the system's roots, which do not know
+/// the test CA) and name the host.
+#[test]
+fn tls_is_required_and_verified_unless_turned_off() {
+    let url = postgres().fresh_database();
+    let tls_url = url.replace("?sslmode=disable", "");
+    let open = |url: &str, ca_file: Option<&Path>| {
+        let settings = PgSettings {
+            ca_file: ca_file.map(Path::to_path_buf),
+            ..pg_settings(url)
+        };
+        Store::open(&Settings::Postgres(settings), Path::new("/nonexistent"))
+    };
+    let store = open(&tls_url, Some(postgres().ca_file())).expect("TLS with the test CA");
+    store.backend().put("t", b"k", b"v").unwrap();
+    let encrypted = postgres().sql(
+        database_of(&url),
+        "SELECT bool_and(ssl) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+         WHERE datname = current_database() AND application_name = 'portcullis'",
+    );
+    assert_eq!(encrypted, "t", "every connection of the backend uses TLS");
+    let unknown = open(&tls_url, None)
+        .err()
+        .expect("an unknown CA is refused");
+    assert!(unknown.to_string().contains("certificate"), "{unknown}");
+    // The same server under a name its certificate does not carry.
+    let wrong_name = tls_url.replace("@127.0.0.1:", "@not-the-server:") + "?hostaddr=127.0.0.1";
+    let refused = open(&wrong_name, Some(postgres().ca_file()))
+        .err()
+        .expect("a certificate for another name is refused");
+    assert!(refused.to_string().contains("certificate"), "{refused}");
+    let not_pem = postgres().password_file();
+    let err = open(&tls_url, Some(not_pem))
+        .err()
+        .expect("a CA file that is no PEM");
+    assert!(err.to_string().contains("ca_file"), "{err}");
+}
+
 /// The test policies (as `World` writes them) in `dir`, with throwaway keys.
 fn policy(dir: &Path) -> portcullis::policy::Policy {
     let users = [(USER, GROUP), ("bob", "sre-leads")]

@@ -313,6 +313,57 @@ mod tests {
         assert!(config.totp_require_invite);
     }
 
+    /// `[store]`: sled by default; PostgreSQL with its defaults and paths
+    /// relative to the file; every mistake refused with what to write instead,
+    /// a password in the URL without repeating it.
+    #[test]
+    fn the_store_section_is_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        let load = |store: &str| {
+            std::fs::write(&path, format!("[store]\n{store}\n")).unwrap();
+            Config::load(Some(&path)).map_err(|err| format!("{err:#}"))
+        };
+        assert!(matches!(
+            Config::load(None).unwrap().store,
+            crate::store::Settings::Sled
+        ));
+        let pg =
+            "backend = \"postgres\"\nurl = \"postgres://portcullis@db:5432/p?sslmode=require\"";
+        let config = load(&format!(
+            "{pg}\npassword_file = \"pw\"\nconnect_timeout = \"2s\""
+        ))
+        .unwrap();
+        let crate::store::Settings::Postgres(settings) = config.store else {
+            panic!("postgres expected");
+        };
+        assert_eq!(settings.password_file, Some(dir.path().join("pw")));
+        assert_eq!(settings.pool_size, crate::store::DEFAULT_POOL_SIZE);
+        assert_eq!(settings.connect_timeout, Duration::from_secs(2));
+        for (store, expected) in [
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u:hunter2@db/p\"",
+                "put it in password_file",
+            ),
+            ("backend = \"postgres\"", "needs url = "),
+            ("url = \"postgres://u@db/p\"", "add backend = \"postgres\""),
+            ("backend = \"mysql\"", "unknown variant"),
+            (&format!("{pg}\npool_size = 0"), "use 1 to 256"),
+            (
+                &format!("{pg}\nconnect_timeout = \"soon\""),
+                "connect_timeout",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"mysql://db\"",
+                "postgres://USER@HOST",
+            ),
+        ] {
+            let err = load(store).unwrap_err();
+            assert!(err.contains(expected), "{store}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+    }
+
     #[test]
     fn paths_are_relative_to_the_config_file() {
         let dir = tempfile::tempdir().unwrap();

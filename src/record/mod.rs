@@ -354,9 +354,14 @@ impl Recorder {
     /// The refusal says which and what to do.
     pub fn room_for(&self, user: &str) -> Result<(), String> {
         if let Some(failure) = self.store.failure() {
+            let until = if self.store.failure_is_sticky() {
+                "until it restarts with the database reopened"
+            } else {
+                "until the database answers again"
+            };
             return Err(format!(
                 "the bastion cannot write its database ({failure}); new sessions are refused \
-                 until it restarts with the database reopened; tell an operator"
+                 {until}; tell an operator"
             ));
         }
         if let Some(free) = self.disk_low() {

@@ -49,6 +49,11 @@ impl SessionStore {
         self.store.failure()
     }
 
+    /// See [`Store::failure_is_sticky`].
+    pub fn failure_is_sticky(&self) -> bool {
+        self.store.failure_is_sticky()
+    }
+
     pub fn append_audit(&self, event: AuditEvent) -> Result<AuditEvent> {
         self.audit.append(event)
     }

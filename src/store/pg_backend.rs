@@ -141,9 +141,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl PgSettings {
     /// The URL parsed. Refuses a URL that holds a password (it belongs in
-    /// `password_file`), without repeating it.
+    /// `password_file`), without repeating it. A URL that names no `sslmode`
+    /// gets `require` (the driver's own default, `prefer`, lets anyone on the
+    /// path turn TLS off by answering that the server has none).
     pub fn parse_url(&self) -> Result<tokio_postgres::Config> {
-        let config: tokio_postgres::Config = self.url.parse().map_err(|err| {
+        let mut config: tokio_postgres::Config = self.url.parse().map_err(|err| {
             StoreError::Backend(format!(
                 "[store] url is not a PostgreSQL URL ({err}); write it as postgres://USER@HOST:PORT/DATABASE, with sslmode=disable, prefer or require"
             ))
@@ -152,6 +154,9 @@ impl PgSettings {
             return Err(StoreError::Backend(format!(
                 "[store] url holds a password; remove it from the url and put it in password_file (or the {PASSWORD_ENV} environment variable)"
             )));
+        }
+        if !self.url.contains("sslmode") {
+            config.ssl_mode(SslMode::Require);
         }
         Ok(config)
     }
@@ -867,6 +872,17 @@ mod tests {
             .unwrap();
         assert_eq!(config.get_ssl_mode(), SslMode::Require);
         assert_eq!(config.get_password(), Some(&b"s3cret"[..]));
+        let mode = |url| settings(url, None).parse_url().unwrap().get_ssl_mode();
+        assert_eq!(
+            mode("postgres://u@db/x"),
+            SslMode::Require,
+            "TLS unless turned off"
+        );
+        assert_eq!(mode("postgres://u@db/x?sslmode=prefer"), SslMode::Prefer);
+        assert_eq!(
+            mode("postgres://u@127.0.0.1/x?sslmode=disable"),
+            SslMode::Disable
+        );
         std::fs::write(&file, "\n").unwrap();
         let err = settings("postgres://u@db/x", Some(file))
             .driver_config()

@@ -10,6 +10,7 @@
 //! removes its directory when the pipe closes, which is when the test binary
 //! exits, however it exits.
 
+use std::os::unix::fs::PermissionsExt;
 use std::process::ChildStdin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -25,8 +26,11 @@ pub struct Postgres {
     dir: PathBuf,
     /// The password of [`ROLE`], in a file (as `password_file` reads it).
     password_file: PathBuf,
-    /// Closing it (at exit) stops the server.
-    _lifeline: Mutex<ChildStdin>,
+    /// The certificate authority that signed the server's certificate.
+    ca_file: PathBuf,
+    /// The shell that runs the server, and its stdin: closing that (at exit)
+    /// stops the server.
+    _shell: Mutex<(Child, ChildStdin)>,
 }
 
 /// The server, started on first use.
@@ -84,6 +88,7 @@ impl Postgres {
             .keep();
         let password_file = dir.join("password");
         fs::write(&password_file, "test-password\n").expect("write password file");
+        let ca_file = certificates(&dir);
         if let Some(user) = server_user() {
             let out = run(Command::new("chown").arg("-R").arg(user).arg(&dir));
             assert_success(&out, "chown the PostgreSQL dir");
@@ -121,6 +126,14 @@ impl Postgres {
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             // Many tests, each with a few pools, run at once; durability is not tested.
             .args(["-c", "max_connections=300", "-c", "fsync=off"])
+            // TLS for the clients that ask (the others say sslmode=disable).
+            .args(["-c", "ssl=on", "-c"])
+            .arg(format!(
+                "ssl_cert_file={}",
+                dir.join("server.pem").display()
+            ))
+            .arg("-c")
+            .arg(format!("ssl_key_file={}", dir.join("server.key").display()))
             .stdin(Stdio::piped())
             .spawn()
             .expect("start postgres");
@@ -129,7 +142,8 @@ impl Postgres {
             port,
             dir,
             password_file,
-            _lifeline: Mutex::new(lifeline),
+            ca_file,
+            _shell: Mutex::new((child, lifeline)),
         };
         // It listens before it has finished starting up: wait for an answer.
         let answers = wait_until(STARTUP_TIMEOUT, || {
@@ -150,6 +164,11 @@ impl Postgres {
     /// The file that holds the password (for `password_file`).
     pub fn password_file(&self) -> &Path {
         &self.password_file
+    }
+
+    /// The CA of the server's TLS certificate (for `ca_file`).
+    pub fn ca_file(&self) -> &Path {
+        &self.ca_file
     }
 
     /// Creates an empty database and returns its URL (without the password).
@@ -186,6 +205,35 @@ impl Postgres {
             self.password_file.display()
         )
     }
+}
+
+/// A test CA and a certificate it signs for 127.0.0.1 and localhost, made
+/// with the `openssl` command in `dir` (`server.pem`, `server.key`); returns
+/// the CA's file.
+fn certificates(dir: &Path) -> PathBuf {
+    let openssl = |args: &str| {
+        let out = run(Command::new("openssl")
+            .current_dir(dir)
+            .args(args.split_whitespace()));
+        assert_success(&out, &format!("openssl {args}"));
+    };
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    openssl(&format!(
+        "req -x509 {key} -days 2 -subj /CN=portcullis-test-ca -keyout ca.key -out ca.pem"
+    ));
+    openssl(&format!(
+        "req {key} -subj /CN=127.0.0.1 -keyout server.key -out server.csr"
+    ));
+    fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .expect("write server.ext");
+    openssl("x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext -out server.pem");
+    // PostgreSQL refuses a key file others can read.
+    fs::set_permissions(dir.join("server.key"), fs::Permissions::from_mode(0o600))
+        .expect("chmod server.key");
+    dir.join("ca.pem")
 }
 
 /// The database name of a URL from [`Postgres::fresh_database`].
