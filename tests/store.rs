@@ -485,42 +485,48 @@ fn policy(dir: &Path) -> portcullis::policy::Policy {
     portcullis::policy::load_dir(&dir.join("policies")).expect("test policies load")
 }
 
-/// Two bastions on one database: a grant revoked through one wakes the watch
-/// of a session on the other within a second, the revoked grant in hand.
+/// Two bastions on one database: a grant approved through one and revoked
+/// through the other wakes the watch of a session on the first within a
+/// second, the changed grant in hand (sled: two grant services on one store).
 #[test]
 fn a_revocation_on_one_bastion_wakes_a_watch_on_the_other() {
     let dir = tempfile::tempdir().unwrap();
     let policy = Arc::new(policy(dir.path()));
-    let database = Database::postgres();
-    let node_a = Grants::new(database.open(), Notifier::new(None)).unwrap();
-    let node_b = Grants::new(database.open(), Notifier::new(None)).unwrap();
-    let spec = RequestSpec {
-        target: "prod".into(),
-        login: None,
-        scope: Scope {
-            shell: true,
-            ..Scope::default()
-        },
-        ttl: None,
-        reason: "INC-1".into(),
-    };
-    let now = Utc::now();
-    let grant = node_a.file(&policy, USER, spec, now).unwrap();
-    node_b
-        .approve(&policy, &grant.id, "bob", None, now)
-        .unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let mut session = node_a.watch(&grant.id).unwrap();
-        assert_eq!(session.borrow_and_update().state, GrantState::Approved);
-        let id = grant.id.clone();
-        let revoke = move || node_b.revoke(&policy, &id, "bob", Some("done".into()), Utc::now());
-        tokio::task::spawn_blocking(revoke).await.unwrap().unwrap();
-        tokio::time::timeout(Duration::from_secs(1), session.changed())
-            .await
-            .expect("node A heard node B's revocation within a second")
-            .unwrap();
-        assert_eq!(session.borrow().state, GrantState::Revoked);
+    on_both(|database| {
+        let node_a = Grants::new(database.open(), Notifier::new(None)).unwrap();
+        let node_b = Grants::new(database.open(), Notifier::new(None)).unwrap();
+        let spec = RequestSpec {
+            target: "prod".into(),
+            login: None,
+            scope: Scope {
+                shell: true,
+                ..Scope::default()
+            },
+            ttl: None,
+            reason: "INC-1".into(),
+        };
+        let grant = node_a.file(&policy, USER, spec, Utc::now()).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut session = node_a.watch(&grant.id).unwrap();
+            assert_eq!(session.borrow_and_update().state, GrantState::Pending);
+            for (change, state) in [
+                ("approve", GrantState::Approved),
+                ("revoke", GrantState::Revoked),
+            ] {
+                let (node_b, policy, id) = (node_b.clone(), policy.clone(), grant.id.clone());
+                let decide = move || match change {
+                    "approve" => node_b.approve(&policy, &id, "bob", None, Utc::now()),
+                    _ => node_b.revoke(&policy, &id, "bob", Some("done".into()), Utc::now()),
+                };
+                tokio::task::spawn_blocking(decide).await.unwrap().unwrap();
+                tokio::time::timeout(Duration::from_secs(1), session.changed())
+                    .await
+                    .unwrap_or_else(|_| panic!("node A heard node B {change} within a second"))
+                    .unwrap();
+                assert_eq!(session.borrow_and_update().state, state);
+            }
+        });
     });
 }
 

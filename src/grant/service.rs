@@ -992,27 +992,6 @@ mod tests {
         );
     }
 
-    /// A change saved by another service on the same database (as another
-    /// bastion would) reaches this service's watchers through the store's change
-    /// feed, the changed grant in hand.
-    #[tokio::test]
-    async fn a_change_made_elsewhere_wakes_the_watchers_here() {
-        let dir = tempfile::tempdir().unwrap();
-        let (policy, store, here) = service(dir.path());
-        let elsewhere = Grants::new(store, Notifier::new(None)).unwrap();
-        let now = Utc::now();
-        let grant = here.file(&policy, "alice", shell_spec(), now).unwrap();
-        let mut changes = here.watch(&grant.id).unwrap();
-        changes.borrow_and_update();
-        let approve = move || elsewhere.approve(&policy, &grant.id, "bob", None, now);
-        tokio::task::spawn_blocking(approve).await.unwrap().unwrap();
-        tokio::time::timeout(Duration::from_secs(1), changes.changed())
-            .await
-            .expect("woken within a second")
-            .unwrap();
-        assert_eq!(changes.borrow().state, GrantState::Approved);
-    }
-
     /// A database written before the indexes (grants without versions, no index
     /// trees, seqs from sled's id generator) gets its indexes at open, once.
     #[test]

@@ -419,6 +419,18 @@ impl PgBackend {
             Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
         })
     }
+
+    /// Runs `sql` (parameters: tree, key; at most one row, one `bytea` column)
+    /// and returns the value it found.
+    fn value_of(&self, sql: &'static str, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let (tree, key) = (tree.to_string(), key.to_vec());
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let statement = client.prepare_cached(sql).await?;
+            let row = client.query_opt(&statement, &[&tree, &key]).await?;
+            Ok(row.map(|row| row.get(0)))
+        })
+    }
 }
 
 impl Drop for PgBackend {
@@ -619,15 +631,11 @@ impl Iterator for PagedScan<'_> {
 
 impl Backend for PgBackend {
     fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let (tree, key) = (tree.to_string(), key.to_vec());
-        self.call(move |shared| async move {
-            let client = shared.client().await?;
-            let statement = client
-                .prepare_cached("SELECT value FROM kv WHERE tree = $1 AND key = $2")
-                .await?;
-            let row = client.query_opt(&statement, &[&tree, &key]).await?;
-            Ok(row.map(|row| row.get(0)))
-        })
+        self.value_of(
+            "SELECT value FROM kv WHERE tree = $1 AND key = $2",
+            tree,
+            key,
+        )
     }
 
     fn scan<'a>(&'a self, tree: &str, prefix: &[u8], from: Option<&[u8]>) -> Scan<'a> {
@@ -684,15 +692,8 @@ impl Backend for PgBackend {
     }
 
     fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let (tree, key) = (tree.to_string(), key.to_vec());
-        self.call(move |shared| async move {
-            let client = shared.client().await?;
-            let statement = client
-                .prepare_cached("DELETE FROM kv WHERE tree = $1 AND key = $2 RETURNING value")
-                .await?;
-            let row = client.query_opt(&statement, &[&tree, &key]).await?;
-            Ok(row.map(|row| row.get(0)))
-        })
+        let sql = "DELETE FROM kv WHERE tree = $1 AND key = $2 RETURNING value";
+        self.value_of(sql, tree, key)
     }
 
     fn compare_and_swap(
