@@ -357,6 +357,22 @@ mod tests {
                 "backend = \"postgres\"\nurl = \"mysql://db\"",
                 "postgres://USER@HOST",
             ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u:hunter2@db:port/p\"",
+                "postgres://USER@HOST",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/p?password=hunter2\"",
+                "put it in password_file",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"host=db password=hunter2\"",
+                "put it in password_file",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/p?sslmode=disable\"\nca_file = \"ca.pem\"",
+                "remove one of them",
+            ),
         ] {
             let err = load(store).unwrap_err();
             assert!(err.contains(expected), "{store}: {err}");

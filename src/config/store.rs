@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::store::{PgSettings, Settings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE};
+use crate::store::{PgSettings, Settings, SslMode, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE};
 
 /// Largest `pool_size` accepted: PostgreSQL's default `max_connections` is 100,
 /// shared by every node.
@@ -81,7 +81,10 @@ impl RawStore {
             ca_file: self.ca_file.map(&at),
         };
         // A mistake in the URL shows at load, not at the first query.
-        settings.parse_url()?;
+        let driver = settings.parse_url()?;
+        if settings.ca_file.is_some() && driver.get_ssl_mode() == SslMode::Disable {
+            bail!("[store] ca_file is set but the url says sslmode=disable, so the server's certificate would never be checked; remove one of them");
+        }
         Ok(Settings::Postgres(settings))
     }
 }

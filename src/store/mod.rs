@@ -26,6 +26,7 @@ pub use pg_backend::{
 };
 pub use sled_backend::{sled_config, SledBackend};
 pub use table::{Key, Table};
+pub use tokio_postgres::config::SslMode;
 
 #[derive(Debug, Error)]
 pub enum StoreError {

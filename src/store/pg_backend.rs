@@ -281,14 +281,16 @@ impl Health {
         *self.listener_down.lock().expect("health lock poisoned") = down;
     }
 
+    /// Why the LISTEN connection is down, if it is.
+    fn listener_down(&self) -> Option<String> {
+        let down = self.listener_down.lock().expect("health lock poisoned");
+        down.as_ref()
+            .map(|down| format!("cannot reach PostgreSQL: {down}"))
+    }
+
     fn failure(&self) -> Option<String> {
-        if let Some(down) = self
-            .listener_down
-            .lock()
-            .expect("health lock poisoned")
-            .clone()
-        {
-            return Some(format!("cannot reach PostgreSQL: {down}"));
+        if let Some(down) = self.listener_down() {
+            return Some(down);
         }
         let failed = self.failed.lock().expect("health lock poisoned");
         match &*failed {
@@ -381,6 +383,12 @@ impl PgBackend {
         T: Send + 'static,
         F: Future<Output = PgResult<T>> + Send + 'static,
     {
+        // While the feed's connection is down the server is most likely
+        // unreachable: fail now rather than hold the caller (perhaps a runtime
+        // worker thread) for the whole operation timeout.
+        if let Some(down) = self.shared.health.listener_down() {
+            return Err(StoreError::Backend(down));
+        }
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
         let shared = self.shared.clone();
         self.runtime().spawn(async move {
