@@ -182,9 +182,21 @@ impl PgSettings {
         let Some(path) = &self.password_file else {
             return Ok(std::env::var(PASSWORD_ENV).ok());
         };
-        let text = std::fs::read_to_string(path).map_err(|err| {
+        let unreadable = |err: std::io::Error| {
             StoreError::Backend(format!("[store] password_file {}: {err}", path.display()))
-        })?;
+        };
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(path).map_err(unreadable)?.permissions(),
+        );
+        if mode & 0o077 != 0 {
+            return Err(StoreError::Backend(format!(
+                "[store] password_file {} is open to other users (mode {:o}); it holds the database password. Run: chmod 600 {}",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(unreadable)?;
         match text.lines().next() {
             Some(line) if !line.is_empty() => Ok(Some(line.to_string())),
             _ => Err(StoreError::Backend(format!(
@@ -876,6 +888,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("password");
         std::fs::write(&file, "s3cret\n").unwrap();
+        let chmod = |mode| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        chmod(0o644);
+        let err = settings("postgres://u@db/x", Some(file.clone()))
+            .driver_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("open to other users") && err.contains("chmod 600"),
+            "{err}"
+        );
+        chmod(0o600);
         let config = settings("postgres://u@db:5433/x?sslmode=require", Some(file.clone()))
             .driver_config()
             .unwrap();

@@ -88,6 +88,9 @@ impl Postgres {
             .keep();
         let password_file = dir.join("password");
         fs::write(&password_file, "test-password\n").expect("write password file");
+        // The bastion refuses a password file others can read.
+        fs::set_permissions(&password_file, fs::Permissions::from_mode(0o600))
+            .expect("chmod the password file");
         let ca_file = certificates(&dir);
         if let Some(user) = server_user() {
             let out = run(Command::new("chown").arg("-R").arg(user).arg(&dir));
