@@ -276,7 +276,7 @@ impl Anchor {
 pub fn refused_unaudited(err: &crate::store::StoreError) -> String {
     format!(
         "refused: the audit log cannot be written ({err}), and nothing happens here \
-         without its audit event; tell an operator (the bastion's disk may be full)"
+         without its audit event; tell an operator (the bastion's disk may be full, or its database unreachable)"
     )
 }
 

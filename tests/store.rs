@@ -564,6 +564,57 @@ fn the_bastion_serves_from_postgres() {
     assert_eq!(grants, "1");
 }
 
+/// The real bastion while its database refuses connections: `/healthz` says
+/// so (503), a request is refused with an error rather than left hanging, and
+/// once the database answers again the same bastion (not restarted) is
+/// healthy and files requests.
+#[test]
+fn the_bastion_waits_out_an_unreachable_database() {
+    let url = postgres().fresh_database();
+    let name = database_of(&url);
+    let metrics = free_port();
+    let mut world = World::start_with(WorldOptions {
+        extra_config: format!(
+            "metrics_listen = \"127.0.0.1:{metrics}\"\n{}",
+            postgres().store_config(&url)
+        ),
+        ..WorldOptions::default()
+    });
+    assert_eq!(http_get(metrics, "/healthz").0, 200);
+    postgres().sql(
+        "postgres",
+        &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+    );
+    postgres().sql(
+        "postgres",
+        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
+    );
+    let mut health = (0, String::new());
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            health = http_get(metrics, "/healthz");
+            health.0 == 503
+        }),
+        "healthz: {health:?}"
+    );
+    assert!(health.1.contains("cannot reach PostgreSQL"), "{health:?}");
+    let request = ["request", "prod", "--shell", "--reason", "INC-9"];
+    let refused = world.control_as(&world.alice, &request);
+    assert_failure_mentions(&refused, "a request", &["cannot reach PostgreSQL"]);
+    postgres().sql(
+        "postgres",
+        &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || http_get(metrics, "/healthz").0
+            == 200),
+        "healthy again\n{}",
+        world.logs()
+    );
+    assert!(world.bastion.is_running(), "waited out, not restarted");
+    world.ok(&world.alice, &request);
+}
+
 /// A bastion whose database cannot be reached does not start, and says where
 /// it tried; a password in the URL is refused before anything is opened.
 #[test]

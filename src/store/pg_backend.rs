@@ -275,7 +275,9 @@ impl Shared {
 /// operation saw it.
 #[derive(Default)]
 struct Health {
-    listener_down: Mutex<Option<String>>,
+    /// Why the LISTEN connection is down, and whether connecting again has
+    /// failed since (then the server is taken as unreachable).
+    listener_down: Mutex<Option<(String, bool)>>,
     failed: Mutex<Option<(Instant, String)>>,
 }
 
@@ -289,19 +291,24 @@ impl Health {
         }
     }
 
-    fn listener(&self, down: Option<String>) {
+    fn listener(&self, down: Option<(String, bool)>) {
         *self.listener_down.lock().expect("health lock poisoned") = down;
     }
 
-    /// Why the LISTEN connection is down, if it is.
-    fn listener_down(&self) -> Option<String> {
+    /// Why the LISTEN connection is down, if it is; with `unreachable`, only
+    /// when connecting again has failed too.
+    fn listener_down(&self, unreachable: bool) -> Option<String> {
         let down = self.listener_down.lock().expect("health lock poisoned");
-        down.as_ref()
-            .map(|down| format!("cannot reach PostgreSQL: {down}"))
+        match &*down {
+            Some((why, failed_again)) if *failed_again || !unreachable => {
+                Some(format!("cannot reach PostgreSQL: {why}"))
+            }
+            _ => None,
+        }
     }
 
     fn failure(&self) -> Option<String> {
-        if let Some(down) = self.listener_down() {
+        if let Some(down) = self.listener_down(false) {
             return Some(down);
         }
         let failed = self.failed.lock().expect("health lock poisoned");
@@ -395,10 +402,10 @@ impl PgBackend {
         T: Send + 'static,
         F: Future<Output = PgResult<T>> + Send + 'static,
     {
-        // While the feed's connection is down the server is most likely
-        // unreachable: fail now rather than hold the caller (perhaps a runtime
-        // worker thread) for the whole operation timeout.
-        if let Some(down) = self.shared.health.listener_down() {
+        // While the feed cannot connect, the server is unreachable: fail now
+        // rather than hold the caller (perhaps a runtime worker thread) for the
+        // whole operation timeout.
+        if let Some(down) = self.shared.health.listener_down(true) {
             return Err(StoreError::Backend(down));
         }
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
@@ -546,24 +553,41 @@ async fn listen(
     ready: std::sync::mpsc::SyncSender<()>,
 ) {
     loop {
-        let down = listen_once(&shared, &config, tls.clone(), &ready).await;
+        let (down, connected) = listen_once(&shared, &config, tls.clone(), &ready).await;
         tracing::warn!(reason = %down, "the database change feed is down; reconnecting");
-        shared.health.listener(Some(down));
+        shared.health.listener(Some((down, !connected)));
         tokio::time::sleep(RECONNECT_EVERY).await;
     }
 }
 
-/// One LISTEN connection, until it fails (returns why).
+/// One LISTEN connection, until it fails: why, and whether it had connected.
 async fn listen_once(
     shared: &Shared,
     config: &tokio_postgres::Config,
     tls: MakeRustlsConnect,
     ready_signal: &std::sync::mpsc::SyncSender<()>,
-) -> String {
+) -> (String, bool) {
     let (client, mut connection) = match config.connect(tls).await {
         Ok(pair) => pair,
-        Err(err) => return PgError::from(err).message,
+        Err(err) => return (PgError::from(err).message, false),
     };
+    (
+        run_listener(shared, &client, &mut connection, ready_signal).await,
+        true,
+    )
+}
+
+/// Listens on a connected client until the connection fails; returns why.
+async fn run_listener<S, T>(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    connection: &mut tokio_postgres::Connection<S, T>,
+    ready_signal: &std::sync::mpsc::SyncSender<()>,
+) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let statement = format!("LISTEN {CHANNEL}");
     let listening = client.batch_execute(&statement);
     tokio::pin!(listening);
