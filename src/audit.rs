@@ -348,7 +348,7 @@ impl Anchor {
 pub fn refused_unaudited(err: &crate::store::StoreError) -> String {
     format!(
         "refused: the audit log cannot be written ({err}), and nothing happens here \
-         without its audit event; tell an operator (the bastion's disk may be full)"
+         without its audit event; tell an operator (the bastion's disk may be full, or its database unreachable)"
     )
 }
 
@@ -360,7 +360,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_appends_keep_one_chain() {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::open(&Arc::new(Store::open(dir.path()).unwrap())).unwrap();
+        let log = AuditLog::open(&Arc::new(Store::sled(dir.path()).unwrap())).unwrap();
         let tasks: Vec<_> = ["alice", "bob"]
             .into_iter()
             .map(|actor| {
@@ -402,7 +402,7 @@ mod tests {
         #[test]
         fn since_agrees_with_a_full_scan(times in proptest::collection::vec(0..3000i64, 0..30)) {
             let dir = tempfile::tempdir().unwrap();
-            let log = AuditLog::open(&Arc::new(Store::open(dir.path()).unwrap())).unwrap();
+            let log = AuditLog::open(&Arc::new(Store::sled(dir.path()).unwrap())).unwrap();
             for ms in times {
                 log.append(AuditEvent::new(AuditKind::SessionStart, "alice", at(ms))).unwrap();
             }
@@ -418,7 +418,7 @@ mod tests {
     #[test]
     fn the_time_index_is_built_for_an_old_database() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let mut old: Vec<AuditEvent> = Vec::new();
         for ms in [30, 10, 20] {
             let mut event = AuditEvent::new(AuditKind::SessionStart, "alice", at(ms));

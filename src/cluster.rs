@@ -318,7 +318,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Arc<Store>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         (dir, store)
     }
 

@@ -20,6 +20,7 @@ pub mod accept_env;
 pub mod cluster;
 pub mod limits;
 pub mod prefix;
+mod store;
 
 pub use accept_env::{AcceptEnv, DEFAULT_ACCEPT_ENV};
 pub use cluster::ClusterSettings;
@@ -92,6 +93,7 @@ struct RawConfig {
     cluster: Option<ClusterSettings>,
     #[serde(default, deserialize_with = "prefix::list")]
     proxy_protocol_from: Vec<Prefix>,
+    store: Option<store::RawStore>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -141,6 +143,8 @@ pub struct Config {
     /// Load balancers whose connections start with a PROXY protocol header naming
     /// the real client (see `server::proxy_protocol`); nobody else may name one.
     pub proxy_protocol_from: Vec<Prefix>,
+    /// Where the state lives (`[store]`): sled in `data_dir`, or PostgreSQL.
+    pub store: crate::store::Settings,
 }
 
 impl Config {
@@ -206,7 +210,9 @@ impl Config {
             None => AcceptEnv::default(),
         };
         check_proxy_protocol_from(&raw.proxy_protocol_from)?;
+        let store = raw.store.unwrap_or_default().resolve(at)?;
         Ok(Config {
+            store,
             recording,
             cluster,
             listen: raw
@@ -380,6 +386,73 @@ mod tests {
         );
         assert!(config.metrics_listen.is_some());
         assert!(config.totp_require_invite);
+    }
+
+    /// `[store]`: sled by default; PostgreSQL with its defaults and paths
+    /// relative to the file; every mistake refused with what to write instead,
+    /// a password in the URL without repeating it.
+    #[test]
+    fn the_store_section_is_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        let load = |store: &str| {
+            std::fs::write(&path, format!("[store]\n{store}\n")).unwrap();
+            Config::load(Some(&path)).map_err(|err| format!("{err:#}"))
+        };
+        assert!(matches!(
+            Config::load(None).unwrap().store,
+            crate::store::Settings::Sled
+        ));
+        let pg =
+            "backend = \"postgres\"\nurl = \"postgres://portcullis@db:5432/p?sslmode=require\"";
+        let config = load(&format!(
+            "{pg}\npassword_file = \"pw\"\nconnect_timeout = \"2s\""
+        ))
+        .unwrap();
+        let crate::store::Settings::Postgres(settings) = config.store else {
+            panic!("postgres expected");
+        };
+        assert_eq!(settings.password_file, Some(dir.path().join("pw")));
+        assert_eq!(settings.pool_size, crate::store::DEFAULT_POOL_SIZE);
+        assert_eq!(settings.connect_timeout, Duration::from_secs(2));
+        for (store, expected) in [
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u:hunter2@db/p\"",
+                "put it in password_file",
+            ),
+            ("backend = \"postgres\"", "needs url = "),
+            ("url = \"postgres://u@db/p\"", "add backend = \"postgres\""),
+            ("backend = \"mysql\"", "unknown variant"),
+            (&format!("{pg}\npool_size = 0"), "use 1 to 256"),
+            (
+                &format!("{pg}\nconnect_timeout = \"soon\""),
+                "connect_timeout",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"mysql://db\"",
+                "postgres://USER@HOST",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u:hunter2@db:port/p\"",
+                "postgres://USER@HOST",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/p?password=hunter2\"",
+                "put it in password_file",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"host=db password=hunter2\"",
+                "put it in password_file",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/p?sslmode=disable\"\nca_file = \"ca.pem\"",
+                "remove one of them",
+            ),
+        ] {
+            let err = load(store).unwrap_err();
+            assert!(err.contains(expected), "{store}: {err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ use super::{Grant, GrantState};
 use crate::audit::{AuditEvent, AuditKind, AuditLog};
 use crate::grant::notify::Notifier;
 use crate::policy::Policy;
-use crate::store::{Store, StoreError};
+use crate::store::{Change, Store, StoreError, Subscription};
 
 /// Length of a grant id: six hex digits are short enough to type and, with a
 /// collision check, plenty for the requests one bastion sees.
@@ -97,17 +97,26 @@ struct Inner {
     /// window of at most `limits.per_window` entries per user). Held while a
     /// pending request is checked and filed, so this bastion's count and cap hold.
     filed: Mutex<HashMap<String, VecDeque<DateTime<Utc>>>>,
-    /// The grants someone is watching: the version last handed out, and its
-    /// channel. One entry per watched grant (a live session, a waiting request);
-    /// entries nobody holds a receiver of are dropped at the next [`Grants::watch`].
-    watched: Mutex<HashMap<String, (u64, watch::Sender<Grant>)>>,
+    /// The grants someone is watching, by seq (the key the store's change feed
+    /// names): the version last handed out, and its channel. One entry per
+    /// watched grant (a live session, a waiting request); entries nobody holds a
+    /// receiver of are dropped at the next [`Grants::watch`].
+    watched: Mutex<HashMap<u64, (u64, watch::Sender<Grant>)>>,
+    /// The store's change feed of the grants, until the first [`Grants::watch`]
+    /// hands it to the thread that follows it (changes before then queue up to
+    /// the feed's bound, then become a resync).
+    feed: Mutex<Option<Subscription>>,
 }
 
 impl Grants {
+    /// The service on `store`, subscribed to the store's change feed of the
+    /// grants (followed from the first [`Grants::watch`] on).
     pub fn new(store: Arc<Store>, notifier: Notifier) -> Result<Grants, StoreError> {
+        let table = GrantTable::open(&store)?;
+        let changes = table.subscribe()?;
         Ok(Grants {
             inner: Arc::new(Inner {
-                table: GrantTable::open(&store)?,
+                table,
                 audit: AuditLog::open(&store)?,
                 store,
                 notifier,
@@ -115,6 +124,7 @@ impl Grants {
                 clock: Clock::Wall,
                 filed: Mutex::new(HashMap::new()),
                 watched: Mutex::new(HashMap::new()),
+                feed: Mutex::new(Some(changes)),
             }),
         })
     }
@@ -464,24 +474,70 @@ impl Grants {
 
     /// A receiver that holds grant `id` as it is now and gets every change to it,
     /// the changed grant in hand: only the watchers of a grant wake when it
-    /// changes.
+    /// changes. Changes made here are handed out as they are saved; changes made
+    /// by another bastion on the same database arrive through the store's change
+    /// feed (see [`follow`]).
     pub fn watch(&self, id: &str) -> Result<watch::Receiver<Grant>, GrantError> {
-        let mut watched = self
-            .inner
-            .watched
-            .lock()
-            .expect("grant watch lock poisoned");
+        self.follow_feed()?;
+        let mut watched = self.watched();
         watched.retain(|_, (_, sender)| sender.receiver_count() > 0);
-        if let Some((_, sender)) = watched.get(id) {
+        // Read under the lock: a change saved after this read is handed out after
+        // the entry exists (see `publish`), so none is missed.
+        let read = self.read(id)?;
+        let (version, seq) = (read.version(), read.grant.seq);
+        if let Some((seen, sender)) = watched.get_mut(&seq) {
+            if version > *seen {
+                *seen = version;
+                sender.send_replace(read.grant);
+            }
             return Ok(sender.subscribe());
         }
-        // Read under the lock: a change saved after this read is handed out after
-        // the entry exists (see `announce`), so none is missed.
-        let read = self.read(id)?;
-        let version = read.version();
         let (sender, receiver) = watch::channel(read.grant);
-        watched.insert(id.to_string(), (version, sender));
+        watched.insert(seq, (version, sender));
         Ok(receiver)
+    }
+
+    /// Starts the thread that follows the store's change feed, once.
+    fn follow_feed(&self) -> Result<(), StoreError> {
+        let mut feed = self.inner.feed.lock().expect("grant feed lock poisoned");
+        let Some(changes) = feed.take() else {
+            return Ok(());
+        };
+        let service = Arc::downgrade(&self.inner);
+        let started = std::thread::Builder::new()
+            .name("grant-feed".into())
+            .spawn(move || follow(&service, changes));
+        started.map(drop).map_err(|err| {
+            StoreError::Backend(format!("cannot start the grant feed thread: {err}"))
+        })
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, watch::Sender<Grant>)>> {
+        self.inner
+            .watched
+            .lock()
+            .expect("grant watch lock poisoned")
+    }
+
+    /// Re-reads the watched grant stored under `seq` (changed, perhaps by another
+    /// bastion) and hands it to its watchers if it is newer than what they have.
+    fn refresh(&self, seq: u64) {
+        if !self.watched().contains_key(&seq) {
+            return;
+        }
+        match self.inner.table.read_seq(seq) {
+            Ok(Some(read)) => self.publish(&read.grant, read.version()),
+            Ok(None) => {}
+            Err(err) => tracing::warn!(seq, error = %err, "cannot re-read a changed grant"),
+        }
+    }
+
+    /// Re-reads every watched grant (the feed may have missed changes).
+    fn refresh_all(&self) {
+        let seqs: Vec<u64> = self.watched().keys().copied().collect();
+        for seq in seqs {
+            self.refresh(seq);
+        }
     }
 
     /// Appends an audit event, durably. A failure is logged and returned: the
@@ -573,12 +629,7 @@ impl Grants {
 
     /// Hands `grant` (at `version`) to its watchers, unless they have a later one.
     fn publish(&self, grant: &Grant, version: u64) {
-        let mut watched = self
-            .inner
-            .watched
-            .lock()
-            .expect("grant watch lock poisoned");
-        if let Some((seen, sender)) = watched.get_mut(&grant.id) {
+        if let Some((seen, sender)) = self.watched().get_mut(&grant.seq) {
             if version > *seen {
                 *seen = version;
                 sender.send_replace(grant.clone());
@@ -607,6 +658,25 @@ impl Grants {
             if !self.inner.table.id_taken(&id)? {
                 return Ok(id);
             }
+        }
+    }
+}
+
+/// The grant service's end of the store's change feed of the grants: one thread
+/// per service (it reads the store, which blocks), waking only the watchers of
+/// the grant that changed. It ends with the service or the store.
+fn follow(service: &std::sync::Weak<Inner>, mut changes: Subscription) {
+    while let Some(change) = changes.blocking_recv() {
+        let Some(inner) = service.upgrade() else {
+            return;
+        };
+        let grants = Grants { inner };
+        match change {
+            Change::Key(key) => match GrantTable::seq_of(&key) {
+                Some(seq) => grants.refresh(seq),
+                None => grants.refresh_all(),
+            },
+            Change::Resync => grants.refresh_all(),
         }
     }
 }
@@ -732,7 +802,7 @@ mod tests {
     /// A policy, a store and the grant service on it, in `dir`.
     fn service(dir: &std::path::Path) -> (Policy, Arc<Store>, Grants) {
         let policy = policy(dir);
-        let store = Arc::new(Store::open(dir).unwrap());
+        let store = Arc::new(Store::sled(dir).unwrap());
         let grants = Grants::new(store.clone(), Notifier::new(None)).unwrap();
         (policy, store, grants)
     }
@@ -886,7 +956,7 @@ mod tests {
     fn racing_approvals_count_each_approver_once() {
         let dir = tempfile::tempdir().unwrap();
         let policy = Arc::new(policy_needing(dir.path(), 2));
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let grants = Grants::new(store, Notifier::new(None)).unwrap();
         let now = Utc::now();
         let grant = grants.file(&policy, "alice", shell_spec(), now).unwrap();
@@ -952,7 +1022,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let policy = policy(dir.path());
         let now = Utc::now();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let seam = store.backend();
         for (seq, id, user) in [(7u64, "00000a", "alice"), (9, "00000b", "carol")] {
             let grant =

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Grant;
 use crate::store::table::{millis, name_prefix, trailing_u64};
-use crate::store::{self, Backend, Key, Result, Store, StoreError, Table};
+use crate::store::{self, Backend, Key, Result, Store, StoreError, Subscription, Table};
 
 const GRANTS: &str = "requests";
 const IDS: &str = "request_ids";
@@ -102,6 +102,17 @@ impl GrantTable {
         store::set_schema_version(store, "grants", SCHEMA)
     }
 
+    /// The keys of the grants changed from now on, by any bastion on this
+    /// database ([`GrantTable::seq_of`] reads them).
+    pub fn subscribe(&self) -> Result<Subscription> {
+        self.seam().subscribe(GRANTS)
+    }
+
+    /// The seq a key of the grants tree names (`None`: not one of its keys).
+    pub fn seq_of(key: &[u8]) -> Option<u64> {
+        u64::decode(key)
+    }
+
     /// A fresh seq (store order).
     pub fn next_seq(&self) -> Result<u64> {
         self.grants.store().next_id(SEQ)
@@ -123,7 +134,8 @@ impl GrantTable {
         self.read_seq(seq)
     }
 
-    fn read_seq(&self, seq: u64) -> Result<Option<Read>> {
+    /// The grant stored under `seq`, as read for a change.
+    pub fn read_seq(&self, seq: u64) -> Result<Option<Read>> {
         Ok(self
             .grants
             .get_versioned(&seq)?

@@ -229,7 +229,7 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path) -> (Arc<Store>, SessionStore) {
-        let store = Arc::new(Store::open(dir).unwrap());
+        let store = Arc::new(Store::sled(dir).unwrap());
         (store.clone(), SessionStore::open(store).unwrap())
     }
 
@@ -270,7 +270,7 @@ mod tests {
     #[test]
     fn indexes_are_built_for_an_old_database() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let old = [(0, 0, 10, false), (1, 1, 20, true), (0, 1, 30, false)];
         for (n, spec) in old.into_iter().enumerate() {
             let (mut session, ended) = session(n as u64 + 1, spec);

@@ -387,9 +387,14 @@ impl Recorder {
     /// The refusal says which and what to do.
     pub fn room_for(&self, user: &str) -> Result<(), String> {
         if let Some(failure) = self.store.failure() {
+            let until = if self.store.failure_is_sticky() {
+                "until it restarts with the database reopened"
+            } else {
+                "until the database answers again"
+            };
             return Err(format!(
                 "the bastion cannot write its database ({failure}); new sessions are refused \
-                 until it restarts with the database reopened; tell an operator"
+                 {until}; tell an operator"
             ));
         }
         if let Some(free) = self.disk_low() {
@@ -1233,7 +1238,7 @@ mod tests {
     #[tokio::test]
     async fn a_recording_that_cannot_be_written_fails_the_session() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
@@ -1265,7 +1270,7 @@ mod tests {
     #[tokio::test]
     async fn empty_chunks_count_against_the_unflushed_batch() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let recorder = Arc::new(
             Recorder::open(store, true, false)
                 .unwrap()
@@ -1296,7 +1301,7 @@ mod tests {
     #[tokio::test]
     async fn a_recording_is_flushed_within_the_interval_and_replayable() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
@@ -1322,7 +1327,7 @@ mod tests {
     #[tokio::test]
     async fn a_user_over_their_quota_is_ended_and_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let limits = RecordingLimits {
             user_quota: Some(100 * 1024),
             ..RecordingLimits::UNLIMITED
@@ -1376,7 +1381,7 @@ mod tests {
     #[test]
     fn reservations_are_shared_and_a_stopped_nodes_orphans_are_released() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let node_a = Arc::new(
             Recorder::open(store.clone(), true, false)
                 .unwrap()
@@ -1414,7 +1419,7 @@ mod tests {
     #[tokio::test]
     async fn an_unused_reservation_is_audited_and_released() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
         let given_up = recorder.reserve(failed()).unwrap();
         let used = recorder.reserve(failed()).unwrap();

@@ -64,6 +64,11 @@ impl SessionStore {
         self.store.failure()
     }
 
+    /// See [`Store::failure_is_sticky`].
+    pub fn failure_is_sticky(&self) -> bool {
+        self.store.failure_is_sticky()
+    }
+
     pub fn append_audit(&self, event: AuditEvent) -> Result<AuditEvent> {
         self.audit.append(event)
     }
@@ -244,7 +249,7 @@ mod tests {
     #[test]
     fn batches_are_stored_in_pieces_and_read_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let sessions = SessionStore::open(Arc::new(Store::open(dir.path()).unwrap())).unwrap();
+        let sessions = SessionStore::open(Arc::new(Store::sled(dir.path()).unwrap())).unwrap();
         let seam = sessions.store.backend();
         let batch: Vec<u8> = (0..40_000u32).map(|i| (i * 7) as u8).collect();
         sessions.put_batch(3, 0, &batch).unwrap();

@@ -61,9 +61,12 @@ fn unhealthy(state: &State) -> Option<String> {
         return Some("draining".to_string());
     }
     if let Some(failure) = state.store.failure() {
-        return Some(format!(
-            "store failed: {failure}; restarting once the disk has room"
-        ));
+        let then = if state.store.failure_is_sticky() {
+            "restarting once the disk has room"
+        } else {
+            "waiting for the database"
+        };
+        return Some(format!("store failed: {failure}; {then}"));
     }
     let free = state.recorder.disk_low()?;
     let min = state.recorder.limits().min_free_disk;
@@ -180,10 +183,10 @@ pub fn open_with_clock(config: Config, clock: Clock) -> Result<(Arc<State>, crat
             config.policies.display()
         );
     }
-    let store =
-        Arc::new(Store::open(&config.data_dir).with_context(|| {
-            format!("cannot open the database in {}", config.data_dir.display())
-        })?);
+    let store = Arc::new(
+        Store::open(&config.store, &config.data_dir)
+            .with_context(|| format!("cannot open the database ({})", describe_store(&config)))?,
+    );
     let totp = Totp::open(&config.data_dir, store.clone())?;
     let cluster = join_cluster(&config, &store, &keys, &totp)?;
     let state = Arc::new(
@@ -195,6 +198,14 @@ pub fn open_with_clock(config: Config, clock: Clock) -> Result<(Arc<State>, crat
     state.forget_users_not_in(&state.policy());
     report_load(&state, 0, Ok(()));
     Ok((state, lock))
+}
+
+/// Where the database is, for an error message.
+fn describe_store(config: &Config) -> String {
+    match &config.store {
+        crate::store::Settings::Sled => format!("sled in {}", config.data_dir.join("db").display()),
+        crate::store::Settings::Postgres(pg) => format!("PostgreSQL at {}", pg.url),
+    }
 }
 
 /// Serves SSH on `listener` until `shutdown` resolves, then drains: the one path

@@ -84,7 +84,9 @@ const DISK_EVERY: Duration = Duration::from_secs(1);
 /// everything that needs a write is refused meanwhile (`/healthz` says why). This
 /// returns, for the server to exit non-zero so that systemd (`Restart=on-failure`)
 /// starts it again on a freshly opened store, as soon as free space is back above
-/// `min_free_disk`: restarting earlier would only fail again.
+/// `min_free_disk`: restarting earlier would only fail again. A failure that
+/// clears by itself (a database server that cannot be reached for a while) is
+/// waited out instead.
 pub async fn watch_disk(state: Arc<State>) -> String {
     let mut tick = tokio::time::interval(DISK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -93,7 +95,7 @@ pub async fn watch_disk(state: Arc<State>) -> String {
         tick.tick().await;
         let low = recorder.disk_low();
         if let Some(failure) = state.store.failure() {
-            if low.is_none() {
+            if low.is_none() && state.store.failure_is_sticky() {
                 return format!(
                     "the database failed a write ({failure}) and the disk has room again"
                 );

@@ -6,11 +6,14 @@
 //! counters) rather than through in-process locks, so the same rules hold when
 //! several bastions share one database.
 //!
-//! sled is the first (and so far only) backend ([`SledBackend`]). Values are JSON:
+//! Two backends: sled ([`SledBackend`], embedded, the default: one bastion) and
+//! PostgreSQL ([`PgBackend`]: several bastions on one database). Values are JSON:
 //! readable with any dump tool, tolerant of added fields, and small enough for the
 //! record sizes involved (recordings are compressed by `record`).
 
+pub mod feed;
 pub mod migrate;
+mod pg_backend;
 mod sled_backend;
 pub(crate) mod table;
 
@@ -18,8 +21,13 @@ use std::path::Path;
 
 use thiserror::Error;
 
+pub use feed::{Change, Subscription};
+pub use pg_backend::{
+    PgBackend, PgSettings, DEFAULT_CONNECT_TIMEOUT, DEFAULT_POOL_SIZE, PASSWORD_ENV, SCHEMA_VERSION,
+};
 pub use sled_backend::{sled_config, SledBackend};
 pub use table::{Key, Table};
+pub use tokio_postgres::config::SslMode;
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -93,9 +101,28 @@ pub trait Backend: Send + Sync {
     /// Every counter and its value. Counter names never contain `/`.
     fn counters(&self) -> Result<Vec<(String, u64)>>;
 
-    /// Why the database cannot be written any more, if it cannot (see
-    /// [`SledBackend`]: its write errors are sticky until a restart).
+    /// The keys changed in `tree` from now on, by this process or by any other
+    /// sharing the database (see [`feed`]: bounded, with a resync marker when
+    /// changes were dropped). Each subscription costs the backend a little for
+    /// as long as it lives: subscribe once per tree and consumer, not per change.
+    fn subscribe(&self, tree: &str) -> Result<Subscription>;
+
+    /// Why the database cannot be written right now, if it cannot.
     fn failure(&self) -> Option<String>;
+
+    /// Whether a [`Backend::failure`] lasts until the process reopens the
+    /// database (sled: its write errors are sticky) rather than clearing by
+    /// itself once the database answers again (a server that was unreachable).
+    fn failure_is_sticky(&self) -> bool;
+}
+
+/// Which backend holds the data (`[store]` in the config).
+#[derive(Debug, Clone, Default)]
+pub enum Settings {
+    /// sled in `DATA_DIR/db`.
+    #[default]
+    Sled,
+    Postgres(PgSettings),
 }
 
 /// The database: one backend, shared by the modules' tables.
@@ -104,11 +131,18 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens the database `settings` name: sled in `data_dir/db` (created if
+    /// missing), or PostgreSQL (migrated to this build's schema).
+    pub fn open(settings: &Settings, data_dir: &Path) -> Result<Store> {
+        Ok(Store::on(match settings {
+            Settings::Sled => Box::new(SledBackend::open(&data_dir.join("db"))?),
+            Settings::Postgres(pg) => Box::new(PgBackend::open(pg)?),
+        }))
+    }
+
     /// Opens (or creates) the sled database in `data_dir/db`.
-    pub fn open(data_dir: &Path) -> Result<Store> {
-        Ok(Store::on(Box::new(SledBackend::open(
-            &data_dir.join("db"),
-        )?)))
+    pub fn sled(data_dir: &Path) -> Result<Store> {
+        Store::open(&Settings::Sled, data_dir)
     }
 
     /// A store on any backend.
@@ -121,10 +155,14 @@ impl Store {
         &*self.backend
     }
 
-    /// Why the store cannot be written any more, if it cannot: only a restart (a
-    /// fresh open) clears it.
+    /// Why the store cannot be written right now, if it cannot.
     pub fn failure(&self) -> Option<String> {
         self.backend.failure()
+    }
+
+    /// Whether only a restart (a fresh open) clears a [`Store::failure`].
+    pub fn failure_is_sticky(&self) -> bool {
+        self.backend.failure_is_sticky()
     }
 
     /// Forces everything written so far to disk.
@@ -200,7 +238,7 @@ mod tests {
 
     fn store() -> (tempfile::TempDir, Arc<Store>) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         (dir, store)
     }
 

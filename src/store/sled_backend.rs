@@ -8,8 +8,14 @@
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Duration;
 
-use super::{Backend, Entry, Result, Scan, StoreError, META};
+use super::feed::{self, Change, Sink};
+use super::{Backend, Entry, Result, Scan, StoreError, Subscription, META};
+
+/// How often a subscription's thread looks whether its subscriber is gone while
+/// the tree is quiet.
+const SUBSCRIBER_CHECK: Duration = Duration::from_millis(500);
 
 /// sled's page cache; its default (1 GiB) would let recordings grow the bastion's
 /// memory far beyond what the relay uses.
@@ -72,10 +78,11 @@ impl Backend for SledBackend {
             Err(err) => return Box::new(std::iter::once(Err(err))),
         };
         let prefix = prefix.to_vec();
-        let entries = match from {
-            Some(from) => tree.range(from.to_vec()..),
-            None => tree.range(prefix.clone()..),
+        let start = match from {
+            Some(from) if from > prefix.as_slice() => from.to_vec(),
+            _ => prefix.clone(),
         };
+        let entries = tree.range(start..);
         Box::new(
             entries
                 .take_while(move |entry| {
@@ -185,8 +192,42 @@ impl Backend for SledBackend {
         Ok(counters)
     }
 
+    /// sled's `watch_prefix` makes a writer wait when its subscriber's queue (1024
+    /// events) is full, so a thread of its own drains it into the subscription's
+    /// bounded queue, which drops and resyncs instead. The thread ends when the
+    /// subscription is dropped or the database closes.
+    fn subscribe(&self, tree: &str) -> Result<Subscription> {
+        let mut events = self.tree(tree)?.watch_prefix(vec![]);
+        let (sink, subscription) = feed::channel();
+        std::thread::Builder::new()
+            .name(format!("sled-watch-{tree}"))
+            .spawn(move || forward(&mut events, &sink))
+            .map_err(|err| StoreError::Backend(format!("cannot start a watch thread: {err}")))?;
+        Ok(subscription)
+    }
+
     fn failure(&self) -> Option<String> {
         self.failure.lock().expect("store lock poisoned").clone()
+    }
+
+    fn failure_is_sticky(&self) -> bool {
+        true
+    }
+}
+
+/// Hands sled's events to `sink` until either end goes away.
+fn forward(events: &mut sled::Subscriber, sink: &Sink) {
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        match events.next_timeout(SUBSCRIBER_CHECK) {
+            Ok(event) => {
+                if !sink.deliver(Change::Key(event.key().to_vec())) {
+                    return;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) if !sink.is_closed() => {}
+            Err(_) => return,
+        }
     }
 }
 

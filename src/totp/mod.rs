@@ -444,7 +444,7 @@ mod tests {
 
     fn setup() -> (tempfile::TempDir, Totp) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(dir.path()).unwrap());
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
         let totp = Totp::open(dir.path(), store).unwrap();
         (dir, totp)
     }

@@ -18,12 +18,14 @@
 //! - [`in_process`]: the bastion run inside the test (for tokio's paused clock)
 //! - [`haproxy`]: a real HAProxy in front of bastions, sending the PROXY protocol
 //! - [`tmux`]: a real terminal whose size the test controls
+//! - [`postgres`]: a real PostgreSQL server, one per test binary, a database per test
 //! - [`world`]: all of them together, one temp dir per test
 
 pub mod bastion;
 pub mod clients;
 pub mod haproxy;
 pub mod in_process;
+pub mod postgres;
 pub mod processes;
 pub mod sshd;
 pub mod tmux;
@@ -33,6 +35,7 @@ pub use bastion::*;
 pub use clients::*;
 pub use haproxy::*;
 pub use in_process::*;
+pub use postgres::*;
 pub use processes::*;
 pub use sshd::*;
 pub use tmux::*;

@@ -1,0 +1,975 @@
+//! The seam on PostgreSQL, for several bastions sharing one database.
+//!
+//! Tables (created by the versioned migrations below, applied at open):
+//! - `kv(tree text, key bytea, value bytea, primary key (tree, key))`: every
+//!   tree of the seam. `bytea` compares byte by byte, so scans come back in the
+//!   same order as sled's.
+//! - `counters(name text primary key, value bigint)`: [`Backend::increment`].
+//! - `watched_trees(tree text primary key)`: the trees some bastion subscribed
+//!   to. A trigger on `kv` sends `pg_notify('portcullis_kv', tree:hexkey)` for
+//!   writes to those trees only, so transcript writes cost no notification.
+//! - `schema_migrations(version, applied_at)`: which migrations ran.
+//!
+//! Every atomic operation is one statement, atomic across nodes under
+//! PostgreSQL's default isolation (read committed): compare-and-swap is an
+//! `INSERT … ON CONFLICT DO NOTHING` or an `UPDATE`/`DELETE … WHERE value = $old`
+//! (a concurrent writer makes PostgreSQL re-check the `WHERE` against the row
+//! it committed), counters are one upsert with `RETURNING`, and `put_all` is one
+//! transaction.
+//!
+//! **Why a runtime of its own.** The seam is synchronous (sled is), and it is
+//! called both from tokio's blocking pool and, for quick reads, from the
+//! runtime's worker threads. The driver is async. `Handle::block_on` panics on a
+//! worker thread, and `block_in_place` stalls the other tasks of that worker and
+//! panics on a current-thread runtime. So the backend owns a small runtime
+//! (two threads) that runs the driver, its pool and the LISTEN connection; a
+//! caller hands it the work and waits for the answer on a channel, which is
+//! legal from any thread. A worker thread that calls in waits one database
+//! round trip, as it would for a sled read that misses the cache.
+//!
+//! **Change feed.** One connection per backend does `LISTEN portcullis_kv` and
+//! hands each notification to the subscribers of its tree. When that
+//! connection drops, it reconnects every second; once listening again, every
+//! subscriber gets a resync marker (notifications sent meanwhile are lost).
+//!
+//! **Health.** [`Backend::failure`] reports the database as unreachable while
+//! the LISTEN connection is down, or for a few seconds after an operation
+//! failed for want of a connection; both clear by themselves once the server
+//! answers again.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::config::SslMode;
+use tokio_postgres::AsyncMessage;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use super::feed::{Change, Fanout};
+use super::{Backend, Entry, Result, Scan, StoreError, Subscription};
+
+/// Longest one operation may take, waiting for a pooled connection included:
+/// past it the caller gets an error instead of hanging on a database that does
+/// not answer.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Rows one page of a scan fetches (transcript pieces are at most 16 KiB, so a
+/// page holds at most 2 MiB).
+const SCAN_PAGE: i64 = 128;
+
+/// How long after a failed operation the database still counts as unreachable.
+const FAILURE_HOLD: Duration = Duration::from_secs(5);
+
+/// How long the LISTEN connection waits before it reconnects.
+const RECONNECT_EVERY: Duration = Duration::from_secs(1);
+
+/// The notification channel of the change feed.
+const CHANNEL: &str = "portcullis_kv";
+
+/// The advisory lock that serialises migrations between nodes starting at once.
+const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c; // "portcull"
+
+/// The schema, one migration per version, applied in order, each in its own
+/// transaction. Never edit one that shipped: add the next.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE kv (
+    tree text NOT NULL,
+    key bytea NOT NULL,
+    value bytea NOT NULL,
+    PRIMARY KEY (tree, key)
+);
+CREATE TABLE counters (
+    name text PRIMARY KEY,
+    value bigint NOT NULL
+);
+CREATE TABLE watched_trees (
+    tree text PRIMARY KEY
+);
+-- Notifies the subscribers of a watched tree; a key too long for a
+-- notification's 8000 bytes is sent empty, which subscribers take as a resync.
+CREATE FUNCTION portcullis_kv_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    changed kv;
+BEGIN
+    IF TG_OP = 'DELETE' THEN changed := OLD; ELSE changed := NEW; END IF;
+    IF EXISTS (SELECT 1 FROM watched_trees WHERE tree = changed.tree) THEN
+        PERFORM pg_notify('portcullis_kv', changed.tree || ':' ||
+            CASE WHEN length(changed.key) <= 3000 THEN encode(changed.key, 'hex') ELSE '' END);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER kv_notify AFTER INSERT OR UPDATE OR DELETE ON kv
+    FOR EACH ROW EXECUTE FUNCTION portcullis_kv_notify();
+"#,
+)];
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
+
+/// How to reach the database (`[store]` with `backend = "postgres"`).
+#[derive(Debug, Clone)]
+pub struct PgSettings {
+    /// `postgres://user@host:port/db?sslmode=…`, without a password.
+    pub url: String,
+    /// Where the password is; [`PASSWORD_ENV`] when `None`. Read when the
+    /// database is opened, so that commands that only read the config (`reload`,
+    /// `policy check`) need no access to it.
+    pub password_file: Option<PathBuf>,
+    /// Connections the pool keeps at most (the LISTEN connection is one more).
+    pub pool_size: usize,
+    /// How long opening one connection may take.
+    pub connect_timeout: Duration,
+    /// PEM file of the certificate authorities that sign the server's
+    /// certificate; the system's roots when `None`.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// The environment variable that holds the database password when
+/// `password_file` is not set.
+pub const PASSWORD_ENV: &str = "PORTCULLIS_STORE_PASSWORD";
+
+/// `pool_size` when the config does not say.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// `connect_timeout` when the config does not say.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl PgSettings {
+    /// The URL parsed. Refuses a URL that holds a password (it belongs in
+    /// `password_file`), without repeating it. A URL that names no `sslmode`
+    /// gets `require` (the driver's own default, `prefer`, lets anyone on the
+    /// path turn TLS off by answering that the server has none).
+    pub fn parse_url(&self) -> Result<tokio_postgres::Config> {
+        let mut config: tokio_postgres::Config = self.url.parse().map_err(|err| {
+            StoreError::Backend(format!(
+                "[store] url is not a PostgreSQL URL ({err}); write it as postgres://USER@HOST:PORT/DATABASE, with sslmode=disable, prefer or require"
+            ))
+        })?;
+        if config.get_password().is_some() {
+            return Err(StoreError::Backend(format!(
+                "[store] url holds a password; remove it from the url and put it in password_file (or the {PASSWORD_ENV} environment variable)"
+            )));
+        }
+        if !self.url.contains("sslmode") {
+            config.ssl_mode(SslMode::Require);
+        }
+        Ok(config)
+    }
+
+    /// The driver's settings: the URL parsed, the password added, keepalives
+    /// short enough that a dead server is noticed within half a minute.
+    fn driver_config(&self) -> Result<tokio_postgres::Config> {
+        let mut config = self.parse_url()?;
+        if let Some(password) = self.password()? {
+            config.password(password);
+        }
+        config
+            .connect_timeout(self.connect_timeout)
+            .keepalives_idle(Duration::from_secs(10))
+            .keepalives_interval(Duration::from_secs(5))
+            .keepalives_retries(3)
+            .application_name("portcullis");
+        Ok(config)
+    }
+
+    /// The first line of `password_file`, or [`PASSWORD_ENV`].
+    fn password(&self) -> Result<Option<String>> {
+        let Some(path) = &self.password_file else {
+            return Ok(std::env::var(PASSWORD_ENV).ok());
+        };
+        let unreadable = |err: std::io::Error| {
+            StoreError::Backend(format!("[store] password_file {}: {err}", path.display()))
+        };
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(path).map_err(unreadable)?.permissions(),
+        );
+        if mode & 0o077 != 0 {
+            return Err(StoreError::Backend(format!(
+                "[store] password_file {} is open to other users (mode {:o}); it holds the database password. Run: chmod 600 {}",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            )));
+        }
+        let text = std::fs::read_to_string(path).map_err(unreadable)?;
+        match text.lines().next() {
+            Some(line) if !line.is_empty() => Ok(Some(line.to_string())),
+            _ => Err(StoreError::Backend(format!(
+                "[store] password_file {} is empty; write the database password on its first line",
+                path.display()
+            ))),
+        }
+    }
+}
+
+/// Why an operation failed, and whether that means the server cannot be reached.
+struct PgError {
+    message: String,
+    unreachable: bool,
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(err: tokio_postgres::Error) -> PgError {
+        match err.as_db_error() {
+            Some(db) => {
+                let code = db.code().code();
+                PgError {
+                    message: format!("{} (SQLSTATE {code})", db.message()),
+                    // Connection exceptions, out of resources, shutting down.
+                    unreachable: ["08", "53", "57"].iter().any(|c| code.starts_with(c)),
+                }
+            }
+            None => PgError {
+                message: chain(&err),
+                unreachable: true,
+            },
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for PgError {
+    fn from(err: deadpool_postgres::PoolError) -> PgError {
+        match err {
+            deadpool_postgres::PoolError::Backend(err) => err.into(),
+            other => PgError {
+                message: format!("no database connection: {}", chain(&other)),
+                unreachable: true,
+            },
+        }
+    }
+}
+
+/// An error and its causes, on one line.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+type PgResult<T> = std::result::Result<T, PgError>;
+
+/// What the backend's runtime shares with its tasks.
+struct Shared {
+    pool: Pool,
+    subscribers: Fanout,
+    health: Health,
+}
+
+impl Shared {
+    async fn client(&self) -> PgResult<deadpool_postgres::Object> {
+        Ok(self.pool.get().await?)
+    }
+}
+
+/// Whether the database answers, as the LISTEN connection and the last failed
+/// operation saw it.
+#[derive(Default)]
+struct Health {
+    /// Why the LISTEN connection is down, and whether connecting again has
+    /// failed since (then the server is taken as unreachable).
+    listener_down: Mutex<Option<(String, bool)>>,
+    failed: Mutex<Option<(Instant, String)>>,
+}
+
+impl Health {
+    fn note<T>(&self, result: &PgResult<T>) {
+        let mut failed = self.failed.lock().expect("health lock poisoned");
+        match result {
+            Ok(_) => *failed = None,
+            Err(err) if err.unreachable => *failed = Some((Instant::now(), err.message.clone())),
+            Err(_) => {}
+        }
+    }
+
+    fn listener(&self, down: Option<(String, bool)>) {
+        *self.listener_down.lock().expect("health lock poisoned") = down;
+    }
+
+    /// Why the LISTEN connection is down, if it is; with `unreachable`, only
+    /// when connecting again has failed too.
+    fn listener_down(&self, unreachable: bool) -> Option<String> {
+        let down = self.listener_down.lock().expect("health lock poisoned");
+        match &*down {
+            Some((why, failed_again)) if *failed_again || !unreachable => {
+                Some(format!("cannot reach PostgreSQL: {why}"))
+            }
+            _ => None,
+        }
+    }
+
+    fn failure(&self) -> Option<String> {
+        if let Some(down) = self.listener_down(false) {
+            return Some(down);
+        }
+        let failed = self.failed.lock().expect("health lock poisoned");
+        match &*failed {
+            Some((at, message)) if at.elapsed() < FAILURE_HOLD => {
+                Some(format!("cannot reach PostgreSQL: {message}"))
+            }
+            _ => None,
+        }
+    }
+}
+
+pub struct PgBackend {
+    shared: Arc<Shared>,
+    /// `Some` until drop, which shuts it down without waiting (dropping a
+    /// runtime inside another one would panic).
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl PgBackend {
+    /// Connects, applies the migrations this database lacks (refusing one whose
+    /// schema is newer than this build) and starts the change feed.
+    pub fn open(settings: &PgSettings) -> Result<PgBackend> {
+        let config = settings.driver_config()?;
+        let tls = tls(config.get_ssl_mode(), settings)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("portcullis-pg")
+            .enable_all()
+            .build()
+            .map_err(|err| {
+                StoreError::Backend(format!("cannot start the database runtime: {err}"))
+            })?;
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .wait_timeout(Some(OPERATION_TIMEOUT))
+            .create_timeout(Some(settings.connect_timeout))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|err| {
+                StoreError::Backend(format!("cannot build the connection pool: {err}"))
+            })?;
+        let backend = PgBackend {
+            shared: Arc::new(Shared {
+                pool,
+                subscribers: Fanout::default(),
+                health: Health::default(),
+            }),
+            runtime: Some(runtime),
+        };
+        backend
+            .call(|shared| async move { migrate(&mut shared.client().await?).await })
+            .map_err(|err| {
+                StoreError::Backend(format!(
+                    "PostgreSQL at {}: {}",
+                    settings.url,
+                    err.to_string().trim_start_matches("database error: ")
+                ))
+            })?;
+        // Subscriptions made once `open` returns hear every change after them.
+        let (ready, listening) = std::sync::mpsc::sync_channel(1);
+        let shared = backend.shared.clone();
+        backend.runtime().spawn(listen(shared, config, tls, ready));
+        listening
+            .recv_timeout(settings.connect_timeout + OPERATION_TIMEOUT)
+            .map_err(|_| {
+                StoreError::Backend(format!(
+                    "PostgreSQL at {}: the change feed could not LISTEN: {}",
+                    settings.url,
+                    backend.failure().unwrap_or_else(|| "no answer".into())
+                ))
+            })?;
+        Ok(backend)
+    }
+
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.runtime.as_ref().expect("runtime lives until drop")
+    }
+
+    /// Runs `work` on the backend's runtime and waits for its answer (see the
+    /// module comment: safe from any thread).
+    fn call<T, F>(&self, work: impl FnOnce(Arc<Shared>) -> F + Send + 'static) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = PgResult<T>> + Send + 'static,
+    {
+        // While the feed cannot connect, the server is unreachable: fail now
+        // rather than hold the caller (perhaps a runtime worker thread) for the
+        // whole operation timeout.
+        if let Some(down) = self.shared.health.listener_down(true) {
+            return Err(StoreError::Backend(down));
+        }
+        let (answer, answered) = std::sync::mpsc::sync_channel(1);
+        let shared = self.shared.clone();
+        self.runtime().spawn(async move {
+            let result = tokio::time::timeout(OPERATION_TIMEOUT, work(shared.clone()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(PgError {
+                        message: format!("no answer within {}s", OPERATION_TIMEOUT.as_secs()),
+                        unreachable: true,
+                    })
+                });
+            shared.health.note(&result);
+            let _ = answer.send(result);
+        });
+        match answered.recv() {
+            Ok(result) => result.map_err(|err| StoreError::Backend(err.message)),
+            Err(_) => Err(StoreError::Backend("the database runtime stopped".into())),
+        }
+    }
+
+    /// One page of a scan: up to [`SCAN_PAGE`] entries of `tree` from `from`
+    /// (inclusive) and below `until`.
+    fn page(&self, tree: &str, from: Vec<u8>, until: Option<Vec<u8>>) -> Result<Vec<Entry>> {
+        let tree = tree.to_string();
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT key, value FROM kv WHERE tree = $1 AND key >= $2 \
+                     AND ($3::bytea IS NULL OR key < $3) ORDER BY key LIMIT $4",
+                )
+                .await?;
+            let rows = client
+                .query(&statement, &[&tree, &from, &until, &SCAN_PAGE])
+                .await?;
+            Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+        })
+    }
+
+    /// Runs `sql` (parameters: tree, key; at most one row, one `bytea` column)
+    /// and returns the value it found.
+    fn value_of(&self, sql: &'static str, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let (tree, key) = (tree.to_string(), key.to_vec());
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let statement = client.prepare_cached(sql).await?;
+            let row = client.query_opt(&statement, &[&tree, &key]).await?;
+            Ok(row.map(|row| row.get(0)))
+        })
+    }
+}
+
+impl Drop for PgBackend {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The roots the server's certificate must chain to: `ca_file`, or the
+/// system's. Certificates and names are always verified when TLS is used.
+fn tls(mode: SslMode, settings: &PgSettings) -> Result<MakeRustlsConnect> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = &settings.ca_file {
+        let bad = |err: &dyn std::fmt::Display| {
+            StoreError::Backend(format!("[store] ca_file {}: {err}", path.display()))
+        };
+        let certs = CertificateDer::pem_file_iter(path).map_err(|e| bad(&e))?;
+        for cert in certs {
+            roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+        }
+        if roots.is_empty() {
+            return Err(bad(&"holds no PEM certificate"));
+        }
+    } else if mode != SslMode::Disable {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A system root rustls cannot parse is one the server cannot use.
+            let _ = roots.add(cert);
+        }
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| StoreError::Backend(format!("TLS settings: {err}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
+/// Applies the migrations the database lacks, each in a transaction that holds
+/// the migration lock, so two nodes starting together apply each one once.
+async fn migrate(client: &mut deadpool_postgres::Client) -> PgResult<()> {
+    for (version, sql) in MIGRATIONS {
+        let transaction = client.transaction().await?;
+        transaction
+            .execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await?;
+        transaction
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (\
+                 version bigint PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())",
+            )
+            .await?;
+        let applied: i64 = transaction
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM schema_migrations",
+                &[],
+            )
+            .await?
+            .get(0);
+        if applied > SCHEMA_VERSION {
+            return Err(PgError {
+                message: format!(
+                    "the database has schema version {applied}, newer than this portcullis knows ({SCHEMA_VERSION}); run the newer portcullis that wrote it"
+                ),
+                unreachable: false,
+            });
+        }
+        if applied >= *version {
+            continue;
+        }
+        transaction.batch_execute(sql).await?;
+        transaction
+            .execute(
+                "INSERT INTO schema_migrations (version) VALUES ($1)",
+                &[version],
+            )
+            .await?;
+        transaction.commit().await?;
+        tracing::info!(version, "applied a database migration");
+    }
+    Ok(())
+}
+
+/// The change feed: keeps one connection listening, reconnecting after a drop.
+async fn listen(
+    shared: Arc<Shared>,
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    ready: std::sync::mpsc::SyncSender<()>,
+) {
+    loop {
+        let (down, connected) = listen_once(&shared, &config, tls.clone(), &ready).await;
+        tracing::warn!(reason = %down, "the database change feed is down; reconnecting");
+        shared.health.listener(Some((down, !connected)));
+        tokio::time::sleep(RECONNECT_EVERY).await;
+    }
+}
+
+/// One LISTEN connection, until it fails: why, and whether it had connected.
+async fn listen_once(
+    shared: &Shared,
+    config: &tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    ready_signal: &std::sync::mpsc::SyncSender<()>,
+) -> (String, bool) {
+    let (client, mut connection) = match config.connect(tls).await {
+        Ok(pair) => pair,
+        Err(err) => return (PgError::from(err).message, false),
+    };
+    (
+        run_listener(shared, &client, &mut connection, ready_signal).await,
+        true,
+    )
+}
+
+/// Listens on a connected client until the connection fails; returns why.
+async fn run_listener<S, T>(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    connection: &mut tokio_postgres::Connection<S, T>,
+    ready_signal: &std::sync::mpsc::SyncSender<()>,
+) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let statement = format!("LISTEN {CHANNEL}");
+    let listening = client.batch_execute(&statement);
+    tokio::pin!(listening);
+    let mut ready = false;
+    loop {
+        tokio::select! {
+            message = std::future::poll_fn(|cx| connection.poll_message(cx)) => match message {
+                Some(Ok(AsyncMessage::Notification(note))) => deliver(shared, note.payload()),
+                Some(Ok(_)) => {}
+                Some(Err(err)) => return PgError::from(err).message,
+                None => return "the server closed the connection".into(),
+            },
+            listened = &mut listening, if !ready => {
+                if let Err(err) = listened {
+                    return PgError::from(err).message;
+                }
+                ready = true;
+                shared.health.listener(None);
+                // Whatever changed while nobody listened is unknown.
+                shared.subscribers.resync_all();
+                // Only the first time counts (`open` waits for it); later, nobody reads.
+                let _ = ready_signal.try_send(());
+            }
+        }
+    }
+}
+
+/// Hands a notification (`tree:hexkey`) to the subscribers of its tree; a key
+/// that did not fit (or does not parse) becomes a resync of that tree.
+fn deliver(shared: &Shared, payload: &str) {
+    let Some((tree, key)) = payload.rsplit_once(':') else {
+        return;
+    };
+    let change = match hex::decode(key) {
+        Ok(key) if !key.is_empty() => Change::Key(key),
+        _ => Change::Resync,
+    };
+    shared.subscribers.deliver(tree, change);
+}
+
+/// The first key after every key that starts with `prefix` (`None`: no bound).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// A scan read page by page, so memory holds one page.
+struct PagedScan<'a> {
+    backend: &'a PgBackend,
+    tree: String,
+    /// Where the next page starts (inclusive); `None` once the scan is over.
+    next: Option<Vec<u8>>,
+    until: Option<Vec<u8>>,
+    page: VecDeque<Entry>,
+}
+
+impl Iterator for PagedScan<'_> {
+    type Item = Result<Entry>;
+
+    fn next(&mut self) -> Option<Result<Entry>> {
+        if self.page.is_empty() {
+            let from = self.next.take()?;
+            match self.backend.page(&self.tree, from, self.until.clone()) {
+                Ok(page) => {
+                    if page.len() as i64 == SCAN_PAGE {
+                        // The least key after the last one: the same key plus a 0 byte.
+                        let mut after = page[page.len() - 1].0.clone();
+                        after.push(0);
+                        self.next = Some(after);
+                    }
+                    self.page = page.into();
+                }
+                Err(err) => return Some(Err(err)),
+            }
+        }
+        self.page.pop_front().map(Ok)
+    }
+}
+
+impl Backend for PgBackend {
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.value_of(
+            "SELECT value FROM kv WHERE tree = $1 AND key = $2",
+            tree,
+            key,
+        )
+    }
+
+    fn scan<'a>(&'a self, tree: &str, prefix: &[u8], from: Option<&[u8]>) -> Scan<'a> {
+        let start = match from {
+            Some(from) if from > prefix => from.to_vec(),
+            _ => prefix.to_vec(),
+        };
+        Box::new(PagedScan {
+            backend: self,
+            tree: tree.to_string(),
+            next: Some(start),
+            until: prefix_end(prefix),
+            page: VecDeque::new(),
+        })
+    }
+
+    fn last(&self, tree: &str) -> Result<Option<Entry>> {
+        let tree = tree.to_string();
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let statement = client
+                .prepare_cached(
+                    "SELECT key, value FROM kv WHERE tree = $1 ORDER BY key DESC LIMIT 1",
+                )
+                .await?;
+            let row = client.query_opt(&statement, &[&tree]).await?;
+            Ok(row.map(|row| (row.get(0), row.get(1))))
+        })
+    }
+
+    fn put(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        self.put_all(tree, vec![(key.to_vec(), value.to_vec())])
+    }
+
+    fn put_all(&self, tree: &str, entries: Vec<Entry>) -> Result<()> {
+        let tree = tree.to_string();
+        self.call(move |shared| async move {
+            let mut client = shared.client().await?;
+            let transaction = client.transaction().await?;
+            let statement = transaction
+                .prepare_cached(
+                    "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+                )
+                .await?;
+            for (key, value) in &entries {
+                transaction
+                    .execute(&statement, &[&tree, key, value])
+                    .await?;
+            }
+            transaction.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        let sql = "DELETE FROM kv WHERE tree = $1 AND key = $2 RETURNING value";
+        self.value_of(sql, tree, key)
+    }
+
+    fn compare_and_swap(
+        &self,
+        tree: &str,
+        key: &[u8],
+        old: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<bool> {
+        let (tree, key) = (tree.to_string(), key.to_vec());
+        let (old, new) = (old.map(<[u8]>::to_vec), new.map(<[u8]>::to_vec));
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let changed =
+                match (&old, &new) {
+                    (None, Some(new)) => {
+                        client
+                            .execute(
+                                "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) \
+                             ON CONFLICT (tree, key) DO NOTHING",
+                                &[&tree, &key, new],
+                            )
+                            .await?
+                    }
+                    (Some(old), Some(new)) => client
+                        .execute(
+                            "UPDATE kv SET value = $4 WHERE tree = $1 AND key = $2 AND value = $3",
+                            &[&tree, &key, old, new],
+                        )
+                        .await?,
+                    (Some(old), None) => {
+                        client
+                            .execute(
+                                "DELETE FROM kv WHERE tree = $1 AND key = $2 AND value = $3",
+                                &[&tree, &key, old],
+                            )
+                            .await?
+                    }
+                    (None, None) => {
+                        let absent: bool = client
+                            .query_one(
+                                "SELECT NOT EXISTS (SELECT 1 FROM kv WHERE tree = $1 AND key = $2)",
+                                &[&tree, &key],
+                            )
+                            .await?
+                            .get(0);
+                        u64::from(absent)
+                    }
+                };
+            Ok(changed == 1)
+        })
+    }
+
+    fn increment(&self, name: &str) -> Result<u64> {
+        let name = name.to_string();
+        let value: i64 = self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let row = client
+                .query_one(
+                    "INSERT INTO counters (name, value) VALUES ($1, 1) \
+                     ON CONFLICT (name) DO UPDATE SET value = counters.value + 1 RETURNING value",
+                    &[&name],
+                )
+                .await?;
+            Ok(row.get(0))
+        })?;
+        Ok(value.unsigned_abs())
+    }
+
+    fn counter(&self, name: &str) -> Result<u64> {
+        let name = name.to_string();
+        let value: Option<i64> = self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let row = client
+                .query_opt("SELECT value FROM counters WHERE name = $1", &[&name])
+                .await?;
+            Ok(row.map(|row| row.get(0)))
+        })?;
+        Ok(value.map_or(0, i64::unsigned_abs))
+    }
+
+    fn seed_counter(&self, name: &str, value: u64) -> Result<()> {
+        let name = name.to_string();
+        let value = i64::try_from(value).map_err(|_| {
+            StoreError::Backend(format!(
+                "counter {name}: {value} is past PostgreSQL's bigint"
+            ))
+        })?;
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            client
+                .execute(
+                    "INSERT INTO counters (name, value) VALUES ($1, $2) \
+                     ON CONFLICT (name) DO UPDATE SET value = greatest(counters.value, EXCLUDED.value)",
+                    &[&name, &value],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
+    /// Every statement commits durably already (`synchronous_commit`).
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn trees(&self) -> Result<Vec<String>> {
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let rows = client
+                .query("SELECT DISTINCT tree FROM kv ORDER BY tree", &[])
+                .await?;
+            Ok(rows.iter().map(|row| row.get(0)).collect())
+        })
+    }
+
+    fn counters(&self) -> Result<Vec<(String, u64)>> {
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let rows = client
+                .query("SELECT name, value FROM counters ORDER BY name", &[])
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|row| (row.get(0), row.get::<_, i64>(1).max(0) as u64))
+                .collect())
+        })
+    }
+
+    /// Marks `tree` as watched for the whole cluster (its writes notify from now
+    /// on) and subscribes to the feed of it.
+    fn subscribe(&self, tree: &str) -> Result<Subscription> {
+        let name = tree.to_string();
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            client
+                .execute(
+                    "INSERT INTO watched_trees (tree) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&name],
+                )
+                .await?;
+            Ok(())
+        })?;
+        Ok(self.shared.subscribers.subscribe(tree))
+    }
+
+    fn failure(&self) -> Option<String> {
+        self.shared.health.failure()
+    }
+
+    fn failure_is_sticky(&self) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_ends_bound_exactly_the_prefix() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff]), None);
+        assert_eq!(prefix_end(b""), None);
+    }
+
+    fn settings(url: &str, password_file: Option<PathBuf>) -> PgSettings {
+        PgSettings {
+            url: url.into(),
+            password_file,
+            pool_size: 1,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            ca_file: None,
+        }
+    }
+
+    /// A password in the URL is refused without being repeated; a bad URL says
+    /// what one looks like; the password file's first line is the password.
+    #[test]
+    fn urls_are_checked_and_passwords_come_from_the_file() {
+        let err = settings("postgres://u:hunter2@db/x", None)
+            .parse_url()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("password_file") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let err = settings("postgres://u@db/x?sslmode=sometimes", None)
+            .parse_url()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sslmode=disable, prefer or require"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("password");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let chmod = |mode| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        chmod(0o644);
+        let err = settings("postgres://u@db/x", Some(file.clone()))
+            .driver_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("open to other users") && err.contains("chmod 600"),
+            "{err}"
+        );
+        chmod(0o600);
+        let config = settings("postgres://u@db:5433/x?sslmode=require", Some(file.clone()))
+            .driver_config()
+            .unwrap();
+        assert_eq!(config.get_ssl_mode(), SslMode::Require);
+        assert_eq!(config.get_password(), Some(&b"s3cret"[..]));
+        let mode = |url| settings(url, None).parse_url().unwrap().get_ssl_mode();
+        assert_eq!(
+            mode("postgres://u@db/x"),
+            SslMode::Require,
+            "TLS unless turned off"
+        );
+        assert_eq!(mode("postgres://u@db/x?sslmode=prefer"), SslMode::Prefer);
+        assert_eq!(
+            mode("postgres://u@127.0.0.1/x?sslmode=disable"),
+            SslMode::Disable
+        );
+        std::fs::write(&file, "\n").unwrap();
+        let err = settings("postgres://u@db/x", Some(file))
+            .driver_config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is empty"), "{err}");
+    }
+}
