@@ -90,6 +90,31 @@ enum Command {
         #[command(subcommand)]
         command: TotpCommand,
     },
+    /// Database tools.
+    Store {
+        #[command(subcommand)]
+        command: StoreCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy every grant, session, transcript, audit event, TOTP state and counter
+    /// from the database of one config into the empty database of another (e.g.
+    /// sled into PostgreSQL), byte for byte, and check the copy tree by tree.
+    ///
+    /// Stop the bastion first: the source's data directory must not be served.
+    /// When the two configs have different data directories, the keys (host,
+    /// upstream, CA, TOTP sealing key) are copied too, unless the destination
+    /// has its own. The source is left as it was.
+    Migrate {
+        /// The config of the database to copy.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// The config of the (empty) database to fill.
+        #[arg(long, value_name = "FILE")]
+        to: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -205,6 +230,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let dir = dir.unwrap_or_else(|| loaded.policies.clone());
             Ok(check_policy(&dir, &loaded.auditors))
         }
+        Command::Store {
+            command: StoreCommand::Migrate { from, to },
+        } => {
+            portcullis::datadir::private_umask();
+            migrate_store(&Config::load(Some(&from))?, &Config::load(Some(&to))?, &to)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Totp {
             command: TotpCommand::Invite { user, ttl, config },
         } => {
@@ -296,4 +328,100 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// `store migrate`: copies the database of `from` into the empty one of `to`.
+fn migrate_store(from: &Config, to: &Config, to_file: &std::path::Path) -> Result<()> {
+    use anyhow::Context;
+    use portcullis::store::{migrate, Store};
+    if from.store_location() == to.store_location() {
+        anyhow::bail!(
+            "--from and --to name the same database ({}); point --to at the new one",
+            from.store_location()
+        );
+    }
+    portcullis::datadir::prepare(&to.data_dir)?;
+    let _source_lock = portcullis::datadir::Lock::acquire(&from.data_dir)
+        .context("stop the bastion that serves --from first")?;
+    let _destination_lock = (to.data_dir != from.data_dir)
+        .then(|| portcullis::datadir::Lock::acquire(&to.data_dir))
+        .transpose()
+        .context("stop the bastion that serves --to first")?;
+    copy_keys(from, to)?;
+    let source = Store::open(&from.store, &from.data_dir)
+        .with_context(|| format!("cannot open {}", from.store_location()))?;
+    let destination = Store::open(&to.store, &to.data_dir)
+        .with_context(|| format!("cannot open {}", to.store_location()))?;
+    eprintln!(
+        "copying {} into {}",
+        from.store_location(),
+        to.store_location()
+    );
+    let copied = migrate::copy(source.backend(), destination.backend(), |tree| {
+        eprintln!("  {tree}")
+    })?;
+    println!(
+        "copied {} trees ({} entries, {:.1} MiB) and {} counters; the copy matches, tree by tree",
+        copied.trees,
+        copied.entries,
+        copied.bytes as f64 / 1048576.0,
+        copied.counters
+    );
+    println!(
+        "next: portcullis serve --config {}, then check it with `audit verify --recordings`",
+        to_file.display()
+    );
+    Ok(())
+}
+
+/// The keys of `from` into `to`'s data directory when that has none of its own
+/// (TOTP secrets are sealed with the sealing key: without it they are lost); a
+/// destination with different keys is refused.
+fn copy_keys(from: &Config, to: &Config) -> Result<()> {
+    use anyhow::Context;
+    if from.data_dir == to.data_dir {
+        return Ok(());
+    }
+    for (source, target) in key_files(from).iter().zip(&key_files(to)) {
+        if !source.exists() {
+            continue;
+        }
+        let bytes =
+            std::fs::read(source).with_context(|| format!("cannot read {}", source.display()))?;
+        match std::fs::read(target) {
+            Ok(theirs) if theirs == bytes => {}
+            Ok(_) => anyhow::bail!(
+                "{} differs from {}: the copy would not be the same bastion (TOTP secrets are sealed with totp.key); remove the destination's keys or copy them from the source",
+                target.display(),
+                source.display()
+            ),
+            Err(_) => {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(target)
+                    .with_context(|| format!("cannot create {}", target.display()))?;
+                file.write_all(&bytes)?;
+                let public = source.with_extension("pub");
+                if public.exists() {
+                    std::fs::copy(&public, target.with_extension("pub"))?;
+                }
+                eprintln!("copied {} to {}", source.display(), target.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The files that make a bastion the same bastion: its keys and the TOTP sealing key.
+fn key_files(config: &Config) -> [PathBuf; 4] {
+    [
+        Role::Host.path(config),
+        Role::Upstream.path(config),
+        Role::Ca.path(config),
+        portcullis::totp::sealing_key_path(&config.data_dir),
+    ]
 }

@@ -148,6 +148,17 @@ pub struct Config {
 }
 
 impl Config {
+    /// Where the database is, for messages: sled's directory or PostgreSQL's URL
+    /// (which never holds a password).
+    pub fn store_location(&self) -> String {
+        match &self.store {
+            crate::store::Settings::Sled => {
+                format!("sled in {}", self.data_dir.join("db").display())
+            }
+            crate::store::Settings::Postgres(pg) => format!("PostgreSQL at {}", pg.url),
+        }
+    }
+
     /// Loads `path`, or the embedded default when `path` is `None`.
     pub fn load(path: Option<&Path>) -> Result<Config> {
         match path {

@@ -185,7 +185,7 @@ pub fn open_with_clock(config: Config, clock: Clock) -> Result<(Arc<State>, crat
     }
     let store = Arc::new(
         Store::open(&config.store, &config.data_dir)
-            .with_context(|| format!("cannot open the database ({})", describe_store(&config)))?,
+            .with_context(|| format!("cannot open the database ({})", config.store_location()))?,
     );
     let totp = Totp::open(&config.data_dir, store.clone())?;
     let cluster = join_cluster(&config, &store, &keys, &totp)?;
@@ -198,14 +198,6 @@ pub fn open_with_clock(config: Config, clock: Clock) -> Result<(Arc<State>, crat
     state.forget_users_not_in(&state.policy());
     report_load(&state, 0, Ok(()));
     Ok((state, lock))
-}
-
-/// Where the database is, for an error message.
-fn describe_store(config: &Config) -> String {
-    match &config.store {
-        crate::store::Settings::Sled => format!("sled in {}", config.data_dir.join("db").display()),
-        crate::store::Settings::Postgres(pg) => format!("PostgreSQL at {}", pg.url),
-    }
 }
 
 /// Serves SSH on `listener` until `shutdown` resolves, then drains: the one path
