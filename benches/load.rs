@@ -22,6 +22,9 @@
 //! were while the route typed (the target sshd and the generator share the cores with
 //! the hop), and each round's p99 so that a noisy round is visible.
 //!
+//! `BENCH_STORE=postgres` runs the bastion on PostgreSQL (a server started as the
+//! tests start it) instead of sled.
+//!
 //! The clients are russh sessions in this process (N OpenSSH processes with a pty
 //! each would measure the machine's process table, not the hop).
 
@@ -103,8 +106,9 @@ fn main() {
         .expect("BENCH_ROUNDS is a number");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     println!(
-        "portcullis load benchmark: one keystroke per {TYPING:?} per session, {rounds} rounds of {seconds}s per route, {} cores",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        "portcullis load benchmark: one keystroke per {TYPING:?} per session, {rounds} rounds of {seconds}s per route, {} cores, store {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        std::env::var("BENCH_STORE").unwrap_or_else(|_| "sled".into())
     );
     println!(
         "\n{:<10} {:>5} {:>9} {:>9} {:>9} {:>9} {:>7} {:>11} {:>8} {:>8} {:>8}   p99 by round",
@@ -124,9 +128,10 @@ fn main() {
     for n in sizes {
         // One user holds all N sessions, each on a connection of its own: above the
         // per-user defaults (128 connections, 256 sessions) for the larger N.
+        let (store_config, _) = common::bench_store();
         let world = World::start_with(WorldOptions {
             extra_config: format!(
-                "[limits]\nconnections_per_user = {n}\nsessions_per_user = {n}\npenalty_exempt = [\"127.0.0.1\"]\n"
+                "[limits]\nconnections_per_user = {n}\nsessions_per_user = {n}\npenalty_exempt = [\"127.0.0.1\"]\n{store_config}"
             ),
             ..WorldOptions::default()
         });

@@ -29,6 +29,8 @@
 //! files are written to the temp dir), `BENCH_RUNS`
 //! (transfers per route and direction, default 5), `BENCH_CONNECTS` (latency samples
 //! per route, default 21), `BENCH_ONLY=recording` (only the recording costs),
+//! `BENCH_STORE=postgres` (the bastion on a fresh database of a PostgreSQL server
+//! the benchmark starts, as the tests do; default `sled`),
 //! `BENCH_BASELINE=PATH` (also measure another portcullis binary, e.g. a release
 //! build of an older commit, as route `baseline`, interleaved with the others, on
 //! the same keys, policies and target: a regression shows in one run's
@@ -87,7 +89,11 @@ fn main() {
         recording_costs(mib, runs);
         return;
     }
-    let world = World::start();
+    let (store_config, backend) = common::bench_store();
+    let world = World::start_with(WorldOptions {
+        extra_config: store_config,
+        ..WorldOptions::default()
+    });
     // Direct ssh and ProxyJump log in to the target with alice's own key; portcullis
     // uses its upstream key, which the target already trusts.
     let jump = world.jump_host();
@@ -122,7 +128,7 @@ fn main() {
     let bytes = mib * 1024 * 1024;
     println!(
         "portcullis proxy benchmark: {mib} MiB transfers x {runs}, {connects} connects, \
-         loopback, {} cores",
+         loopback, {} cores, store {backend}",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let payloads = [

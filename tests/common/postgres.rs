@@ -239,6 +239,25 @@ fn certificates(dir: &Path) -> PathBuf {
     dir.join("ca.pem")
 }
 
+/// The store a benchmark runs on, from `BENCH_STORE`: `sled` (the default: no
+/// extra config) or `postgres` (a fresh database on the test server, with the
+/// default pool). Returns the config lines and the backend's name.
+pub fn bench_store() -> (String, &'static str) {
+    match std::env::var("BENCH_STORE").as_deref() {
+        Err(_) | Ok("sled") => (String::new(), "sled"),
+        Ok("postgres") => {
+            let server = postgres();
+            let url = server.fresh_database();
+            let config = format!(
+                "\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\npassword_file = \"{}\"\n",
+                server.password_file().display()
+            );
+            (config, "postgres")
+        }
+        Ok(other) => panic!("BENCH_STORE={other:?}: use sled or postgres"),
+    }
+}
+
 /// The database name of a URL from [`Postgres::fresh_database`].
 pub fn database_of(url: &str) -> &str {
     let path = url.rsplit('/').next().expect("a URL with a path");
