@@ -276,6 +276,10 @@ fn put_all_writes_everything_or_nothing() {
         if let Database::Postgres(_) = database {
             assert!(!written, "PostgreSQL refuses the oversized key");
         }
+        // A key twice in one batch: the last value wins, as with puts in a row.
+        let twice = vec![(be(7), b"first".to_vec()), (be(7), b"second".to_vec())];
+        seam.put_all("twice", twice).unwrap();
+        assert_eq!(seam.get("twice", &be(7)).unwrap().unwrap(), b"second");
     });
 }
 

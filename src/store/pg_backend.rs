@@ -714,23 +714,35 @@ impl Backend for PgBackend {
         self.put_all(tree, vec![(key.to_vec(), value.to_vec())])
     }
 
+    /// One statement over two arrays: one round trip for a whole batch (a
+    /// recording's batch is 64 pieces), atomic as any single statement is.
     fn put_all(&self, tree: &str, entries: Vec<Entry>) -> Result<()> {
         let tree = tree.to_string();
+        // A key twice in one statement is an error in PostgreSQL; as with puts one
+        // after the other, the last value wins.
+        let mut last: std::collections::HashMap<Vec<u8>, Vec<u8>> =
+            std::collections::HashMap::new();
+        let mut order = Vec::new();
+        for (key, value) in entries {
+            if last.insert(key.clone(), value).is_none() {
+                order.push(key);
+            }
+        }
+        let values = order
+            .iter()
+            .map(|key| last.remove(key).unwrap_or_default())
+            .collect::<Vec<_>>();
+        let keys = order;
         self.call(move |shared| async move {
-            let mut client = shared.client().await?;
-            let transaction = client.transaction().await?;
-            let statement = transaction
+            let client = shared.client().await?;
+            let statement = client
                 .prepare_cached(
-                    "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) \
+                    "INSERT INTO kv (tree, key, value) \
+                     SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS batch(k, v) \
                      ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
                 )
                 .await?;
-            for (key, value) in &entries {
-                transaction
-                    .execute(&statement, &[&tree, key, value])
-                    .await?;
-            }
-            transaction.commit().await?;
+            client.execute(&statement, &[&tree, &keys, &values]).await?;
             Ok(())
         })
     }
