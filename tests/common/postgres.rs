@@ -240,10 +240,16 @@ fn certificates(dir: &Path) -> PathBuf {
 }
 
 /// The store a benchmark runs on, from `BENCH_STORE`: `sled` (the default: no
-/// extra config) or `postgres` (a fresh database on the test server, with the
-/// default pool). Returns the config lines and the backend's name.
+/// extra config) or `postgres`. Returns the config lines and the backend's name.
 pub fn bench_store() -> (String, &'static str) {
-    match std::env::var("BENCH_STORE").as_deref() {
+    store_chosen_by("BENCH_STORE")
+}
+
+/// The `[store]` lines for the backend the environment variable `var` names:
+/// `sled` (or unset: none) or `postgres` (a fresh database on the test server,
+/// with the default pool). Also the backend's name.
+pub fn store_chosen_by(var: &str) -> (String, &'static str) {
+    match std::env::var(var).as_deref() {
         Err(_) | Ok("sled") => (String::new(), "sled"),
         Ok("postgres") => {
             let server = postgres();
@@ -254,7 +260,7 @@ pub fn bench_store() -> (String, &'static str) {
             );
             (config, "postgres")
         }
-        Ok(other) => panic!("BENCH_STORE={other:?}: use sled or postgres"),
+        Ok(other) => panic!("{var}={other:?}: use sled or postgres"),
     }
 }
 

@@ -77,7 +77,14 @@ impl World {
         }
         let mallory_key = root.join("mallory");
         keygen(&mallory_key, "mallory");
-        fs::write(root.join(EXTRA_CONFIG), &options.extra_config).expect("write extra config");
+        // PORTCULLIS_TEST_STORE=postgres runs the world's bastion on PostgreSQL
+        // (scripts/test runs some suites that way too).
+        let store = match options.extra_config.contains("[store]") {
+            true => String::new(),
+            false => store_chosen_by("PORTCULLIS_TEST_STORE").0,
+        };
+        fs::write(root.join(EXTRA_CONFIG), options.extra_config.clone() + &store)
+            .expect("write extra config");
 
         let keys = Bastion::keys(root);
         let ca_pub = root.join("data").join("ca_ed25519.pub");
