@@ -18,6 +18,7 @@
 //! other upstream key. The first node records the fingerprints of its keys; every
 //! later start compares its own with them.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -92,6 +93,19 @@ pub struct Cluster {
     /// The bytes of the heartbeat this node wrote last: the next one swaps from
     /// them, so a claim by another node is noticed.
     last: std::sync::Mutex<Vec<u8>>,
+    /// Whether another node was alive at the last look: only then can this one
+    /// be declared dead, and so only then must it fence itself.
+    peers: AtomicBool,
+    /// A sweep runs: the next heartbeat does not start another.
+    sweeping: AtomicBool,
+}
+
+/// A dead node this node claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub node: String,
+    /// Claimed just now (not a claim of ours from an earlier, unfinished sweep).
+    pub fresh: bool,
 }
 
 impl Cluster {
@@ -103,6 +117,14 @@ impl Cluster {
         now: DateTime<Utc>,
     ) -> Result<Cluster, ClusterError> {
         let nodes: Table<String, Heartbeat> = Table::new(store, NODES);
+        let mut peers = false;
+        for id in nodes.keys() {
+            let id = id?;
+            if let Some(beat) = nodes.get(&id)? {
+                peers |=
+                    id != settings.id && !beat.stopped && !is_dead(&beat, now, settings.timeout);
+            }
+        }
         if let Some(other) = nodes.get(&settings.id)? {
             let age = (now - other.beat_at).num_seconds();
             let alive = !other.stopped && !is_dead(&other, now, settings.timeout);
@@ -127,6 +149,8 @@ impl Cluster {
             nodes,
             settings,
             started_at: now,
+            peers: AtomicBool::new(peers),
+            sweeping: AtomicBool::new(false),
         })
     }
 
@@ -136,6 +160,20 @@ impl Cluster {
 
     pub fn settings(&self) -> &NodeSettings {
         &self.settings
+    }
+
+    /// Whether another node was alive when this one last looked.
+    pub fn has_peers(&self) -> bool {
+        self.peers.load(Ordering::Relaxed)
+    }
+
+    /// Marks a sweep as running; false if one already is.
+    pub fn start_sweep(&self) -> bool {
+        !self.sweeping.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn end_sweep(&self) {
+        self.sweeping.store(false, Ordering::Release);
     }
 
     /// Writes this node's heartbeat, unless another node has declared it dead.
@@ -161,10 +199,21 @@ impl Cluster {
             *last = store::table::to_json(&beat);
             return Ok(Ok(()));
         }
-        let by = self
-            .nodes
-            .get(&self.settings.id)?
-            .and_then(|record| record.swept_by)
+        let current = self.nodes.get_versioned(&self.settings.id)?;
+        // Our own earlier beat whose reply was lost (it committed, we did not
+        // hear): still ours, unclaimed; swap from it.
+        if let Some((record, bytes)) = &current {
+            let ours = record.machine == self.settings.machine
+                && record.started_at == self.started_at
+                && record.swept_by.is_none()
+                && !record.stopped;
+            if ours && self.nodes.swap(&self.settings.id, Some(bytes), &beat)? {
+                *last = store::table::to_json(&beat);
+                return Ok(Ok(()));
+            }
+        }
+        let by = current
+            .and_then(|(record, _)| record.swept_by)
             .unwrap_or_else(|| "another bastion with the same node_id".into());
         Ok(Err(Lost {
             node: self.settings.id.clone(),
@@ -176,12 +225,16 @@ impl Cluster {
     /// their live sessions interrupted. A node is claimed once: the claim is a
     /// compare-and-swap, and a claimed node is passed over while its sweeper lives
     /// (a claim by a node that died itself is taken over).
-    pub fn claim_dead(&self, now: DateTime<Utc>) -> Result<Vec<String>, StoreError> {
+    pub fn claim_dead(&self, now: DateTime<Utc>) -> Result<Vec<Claim>, StoreError> {
         let all: Vec<(String, Heartbeat, Vec<u8>)> = self.records()?;
         let alive = |id: &str| {
             all.iter()
                 .any(|(other, beat, _)| other == id && !is_dead(beat, now, self.settings.timeout))
         };
+        let peers = all.iter().any(|(id, beat, _)| {
+            id != self.node() && !beat.stopped && !is_dead(beat, now, self.settings.timeout)
+        });
+        self.peers.store(peers, Ordering::Relaxed);
         let mut claimed = Vec::new();
         for (id, beat, bytes) in &all {
             if id == self.node() || beat.stopped || !is_dead(beat, now, self.settings.timeout) {
@@ -190,7 +243,10 @@ impl Cluster {
             match beat.swept_by.as_deref() {
                 // Ours, and not finished (a failed sweep is retried).
                 Some(sweeper) if sweeper == self.node() => {
-                    claimed.push(id.clone());
+                    claimed.push(Claim {
+                        node: id.clone(),
+                        fresh: false,
+                    });
                     continue;
                 }
                 Some(sweeper) if alive(sweeper) => continue,
@@ -201,7 +257,10 @@ impl Cluster {
                 ..beat.clone()
             };
             if self.nodes.swap(id, Some(bytes), &claim)? {
-                claimed.push(id.clone());
+                claimed.push(Claim {
+                    node: id.clone(),
+                    fresh: true,
+                });
             }
         }
         Ok(claimed)
@@ -211,6 +270,10 @@ impl Cluster {
     /// (unless it comes back and dies again).
     pub fn swept(&self, dead: &str) -> Result<(), StoreError> {
         if let Some((beat, bytes)) = self.nodes.get_versioned(&dead.to_string())? {
+            // Restarted meanwhile (its fresh record has no claim): not ours to end.
+            if beat.swept_by.as_deref() != Some(self.node()) {
+                return Ok(());
+            }
             let done = Heartbeat {
                 stopped: true,
                 ..beat
@@ -232,9 +295,10 @@ impl Cluster {
     }
 
     /// Records `fingerprints` (role, fingerprint) as the cluster's identity when
-    /// none is recorded, or when no other node is alive (a cluster stopped as a
-    /// whole may change its keys: returns the differences, to log). With another
-    /// node alive, keys that differ are refused, each named.
+    /// none is recorded. Keys that differ from it are refused, each named, on a
+    /// shared database; a bastion alone on its own database (sled) takes its new
+    /// keys as the identity (they were rotated) and returns the differences, to
+    /// log.
     pub fn check_identity(
         &self,
         fingerprints: &[(&str, String)],
@@ -274,10 +338,14 @@ impl Cluster {
         let others_alive = self.records()?.iter().any(|(id, beat, _)| {
             id != self.node() && !beat.stopped && !is_dead(beat, now, self.settings.timeout)
         });
-        if others_alive {
+        // On a shared database, a node with keys of its own (one whose empty key
+        // directory made fresh ones) must never become the cluster's identity,
+        // even while the others are down.
+        if others_alive || seam.is_shared() {
             return Err(ClusterError::Identity(format!(
                 "this node's keys are not the cluster's (recorded by node {}): {}; copy the key \
-                 files from a running node (README: \"Running several bastions\") and start again",
+                 files from a running node (README: \"Running several bastions\", which also says \
+                 how to change the cluster's keys) and start again",
                 recorded.recorded_by,
                 differences.join("; ")
             )));
@@ -355,7 +423,16 @@ mod tests {
         assert!(b.claim_dead(at(9)).unwrap().is_empty(), "a is not dead yet");
         let by_b = b.claim_dead(at(12)).unwrap();
         let by_c = c.claim_dead(at(12)).unwrap();
-        assert_eq!([by_b, by_c].concat(), vec!["a".to_string()]);
+        assert_eq!([by_b, by_c].concat(), vec![fresh("a")]);
+        assert!(b.has_peers(), "c is alive");
+        // Until b has swept it, a stays b's claim, no longer a fresh one.
+        assert_eq!(
+            b.claim_dead(at(13)).unwrap(),
+            vec![Claim {
+                node: "a".into(),
+                fresh: false
+            }]
+        );
         // a wakes up: it must not go on as if nothing happened.
         let lost = a.beat(at(13)).unwrap().unwrap_err();
         assert_eq!(lost.by, "b");
@@ -375,12 +452,46 @@ mod tests {
         let c = Cluster::join(&store, settings("c", "h3"), at(0)).unwrap();
         b.beat(at(11)).unwrap().unwrap();
         c.beat(at(11)).unwrap().unwrap();
-        assert_eq!(b.claim_dead(at(11)).unwrap(), vec!["a"]);
+        assert_eq!(b.claim_dead(at(11)).unwrap(), vec![fresh("a")]);
         // b dies before it is done; c takes both over.
         c.beat(at(30)).unwrap().unwrap();
-        let mut claimed = c.claim_dead(at(30)).unwrap();
+        let mut claimed: Vec<String> = c
+            .claim_dead(at(30))
+            .unwrap()
+            .into_iter()
+            .map(|c| c.node)
+            .collect();
         claimed.sort();
         assert_eq!(claimed, vec!["a", "b"]);
+        // A sweep that finds the node restarted leaves its new record alone.
+        let a = Cluster::join(&store, settings("a", "h1"), at(31)).unwrap();
+        c.swept("a").unwrap();
+        a.beat(at(32)).unwrap().unwrap();
+    }
+
+    fn fresh(node: &str) -> Claim {
+        Claim {
+            node: node.into(),
+            fresh: true,
+        }
+    }
+
+    /// A beat that committed but whose answer was lost is recognised as ours.
+    #[test]
+    fn a_lost_answer_to_a_beat_does_not_stop_the_node() {
+        let (_dir, store) = store();
+        let a = Cluster::join(&store, settings("a", "h1"), at(0)).unwrap();
+        // What a committed beat with a lost reply leaves: the record moved on,
+        // our `last` did not.
+        let moved = Heartbeat {
+            machine: "h1".into(),
+            started_at: at(0),
+            beat_at: at(2),
+            stopped: false,
+            swept_by: None,
+        };
+        a.nodes.put(&"a".to_string(), &moved).unwrap();
+        a.beat(at(4)).unwrap().unwrap();
     }
 
     #[test]

@@ -238,8 +238,12 @@ pub async fn run(
         lost = upkeep::keep_heartbeat(state.clone()) => anyhow::bail!("{lost}"),
     }
     jobs.shutdown().await;
-    if let Err(err) = state.cluster.leave(chrono::Utc::now()) {
-        tracing::warn!(error = %err, "cannot record this node's stop; the others will find it dead after node_timeout");
+    // A node that stopped with sessions still live leaves them to be swept.
+    let all_ended = *state.live_sessions.borrow() == 0;
+    if all_ended {
+        if let Err(err) = state.cluster.leave(chrono::Utc::now()) {
+            tracing::warn!(error = %err, "cannot record this node's stop; the others will find it dead after node_timeout");
+        }
     }
     state
         .blocking(|state| state.store.flush())

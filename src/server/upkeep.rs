@@ -126,60 +126,100 @@ pub async fn watch_disk(state: Arc<State>) -> String {
     }
 }
 
-/// Writes this node's heartbeat every `[cluster] heartbeat` and marks the live
-/// sessions of nodes the cluster finds dead `interrupted`, with a `node.lost`
-/// event first. Returns (for the server to exit non-zero) when this node finds
-/// itself declared dead: its sessions are on record as interrupted already.
+/// Writes this node's heartbeat every `[cluster] heartbeat`, and sweeps the nodes
+/// the cluster finds dead (see [`sweep`]). Returns, for the server to exit
+/// non-zero, when this node must stop:
+/// - it finds itself declared dead (its sessions are on record as interrupted);
+/// - while other nodes run, it could not write a heartbeat for half of
+///   `node_timeout`: it fences itself, stopping before they may declare it dead,
+///   so that no session goes on unrecorded behind a node the cluster thinks dead.
+///
+/// A node alone waits out an unreachable database instead: nobody could claim it.
+/// A sweep waits until this node's own beats have gone through for a whole
+/// `node_timeout`, so a node back from an outage does not claim the others, who
+/// could not beat either.
 pub async fn keep_heartbeat(state: Arc<State>) -> String {
-    let mut tick = tokio::time::interval(state.cluster.settings().heartbeat);
+    let settings = state.cluster.settings().clone();
+    let fence = settings.timeout / 2;
+    let mut tick = tokio::time::interval(settings.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_beat = tokio::time::Instant::now();
+    let mut beating_since = Some(last_beat);
     loop {
         tick.tick().await;
-        let beating = state.clone();
-        match tokio::task::spawn_blocking(move || beat_and_sweep(&beating)).await {
-            Ok(Some(lost)) => return lost,
-            Ok(None) => {}
-            Err(err) => tracing::error!(error = %err, "the heartbeat task failed"),
+        let cluster_state = state.clone();
+        let beat = tokio::task::spawn_blocking(move || cluster_state.cluster.beat(Utc::now()));
+        let left = fence
+            .saturating_sub(last_beat.elapsed())
+            .max(settings.heartbeat);
+        match tokio::time::timeout(left, beat).await {
+            Ok(Ok(Ok(Ok(())))) => {
+                last_beat = tokio::time::Instant::now();
+                beating_since.get_or_insert(last_beat);
+            }
+            Ok(Ok(Ok(Err(lost)))) => return lost.to_string(),
+            Ok(Ok(Err(err))) => {
+                tracing::error!(error = %err, "cannot write this node's heartbeat");
+                beating_since = None;
+            }
+            Ok(Err(err)) => {
+                tracing::error!(error = %err, "the heartbeat task failed");
+                beating_since = None;
+            }
+            Err(_) => beating_since = None,
+        }
+        if last_beat.elapsed() >= fence && state.cluster.has_peers() {
+            return format!(
+                "node {} could not write its heartbeat for {} (half of node_timeout) while other nodes run; stopping before they declare it dead",
+                state.cluster.node(),
+                crate::duration::format(last_beat.elapsed())
+            );
+        }
+        let steady = beating_since.is_some_and(|since| since.elapsed() >= settings.timeout);
+        if steady && state.cluster.start_sweep() {
+            let sweeping = state.clone();
+            tokio::task::spawn_blocking(move || {
+                sweep(&sweeping);
+                sweeping.cluster.end_sweep();
+            });
         }
     }
 }
 
-/// One heartbeat and one sweep; `Some(reason)` when this node was declared dead.
-fn beat_and_sweep(state: &State) -> Option<String> {
-    let now = Utc::now();
-    match state.cluster.beat(now) {
-        Ok(Ok(())) => {}
-        Ok(Err(lost)) => return Some(lost.to_string()),
-        Err(err) => {
-            // `/healthz` reports the store; the next beat tries again.
-            tracing::error!(error = %err, "cannot write this node's heartbeat");
-            return None;
-        }
-    }
-    let dead = match state.cluster.claim_dead(now) {
-        Ok(dead) => dead,
+/// Claims the nodes whose heartbeats stopped and marks their live sessions
+/// `interrupted` (and gives up the session ids they had taken), with a
+/// `node.lost` event when the claim is new. Runs on the blocking pool, apart from
+/// the heartbeat, so a long sweep never delays this node's own beats; one sweep
+/// at a time.
+fn sweep(state: &State) {
+    let claims = match state.cluster.claim_dead(Utc::now()) {
+        Ok(claims) => claims,
         Err(err) => {
             tracing::error!(error = %err, "cannot read the other nodes' heartbeats");
-            return None;
+            return;
         }
     };
     let me = state.cluster.node();
-    for node in dead {
+    for claim in claims {
+        let node = claim.node.as_str();
         tracing::warn!(%node, "node stopped sending heartbeats; marking its live sessions interrupted");
-        // On the blocking pool already: the grant service appends where it is.
-        let swept = state
-            .grants
-            .audit(
-                AuditEvent::new(AuditKind::NodeLost, "portcullis", now)
-                    .detail("node", node.as_str())
-                    .detail("declared_by", me),
-            )
-            .map_err(anyhow::Error::from)
-            .and_then(|()| super::mark_interrupted_sessions(state, &node, Some(me)))
-            .and_then(|()| Ok(state.cluster.swept(&node)?));
+        let announced = match claim.fresh {
+            // The grant service appends where it is: this is the blocking pool.
+            true => state
+                .grants
+                .audit(
+                    AuditEvent::new(AuditKind::NodeLost, "portcullis", Utc::now())
+                        .detail("node", node)
+                        .detail("declared_by", me),
+                )
+                .map_err(anyhow::Error::from),
+            false => Ok(()),
+        };
+        let swept = announced
+            .and_then(|()| super::mark_interrupted_sessions(state, node, Some(me)))
+            .and_then(|()| Ok(state.cluster.swept(node)?));
         if let Err(err) = swept {
             tracing::error!(%node, error = %err, "cannot mark the sessions of a dead node; trying again at the next heartbeat");
         }
     }
-    None
 }

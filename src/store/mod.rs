@@ -114,6 +114,10 @@ pub trait Backend: Send + Sync {
     /// database (sled: its write errors are sticky) rather than clearing by
     /// itself once the database answers again (a server that was unreachable).
     fn failure_is_sticky(&self) -> bool;
+
+    /// Whether several bastions may share this database (PostgreSQL), rather
+    /// than one process holding it (sled).
+    fn is_shared(&self) -> bool;
 }
 
 /// Which backend holds the data (`[store]` in the config).

@@ -903,6 +903,10 @@ impl Backend for PgBackend {
     fn failure_is_sticky(&self) -> bool {
         false
     }
+
+    fn is_shared(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -213,6 +213,10 @@ impl Backend for SledBackend {
     fn failure_is_sticky(&self) -> bool {
         true
     }
+
+    fn is_shared(&self) -> bool {
+        false
+    }
 }
 
 /// Hands sled's events to `sink` until either end goes away.

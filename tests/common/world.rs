@@ -83,8 +83,11 @@ impl World {
             true => String::new(),
             false => store_chosen_by("PORTCULLIS_TEST_STORE").0,
         };
-        fs::write(root.join(EXTRA_CONFIG), options.extra_config.clone() + &store)
-            .expect("write extra config");
+        fs::write(
+            root.join(EXTRA_CONFIG),
+            options.extra_config.clone() + &store,
+        )
+        .expect("write extra config");
 
         let keys = Bastion::keys(root);
         let ca_pub = root.join("data").join("ca_ed25519.pub");
