@@ -8,8 +8,12 @@ pub struct WorldOptions {
     /// Pin this host key for the target instead of the real one (to test a
     /// changed host key).
     pub pinned_host_key: Option<String>,
-    /// Extra lines for portcullis.toml (e.g. a `[notify]` table).
+    /// Extra lines for portcullis.toml (e.g. a `[notify]` table), shared with
+    /// [`World::another_node`]s.
     pub extra_config: String,
+    /// Lines for this world's bastion only, after `extra_config` (its `[cluster]`
+    /// table: each node has its own `node_id`).
+    pub node_config: String,
     /// Also start a second sshd that trusts only the bastion's CA (no
     /// authorized_keys at all), as target `certs` with `auth = "certificate"`.
     pub certificate_target: bool,
@@ -78,6 +82,7 @@ impl World {
         let mallory_key = root.join("mallory");
         keygen(&mallory_key, "mallory");
         fs::write(root.join(EXTRA_CONFIG), &options.extra_config).expect("write extra config");
+        fs::write(root.join(NODE_CONFIG), &options.node_config).expect("write node config");
 
         let keys = Bastion::keys(root);
         let ca_pub = root.join("data").join("ca_ed25519.pub");
@@ -167,10 +172,30 @@ impl World {
 
     /// Another bastion node beside this world's, in its own directory `name`
     /// (under the world's), running `binary`: the same keys, policies and extra
-    /// config, then `extra` (e.g. its own `[cluster] node_id`). Targets trust it and
-    /// the world's clients may use it at its port. For several nodes on one
-    /// database and for benchmarks against another build.
+    /// config, then `extra` for it alone (e.g. its own `[cluster]` table). Targets
+    /// trust it and the world's clients may use it at its port. For several nodes
+    /// on one database and for benchmarks against another build.
     pub fn another_node(&self, name: &str, binary: &Path, extra: &str) -> Bastion {
+        let dir = self.node_dir(name, extra);
+        let mut keys = Command::new("cp");
+        keys.arg("-a");
+        for key in ["host_ed25519", "upstream_ed25519", "ca_ed25519", "totp.key"] {
+            keys.arg(self.path("data").join(key));
+        }
+        assert!(
+            keys.arg(dir.join("data"))
+                .status()
+                .expect("run cp")
+                .success(),
+            "copy the keys to {name}"
+        );
+        Bastion::start_binary(&dir, binary)
+    }
+
+    /// The directory of another node `name` (see [`World::another_node`]) with the
+    /// world's policies and config and `extra` for it alone, but no keys yet (a
+    /// node started from it makes its own); returns it.
+    pub fn node_dir(&self, name: &str, extra: &str) -> PathBuf {
         let dir = self.path(name);
         let data = dir.join("data");
         fs::create_dir_all(&data).expect("create the node's data dir");
@@ -184,19 +209,9 @@ impl World {
             .status()
             .expect("run cp");
         assert!(copied.success(), "copy the policies to {name}");
-        let mut keys = Command::new("cp");
-        keys.arg("-a");
-        for key in ["host_ed25519", "upstream_ed25519", "ca_ed25519", "totp.key"] {
-            keys.arg(root.join("data").join(key));
-        }
-        assert!(
-            keys.arg(&data).status().expect("run cp").success(),
-            "copy the keys to {name}"
-        );
-        let shared = fs::read_to_string(root.join(EXTRA_CONFIG)).unwrap_or_default();
-        fs::write(dir.join(EXTRA_CONFIG), format!("{shared}\n{extra}"))
-            .expect("write extra config");
-        Bastion::start_binary(&dir, binary)
+        fs::copy(root.join(EXTRA_CONFIG), dir.join(EXTRA_CONFIG)).expect("copy extra config");
+        fs::write(dir.join(NODE_CONFIG), extra).expect("write node config");
+        dir
     }
 
     /// Points every engineer's client at the bastion on `port`.
