@@ -343,3 +343,58 @@ pub fn flushed_shell_session(world: &World) -> Tmux {
     thread::sleep(Duration::from_millis(2500));
     tmux
 }
+
+/// `watch ID` as `dave` (an auditor's client, on any node) of the live shell
+/// session in `tmux`: it starts with what was shown so far (`so_far`), follows
+/// new output, and ends when the session does.
+pub fn assert_watch_follows(world: &World, dave: &Client, tmux: &Tmux, id: &str, so_far: &str) {
+    let mut watcher = Background::spawn(
+        dave.ssh_command(CONTROL_USER, &[], &["watch", id]),
+        &world.path("watch.log"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || watcher
+            .output()
+            .contains(so_far)),
+        "watch starts with what was shown so far: {}",
+        watcher.output()
+    );
+    tmux.send("echo after-$((20+22))", true);
+    tmux.send("Enter", false);
+    assert!(
+        wait_until(Duration::from_secs(10), || watcher
+            .output()
+            .contains("after-42")),
+        "watch sees new output: {}",
+        watcher.output()
+    );
+    tmux.send("exit", true);
+    tmux.send("Enter", false);
+    let status = watcher.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} {}",
+        watcher.output()
+    );
+    assert!(
+        watcher.output().contains(&format!("session {id} ended")),
+        "{}",
+        watcher.output()
+    );
+}
+
+/// The `ssh` of a session under grant `id` ends within a second of `bob`'s
+/// revocation (just made) with `reason`, and tells its user why.
+pub fn assert_revoked_within_a_second(session: Child, id: &str, reason: &str) {
+    let (out, took) = wait_output(session, Duration::from_secs(10));
+    eprintln!("revoke → session closed in {took:?}");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+    assert_eq!(out.status.code(), Some(255), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "grant {id} revoked by bob ({reason}) — session closed"
+        )),
+        "{stderr}"
+    );
+}
