@@ -229,11 +229,12 @@ fn an_approval_on_one_node_serves_and_wakes_the_other() {
         &n.through_lb(&w.alice),
         &["prod", "--shell", "--reason", "INC-1"],
     );
-    let filed_on_a = w
-        .bastion
-        .log()
-        .lines()
-        .any(|l| l.contains("control command") && l.contains("command=\"request\""));
+    let filed = |log: String| {
+        log.lines()
+            .any(|l| l.contains("control command") && l.contains("command=\"request\""))
+    };
+    let filed_on_a = filed(w.bastion.log());
+    assert_ne!(filed_on_a, filed(n.b.log()), "exactly one node filed it");
     let approver = if filed_on_a {
         n.on_b(&w.bob)
     } else {
@@ -371,8 +372,13 @@ fn concurrent_approvals_on_both_nodes_count_exactly_once_each() {
             &["crit", "--shell", "--reason", &format!("same-{round}")],
         );
         let outs = race(&id, &bob_a, &bob_b);
-        let accepted = outs.iter().filter(|out| out.status.success()).count();
-        assert_eq!(accepted, 1, "round {round}: {outs:?}");
+        let (accepted, refused): (Vec<_>, Vec<_>) = outs.iter().partition(|o| o.status.success());
+        assert_eq!(accepted.len(), 1, "round {round}: {outs:?}");
+        assert_failure_mentions(
+            refused[0],
+            "the second approval by bob",
+            &["you already approved"],
+        );
         let grant = show(w, &w.bob, &id);
         assert_eq!(grant["state"], "pending", "round {round}: {grant}");
         assert_eq!(grant["approvals"].as_array().unwrap().len(), 1, "{grant}");
