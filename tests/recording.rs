@@ -124,39 +124,7 @@ fn watch_follows_a_live_session_from_what_it_showed_so_far() {
     assert_eq!(live.len(), 1, "{live:?}");
     let id = live[0]["id"].as_u64().unwrap().to_string();
 
-    let log = w.path("watch.log");
-    let mut watcher =
-        Background::spawn(w.dave.ssh_command(CONTROL_USER, &[], &["watch", &id]), &log);
-    assert!(
-        wait_until(Duration::from_secs(10), || watcher
-            .output()
-            .contains("before-2")),
-        "watch starts with what was shown so far: {}",
-        watcher.output()
-    );
-    tmux.send("echo after-$((20+22))", true);
-    tmux.send("Enter", false);
-    assert!(
-        wait_until(Duration::from_secs(10), || watcher
-            .output()
-            .contains("after-42")),
-        "watch sees new output: {}",
-        watcher.output()
-    );
-    tmux.send("exit", true);
-    tmux.send("Enter", false);
-    let status = watcher.wait_exit(Duration::from_secs(10));
-    assert!(
-        status.is_some_and(|s| s.success()),
-        "{:?} {}",
-        status,
-        watcher.output()
-    );
-    assert!(
-        watcher.output().contains(&format!("session {id} ended")),
-        "{}",
-        watcher.output()
-    );
+    assert_watch_follows(&w, &w.dave, &tmux, &id, "before-2");
     let err = w.control_as(&w.dave, &["watch", &id]);
     assert!(text(&err.stderr).contains("not live"), "{}", describe(&err));
 }

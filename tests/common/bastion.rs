@@ -42,7 +42,11 @@ impl Bastion {
              policies = \"policies\"\n\
              log_format = \"text\"\n"
         );
-        let mut extra = fs::read_to_string(dir.join(EXTRA_CONFIG)).unwrap_or_default();
+        let mut extra = String::new();
+        for file in [EXTRA_CONFIG, NODE_CONFIG] {
+            extra.push_str(&fs::read_to_string(dir.join(file)).unwrap_or_default());
+            extra.push('\n');
+        }
         if !extra.contains("[limits]") {
             // Tests fail authentications on purpose, and the harness probes the
             // port with bare TCP connects: keep 127.0.0.1 from being locked out as

@@ -18,6 +18,7 @@
 //! - [`in_process`]: the bastion run inside the test (for tokio's paused clock)
 //! - [`haproxy`]: a real HAProxy in front of bastions, sending the PROXY protocol
 //! - [`tmux`]: a real terminal whose size the test controls
+//! - [`totp`]: TOTP enrolment and answers to the step-up prompt
 //! - [`postgres`]: a real PostgreSQL server, one per test binary, a database per test
 //! - [`world`]: all of them together, one temp dir per test
 
@@ -29,6 +30,7 @@ pub mod postgres;
 pub mod processes;
 pub mod sshd;
 pub mod tmux;
+pub mod totp;
 pub mod world;
 
 pub use bastion::*;
@@ -39,6 +41,7 @@ pub use postgres::*;
 pub use processes::*;
 pub use sshd::*;
 pub use tmux::*;
+pub use totp::*;
 pub use world::*;
 
 use std::collections::BTreeMap;
@@ -67,8 +70,13 @@ pub const TARGET: &str = "local";
 /// The engineer known to the policies.
 pub const USER: &str = "alice";
 
-/// File in a world's directory whose lines are appended to portcullis.toml.
+/// File in a world's directory whose lines are appended to portcullis.toml; other
+/// nodes of the world ([`World::another_node`]) get them too.
 const EXTRA_CONFIG: &str = "portcullis.extra.toml";
+
+/// File in a node's directory whose lines are appended to portcullis.toml after
+/// [`EXTRA_CONFIG`]'s: this node's own (its `[cluster]` table), never copied.
+const NODE_CONFIG: &str = "portcullis.node.toml";
 
 /// The reserved username of the control plane.
 pub const CONTROL_USER: &str = "portcullis";

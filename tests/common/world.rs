@@ -8,8 +8,12 @@ pub struct WorldOptions {
     /// Pin this host key for the target instead of the real one (to test a
     /// changed host key).
     pub pinned_host_key: Option<String>,
-    /// Extra lines for portcullis.toml (e.g. a `[notify]` table).
+    /// Extra lines for portcullis.toml (e.g. a `[notify]` table), shared with
+    /// [`World::another_node`]s.
     pub extra_config: String,
+    /// Lines for this world's bastion only, after `extra_config` (its `[cluster]`
+    /// table: each node has its own `node_id`).
+    pub node_config: String,
     /// Also start a second sshd that trusts only the bastion's CA (no
     /// authorized_keys at all), as target `certs` with `auth = "certificate"`.
     pub certificate_target: bool,
@@ -88,6 +92,7 @@ impl World {
             options.extra_config.clone() + &store,
         )
         .expect("write extra config");
+        fs::write(root.join(NODE_CONFIG), &options.node_config).expect("write node config");
 
         let keys = Bastion::keys(root);
         let ca_pub = root.join("data").join("ca_ed25519.pub");
@@ -177,10 +182,30 @@ impl World {
 
     /// Another bastion node beside this world's, in its own directory `name`
     /// (under the world's), running `binary`: the same keys, policies and extra
-    /// config, then `extra` (e.g. its own `[cluster] node_id`). Targets trust it and
-    /// the world's clients may use it at its port. For several nodes on one
-    /// database and for benchmarks against another build.
+    /// config, then `extra` for it alone (e.g. its own `[cluster]` table). Targets
+    /// trust it and the world's clients may use it at its port. For several nodes
+    /// on one database and for benchmarks against another build.
     pub fn another_node(&self, name: &str, binary: &Path, extra: &str) -> Bastion {
+        let dir = self.node_dir(name, extra);
+        let mut keys = Command::new("cp");
+        keys.arg("-a");
+        for key in ["host_ed25519", "upstream_ed25519", "ca_ed25519", "totp.key"] {
+            keys.arg(self.path("data").join(key));
+        }
+        assert!(
+            keys.arg(dir.join("data"))
+                .status()
+                .expect("run cp")
+                .success(),
+            "copy the keys to {name}"
+        );
+        Bastion::start_binary(&dir, binary)
+    }
+
+    /// The directory of another node `name` (see [`World::another_node`]) with the
+    /// world's policies and config and `extra` for it alone, but no keys yet (a
+    /// node started from it makes its own); returns it.
+    pub fn node_dir(&self, name: &str, extra: &str) -> PathBuf {
         let dir = self.path(name);
         let data = dir.join("data");
         fs::create_dir_all(&data).expect("create the node's data dir");
@@ -194,19 +219,9 @@ impl World {
             .status()
             .expect("run cp");
         assert!(copied.success(), "copy the policies to {name}");
-        let mut keys = Command::new("cp");
-        keys.arg("-a");
-        for key in ["host_ed25519", "upstream_ed25519", "ca_ed25519", "totp.key"] {
-            keys.arg(root.join("data").join(key));
-        }
-        assert!(
-            keys.arg(&data).status().expect("run cp").success(),
-            "copy the keys to {name}"
-        );
-        let shared = fs::read_to_string(root.join(EXTRA_CONFIG)).unwrap_or_default();
-        fs::write(dir.join(EXTRA_CONFIG), format!("{shared}\n{extra}"))
-            .expect("write extra config");
-        Bastion::start_binary(&dir, binary)
+        fs::copy(root.join(EXTRA_CONFIG), dir.join(EXTRA_CONFIG)).expect("copy extra config");
+        fs::write(dir.join(NODE_CONFIG), extra).expect("write node config");
+        dir
     }
 
     /// Points every engineer's client at the bastion on `port`.
@@ -337,4 +352,59 @@ pub fn flushed_shell_session(world: &World) -> Tmux {
     // Longer than the flush interval, so the output is on disk.
     thread::sleep(Duration::from_millis(2500));
     tmux
+}
+
+/// `watch ID` as `dave` (an auditor's client, on any node) of the live shell
+/// session in `tmux`: it starts with what was shown so far (`so_far`), follows
+/// new output, and ends when the session does.
+pub fn assert_watch_follows(world: &World, dave: &Client, tmux: &Tmux, id: &str, so_far: &str) {
+    let mut watcher = Background::spawn(
+        dave.ssh_command(CONTROL_USER, &[], &["watch", id]),
+        &world.path("watch.log"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || watcher
+            .output()
+            .contains(so_far)),
+        "watch starts with what was shown so far: {}",
+        watcher.output()
+    );
+    tmux.send("echo after-$((20+22))", true);
+    tmux.send("Enter", false);
+    assert!(
+        wait_until(Duration::from_secs(10), || watcher
+            .output()
+            .contains("after-42")),
+        "watch sees new output: {}",
+        watcher.output()
+    );
+    tmux.send("exit", true);
+    tmux.send("Enter", false);
+    let status = watcher.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} {}",
+        watcher.output()
+    );
+    assert!(
+        watcher.output().contains(&format!("session {id} ended")),
+        "{}",
+        watcher.output()
+    );
+}
+
+/// The `ssh` of a session under grant `id` ends within a second of `bob`'s
+/// revocation (just made) with `reason`, and tells its user why.
+pub fn assert_revoked_within_a_second(session: Child, id: &str, reason: &str) {
+    let (out, took) = wait_output(session, Duration::from_secs(10));
+    eprintln!("revoke → session closed in {took:?}");
+    assert!(took <= Duration::from_secs(1), "took {took:?}");
+    assert_eq!(out.status.code(), Some(255), "{}", describe(&out));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "grant {id} revoked by bob ({reason}) — session closed"
+        )),
+        "{stderr}"
+    );
 }
