@@ -357,6 +357,24 @@ impl Cluster {
     }
 }
 
+/// The nodes of `store` whose heartbeat is fresh and who did not stop: a
+/// database they write to cannot be copied consistently (`store migrate`).
+pub fn live_nodes(
+    store: &Arc<Store>,
+    now: DateTime<Utc>,
+    timeout: std::time::Duration,
+) -> Result<Vec<String>, StoreError> {
+    let nodes: Table<String, Heartbeat> = Table::new(store, NODES);
+    let mut live = Vec::new();
+    for entry in nodes.iter() {
+        let (id, beat) = entry?;
+        if !beat.stopped && !is_dead(&beat, now, timeout) {
+            live.push(id);
+        }
+    }
+    Ok(live)
+}
+
 /// The fingerprints every node must share.
 #[derive(Serialize, Deserialize)]
 struct Identity {

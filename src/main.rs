@@ -348,8 +348,19 @@ fn migrate_store(from: &Config, to: &Config, to_file: &std::path::Path) -> Resul
         .transpose()
         .context("stop the bastion that serves --to first")?;
     copy_keys(from, to)?;
-    let source = Store::open(&from.store, &from.data_dir)
-        .with_context(|| format!("cannot open {}", from.store_location()))?;
+    let source = std::sync::Arc::new(
+        Store::open(&from.store, &from.data_dir)
+            .with_context(|| format!("cannot open {}", from.store_location()))?,
+    );
+    let running =
+        portcullis::cluster::live_nodes(&source, chrono::Utc::now(), from.cluster.node_timeout)?;
+    if !running.is_empty() {
+        anyhow::bail!(
+            "bastions still run on {} (nodes {}); stop every node first, or wait node_timeout after a crash",
+            from.store_location(),
+            running.join(", ")
+        );
+    }
     let destination = Store::open(&to.store, &to.data_dir)
         .with_context(|| format!("cannot open {}", to.store_location()))?;
     eprintln!(
@@ -405,6 +416,7 @@ fn copy_keys(from: &Config, to: &Config) -> Result<()> {
                     .open(target)
                     .with_context(|| format!("cannot create {}", target.display()))?;
                 file.write_all(&bytes)?;
+                file.sync_all()?;
                 let public = source.with_extension("pub");
                 if public.exists() {
                     std::fs::copy(&public, target.with_extension("pub"))?;

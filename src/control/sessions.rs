@@ -366,6 +366,9 @@ async fn watch_elsewhere(
         if ended && batches.is_empty() {
             break;
         }
+        if batches.len() == BATCHES_PER_LOOK {
+            continue; // behind: catch up before waiting for the next flush
+        }
         tokio::select! {
             _ = tick.tick() => {}
             msg = client.reader.wait() => {

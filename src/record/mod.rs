@@ -485,9 +485,13 @@ impl Recorder {
     /// target and grant) is appended if the reservation is dropped before
     /// [`Recorder::start`] uses it.
     pub fn reserve(self: &Arc<Self>, failed: AuditEvent) -> Result<Reservation, StoreError> {
-        let mut reserved = self.reserved.lock().expect("recorder lock poisoned");
+        // In the store first (every node's `audit verify` reads it), then here;
+        // no lock is held across the database's round trips.
         let id = self.store.reserve_id(&self.node)?;
-        reserved.insert(id);
+        self.reserved
+            .lock()
+            .expect("recorder lock poisoned")
+            .insert(id);
         Ok(Reservation {
             recorder: self.clone(),
             id,
