@@ -214,16 +214,18 @@ async fn write_to_target(
                     .unless("target", with_overdraft(overdraft, target.data_bytes(data)))
                     .await
             }
-            ChannelMsg::Eof => target.eof().await,
-            ChannelMsg::Signal { signal } => target.signal(signal).await,
+            // Every write that waits on the target is bounded by the idle window,
+            // like data: a session never hangs on a peer that stopped reading.
+            ChannelMsg::Eof => stalled.unless("target", target.eof()).await,
+            ChannelMsg::Signal { signal } => stalled.unless("target", target.signal(signal)).await,
             ChannelMsg::Close => return,
             // A window change is passed on (and recorded); anything else is not.
             other => match WindowSize::of(&other) {
                 Some(size) => {
                     recording.resize(size.cols, size.rows).await;
-                    target
-                        .window_change(size.cols, size.rows, size.pix_width, size.pix_height)
-                        .await
+                    let change =
+                        target.window_change(size.cols, size.rows, size.pix_width, size.pix_height);
+                    stalled.unless("target", change).await
                 }
                 None => Ok(()),
             },
@@ -322,11 +324,14 @@ async fn write_to_client(
                 outcome.bytes_from_target += data.len() as u64;
                 recording.output(Stream::Stderr, &data).await;
                 stalled
-                    .unless("client", writer.extended_data_bytes(ext, data))
+                    .unless(
+                        "client",
+                        with_overdraft(overdraft, writer.extended_data_bytes(ext, data)),
+                    )
                     .await
             }
             ChannelMsg::Eof if !shared.client_input_closed.load(Ordering::Acquire) => {
-                client.eof().await
+                stalled.unless("client", client.eof()).await
             }
             ChannelMsg::Eof => {
                 eof_waits_for_status = true;
@@ -334,9 +339,11 @@ async fn write_to_client(
             }
             ChannelMsg::ExitStatus { exit_status } => {
                 outcome.exit_status = Some(exit_status);
-                let sent = writer.exit_status(exit_status).await;
+                let sent = stalled
+                    .unless("client", writer.exit_status(exit_status))
+                    .await;
                 if eof_waits_for_status {
-                    let _ = client.eof().await;
+                    let _ = stalled.unless("client", client.eof()).await;
                 }
                 sent
             }
