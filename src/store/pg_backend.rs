@@ -74,9 +74,10 @@ const MIGRATION_LOCK: i64 = 0x706f_7274_6375_6c6c; // "portcull"
 
 /// The schema, one migration per version, applied in order, each in its own
 /// transaction. Never edit one that shipped: add the next.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE kv (
     tree text NOT NULL,
     key bytea NOT NULL,
@@ -107,7 +108,17 @@ $$;
 CREATE TRIGGER kv_notify AFTER INSERT OR UPDATE OR DELETE ON kv
     FOR EACH ROW EXECUTE FUNCTION portcullis_kv_notify();
 "#,
-)];
+    ),
+    (
+        2,
+        // Values come compressed when they compress (transcripts are zstd'd by
+        // `record`, the rest is small JSON): PostgreSQL's own TOAST compression
+        // would only spend CPU trying again on incompressible bytes.
+        r#"
+ALTER TABLE kv ALTER COLUMN value SET STORAGE EXTERNAL;
+"#,
+    ),
+];
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
