@@ -25,6 +25,21 @@ pub fn private_umask() {
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
 }
 
+/// Creates the file `path` with `bytes`, mode 0600, and syncs it; refuses to
+/// replace a file that exists (a key must never be overwritten by accident).
+pub fn create_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
 /// Creates `dir` (mode 0700) when it is missing; refuses one that others can
 /// read or enter, or that this user cannot write, with the fix in the message.
 pub fn prepare(dir: &Path) -> Result<()> {

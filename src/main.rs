@@ -407,16 +407,7 @@ fn copy_keys(from: &Config, to: &Config) -> Result<()> {
                 source.display()
             ),
             Err(_) => {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(target)
-                    .with_context(|| format!("cannot create {}", target.display()))?;
-                file.write_all(&bytes)?;
-                file.sync_all()?;
+                portcullis::datadir::create_private(target, &bytes)?;
                 let public = source.with_extension("pub");
                 if public.exists() {
                     std::fs::copy(&public, target.with_extension("pub"))?;

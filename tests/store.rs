@@ -355,14 +355,7 @@ fn an_unreachable_database_is_reported_and_recovers() {
     let store = Database::Postgres(pg_settings(&url)).open();
     assert_eq!(store.failure(), None);
     assert!(!store.failure_is_sticky());
-    postgres().sql(
-        "postgres",
-        &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
-    );
-    postgres().sql(
-        "postgres",
-        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
-    );
+    refuse_connections(name);
     assert!(
         wait_until(Duration::from_secs(5), || store.failure().is_some()),
         "failure() reports the database"
@@ -585,14 +578,7 @@ fn the_bastion_waits_out_an_unreachable_database() {
         ..WorldOptions::default()
     });
     assert_eq!(http_get(metrics, "/healthz").0, 200);
-    postgres().sql(
-        "postgres",
-        &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
-    );
-    postgres().sql(
-        "postgres",
-        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
-    );
+    refuse_connections(name);
     let mut health = (0, String::new());
     assert!(
         wait_until(Duration::from_secs(5), || {
@@ -651,4 +637,17 @@ fn a_bad_store_config_stops_the_bastion_with_a_clear_error() {
         let stderr = text(&out.stderr);
         assert!(!stderr.contains("hunter2") && !stderr.contains("panicked"), "{stderr}");
     }
+}
+
+/// Makes database `name` refuse new connections and ends those it has: an
+/// unreachable database, as the bastion sees it.
+fn refuse_connections(name: &str) {
+    postgres().sql(
+        "postgres",
+        &format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"),
+    );
+    postgres().sql(
+        "postgres",
+        &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
+    );
 }

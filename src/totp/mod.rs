@@ -401,8 +401,7 @@ fn key_fingerprint(key: &[u8]) -> String {
 }
 
 fn load_or_create_key(path: &Path) -> Result<Vec<u8>> {
-    use std::io::Write;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     if path.exists() {
         let mode = std::fs::metadata(path)?.mode();
         if mode & 0o077 != 0 {
@@ -415,13 +414,7 @@ fn load_or_create_key(path: &Path) -> Result<Vec<u8>> {
         return std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
     }
     let key: [u8; 32] = rand::rng().random();
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(&key)?;
+    crate::datadir::create_private(path, &key)?;
     Ok(key.to_vec())
 }
 
