@@ -8,7 +8,9 @@
 //! `interrupted`. A node that finds its own record claimed that way was declared
 //! dead while it still ran (paused, partitioned): its sessions are on record as
 //! interrupted, so it stops rather than carry on serving sessions the cluster
-//! considers over ([`Lost`]); the service manager restarts it.
+//! considers over ([`Lost`]); the service manager restarts it. To keep that
+//! window shut, a node that cannot write its heartbeat for half of `node_timeout`
+//! while other nodes run stops by itself (`server::upkeep::keep_heartbeat`).
 //!
 //! Heartbeats compare wall clocks of different machines: nodes must keep their
 //! clocks in sync (NTP), to well within `node_timeout`.

@@ -300,19 +300,13 @@ pub async fn watch(
         .batches(session.id)
         .take(follow.stored as usize);
     while let Some(chunks) = stored.next().transpose()? {
-        for chunk in chunks.into_iter().filter(|c| replay::shown(c, with_input)) {
-            if !show(out, &mut shown, chunk.data).await {
-                return Ok(String::new());
-            }
-        }
-    }
-    for chunk in std::mem::take(&mut follow.pending)
-        .into_iter()
-        .filter(|c| replay::shown(c, with_input))
-    {
-        if !show(out, &mut shown, chunk.data).await {
+        if !show_all(out, &mut shown, chunks, with_input).await {
             return Ok(String::new());
         }
+    }
+    let pending = std::mem::take(&mut follow.pending);
+    if !show_all(out, &mut shown, pending, with_input).await {
+        return Ok(String::new());
     }
     loop {
         tokio::select! {
@@ -338,6 +332,22 @@ pub async fn watch(
     Ok(format!("\n[portcullis: session {} ended]\n", session.id))
 }
 
+/// Shows the chunks `watch` shows (input only when the terminal does not echo
+/// it); false once the auditor is gone.
+async fn show_all(
+    out: &ClientOut,
+    shown: &mut Shown,
+    chunks: Vec<Chunk>,
+    with_input: bool,
+) -> bool {
+    for chunk in chunks.into_iter().filter(|c| replay::shown(c, with_input)) {
+        if !show(out, shown, chunk.data).await {
+            return false;
+        }
+    }
+    true
+}
+
 /// `watch` of a session that another node carries: its transcript as that node
 /// flushes it (every `FLUSH_INTERVAL`), read from the shared database, until the
 /// session's record says it is over and every batch is shown.
@@ -355,18 +365,17 @@ async fn watch_elsewhere(
     loop {
         let (batches, ended) =
             read_flushed(caller.state.recorder.clone(), session.id, next).await?;
-        for chunks in &batches {
-            for chunk in chunks.iter().filter(|c| replay::shown(c, with_input)) {
-                if !show(out, &mut shown, chunk.data.clone()).await {
-                    return Ok(String::new());
-                }
+        let read = batches.len();
+        for chunks in batches {
+            if !show_all(out, &mut shown, chunks, with_input).await {
+                return Ok(String::new());
             }
         }
-        next += batches.len() as u32;
-        if ended && batches.is_empty() {
+        next += read as u32;
+        if ended && read == 0 {
             break;
         }
-        if batches.len() == BATCHES_PER_LOOK {
+        if read == BATCHES_PER_LOOK {
             continue; // behind: catch up before waiting for the next flush
         }
         tokio::select! {
