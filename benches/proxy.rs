@@ -29,6 +29,7 @@
 //! files are written to the temp dir), `BENCH_RUNS`
 //! (transfers per route and direction, default 5), `BENCH_CONNECTS` (latency samples
 //! per route, default 21), `BENCH_ONLY=recording` (only the recording costs),
+//! `BENCH_PAYLOADS` (`zeros`, `random` or both, the default, comma-separated),
 //! `BENCH_STORE=postgres` (the bastion on a fresh database of a PostgreSQL server
 //! the benchmark starts, as the tests do; default `sled`),
 //! `BENCH_BASELINE=PATH` (also measure another portcullis binary, e.g. a release
@@ -52,6 +53,9 @@ struct Route {
     name: &'static str,
     /// Everything between `ssh` and the remote command.
     ssh_args: Vec<String>,
+    /// A portcullis route's bastion (process id, database directory), whose CPU
+    /// time and database growth are measured.
+    bastion: Option<(u32, std::path::PathBuf)>,
 }
 
 impl Route {
@@ -68,10 +72,12 @@ struct Figures {
     download_mib_s: Vec<f64>,
     upload_mib_s: Vec<f64>,
     connect_ms: Vec<f64>,
-    /// portcullis only: bastion CPU seconds per GiB moved, and database growth per
-    /// byte moved.
+    /// portcullis routes only: bastion CPU seconds per GiB moved, and database
+    /// growth per byte moved.
     cpu_s_per_gib: Vec<f64>,
     stored_per_byte: Vec<f64>,
+    /// On PostgreSQL: the database server's CPU seconds per GiB moved.
+    db_cpu_s_per_gib: Vec<f64>,
 }
 
 /// What the transfers carry: a file on the (local) target, read from page cache.
@@ -90,8 +96,10 @@ fn main() {
         return;
     }
     let (store_config, backend) = common::bench_store();
+    // The store is this bastion's own setting, so that the `sled` route below (same
+    // build, embedded default) can run next to it in the same run.
     let world = World::start_with(WorldOptions {
-        extra_config: store_config,
+        node_config: store_config.clone(),
         ..WorldOptions::default()
     });
     // Direct ssh and ProxyJump log in to the target with alice's own key; portcullis
@@ -99,19 +107,15 @@ fn main() {
     let jump = world.jump_host();
     let client_config = write_client_config(&world.path("ssh_config"), world.alice.key());
     let baseline = std::env::var_os("BENCH_BASELINE").map(|bin| baseline_bastion(&world, &bin));
+    // On PostgreSQL, the same build on sled runs as route `sled`: the backend's
+    // cost is the `portcullis/sled` row of one run.
+    let on_sled = (backend == "postgres")
+        .then(|| world.another_node("sled", Path::new(common::Bastion::binary()), ""));
     let mut routes = routes(&client_config, &world, &jump);
-    if let Some(baseline) = &baseline {
-        routes.push(Route {
-            name: "baseline",
-            ssh_args: with_host(vec![
-                "-F".into(),
-                client_config.display().to_string(),
-                "-p".into(),
-                baseline.port().to_string(),
-                "-l".into(),
-                world.target_user(),
-            ]),
-        });
+    for (name, other) in [("baseline", &baseline), ("sled", &on_sled)] {
+        if let Some(other) = other {
+            routes.push(other_bastion_route(name, other, &client_config, &world));
+        }
     }
 
     for route in &routes {
@@ -131,28 +135,39 @@ fn main() {
          loopback, {} cores, store {backend}",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    let payloads = [
-        payload(&world, "zeros", "/dev/zero", bytes),
-        payload(&world, "random", "/dev/urandom", bytes),
-    ];
-    let db = world.bastion.data_dir().join("db");
+    let wanted = std::env::var("BENCH_PAYLOADS").unwrap_or_else(|_| "zeros,random".into());
+    let payloads: Vec<Payload> = [("zeros", "/dev/zero"), ("random", "/dev/urandom")]
+        .into_iter()
+        .filter(|(name, _)| wanted.split(',').any(|w| w.trim() == *name))
+        .map(|(name, source)| payload(&world, name, source, bytes))
+        .collect();
     for payload in &payloads {
         let mut figures: Vec<Figures> = routes.iter().map(|_| Figures::default()).collect();
         for _ in 0..runs {
             for (route, fig) in routes.iter().zip(&mut figures) {
-                let measured = route.name == "portcullis";
-                let (cpu, size) = (cpu_seconds(world.bastion.pid()), dir_size(&db));
+                let before = route
+                    .bastion
+                    .as_ref()
+                    .map(|(pid, db)| (cpu_seconds(*pid), dir_size(db)));
+                let db_before = database_cpu(backend);
                 fig.download_mib_s
                     .push(mib as f64 / download(route, &payload.path, bytes));
                 fig.upload_mib_s
                     .push(mib as f64 / upload(route, &payload.path, bytes));
-                if measured {
+                if let (Some((pid, db)), Some((cpu, size))) = (&route.bastion, before) {
                     // Sessions are sealed when ssh exits; sled flushes within 200 ms.
                     std::thread::sleep(std::time::Duration::from_millis(500));
-                    let cpu = cpu_seconds(world.bastion.pid()) - cpu;
+                    let cpu = cpu_seconds(*pid) - cpu;
                     fig.cpu_s_per_gib.push(cpu * 1024.0 / (2 * mib) as f64);
-                    let grown = dir_size(&db).saturating_sub(size);
-                    fig.stored_per_byte.push(grown as f64 / (2 * bytes) as f64);
+                    if db.exists() {
+                        // (On PostgreSQL there is no database directory of its own.)
+                        let grown = dir_size(db).saturating_sub(size);
+                        fig.stored_per_byte.push(grown as f64 / (2 * bytes) as f64);
+                    }
+                    if let (Some(after), Some(before)) = (database_cpu(backend), db_before) {
+                        fig.db_cpu_s_per_gib
+                            .push((after - before) * 1024.0 / (2 * mib) as f64);
+                    }
                 }
             }
         }
@@ -172,7 +187,14 @@ fn main() {
         .iter()
         .map(|s| s["transcript_bytes"].as_f64().unwrap_or(0.0))
         .sum();
-    let size = dir_size(&world.bastion.data_dir().join("db"));
+    let size = match database_url(&store_config) {
+        Some(url) => {
+            let database = common::database_of(url);
+            let sql = "SELECT pg_database_size(current_database())";
+            common::postgres().sql(database, sql).parse().unwrap_or(0)
+        }
+        None => dir_size(&world.bastion.data_dir().join("db")),
+    };
     println!(
         "\nafter a restart: database {:.1} MiB for {:.1} MiB recorded ({:.2} bytes per byte; \
          half of it zeros, stored compressed)",
@@ -183,8 +205,41 @@ fn main() {
     println!("\ntargets: throughput ratios >= 1.0, latency ratio <= 1.0 (lower latency is better)");
     drop(jump);
     drop(baseline);
+    drop(on_sled);
     drop(world);
     recording_costs(mib, runs);
+}
+
+/// The route through `bastion`, another portcullis process on this world's keys.
+fn other_bastion_route(
+    name: &'static str,
+    bastion: &common::Bastion,
+    client_config: &Path,
+    world: &World,
+) -> Route {
+    Route {
+        name,
+        ssh_args: with_host(vec![
+            "-F".into(),
+            client_config.display().to_string(),
+            "-p".into(),
+            bastion.port().to_string(),
+            "-l".into(),
+            world.target_user(),
+        ]),
+        bastion: Some((bastion.pid(), bastion.data_dir().join("db"))),
+    }
+}
+
+/// The database URL in `[store]` lines from [`common::bench_store`], if any.
+fn database_url(store_config: &str) -> Option<&str> {
+    let line = store_config.lines().find(|l| l.starts_with("url = \""))?;
+    line.strip_prefix("url = \"")?.strip_suffix('"')
+}
+
+/// The PostgreSQL server's CPU seconds so far, when the bastion is on it.
+fn database_cpu(backend: &str) -> Option<f64> {
+    (backend == "postgres").then(|| common::postgres().cpu_seconds())
 }
 
 /// A second bastion running `binary`, on this world's keys, policies and target.
@@ -380,14 +435,17 @@ fn routes(config: &Path, world: &World, jump: &Sshd) -> Vec<Route> {
         Route {
             name: "direct",
             ssh_args: with_host(base(world.sshd.port(), login)),
+            bastion: None,
         },
         Route {
             name: "proxyjump",
             ssh_args: with_host(proxyjump),
+            bastion: None,
         },
         Route {
             name: "portcullis",
             ssh_args: with_host(base(world.bastion.port(), &world.target_user())),
+            bastion: Some((world.bastion.pid(), world.bastion.data_dir().join("db"))),
         },
     ]
 }
@@ -479,13 +537,14 @@ fn connect_and_run_true(route: &Route) -> f64 {
 
 fn print_table(routes: &[Route], figures: &mut [Figures]) {
     println!(
-        "{:<22} {:>16} {:>16} {:>18} {:>14} {:>16}",
+        "{:<22} {:>16} {:>16} {:>18} {:>14} {:>16} {:>17}",
         "route (median)",
         "download MiB/s",
         "upload MiB/s",
         "connect+true ms",
         "CPU s per GiB",
-        "stored per byte"
+        "stored per byte",
+        "DB CPU s per GiB"
     );
     let mut medians = Vec::new();
     for (route, fig) in routes.iter().zip(figures.iter_mut()) {
@@ -502,7 +561,7 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
             }
         };
         println!(
-            "{:<22} {:>16.1} {:>16.1} {:>18} {} {}",
+            "{:<22} {:>16.1} {:>16.1} {:>18} {} {} {}",
             route.name,
             row[0],
             row[1],
@@ -513,6 +572,7 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
             },
             optional(&mut fig.cpu_s_per_gib, 14),
             optional(&mut fig.stored_per_byte, 16),
+            optional(&mut fig.db_cpu_s_per_gib, 17),
         );
         medians.push(row);
     }
@@ -534,8 +594,10 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
         )
     };
     ratio("portcullis/proxyjump", by_name("proxyjump"));
-    if routes.iter().any(|r| r.name == "baseline") {
-        ratio("portcullis/baseline", by_name("baseline"));
+    for other in ["baseline", "sled"] {
+        if routes.iter().any(|r| r.name == other) {
+            ratio(&format!("portcullis/{other}"), by_name(other));
+        }
     }
 }
 

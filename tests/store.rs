@@ -18,7 +18,7 @@ use chrono::Utc;
 use common::*;
 use portcullis::grant::notify::Notifier;
 use portcullis::grant::{GrantState, Grants, RequestSpec, Scope};
-use portcullis::store::{Change, PgSettings, Settings, Store, Subscription};
+use portcullis::store::{Change, Entry, PgSettings, Settings, Store, Subscription};
 use tempfile::TempDir;
 
 /// One database as the contract sees it; [`Database::open`] gives a backend on it.
@@ -273,6 +273,28 @@ fn put_all_writes_everything_or_nothing() {
             .filter(|e| e.as_ref().unwrap().1 == b"new")
             .count();
         assert_eq!(new, if written { 50 } else { 0 }, "written: {written}");
+        if let Database::Postgres(_) = database {
+            assert!(!written, "PostgreSQL refuses the oversized key");
+        }
+        // Large batches (on PostgreSQL added by COPY while their keys are new):
+        // all new; one over a key that is there already, which lands whole with
+        // the key's new value; one with a key PostgreSQL refuses, which does not
+        // land at all there.
+        let large = |first: u64| -> Vec<Entry> {
+            (first..first + 20)
+                .map(|n| (be(n), vec![n as u8; 8192]))
+                .collect()
+        };
+        seam.put_all("large", large(0)).unwrap();
+        seam.put("large", &be(25), b"old").unwrap();
+        seam.put_all("large", large(20)).unwrap();
+        let stored: Vec<_> = seam.scan("large", b"", None).map(|e| e.unwrap()).collect();
+        assert_eq!(stored, [large(0), large(20)].concat());
+        let mut refused = large(100);
+        refused.push((random_bytes(10_000), b"huge".to_vec()));
+        let written = seam.put_all("large", refused).is_ok();
+        let count = seam.scan("large", b"", None).count();
+        assert_eq!(count, if written { 61 } else { 40 }, "written: {written}");
         if let Database::Postgres(_) = database {
             assert!(!written, "PostgreSQL refuses the oversized key");
         }

@@ -1166,12 +1166,8 @@ async fn write_batch(
     let plain: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
     let writer = store.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        let mut stored = Vec::new();
-        for (n, piece) in pieces(&chunks).enumerate() {
-            let value = transcript::encode_stored(piece);
-            writer.put_batch(id, first + n as u32, &value)?;
-            stored.push(value);
-        }
+        let stored: Vec<Vec<u8>> = pieces(&chunks).map(transcript::encode_stored).collect();
+        writer.put_batches(id, first, &stored)?;
         Ok::<Vec<Vec<u8>>, StoreError>(stored)
     })
     .await

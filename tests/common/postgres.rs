@@ -164,6 +164,32 @@ impl Postgres {
         self.port
     }
 
+    /// CPU seconds the server has used so far: the postmaster, the children it
+    /// has reaped, and the ones still running (backends, WAL writer,
+    /// checkpointer). Benchmarks put it next to the bastion's own.
+    pub fn cpu_seconds(&self) -> f64 {
+        let pid_file =
+            fs::read_to_string(self.dir.join("data").join("postmaster.pid")).unwrap_or_default();
+        let Some(postmaster) = pid_file.lines().next().and_then(|l| l.trim().parse().ok()) else {
+            return 0.0;
+        };
+        let ticks = |fields: &[String], at: std::ops::Range<usize>| -> f64 {
+            at.filter_map(|i| fields.get(i)?.parse::<f64>().ok()).sum()
+        };
+        // Fields after the command: utime 11, stime 12, cutime 13, cstime 14.
+        let mut total = ticks(&stat_fields(postmaster), 11..15);
+        for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            let fields = stat_fields(pid);
+            if fields.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(postmaster) {
+                total += ticks(&fields, 11..13);
+            }
+        }
+        total / 100.0 // USER_HZ is 100 on Linux
+    }
+
     /// The file that holds the password (for `password_file`).
     pub fn password_file(&self) -> &Path {
         &self.password_file
