@@ -14,6 +14,8 @@
 //! and 2.6), and `restart: unless-stopped`, which a `docker compose kill` (the
 //! only stop here) does not act on.
 
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -55,13 +57,7 @@ const README_COMMANDS: [&str; 2] = [
 
 #[test]
 fn the_readme_walkthrough_works_on_the_cluster_playground() {
-    let readme = std::fs::read_to_string(repository().join("README.md")).expect("README.md");
-    for command in README_COMMANDS {
-        assert!(
-            readme.contains(command),
-            "the README does not say: {command}"
-        );
-    }
+    the_example_says_what_this_test_plays();
     let mut cluster = cluster_up();
     let alice = cluster.user("alice");
     let bob = cluster.user("bob");
@@ -163,19 +159,42 @@ fn the_readme_walkthrough_works_on_the_cluster_playground() {
     }
 }
 
+/// Fails unless the README has the commands this test plays, and compose.yaml
+/// the addresses it gives the network and HAProxy.
+fn the_example_says_what_this_test_plays() {
+    let read = |path: &Path| fs::read_to_string(path).expect("read the example");
+    let readme = read(&repository().join("README.md"));
+    for command in README_COMMANDS {
+        assert!(
+            readme.contains(command),
+            "the README does not say: {command}"
+        );
+    }
+    let compose = read(&cluster_dir().join("compose.yaml"));
+    for setting in [
+        format!("subnet: {SUBNET}.0/24,"),
+        format!("ip_range: {SUBNET}.128/25,"),
+        format!("gateway: {SUBNET}.1 "),
+        format!("ipv4_address: {SUBNET}.{HAPROXY_ADDRESS} "),
+    ] {
+        assert!(compose.contains(&setting), "compose.yaml lacks {setting:?}");
+    }
+}
+
 /// `docker compose -f deploy/cluster/compose.yaml up`: setup to completion,
 /// PostgreSQL until healthy, the targets, both nodes, then HAProxy and its
 /// published port.
 fn cluster_up() -> Project {
+    // Docker's addresses for the others come from the network's ip_range.
     let mut project = Project::new(
         SUBNET,
         &[
-            ("postgres", 2),
-            ("bastion-a", 3),
-            ("bastion-b", 4),
+            ("postgres", 128),
+            ("bastion-a", 129),
+            ("bastion-b", 130),
             ("haproxy", HAPROXY_ADDRESS),
-            ("staging", 5),
-            ("production", 6),
+            ("staging", 131),
+            ("production", 132),
         ],
     );
     // data-a is first mounted on the image's data dir (0700, the image's
@@ -192,7 +211,9 @@ fn cluster_up() -> Project {
         .bind(&project.path("data-b"), "/nodes/bastion-b")
         .bind(&project.path("shared"), "/shared")
         .bind(&project.path("secrets"), "/secrets");
-    project.run_once("setup", setup, &["sh", "/cluster/setup.sh"]);
+    project.run_once("setup", setup.clone(), &["sh", "/cluster/setup.sh"]);
+    // Every `up` runs it again, on the volumes it filled.
+    project.run_once("setup (again)", setup, &["sh", "/cluster/setup.sh"]);
     start_postgres(&mut project);
     for name in ["staging", "production"] {
         project.start_target(name);
@@ -241,7 +262,7 @@ fn start_postgres(project: &mut Project) {
     let pgdata = project.volume("pgdata", 0o700, &format!("{POSTGRES_UID}:{POSTGRES_UID}"));
     // The image knows its user by name (initdb looks the user up).
     let passwd = project.path("postgres-passwd");
-    std::fs::write(
+    fs::write(
         &passwd,
         format!("root:x:0:0:root:/root:/bin/bash\npostgres:x:{POSTGRES_UID}:{POSTGRES_UID}::/var/lib/postgresql:/bin/bash\n"),
     )
@@ -269,9 +290,9 @@ fn start_postgres(project: &mut Project) {
     );
     // The entrypoint lets every other address in with a password.
     let hba = pgdata.join("pg_hba.conf");
-    let mut rules = std::fs::read_to_string(&hba).expect("read pg_hba.conf");
+    let mut rules = fs::read_to_string(&hba).expect("read pg_hba.conf");
     rules.push_str("\nhost all all all scram-sha-256\n");
-    std::fs::write(&hba, rules).expect("write pg_hba.conf");
+    fs::write(&hba, rules).expect("write pg_hba.conf");
     let server = image().directory("/var/run/postgresql", 0o3777);
     project.start(
         "postgres",
@@ -324,7 +345,7 @@ fn start_postgres(project: &mut Project) {
 }
 
 /// `deploy/cluster`, which compose mounts read-only at `/cluster`.
-fn cluster_dir() -> std::path::PathBuf {
+fn cluster_dir() -> PathBuf {
     repository().join("deploy/cluster")
 }
 

@@ -392,6 +392,7 @@ fn ip(args: &[&str]) {
 /// read-only, fresh `/tmp` and `/run`, its own pid namespace (so killing it
 /// kills everything inside), plus the service's mounts, run as the image's
 /// user.
+#[derive(Clone)]
 pub struct Sandbox {
     args: Vec<String>,
     user: Option<String>,
