@@ -4,15 +4,18 @@
 //!
 //! Played as the single playground is (the crate's doc, [`crate::compose`]),
 //! with the example's own files as they are: `setup.sh`, `bastion-a.toml`,
-//! `bastion-b.toml` and `haproxy.cfg`. Two images are Debian's packages here:
-//! `postgres` is Debian's PostgreSQL run as the postgres image's entrypoint
-//! runs its own (as the image's user, uid 999: initdb with the compose file's
-//! user and password file, every address of the network let in with a
-//! password, the database created, listening on all addresses), and `haproxy`
-//! is Debian's HAProxy as the image's user (uid 99) on the shipped config. Not
-//! played: the images' versions (postgres:16 and haproxy:2.8; Debian 12 has 15
-//! and 2.6), and `restart: unless-stopped`, which a `docker compose kill` (the
-//! only stop here) does not act on.
+//! `bastion-b.toml` and `haproxy.cfg`, each service at compose.yaml's address
+//! (HAProxy at its fixed one, the others from the network's `ip_range`). Two
+//! images are Debian's packages here: `postgres` is Debian's PostgreSQL run as
+//! the postgres image's entrypoint runs its own (as the image's user, uid 999:
+//! initdb with the compose file's user and password file, every address of the
+//! network let in with a password, the database created, listening on all
+//! addresses), and `haproxy` is Debian's HAProxy as the image's user (uid 99)
+//! on the shipped config. Not played: the images' versions (postgres:16 and
+//! haproxy:2.8; Debian 12 has 15 and 2.6), Docker's own address allocation and
+//! DNS (the test gives the addresses and an `/etc/hosts`), and `restart:
+//! unless-stopped`, which a `docker compose kill` (the only stop here) does not
+//! act on.
 
 use std::fs;
 use std::path::{Path, PathBuf};
