@@ -4,7 +4,7 @@
 use super::*;
 
 /// The Debian package's binary (`scripts/test` installs it).
-const HAPROXY: &str = "/usr/sbin/haproxy";
+pub const HAPROXY: &str = "/usr/sbin/haproxy";
 
 /// HAProxy relaying a free loopback port to bastions; killed on drop.
 pub struct Haproxy {

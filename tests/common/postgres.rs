@@ -40,7 +40,7 @@ pub fn postgres() -> &'static Postgres {
 }
 
 /// The directory of the newest PostgreSQL's programs.
-fn bin_dir() -> PathBuf {
+pub fn postgres_bin_dir() -> PathBuf {
     let mut versions: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
         .expect("PostgreSQL is installed (scripts/test installs Debian's postgresql)")
         .filter_map(|entry| Some(entry.ok()?.path().join("bin")))
@@ -96,7 +96,7 @@ impl Postgres {
             let out = run(Command::new("chown").arg("-R").arg(user).arg(&dir));
             assert_success(&out, "chown the PostgreSQL dir");
         }
-        let bin = bin_dir();
+        let bin = postgres_bin_dir();
         let data = dir.join("data");
         let out = run(as_server(&bin.join("initdb"))
             .current_dir(&dir)
@@ -220,7 +220,7 @@ impl Postgres {
     }
 
     fn psql(&self, database: &str, sql: &str) -> Output {
-        run(Command::new(bin_dir().join("psql"))
+        run(Command::new(postgres_bin_dir().join("psql"))
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-U", ROLE])
             .arg("-h")
             .arg(&self.dir)
