@@ -18,7 +18,8 @@
 //! ratios. For portcullis it also prints the bastion's CPU seconds per GiB moved and
 //! the bytes its database grew by per byte moved (every transfer is recorded), and
 //! at the end, after a restart, the database's size per byte recorded. Runs of the
-//! three routes are interleaved so drift in machine load hits all of them alike.
+//! routes are interleaved, and each run starts with the next route, so drift in
+//! machine load hits all of them alike and no route always follows the same one.
 //!
 //! Then it measures what recording costs: the same `scp -O` download through a
 //! bastion that stores the transcript (`record_file_transfers = true`) and one that
@@ -31,7 +32,8 @@
 //! per route, default 21), `BENCH_ONLY=recording` (only the recording costs),
 //! `BENCH_PAYLOADS` (`zeros`, `random` or both, the default, comma-separated),
 //! `BENCH_STORE=postgres` (the bastion on a fresh database of a PostgreSQL server
-//! the benchmark starts, as the tests do; default `sled`),
+//! the benchmark starts, as the tests do, plus route `sled`, the same build on
+//! the embedded default; it also prints the database server's CPU; default `sled`),
 //! `BENCH_BASELINE=PATH` (also measure another portcullis binary, e.g. a release
 //! build of an older commit, as route `baseline`, interleaved with the others, on
 //! the same keys, policies and target: a regression shows in one run's
@@ -143,8 +145,8 @@ fn main() {
         .collect();
     for payload in &payloads {
         let mut figures: Vec<Figures> = routes.iter().map(|_| Figures::default()).collect();
-        for _ in 0..runs {
-            for (route, fig) in routes.iter().zip(&mut figures) {
+        for run in 0..runs {
+            for (route, fig) in rotated(routes.iter().zip(&mut figures), run) {
                 let before = route
                     .bastion
                     .as_ref()
@@ -172,8 +174,8 @@ fn main() {
             }
         }
         if payload.name == "zeros" {
-            for _ in 0..connects {
-                for (route, fig) in routes.iter().zip(&mut figures) {
+            for run in 0..connects {
+                for (route, fig) in rotated(routes.iter().zip(&mut figures), run) {
                     fig.connect_ms.push(connect_and_run_true(route) * 1000.0);
                 }
             }
@@ -208,6 +210,15 @@ fn main() {
     drop(on_sled);
     drop(world);
     recording_costs(mib, runs);
+}
+
+/// The items of `routes` starting at the `run`-th, then the others in order: each
+/// run starts with another route, so that no route always follows the same one.
+fn rotated<T>(routes: impl Iterator<Item = T>, run: usize) -> impl Iterator<Item = T> {
+    let mut routes: Vec<T> = routes.collect();
+    let len = routes.len().max(1);
+    routes.rotate_left(run % len);
+    routes.into_iter()
 }
 
 /// The route through `bastion`, another portcullis process on this world's keys.

@@ -53,7 +53,8 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
 /// A batch this big is flushed at once rather than at the next interval.
 const BATCH_BYTES: usize = 1024 * 1024;
 
-/// Largest transcript value written to sled (a flushed batch is stored as several).
+/// Largest run of a flush stored as a batch of its own when it does not compress
+/// (runs that compress are stored together).
 /// sled keeps values inside its B-tree leaves and rewrites a leaf whole when it
 /// splits (every 16 keys) or consolidates, so every value is written about three
 /// times whatever its size; what the size decides is how much of that garbage sled
@@ -1151,8 +1152,10 @@ async fn flush_loop(
     }
 }
 
-/// Frames, compresses (when that pays) and stores what was pending, as values of
-/// about [`STORED_VALUE_BYTES`]; counts them in the in-memory record. (The stored
+/// Frames, compresses (when that pays) and stores what was pending, cut into runs
+/// of about [`STORED_VALUE_BYTES`] (consecutive runs that compress are stored as
+/// one batch, see [`transcript::encode_runs`]), in one write; counts them in the
+/// in-memory record. (The stored
 /// record is written at the start and the end only: a crash recovery recounts the
 /// batches, and one write per flush would cost a sled write per session per
 /// interval.)
@@ -1166,7 +1169,7 @@ async fn write_batch(
     let plain: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
     let writer = store.clone();
     let stored = tokio::task::spawn_blocking(move || {
-        let stored: Vec<Vec<u8>> = pieces(&chunks).map(transcript::encode_stored).collect();
+        let stored = transcript::encode_runs(pieces(&chunks));
         writer.put_batches(id, first, &stored)?;
         Ok::<Vec<Vec<u8>>, StoreError>(stored)
     })

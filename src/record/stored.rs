@@ -22,14 +22,6 @@ const SESSION_ID: &str = "session_id";
 /// Session ids taken and not yet accounted for: id → the node holding it.
 const RESERVATIONS: &str = "session_reservations";
 
-/// Largest value a stored batch is split into. sled 0.34 keeps every value larger
-/// than a few pages in memory for as long as the process lives, whatever its cache
-/// capacity: 300 MiB of 1 MiB values took 300 MiB of RSS, and wrote 2.8 bytes per
-/// byte. Cut into 16 KiB pieces the same data plateaus at about 135 MiB of RSS with
-/// a 64 MiB cache and writes 1.4 bytes per byte (measured with sled 0.34.7 on
-/// incompressible data; 8 KiB pieces: 76 MiB, 1.66x; 4 KiB: 35 MiB, 1.76x).
-const PIECE_BYTES: usize = 16 * 1024;
-
 /// The recorder's tables. Cheap to clone (shared with the writer threads).
 #[derive(Clone)]
 pub struct SessionStore {
@@ -171,17 +163,18 @@ impl SessionStore {
     }
 
     /// Stores batches `first`, `first + 1`, … of a session, each cut into pieces
-    /// of at most [`PIECE_BYTES`] under keys that sort in order, in one atomic
-    /// write: one flush is one write (on PostgreSQL one round trip and one
+    /// of at most the backend's [`store::Backend::piece_bytes`] under keys that
+    /// sort in order, in one atomic write: one flush is one write (on PostgreSQL one round trip and one
     /// commit, not one per batch).
     pub fn put_batches(&self, session: u64, first: u32, batches: &[Vec<u8>]) -> Result<()> {
         if self.fail_batches.load(Ordering::Relaxed) {
             return Err(StoreError::Backend("injected write failure".into()));
         }
+        let piece_bytes = self.store.backend().piece_bytes();
         let mut pieces: Vec<Entry> = Vec::new();
         for (index, batch) in (first..).zip(batches) {
             pieces.extend(
-                batch.chunks(PIECE_BYTES).enumerate().map(|(n, piece)| {
+                batch.chunks(piece_bytes).enumerate().map(|(n, piece)| {
                     (piece_key(session, index, n as u32).to_vec(), piece.to_vec())
                 }),
             );
@@ -210,14 +203,30 @@ impl SessionStore {
         Ok((piece > 0).then_some(batch))
     }
 
-    /// Removes a session's transcript (retention); returns the bytes freed.
+    /// Removes a session's transcript (retention); returns the bytes freed. Key by
+    /// key in the order [`SessionStore::batch`] reads them, so that memory never
+    /// holds a whole transcript (sled's range iterators keep what they read); a
+    /// last scan removes anything a gap in the numbering would have left.
     pub fn delete_batches(&self, session: u64) -> Result<u64> {
         let seam = self.store.backend();
-        let keys: Vec<Entry> = seam
-            .scan(CHUNKS, &session.to_be_bytes(), None)
-            .collect::<Result<_>>()?;
         let mut freed = 0;
-        for (key, value) in keys {
+        for index in 0u32.. {
+            let whole = seam.remove(CHUNKS, &batch_key(session, index))?;
+            let mut found = whole.is_some();
+            freed += whole.map_or(0, |bytes| bytes.len() as u64);
+            for piece in 0u32.. {
+                let Some(bytes) = seam.remove(CHUNKS, &piece_key(session, index, piece))? else {
+                    break;
+                };
+                found = true;
+                freed += bytes.len() as u64;
+            }
+            if !found {
+                break;
+            }
+        }
+        for entry in seam.scan(CHUNKS, &session.to_be_bytes(), None) {
+            let (key, value) = entry?;
             freed += value.len() as u64;
             seam.remove(CHUNKS, &key)?;
         }
@@ -265,13 +274,16 @@ mod tests {
             .collect::<Result<_>>()
             .unwrap();
         assert_eq!(pieces.len(), 3);
-        assert!(pieces.iter().all(|(_, piece)| piece.len() <= PIECE_BYTES));
+        let piece_bytes = seam.piece_bytes();
+        assert!(pieces.iter().all(|(_, piece)| piece.len() <= piece_bytes));
         seam.put(CHUNKS, &batch_key(3, 2), b"whole").unwrap();
         assert_eq!(sessions.batch(3, 0).unwrap().unwrap(), batch);
         assert_eq!(sessions.batch(3, 1).unwrap().unwrap(), b"small");
         assert_eq!(sessions.batch(3, 2).unwrap().unwrap(), b"whole");
         assert_eq!(sessions.batch(3, 3).unwrap(), None);
-        assert_eq!(sessions.delete_batches(3).unwrap(), 40_000 + 5 + 5);
+        seam.put(CHUNKS, &batch_key(3, 9), b"after a gap").unwrap();
+        assert_eq!(sessions.delete_batches(3).unwrap(), 40_000 + 5 + 5 + 11);
+        assert_eq!(seam.scan(CHUNKS, b"", None).count(), 0);
         assert_eq!(sessions.batch(3, 0).unwrap(), None);
     }
 }

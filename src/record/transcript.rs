@@ -114,14 +114,31 @@ pub fn decode(batch: &[u8]) -> Result<Vec<Chunk>, TranscriptError> {
     Ok(chunks)
 }
 
-/// The batch as it is stored: compressed if a sample of its data compresses well,
-/// otherwise framed as it is behind [`RAW_TAG`]. Either way each byte is copied once.
-pub fn encode_stored(chunks: &[Chunk]) -> Vec<u8> {
-    if worth_compressing(chunks) {
-        compress_chunks(chunks)
-    } else {
-        raw_chunks(chunks)
+/// The stored batches of one flush, cut into `runs` (in order): each run is
+/// judged on a sample of its data, a run that does not compress is framed as it
+/// is behind [`RAW_TAG`], and consecutive runs that do are compressed together as
+/// one batch. Either way each byte is copied once. Terminal
+/// output then takes one stored batch per flush rather than one per run: fewer
+/// writes (on PostgreSQL, rows) and a better ratio, while incompressible data
+/// is still never run through zstd.
+pub fn encode_runs<'a>(runs: impl IntoIterator<Item = &'a [Chunk]>) -> Vec<Vec<u8>> {
+    let mut batches = Vec::new();
+    let mut compressible: Vec<&[Chunk]> = Vec::new();
+    for run in runs {
+        if worth_compressing(run) {
+            compressible.push(run);
+            continue;
+        }
+        if !compressible.is_empty() {
+            batches.push(compress_runs(&compressible));
+            compressible.clear();
+        }
+        batches.push(raw_chunks(run));
     }
+    if !compressible.is_empty() {
+        batches.push(compress_runs(&compressible));
+    }
+    batches
 }
 
 /// Whether zstd shrinks the first [`SAMPLE`] bytes of the batch's data enough.
@@ -163,16 +180,17 @@ fn frame_header(chunk: &Chunk) -> [u8; FRAME_HEADER] {
     header
 }
 
-/// Frames and compresses `chunks` in one pass, without first copying them into
-/// one contiguous batch.
-pub fn compress_chunks(chunks: &[Chunk]) -> Vec<u8> {
-    let size: usize = chunks.iter().map(|c| FRAME_HEADER + c.data.len()).sum();
+/// Frames and compresses the chunks of `runs`, in order, as one batch, in one
+/// pass, without first copying them into one contiguous batch.
+fn compress_runs(runs: &[&[Chunk]]) -> Vec<u8> {
+    let chunks = || runs.iter().flat_map(|run| run.iter());
+    let size: usize = chunks().map(|c| FRAME_HEADER + c.data.len()).sum();
     let mut encoder = zstd::stream::Encoder::new(Vec::with_capacity(size / 4), ZSTD_LEVEL)
         .expect("zstd encoder in memory");
     encoder
         .set_pledged_src_size(Some(size as u64))
         .expect("pledged size before writing");
-    for chunk in chunks {
+    for chunk in chunks() {
         encoder
             .write_all(&frame_header(chunk))
             .expect("writing to memory");
@@ -220,6 +238,39 @@ mod tests {
             out.put_slice(&chunk.data);
         }
         out.to_vec()
+    }
+
+    /// One run stored as one batch.
+    fn encode_stored(chunks: &[Chunk]) -> Vec<u8> {
+        let mut batches = encode_runs([chunks]);
+        assert_eq!(batches.len(), 1);
+        batches.pop().unwrap()
+    }
+
+    fn compress_chunks(chunks: &[Chunk]) -> Vec<u8> {
+        compress_runs(&[chunks])
+    }
+
+    fn decoded(batches: &[Vec<u8>]) -> Vec<Chunk> {
+        batches
+            .iter()
+            .flat_map(|b| decode(&decompress(b).unwrap()).unwrap())
+            .collect()
+    }
+
+    /// Consecutive runs that compress become one batch; one that does not stays
+    /// a batch of its own, raw; the order is kept.
+    #[test]
+    fn compressible_runs_are_stored_together() {
+        let text = || stdout(Bytes::from("$ ls -l\r\ntotal 0\r\n".repeat(1000)));
+        let chunks = vec![text(), text(), stdout(random(20_000)), text()];
+        let runs: Vec<&[Chunk]> = chunks.chunks(1).collect();
+        let batches = encode_runs(runs);
+        assert_eq!(batches.len(), 3);
+        assert_ne!(batches[0][0], RAW_TAG);
+        assert_eq!(batches[1][0], RAW_TAG);
+        assert_ne!(batches[2][0], RAW_TAG);
+        assert_eq!(decoded(&batches), chunks);
     }
 
     #[test]
@@ -327,7 +378,9 @@ mod tests {
             let stored = encode_stored(&chunks);
             proptest::prop_assert_eq!(decode(&decompress(&stored).unwrap()).unwrap(), chunks.clone());
             let stored = compress_chunks(&chunks);
-            proptest::prop_assert_eq!(decode(&decompress(&stored).unwrap()).unwrap(), chunks);
+            proptest::prop_assert_eq!(decode(&decompress(&stored).unwrap()).unwrap(), chunks.clone());
+            let runs: Vec<&[Chunk]> = chunks.chunks(3).collect();
+            proptest::prop_assert_eq!(decoded(&encode_runs(runs)), chunks);
         }
     }
 }

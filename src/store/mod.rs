@@ -66,6 +66,10 @@ pub trait Backend: Send + Sync {
     /// Writes all of `entries` or none of them.
     fn put_all(&self, tree: &str, entries: Vec<Entry>) -> Result<()>;
 
+    /// The largest value this backend keeps well: a caller that stores bulk data
+    /// (transcripts) cuts it into pieces of at most this size.
+    fn piece_bytes(&self) -> usize;
+
     /// Removes `key`; returns the value it had.
     fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
 

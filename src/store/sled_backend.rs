@@ -117,6 +117,16 @@ impl Backend for SledBackend {
         self.written(self.tree(tree)?.apply_batch(batch))
     }
 
+    /// sled 0.34 keeps every value larger than a few pages in memory for as long
+    /// as the process lives, whatever its cache capacity: 300 MiB of 1 MiB values
+    /// took 300 MiB of RSS, and wrote 2.8 bytes per byte. Cut into 16 KiB pieces
+    /// the same data plateaus at about 135 MiB of RSS with a 64 MiB cache and
+    /// writes 1.4 bytes per byte (measured with sled 0.34.7 on incompressible
+    /// data; 8 KiB pieces: 76 MiB, 1.66x; 4 KiB: 35 MiB, 1.76x).
+    fn piece_bytes(&self) -> usize {
+        16 * 1024
+    }
+
     fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         Ok(self
             .written(self.tree(tree)?.remove(key))?
