@@ -2,7 +2,8 @@
 //! session records, what a crash leaves behind under that id, and the key check
 //! every start makes. Two nodes (the real binary twice) on one real PostgreSQL
 //! database behind a real HAProxy, driven by real OpenSSH clients: approvals,
-//! revocations and TOTP codes seen across nodes, concurrent approvals, a node
+//! revocations and TOTP codes seen across nodes (a waiting `request --wait` and
+//! a terminal waiting at connect), concurrent approvals, a node
 //! killed mid-session, real client addresses, the shared identity, `watch` of
 //! another node's session; and `store migrate` from sled into PostgreSQL. One
 //! PostgreSQL server for the whole file, a fresh database per test.
@@ -287,6 +288,39 @@ fn an_approval_on_one_node_serves_and_wakes_the_other() {
     );
     assert!(latency < Duration::from_secs(5), "took {latency:?}");
     n.assert_audit_verifies();
+}
+
+/// Request-on-connect across nodes: alice's terminal on node A files the request
+/// and waits; bob's approval on node B lets her session on A continue.
+#[test]
+fn an_approval_on_one_node_continues_a_terminal_waiting_on_the_other() {
+    let n = Nodes::start();
+    let w = &n.w;
+    let line = w.alice.ssh_shell_line(&on("prod"), &["-tt"], &[]);
+    let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
+    let asked = tmux.wait_for("Reason for access", Duration::from_secs(10));
+    assert!(asked, "{}", tmux.screen());
+    tmux.send("INC-3 on node A", true);
+    tmux.send("Enter", false);
+    let waiting = tmux.wait_for("waiting for", Duration::from_secs(10));
+    assert!(waiting, "{}", tmux.screen());
+    let bob_b = n.on_b(&w.bob);
+    let list: Vec<Value> =
+        serde_json::from_str(&w.ok(&bob_b, &["requests", "--pending", "--json"])).unwrap();
+    let id = list[0]["id"].as_str().expect("the request, seen on node B");
+    let approving = Instant::now();
+    w.ok(&bob_b, &["approve", id]);
+    let approved = tmux.wait_for("approved by bob", Duration::from_secs(10));
+    eprintln!(
+        "approval on B → terminal on A continued: {:?} from the start of `approve`",
+        approving.elapsed()
+    );
+    assert!(approved, "{}\n{}", tmux.screen(), w.logs());
+    tmux.send("echo through-$((40+3))", true);
+    tmux.send("Enter", false);
+    let through = tmux.wait_for("through-43", Duration::from_secs(10));
+    assert!(through, "{}\n{}", tmux.screen(), w.logs());
+    assert_eq!(nodes_of_sessions(w, &w.dave), ["bastion-a"]);
 }
 
 /// Point 2: a revocation on node B ends the live session node A carries within a

@@ -681,3 +681,20 @@ fn refuse_connections(name: &str) {
         &format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"),
     );
 }
+
+/// `store migrate` copies values as they are, so it refuses to move PostgreSQL's
+/// 1 MiB transcript pieces into sled (which keeps large values in memory), and
+/// says which way works; nothing is written.
+#[test]
+fn migrating_from_postgres_back_to_sled_is_refused() {
+    let (pg, sled) = (Database::postgres(), Database::sled());
+    let (from, to) = (pg.open(), sled.open());
+    from.backend().put("t", b"k", b"v").unwrap();
+    let refused = portcullis::store::migrate::copy(from.backend(), to.backend(), |_| {})
+        .expect_err("PostgreSQL's pieces do not suit sled");
+    assert!(
+        refused.to_string().contains("from sled into PostgreSQL"),
+        "{refused}"
+    );
+    assert!(to.backend().trees().unwrap().is_empty(), "nothing written");
+}

@@ -63,6 +63,9 @@ const BATCH_BYTES: usize = 1024 * 1024;
 /// (`benches/proxy.rs` measures it; see the README's Performance section).
 const STORED_VALUE_BYTES: usize = 64 * 1024;
 
+/// Stored bytes per write of a flush (see [`writes`]).
+const WRITE_BYTES: usize = 1024 * 1024;
+
 /// Unflushed bytes per session beyond which the relay waits for the flusher (those
 /// over [`BATCH_BYTES`] are also charged to the bastion's memory budget, and when
 /// that is spent the relay waits at [`BATCH_BYTES`]).
@@ -1168,21 +1171,41 @@ async fn write_batch(
     let (id, first) = (record.id, record.batches);
     let plain: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
     let writer = store.clone();
-    let stored = tokio::task::spawn_blocking(move || {
+    let (stored, landed, failed) = tokio::task::spawn_blocking(move || {
         let stored = transcript::encode_runs(pieces(&chunks));
-        writer.put_batches(id, first, &stored)?;
-        Ok::<Vec<Vec<u8>>, StoreError>(stored)
+        let mut landed = 0;
+        let mut failed = None;
+        for write in writes(&stored) {
+            if let Err(error) = writer.put_batches(id, first + landed as u32, write) {
+                failed = Some(error);
+                break;
+            }
+            landed += write.len();
+        }
+        (stored, landed, failed)
     })
     .await
-    .map_err(|e| e.to_string())?
     .map_err(|e| e.to_string())?;
-    for value in &stored {
+    // What landed is counted even when the rest failed: the seal's digest and
+    // batch count then match the store, and `audit verify` agrees.
+    for value in &stored[..landed] {
         digest.update(value);
         record.stored_bytes += value.len() as u64;
     }
-    record.batches += stored.len() as u32;
+    record.batches += landed as u32;
+    if let Some(error) = failed {
+        return Err(error.to_string());
+    }
     record.transcript_bytes += plain;
     Ok(())
+}
+
+/// Cuts a flush's stored batches into writes of about [`WRITE_BYTES`], each batch
+/// whole in one write (a crash keeps whole batches, which recovery counts). One
+/// write per flush would hold sled's process-wide write lock, or one PostgreSQL
+/// statement, for as long as a flush of up to [`PENDING_CAP`] takes.
+fn writes(batches: &[Vec<u8>]) -> impl Iterator<Item = &[Vec<u8>]> {
+    cut(batches, WRITE_BYTES, Vec::len)
 }
 
 /// What one unflushed chunk holds in memory: its bytes and its own slot. Empty
@@ -1196,20 +1219,26 @@ fn held_by(chunk: &Chunk) -> usize {
 /// Splits pending chunks into runs of about [`STORED_VALUE_BYTES`] (a chunk is never
 /// cut; one bigger than that is a run of its own).
 fn pieces(chunks: &[Chunk]) -> impl Iterator<Item = &[Chunk]> {
-    let mut rest = chunks;
+    cut(chunks, STORED_VALUE_BYTES, |chunk| chunk.data.len())
+}
+
+/// Splits `items` into consecutive runs whose sizes add up to at most `limit`
+/// (an item is never cut; one bigger than `limit` is a run of its own).
+fn cut<T>(items: &[T], limit: usize, size_of: impl Fn(&T) -> usize) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
     std::iter::from_fn(move || {
         if rest.is_empty() {
             return None;
         }
         let mut size = 0;
         let mut end = 0;
-        while end < rest.len() && (end == 0 || size + rest[end].data.len() <= STORED_VALUE_BYTES) {
-            size += rest[end].data.len();
+        while end < rest.len() && (end == 0 || size + size_of(&rest[end]) <= limit) {
+            size += size_of(&rest[end]);
             end += 1;
         }
-        let (piece, tail) = rest.split_at(end);
+        let (run, tail) = rest.split_at(end);
         rest = tail;
-        Some(piece)
+        Some(run)
     })
 }
 
@@ -1238,14 +1267,28 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_recording_that_cannot_be_written_fails_the_session() {
+    /// A recorder on a fresh sled store with one session started.
+    fn recording() -> (tempfile::TempDir, Arc<Recorder>, SessionRecorder) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::sled(dir.path()).unwrap());
-        let recorder = Arc::new(Recorder::open(store.clone(), true, false).unwrap());
+        let recorder = Arc::new(Recorder::open(store, true, false).unwrap());
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
+        (dir, recorder, session)
+    }
+
+    /// Why `session` failed: an injected write failure, noticed within 2 s.
+    async fn injected_failure(session: &SessionRecorder) {
+        let reason = tokio::time::timeout(Duration::from_secs(2), session.failed())
+            .await
+            .expect("the failure is noticed within a flush interval");
+        assert!(reason.contains("injected write failure"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_recording_that_cannot_be_written_fails_the_session() {
+        let (_dir, recorder, session) = recording();
         session
             .output(Stream::Stdout, &Bytes::from_static(b"before\r\n"))
             .await;
@@ -1253,10 +1296,7 @@ mod tests {
         session
             .output(Stream::Stdout, &Bytes::from_static(b"after\r\n"))
             .await;
-        let reason = tokio::time::timeout(Duration::from_secs(2), session.failed())
-            .await
-            .expect("the failure is noticed within a flush interval");
-        assert!(reason.contains("injected write failure"), "{reason}");
+        injected_failure(&session).await;
         let mut announced = None;
         let (record, error) = session
             .finish(SessionEnd::default(), |_, error| {
@@ -1267,6 +1307,25 @@ mod tests {
         let error = error.unwrap();
         assert!(error.contains("injected"), "{error}");
         assert_eq!(announced.as_deref(), Some(error.as_str()));
+        assert_eq!(record.digest.unwrap(), recorder.digest_of(1).unwrap());
+    }
+
+    /// A flush whose later writes fail seals what its earlier writes stored: the
+    /// record's digest and batch count match the store.
+    #[tokio::test]
+    async fn a_flush_that_fails_half_way_seals_what_landed() {
+        let (_dir, recorder, session) = recording();
+        recorder.store.fail_batch_writes_after(1);
+        // Three incompressible batches of a MiB in one flush: three writes.
+        for _ in 0..3 {
+            let random: Vec<u8> = (0..WRITE_BYTES).map(|_| rand::random::<u8>()).collect();
+            session.output(Stream::Stdout, &Bytes::from(random)).await;
+        }
+        injected_failure(&session).await;
+        let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
+        assert!(error.unwrap().contains("injected"));
+        assert_eq!(record.batches, 1, "one write landed");
+        assert_eq!(recorder.store.batch(1, 1).unwrap(), None);
         assert_eq!(record.digest.unwrap(), recorder.digest_of(1).unwrap());
     }
 

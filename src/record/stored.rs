@@ -6,7 +6,7 @@
 //! `session_id` counter hands out ids. The indexes of the records, and the rules
 //! they keep, are in [`super::index`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -29,7 +29,8 @@ pub struct SessionStore {
     sessions: Table<u64, SessionRecord>,
     audit: AuditLog,
     /// Fault injection: makes transcript writes fail, as a full disk would.
-    fail_batches: Arc<AtomicBool>,
+    /// Writes that may still succeed before every one fails; negative: no limit.
+    fail_batches: Arc<AtomicI64>,
 }
 
 impl SessionStore {
@@ -39,7 +40,7 @@ impl SessionStore {
             sessions: Table::new(&store, SESSIONS),
             audit: AuditLog::open(&store)?,
             store,
-            fail_batches: Arc::new(AtomicBool::new(false)),
+            fail_batches: Arc::new(AtomicI64::new(-1)),
         };
         if index::missing(&sessions.store)? {
             for entry in sessions.sessions.iter() {
@@ -164,10 +165,15 @@ impl SessionStore {
 
     /// Stores batches `first`, `first + 1`, … of a session, each cut into pieces
     /// of at most the backend's [`store::Backend::piece_bytes`] under keys that
-    /// sort in order, in one atomic write: one flush is one write (on PostgreSQL one round trip and one
+    /// sort in order, in one atomic write (on PostgreSQL one round trip and one
     /// commit, not one per batch).
     pub fn put_batches(&self, session: u64, first: u32, batches: &[Vec<u8>]) -> Result<()> {
-        if self.fail_batches.load(Ordering::Relaxed) {
+        let allowed =
+            self.fail_batches
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                    (left > 0).then_some(left - 1)
+                });
+        if allowed == Err(0) {
             return Err(StoreError::Backend("injected write failure".into()));
         }
         let piece_bytes = self.store.backend().piece_bytes();
@@ -204,13 +210,37 @@ impl SessionStore {
     }
 
     /// Removes a session's transcript (retention); returns the bytes freed. Key by
-    /// key in the order [`SessionStore::batch`] reads them, so that memory never
-    /// holds a whole transcript (sled's range iterators keep what they read); a
-    /// last scan removes anything a gap in the numbering would have left.
+    /// key in the order [`SessionStore::batch`] reads them, from the first key
+    /// left (an earlier delete may have stopped half-way), so that memory never
+    /// holds a whole transcript: sled's range iterators keep what they read, so a
+    /// scan only ever finds where to go on.
     pub fn delete_batches(&self, session: u64) -> Result<u64> {
         let seam = self.store.backend();
         let mut freed = 0;
-        for index in 0u32.. {
+        loop {
+            let first = match seam.scan(CHUNKS, &session.to_be_bytes(), None).next() {
+                None => return Ok(freed),
+                Some(entry) => entry?.0,
+            };
+            if let Some(index) = first.get(8..12) {
+                let index = u32::from_be_bytes(index.try_into().expect("four bytes"));
+                freed += self.delete_from(session, index)?;
+            }
+            // A key the walk does not reach (a piece whose batch lost its first
+            // piece, a key of another shape): removed alone, so each round
+            // removes at least one key.
+            if let Some(value) = seam.remove(CHUNKS, &first)? {
+                freed += value.len() as u64;
+            }
+        }
+    }
+
+    /// Removes batches `index`, `index + 1`, … of a session until one is missing;
+    /// returns the bytes freed.
+    fn delete_from(&self, session: u64, index: u32) -> Result<u64> {
+        let seam = self.store.backend();
+        let mut freed = 0;
+        for index in index.. {
             let whole = seam.remove(CHUNKS, &batch_key(session, index))?;
             let mut found = whole.is_some();
             freed += whole.map_or(0, |bytes| bytes.len() as u64);
@@ -225,18 +255,19 @@ impl SessionStore {
                 break;
             }
         }
-        for entry in seam.scan(CHUNKS, &session.to_be_bytes(), None) {
-            let (key, value) = entry?;
-            freed += value.len() as u64;
-            seam.remove(CHUNKS, &key)?;
-        }
         Ok(freed)
     }
 
     /// Fault injection for tests of the fail-closed path: while `on`, every
     /// transcript write fails like a full disk.
     pub fn fail_batch_writes(&self, on: bool) {
-        self.fail_batches.store(on, Ordering::Relaxed);
+        self.fail_batch_writes_after(if on { 0 } else { -1 });
+    }
+
+    /// Fault injection: `writes` more transcript writes succeed, then every one
+    /// fails (negative: none fails).
+    pub fn fail_batch_writes_after(&self, writes: i64) {
+        self.fail_batches.store(writes, Ordering::Relaxed);
     }
 }
 
@@ -282,8 +313,15 @@ mod tests {
         assert_eq!(sessions.batch(3, 2).unwrap().unwrap(), b"whole");
         assert_eq!(sessions.batch(3, 3).unwrap(), None);
         seam.put(CHUNKS, &batch_key(3, 9), b"after a gap").unwrap();
-        assert_eq!(sessions.delete_batches(3).unwrap(), 40_000 + 5 + 5 + 11);
-        assert_eq!(seam.scan(CHUNKS, b"", None).count(), 0);
+        // A delete that stopped half-way: batch 0 gone, a piece without its first.
+        seam.remove(CHUNKS, &piece_key(3, 0, 0)).unwrap();
+        seam.put(CHUNKS, &piece_key(3, 12, 1), b"orphan").unwrap();
+        seam.put(CHUNKS, &piece_key(4, 0, 0), b"another session")
+            .unwrap();
+        let left = 40_000 - piece_bytes as u64 + 5 + 5 + 11 + 6;
+        assert_eq!(sessions.delete_batches(3).unwrap(), left);
+        assert_eq!(seam.scan(CHUNKS, &3u64.to_be_bytes(), None).count(), 0);
+        assert_eq!(sessions.batch(4, 0).unwrap().unwrap(), b"another session");
         assert_eq!(sessions.batch(3, 0).unwrap(), None);
     }
 }

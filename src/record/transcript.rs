@@ -20,7 +20,13 @@ use thiserror::Error;
 /// encryption; terminal output still compresses about eightfold.
 const ZSTD_LEVEL: i32 = 1;
 
-/// Largest batch accepted when decompressing (a batch is flushed at ~1 MiB).
+/// Recorded bytes (framed) past which a group of compressible runs is closed and
+/// the next run starts a new stored batch: what one batch decodes to is bounded
+/// for every reader (`export`, `watch`, recovery), whatever a flush held.
+const GROUP_BYTES: usize = 1024 * 1024;
+
+/// Largest batch accepted when decompressing (a batch holds at most one group of
+/// [`GROUP_BYTES`] plus a run, or one chunk).
 const MAX_BATCH: usize = 64 * 1024 * 1024;
 
 const FRAME_HEADER: usize = 8 + 1 + 4;
@@ -124,14 +130,22 @@ pub fn decode(batch: &[u8]) -> Result<Vec<Chunk>, TranscriptError> {
 pub fn encode_runs<'a>(runs: impl IntoIterator<Item = &'a [Chunk]>) -> Vec<Vec<u8>> {
     let mut batches = Vec::new();
     let mut compressible: Vec<&[Chunk]> = Vec::new();
+    let mut grouped = 0;
     for run in runs {
         if worth_compressing(run) {
+            if grouped >= GROUP_BYTES {
+                batches.push(compress_runs(&compressible));
+                compressible.clear();
+                grouped = 0;
+            }
+            grouped += framed_size(run);
             compressible.push(run);
             continue;
         }
         if !compressible.is_empty() {
             batches.push(compress_runs(&compressible));
             compressible.clear();
+            grouped = 0;
         }
         batches.push(raw_chunks(run));
     }
@@ -160,9 +174,14 @@ fn worth_compressing(chunks: &[Chunk]) -> bool {
     }
 }
 
+/// Bytes `chunks` take framed, uncompressed.
+fn framed_size(chunks: &[Chunk]) -> usize {
+    chunks.iter().map(|c| FRAME_HEADER + c.data.len()).sum()
+}
+
 /// Frames `chunks` behind [`RAW_TAG`], uncompressed.
 fn raw_chunks(chunks: &[Chunk]) -> Vec<u8> {
-    let size: usize = chunks.iter().map(|c| FRAME_HEADER + c.data.len()).sum();
+    let size = framed_size(chunks);
     let mut out = Vec::with_capacity(1 + size);
     out.push(RAW_TAG);
     for chunk in chunks {
@@ -184,7 +203,7 @@ fn frame_header(chunk: &Chunk) -> [u8; FRAME_HEADER] {
 /// pass, without first copying them into one contiguous batch.
 fn compress_runs(runs: &[&[Chunk]]) -> Vec<u8> {
     let chunks = || runs.iter().flat_map(|run| run.iter());
-    let size: usize = chunks().map(|c| FRAME_HEADER + c.data.len()).sum();
+    let size: usize = runs.iter().map(|run| framed_size(run)).sum();
     let mut encoder = zstd::stream::Encoder::new(Vec::with_capacity(size / 4), ZSTD_LEVEL)
         .expect("zstd encoder in memory");
     encoder
@@ -270,6 +289,25 @@ mod tests {
         assert_ne!(batches[0][0], RAW_TAG);
         assert_eq!(batches[1][0], RAW_TAG);
         assert_ne!(batches[2][0], RAW_TAG);
+        assert_eq!(decoded(&batches), chunks);
+    }
+
+    /// A flush of compressible output is cut into batches that each decode to
+    /// about [`GROUP_BYTES`] at most.
+    #[test]
+    fn compressible_groups_are_capped() {
+        let line = Bytes::from("$ ls -l\r\ntotal 0\r\n".repeat(3000));
+        let chunks: Vec<Chunk> = (0..100).map(|_| stdout(line.clone())).collect();
+        let runs: Vec<&[Chunk]> = chunks.chunks(1).collect();
+        let batches = encode_runs(runs);
+        assert!(batches.len() > 1, "{} batches", batches.len());
+        for batch in &batches {
+            let framed = decompress(batch).unwrap().len();
+            assert!(
+                framed <= GROUP_BYTES + FRAME_HEADER + line.len(),
+                "{framed}"
+            );
+        }
         assert_eq!(decoded(&batches), chunks);
     }
 

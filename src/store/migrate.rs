@@ -27,6 +27,12 @@ pub enum MigrateError {
     NotEmpty(Vec<String>),
     #[error("the copy of tree {0} does not match the original after copying; nothing was deleted from the source")]
     Mismatch(String),
+    #[error(
+        "the source stores transcripts in pieces of up to {from} bytes, and the destination \
+         keeps pieces of at most {to} well (sled holds larger values in memory for good); \
+         migrate from sled into PostgreSQL, not back"
+    )]
+    PiecesTooLarge { from: usize, to: usize },
 }
 
 /// What was copied.
@@ -48,6 +54,14 @@ pub fn copy(
     let occupied = to.trees()?;
     if !occupied.is_empty() {
         return Err(MigrateError::NotEmpty(occupied));
+    }
+    // Values are copied as they are, so pieces cut for the source must suit the
+    // destination.
+    if from.piece_bytes() > to.piece_bytes() {
+        return Err(MigrateError::PiecesTooLarge {
+            from: from.piece_bytes(),
+            to: to.piece_bytes(),
+        });
     }
     let mut copied = Copied::default();
     for tree in from.trees()? {

@@ -48,7 +48,7 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::AsyncMessage;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -68,7 +68,7 @@ const SCAN_PAGE: i64 = 128;
 const SCAN_PAGE_BYTES: i64 = 4 * 1024 * 1024;
 
 /// From how many bytes `put_all` first tries to add its entries by `COPY`
-/// ([`copy_new`]): a recording's flush is far above it, a grant or an index
+/// ([`copy_new`]): bulk transcript writes are above it, a grant or an index
 /// entry far below (those often overwrite, which `COPY` cannot).
 const COPY_FROM_BYTES: usize = 64 * 1024;
 
@@ -457,24 +457,24 @@ impl PgBackend {
         let tree = tree.to_string();
         self.call(move |shared| async move {
             let client = shared.client().await?;
-            let statement = client
-                .prepare_cached(
-                    // `octet_length` reads a TOASTed value's size from its pointer,
-                    // so values past the byte budget are never fetched.
-                    "SELECT key, value FROM (\
-                       SELECT key, value, sum(octet_length(value)) OVER (ORDER BY key) \
-                         - octet_length(value) AS before \
-                       FROM kv WHERE tree = $1 AND key >= $2 \
-                       AND ($3::bytea IS NULL OR key < $3) ORDER BY key LIMIT $4\
-                     ) AS page WHERE before < $5 ORDER BY key",
-                )
-                .await?;
-            let rows = client
-                .query(
-                    &statement,
-                    &[&tree, &from, &until, &SCAN_PAGE, &SCAN_PAGE_BYTES],
-                )
-                .await?;
+            // Two statements rather than `($3 IS NULL OR key < $3)`: in the
+            // generic plan PostgreSQL settles on after a few runs, that would
+            // filter rows instead of bounding the index scan, and a short prefix
+            // scan would walk the rest of the tree.
+            let bounded = until.is_some();
+            let statement = client.prepare_cached(page_query(bounded)).await?;
+            let rows = match &until {
+                Some(until) => {
+                    let params: [&(dyn ToSql + Sync); 5] =
+                        [&tree, &from, &SCAN_PAGE, &SCAN_PAGE_BYTES, until];
+                    client.query(&statement, &params).await?
+                }
+                None => {
+                    let params: [&(dyn ToSql + Sync); 4] =
+                        [&tree, &from, &SCAN_PAGE, &SCAN_PAGE_BYTES];
+                    client.query(&statement, &params).await?
+                }
+            };
             Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
         })
     }
@@ -660,21 +660,41 @@ fn deliver(shared: &Shared, payload: &str) {
     shared.subscribers.deliver(tree, change);
 }
 
-/// The first key after every key that starts with `prefix` (`None`: no bound).
+/// One page of a scan of tree `$1` from key `$2`: at most `$3` rows, ending once
+/// `$4` bytes of values are in (the first row always comes, however large),
+/// below key `$5` when `bounded`. `octet_length` reads a TOASTed value's size
+/// from its pointer, so values past the budget are never fetched.
+fn page_query(bounded: bool) -> &'static str {
+    if bounded {
+        "SELECT key, value FROM (\
+           SELECT key, value, sum(octet_length(value)) OVER (ORDER BY key) \
+             - octet_length(value) AS before \
+           FROM kv WHERE tree = $1 AND key >= $2 AND key < $5 ORDER BY key LIMIT $3\
+         ) AS page WHERE before < $4 ORDER BY key"
+    } else {
+        "SELECT key, value FROM (\
+           SELECT key, value, sum(octet_length(value)) OVER (ORDER BY key) \
+             - octet_length(value) AS before \
+           FROM kv WHERE tree = $1 AND key >= $2 ORDER BY key LIMIT $3\
+         ) AS page WHERE before < $4 ORDER BY key"
+    }
+}
+
 /// Adds rows whose keys are all new with one binary `COPY`: one statement, so
 /// atomic like the upsert, and cheaper for the server. For 1 GiB of 16 KiB
 /// transcript pieces PostgreSQL 15 spent 3.96 s of CPU by `COPY` against 5.52 s
 /// by `INSERT … SELECT unnest(…) ON CONFLICT DO UPDATE`. A key that exists fails
 /// the whole copy with a unique violation, and nothing is written.
 async fn copy_new(
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::Object,
     tree: &str,
     keys: &[Vec<u8>],
     values: &[Vec<u8>],
 ) -> std::result::Result<u64, tokio_postgres::Error> {
-    let sink = client
-        .copy_in("COPY kv (tree, key, value) FROM STDIN (FORMAT binary)")
+    let statement = client
+        .prepare_cached("COPY kv (tree, key, value) FROM STDIN (FORMAT binary)")
         .await?;
+    let sink = client.copy_in(&statement).await?;
     let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::BYTEA, Type::BYTEA]);
     let mut writer = std::pin::pin!(writer);
     for (key, value) in keys.iter().zip(values) {
@@ -683,6 +703,7 @@ async fn copy_new(
     writer.finish().await
 }
 
+/// The first key after every key that starts with `prefix` (`None`: no bound).
 fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
@@ -769,8 +790,9 @@ impl Backend for PgBackend {
         self.put_all(tree, vec![(key.to_vec(), value.to_vec())])
     }
 
-    /// One statement over two arrays: one round trip for a whole batch (a
-    /// recording's batch is 64 pieces), atomic as any single statement is.
+    /// One statement: a binary `COPY` when the entries are large and their keys
+    /// new ([`copy_new`]), else an upsert over two arrays; one round trip for a
+    /// whole write, atomic as any single statement is.
     fn put_all(&self, tree: &str, entries: Vec<Entry>) -> Result<()> {
         let tree = tree.to_string();
         // A key twice in one statement is an error in PostgreSQL; as with puts one

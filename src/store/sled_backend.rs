@@ -23,8 +23,8 @@ const CACHE_BYTES: u64 = 4 * 1024 * 1024;
 
 /// sled's log segment size for new databases (sled's default is 512 KiB). A log
 /// message over a quarter of a segment becomes a file of its own under `blobs/`,
-/// which sled rewrites whole and frees late; 2 MiB segments keep transcript values
-/// (64 KiB, see `record`) and most leaf rewrites in the log, where its segment
+/// which sled rewrites whole and frees late; 2 MiB segments keep transcript pieces
+/// ([`Backend::piece_bytes`]) and most leaf rewrites in the log, where its segment
 /// cleaner reclaims them. A database keeps the segment size it was created with
 /// (sled refuses to open it with another).
 const SEGMENT_BYTES: usize = 2 * 1024 * 1024;
