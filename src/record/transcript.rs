@@ -166,7 +166,10 @@ fn worth_compressing(chunks: &[Chunk]) -> bool {
         }
     }
     if sample.len() < 256 {
-        return true; // too little to judge; small batches cost nothing either way
+        // Keystrokes and prompts: too little to gain anything, and a zstd context
+        // for each of them (hundreds of idle sessions flush every second) costs
+        // the bastion CPU its relay needs.
+        return false;
     }
     match zstd::bulk::compress(&sample, ZSTD_LEVEL) {
         Ok(compressed) => compressed.len() * 100 <= sample.len() * WORTH_COMPRESSING_PERCENT,
