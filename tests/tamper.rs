@@ -117,9 +117,16 @@ fn forge_transcript(db: &sled::Db, id: u64, forge: impl Fn(&mut Vec<u8>)) -> Str
     let mut digest = TranscriptDigest::default();
     for entry in chunks.scan_prefix(id.to_be_bytes()) {
         let (key, value) = entry.unwrap();
-        let mut plain = zstd::bulk::decompress(&value, 1 << 26).unwrap();
-        forge(&mut plain);
-        let forged = zstd::bulk::compress(&plain, 3).unwrap();
+        // A short batch is stored as it is, behind a zero tag byte; others are zstd.
+        let forged = if value[0] == 0 {
+            let mut plain = value[1..].to_vec();
+            forge(&mut plain);
+            [&[0u8][..], &plain].concat()
+        } else {
+            let mut plain = zstd::bulk::decompress(&value, 1 << 26).unwrap();
+            forge(&mut plain);
+            zstd::bulk::compress(&plain, 3).unwrap()
+        };
         digest.update(&forged);
         chunks.insert(key, forged).unwrap();
     }

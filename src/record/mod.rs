@@ -1157,8 +1157,8 @@ async fn flush_loop(
 
 /// Frames, compresses (when that pays) and stores what was pending, cut into runs
 /// of about [`STORED_VALUE_BYTES`] (consecutive runs that compress are stored as
-/// one batch, see [`transcript::encode_runs`]), in one write; counts them in the
-/// in-memory record. (The stored
+/// one batch, see [`transcript::encode_runs`]), in writes of about
+/// [`WRITE_BYTES`]; counts what landed in the in-memory record. (The stored
 /// record is written at the start and the end only: a crash recovery recounts the
 /// batches, and one write per flush would cost a sled write per session per
 /// interval.)
