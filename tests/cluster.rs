@@ -296,14 +296,7 @@ fn an_approval_on_one_node_serves_and_wakes_the_other() {
 fn an_approval_on_one_node_continues_a_terminal_waiting_on_the_other() {
     let n = Nodes::start();
     let w = &n.w;
-    let line = w.alice.ssh_shell_line(&on("prod"), &["-tt"], &[]);
-    let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
-    let asked = tmux.wait_for("Reason for access", Duration::from_secs(10));
-    assert!(asked, "{}", tmux.screen());
-    tmux.send("INC-3 on node A", true);
-    tmux.send("Enter", false);
-    let waiting = tmux.wait_for("waiting for", Duration::from_secs(10));
-    assert!(waiting, "{}", tmux.screen());
+    let tmux = request_at_the_terminal(w, &on("prod"), "INC-3 on node A");
     let bob_b = n.on_b(&w.bob);
     let list: Vec<Value> =
         serde_json::from_str(&w.ok(&bob_b, &["requests", "--pending", "--json"])).unwrap();

@@ -866,30 +866,10 @@ fn a_dead_webhook_never_blocks_a_decision() {
     );
 }
 
-/// Connects alice to `prod` with a terminal and no grant, and answers the bastion's
-/// question with `reason`; returns once the request is waiting.
-fn request_at_the_terminal(w: &World, reason: &str) -> Tmux {
-    let line = w.alice.ssh_shell_line(&on("prod"), &["-tt"], &[]);
-    let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
-    assert!(
-        tmux.wait_for("Reason for access", Duration::from_secs(10)),
-        "{}",
-        tmux.screen()
-    );
-    tmux.send(reason, true);
-    tmux.send("Enter", false);
-    assert!(
-        tmux.wait_for("waiting for group:sre-leads", Duration::from_secs(10)),
-        "{}",
-        tmux.screen()
-    );
-    tmux
-}
-
 #[test]
 fn a_terminal_without_a_grant_files_the_request_and_continues_once_approved() {
     let w = World::start();
-    let tmux = request_at_the_terminal(&w, "INC-77 disk full");
+    let tmux = request_at_the_terminal(&w, &on("prod"), "INC-77 disk full");
     let list: Vec<Value> =
         serde_json::from_str(&w.ok(&w.bob, &["requests", "--pending", "--json"])).unwrap();
     assert_eq!(list[0]["reason"], "INC-77 disk full");
@@ -913,7 +893,7 @@ fn a_terminal_without_a_grant_files_the_request_and_continues_once_approved() {
 #[test]
 fn ctrl_c_at_the_terminal_cancels_the_request() {
     let w = World::start();
-    let tmux = request_at_the_terminal(&w, "INC-78");
+    let tmux = request_at_the_terminal(&w, &on("prod"), "INC-78");
     tmux.send("C-c", false);
     assert!(
         tmux.wait_for("cancelled", Duration::from_secs(10)),
@@ -928,7 +908,7 @@ fn ctrl_c_at_the_terminal_cancels_the_request() {
 #[test]
 fn denial_at_the_terminal_ends_the_session_with_the_reason() {
     let w = World::start();
-    let tmux = request_at_the_terminal(&w, "INC-79");
+    let tmux = request_at_the_terminal(&w, &on("prod"), "INC-79");
     let list: Vec<Value> =
         serde_json::from_str(&w.ok(&w.bob, &["requests", "--pending", "--json"])).unwrap();
     w.ok(

@@ -461,20 +461,13 @@ impl PgBackend {
             // generic plan PostgreSQL settles on after a few runs, that would
             // filter rows instead of bounding the index scan, and a short prefix
             // scan would walk the rest of the tree.
-            let bounded = until.is_some();
-            let statement = client.prepare_cached(page_query(bounded)).await?;
-            let rows = match &until {
-                Some(until) => {
-                    let params: [&(dyn ToSql + Sync); 5] =
-                        [&tree, &from, &SCAN_PAGE, &SCAN_PAGE_BYTES, until];
-                    client.query(&statement, &params).await?
-                }
-                None => {
-                    let params: [&(dyn ToSql + Sync); 4] =
-                        [&tree, &from, &SCAN_PAGE, &SCAN_PAGE_BYTES];
-                    client.query(&statement, &params).await?
-                }
-            };
+            let statement = client.prepare_cached(page_query(until.is_some())).await?;
+            let mut params: Vec<&(dyn ToSql + Sync)> =
+                vec![&tree, &from, &SCAN_PAGE, &SCAN_PAGE_BYTES];
+            if let Some(until) = &until {
+                params.push(until);
+            }
+            let rows = client.query(&statement, &params).await?;
             Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
         })
     }

@@ -408,3 +408,24 @@ pub fn assert_revoked_within_a_second(session: Child, id: &str, reason: &str) {
         "{stderr}"
     );
 }
+
+/// Connects alice as `username` with a terminal and no grant, answers the
+/// bastion's question with `reason`, and returns once the request is waiting
+/// for its approvers (`group:sre-leads`, as for `prod`).
+pub fn request_at_the_terminal(w: &World, username: &str, reason: &str) -> Tmux {
+    let line = w.alice.ssh_shell_line(username, &["-tt"], &[]);
+    let tmux = Tmux::start(w.dir.path(), 120, 30, &line);
+    assert!(
+        tmux.wait_for("Reason for access", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    tmux.send(reason, true);
+    tmux.send("Enter", false);
+    assert!(
+        tmux.wait_for("waiting for group:sre-leads", Duration::from_secs(10)),
+        "{}",
+        tmux.screen()
+    );
+    tmux
+}
