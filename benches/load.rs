@@ -25,6 +25,12 @@
 //! `BENCH_STORE=postgres` runs the bastion on PostgreSQL (a server started as the
 //! tests start it) instead of sled.
 //!
+//! `BENCH_SAMPLES=DIR` also writes every echo of every round to
+//! `DIR/ROUTE-N-ROUND.csv` (milliseconds since the round started, latency in ms)
+//! and the round's start (`/proc/uptime`) to `DIR/ROUTE-N-ROUND.start`, to tell a
+//! stall that hits every session at once (a burst of slow echoes in one window) from
+//! a tail spread over the round, and to line a stall up with `perf` records.
+//!
 //! The clients are russh sessions in this process (N OpenSSH processes with a pty
 //! each would measure the machine's process table, not the hop).
 
@@ -177,8 +183,10 @@ fn main() {
         for _ in 0..rounds {
             for (i, route) in routes.iter().enumerate() {
                 let side = &mut sides[i];
-                let round =
-                    usage[i].measure(route.hop, || runtime.block_on(type_round(side, duration)));
+                let label = format!("{}-{n}-{}", route.name, results[i].len());
+                let round = usage[i].measure(route.hop, || {
+                    runtime.block_on(type_round(side, duration, &label))
+                });
                 results[i].push(round);
             }
         }
@@ -344,9 +352,14 @@ async fn open_all(endpoint: &Endpoint, n: usize) -> Side {
 }
 
 /// Every session of `side` types for `duration`; returns the echo percentiles.
-async fn type_round(side: &mut Side, duration: Duration) -> Round {
+async fn type_round(side: &mut Side, duration: Duration, label: &str) -> Round {
     let n = side.typists.len();
-    let deadline = Instant::now() + duration;
+    if let Ok(dir) = std::env::var("BENCH_SAMPLES") {
+        let uptime = fs::read_to_string("/proc/uptime").unwrap_or_default();
+        fs::write(format!("{dir}/{label}.start"), uptime).expect("write the start");
+    }
+    let start = Instant::now();
+    let deadline = start + duration;
     let mut typing = JoinSet::new();
     for (i, typist) in side.typists.drain(..).enumerate() {
         // Spread the keystrokes over the interval, as real typists are.
@@ -354,10 +367,20 @@ async fn type_round(side: &mut Side, duration: Duration) -> Round {
         typing.spawn(type_until(typist, deadline, offset));
     }
     let mut latencies_ms = Vec::new();
+    let mut timeline = String::new();
     while let Some(finished) = typing.join_next().await {
         let (typist, samples) = finished.unwrap();
-        latencies_ms.extend(samples);
+        for (sent, latency) in samples {
+            timeline += &format!(
+                "{:.3},{latency:.3}\n",
+                (sent - start).as_secs_f64() * 1000.0
+            );
+            latencies_ms.push(latency);
+        }
         side.typists.push(typist);
+    }
+    if let Ok(dir) = std::env::var("BENCH_SAMPLES") {
+        fs::write(format!("{dir}/{label}.csv"), timeline).expect("write the samples");
     }
     Round {
         p50: percentile(&mut latencies_ms, 50.0),
@@ -421,7 +444,11 @@ async fn open(endpoint: Endpoint) -> Typist {
 
 /// Types a byte every [`TYPING`] until `deadline` and times each echo; hands the
 /// session back for the next round.
-async fn type_until(mut typist: Typist, deadline: Instant, offset: Duration) -> (Typist, Vec<f64>) {
+async fn type_until(
+    mut typist: Typist,
+    deadline: Instant,
+    offset: Duration,
+) -> (Typist, Vec<(Instant, f64)>) {
     tokio::time::sleep(offset).await;
     let mut ticks = tokio::time::interval(TYPING);
     let mut samples = Vec::new();
@@ -436,7 +463,7 @@ async fn type_until(mut typist: Typist, deadline: Instant, offset: Duration) -> 
                 None => panic!("a session ended while typing"),
             }
         }
-        samples.push(sent.elapsed().as_secs_f64() * 1000.0);
+        samples.push((sent, sent.elapsed().as_secs_f64() * 1000.0));
     }
     (typist, samples)
 }

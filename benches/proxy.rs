@@ -197,9 +197,13 @@ fn main() {
         }
         None => dir_size(&world.bastion.data_dir().join("db")),
     };
+    let mix = match payloads.iter().map(|p| p.name).collect::<Vec<_>>()[..] {
+        ["zeros"] => "all of it zeros, stored compressed",
+        ["random"] => "all of it random",
+        _ => "half of it zeros, stored compressed",
+    };
     println!(
-        "\nafter a restart: database {:.1} MiB for {:.1} MiB recorded ({:.2} bytes per byte; \
-         half of it zeros, stored compressed)",
+        "\nafter a restart: database {:.1} MiB for {:.1} MiB recorded ({:.2} bytes per byte; {mix})",
         size as f64 / 1048576.0,
         recorded / 1048576.0,
         size as f64 / recorded

@@ -1171,33 +1171,69 @@ async fn write_batch(
     let (id, first) = (record.id, record.batches);
     let plain: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
     let writer = store.clone();
-    let (stored, landed, failed) = tokio::task::spawn_blocking(move || {
-        let stored = transcript::encode_runs(pieces(&chunks));
-        let mut landed = 0;
-        let mut failed = None;
-        for write in writes(&stored) {
-            if let Err(error) = writer.put_batches(id, first + landed as u32, write) {
-                failed = Some(error);
-                break;
-            }
-            landed += write.len();
-        }
-        (stored, landed, failed)
-    })
-    .await
-    .map_err(|e| e.to_string())?;
+    let sealed = digest.clone();
+    // Encoding, hashing and the store's writes all run on the blocking pool: a
+    // flush of a MiB hashed on a runtime worker held up the relays behind it.
+    let landed =
+        tokio::task::spawn_blocking(move || store_runs(&writer, id, first, sealed, &chunks))
+            .await
+            .map_err(|e| e.to_string())?;
     // What landed is counted even when the rest failed: the seal's digest and
     // batch count then match the store, and `audit verify` agrees.
-    for value in &stored[..landed] {
-        digest.update(value);
-        record.stored_bytes += value.len() as u64;
-    }
-    record.batches += landed as u32;
-    if let Some(error) = failed {
+    *digest = landed.digest;
+    record.stored_bytes += landed.bytes;
+    record.batches += landed.batches;
+    if let Some(error) = landed.failed {
         return Err(error.to_string());
     }
     record.transcript_bytes += plain;
     Ok(())
+}
+
+/// What a flush left in the store.
+struct Landed {
+    /// The digest over every batch stored so far, those of this flush included.
+    digest: TranscriptDigest,
+    batches: u32,
+    bytes: u64,
+    failed: Option<StoreError>,
+}
+
+/// Encodes `chunks` and stores them as batches `first`, `first + 1`, … in writes
+/// of about [`WRITE_BYTES`]. The digest takes in a write's batches only once the
+/// write has landed; a batch moves into the store without a copy.
+fn store_runs(
+    store: &SessionStore,
+    id: u64,
+    first: u32,
+    mut digest: TranscriptDigest,
+    chunks: &[Chunk],
+) -> Landed {
+    let mut stored = transcript::encode_runs(pieces(chunks));
+    let counts: Vec<usize> = writes(&stored).map(<[Vec<u8>]>::len).collect();
+    let mut rest = stored.drain(..);
+    let (mut batches, mut bytes) = (0, 0);
+    for count in counts {
+        let write: Vec<Vec<u8>> = rest.by_ref().take(count).collect();
+        let mut after = digest.clone();
+        write.iter().for_each(|batch| after.update(batch));
+        let size: u64 = write.iter().map(|batch| batch.len() as u64).sum();
+        if let Err(error) = store.put_batches(id, first + batches, write) {
+            return Landed {
+                digest,
+                batches,
+                bytes,
+                failed: Some(error),
+            };
+        }
+        (digest, batches, bytes) = (after, batches + count as u32, bytes + size);
+    }
+    Landed {
+        digest,
+        batches,
+        bytes,
+        failed: None,
+    }
 }
 
 /// Cuts a flush's stored batches into writes of about [`WRITE_BYTES`], each batch

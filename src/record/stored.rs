@@ -167,7 +167,8 @@ impl SessionStore {
     /// of at most the backend's [`store::Backend::piece_bytes`] under keys that
     /// sort in order, in one atomic write (on PostgreSQL one round trip and one
     /// commit, not one per batch).
-    pub fn put_batches(&self, session: u64, first: u32, batches: &[Vec<u8>]) -> Result<()> {
+    /// A batch that fits in one piece is stored as it is, without a copy.
+    pub fn put_batches(&self, session: u64, first: u32, batches: Vec<Vec<u8>>) -> Result<()> {
         let allowed =
             self.fail_batches
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
@@ -179,6 +180,10 @@ impl SessionStore {
         let piece_bytes = self.store.backend().piece_bytes();
         let mut pieces: Vec<Entry> = Vec::new();
         for (index, batch) in (first..).zip(batches) {
+            if !batch.is_empty() && batch.len() <= piece_bytes {
+                pieces.push((piece_key(session, index, 0).to_vec(), batch));
+                continue;
+            }
             pieces.extend(
                 batch.chunks(piece_bytes).enumerate().map(|(n, piece)| {
                     (piece_key(session, index, n as u32).to_vec(), piece.to_vec())
@@ -298,7 +303,7 @@ mod tests {
         let seam = sessions.store.backend();
         let batch: Vec<u8> = (0..40_000u32).map(|i| (i * 7) as u8).collect();
         sessions
-            .put_batches(3, 0, &[batch.clone(), b"small".to_vec()])
+            .put_batches(3, 0, vec![batch.clone(), b"small".to_vec()])
             .unwrap();
         let pieces: Vec<Entry> = seam
             .scan(CHUNKS, &batch_key(3, 0), None)

@@ -10,6 +10,8 @@
 //! transcript digest is the SHA-256 of the stored batches in order: it proves the
 //! stored bytes are unchanged, and verifying it needs no decompression.
 
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::io::Write;
 
 use bytes::{Buf, Bytes};
@@ -155,26 +157,47 @@ pub fn encode_runs<'a>(runs: impl IntoIterator<Item = &'a [Chunk]>) -> Vec<Vec<u
     batches
 }
 
+thread_local! {
+    /// The zstd context that compresses samples on this thread. A fresh context per
+    /// sample (allocated, its tables zeroed) cost the bastion about as much CPU as
+    /// compressing the sample itself.
+    static SAMPLER: RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        const { RefCell::new(None) };
+}
+
 /// Whether zstd shrinks the first [`SAMPLE`] bytes of the batch's data enough.
 fn worth_compressing(chunks: &[Chunk]) -> bool {
-    let mut sample = Vec::with_capacity(SAMPLE);
-    for chunk in chunks {
-        let take = (SAMPLE - sample.len()).min(chunk.data.len());
-        sample.extend_from_slice(&chunk.data[..take]);
-        if sample.len() == SAMPLE {
-            break;
+    let sample: Cow<[u8]> = match chunks.first() {
+        Some(chunk) if chunk.data.len() >= SAMPLE => Cow::Borrowed(&chunk.data[..SAMPLE]),
+        _ => {
+            let mut sample = Vec::with_capacity(SAMPLE);
+            for chunk in chunks {
+                let take = (SAMPLE - sample.len()).min(chunk.data.len());
+                sample.extend_from_slice(&chunk.data[..take]);
+                if sample.len() == SAMPLE {
+                    break;
+                }
+            }
+            Cow::Owned(sample)
         }
-    }
+    };
     if sample.len() < 256 {
         // Keystrokes and prompts: too little to gain anything, and a zstd context
         // for each of them (hundreds of idle sessions flush every second) costs
         // the bastion CPU its relay needs.
         return false;
     }
-    match zstd::bulk::compress(&sample, ZSTD_LEVEL) {
-        Ok(compressed) => compressed.len() * 100 <= sample.len() * WORTH_COMPRESSING_PERCENT,
-        Err(_) => false,
-    }
+    SAMPLER.with_borrow_mut(|sampler| {
+        if sampler.is_none() {
+            *sampler = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        }
+        match sampler.as_mut().map(|zstd| zstd.compress(&sample)) {
+            Some(Ok(compressed)) => {
+                compressed.len() * 100 <= sample.len() * WORTH_COMPRESSING_PERCENT
+            }
+            _ => false,
+        }
+    })
 }
 
 /// Bytes `chunks` take framed, uncompressed.

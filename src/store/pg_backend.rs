@@ -44,11 +44,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::{BufMut, Bytes, BytesMut};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use futures_util::SinkExt;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::AsyncMessage;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -682,18 +683,44 @@ async fn copy_new(
     client: &deadpool_postgres::Object,
     tree: &str,
     keys: &[Vec<u8>],
-    values: &[Vec<u8>],
+    values: &[Bytes],
 ) -> std::result::Result<u64, tokio_postgres::Error> {
     let statement = client
         .prepare_cached("COPY kv (tree, key, value) FROM STDIN (FORMAT binary)")
         .await?;
-    let sink = client.copy_in(&statement).await?;
-    let writer = BinaryCopyInWriter::new(sink, &[Type::TEXT, Type::BYTEA, Type::BYTEA]);
-    let mut writer = std::pin::pin!(writer);
+    let sink = client.copy_in::<_, Bytes>(&statement).await?;
+    let mut sink = std::pin::pin!(sink);
+    let mut framing = BytesMut::with_capacity(256);
+    framing.put_slice(COPY_SIGNATURE);
+    framing.put_i32(0); // flags
+    framing.put_i32(0); // header extension length
     for (key, value) in keys.iter().zip(values) {
-        writer.as_mut().write(&[&tree, key, value]).await?;
+        framing.put_i16(3);
+        put_field(&mut framing, tree.as_bytes());
+        put_field(&mut framing, key);
+        framing.put_i32(copy_len(value.len()));
+        sink.send(framing.split().freeze()).await?;
+        // The value goes to the connection as it is: only the wire framing copies it.
+        sink.send(value.clone()).await?;
     }
-    writer.finish().await
+    framing.put_i16(-1); // end of data
+    sink.send(framing.split().freeze()).await?;
+    sink.as_mut().finish().await
+}
+
+/// The start of every binary `COPY` stream.
+const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+/// One field of a binary `COPY` row: its length, then its bytes.
+fn put_field(framing: &mut BytesMut, field: &[u8]) {
+    framing.put_i32(copy_len(field.len()));
+    framing.put_slice(field);
+}
+
+/// A field's length in a binary `COPY` row. Fields here are keys and pieces of at
+/// most [`Backend::piece_bytes`], far below the format's 2 GiB limit.
+fn copy_len(len: usize) -> i32 {
+    i32::try_from(len).expect("a stored value is smaller than 2 GiB")
 }
 
 /// The first key after every key that starts with `prefix` (`None`: no bound).
@@ -800,10 +827,10 @@ impl Backend for PgBackend {
         }
         let values = order
             .iter()
-            .map(|key| last.remove(key).unwrap_or_default())
+            .map(|key| Bytes::from(last.remove(key).unwrap_or_default()))
             .collect::<Vec<_>>();
         let keys = order;
-        let bytes: usize = values.iter().map(Vec::len).sum();
+        let bytes: usize = values.iter().map(Bytes::len).sum();
         self.call(move |shared| async move {
             let client = shared.client().await?;
             if bytes >= COPY_FROM_BYTES {
@@ -820,6 +847,7 @@ impl Backend for PgBackend {
                      ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
                 )
                 .await?;
+            let values: Vec<&[u8]> = values.iter().map(|value| &value[..]).collect();
             client.execute(&statement, &[&tree, &keys, &values]).await?;
             Ok(())
         })

@@ -109,7 +109,17 @@ impl Backend for SledBackend {
         Ok(())
     }
 
-    fn put_all(&self, tree: &str, entries: Vec<Entry>) -> Result<()> {
+    /// One entry is one `insert`, atomic by itself. A sled batch is not free: every
+    /// `apply_batch` seals and writes sled's current I/O buffer twice (with a
+    /// `sync_file_range` each, on a thread pool that wakes all its idle threads per
+    /// write). One a second per idle-ish session made 500 sessions' keystroke
+    /// flushes cost hundreds of buffer writes a second, which showed as the
+    /// bastion's echo-latency tail in `benches/load.rs`.
+    fn put_all(&self, tree: &str, mut entries: Vec<Entry>) -> Result<()> {
+        if entries.len() == 1 {
+            let (key, value) = entries.pop().expect("one entry");
+            return self.put(tree, &key, &value);
+        }
         let mut batch = sled::Batch::default();
         for (key, value) in entries {
             batch.insert(key, value);
