@@ -699,12 +699,15 @@ async fn copy_new(
         put_field(&mut framing, tree.as_bytes());
         put_field(&mut framing, key);
         framing.put_i32(copy_len(value.len()));
-        sink.send(framing.split().freeze()).await?;
-        // The value goes to the connection as it is: only the wire framing copies it.
-        sink.send(value.clone()).await?;
+        // `feed`, not `send`: the sink gathers small rows into messages of about
+        // 4 KiB and sends a large value with the framing before it as one message,
+        // copied once (into the connection's buffer) instead of twice.
+        sink.feed(framing.split().freeze()).await?;
+        sink.feed(value.clone()).await?;
     }
     framing.put_i16(-1); // end of data
-    sink.send(framing.split().freeze()).await?;
+    sink.feed(framing.split().freeze()).await?;
+    // Flushes what is gathered and ends the copy.
     sink.as_mut().finish().await
 }
 
