@@ -720,10 +720,19 @@ fn put_field(framing: &mut BytesMut, field: &[u8]) {
     framing.put_slice(field);
 }
 
-/// A field's length in a binary `COPY` row. Fields here are keys and pieces of at
-/// most [`Backend::piece_bytes`], far below the format's 2 GiB limit.
+/// A field's length in a binary `COPY` row ([`fits_copy`] checked it fits).
 fn copy_len(len: usize) -> i32 {
-    i32::try_from(len).expect("a stored value is smaller than 2 GiB")
+    i32::try_from(len).expect("fits_copy checked every field's length")
+}
+
+/// Whether every key and value fits a binary `COPY` field (under 2 GiB). Pieces
+/// are far smaller; anything else goes by the upsert, whose error the server
+/// gives.
+fn fits_copy(keys: &[Vec<u8>], values: &[Bytes]) -> bool {
+    keys.iter()
+        .map(Vec::len)
+        .chain(values.iter().map(Bytes::len))
+        .all(|len| i32::try_from(len).is_ok())
 }
 
 /// The first key after every key that starts with `prefix` (`None`: no bound).
@@ -836,7 +845,7 @@ impl Backend for PgBackend {
         let bytes: usize = values.iter().map(Bytes::len).sum();
         self.call(move |shared| async move {
             let client = shared.client().await?;
-            if bytes >= COPY_FROM_BYTES {
+            if bytes >= COPY_FROM_BYTES && fits_copy(&keys, &values) {
                 match copy_new(&client, &tree, &keys, &values).await {
                     // A key is there already: the upsert below overwrites it.
                     Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
