@@ -2,9 +2,11 @@
 //! portcullis.toml, in sshd's `AcceptEnv` syntax.
 //!
 //! The target's own sshd filters again with its `AcceptEnv`; this list is the
-//! bastion's side of it. Some variables change what a shell or the dynamic linker
-//! runs (`BASH_ENV`, `LD_PRELOAD`, exported bash functions…): passing one would let a
-//! command grant run something other than its command, so no pattern may match them.
+//! bastion's side of it. Some variables change what a shell, the dynamic linker or
+//! the granted program itself runs (`BASH_ENV`, `LD_PRELOAD`, exported bash
+//! functions, git's `GIT_CONFIG_*`, with which `git-upload-pack` runs any program as
+//! its pack hook…): passing one would let a command grant run something other than
+//! its command, so no pattern may match them.
 
 /// The default list: locale, time zone, and git's protocol version (git sends
 /// `GIT_PROTOCOL=version=2` to speak protocol v2).
@@ -15,29 +17,112 @@ const MAX_PATTERNS: usize = 64;
 const MAX_PATTERN_LEN: usize = 128;
 
 /// Names no pattern may match: they change what runs on the target (the shell's
-/// start-up files, options and functions, the search path, the dynamic linker) or
-/// who the session is, or what a target's forced command reads as the client's
-/// command. `BASH_FUNC_x%%` stands for bash's exported functions.
+/// start-up files, options and prompts, the search path, a pager or editor that a
+/// command starts, glibc's character-set modules and tunables) or who the session
+/// is, or what a target's forced command reads as the client's command.
 const NEVER_PASSED: &[&str] = &[
     "BASH_ENV",
-    "BASH_FUNC_x%%",
     "BASHOPTS",
+    "EDITOR",
     "ENV",
+    "GCONV_PATH",
+    "GLIBC_TUNABLES",
     "HOME",
+    "HOSTALIASES",
     "IFS",
-    "LD_AUDIT",
-    "LD_LIBRARY_PATH",
-    "LD_PRELOAD",
+    "INPUTRC",
+    "JAVA_TOOL_OPTIONS",
+    "JDK_JAVA_OPTIONS",
+    "LESSCLOSE",
+    "LESSOPEN",
+    "LOCPATH",
     "LOGNAME",
+    "NLSPATH",
+    "PAGER",
     "PATH",
     "PROMPT_COMMAND",
+    "PS0",
+    "PS1",
+    "PS2",
     "PS4",
     "SHELL",
     "SHELLOPTS",
-    "SSH_ORIGINAL_COMMAND",
+    "TERMCAP",
+    "TERMINFO",
     "USER",
+    "VISUAL",
     "ZDOTDIR",
+    "_JAVA_OPTIONS",
 ];
+
+/// Families of names no pattern may match, by prefix, with the members that are
+/// harmless and may be named exactly. A family is refused whole because its
+/// members keep growing with each release of the program that reads them.
+const NEVER_PASSED_FAMILIES: &[Family] = &[
+    Family {
+        prefix: "BASH_FUNC_",
+        why: "exported bash functions",
+        harmless: &[],
+    },
+    Family {
+        prefix: "GIT_",
+        why: "git's configuration, hooks and helper programs (GIT_CONFIG_*, GIT_SSH_COMMAND, GIT_EXEC_PATH…)",
+        harmless: &["GIT_PROTOCOL"],
+    },
+    Family {
+        prefix: "LD_",
+        why: "the dynamic linker's preloads and search paths",
+        harmless: &[],
+    },
+    Family {
+        prefix: "MALLOC_",
+        why: "glibc's allocator tunables",
+        harmless: &[],
+    },
+    Family {
+        prefix: "NODE_",
+        why: "Node.js options and module paths",
+        harmless: &[],
+    },
+    Family {
+        prefix: "PERL",
+        why: "Perl's options and module paths",
+        harmless: &[],
+    },
+    Family {
+        prefix: "PYTHON",
+        why: "Python's start-up file and module paths",
+        harmless: &[],
+    },
+    Family {
+        prefix: "RUBY",
+        why: "Ruby's options and library paths",
+        harmless: &[],
+    },
+    Family {
+        prefix: "SSH_",
+        why: "SSH_ASKPASS runs a program, SSH_ORIGINAL_COMMAND is what a forced command reads as the client's command, SSH_CONNECTION says where the session comes from",
+        harmless: &[],
+    },
+    Family {
+        prefix: "SUDO_",
+        why: "sudo's askpass and editor programs",
+        harmless: &[],
+    },
+    Family {
+        prefix: "XDG_",
+        why: "where programs (git among them) read their configuration",
+        harmless: &[],
+    },
+];
+
+/// Names starting with `prefix`, refused but for `harmless` ones.
+#[derive(Debug, Clone)]
+struct Family {
+    prefix: &'static str,
+    why: &'static str,
+    harmless: &'static [&'static str],
+}
 
 /// The patterns of `accept_env`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,15 +175,46 @@ fn check(pattern: &str) -> Result<(), String> {
             crate::display::escape(pattern)
         ));
     }
+    if let Some(what) = never_passed_match(pattern) {
+        return Err(format!(
+            "accept_env pattern '{pattern}' would pass {what}, which changes what runs on the target; list the variables you need instead (e.g. \"{DEFAULT_ACCEPT_ENV}\")"
+        ));
+    }
+    Ok(())
+}
+
+/// What `pattern` would pass that no pattern may: one of [`NEVER_PASSED`], or a
+/// member of one of [`NEVER_PASSED_FAMILIES`] (a pattern with a wildcard that may
+/// match a name starting with the family's prefix matches infinitely many, so
+/// only a harmless member named exactly passes).
+fn never_passed_match(pattern: &str) -> Option<String> {
     if let Some(name) = NEVER_PASSED
         .iter()
         .find(|name| matches(pattern.as_bytes(), name.as_bytes()))
     {
-        return Err(format!(
-            "accept_env pattern '{pattern}' would pass {name}, which changes what runs on the target; list the variables you need instead (e.g. \"{DEFAULT_ACCEPT_ENV}\")"
-        ));
+        return Some((*name).to_string());
     }
-    Ok(())
+    let exact = !pattern.contains(['*', '?']);
+    NEVER_PASSED_FAMILIES
+        .iter()
+        .find(|family| {
+            may_start_with(pattern.as_bytes(), family.prefix.as_bytes())
+                && !(exact && family.harmless.contains(&pattern))
+        })
+        .map(|family| format!("variables starting with {} ({})", family.prefix, family.why))
+}
+
+/// Whether some name that `pattern` matches starts with `prefix`. (Once the
+/// prefix is spent, whatever is left of the pattern matches some rest.)
+fn may_start_with(pattern: &[u8], prefix: &[u8]) -> bool {
+    for (at, &wanted) in prefix.iter().enumerate() {
+        match pattern.get(at) {
+            Some(b'*') => return true,
+            Some(&c) if c == b'?' || c == wanted => {}
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// sshd's `match_pattern`: `*` matches any run of characters, `?` any one. Runs in
@@ -132,6 +248,7 @@ fn matches(pattern: &[u8], name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn the_default_is_locale_time_zone_and_git_protocol() {
@@ -177,11 +294,78 @@ mod tests {
             "PAT?",
             "BASH_FUNC_*",
             "*_ENV",
+            "GIT_*",
+            "GIT_CONFIG_*",
+            "GIT_SSH_COMMAND",
+            "G*",
+            "SSH_*",
+            "SSH_ORIGINAL_COMMAND",
+            "PYTHON*",
+            "XDG_CONFIG_HOME",
+            "GLIBC_TUNABLES",
+            "GCONV_PATH",
+            "PS?",
+            "?AGER",
         ] {
             let err = AcceptEnv::parse(&format!("LANG {pattern}")).unwrap_err();
             assert!(err.contains("changes what runs"), "{pattern}: {err}");
         }
-        assert!(AcceptEnv::parse("LC_* GIT_PROTOCOL TERM_PROGRAM").is_ok());
+        assert!(AcceptEnv::parse("LC_* GIT_PROTOCOL TERM_PROGRAM COLORTERM").is_ok());
+        let err = AcceptEnv::parse("GIT_PROTOCOL GIT_*").unwrap_err();
+        assert!(err.contains("GIT_CONFIG_*"), "says why: {err}");
+    }
+
+    /// A name no pattern may pass: one of the list, or a family member that is not
+    /// harmless (`prefix` + `rest`).
+    fn dangerous_name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::sample::select(NEVER_PASSED).prop_map(str::to_string),
+            (
+                proptest::sample::select(NEVER_PASSED_FAMILIES),
+                "[A-Z0-9_%]{0,10}"
+            )
+                .prop_map(|(family, rest)| format!("{}{rest}", family.prefix))
+                .prop_filter("a harmless member", |name| {
+                    !NEVER_PASSED_FAMILIES
+                        .iter()
+                        .any(|family| family.harmless.contains(&name.as_str()))
+                }),
+        ]
+    }
+
+    /// `name` with some characters turned into `?`, cut short and ended with `*`,
+    /// or led by `*`: the near misses an operator could write.
+    fn pattern_for(name: &str, marks: &[u8], cut: usize, lead: bool) -> String {
+        let mut pattern: String = name
+            .chars()
+            .zip(marks.iter().cycle())
+            .map(|(c, &mark)| if mark % 5 == 0 { '?' } else { c })
+            .collect();
+        if cut < pattern.len() {
+            pattern.truncate(cut);
+            pattern.push('*');
+        }
+        if lead {
+            pattern.insert(0, '*');
+        }
+        pattern
+    }
+
+    proptest! {
+        /// Whatever pattern is accepted, none passes a name that changes what runs.
+        #[test]
+        fn no_accepted_pattern_passes_a_dangerous_name(
+            name in dangerous_name(),
+            marks in proptest::collection::vec(any::<u8>(), 1..8),
+            cut in 0usize..24,
+            lead in any::<bool>(),
+            others in "[A-Z_]{1,6}",
+        ) {
+            let pattern = pattern_for(&name, &marks, cut, lead);
+            if let Ok(accept) = AcceptEnv::parse(&format!("LANG {others} {pattern}")) {
+                prop_assert!(!accept.allows(&name), "'{pattern}' passes {name}");
+            }
+        }
     }
 
     #[test]

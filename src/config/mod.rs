@@ -314,6 +314,12 @@ mod tests {
         std::fs::write(&path, "accept_env = \"LANG *\"\n").unwrap();
         let err = format!("{:#}", Config::load(Some(&path)).unwrap_err());
         assert!(err.contains("accept_env pattern '*'"), "{err}");
+        std::fs::write(&path, "accept_env = \"LANG GIT_*\"\n").unwrap();
+        let err = format!("{:#}", Config::load(Some(&path)).unwrap_err());
+        assert!(
+            err.contains("accept_env pattern 'GIT_*' would pass variables starting with GIT_"),
+            "{err}"
+        );
         std::fs::write(
             &path,
             "accept_env = \"LANG FOO_?\"\nlegacy_clients = true\n",
