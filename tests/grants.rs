@@ -159,6 +159,38 @@ fn the_whole_story_of_a_command_grant() {
     assert!(shown.contains("bob") && shown.contains("ok"), "{shown}");
 }
 
+/// A command grant's session gets a closed environment: of what `accept_env`
+/// allows, only the language, time zone and git protocol variables reach the target
+/// (a variable such as `TAR_OPTIONS` or `npm_config_script_shell` would make the
+/// granted program run another). A shell session gets all of `accept_env`.
+#[test]
+fn a_command_grant_passes_only_language_and_time_zone_to_the_target() {
+    let w = World::start_with(WorldOptions {
+        extra_config: "accept_env = \"LANG LC_* TZ PROBE_MODE\"\n".into(),
+        sshd_config: "AcceptEnv PROBE_MODE\n".into(),
+        ..WorldOptions::default()
+    });
+    let set_env = "SetEnv=PROBE_MODE=on LC_PROBE=yes TZ=UTC";
+    granted(&w, "prod", &["--command", "env"]);
+    let out = w.alice.ssh_with(&on("prod"), &["-o", set_env], &["env"]);
+    assert_success(&out, "granted env");
+    let env = text(&out.stdout);
+    assert!(
+        env.contains("LC_PROBE=yes\n") && env.contains("TZ=UTC\n"),
+        "{}",
+        describe(&out)
+    );
+    assert!(!env.contains("PROBE_MODE"), "{}", describe(&out));
+
+    let out = w.alice.ssh_with(
+        &w.target_user(),
+        &["-o", set_env],
+        &["echo ${PROBE_MODE-unset}"],
+    );
+    assert_success(&out, "shell session");
+    assert_eq!(text(&out.stdout), "on\n", "{}", describe(&out));
+}
+
 /// The canonical-command promise through the real client and sshd: whatever the
 /// client's string, the target's shell runs exactly the words that were compared.
 #[test]

@@ -7,14 +7,30 @@
 //! functions, git's `GIT_CONFIG_*`, with which `git-upload-pack` runs any program as
 //! its pack hook…): passing one would let a command grant run something other than
 //! its command, so no pattern may match them.
+//!
+//! No list can name every variable some program reads as a command (systemd's
+//! pager, tar's `TAR_OPTIONS`, npm's `npm_config_*`…), so the list only guards
+//! shell grants, whose users could set any variable in their shell anyway. A session
+//! that may run only granted commands gets a closed set instead: of what
+//! `accept_env` allows, only the default list's variables ([`AcceptEnv::allows_for_commands`]).
 
 /// The default list: locale, time zone, and git's protocol version (git sends
 /// `GIT_PROTOCOL=version=2` to speak protocol v2).
 pub const DEFAULT_ACCEPT_ENV: &str = "LANG LC_* TZ GIT_PROTOCOL";
 
+/// What a session limited to granted commands may receive, whatever `accept_env`
+/// allows: the language, the time zone and git's protocol version. glibc reads a
+/// locale name as a name under its own directory, never as a path to load, and
+/// `TZ` as time zone data; none of them names a program.
+const FOR_COMMAND_GRANTS: &[&str] = &["LANG", "LC_*", "TZ", "GIT_PROTOCOL"];
+
 /// How many patterns `accept_env` may hold, and how long one may be.
 const MAX_PATTERNS: usize = 64;
 const MAX_PATTERN_LEN: usize = 128;
+
+/// Longest variable name passed on: real ones are short, and a client's name of
+/// hundreds of KiB matched against 64 patterns would cost seconds of CPU.
+const MAX_NAME_LEN: usize = 256;
 
 /// Names no pattern may match: they change what runs on the target (the shell's
 /// start-up files, options and prompts, the search path, a pager or editor that a
@@ -23,9 +39,14 @@ const MAX_PATTERN_LEN: usize = 128;
 const NEVER_PASSED: &[&str] = &[
     "BASH_ENV",
     "BASHOPTS",
+    "BASH_LOADABLES_PATH",
+    "BROWSER",
     "EDITOR",
     "ENV",
+    "EXINIT",
+    "FPATH",
     "GCONV_PATH",
+    "GETCONF_DIR",
     "GLIBC_TUNABLES",
     "HOME",
     "HOSTALIASES",
@@ -33,8 +54,6 @@ const NEVER_PASSED: &[&str] = &[
     "INPUTRC",
     "JAVA_TOOL_OPTIONS",
     "JDK_JAVA_OPTIONS",
-    "LESSCLOSE",
-    "LESSOPEN",
     "LOCPATH",
     "LOGNAME",
     "NLSPATH",
@@ -50,6 +69,7 @@ const NEVER_PASSED: &[&str] = &[
     "TERMCAP",
     "TERMINFO",
     "USER",
+    "VIMINIT",
     "VISUAL",
     "ZDOTDIR",
     "_JAVA_OPTIONS",
@@ -70,8 +90,23 @@ const NEVER_PASSED_FAMILIES: &[Family] = &[
         harmless: &["GIT_PROTOCOL"],
     },
     Family {
+        prefix: "BUNDLE_",
+        why: "Bundler's Gemfile and settings",
+        harmless: &[],
+    },
+    Family {
+        prefix: "GEM_",
+        why: "RubyGems' paths",
+        harmless: &[],
+    },
+    Family {
         prefix: "LD_",
         why: "the dynamic linker's preloads and search paths",
+        harmless: &[],
+    },
+    Family {
+        prefix: "LESS",
+        why: "less's input preprocessor, key bindings and options",
         harmless: &[],
     },
     Family {
@@ -82,6 +117,11 @@ const NEVER_PASSED_FAMILIES: &[Family] = &[
     Family {
         prefix: "NODE_",
         why: "Node.js options and module paths",
+        harmless: &[],
+    },
+    Family {
+        prefix: "NPM_CONFIG_",
+        why: "npm's settings, such as the script shell and Node.js options; npm reads them in any case",
         harmless: &[],
     },
     Family {
@@ -100,6 +140,11 @@ const NEVER_PASSED_FAMILIES: &[Family] = &[
         harmless: &[],
     },
     Family {
+        prefix: "RSYNC_",
+        why: "rsync's remote shell and connect programs",
+        harmless: &[],
+    },
+    Family {
         prefix: "SSH_",
         why: "SSH_ASKPASS runs a program, SSH_ORIGINAL_COMMAND is what a forced command reads as the client's command, SSH_CONNECTION says where the session comes from",
         harmless: &[],
@@ -110,13 +155,24 @@ const NEVER_PASSED_FAMILIES: &[Family] = &[
         harmless: &[],
     },
     Family {
+        prefix: "SYSTEMD_",
+        why: "systemd's pager and editor (SYSTEMD_PAGER runs any program)",
+        harmless: &[],
+    },
+    Family {
+        prefix: "TAR_",
+        why: "GNU tar's options (TAR_OPTIONS can add --checkpoint-action=exec)",
+        harmless: &[],
+    },
+    Family {
         prefix: "XDG_",
         why: "where programs (git among them) read their configuration",
         harmless: &[],
     },
 ];
 
-/// Names starting with `prefix`, refused but for `harmless` ones.
+/// Names starting with `prefix` in any case (npm reads `npm_config_*` and
+/// `NPM_CONFIG_*` alike), refused but for `harmless` ones.
 #[derive(Debug, Clone)]
 struct Family {
     prefix: &'static str,
@@ -154,11 +210,25 @@ impl AcceptEnv {
         Ok(AcceptEnv { patterns })
     }
 
-    /// Whether a variable called `name` may be passed on.
+    /// Whether a variable called `name` may be passed on. A name must look like
+    /// one (letters, digits and `_`, not led by a digit, at most [`MAX_NAME_LEN`]):
+    /// `PATH=x` or a name with a NUL in it never reaches a target, whatever the
+    /// target's sshd would make of it.
     pub fn allows(&self, name: &str) -> bool {
-        self.patterns
-            .iter()
-            .any(|pattern| matches(pattern.as_bytes(), name.as_bytes()))
+        is_variable_name(name)
+            && self
+                .patterns
+                .iter()
+                .any(|pattern| matches(pattern.as_bytes(), name.as_bytes()))
+    }
+
+    /// Whether `name` may be passed to a session that runs only granted commands:
+    /// what [`AcceptEnv::allows`] and [`FOR_COMMAND_GRANTS`] both allow.
+    pub fn allows_for_commands(&self, name: &str) -> bool {
+        self.allows(name)
+            && FOR_COMMAND_GRANTS
+                .iter()
+                .any(|pattern| matches(pattern.as_bytes(), name.as_bytes()))
     }
 }
 
@@ -183,6 +253,15 @@ fn check(pattern: &str) -> Result<(), String> {
     Ok(())
 }
 
+fn is_variable_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    name.len() <= MAX_NAME_LEN
+        && bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 /// What `pattern` would pass that no pattern may: one of [`NEVER_PASSED`], or a
 /// member of one of [`NEVER_PASSED_FAMILIES`] (a pattern with a wildcard that may
 /// match a name starting with the family's prefix matches infinitely many, so
@@ -204,13 +283,13 @@ fn never_passed_match(pattern: &str) -> Option<String> {
         .map(|family| format!("variables starting with {} ({})", family.prefix, family.why))
 }
 
-/// Whether some name that `pattern` matches starts with `prefix`. (Once the
+/// Whether some name that `pattern` matches starts with `prefix`, in any case. (Once the
 /// prefix is spent, whatever is left of the pattern matches some rest.)
 fn may_start_with(pattern: &[u8], prefix: &[u8]) -> bool {
     for (at, &wanted) in prefix.iter().enumerate() {
         match pattern.get(at) {
             Some(b'*') => return true,
-            Some(&c) if c == b'?' || c == wanted => {}
+            Some(&c) if c == b'?' || c.eq_ignore_ascii_case(&wanted) => {}
             _ => return false,
         }
     }
@@ -306,6 +385,13 @@ mod tests {
             "GCONV_PATH",
             "PS?",
             "?AGER",
+            "SYSTEMD_PAGER",
+            "TAR_OPTIONS",
+            "T?R_OPTIONS",
+            "npm_config_*",
+            "NPM_CONFIG_NODE_OPTIONS",
+            "LESSKEYIN",
+            "BROWSER",
         ] {
             let err = AcceptEnv::parse(&format!("LANG {pattern}")).unwrap_err();
             assert!(err.contains("changes what runs"), "{pattern}: {err}");
@@ -322,9 +408,17 @@ mod tests {
             proptest::sample::select(NEVER_PASSED).prop_map(str::to_string),
             (
                 proptest::sample::select(NEVER_PASSED_FAMILIES),
-                "[A-Z0-9_%]{0,10}"
+                "[A-Z0-9_%]{0,10}",
+                any::<bool>()
             )
-                .prop_map(|(family, rest)| format!("{}{rest}", family.prefix))
+                .prop_map(|(family, rest, lower)| {
+                    let prefix = if lower {
+                        family.prefix.to_ascii_lowercase()
+                    } else {
+                        family.prefix.to_string()
+                    };
+                    format!("{prefix}{rest}")
+                })
                 .prop_filter("a harmless member", |name| {
                     !NEVER_PASSED_FAMILIES
                         .iter()
@@ -366,6 +460,42 @@ mod tests {
                 prop_assert!(!accept.allows(&name), "'{pattern}' passes {name}");
             }
         }
+    }
+
+    #[test]
+    fn names_that_are_not_variable_names_never_pass() {
+        let accept = AcceptEnv::parse("LC_* PA*Z HOME?").unwrap();
+        assert!(accept.allows("LC_ALL") && accept.allows("PAZ"));
+        for name in [
+            "LC_X=1",
+            "LC_\0BASH_ENV",
+            "PATH=Z",
+            "HOME=",
+            "LC_é",
+            "1LC",
+            "",
+        ] {
+            assert!(!accept.allows(name), "{name:?}");
+        }
+        let long = format!("LC_{}", "A".repeat(MAX_NAME_LEN));
+        assert!(!accept.allows(&long));
+    }
+
+    #[test]
+    fn a_command_grant_gets_only_language_time_zone_and_git_protocol() {
+        let accept = AcceptEnv::parse("LANG LC_* TZ COLORTERM PROBE_MODE").unwrap();
+        for name in ["LANG", "LC_ALL", "TZ"] {
+            assert!(accept.allows_for_commands(name), "{name}");
+        }
+        for name in ["COLORTERM", "PROBE_MODE"] {
+            assert!(
+                accept.allows(name) && !accept.allows_for_commands(name),
+                "{name}"
+            );
+        }
+        // Never more than accept_env itself allows.
+        assert!(!accept.allows_for_commands("GIT_PROTOCOL"));
+        assert_eq!(FOR_COMMAND_GRANTS.join(" "), DEFAULT_ACCEPT_ENV);
     }
 
     #[test]

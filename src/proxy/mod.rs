@@ -77,6 +77,15 @@ pub async fn run(
         Some(canonical) => Start::Exec(canonical.clone().into_bytes()),
         None => start,
     };
+    // A session that may run only granted commands gets a closed environment: no
+    // list of the variables that make a program run another is ever complete
+    // (`config::accept_env`).
+    if !permit.grant.scope.shell {
+        let accept_env = &context.state.config.accept_env;
+        setup
+            .env
+            .retain(|(name, _)| accept_env.allows_for_commands(name));
+    }
     // Before an id is taken or the target is reached: a session that could not be
     // recorded to its end (disk nearly full, quota used up, store failed) never starts.
     if let Err(refusal) = context.state.recorder.room_for(user) {
