@@ -4,6 +4,7 @@
 //! the bastion authenticates them by key, decides every channel request against the
 //! policy, and proxies the session to the target with its own credentials.
 
+pub mod allocator;
 pub mod audit;
 pub mod budget;
 pub mod cluster;

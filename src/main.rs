@@ -187,6 +187,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { config } => {
+            portcullis::allocator::limit_arenas();
             portcullis::datadir::private_umask();
             let config = Config::load(config.as_deref())?;
             init_logging(config.log_format);

@@ -213,6 +213,7 @@ pub async fn run(
     let mut jobs = tokio::task::JoinSet::new();
     jobs.spawn(expire_grants(state.clone()));
     jobs.spawn(upkeep::anchor_audit_chain(state.clone()));
+    jobs.spawn(crate::allocator::trim_periodically());
     if let Some(retention) = state.config.recordings_retention {
         jobs.spawn(upkeep::prune_recordings(state.clone(), retention));
     }
