@@ -85,11 +85,6 @@ const NEVER_PASSED_FAMILIES: &[Family] = &[
         harmless: &[],
     },
     Family {
-        prefix: "GIT_",
-        why: "git's configuration, hooks and helper programs (GIT_CONFIG_*, GIT_SSH_COMMAND, GIT_EXEC_PATH…)",
-        harmless: &["GIT_PROTOCOL"],
-    },
-    Family {
         prefix: "BUNDLE_",
         why: "Bundler's Gemfile and settings",
         harmless: &[],
@@ -98,6 +93,11 @@ const NEVER_PASSED_FAMILIES: &[Family] = &[
         prefix: "GEM_",
         why: "RubyGems' paths",
         harmless: &[],
+    },
+    Family {
+        prefix: "GIT_",
+        why: "git's configuration, hooks and helper programs (GIT_CONFIG_*, GIT_SSH_COMMAND, GIT_EXEC_PATH…)",
+        harmless: &["GIT_PROTOCOL"],
     },
     Family {
         prefix: "LD_",
@@ -135,13 +135,13 @@ const NEVER_PASSED_FAMILIES: &[Family] = &[
         harmless: &[],
     },
     Family {
-        prefix: "RUBY",
-        why: "Ruby's options and library paths",
+        prefix: "RSYNC_",
+        why: "rsync's remote shell and connect programs",
         harmless: &[],
     },
     Family {
-        prefix: "RSYNC_",
-        why: "rsync's remote shell and connect programs",
+        prefix: "RUBY",
+        why: "Ruby's options and library paths",
         harmless: &[],
     },
     Family {
