@@ -204,7 +204,8 @@ pub fn open_with_clock(config: Config, clock: Clock) -> Result<(Arc<State>, crat
 /// from an opened [`State`] to a stopped bastion, shared by `serve` and by tests
 /// that run a bastion in their own process (on port 0, and on a paused tokio clock
 /// for timing tests: every timer here is tokio's). The background jobs (grant
-/// expiry, audit anchoring, recording retention) live as long as this call.
+/// expiry, audit anchoring, recording retention, the allocator's trim) live as long
+/// as this call.
 pub async fn run(
     listener: TcpListener,
     state: Arc<State>,
