@@ -402,13 +402,14 @@ mod tests {
     }
 
     /// A name no pattern may pass: one of the list, or a family member that is not
-    /// harmless (`prefix` + `rest`).
+    /// harmless (`prefix` + `rest`), always a well-formed name, so that what refuses
+    /// it is the pattern check and not the name check.
     fn dangerous_name() -> impl Strategy<Value = String> {
         prop_oneof![
             proptest::sample::select(NEVER_PASSED).prop_map(str::to_string),
             (
                 proptest::sample::select(NEVER_PASSED_FAMILIES),
-                "[A-Z0-9_%]{0,10}",
+                "[A-Z0-9_]{0,10}",
                 any::<bool>()
             )
                 .prop_map(|(family, rest, lower)| {
