@@ -23,7 +23,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    login_user, quote_words, random_file, status_kib, text, wait_until, World, CONTROL_USER,
+    cpu_seconds, login_user, quote_words, random_file, stat_fields, status_kib, text, wait_until,
+    World, CONTROL_USER,
 };
 
 fn main() {
@@ -42,6 +43,7 @@ fn main() {
     random_file(&input, (session_mib << 20) as usize);
     let sessions = (gib << 10) / session_mib;
     let started = Instant::now();
+    let (cpu_before, faults_before) = (cpu_seconds(pid), minor_faults(pid));
     for n in 1..=sessions {
         record_file(&w, &target, &input);
         println!(
@@ -51,6 +53,11 @@ fn main() {
         );
     }
     let stored = du_bytes(&w.bastion.data_dir());
+    println!(
+        "bastion while recording: {:.2} s of CPU and {:.0} minor page faults per GiB",
+        (cpu_seconds(pid) - cpu_before) / gib as f64,
+        (minor_faults(pid) - faults_before) as f64 / gib as f64
+    );
     println!(
         "recorded {gib} GiB in {:.0} s: RSS {} MiB (goal < 200), peak {} MiB; data dir {:.2} bytes per byte recorded",
         started.elapsed().as_secs_f64(),
@@ -148,4 +155,13 @@ fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Minor page faults a process has taken so far (pages it touched for the first
+/// time: what an allocator that hands memory back and takes it again pays).
+fn minor_faults(pid: u32) -> u64 {
+    stat_fields(pid)
+        .get(7)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0)
 }

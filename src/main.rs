@@ -187,7 +187,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve { config } => {
-            portcullis::allocator::limit_arenas();
+            portcullis::allocator::tune();
             portcullis::datadir::private_umask();
             let config = Config::load(config.as_deref())?;
             init_logging(config.log_format);
