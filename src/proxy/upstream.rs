@@ -131,6 +131,7 @@ pub fn client_config() -> client::Config {
         ),
         window_size: crate::session::WINDOW_SIZE,
         maximum_packet_size: crate::session::MAX_PACKET_SIZE,
+        channel_buffer_size: crate::session::CHANNEL_QUEUE,
         preferred: crate::session::preferred_algorithms(false, false),
         inactivity_timeout: None,
         keepalive_interval: Some(Duration::from_secs(30)),

@@ -23,7 +23,8 @@ use crate::grant::Clock;
 use crate::keys::{KeySet, Role};
 use crate::policy::{self, PolicyErrors};
 use crate::session::{
-    preferred_algorithms, server_id, warn_about, Phase, State, MAX_PACKET_SIZE, WINDOW_SIZE,
+    preferred_algorithms, server_id, warn_about, Phase, State, CHANNEL_QUEUE, MAX_PACKET_SIZE,
+    WINDOW_SIZE,
 };
 use crate::store::Store;
 use crate::totp::Totp;
@@ -120,6 +121,7 @@ fn russh_config(keys: &KeySet, config: &Config) -> russh::server::Config {
         keys: vec![keys.host.clone()],
         window_size: WINDOW_SIZE,
         maximum_packet_size: MAX_PACKET_SIZE,
+        channel_buffer_size: CHANNEL_QUEUE,
         preferred: preferred_algorithms(config.post_quantum_only, config.legacy_clients),
         max_auth_attempts: 6,
         inactivity_timeout: None,

@@ -27,4 +27,6 @@ pub use channel::{
 pub use per_user::{PerUser, Slot};
 pub use route::{InvalidUsername, Route};
 pub use state::{warn_about, LiveSession, Phase, State};
-pub use transport::{preferred_algorithms, server_id, MAX_PACKET_SIZE, READ_BUFFER, WINDOW_SIZE};
+pub use transport::{
+    preferred_algorithms, server_id, CHANNEL_QUEUE, MAX_PACKET_SIZE, READ_BUFFER, WINDOW_SIZE,
+};
