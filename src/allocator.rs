@@ -43,17 +43,19 @@ const MMAP_ABOVE: i32 = 4 * 1024 * 1024;
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        set_unless_in_environment("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, ARENAS);
-        set_unless_in_environment("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, MMAP_ABOVE);
+        set_unless_operator_did("arena_max", libc::M_ARENA_MAX, ARENAS);
+        set_unless_operator_did("mmap_threshold", libc::M_MMAP_THRESHOLD, MMAP_ABOVE);
     }
 }
 
-/// Sets one of glibc's malloc parameters, unless the operator set it through its
-/// environment variable.
+/// Sets one of glibc's malloc parameters (`tunable`, as `GLIBC_TUNABLES` names it
+/// after `glibc.malloc.`), unless the operator set it through the environment:
+/// its tunable, or its older variable (`MALLOC_ARENA_MAX`,
+/// `MALLOC_MMAP_THRESHOLD_`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn set_unless_in_environment(variable: &str, parameter: libc::c_int, value: libc::c_int) {
-    if std::env::var_os(variable).is_some() {
-        return; // the operator's choice
+fn set_unless_operator_did(tunable: &str, parameter: libc::c_int, value: libc::c_int) {
+    if operator_set(tunable, |name| std::env::var(name).ok()) {
+        return;
     }
     // SAFETY: mallopt only changes a setting of the allocator; M_ARENA_MAX and
     // M_MMAP_THRESHOLD with a positive value (at most 32 MiB for the threshold)
@@ -61,6 +63,21 @@ fn set_unless_in_environment(variable: &str, parameter: libc::c_int, value: libc
     unsafe {
         libc::mallopt(parameter, value);
     }
+}
+
+/// Whether glibc's malloc `tunable` is set in the environment, as `env` reads it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn operator_set(tunable: &str, env: impl Fn(&str) -> Option<String>) -> bool {
+    let variable = match tunable {
+        "arena_max" => "MALLOC_ARENA_MAX".to_string(),
+        other => format!("MALLOC_{}_", other.to_uppercase()),
+    };
+    let setting = format!("glibc.malloc.{tunable}=");
+    env(&variable).is_some()
+        || env("GLIBC_TUNABLES")
+            .unwrap_or_default()
+            .split(':')
+            .any(|each| each.starts_with(&setting))
 }
 
 /// Returns the allocator's free pages to the system every [`TRIM_EVERY`], for as
@@ -81,5 +98,36 @@ fn trim() {
     // it may be called from any thread at any time.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
+mod tests {
+    use super::operator_set;
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.to_string())
+        }
+    }
+
+    #[test]
+    fn an_operators_setting_is_found_in_either_form() {
+        let tunables = [(
+            "GLIBC_TUNABLES",
+            "glibc.malloc.trim_threshold=1:glibc.malloc.arena_max=4",
+        )];
+        assert!(operator_set("arena_max", env(&tunables)));
+        assert!(!operator_set("mmap_threshold", env(&tunables)));
+        let variable = [("MALLOC_MMAP_THRESHOLD_", "1048576")];
+        assert!(operator_set("mmap_threshold", env(&variable)));
+        assert!(operator_set("arena_max", env(&[("MALLOC_ARENA_MAX", "1")])));
+        assert!(!operator_set("arena_max", env(&[])));
+        // A setting of another name that merely contains this one is not it.
+        let other = [("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold_max=1")];
+        assert!(!operator_set("mmap_threshold", env(&other)));
     }
 }
