@@ -11,30 +11,39 @@
 //! the free pages inside them, keep it near what is in use.
 //!
 //! The opposite waste is as real: glibc maps every allocation above its mmap
-//! threshold (128 KiB at first) on its own and unmaps it when freed, so each use of
-//! a large buffer (sled's 2 MiB log buffers, its rewritten leaves) touches fresh
-//! pages, one page fault per 4 KiB: 750 000 faults and a fifth of the bastion's
-//! CPU per GiB of random data recorded. Large buffers up to [`MMAP_ABOVE`] come
-//! from the arenas instead, where the next one reuses their pages; the frequent
-//! trim hands back what stays free.
+//! threshold on its own and unmaps it when freed. The threshold starts at 128
+//! KiB and rises to the size of the largest mapped chunk freed, which should have
+//! settled it above sled's 2 MiB log buffers (one segment each), but never does:
+//! sled asks for them 8 KiB-aligned, glibc pads such a request by the alignment,
+//! and the padded request stays 48 bytes above the threshold its own last free
+//! set. So every log buffer was a fresh mapping, one page fault per 4 KiB: 750 000
+//! faults and 15 % of the bastion's CPU per GiB of random data recorded
+//! (`perf` during `benches/soak.rs`). With the threshold fixed at [`MMAP_ABOVE`],
+//! those buffers come from the arenas and reuse their pages until a trim hands
+//! them back: the trim's interval trades memory kept for pages taken again (faults
+//! per GiB: 70 000 to 90 000 with a trim every 10 s, 110 000 every second, 200 000
+//! every half second). Setting the trim threshold as well (8 MiB) left fewer
+//! faults but more memory and no less CPU, so it keeps glibc's default.
 //! Other C libraries (musl) return freed memory by themselves: there this is a no-op.
 
 use std::time::Duration;
 
 /// How often free memory inside the allocator is handed back to the system. A trim
-/// took 21 µs (median) to 640 µs (longest) with 500 sessions typing; every second
-/// keeps what recording leaves free from piling up between trims (RSS right after
-/// recording: 182 to 201 MiB after 2 GiB with a trim every 10 s, 167 MiB after 4
-/// GiB with one every second), while a busy session still reuses most of its pages.
+/// took 21 µs (median) to 640 µs (longest) with 500 sessions typing. Trimming
+/// often keeps what recording leaves free from piling up between trims: RSS right
+/// after recording 2 GiB was 182 to 201 MiB with a trim every 10 s, 157 to 170 MiB
+/// with one every 0.5 or 2 s; after 4 GiB with one every second, 167 and 224 MiB
+/// (`benches/soak.rs`, where the README has every run).
 pub const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 /// Arenas glibc may create, unless `MALLOC_ARENA_MAX` says otherwise: two keep
 /// both runtime workers from waiting on one arena's lock.
 const ARENAS: i32 = 2;
 
-/// Allocations at most this large come from the arenas rather than a mapping of
-/// their own, unless `MALLOC_MMAP_THRESHOLD_` says otherwise: above sled's log
-/// buffer (one segment, `store::sled_backend`), with room for its alignment.
+/// Allocations smaller than this (glibc's own chunk overhead counted) come from
+/// the arenas rather than a mapping of their own, unless the operator set
+/// glibc's threshold: above sled's log buffer (one segment,
+/// `store::sled_backend`), with room for its alignment.
 const MMAP_ABOVE: i32 = 4 * 1024 * 1024;
 
 /// Caps glibc's arenas at [`ARENAS`] and fixes its mmap threshold at
@@ -54,12 +63,13 @@ pub fn tune() {
 /// `MALLOC_MMAP_THRESHOLD_`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn set_unless_operator_did(tunable: &str, parameter: libc::c_int, value: libc::c_int) {
-    if operator_set(tunable, |name| std::env::var(name).ok()) {
+    let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
+    if operator_set(tunable, env) {
         return;
     }
-    // SAFETY: mallopt only changes a setting of the allocator; M_ARENA_MAX and
-    // M_MMAP_THRESHOLD with a positive value (at most 32 MiB for the threshold)
-    // are always valid.
+    // SAFETY: mallopt only changes a setting of the allocator, and refuses (returns
+    // 0, leaving glibc's default) a value out of its range, such as a threshold
+    // above 512 KiB on 32-bit targets. Nothing depends on it taking effect.
     unsafe {
         libc::mallopt(parameter, value);
     }
