@@ -29,11 +29,14 @@
 use std::time::Duration;
 
 /// How often free memory inside the allocator is handed back to the system. A trim
-/// took 21 µs (median) to 640 µs (longest) with 500 sessions typing. Trimming
-/// often keeps what recording leaves free from piling up between trims: RSS right
-/// after recording 2 GiB was 182 to 201 MiB with a trim every 10 s, 157 to 170 MiB
-/// with one every 0.5 or 2 s; after 4 GiB with one every second, 167 and 224 MiB
-/// (`benches/soak.rs`, where the README has every run).
+/// holds each arena's lock while it walks the free lists and releases pages, so
+/// its length is a pause for the threads of that arena: 21 µs (median) and 640 µs
+/// at most with 500 sessions typing, but 4.5 ms (median) and 120 ms at most every
+/// second while the soak recorded gigabytes; with a trim every 10 s, each took 8 to
+/// 240 ms. Trimming often also keeps what recording leaves free from piling up:
+/// RSS right after recording 2 GiB was 182 to 201 MiB with a trim every 10 s, 157
+/// to 170 MiB with one every 0.5 or 2 s; after 4 GiB with one every second, 167 to
+/// 224 MiB (`benches/soak.rs`, where the README has every run).
 pub const TRIM_EVERY: Duration = Duration::from_secs(1);
 
 /// Arenas glibc may create, unless `MALLOC_ARENA_MAX` says otherwise: two keep
