@@ -17,14 +17,14 @@
 //! sled asks for them 8 KiB-aligned, glibc pads such a request by the alignment,
 //! and the padded request stays just above the threshold its own last free set (a
 //! loop of 2 MiB `posix_memalign` calls maps every one, of `malloc` calls only the
-//! first). So every log buffer was a fresh mapping, one page fault per 4 KiB: 750
-//! 000 faults and 15 % of the bastion's CPU per GiB of random data recorded (`perf`
-//! during `benches/soak.rs`). With the threshold fixed at [`MMAP_ABOVE`], those
-//! buffers come from the arenas and reuse their pages until a trim hands them back:
-//! the trim's interval trades memory kept for pages taken again (faults per GiB: 40
-//! 000 to 90 000 with a trim every 10 s, 110 000 to 140 000 every second, 200 000
-//! every half second). Setting the trim threshold as well (8 MiB) left fewer faults
-//! but more memory and no less CPU, so it keeps glibc's default.
+//! first). So every log buffer was a fresh mapping, one page fault per 4 KiB:
+//! 750 000 faults and 15 % of the bastion's CPU per GiB of random data recorded
+//! (`perf` during `benches/soak.rs`). With the threshold fixed at [`MMAP_ABOVE`],
+//! those buffers come from the arenas and reuse their pages until a trim hands them
+//! back: the trim's interval trades memory kept for pages taken again (faults per
+//! GiB: 40 000 to 90 000 with a trim every 10 s, 110 000 to 140 000 every second,
+//! 200 000 every half second). Setting the trim threshold as well (8 MiB) left
+//! fewer faults but more memory and no less CPU, so it keeps glibc's default.
 //! Other C libraries (musl) return freed memory by themselves: there this is a no-op.
 
 use std::time::Duration;
