@@ -50,25 +50,33 @@ const ARENAS: i32 = 2;
 /// `store::sled_backend`), with room for its alignment.
 const MMAP_ABOVE: i32 = 4 * 1024 * 1024;
 
+/// How the operator sets glibc's arena cap: its variable, and its name in
+/// `GLIBC_TUNABLES` after `glibc.malloc.`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const ARENA_MAX: (&str, &str) = ("MALLOC_ARENA_MAX", "arena_max");
+
+/// How the operator sets glibc's mmap threshold (as [`ARENA_MAX`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const MMAP_THRESHOLD: (&str, &str) = ("MALLOC_MMAP_THRESHOLD_", "mmap_threshold");
+
 /// Caps glibc's arenas at [`ARENAS`] and fixes its mmap threshold at
 /// [`MMAP_ABOVE`]. Call it first thing, before threads start: an arena a thread
 /// already has stays.
 pub fn tune() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        set_unless_operator_did("arena_max", libc::M_ARENA_MAX, ARENAS);
-        set_unless_operator_did("mmap_threshold", libc::M_MMAP_THRESHOLD, MMAP_ABOVE);
+        set_unless_operator_did(ARENA_MAX, libc::M_ARENA_MAX, ARENAS);
+        set_unless_operator_did(MMAP_THRESHOLD, libc::M_MMAP_THRESHOLD, MMAP_ABOVE);
     }
 }
 
-/// Sets one of glibc's malloc parameters (`tunable`, as `GLIBC_TUNABLES` names it
-/// after `glibc.malloc.`), unless the operator set it through the environment:
-/// its tunable, or its older variable (`MALLOC_ARENA_MAX`,
-/// `MALLOC_MMAP_THRESHOLD_`).
+/// Sets one of glibc's malloc parameters, unless the operator set it through the
+/// environment: `names` are its variable and its tunable (as `GLIBC_TUNABLES`
+/// names it after `glibc.malloc.`).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn set_unless_operator_did(tunable: &str, parameter: libc::c_int, value: libc::c_int) {
+fn set_unless_operator_did(names: (&str, &str), parameter: libc::c_int, value: libc::c_int) {
     let env = |name: &str| std::env::var_os(name).map(|v| v.to_string_lossy().into_owned());
-    if operator_set(tunable, env) {
+    if operator_set(names, env) {
         return;
     }
     // SAFETY: mallopt only changes a setting of the allocator, and refuses (returns
@@ -79,15 +87,12 @@ fn set_unless_operator_did(tunable: &str, parameter: libc::c_int, value: libc::c
     }
 }
 
-/// Whether glibc's malloc `tunable` is set in the environment, as `env` reads it.
+/// Whether a malloc setting is in the environment, as `env` reads it: its
+/// `variable`, or its `tunable` in `GLIBC_TUNABLES`.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn operator_set(tunable: &str, env: impl Fn(&str) -> Option<String>) -> bool {
-    let variable = match tunable {
-        "arena_max" => "MALLOC_ARENA_MAX".to_string(),
-        other => format!("MALLOC_{}_", other.to_uppercase()),
-    };
+fn operator_set((variable, tunable): (&str, &str), env: impl Fn(&str) -> Option<String>) -> bool {
     let setting = format!("glibc.malloc.{tunable}=");
-    env(&variable).is_some()
+    env(variable).is_some()
         || env("GLIBC_TUNABLES")
             .unwrap_or_default()
             .split(':')
@@ -117,7 +122,7 @@ fn trim() {
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
 mod tests {
-    use super::operator_set;
+    use super::{operator_set, ARENA_MAX, MMAP_THRESHOLD};
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
         move |name| {
@@ -134,14 +139,14 @@ mod tests {
             "GLIBC_TUNABLES",
             "glibc.malloc.trim_threshold=1:glibc.malloc.arena_max=4",
         )];
-        assert!(operator_set("arena_max", env(&tunables)));
-        assert!(!operator_set("mmap_threshold", env(&tunables)));
+        assert!(operator_set(ARENA_MAX, env(&tunables)));
+        assert!(!operator_set(MMAP_THRESHOLD, env(&tunables)));
         let variable = [("MALLOC_MMAP_THRESHOLD_", "1048576")];
-        assert!(operator_set("mmap_threshold", env(&variable)));
-        assert!(operator_set("arena_max", env(&[("MALLOC_ARENA_MAX", "1")])));
-        assert!(!operator_set("arena_max", env(&[])));
+        assert!(operator_set(MMAP_THRESHOLD, env(&variable)));
+        assert!(operator_set(ARENA_MAX, env(&[("MALLOC_ARENA_MAX", "1")])));
+        assert!(!operator_set(ARENA_MAX, env(&[])));
         // A setting of another name that merely contains this one is not it.
         let other = [("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold_max=1")];
-        assert!(!operator_set("mmap_threshold", env(&other)));
+        assert!(!operator_set(MMAP_THRESHOLD, env(&other)));
     }
 }

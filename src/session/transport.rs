@@ -119,8 +119,9 @@ pub const MAX_PACKET_SIZE: u32 = 32 * 1024;
 /// up to this many packets of [`MAX_PACKET_SIZE`] (3.2 MiB) per direction on top of
 /// its pipe, and `[limits] sessions_per_user` bounds how many such sessions one
 /// user holds. Shallower queues made bulk copies slower: with 16 or 32, zeros
-/// moved at 0.87 to 0.98× and took 8 to 9 % more CPU per GiB (`benches/proxy.rs`), while
-/// 100 stalled sessions saved about 0.25 MiB each (`benches/soak.rs`).
+/// moved at 0.87 to 0.98× and took 8 to 9 % more CPU per GiB
+/// (`benches/proxy.rs`), while 100 stalled sessions saved about 0.25 MiB each
+/// (`benches/soak.rs`).
 pub const CHANNEL_QUEUE: usize = 100;
 
 /// Read buffer in front of every SSH connection, client or target. russh reads a
