@@ -36,8 +36,8 @@
 //! the embedded default; it also prints the database server's CPU; default `sled`),
 //! `BENCH_BASELINE=PATH` (also measure another portcullis binary, e.g. a release
 //! build of an older commit, as route `baseline`, interleaved with the others, on
-//! the same keys, policies and target: a regression shows in one run's
-//! `portcullis/baseline` row).
+//! the same keys, policies, target and backend (on PostgreSQL, a database of its
+//! own): a regression shows in one run's `portcullis/baseline` row).
 
 #[path = "../tests/common/mod.rs"]
 pub mod common;
@@ -257,13 +257,15 @@ fn database_cpu(backend: &str) -> Option<f64> {
     (backend == "postgres").then(|| common::postgres().cpu_seconds())
 }
 
-/// A second bastion running `binary`, on this world's keys, policies and target.
+/// A second bastion running `binary`, on this world's keys, policies, target and
+/// backend (a fresh database of its own on PostgreSQL).
 fn baseline_bastion(world: &World, binary: &std::ffi::OsStr) -> common::Bastion {
     println!(
         "baseline: {} (route `baseline`)",
         Path::new(binary).display()
     );
-    world.another_node("baseline", Path::new(binary), "")
+    let (store_config, _) = common::bench_store();
+    world.another_node("baseline", Path::new(binary), &store_config)
 }
 
 /// A payload file of `bytes` from `source`, in the world's directory.

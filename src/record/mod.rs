@@ -63,7 +63,8 @@ const BATCH_BYTES: usize = 1024 * 1024;
 /// (`benches/proxy.rs` measures it; see the README's Performance section).
 const STORED_VALUE_BYTES: usize = 64 * 1024;
 
-/// Stored bytes per write of a flush (see [`writes`]).
+/// Pending bytes the flusher takes as one slice, and stored bytes per write (see
+/// [`writes`]).
 const WRITE_BYTES: usize = 1024 * 1024;
 
 /// Unflushed bytes per session beyond which the relay waits for the flusher (those
@@ -71,7 +72,8 @@ const WRITE_BYTES: usize = 1024 * 1024;
 /// that is spent the relay waits at [`BATCH_BYTES`]).
 const PENDING_CAP: usize = 8 * 1024 * 1024;
 
-/// Batch writes (compression plus sled insert) in flight at once.
+/// Slices being encoded or written at once, across all sessions (one session
+/// uses two: one encoded while the other is written).
 const WRITERS: usize = 2;
 
 /// Chunks a live watcher may fall behind before it is told it missed some.
@@ -319,6 +321,9 @@ struct Pending {
     bytes: usize,
     /// `bytes` beyond [`BATCH_BYTES`], charged to the memory budget.
     account: Account,
+    /// The chunks at the front that the flusher is writing (part of `chunks`
+    /// and `bytes` until they land).
+    taken: Footprint,
     /// Batches already in the store.
     batches: u32,
     resizes: u32,
@@ -587,6 +592,7 @@ impl Recorder {
                 chunks: Vec::new(),
                 bytes: 0,
                 account: Account::new(self.memory.clone(), BATCH_BYTES),
+                taken: Footprint::default(),
                 batches: 0,
                 resizes: 0,
                 input_bytes: 0,
@@ -1024,7 +1030,7 @@ impl SessionRecorder {
                         let _ = watchers.send(chunk.clone()); // no watchers is fine
                     }
                     pending.chunks.push(chunk);
-                    if total >= BATCH_BYTES {
+                    if total - pending.taken.held >= BATCH_BYTES {
                         self.live.flush_now.notify_one();
                     }
                     return;
@@ -1090,126 +1096,249 @@ struct Flushed {
     error: Option<String>,
 }
 
-/// Writes a session's batches until it is finished (or the store fails).
-async fn flush_loop(
+/// Writes a session's chunks until it is finished (or the store fails), in slices
+/// of about [`WRITE_BYTES`] taken in order. Two slices are on their way at once:
+/// while one is hashed and written, the next is encoded, so the bastion's work and
+/// the store's overlap instead of taking turns (a serial flusher left the relay
+/// waiting for a third of a bulk transfer). Writes still land one after the other,
+/// so the store always holds a prefix of the transcript and the digest seals only
+/// what landed. A slice's chunks leave memory as soon as it lands, which gives the
+/// relay room a slice at a time rather than once a whole backlog is written.
+async fn flush_loop(recorder: Arc<Recorder>, live: Arc<Live>, record: SessionRecord) -> Flushed {
+    let mut flusher = Flusher {
+        recorder,
+        live,
+        record,
+        digest: TranscriptDigest::default(),
+    };
+    let error = flusher.run().await.err();
+    if let Some(error) = &error {
+        let live = &flusher.live;
+        tracing::error!(session = flusher.record.id, %error, "cannot write recording; ending the session");
+        live.failure
+            .send_replace(Some(format!("the recording cannot be written ({error})")));
+        live.room.notify_waiters();
+    }
+    Flushed {
+        record: flusher.record,
+        digest: flusher.digest,
+        error,
+    }
+}
+
+/// One session's flusher: the record and digest as of the last write that landed.
+struct Flusher {
     recorder: Arc<Recorder>,
     live: Arc<Live>,
-    mut record: SessionRecord,
-) -> Flushed {
-    let (store, writers) = (&recorder.store, &recorder.writers);
-    let mut digest = TranscriptDigest::default();
-    // Sessions that start together must not flush together: a random phase spreads
-    // hundreds of flushers over the interval instead of waking them in one burst.
-    let phase = FLUSH_INTERVAL.mul_f64(rand::rng().random::<f64>());
-    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + phase, FLUSH_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = ticks.tick() => {}
-            _ = live.flush_now.notified() => {}
-        }
-        let (chunks, finished) = {
-            let pending = live.inner.lock().expect("recording lock poisoned");
-            (pending.chunks.clone(), pending.finished)
-        };
-        if !chunks.is_empty() {
-            let (count, bytes): (usize, usize) = (chunks.len(), chunks.iter().map(held_by).sum());
-            let written = {
-                let _writer = writers
-                    .acquire()
-                    .await
-                    .expect("the writer semaphore is never closed");
-                write_batch(store, &mut record, &mut digest, chunks).await
-            };
-            if let Err(error) = written {
-                tracing::error!(session = record.id, %error, "cannot write recording; ending the session");
-                live.failure
-                    .send_replace(Some(format!("the recording cannot be written ({error})")));
-                live.room.notify_waiters();
-                return Flushed {
-                    record,
-                    digest,
-                    error: Some(error),
-                };
-            }
-            let mut pending = live.inner.lock().expect("recording lock poisoned");
-            pending.chunks.drain(..count);
-            pending.bytes -= bytes;
-            let held = pending.bytes;
-            pending.account.hold(held); // shrinking: refunds the written excess
-            pending.batches = record.batches;
-            drop(pending);
-            live.stored.store(record.stored_bytes, Ordering::Relaxed);
-            if let Some(reason) = recorder.over_quota(&live) {
-                tracing::warn!(session = record.id, user = %record.user, %reason, "ending the session");
-                stop(&live, reason);
-            }
-            live.room.notify_waiters();
-        }
-        if finished {
-            return Flushed {
-                record,
-                digest,
-                error: None,
-            };
-        }
-    }
-}
-
-/// Frames, compresses (when that pays) and stores what was pending, cut into runs
-/// of about [`STORED_VALUE_BYTES`] (consecutive runs that compress are stored as
-/// one batch, see [`transcript::encode_runs`]), in writes of about
-/// [`WRITE_BYTES`]; counts what landed in the in-memory record. (The stored
-/// record is written at the start and the end only: a crash recovery recounts the
-/// batches, and one write per flush would cost a sled write per session per
-/// interval.)
-async fn write_batch(
-    store: &SessionStore,
-    record: &mut SessionRecord,
-    digest: &mut TranscriptDigest,
-    chunks: Vec<Chunk>,
-) -> Result<(), String> {
-    let (id, first) = (record.id, record.batches);
-    let plain: u64 = chunks.iter().map(|c| c.data.len() as u64).sum();
-    let writer = store.clone();
-    let sealed = digest.clone();
-    // Encoding, hashing and the store's writes all run on the blocking pool: a
-    // flush of a MiB hashed on a runtime worker held up the relays behind it.
-    let landed =
-        tokio::task::spawn_blocking(move || store_runs(&writer, id, first, sealed, &chunks))
-            .await
-            .map_err(|e| e.to_string())?;
-    // What landed is counted even when the rest failed: the seal's digest and
-    // batch count then match the store, and `audit verify` agrees.
-    *digest = landed.digest;
-    record.stored_bytes += landed.bytes;
-    record.batches += landed.batches;
-    if let Some(error) = landed.failed {
-        return Err(error.to_string());
-    }
-    record.transcript_bytes += plain;
-    Ok(())
-}
-
-/// What a flush left in the store.
-struct Landed {
-    /// The digest over every batch stored so far, those of this flush included.
+    record: SessionRecord,
     digest: TranscriptDigest,
+}
+
+/// What a slice of pending chunks holds: its chunks (counted from the front of
+/// the pending batch), their bytes in memory ([`held_by`]) and transcript bytes.
+#[derive(Clone, Copy, Default)]
+struct Footprint {
+    chunks: usize,
+    held: usize,
+    plain: u64,
+}
+
+/// What a write stores: chunks still to be encoded, or their stored batches.
+enum Work {
+    Chunks(Vec<Chunk>),
+    Encoded(Vec<Vec<u8>>),
+}
+
+/// A write on the blocking pool, and what its slice holds (released from the
+/// pending batch once it landed).
+struct InFlight {
+    task: JoinHandle<Landed>,
+    slice: Footprint,
+}
+
+impl Flusher {
+    async fn run(&mut self) -> Result<(), String> {
+        // Sessions that start together must not flush together: a random phase
+        // spreads hundreds of flushers over the interval instead of waking them in
+        // one burst.
+        let phase = FLUSH_INTERVAL.mul_f64(rand::rng().random::<f64>());
+        let mut ticks =
+            tokio::time::interval_at(tokio::time::Instant::now() + phase, FLUSH_INTERVAL);
+        let mut writing: Option<InFlight> = None;
+        // Everything pending is due (at a tick, on request, at the end), not only
+        // full slices.
+        let mut due = false;
+        loop {
+            let (waiting, finished) = self.waiting();
+            due |= finished;
+            if waiting >= WRITE_BYTES || (due && waiting > 0) {
+                let (chunks, slice, rest) = self.take();
+                due = due && rest > 0;
+                let next = match writing.take() {
+                    None => self.write(Work::Chunks(chunks), slice).await,
+                    Some(previous) => {
+                        // Encode this slice while the previous one is written.
+                        let encoded = self.encode(chunks).await;
+                        self.land(previous).await?;
+                        self.write(Work::Encoded(encoded?), slice).await
+                    }
+                };
+                writing = Some(next);
+                continue;
+            }
+            if let Some(previous) = writing.take() {
+                self.land(previous).await?;
+                continue;
+            }
+            if finished {
+                return Ok(());
+            }
+            tokio::select! {
+                _ = ticks.tick() => {}
+                _ = self.live.flush_now.notified() => {}
+            }
+            due = true;
+        }
+    }
+
+    /// Bytes pending that no slice has taken yet, and whether the session ended.
+    fn waiting(&self) -> (usize, bool) {
+        let pending = self.live.inner.lock().expect("recording lock poisoned");
+        (pending.bytes - pending.taken.held, pending.finished)
+    }
+
+    /// The next pending chunks no slice has taken, about [`WRITE_BYTES`] of them,
+    /// what they hold, and the bytes left untaken after them.
+    fn take(&self) -> (Vec<Chunk>, Footprint, usize) {
+        let mut pending = self.live.inner.lock().expect("recording lock poisoned");
+        let chunks = cut(
+            &pending.chunks[pending.taken.chunks..],
+            WRITE_BYTES,
+            held_by,
+        )
+        .next()
+        .unwrap_or_default()
+        .to_vec();
+        let slice = Footprint {
+            chunks: chunks.len(),
+            held: chunks.iter().map(held_by).sum(),
+            plain: chunks.iter().map(|c| c.data.len() as u64).sum(),
+        };
+        pending.taken.chunks += slice.chunks;
+        pending.taken.held += slice.held;
+        let rest = pending.bytes - pending.taken.held;
+        (chunks, slice, rest)
+    }
+
+    /// Encodes chunks on the blocking pool (a MiB took a runtime worker away from
+    /// the relays behind it).
+    async fn encode(&self, chunks: Vec<Chunk>) -> Result<Vec<Vec<u8>>, String> {
+        let _writer = self
+            .recorder
+            .writers
+            .acquire()
+            .await
+            .expect("the writer semaphore is never closed");
+        tokio::task::spawn_blocking(move || encode(&chunks))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Starts storing a slice after everything before it (its batch numbers follow
+    /// those that landed, so the caller lands the previous write first).
+    async fn write(&self, work: Work, slice: Footprint) -> InFlight {
+        let writer = self.recorder.writers.clone().acquire_owned().await;
+        let store = self.recorder.store.clone();
+        let (id, first, digest) = (self.record.id, self.record.batches, self.digest.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let _writer = writer;
+            let batches = match work {
+                Work::Chunks(chunks) => encode(&chunks),
+                Work::Encoded(batches) => batches,
+            };
+            store_runs(&store, id, first, digest, batches)
+        });
+        InFlight { task, slice }
+    }
+
+    /// Waits for a write, counts what landed (even when the rest failed: the seal's
+    /// digest and batch count then match the store, and `audit verify` agrees), and
+    /// releases its chunks from memory.
+    async fn land(&mut self, write: InFlight) -> Result<(), String> {
+        let landed = write
+            .task
+            .await
+            .unwrap_or_else(|panicked| Landed::nothing(panicked.to_string()));
+        let record = &mut self.record;
+        record.stored_bytes += landed.bytes;
+        record.batches += landed.batches;
+        self.digest = landed.digest.unwrap_or_else(|| self.digest.clone());
+        if let Some(error) = landed.failed {
+            return Err(error);
+        }
+        let slice = write.slice;
+        record.transcript_bytes += slice.plain;
+        let mut pending = self.live.inner.lock().expect("recording lock poisoned");
+        pending.chunks.drain(..slice.chunks);
+        pending.taken.chunks -= slice.chunks;
+        pending.taken.held -= slice.held;
+        pending.bytes -= slice.held;
+        let held = pending.bytes;
+        pending.account.hold(held); // shrinking: refunds the written excess
+        pending.batches = record.batches;
+        drop(pending);
+        self.live
+            .stored
+            .store(record.stored_bytes, Ordering::Relaxed);
+        if let Some(reason) = self.recorder.over_quota(&self.live) {
+            tracing::warn!(session = record.id, user = %record.user, %reason, "ending the session");
+            stop(&self.live, reason);
+        }
+        self.live.room.notify_waiters();
+        Ok(())
+    }
+}
+
+/// Frames chunks and compresses them where that pays: runs of about
+/// [`STORED_VALUE_BYTES`], consecutive runs that compress stored as one batch (see
+/// [`transcript::encode_runs`]).
+fn encode(chunks: &[Chunk]) -> Vec<Vec<u8>> {
+    transcript::encode_runs(pieces(chunks))
+}
+
+/// What a write left in the store. (The stored record is written at the start
+/// and the end only: a crash recovery recounts the batches, and one write per
+/// flush would cost a store write per session per interval.)
+struct Landed {
+    /// The digest over every batch stored so far, those of this write included;
+    /// `None` if the write never ran.
+    digest: Option<TranscriptDigest>,
     batches: u32,
     bytes: u64,
-    failed: Option<StoreError>,
+    failed: Option<String>,
 }
 
-/// Encodes `chunks` and stores them as batches `first`, `first + 1`, … in writes
-/// of about [`WRITE_BYTES`]. The digest takes in a write's batches only once the
-/// write has landed; a batch moves into the store without a copy.
+impl Landed {
+    fn nothing(error: String) -> Landed {
+        Landed {
+            digest: None,
+            batches: 0,
+            bytes: 0,
+            failed: Some(error),
+        }
+    }
+}
+
+/// Stores `stored` as batches `first`, `first + 1`, … in writes of about
+/// [`WRITE_BYTES`]. The digest takes in a write's batches only once the write has
+/// landed; a batch moves into the store without a copy.
 fn store_runs(
     store: &SessionStore,
     id: u64,
     first: u32,
     mut digest: TranscriptDigest,
-    chunks: &[Chunk],
+    mut stored: Vec<Vec<u8>>,
 ) -> Landed {
-    let mut stored = transcript::encode_runs(pieces(chunks));
     let counts: Vec<usize> = writes(&stored).map(<[Vec<u8>]>::len).collect();
     let mut rest = stored.drain(..);
     let (mut batches, mut bytes) = (0, 0);
@@ -1220,16 +1349,16 @@ fn store_runs(
         let size: u64 = write.iter().map(|batch| batch.len() as u64).sum();
         if let Err(error) = store.put_batches(id, first + batches, write) {
             return Landed {
-                digest,
+                digest: Some(digest),
                 batches,
                 bytes,
-                failed: Some(error),
+                failed: Some(error.to_string()),
             };
         }
         (digest, batches, bytes) = (after, batches + count as u32, bytes + size);
     }
     Landed {
-        digest,
+        digest: Some(digest),
         batches,
         bytes,
         failed: None,
@@ -1394,6 +1523,41 @@ mod tests {
             );
         }
         assert!(recorder.queued_bytes() <= BATCH_BYTES);
+    }
+
+    /// Megabytes of mixed output go to the store in slices, each encoded while
+    /// the one before it is written: the transcript comes back exactly, in
+    /// order, its seal matches the store, and nothing stays held in memory.
+    #[tokio::test]
+    async fn a_transcript_written_slice_by_slice_replays_exactly() {
+        let (_dir, recorder, session) = recording();
+        let id = session.id();
+        let mut sent = Vec::new();
+        for n in 0..400 {
+            let data: Vec<u8> = if n % 3 == 0 {
+                format!("line {n} of a listing\r\n")
+                    .repeat(500)
+                    .into_bytes()
+            } else {
+                (0..16 * 1024).map(|_| rand::random::<u8>()).collect()
+            };
+            sent.extend_from_slice(&data);
+            session.output(Stream::Stdout, &Bytes::from(data)).await;
+        }
+        let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
+        assert_eq!(error, None);
+        let stored: Vec<u8> = recorder
+            .chunks(id)
+            .unwrap()
+            .iter()
+            .flat_map(|chunk| chunk.data.to_vec())
+            .collect();
+        assert!(stored == sent, "the transcript differs from the output");
+        assert_eq!(record.transcript_bytes, sent.len() as u64);
+        assert!(record.batches > 4, "{} batches", record.batches);
+        assert_eq!(recorder.store.batch(id, record.batches).unwrap(), None);
+        assert_eq!(record.digest.unwrap(), recorder.digest_of(id).unwrap());
+        assert_eq!(recorder.queued_bytes(), 0);
     }
 
     #[tokio::test]
