@@ -30,7 +30,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch, Notify, Semaphore};
+use tokio::sync::{broadcast, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::audit::AuditEvent;
@@ -72,8 +72,9 @@ const WRITE_BYTES: usize = 1024 * 1024;
 /// that is spent the relay waits at [`BATCH_BYTES`]).
 const PENDING_CAP: usize = 8 * 1024 * 1024;
 
-/// Slices being encoded or written at once, across all sessions (one session
-/// uses two: one encoded while the other is written).
+/// Slices encoded or being written at once, across all sessions (an encoded
+/// slice keeps its slot until its write ends; one session may use both, one
+/// encoded while the other is written).
 const WRITERS: usize = 2;
 
 /// Chunks a live watcher may fall behind before it is told it missed some.
@@ -1164,6 +1165,8 @@ impl Flusher {
         let phase = FLUSH_INTERVAL.mul_f64(rand::rng().random::<f64>());
         let mut ticks =
             tokio::time::interval_at(tokio::time::Instant::now() + phase, FLUSH_INTERVAL);
+        // A backlog keeps the flusher busy past its ticks; those are not owed.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut writing: Option<InFlight> = None;
         // Everything pending is due (at a tick, on request, at the end), not only
         // full slices.
@@ -1175,12 +1178,27 @@ impl Flusher {
                 let (chunks, slice, rest) = self.take();
                 due = due && rest > 0;
                 let next = match writing.take() {
-                    None => self.write(Work::Chunks(chunks), slice).await,
-                    Some(previous) => {
-                        // Encode this slice while the previous one is written.
-                        let encoded = self.encode(chunks).await;
-                        self.land(previous).await?;
-                        self.write(Work::Encoded(encoded?), slice).await
+                    None => {
+                        let writer = writer(&self.recorder.writers).await;
+                        self.write(Work::Chunks(chunks), slice, writer)
+                    }
+                    Some(mut previous) => {
+                        // Encode this slice while the previous one is written, and
+                        // land that one as soon as it is done, whichever is first.
+                        let encoding = encode(self.recorder.writers.clone(), chunks);
+                        tokio::pin!(encoding);
+                        let encoded = tokio::select! {
+                            encoded = &mut encoding => {
+                                self.land(previous).await?;
+                                encoded
+                            }
+                            landed = &mut previous.task => {
+                                self.settle(landed, previous.slice)?;
+                                encoding.await
+                            }
+                        };
+                        let (batches, writer) = encoded?;
+                        self.write(Work::Encoded(batches), slice, writer)
                     }
                 };
                 writing = Some(next);
@@ -1230,30 +1248,16 @@ impl Flusher {
         (chunks, slice, rest)
     }
 
-    /// Encodes chunks on the blocking pool (a MiB took a runtime worker away from
-    /// the relays behind it).
-    async fn encode(&self, chunks: Vec<Chunk>) -> Result<Vec<Vec<u8>>, String> {
-        let _writer = self
-            .recorder
-            .writers
-            .acquire()
-            .await
-            .expect("the writer semaphore is never closed");
-        tokio::task::spawn_blocking(move || encode(&chunks))
-            .await
-            .map_err(|e| e.to_string())
-    }
-
     /// Starts storing a slice after everything before it (its batch numbers follow
-    /// those that landed, so the caller lands the previous write first).
-    async fn write(&self, work: Work, slice: Footprint) -> InFlight {
-        let writer = self.recorder.writers.clone().acquire_owned().await;
+    /// those that landed, so the caller lands the previous write first). The
+    /// write holds `writer` until it is done.
+    fn write(&self, work: Work, slice: Footprint, writer: OwnedSemaphorePermit) -> InFlight {
         let store = self.recorder.store.clone();
         let (id, first, digest) = (self.record.id, self.record.batches, self.digest.clone());
         let task = tokio::task::spawn_blocking(move || {
             let _writer = writer;
             let batches = match work {
-                Work::Chunks(chunks) => encode(&chunks),
+                Work::Chunks(chunks) => encode_runs(&chunks),
                 Work::Encoded(batches) => batches,
             };
             store_runs(&store, id, first, digest, batches)
@@ -1265,10 +1269,17 @@ impl Flusher {
     /// digest and batch count then match the store, and `audit verify` agrees), and
     /// releases its chunks from memory.
     async fn land(&mut self, write: InFlight) -> Result<(), String> {
-        let landed = write
-            .task
-            .await
-            .unwrap_or_else(|panicked| Landed::nothing(panicked.to_string()));
+        let landed = write.task.await;
+        self.settle(landed, write.slice)
+    }
+
+    /// Counts what a write that ended left in the store; see [`Flusher::land`].
+    fn settle(
+        &mut self,
+        landed: Result<Landed, tokio::task::JoinError>,
+        slice: Footprint,
+    ) -> Result<(), String> {
+        let landed = landed.unwrap_or_else(|panicked| Landed::nothing(panicked.to_string()));
         let record = &mut self.record;
         record.stored_bytes += landed.bytes;
         record.batches += landed.batches;
@@ -1276,7 +1287,6 @@ impl Flusher {
         if let Some(error) = landed.failed {
             return Err(error);
         }
-        let slice = write.slice;
         record.transcript_bytes += slice.plain;
         let mut pending = self.live.inner.lock().expect("recording lock poisoned");
         pending.chunks.drain(..slice.chunks);
@@ -1299,10 +1309,35 @@ impl Flusher {
     }
 }
 
+/// One of the [`WRITERS`] slots for encoding and writing slices.
+async fn writer(writers: &Arc<Semaphore>) -> OwnedSemaphorePermit {
+    writers
+        .clone()
+        .acquire_owned()
+        .await
+        .expect("the writer semaphore is never closed")
+}
+
+/// Encodes chunks on the blocking pool (a MiB took a runtime worker away from the
+/// relays behind it) under a writer slot, which it hands on with the batches to
+/// their write: encoded slices waiting for their turn count against
+/// [`WRITERS`] too, so however many sessions are behind, at most that many hold
+/// one.
+async fn encode(
+    writers: Arc<Semaphore>,
+    chunks: Vec<Chunk>,
+) -> Result<(Vec<Vec<u8>>, OwnedSemaphorePermit), String> {
+    let writer = writer(&writers).await;
+    let batches = tokio::task::spawn_blocking(move || encode_runs(&chunks))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((batches, writer))
+}
+
 /// Frames chunks and compresses them where that pays: runs of about
 /// [`STORED_VALUE_BYTES`], consecutive runs that compress stored as one batch (see
 /// [`transcript::encode_runs`]).
-fn encode(chunks: &[Chunk]) -> Vec<Vec<u8>> {
+fn encode_runs(chunks: &[Chunk]) -> Vec<Vec<u8>> {
     transcript::encode_runs(pieces(chunks))
 }
 
@@ -1347,7 +1382,13 @@ fn store_runs(
         let mut after = digest.clone();
         write.iter().for_each(|batch| after.update(batch));
         let size: u64 = write.iter().map(|batch| batch.len() as u64).sum();
-        if let Err(error) = store.put_batches(id, first + batches, write) {
+        // A panic in the store is a failed write, counted with what landed before
+        // it, so the seal still matches the store.
+        let put = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store.put_batches(id, first + batches, write)
+        }))
+        .unwrap_or_else(|_| Err(StoreError::Backend("the store panicked".into())));
+        if let Err(error) = put {
             return Landed {
                 digest: Some(digest),
                 batches,
