@@ -410,6 +410,55 @@ fn an_unreachable_database_is_reported_and_recovers() {
     store.backend().put("t", b"k", b"v").unwrap();
 }
 
+/// PostgreSQL only: a write whose answer does not come in time may still commit
+/// afterwards (here it waits for another transaction that holds its key past
+/// the backend's 15 s timeout). `put_all` then writes the same entries again on
+/// the same connection, which the server runs only after the first, so it
+/// returns with the entries stored and no statement of its own still running,
+/// instead of an error that a later commit would prove wrong (a transcript
+/// sealed without a batch that lands later reads as altered).
+#[test]
+fn a_write_whose_answer_is_late_is_settled_before_it_returns() {
+    let url = postgres().fresh_database();
+    let name = database_of(&url).to_string();
+    let store = Database::Postgres(pg_settings(&url)).open();
+    let holder = {
+        let name = name.clone();
+        thread::spawn(move || {
+            postgres().sql(
+                &name,
+                "BEGIN; INSERT INTO kv VALUES ('t', '\\x6b', '\\x00'); \
+                 SELECT pg_sleep(20); ROLLBACK;",
+            )
+        })
+    };
+    // Sleeping, so its INSERT has run and it holds the key.
+    let holding = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE wait_event = 'PgSleep' AND pid <> pg_backend_pid()";
+    assert!(
+        wait_until(Duration::from_secs(10), || postgres().sql(&name, holding)
+            == "1"),
+        "the other transaction holds the key"
+    );
+    let started = std::time::Instant::now();
+    let value = vec![7u8; 100_000];
+    store
+        .backend()
+        .put_all("t", vec![(b"k".to_vec(), value.clone())])
+        .expect("stored once the other transaction is gone");
+    assert!(
+        started.elapsed() > Duration::from_secs(15),
+        "the first try timed out ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(store.backend().get("t", b"k").unwrap(), Some(value));
+    let writing = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE state <> 'idle' AND query LIKE '%kv%' \
+                   AND query NOT LIKE '%pg_sleep%' AND pid <> pg_backend_pid()";
+    assert_eq!(postgres().sql(&name, writing), "0", "a write still runs");
+    holder.join().unwrap();
+}
+
 /// PostgreSQL only: nodes starting at once on an empty database apply each
 /// migration once; opening again changes nothing; a database from a newer
 /// build is refused with a message that says so.

@@ -426,30 +426,87 @@ impl PgBackend {
         T: Send + 'static,
         F: Future<Output = PgResult<T>> + Send + 'static,
     {
+        self.attempt(OPERATION_TIMEOUT, work)
+            .map_err(|err| StoreError::Backend(err.message))
+    }
+
+    /// [`PgBackend::call`] with a timeout of its own, keeping the driver's error.
+    fn attempt<T, F>(
+        &self,
+        timeout: Duration,
+        work: impl FnOnce(Arc<Shared>) -> F + Send + 'static,
+    ) -> PgResult<T>
+    where
+        T: Send + 'static,
+        F: Future<Output = PgResult<T>> + Send + 'static,
+    {
         // While the feed cannot connect, the server is unreachable: fail now
         // rather than hold the caller (perhaps a runtime worker thread) for the
         // whole operation timeout.
         if let Some(down) = self.shared.health.listener_down(true) {
-            return Err(StoreError::Backend(down));
+            return Err(PgError {
+                message: down,
+                unreachable: true,
+            });
         }
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
         let shared = self.shared.clone();
         self.runtime().spawn(async move {
-            let result = tokio::time::timeout(OPERATION_TIMEOUT, work(shared.clone()))
+            let result = tokio::time::timeout(timeout, work(shared.clone()))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(PgError {
-                        message: format!("no answer within {}s", OPERATION_TIMEOUT.as_secs()),
-                        unreachable: true,
-                    })
-                });
+                .unwrap_or_else(|_| Err(no_answer(timeout)));
             shared.health.note(&result);
             let _ = answer.send(result);
         });
-        match answered.recv() {
-            Ok(result) => result.map_err(|err| StoreError::Backend(err.message)),
-            Err(_) => Err(StoreError::Backend("the database runtime stopped".into())),
-        }
+        answered.recv().unwrap_or_else(|_| {
+            Err(PgError {
+                message: "the database runtime stopped".into(),
+                unreachable: true,
+            })
+        })
+    }
+
+    /// Writes `keys` and `values` (see [`Backend::put_all`]) and settles the
+    /// outcome when the answer is late: a statement that did not answer within
+    /// [`OPERATION_TIMEOUT`] may still commit, so the same entries are written
+    /// again by upsert on the same connection, where the server runs it only
+    /// once it is done with the first (committed or not). When that answers,
+    /// the entries are stored and nothing of the first try can land later. If it
+    /// does not answer either, the connection is closed rather than pooled with
+    /// statements still queued on it, and the write fails with its outcome
+    /// unknown.
+    fn write_entries(&self, tree: &str, keys: Vec<Vec<u8>>, values: Vec<Bytes>) -> PgResult<()> {
+        let tree = tree.to_string();
+        let settled_within = OPERATION_TIMEOUT * 2 + Duration::from_secs(1);
+        self.attempt(settled_within, move |shared| async move {
+            let started = tokio::time::Instant::now();
+            let client = tokio::time::timeout(OPERATION_TIMEOUT, shared.client())
+                .await
+                .map_err(|_| no_answer(OPERATION_TIMEOUT))??;
+            // A `let` of its own: the first try (a `COPY` still streaming
+            // included) is dropped before anything else goes on the connection.
+            let first = tokio::time::timeout_at(
+                started + OPERATION_TIMEOUT,
+                write_on(&client, &tree, &keys, &values, true),
+            )
+            .await;
+            if let Ok(written) = first {
+                return written;
+            }
+            tracing::warn!(
+                tree,
+                "no answer to a write yet; writing it again to settle it"
+            );
+            let settled = tokio::time::timeout(
+                OPERATION_TIMEOUT,
+                write_on(&client, &tree, &keys, &values, false),
+            )
+            .await;
+            settled.unwrap_or_else(|_| {
+                drop(deadpool_postgres::Object::take(client));
+                Err(no_answer(OPERATION_TIMEOUT * 2))
+            })
+        })
     }
 
     /// One page of a scan: up to [`SCAN_PAGE`] entries of `tree` from `from`
@@ -674,6 +731,44 @@ fn page_query(bounded: bool) -> &'static str {
     }
 }
 
+/// One statement that writes `keys` and `values` on `client`: with `copy`, by
+/// `COPY` while they are large and their keys new ([`copy_new`]), else (or when
+/// a key exists) by an upsert over two arrays.
+async fn write_on(
+    client: &deadpool_postgres::Object,
+    tree: &str,
+    keys: &Vec<Vec<u8>>,
+    values: &[Bytes],
+    copy: bool,
+) -> PgResult<()> {
+    let bytes: usize = values.iter().map(Bytes::len).sum();
+    if copy && bytes >= COPY_FROM_BYTES && fits_copy(keys, values) {
+        match copy_new(client, tree, keys, values).await {
+            // A key is there already: the upsert below overwrites it.
+            Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
+            copied => return Ok(copied.map(|_| ())?),
+        }
+    }
+    let statement = client
+        .prepare_cached(
+            "INSERT INTO kv (tree, key, value) \
+             SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS batch(k, v) \
+             ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .await?;
+    let values: Vec<&[u8]> = values.iter().map(|value| &value[..]).collect();
+    client.execute(&statement, &[&tree, keys, &values]).await?;
+    Ok(())
+}
+
+/// An operation that got no answer within `timeout`.
+fn no_answer(timeout: Duration) -> PgError {
+    PgError {
+        message: format!("no answer within {}s", timeout.as_secs()),
+        unreachable: true,
+    }
+}
+
 /// Adds rows whose keys are all new with one binary `COPY`: one statement, so
 /// atomic like the upsert, and cheaper for the server. For 1 GiB of 16 KiB
 /// transcript pieces PostgreSQL 15 spent 3.96 s of CPU by `COPY` against 5.52 s
@@ -825,8 +920,12 @@ impl Backend for PgBackend {
     /// One statement: a binary `COPY` when the entries are large and their keys
     /// new ([`copy_new`]), else an upsert over two arrays; one round trip for a
     /// whole write, atomic as any single statement is.
+    ///
+    /// A write whose answer is late may still commit afterwards, and a caller
+    /// that took it as failed would then be wrong about the store (a transcript
+    /// sealed without a batch that lands later reads as altered in `audit
+    /// verify`); [`PgBackend::write_entries`] settles it first.
     fn put_all(&self, tree: &str, entries: Vec<Entry>) -> Result<()> {
-        let tree = tree.to_string();
         // A key twice in one statement is an error in PostgreSQL; as with puts one
         // after the other, the last value wins.
         let mut last: std::collections::HashMap<Vec<u8>, Vec<u8>> =
@@ -841,28 +940,8 @@ impl Backend for PgBackend {
             .iter()
             .map(|key| Bytes::from(last.remove(key).unwrap_or_default()))
             .collect::<Vec<_>>();
-        let keys = order;
-        let bytes: usize = values.iter().map(Bytes::len).sum();
-        self.call(move |shared| async move {
-            let client = shared.client().await?;
-            if bytes >= COPY_FROM_BYTES && fits_copy(&keys, &values) {
-                match copy_new(&client, &tree, &keys, &values).await {
-                    // A key is there already: the upsert below overwrites it.
-                    Err(err) if err.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
-                    copied => return Ok(copied.map(|_| ())?),
-                }
-            }
-            let statement = client
-                .prepare_cached(
-                    "INSERT INTO kv (tree, key, value) \
-                     SELECT $1, k, v FROM unnest($2::bytea[], $3::bytea[]) AS batch(k, v) \
-                     ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
-                )
-                .await?;
-            let values: Vec<&[u8]> = values.iter().map(|value| &value[..]).collect();
-            client.execute(&statement, &[&tree, &keys, &values]).await?;
-            Ok(())
-        })
+        self.write_entries(tree, order, values)
+            .map_err(|err| StoreError::Backend(err.message))
     }
 
     /// Every row costs an index entry and a trigger call whatever its size, and
