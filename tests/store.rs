@@ -411,8 +411,8 @@ fn an_unreachable_database_is_reported_and_recovers() {
 }
 
 /// PostgreSQL only: a write whose answer does not come in time may still commit
-/// afterwards (here it waits for another transaction that holds its key past
-/// the backend's 15 s timeout). `put_all` then writes the same entries again on
+/// afterwards (here it waits for another transaction that holds its key for
+/// 25 s, past the backend's 15 s timeout). `put_all` then writes the same entries again on
 /// the same connection, which the server runs only after the first, so it
 /// returns with the entries stored and no statement of its own still running,
 /// instead of an error that a later commit would prove wrong (a transcript
@@ -428,13 +428,14 @@ fn a_write_whose_answer_is_late_is_settled_before_it_returns() {
             postgres().sql(
                 &name,
                 "BEGIN; INSERT INTO kv VALUES ('t', '\\x6b', '\\x00'); \
-                 SELECT pg_sleep(20); ROLLBACK;",
+                 SELECT pg_sleep(25); ROLLBACK;",
             )
         })
     };
     // Sleeping, so its INSERT has run and it holds the key.
     let holding = "SELECT count(*) FROM pg_stat_activity \
-                   WHERE wait_event = 'PgSleep' AND pid <> pg_backend_pid()";
+                   WHERE wait_event = 'PgSleep' AND datname = current_database() \
+                   AND pid <> pg_backend_pid()";
     assert!(
         wait_until(Duration::from_secs(10), || postgres().sql(&name, holding)
             == "1"),
@@ -454,6 +455,7 @@ fn a_write_whose_answer_is_late_is_settled_before_it_returns() {
     assert_eq!(store.backend().get("t", b"k").unwrap(), Some(value));
     let writing = "SELECT count(*) FROM pg_stat_activity \
                    WHERE state <> 'idle' AND query LIKE '%kv%' \
+                   AND datname = current_database() \
                    AND query NOT LIKE '%pg_sleep%' AND pid <> pg_backend_pid()";
     assert_eq!(postgres().sql(&name, writing), "0", "a write still runs");
     holder.join().unwrap();

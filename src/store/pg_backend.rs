@@ -472,17 +472,20 @@ impl PgBackend {
     /// again by upsert on the same connection, where the server runs it only
     /// once it is done with the first (committed or not). When that answers,
     /// the entries are stored and nothing of the first try can land later. If it
-    /// does not answer either, the connection is closed rather than pooled with
-    /// statements still queued on it, and the write fails with its outcome
-    /// unknown.
+    /// fails or does not answer either, the write fails with its outcome
+    /// unknown, and an unanswered connection is closed rather than pooled with
+    /// statements still queued on it. Counted from when the connection is in
+    /// hand, the first try has [`OPERATION_TIMEOUT`], the second until twice that.
     fn write_entries(&self, tree: &str, keys: Vec<Vec<u8>>, values: Vec<Bytes>) -> PgResult<()> {
         let tree = tree.to_string();
-        let settled_within = OPERATION_TIMEOUT * 2 + Duration::from_secs(1);
+        // The pool's wait, both tries, and a margin so that the tries' own
+        // deadlines always come first.
+        let settled_within = OPERATION_TIMEOUT * 3 + Duration::from_secs(5);
         self.attempt(settled_within, move |shared| async move {
-            let started = tokio::time::Instant::now();
             let client = tokio::time::timeout(OPERATION_TIMEOUT, shared.client())
                 .await
                 .map_err(|_| no_answer(OPERATION_TIMEOUT))??;
+            let started = tokio::time::Instant::now();
             // A `let` of its own: the first try (a `COPY` still streaming
             // included) is dropped before anything else goes on the connection.
             let first = tokio::time::timeout_at(
@@ -497,8 +500,8 @@ impl PgBackend {
                 tree,
                 "no answer to a write yet; writing it again to settle it"
             );
-            let settled = tokio::time::timeout(
-                OPERATION_TIMEOUT,
+            let settled = tokio::time::timeout_at(
+                started + OPERATION_TIMEOUT * 2,
                 write_on(&client, &tree, &keys, &values, false),
             )
             .await;
