@@ -58,7 +58,8 @@ use super::{Backend, Entry, Result, Scan, StoreError, Subscription};
 
 /// Longest one operation may take, waiting for a pooled connection included:
 /// past it the caller gets an error instead of hanging on a database that does
-/// not answer.
+/// not answer. (A plain write whose answer is late takes a second try on the
+/// same connection to settle it: see [`PgBackend::write_entries`].)
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Rows one page of a scan fetches at most.
