@@ -410,9 +410,40 @@ fn an_unreachable_database_is_reported_and_recovers() {
     store.backend().put("t", b"k", b"v").unwrap();
 }
 
+/// Runs `locks` in a transaction on database `name` that then sleeps for 25 s,
+/// past the backend's 15 s timeout, and rolls back; returns once it sleeps, so
+/// that it holds what `locks` took.
+fn hold_for_25s(name: &str, locks: &str) -> thread::JoinHandle<String> {
+    let holder = {
+        let (name, sql) = (
+            name.to_string(),
+            format!("BEGIN; {locks} SELECT pg_sleep(25); ROLLBACK;"),
+        );
+        thread::spawn(move || postgres().sql(&name, &sql))
+    };
+    let sleeping = "SELECT count(*) FROM pg_stat_activity \
+                    WHERE wait_event = 'PgSleep' AND datname = current_database() \
+                    AND pid <> pg_backend_pid()";
+    assert!(
+        wait_until(Duration::from_secs(10), || postgres().sql(name, sleeping)
+            == "1"),
+        "the other transaction holds its locks"
+    );
+    holder
+}
+
+/// How many statements on `kv` other than the holder's still run in `name`.
+fn statements_running(name: &str) -> String {
+    let running = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE state <> 'idle' AND query LIKE '%kv%' \
+                   AND datname = current_database() \
+                   AND query NOT LIKE '%pg_sleep%' AND pid <> pg_backend_pid()";
+    postgres().sql(name, running)
+}
+
 /// PostgreSQL only: a write whose answer does not come in time may still commit
-/// afterwards (here it waits for another transaction that holds its key for
-/// 25 s, past the backend's 15 s timeout). `put_all` then writes the same entries again on
+/// afterwards (here it waits for another transaction that holds its key past
+/// the backend's 15 s timeout). `put_all` then writes the same entries again on
 /// the same connection, which the server runs only after the first, so it
 /// returns with the entries stored and no statement of its own still running,
 /// instead of an error that a later commit would prove wrong (a transcript
@@ -422,25 +453,7 @@ fn a_write_whose_answer_is_late_is_settled_before_it_returns() {
     let url = postgres().fresh_database();
     let name = database_of(&url).to_string();
     let store = Database::Postgres(pg_settings(&url)).open();
-    let holder = {
-        let name = name.clone();
-        thread::spawn(move || {
-            postgres().sql(
-                &name,
-                "BEGIN; INSERT INTO kv VALUES ('t', '\\x6b', '\\x00'); \
-                 SELECT pg_sleep(25); ROLLBACK;",
-            )
-        })
-    };
-    // Sleeping, so its INSERT has run and it holds the key.
-    let holding = "SELECT count(*) FROM pg_stat_activity \
-                   WHERE wait_event = 'PgSleep' AND datname = current_database() \
-                   AND pid <> pg_backend_pid()";
-    assert!(
-        wait_until(Duration::from_secs(10), || postgres().sql(&name, holding)
-            == "1"),
-        "the other transaction holds the key"
-    );
+    let holder = hold_for_25s(&name, "INSERT INTO kv VALUES ('t', '\\x6b', '\\x00');");
     let started = std::time::Instant::now();
     let value = vec![7u8; 100_000];
     store
@@ -453,12 +466,63 @@ fn a_write_whose_answer_is_late_is_settled_before_it_returns() {
         started.elapsed()
     );
     assert_eq!(store.backend().get("t", b"k").unwrap(), Some(value));
-    let writing = "SELECT count(*) FROM pg_stat_activity \
-                   WHERE state <> 'idle' AND query LIKE '%kv%' \
-                   AND datname = current_database() \
-                   AND query NOT LIKE '%pg_sleep%' AND pid <> pg_backend_pid()";
-    assert_eq!(postgres().sql(&name, writing), "0", "a write still runs");
+    assert_eq!(statements_running(&name), "0", "a write still runs");
     holder.join().unwrap();
+}
+
+/// PostgreSQL only: a compare-and-swap or a delete whose answer does not come
+/// in time is cancelled, and reported as not made: it never lands after the
+/// caller took it as failed (a grant changed with no audit event, an audit
+/// event for a change that was undone). Here each waits for another
+/// transaction that holds its row past the 15 s timeout.
+#[test]
+fn a_change_whose_answer_is_late_is_cancelled_not_made_later() {
+    let url = postgres().fresh_database();
+    let name = database_of(&url).to_string();
+    let store = Database::Postgres(pg_settings(&url)).open();
+    let seam = store.backend();
+    seam.put("t", b"k", &[1]).unwrap();
+    seam.put("t", b"gone", &[1]).unwrap();
+    let holder = hold_for_25s(&name, "SELECT * FROM kv WHERE tree = 't' FOR UPDATE;");
+    let swap = thread::spawn({
+        let store = store.clone();
+        move || {
+            let started = std::time::Instant::now();
+            let swapped = store
+                .backend()
+                .compare_and_swap("t", b"k", Some(&[1]), Some(&[9]));
+            (swapped, started.elapsed())
+        }
+    });
+    let started = std::time::Instant::now();
+    let removed = seam.remove("t", b"gone");
+    let remove_took = started.elapsed();
+    let (swapped, swap_took) = swap.join().unwrap();
+    for (what, outcome, took) in [
+        ("swap", swapped.map(|_| ()), swap_took),
+        ("remove", removed.map(|_| ()), remove_took),
+    ] {
+        let refused = outcome.expect_err(what).to_string();
+        assert!(
+            refused.contains("cancelled and not made"),
+            "{what}: {refused}"
+        );
+        assert!(
+            took > Duration::from_secs(15) && took < Duration::from_secs(25),
+            "{what} was cancelled after its first try timed out ({took:?})"
+        );
+    }
+    assert_eq!(statements_running(&name), "0", "a change still runs");
+    holder.join().unwrap();
+    assert_eq!(seam.get("t", b"k").unwrap(), Some(vec![1]), "never swapped");
+    assert_eq!(
+        seam.get("t", b"gone").unwrap(),
+        Some(vec![1]),
+        "never removed"
+    );
+    assert!(seam
+        .compare_and_swap("t", b"k", Some(&[1]), Some(&[9]))
+        .unwrap());
 }
 
 /// PostgreSQL only: nodes starting at once on an empty database apply each

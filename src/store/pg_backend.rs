@@ -58,9 +58,16 @@ use super::{Backend, Entry, Result, Scan, StoreError, Subscription};
 
 /// Longest one operation may take, waiting for a pooled connection included:
 /// past it the caller gets an error instead of hanging on a database that does
-/// not answer. (A plain write whose answer is late takes a second try on the
-/// same connection to settle it: see [`PgBackend::write_entries`].)
+/// not answer. (A write whose answer is late is settled instead: a plain write
+/// by a second try on the same connection, see [`PgBackend::write_entries`], a
+/// compare-and-swap or delete by a cancel, see [`settle_change`].)
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Longest a write or change that settles its outcome may take: the pool's wait,
+/// a first try of [`OPERATION_TIMEOUT`], the settling (a second try, or a cancel
+/// and its answer) until twice that, and a margin so that those deadlines, not
+/// this one, end it.
+const SETTLED_WITHIN: Duration = Duration::from_secs(OPERATION_TIMEOUT.as_secs() * 3 + 5);
 
 /// Rows one page of a scan fetches at most.
 const SCAN_PAGE: i64 = 128;
@@ -257,6 +264,12 @@ impl From<tokio_postgres::Error> for PgError {
     }
 }
 
+impl From<PgError> for StoreError {
+    fn from(err: PgError) -> StoreError {
+        StoreError::Backend(err.message)
+    }
+}
+
 impl From<deadpool_postgres::PoolError> for PgError {
     fn from(err: deadpool_postgres::PoolError) -> PgError {
         match err {
@@ -288,6 +301,8 @@ struct Shared {
     pool: Pool,
     subscribers: Fanout,
     health: Health,
+    /// How the pool connects, for the cancel requests of [`settle_change`].
+    tls: MakeRustlsConnect,
 }
 
 impl Shared {
@@ -388,6 +403,7 @@ impl PgBackend {
                 pool,
                 subscribers: Fanout::default(),
                 health: Health::default(),
+                tls: tls.clone(),
             }),
             runtime: Some(runtime),
         };
@@ -427,8 +443,7 @@ impl PgBackend {
         T: Send + 'static,
         F: Future<Output = PgResult<T>> + Send + 'static,
     {
-        self.attempt(OPERATION_TIMEOUT, work)
-            .map_err(|err| StoreError::Backend(err.message))
+        Ok(self.attempt(OPERATION_TIMEOUT, work)?)
     }
 
     /// [`PgBackend::call`] with a timeout of its own, keeping the driver's error.
@@ -479,10 +494,7 @@ impl PgBackend {
     /// hand, the first try has [`OPERATION_TIMEOUT`], the second until twice that.
     fn write_entries(&self, tree: &str, keys: Vec<Vec<u8>>, values: Vec<Bytes>) -> PgResult<()> {
         let tree = tree.to_string();
-        // The pool's wait, both tries, and a margin so that the tries' own
-        // deadlines always come first.
-        let settled_within = OPERATION_TIMEOUT * 3 + Duration::from_secs(5);
-        self.attempt(settled_within, move |shared| async move {
+        self.attempt(SETTLED_WITHIN, move |shared| async move {
             let client = tokio::time::timeout(OPERATION_TIMEOUT, shared.client())
                 .await
                 .map_err(|_| no_answer(OPERATION_TIMEOUT))??;
@@ -531,18 +543,6 @@ impl PgBackend {
             }
             let rows = client.query(&statement, &params).await?;
             Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
-        })
-    }
-
-    /// Runs `sql` (parameters: tree, key; at most one row, one `bytea` column)
-    /// and returns the value it found.
-    fn value_of(&self, sql: &'static str, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let (tree, key) = (tree.to_string(), key.to_vec());
-        self.call(move |shared| async move {
-            let client = shared.client().await?;
-            let statement = client.prepare_cached(sql).await?;
-            let row = client.query_opt(&statement, &[&tree, &key]).await?;
-            Ok(row.map(|row| row.get(0)))
         })
     }
 }
@@ -735,6 +735,118 @@ fn page_query(bounded: bool) -> &'static str {
     }
 }
 
+/// The statement of a compare-and-swap (see [`Backend::compare_and_swap`]): the
+/// number of rows it changed (1 when it swapped), or for `old` and `new` both
+/// absent, 1 when the key is absent.
+async fn swap_on(
+    client: &tokio_postgres::Client,
+    tree: &str,
+    key: &[u8],
+    old: Option<&[u8]>,
+    new: Option<&[u8]>,
+) -> std::result::Result<u64, tokio_postgres::Error> {
+    match (old, new) {
+        (None, Some(new)) => {
+            client
+                .execute(
+                    "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (tree, key) DO NOTHING",
+                    &[&tree, &key, &new],
+                )
+                .await
+        }
+        (Some(old), Some(new)) => {
+            client
+                .execute(
+                    "UPDATE kv SET value = $4 WHERE tree = $1 AND key = $2 AND value = $3",
+                    &[&tree, &key, &old, &new],
+                )
+                .await
+        }
+        (Some(old), None) => {
+            client
+                .execute(
+                    "DELETE FROM kv WHERE tree = $1 AND key = $2 AND value = $3",
+                    &[&tree, &key, &old],
+                )
+                .await
+        }
+        (None, None) => {
+            let absent: bool = client
+                .query_one(
+                    "SELECT NOT EXISTS (SELECT 1 FROM kv WHERE tree = $1 AND key = $2)",
+                    &[&tree, &key],
+                )
+                .await?
+                .get(0);
+            Ok(u64::from(absent))
+        }
+    }
+}
+
+/// Runs `change`, a statement on `client` that is not idempotent (a
+/// compare-and-swap, a delete), so that its outcome is known when it returns.
+/// A statement with no answer within [`OPERATION_TIMEOUT`] may still be running
+/// (waiting for a row lock, or on a slow server) and commit after the caller
+/// took it as failed: a grant changed with no audit event, or an audit event for
+/// a change that was undone. Writing it again would not tell whether the first
+/// try or another writer made the change, so the server is asked to cancel it,
+/// and its answer is awaited until twice the timeout: a statement that failed
+/// or was cancelled changed nothing, one that completed is reported as it is.
+/// Only when no answer comes at all (the server or the network is gone) is the
+/// outcome unknown. Also returns whether the connection may go back to the
+/// pool: not once a cancel was sent (a cancel that arrives late would end the
+/// connection's next statement), nor with a statement still unanswered on it.
+async fn settle_change<T>(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    change: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+) -> (PgResult<T>, bool) {
+    let started = tokio::time::Instant::now();
+    let mut change = std::pin::pin!(change);
+    if let Ok(answer) = tokio::time::timeout_at(started + OPERATION_TIMEOUT, &mut change).await {
+        return (answer.map_err(PgError::from), true);
+    }
+    tracing::warn!("no answer to a change yet; asking the database to cancel it");
+    let token = client.cancel_token();
+    let cancel = token.cancel_query(shared.tls.clone());
+    // The cancel goes out on a connection of its own while the answer is awaited.
+    let (_, answer) = tokio::join!(
+        tokio::time::timeout_at(started + OPERATION_TIMEOUT * 2, cancel),
+        tokio::time::timeout_at(started + OPERATION_TIMEOUT * 2, &mut change)
+    );
+    let settled = match answer {
+        Ok(Ok(done)) => Ok(done),
+        // An error from the server ends its statement's transaction: nothing of
+        // it is kept, cancelled or not.
+        Ok(Err(err)) if err.as_db_error().is_some() => Err(PgError {
+            message: format!(
+                "no answer within {}s; the change was cancelled and not made ({})",
+                OPERATION_TIMEOUT.as_secs(),
+                PgError::from(err).message
+            ),
+            unreachable: false,
+        }),
+        Ok(Err(err)) => Err(PgError {
+            message: format!(
+                "no answer within {}s, and then the connection failed; \
+                 whether the change was made is unknown: {}",
+                OPERATION_TIMEOUT.as_secs(),
+                PgError::from(err).message
+            ),
+            unreachable: true,
+        }),
+        Err(_) => Err(PgError {
+            message: format!(
+                "no answer within {}s, even to a cancel; whether the change was made is unknown",
+                OPERATION_TIMEOUT.as_secs() * 2
+            ),
+            unreachable: true,
+        }),
+    };
+    (settled, false)
+}
+
 /// One statement that writes `keys` and `values` on `client`: with `copy`, by
 /// `COPY` while they are large and their keys new ([`copy_new`]), else (or when
 /// a key exists) by an upsert over two arrays.
@@ -882,11 +994,15 @@ impl Iterator for PagedScan<'_> {
 
 impl Backend for PgBackend {
     fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.value_of(
-            "SELECT value FROM kv WHERE tree = $1 AND key = $2",
-            tree,
-            key,
-        )
+        let (tree, key) = (tree.to_string(), key.to_vec());
+        self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let statement = client
+                .prepare_cached("SELECT value FROM kv WHERE tree = $1 AND key = $2")
+                .await?;
+            let row = client.query_opt(&statement, &[&tree, &key]).await?;
+            Ok(row.map(|row| row.get(0)))
+        })
     }
 
     fn scan<'a>(&'a self, tree: &str, prefix: &[u8], from: Option<&[u8]>) -> Scan<'a> {
@@ -944,8 +1060,7 @@ impl Backend for PgBackend {
             .iter()
             .map(|key| Bytes::from(last.remove(key).unwrap_or_default()))
             .collect::<Vec<_>>();
-        self.write_entries(tree, order, values)
-            .map_err(|err| StoreError::Backend(err.message))
+        Ok(self.write_entries(tree, order, values)?)
     }
 
     /// Every row costs an index entry and a trigger call whatever its size, and
@@ -957,8 +1072,25 @@ impl Backend for PgBackend {
     }
 
     fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        let sql = "DELETE FROM kv WHERE tree = $1 AND key = $2 RETURNING value";
-        self.value_of(sql, tree, key)
+        let (tree, key) = (tree.to_string(), key.to_vec());
+        let removed = self.attempt(SETTLED_WITHIN, move |shared| async move {
+            let client = shared.client().await?;
+            let delete = async {
+                let row = client
+                    .query_opt(
+                        "DELETE FROM kv WHERE tree = $1 AND key = $2 RETURNING value",
+                        &[&tree, &key],
+                    )
+                    .await?;
+                Ok(row.map(|row| row.get(0)))
+            };
+            let (removed, reusable) = settle_change(&shared, &client, delete).await;
+            if !reusable {
+                drop(deadpool_postgres::Object::take(client));
+            }
+            removed
+        })?;
+        Ok(removed)
     }
 
     fn compare_and_swap(
@@ -970,46 +1102,17 @@ impl Backend for PgBackend {
     ) -> Result<bool> {
         let (tree, key) = (tree.to_string(), key.to_vec());
         let (old, new) = (old.map(<[u8]>::to_vec), new.map(<[u8]>::to_vec));
-        self.call(move |shared| async move {
+        // Time for the pool's wait and for the change to settle.
+        let changed = self.attempt(SETTLED_WITHIN, move |shared| async move {
             let client = shared.client().await?;
-            let changed =
-                match (&old, &new) {
-                    (None, Some(new)) => {
-                        client
-                            .execute(
-                                "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) \
-                             ON CONFLICT (tree, key) DO NOTHING",
-                                &[&tree, &key, new],
-                            )
-                            .await?
-                    }
-                    (Some(old), Some(new)) => client
-                        .execute(
-                            "UPDATE kv SET value = $4 WHERE tree = $1 AND key = $2 AND value = $3",
-                            &[&tree, &key, old, new],
-                        )
-                        .await?,
-                    (Some(old), None) => {
-                        client
-                            .execute(
-                                "DELETE FROM kv WHERE tree = $1 AND key = $2 AND value = $3",
-                                &[&tree, &key, old],
-                            )
-                            .await?
-                    }
-                    (None, None) => {
-                        let absent: bool = client
-                            .query_one(
-                                "SELECT NOT EXISTS (SELECT 1 FROM kv WHERE tree = $1 AND key = $2)",
-                                &[&tree, &key],
-                            )
-                            .await?
-                            .get(0);
-                        u64::from(absent)
-                    }
-                };
-            Ok(changed == 1)
-        })
+            let swap = swap_on(&client, &tree, &key, old.as_deref(), new.as_deref());
+            let (changed, reusable) = settle_change(&shared, &client, swap).await;
+            if !reusable {
+                drop(deadpool_postgres::Object::take(client));
+            }
+            changed
+        })?;
+        Ok(changed == 1)
     }
 
     fn increment(&self, name: &str) -> Result<u64> {
