@@ -10,7 +10,8 @@
 //!
 //! 1. records `SOAK_GIB` GiB (default 4) of random input, `SOAK_SESSION_MIB` MiB
 //!    (default 512) per session piped into `cat > /dev/null`, printing the RSS after
-//!    each session and the bytes stored per byte recorded (goal: RSS under 200 MiB);
+//!    each session and the bytes stored per byte recorded (goal: RSS under 200 MiB),
+//!    then once the recordings are sealed;
 //! 2. holds `SOAK_STALLED` sessions (default 100) whose client never reads while the
 //!    target writes, printing the RSS (goal: under 100 MiB + 1 MiB per session);
 //! 3. exports a `SOAK_EXPORT_MIB` MiB session (default 1024) and prints how far the
@@ -64,6 +65,22 @@ fn main() {
         mib("VmRSS:"),
         mib("VmHWM:"),
         stored as f64 / (gib << 30) as f64
+    );
+
+    // What stays once the last session's recording is sealed and the allocator
+    // has had two trims to hand back what the recording freed.
+    let sealed = wait_until(Duration::from_secs(60), || {
+        w.ok(&w.dave, &["sessions", "--active", "--json"]).trim() == "[]"
+    });
+    std::thread::sleep(portcullis::allocator::TRIM_EVERY * 2);
+    println!(
+        "once every recording was sealed{}: RSS {} MiB",
+        if sealed {
+            ""
+        } else {
+            " (still live after 60 s)"
+        },
+        mib("VmRSS:")
     );
 
     // 2. Sessions whose clients read nothing.

@@ -194,11 +194,13 @@ impl GrantTable {
         if !self.grants.swap(&changed.seq, Some(&read.bytes), &stored)? {
             return Ok(None);
         }
+        // The change is made: from here on, an error would leave it without its
+        // audit event. Entries left behind are skipped by their readers.
         if !changed.state.is_live() {
-            self.seam().remove(LIVE, &user_key(changed))?;
+            self.remove_stale(LIVE, &user_key(changed));
         }
         if let Some(key) = was_due.filter(|key| Some(key) != due.as_ref()) {
-            self.seam().remove(DUE, &key)?;
+            self.remove_stale(DUE, &key);
         }
         Ok(Some(Read {
             grant: changed.clone(),
@@ -298,6 +300,15 @@ impl GrantTable {
             }
         }
         Ok(grants)
+    }
+
+    /// Removes an index entry that no longer points at a grant it indexes, or
+    /// leaves it for its readers to skip (`through`, `due`) when the store
+    /// refuses: the change that made it stale is already stored.
+    fn remove_stale(&self, index: &str, key: &[u8]) {
+        if let Err(err) = self.seam().remove(index, key) {
+            tracing::warn!(index, error = %err, "a stale grant index entry stays");
+        }
     }
 
     fn index(&self, grant: &Grant) -> Result<()> {

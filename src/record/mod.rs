@@ -333,7 +333,11 @@ struct Pending {
     /// Bytes the target sent, recorded or not (for `sessions` while it is live).
     output_bytes: u64,
     finished: bool,
-    /// Live chunks for watchers; dropped at the end so they see the session close.
+    /// Live chunks for watchers, while anyone watches: made for the first
+    /// watcher and dropped when the last one has left (a channel sets aside its
+    /// whole backlog, [`WATCH_BACKLOG`] slots or about 280 KiB, which a session
+    /// nobody watches should not pay), and at the end, so that watchers see the
+    /// session close.
     watchers: Option<broadcast::Sender<Chunk>>,
 }
 
@@ -599,7 +603,7 @@ impl Recorder {
                 input_bytes: 0,
                 output_bytes: 0,
                 finished: false,
-                watchers: Some(broadcast::channel(WATCH_BACKLOG).0),
+                watchers: None,
             }),
             flush_now: Notify::new(),
             room: Notify::new(),
@@ -633,11 +637,15 @@ impl Recorder {
             return Ok(None);
         };
         let (stored, pending, receiver) = {
-            let pending = live.inner.lock().expect("recording lock poisoned");
-            let Some(sender) = &pending.watchers else {
+            let mut pending = live.inner.lock().expect("recording lock poisoned");
+            if pending.finished {
                 return Ok(None); // ending right now
-            };
-            (pending.batches, pending.chunks.clone(), sender.subscribe())
+            }
+            let sender = pending
+                .watchers
+                .get_or_insert_with(|| broadcast::channel(WATCH_BACKLOG).0);
+            let receiver = sender.subscribe();
+            (pending.batches, pending.chunks.clone(), receiver)
         };
         Ok(Some(Follow {
             stored,
@@ -1027,8 +1035,10 @@ impl SessionRecorder {
                     } else if chunk.stream.is_output() {
                         pending.output_bytes += size as u64;
                     }
-                    if let Some(watchers) = &pending.watchers {
-                        let _ = watchers.send(chunk.clone()); // no watchers is fine
+                    let unwatched = (pending.watchers.as_ref())
+                        .is_some_and(|watchers| watchers.send(chunk.clone()).is_err());
+                    if unwatched {
+                        pending.watchers = None; // the last watcher left
                     }
                     pending.chunks.push(chunk);
                     if total - pending.taken.held >= BATCH_BYTES {
@@ -1599,6 +1609,56 @@ mod tests {
         assert_eq!(recorder.store.batch(id, record.batches).unwrap(), None);
         assert_eq!(record.digest.unwrap(), recorder.digest_of(id).unwrap());
         assert_eq!(recorder.queued_bytes(), 0);
+    }
+
+    /// A session keeps a channel for live watchers only while someone watches:
+    /// made for the first, dropped after the last has left, made again for the
+    /// next, who sees what is new; at the end every watcher sees the close.
+    #[tokio::test]
+    async fn watchers_get_a_channel_only_while_they_watch() {
+        let (_dir, recorder, session) = recording();
+        let id = session.id();
+        let has_channel = || {
+            recorder.live.lock().unwrap()[&id]
+                .inner
+                .lock()
+                .unwrap()
+                .watchers
+                .is_some()
+        };
+        session
+            .output(
+                Stream::Stdout,
+                &Bytes::from_static(b"before anyone watched\r\n"),
+            )
+            .await;
+        assert!(!has_channel(), "nobody watches yet");
+        let first = recorder.follow(id).unwrap().expect("live");
+        assert!(has_channel());
+        drop(first);
+        session
+            .output(
+                Stream::Stdout,
+                &Bytes::from_static(b"after the first left\r\n"),
+            )
+            .await;
+        assert!(!has_channel(), "dropped once the last watcher left");
+        let mut second = recorder.follow(id).unwrap().expect("live");
+        session
+            .output(
+                Stream::Stdout,
+                &Bytes::from_static(b"while the second watches\r\n"),
+            )
+            .await;
+        let chunk = second.live.recv().await.unwrap();
+        assert_eq!(&chunk.data[..], b"while the second watches\r\n");
+        let (_, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
+        assert_eq!(error, None);
+        assert!(matches!(
+            second.live.recv().await,
+            Err(broadcast::error::RecvError::Closed)
+        ));
+        assert!(recorder.follow(id).unwrap().is_none(), "ended");
     }
 
     #[tokio::test]

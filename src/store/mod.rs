@@ -75,7 +75,9 @@ pub trait Backend: Send + Sync {
 
     /// Sets `key` to `new` (removes it when `None`) only if its value is still
     /// exactly `old` (absent when `None`). `Ok(false)`: someone changed it first;
-    /// nothing was written.
+    /// nothing was written. An error means nothing was written either, unless
+    /// it says the outcome is unknown (a database that stopped answering
+    /// mid-change: see `pg_backend::settle_change`).
     fn compare_and_swap(
         &self,
         tree: &str,

@@ -48,7 +48,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use futures_util::SinkExt;
 use tokio_postgres::config::SslMode;
-use tokio_postgres::error::SqlState;
+use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::AsyncMessage;
 use tokio_postgres_rustls::MakeRustlsConnect;
@@ -306,8 +306,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// A pooled connection, within [`OPERATION_TIMEOUT`] whatever the pool's
+    /// wait and connect timeouts add up to, so that the deadlines of a write or
+    /// change that settles its outcome come before [`SETTLED_WITHIN`].
     async fn client(&self) -> PgResult<deadpool_postgres::Object> {
-        Ok(self.pool.get().await?)
+        match tokio::time::timeout(OPERATION_TIMEOUT, self.pool.get()).await {
+            Ok(client) => Ok(client?),
+            Err(_) => Err(no_answer(OPERATION_TIMEOUT)),
+        }
     }
 }
 
@@ -495,9 +501,7 @@ impl PgBackend {
     fn write_entries(&self, tree: &str, keys: Vec<Vec<u8>>, values: Vec<Bytes>) -> PgResult<()> {
         let tree = tree.to_string();
         self.attempt(SETTLED_WITHIN, move |shared| async move {
-            let client = tokio::time::timeout(OPERATION_TIMEOUT, shared.client())
-                .await
-                .map_err(|_| no_answer(OPERATION_TIMEOUT))??;
+            let client = shared.client().await?;
             let started = tokio::time::Instant::now();
             // A `let` of its own: the first try (a `COPY` still streaming
             // included) is dropped before anything else goes on the connection.
@@ -739,49 +743,37 @@ fn page_query(bounded: bool) -> &'static str {
 /// number of rows it changed (1 when it swapped), or for `old` and `new` both
 /// absent, 1 when the key is absent.
 async fn swap_on(
-    client: &tokio_postgres::Client,
+    client: &deadpool_postgres::Object,
     tree: &str,
     key: &[u8],
     old: Option<&[u8]>,
     new: Option<&[u8]>,
 ) -> std::result::Result<u64, tokio_postgres::Error> {
-    match (old, new) {
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tree, &key];
+    let sql = match (&old, &new) {
         (None, Some(new)) => {
-            client
-                .execute(
-                    "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) \
-                     ON CONFLICT (tree, key) DO NOTHING",
-                    &[&tree, &key, &new],
-                )
-                .await
+            params.push(new);
+            "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) \
+             ON CONFLICT (tree, key) DO NOTHING"
         }
         (Some(old), Some(new)) => {
-            client
-                .execute(
-                    "UPDATE kv SET value = $4 WHERE tree = $1 AND key = $2 AND value = $3",
-                    &[&tree, &key, &old, &new],
-                )
-                .await
+            params.extend([old as &(dyn ToSql + Sync), new]);
+            "UPDATE kv SET value = $4 WHERE tree = $1 AND key = $2 AND value = $3"
         }
         (Some(old), None) => {
-            client
-                .execute(
-                    "DELETE FROM kv WHERE tree = $1 AND key = $2 AND value = $3",
-                    &[&tree, &key, &old],
-                )
-                .await
+            params.push(old);
+            "DELETE FROM kv WHERE tree = $1 AND key = $2 AND value = $3"
         }
-        (None, None) => {
-            let absent: bool = client
-                .query_one(
-                    "SELECT NOT EXISTS (SELECT 1 FROM kv WHERE tree = $1 AND key = $2)",
-                    &[&tree, &key],
-                )
-                .await?
-                .get(0);
-            Ok(u64::from(absent))
-        }
-    }
+        // Asked for absence: a row found is a refusal.
+        (None, None) => "SELECT 1 FROM kv WHERE tree = $1 AND key = $2",
+    };
+    let statement = client.prepare_cached(sql).await?;
+    let rows = client.execute(&statement, &params).await?;
+    Ok(if old.is_none() && new.is_none() {
+        u64::from(rows == 0)
+    } else {
+        rows
+    })
 }
 
 /// Runs `change`, a statement on `client` that is not idempotent (a
@@ -809,7 +801,11 @@ async fn settle_change<T>(
     }
     tracing::warn!("no answer to a change yet; asking the database to cancel it");
     let token = client.cancel_token();
-    let cancel = token.cancel_query(shared.tls.clone());
+    let cancel = async {
+        if let Err(err) = token.cancel_query(shared.tls.clone()).await {
+            tracing::warn!(error = %chain(&err), "cannot send the database a cancel");
+        }
+    };
     // The cancel goes out on a connection of its own while the answer is awaited.
     let (_, answer) = tokio::join!(
         tokio::time::timeout_at(started + OPERATION_TIMEOUT * 2, cancel),
@@ -818,10 +814,10 @@ async fn settle_change<T>(
     let settled = match answer {
         Ok(Ok(done)) => Ok(done),
         // An error from the server ends its statement's transaction: nothing of
-        // it is kept, cancelled or not.
-        Ok(Err(err)) if err.as_db_error().is_some() => Err(PgError {
+        // it is kept, cancelled or not. (A PANIC may come after a commit.)
+        Ok(Err(err)) if severity(&err) == Some(Severity::Error) => Err(PgError {
             message: format!(
-                "no answer within {}s; the change was cancelled and not made ({})",
+                "no answer within {}s; the change was cancelled or failed, and was not made ({})",
                 OPERATION_TIMEOUT.as_secs(),
                 PgError::from(err).message
             ),
@@ -829,8 +825,8 @@ async fn settle_change<T>(
         }),
         Ok(Err(err)) => Err(PgError {
             message: format!(
-                "no answer within {}s, and then the connection failed; \
-                 whether the change was made is unknown: {}",
+                "no answer within {}s, and then no answer the change can be judged by; \
+                 whether it was made is unknown: {}",
                 OPERATION_TIMEOUT.as_secs(),
                 PgError::from(err).message
             ),
@@ -875,6 +871,11 @@ async fn write_on(
     let values: Vec<&[u8]> = values.iter().map(|value| &value[..]).collect();
     client.execute(&statement, &[&tree, keys, &values]).await?;
     Ok(())
+}
+
+/// The severity of a server's error, if `err` is one.
+fn severity(err: &tokio_postgres::Error) -> Option<Severity> {
+    err.as_db_error().and_then(|db| db.parsed_severity())
 }
 
 /// An operation that got no answer within `timeout`.
@@ -1076,12 +1077,10 @@ impl Backend for PgBackend {
         let removed = self.attempt(SETTLED_WITHIN, move |shared| async move {
             let client = shared.client().await?;
             let delete = async {
-                let row = client
-                    .query_opt(
-                        "DELETE FROM kv WHERE tree = $1 AND key = $2 RETURNING value",
-                        &[&tree, &key],
-                    )
+                let statement = client
+                    .prepare_cached("DELETE FROM kv WHERE tree = $1 AND key = $2 RETURNING value")
                     .await?;
+                let row = client.query_opt(&statement, &[&tree, &key]).await?;
                 Ok(row.map(|row| row.get(0)))
             };
             let (removed, reusable) = settle_change(&shared, &client, delete).await;
