@@ -522,6 +522,33 @@ fn a_change_whose_answer_is_late_is_cancelled_not_made_later() {
         .unwrap());
 }
 
+/// PostgreSQL only: an operation that timed out keeps its connection until its
+/// statement answers, so the next operation gets another connection instead of
+/// queueing behind it on the one the pool would hand out first (here an
+/// increment waits for another transaction's row past the 15 s timeout).
+#[test]
+fn an_operation_that_timed_out_does_not_hold_up_the_next() {
+    let url = postgres().fresh_database();
+    let name = database_of(&url).to_string();
+    let store = Database::Postgres(pg_settings(&url)).open();
+    let seam = store.backend();
+    seam.put("t", b"k", b"v").unwrap();
+    let holder = hold_for_25s(&name, "INSERT INTO counters VALUES ('x', 1);");
+    let late = seam
+        .increment("x")
+        .expect_err("no answer in 15 s")
+        .to_string();
+    assert!(late.contains("no answer"), "{late}");
+    let started = std::time::Instant::now();
+    assert_eq!(seam.get("t", b"k").unwrap(), Some(b"v".to_vec()));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the read waited {:?} behind the increment",
+        started.elapsed()
+    );
+    holder.join().unwrap();
+}
+
 /// PostgreSQL only: once a grant's change is stored, a store that refuses to
 /// tidy the grant's index entries (here: a removal cancelled after waiting
 /// 15 s for another transaction) does not fail the change, which would leave

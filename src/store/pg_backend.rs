@@ -69,6 +69,11 @@ const OPERATION_TIMEOUT: Duration = Duration::from_secs(15);
 /// this one, end it.
 const SETTLED_WITHIN: Duration = Duration::from_secs(OPERATION_TIMEOUT.as_secs() * 3 + 5);
 
+/// How long an operation that timed out may keep its connection out of the pool
+/// while its statement still runs (see [`PgBackend::attempt`]): past it the
+/// connection goes back to the pool regardless.
+const LINGER: Duration = Duration::from_secs(OPERATION_TIMEOUT.as_secs() * 2);
+
 /// Rows one page of a scan fetches at most.
 const SCAN_PAGE: i64 = 128;
 
@@ -474,11 +479,20 @@ impl PgBackend {
         let (answer, answered) = std::sync::mpsc::sync_channel(1);
         let shared = self.shared.clone();
         self.runtime().spawn(async move {
-            let result = tokio::time::timeout(timeout, work(shared.clone()))
-                .await
-                .unwrap_or_else(|_| Err(no_answer(timeout)));
+            let mut work = std::pin::pin!(work(shared.clone()));
+            let (result, timed_out) = match tokio::time::timeout(timeout, &mut work).await {
+                Ok(result) => (result, false),
+                Err(_) => (Err(no_answer(timeout)), true),
+            };
             shared.health.note(&result);
             let _ = answer.send(result);
+            if timed_out {
+                // The caller has its answer. The work keeps its connection until
+                // the statement on it answers, so that the pool does not hand the
+                // next operation a connection busy with it (where a cancel sent
+                // for the next one could end this one instead).
+                let _ = tokio::time::timeout(LINGER, work).await;
+            }
         });
         answered.recv().unwrap_or_else(|_| {
             Err(PgError {
@@ -785,14 +799,15 @@ async fn swap_on(
 /// try or another writer made the change, so the server is asked to cancel it,
 /// and its answer is awaited until twice the timeout: a statement that failed
 /// or was cancelled changed nothing, one that completed is reported as it is.
-/// Only when no answer comes at all (the server or the network is gone) is the
-/// outcome unknown. Also returns whether the connection may go back to the
-/// pool: not once a cancel was sent (a cancel that arrives late would end the
-/// connection's next statement), nor with a statement still unanswered on it.
+/// Only when no answer comes at all (the server or the network is gone, or the
+/// cancel did not reach the statement) is the outcome unknown. `cancel` asks
+/// for the cancel ([`cancel_on`]); it runs only once the first try is late.
+/// Also returns whether the connection may go back to the pool: not once a
+/// cancel was sent (a cancel that arrives late would end the connection's next
+/// statement), nor with a statement still unanswered on it.
 async fn settle_change<T>(
-    shared: &Shared,
-    client: &tokio_postgres::Client,
     change: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    cancel: impl Future<Output = ()>,
 ) -> (PgResult<T>, bool) {
     let started = tokio::time::Instant::now();
     let mut change = std::pin::pin!(change);
@@ -800,13 +815,6 @@ async fn settle_change<T>(
         return (answer.map_err(PgError::from), true);
     }
     tracing::warn!("no answer to a change yet; asking the database to cancel it");
-    let token = client.cancel_token();
-    let cancel = async {
-        if let Err(err) = token.cancel_query(shared.tls.clone()).await {
-            tracing::warn!(error = %chain(&err), "cannot send the database a cancel");
-        }
-    };
-    // The cancel goes out on a connection of its own while the answer is awaited.
     let (_, answer) = tokio::join!(
         tokio::time::timeout_at(started + OPERATION_TIMEOUT * 2, cancel),
         tokio::time::timeout_at(started + OPERATION_TIMEOUT * 2, &mut change)
@@ -841,6 +849,15 @@ async fn settle_change<T>(
         }),
     };
     (settled, false)
+}
+
+/// Asks the server to cancel what runs on `client`'s connection, over a
+/// connection of its own; a cancel that cannot be sent is logged.
+async fn cancel_on(shared: &Shared, client: &tokio_postgres::Client) {
+    let token = client.cancel_token();
+    if let Err(err) = token.cancel_query(shared.tls.clone()).await {
+        tracing::warn!(error = %chain(&err), "cannot send the database a cancel");
+    }
 }
 
 /// One statement that writes `keys` and `values` on `client`: with `copy`, by
@@ -1083,7 +1100,8 @@ impl Backend for PgBackend {
                 let row = client.query_opt(&statement, &[&tree, &key]).await?;
                 Ok(row.map(|row| row.get(0)))
             };
-            let (removed, reusable) = settle_change(&shared, &client, delete).await;
+            let cancel = cancel_on(&shared, &client);
+            let (removed, reusable) = settle_change(delete, cancel).await;
             if !reusable {
                 drop(deadpool_postgres::Object::take(client));
             }
@@ -1105,7 +1123,8 @@ impl Backend for PgBackend {
         let changed = self.attempt(SETTLED_WITHIN, move |shared| async move {
             let client = shared.client().await?;
             let swap = swap_on(&client, &tree, &key, old.as_deref(), new.as_deref());
-            let (changed, reusable) = settle_change(&shared, &client, swap).await;
+            let cancel = cancel_on(&shared, &client);
+            let (changed, reusable) = settle_change(swap, cancel).await;
             if !reusable {
                 drop(deadpool_postgres::Object::take(client));
             }
@@ -1223,6 +1242,42 @@ impl Backend for PgBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A change that answers in time is reported as it is and keeps its
+    /// connection; one that answers after the cancel went out is reported as
+    /// made, and its connection is closed; one that never answers, even to the
+    /// cancel, is reported as unknown once twice the timeout has passed.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_change_is_settled_by_its_answer_to_a_cancel() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let cancelled = AtomicBool::new(false);
+        let cancel = || async { cancelled.store(true, Ordering::SeqCst) };
+        let answer_after = |secs| async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            Ok::<u64, tokio_postgres::Error>(1)
+        };
+
+        let (answer, reusable) = settle_change(answer_after(14), cancel()).await;
+        assert!(matches!(answer, Ok(1)) && reusable);
+        assert!(
+            !cancelled.load(Ordering::SeqCst),
+            "no cancel for a timely answer"
+        );
+
+        let started = tokio::time::Instant::now();
+        let (answer, reusable) = settle_change(answer_after(16), cancel()).await;
+        assert!(matches!(answer, Ok(1)), "made, after the cancel went out");
+        assert!(cancelled.load(Ordering::SeqCst) && !reusable);
+        assert_eq!(started.elapsed(), Duration::from_secs(16));
+
+        let started = tokio::time::Instant::now();
+        let never = std::future::pending::<std::result::Result<u64, tokio_postgres::Error>>();
+        let (answer, reusable) = settle_change(never, cancel()).await;
+        let unknown = answer.expect_err("no answer").message;
+        assert!(unknown.contains("unknown"), "{unknown}");
+        assert!(!reusable);
+        assert_eq!(started.elapsed(), OPERATION_TIMEOUT * 2);
+    }
 
     #[test]
     fn prefix_ends_bound_exactly_the_prefix() {
