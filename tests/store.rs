@@ -410,6 +410,13 @@ fn an_unreachable_database_is_reported_and_recovers() {
     store.backend().put("t", b"k", b"v").unwrap();
 }
 
+/// A store on a fresh PostgreSQL database, and that database's name.
+fn fresh_postgres_store() -> (String, Arc<Store>) {
+    let url = postgres().fresh_database();
+    let store = Database::Postgres(pg_settings(&url)).open();
+    (database_of(&url).to_string(), store)
+}
+
 /// Runs `locks` in a transaction on database `name` that then sleeps for 25 s,
 /// past the backend's 15 s timeout, and rolls back; returns once it sleeps, so
 /// that it holds what `locks` took.
@@ -450,9 +457,7 @@ fn statements_running(name: &str) -> String {
 /// sealed without a batch that lands later reads as altered).
 #[test]
 fn a_write_whose_answer_is_late_is_settled_before_it_returns() {
-    let url = postgres().fresh_database();
-    let name = database_of(&url).to_string();
-    let store = Database::Postgres(pg_settings(&url)).open();
+    let (name, store) = fresh_postgres_store();
     let holder = hold_for_25s(&name, "INSERT INTO kv VALUES ('t', '\\x6b', '\\x00');");
     let started = std::time::Instant::now();
     let value = vec![7u8; 100_000];
@@ -477,9 +482,7 @@ fn a_write_whose_answer_is_late_is_settled_before_it_returns() {
 /// transaction that holds its row past the 15 s timeout.
 #[test]
 fn a_change_whose_answer_is_late_is_cancelled_not_made_later() {
-    let url = postgres().fresh_database();
-    let name = database_of(&url).to_string();
-    let store = Database::Postgres(pg_settings(&url)).open();
+    let (name, store) = fresh_postgres_store();
     let seam = store.backend();
     seam.put("t", b"k", &[1]).unwrap();
     seam.put("t", b"gone", &[1]).unwrap();
@@ -528,9 +531,7 @@ fn a_change_whose_answer_is_late_is_cancelled_not_made_later() {
 /// increment waits for another transaction's row past the 15 s timeout).
 #[test]
 fn an_operation_that_timed_out_does_not_hold_up_the_next() {
-    let url = postgres().fresh_database();
-    let name = database_of(&url).to_string();
-    let store = Database::Postgres(pg_settings(&url)).open();
+    let (name, store) = fresh_postgres_store();
     let seam = store.backend();
     seam.put("t", b"k", b"v").unwrap();
     let holder = hold_for_25s(&name, "INSERT INTO counters VALUES ('x', 1);");
@@ -555,11 +556,9 @@ fn an_operation_that_timed_out_does_not_hold_up_the_next() {
 /// it stored without its audit event. The entry left behind is skipped.
 #[test]
 fn a_revocation_whose_index_cannot_be_tidied_is_still_audited() {
-    let url = postgres().fresh_database();
-    let name = database_of(&url).to_string();
+    let (name, store) = fresh_postgres_store();
     let dir = tempfile::tempdir().unwrap();
     let policy = policy(dir.path());
-    let store = Database::Postgres(pg_settings(&url)).open();
     let grants = Grants::new(store.clone(), Notifier::new(None)).unwrap();
     let spec = RequestSpec {
         target: "prod".into(),
