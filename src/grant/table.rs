@@ -161,7 +161,7 @@ impl GrantTable {
             version: 1,
             grant: grant.clone(),
         };
-        if !self.grants.swap(&grant.seq, None, &stored)? {
+        if !self.swap_grant(grant.seq, None, &stored)? {
             return Err(StoreError::Corrupt {
                 tree: GRANTS,
                 detail: format!("seq {} was handed out twice", grant.seq),
@@ -191,7 +191,7 @@ impl GrantTable {
         if let Some(key) = &due {
             self.seam().put(DUE, key, b"")?;
         }
-        if !self.grants.swap(&changed.seq, Some(&read.bytes), &stored)? {
+        if !self.swap_grant(changed.seq, Some(&read.bytes), &stored)? {
             return Ok(None);
         }
         // The change is made: from here on, an error would leave it without its
@@ -265,9 +265,7 @@ impl GrantTable {
                     }
                 }
                 // Final states are final: this entry can never be due again.
-                _ => {
-                    self.seam().remove(DUE, &key)?;
-                }
+                _ => self.remove_stale(DUE, &key),
             }
         }
         Ok(due)
@@ -300,6 +298,21 @@ impl GrantTable {
             }
         }
         Ok(grants)
+    }
+
+    /// Swaps the stored grant `seq` from `old` to `new`. When the store cannot
+    /// say whether it did (an error: a database whose answer was lost may still
+    /// have made the change), what is stored now tells: a grant that reads back
+    /// exactly as `new` was changed by this call, and the change goes on to get
+    /// its audit event; otherwise the error stands.
+    fn swap_grant(&self, seq: u64, old: Option<&[u8]>, new: &Stored) -> Result<bool> {
+        match self.grants.swap(&seq, old, new) {
+            Err(err) => match self.grants.get_versioned(&seq) {
+                Ok(Some((_, now))) if now == store::table::to_json(new) => Ok(true),
+                _ => Err(err),
+            },
+            swapped => swapped,
+        }
     }
 
     /// Removes an index entry that no longer points at a grant it indexes, or

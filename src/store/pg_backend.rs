@@ -801,13 +801,14 @@ async fn swap_on(
 /// or was cancelled changed nothing, one that completed is reported as it is.
 /// Only when no answer comes at all (the server or the network is gone, or the
 /// cancel did not reach the statement) is the outcome unknown. `cancel` asks
-/// for the cancel ([`cancel_on`]); it runs only once the first try is late.
+/// for the cancel ([`cancel_on`]); it is spawned once the first try is late,
+/// and is not waited for.
 /// Also returns whether the connection may go back to the pool: not once a
 /// cancel was sent (a cancel that arrives late would end the connection's next
 /// statement), nor with a statement still unanswered on it.
 async fn settle_change<T>(
     change: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
-    cancel: impl Future<Output = ()>,
+    cancel: impl Future<Output = ()> + Send + 'static,
 ) -> (PgResult<T>, bool) {
     let started = tokio::time::Instant::now();
     let mut change = std::pin::pin!(change);
@@ -815,10 +816,9 @@ async fn settle_change<T>(
         return (answer.map_err(PgError::from), true);
     }
     tracing::warn!("no answer to a change yet; asking the database to cancel it");
-    let (_, answer) = tokio::join!(
-        tokio::time::timeout_at(started + OPERATION_TIMEOUT * 2, cancel),
-        tokio::time::timeout_at(started + OPERATION_TIMEOUT * 2, &mut change)
-    );
+    // On a task of its own: the answer counts, not how long the cancel takes.
+    tokio::spawn(cancel);
+    let answer = tokio::time::timeout_at(started + OPERATION_TIMEOUT * 2, &mut change).await;
     let settled = match answer {
         Ok(Ok(done)) => Ok(done),
         // An error from the server ends its statement's transaction: nothing of
@@ -852,11 +852,17 @@ async fn settle_change<T>(
 }
 
 /// Asks the server to cancel what runs on `client`'s connection, over a
-/// connection of its own; a cancel that cannot be sent is logged.
-async fn cancel_on(shared: &Shared, client: &tokio_postgres::Client) {
-    let token = client.cancel_token();
-    if let Err(err) = token.cancel_query(shared.tls.clone()).await {
-        tracing::warn!(error = %chain(&err), "cannot send the database a cancel");
+/// connection of its own (within the connection's connect timeout); a cancel
+/// that cannot be sent is logged.
+fn cancel_on(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+) -> impl Future<Output = ()> + Send + 'static {
+    let (token, tls) = (client.cancel_token(), shared.tls.clone());
+    async move {
+        if let Err(err) = token.cancel_query(tls).await {
+            tracing::warn!(error = %chain(&err), "cannot send the database a cancel");
+        }
     }
 }
 
@@ -1249,26 +1255,36 @@ mod tests {
     /// cancel, is reported as unknown once twice the timeout has passed.
     #[tokio::test(start_paused = true)]
     async fn a_late_change_is_settled_by_its_answer_to_a_cancel() {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        let cancelled = AtomicBool::new(false);
-        let cancel = || async { cancelled.store(true, Ordering::SeqCst) };
+        let cancelled_at = Arc::new(Mutex::new(None));
+        let cancel = || {
+            let cancelled_at = cancelled_at.clone();
+            async move { *cancelled_at.lock().unwrap() = Some(tokio::time::Instant::now()) }
+        };
         let answer_after = |secs| async move {
             tokio::time::sleep(Duration::from_secs(secs)).await;
             Ok::<u64, tokio_postgres::Error>(1)
         };
+        // When the cancel of the last change went out, counted from `started`.
+        let cancelled_after = |started: tokio::time::Instant| {
+            cancelled_at.lock().unwrap().take().map(|at| at - started)
+        };
 
+        let started = tokio::time::Instant::now();
         let (answer, reusable) = settle_change(answer_after(14), cancel()).await;
         assert!(matches!(answer, Ok(1)) && reusable);
-        assert!(
-            !cancelled.load(Ordering::SeqCst),
+        tokio::task::yield_now().await;
+        assert_eq!(
+            cancelled_after(started),
+            None,
             "no cancel for a timely answer"
         );
 
         let started = tokio::time::Instant::now();
         let (answer, reusable) = settle_change(answer_after(16), cancel()).await;
         assert!(matches!(answer, Ok(1)), "made, after the cancel went out");
-        assert!(cancelled.load(Ordering::SeqCst) && !reusable);
+        assert!(!reusable);
         assert_eq!(started.elapsed(), Duration::from_secs(16));
+        assert_eq!(cancelled_after(started), Some(OPERATION_TIMEOUT));
 
         let started = tokio::time::Instant::now();
         let never = std::future::pending::<std::result::Result<u64, tokio_postgres::Error>>();
@@ -1277,6 +1293,7 @@ mod tests {
         assert!(unknown.contains("unknown"), "{unknown}");
         assert!(!reusable);
         assert_eq!(started.elapsed(), OPERATION_TIMEOUT * 2);
+        assert_eq!(cancelled_after(started), Some(OPERATION_TIMEOUT));
     }
 
     #[test]
