@@ -75,9 +75,10 @@ pub trait Backend: Send + Sync {
 
     /// Sets `key` to `new` (removes it when `None`) only if its value is still
     /// exactly `old` (absent when `None`). `Ok(false)`: someone changed it first;
-    /// nothing was written. An error means nothing was written either, unless
-    /// it says the outcome is unknown (a database that stopped answering
-    /// mid-change: see `pg_backend::settle_change`).
+    /// nothing was written. On an error the change may or may not have been
+    /// made: PostgreSQL's errors say which (`pg_backend::settle_change`), and
+    /// sled's fail the whole store until it is reopened
+    /// ([`Backend::failure_is_sticky`]).
     fn compare_and_swap(
         &self,
         tree: &str,

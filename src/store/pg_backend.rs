@@ -800,12 +800,13 @@ async fn swap_on(
 /// and its answer is awaited until twice the timeout: a statement that failed
 /// or was cancelled changed nothing, one that completed is reported as it is.
 /// Only when no answer comes at all (the server or the network is gone, or the
-/// cancel did not reach the statement) is the outcome unknown. `cancel` asks
-/// for the cancel ([`cancel_on`]); it is spawned once the first try is late,
-/// and is not waited for.
-/// Also returns whether the connection may go back to the pool: not once a
-/// cancel was sent (a cancel that arrives late would end the connection's next
-/// statement), nor with a statement still unanswered on it.
+/// cancel did not reach the statement) is the outcome unknown.
+///
+/// `cancel` asks for the cancel ([`cancel_on`]); it is spawned once the first
+/// try is late, and is not waited for. Also returns whether the connection may
+/// go back to the pool: not once a cancel was sent (a cancel that arrives late
+/// would end the connection's next statement), nor with a statement still
+/// unanswered on it.
 async fn settle_change<T>(
     change: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
     cancel: impl Future<Output = ()> + Send + 'static,
