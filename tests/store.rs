@@ -562,16 +562,7 @@ fn a_revocation_whose_index_cannot_be_tidied_is_still_audited() {
     let dir = tempfile::tempdir().unwrap();
     let policy = policy(dir.path());
     let grants = Grants::new(store.clone(), Notifier::new(None)).unwrap();
-    let spec = RequestSpec {
-        target: "prod".into(),
-        login: None,
-        scope: Scope {
-            shell: true,
-            ..Scope::default()
-        },
-        ttl: None,
-        reason: "INC-1".into(),
-    };
+    let spec = shell_request();
     let grant = grants.file(&policy, USER, spec, Utc::now()).unwrap();
     grants
         .approve(&policy, &grant.id, "bob", None, Utc::now())
@@ -709,6 +700,20 @@ fn policy(dir: &Path) -> portcullis::policy::Policy {
     portcullis::policy::load_dir(&dir.join("policies")).expect("test policies load")
 }
 
+/// A request for a shell on `prod` (see [`policy`]).
+fn shell_request() -> RequestSpec {
+    RequestSpec {
+        target: "prod".into(),
+        login: None,
+        scope: Scope {
+            shell: true,
+            ..Scope::default()
+        },
+        ttl: None,
+        reason: "INC-1".into(),
+    }
+}
+
 /// Two bastions on one database: a grant approved through one and revoked
 /// through the other wakes the watch of a session on the first within a
 /// second, the changed grant in hand (sled: two grant services on one store).
@@ -719,16 +724,7 @@ fn a_revocation_on_one_bastion_wakes_a_watch_on_the_other() {
     on_both(|database| {
         let node_a = Grants::new(database.open(), Notifier::new(None)).unwrap();
         let node_b = Grants::new(database.open(), Notifier::new(None)).unwrap();
-        let spec = RequestSpec {
-            target: "prod".into(),
-            login: None,
-            scope: Scope {
-                shell: true,
-                ..Scope::default()
-            },
-            ttl: None,
-            reason: "INC-1".into(),
-        };
+        let spec = shell_request();
         let grant = node_a.file(&policy, USER, spec, Utc::now()).unwrap();
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {

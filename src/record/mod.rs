@@ -1611,6 +1611,13 @@ mod tests {
         assert_eq!(recorder.queued_bytes(), 0);
     }
 
+    /// The target shows `text` in `session`.
+    async fn show(session: &SessionRecorder, text: &'static [u8]) {
+        session
+            .output(Stream::Stdout, &Bytes::from_static(text))
+            .await;
+    }
+
     /// A session keeps a channel for live watchers only while someone watches:
     /// made for the first, dropped after the last has left, made again for the
     /// next, who sees what is new; at the end every watcher sees the close.
@@ -1626,30 +1633,15 @@ mod tests {
                 .watchers
                 .is_some()
         };
-        session
-            .output(
-                Stream::Stdout,
-                &Bytes::from_static(b"before anyone watched\r\n"),
-            )
-            .await;
+        show(&session, b"before anyone watched\r\n").await;
         assert!(!has_channel(), "nobody watches yet");
         let first = recorder.follow(id).unwrap().expect("live");
         assert!(has_channel());
         drop(first);
-        session
-            .output(
-                Stream::Stdout,
-                &Bytes::from_static(b"after the first left\r\n"),
-            )
-            .await;
+        show(&session, b"after the first left\r\n").await;
         assert!(!has_channel(), "dropped once the last watcher left");
         let mut second = recorder.follow(id).unwrap().expect("live");
-        session
-            .output(
-                Stream::Stdout,
-                &Bytes::from_static(b"while the second watches\r\n"),
-            )
-            .await;
+        show(&session, b"while the second watches\r\n").await;
         let chunk = second.live.recv().await.unwrap();
         assert_eq!(&chunk.data[..], b"while the second watches\r\n");
         let (_, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;

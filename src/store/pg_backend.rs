@@ -852,6 +852,14 @@ async fn settle_change<T>(
     (settled, false)
 }
 
+/// Returns `client` to the pool when [`settle_change`] says it may go back, and
+/// closes it otherwise.
+fn put_back_or_close(client: deadpool_postgres::Object, reusable: bool) {
+    if !reusable {
+        drop(deadpool_postgres::Object::take(client));
+    }
+}
+
 /// Asks the server to cancel what runs on `client`'s connection, over a
 /// connection of its own (within the connection's connect timeout); a cancel
 /// that cannot be sent is logged.
@@ -1109,9 +1117,7 @@ impl Backend for PgBackend {
             };
             let cancel = cancel_on(&shared, &client);
             let (removed, reusable) = settle_change(delete, cancel).await;
-            if !reusable {
-                drop(deadpool_postgres::Object::take(client));
-            }
+            put_back_or_close(client, reusable);
             removed
         })?;
         Ok(removed)
@@ -1132,9 +1138,7 @@ impl Backend for PgBackend {
             let swap = swap_on(&client, &tree, &key, old.as_deref(), new.as_deref());
             let cancel = cancel_on(&shared, &client);
             let (changed, reusable) = settle_change(swap, cancel).await;
-            if !reusable {
-                drop(deadpool_postgres::Object::take(client));
-            }
+            put_back_or_close(client, reusable);
             changed
         })?;
         Ok(changed == 1)
