@@ -2,14 +2,13 @@
 
 use bytes::Bytes;
 use russh::ChannelMsg;
-use tokio::sync::broadcast::error::RecvError;
 
 use super::error::{ControlError, Reply};
 use super::requests::{to_json, Caller};
 use super::table::{clip, relative, render, short_span};
 use crate::record::screen::ScreenFilter;
 use crate::record::{
-    asciicast, replay, Chunk, Recorder, SessionQuery, SessionRecord, FLUSH_INTERVAL,
+    asciicast, replay, Chunk, Recorder, SessionQuery, SessionRecord, Watched, FLUSH_INTERVAL,
 };
 use crate::session::{ClientChannel, ClientOut};
 
@@ -293,7 +292,7 @@ pub async fn watch(
     let with_input = !session.echoes_input();
     let mut shown = Shown::new(raw);
     // What it showed so far: the stored batches one at a time, then what is not
-    // stored yet. Live chunks queue meanwhile (up to the watch backlog).
+    // stored yet. Live chunks queue meanwhile (up to `WATCH_BYTES`).
     let mut stored = caller
         .state
         .recorder
@@ -311,16 +310,16 @@ pub async fn watch(
     loop {
         tokio::select! {
             received = follow.live.recv() => match received {
-                Ok(chunk) if replay::shown(&chunk, with_input) => {
+                Some(Watched::Chunk(chunk)) if replay::shown(&chunk, with_input) => {
                     if !show(out, &mut shown, chunk.data).await {
                         return Ok(String::new());
                     }
                 }
-                Ok(_) => {}
-                Err(RecvError::Lagged(missed)) => {
+                Some(Watched::Chunk(_)) => {}
+                Some(Watched::Missed(missed)) => {
                     out.stderr(&format!("\n[portcullis: watch fell behind; {missed} chunks skipped]\n")).await;
                 }
-                Err(RecvError::Closed) => break,
+                None => break,
             },
             msg = client.reader.wait() => {
                 if matches!(msg, None | Some(ChannelMsg::Close)) {

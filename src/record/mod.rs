@@ -19,6 +19,7 @@ pub mod replay;
 pub mod screen;
 mod stored;
 mod transcript;
+mod watchers;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -30,7 +31,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::audit::AuditEvent;
@@ -41,6 +42,8 @@ use disk::Size;
 pub use index::SessionQuery;
 pub use stored::SessionStore;
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
+use watchers::Watchers;
+pub use watchers::{Feed, Watched, WATCH_ALLOWANCE, WATCH_BYTES};
 
 /// Decompresses and decodes one stored batch (for tools and fuzzing).
 pub fn decode_stored(stored: &[u8]) -> Result<Vec<Chunk>, TranscriptError> {
@@ -76,9 +79,6 @@ const PENDING_CAP: usize = 8 * 1024 * 1024;
 /// slice keeps its slot until its write ends; one session may use both, one
 /// encoded while the other is written).
 const WRITERS: usize = 2;
-
-/// Chunks a live watcher may fall behind before it is told it missed some.
-const WATCH_BACKLOG: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -333,12 +333,9 @@ struct Pending {
     /// Bytes the target sent, recorded or not (for `sessions` while it is live).
     output_bytes: u64,
     finished: bool,
-    /// Live chunks for watchers, while anyone watches: made for the first
-    /// watcher and dropped when the last one has left (a channel sets aside its
-    /// whole backlog, [`WATCH_BACKLOG`] slots or about 280 KiB, which a session
-    /// nobody watches should not pay), and at the end, so that watchers see the
-    /// session close.
-    watchers: Option<broadcast::Sender<Chunk>>,
+    /// Live chunks for watchers, each with a queue bounded in bytes; dropped
+    /// at the end, so that watchers see the session close.
+    watchers: Watchers,
 }
 
 /// What a watcher starts from: everything recorded so far, then the live feed.
@@ -347,7 +344,7 @@ pub struct Follow {
     pub stored: u32,
     /// Chunks recorded but not yet stored.
     pub pending: Vec<Chunk>,
-    pub live: broadcast::Receiver<Chunk>,
+    pub live: Feed,
 }
 
 impl Recorder {
@@ -603,7 +600,7 @@ impl Recorder {
                 input_bytes: 0,
                 output_bytes: 0,
                 finished: false,
-                watchers: None,
+                watchers: Watchers::default(),
             }),
             flush_now: Notify::new(),
             room: Notify::new(),
@@ -636,21 +633,18 @@ impl Recorder {
         else {
             return Ok(None);
         };
-        let (stored, pending, receiver) = {
+        let (stored, pending, feed) = {
             let mut pending = live.inner.lock().expect("recording lock poisoned");
             if pending.finished {
                 return Ok(None); // ending right now
             }
-            let sender = pending
-                .watchers
-                .get_or_insert_with(|| broadcast::channel(WATCH_BACKLOG).0);
-            let receiver = sender.subscribe();
-            (pending.batches, pending.chunks.clone(), receiver)
+            let feed = pending.watchers.join(self.memory.clone());
+            (pending.batches, pending.chunks.clone(), feed)
         };
         Ok(Some(Follow {
             stored,
             pending,
-            live: receiver,
+            live: feed,
         }))
     }
 
@@ -1035,11 +1029,7 @@ impl SessionRecorder {
                     } else if chunk.stream.is_output() {
                         pending.output_bytes += size as u64;
                     }
-                    let unwatched = (pending.watchers.as_ref())
-                        .is_some_and(|watchers| watchers.send(chunk.clone()).is_err());
-                    if unwatched {
-                        pending.watchers = None; // the last watcher left
-                    }
+                    pending.watchers.send(&chunk);
                     pending.chunks.push(chunk);
                     if total - pending.taken.held >= BATCH_BYTES {
                         self.live.flush_now.notify_one();
@@ -1068,7 +1058,7 @@ impl SessionRecorder {
         {
             let mut pending = self.live.inner.lock().expect("recording lock poisoned");
             pending.finished = true;
-            pending.watchers = None;
+            pending.watchers = Watchers::default();
         }
         self.live.flush_now.notify_one();
         let (mut record, digest, error) = match self.flusher.await {
@@ -1618,39 +1608,65 @@ mod tests {
             .await;
     }
 
-    /// A session keeps a channel for live watchers only while someone watches:
-    /// made for the first, dropped after the last has left, made again for the
-    /// next, who sees what is new; at the end every watcher sees the close.
+    /// A session feeds each watcher while it watches, forgets one that left, feeds
+    /// a later one only what is new, and at the end every watcher sees the close.
     #[tokio::test]
-    async fn watchers_get_a_channel_only_while_they_watch() {
+    async fn watchers_are_fed_only_while_they_watch() {
         let (_dir, recorder, session) = recording();
         let id = session.id();
-        let has_channel = || {
-            recorder.live.lock().unwrap()[&id]
-                .inner
-                .lock()
-                .unwrap()
+        let watched = || {
+            !(recorder.live.lock().unwrap()[&id].inner.lock().unwrap())
                 .watchers
-                .is_some()
+                .is_empty()
         };
         show(&session, b"before anyone watched\r\n").await;
-        assert!(!has_channel(), "nobody watches yet");
+        assert!(!watched(), "nobody watches yet");
         let first = recorder.follow(id).unwrap().expect("live");
-        assert!(has_channel());
+        assert!(watched());
         drop(first);
         show(&session, b"after the first left\r\n").await;
-        assert!(!has_channel(), "dropped once the last watcher left");
+        assert!(!watched(), "forgotten once the last watcher left");
         let mut second = recorder.follow(id).unwrap().expect("live");
         show(&session, b"while the second watches\r\n").await;
-        let chunk = second.live.recv().await.unwrap();
+        let Some(Watched::Chunk(chunk)) = second.live.recv().await else {
+            panic!("a chunk")
+        };
         assert_eq!(&chunk.data[..], b"while the second watches\r\n");
         let (_, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
         assert_eq!(error, None);
-        assert!(matches!(
-            second.live.recv().await,
-            Err(broadcast::error::RecvError::Closed)
-        ));
+        assert!(second.live.recv().await.is_none(), "closed");
         assert!(recorder.follow(id).unwrap().is_none(), "ended");
+    }
+
+    /// A watcher whose client reads nothing never holds up the session, and holds
+    /// at most its bound however much the session shows; it then learns how much
+    /// it missed.
+    #[tokio::test]
+    async fn a_watcher_that_reads_nothing_holds_a_bounded_backlog() {
+        let (_dir, recorder, session) = recording();
+        let mut watcher = recorder.follow(session.id()).unwrap().expect("live");
+        let piece = Bytes::from(vec![b'x'; 32 * 1024]);
+        for _ in 0..(4 * WATCH_BYTES / piece.len()) {
+            session.output(Stream::Stdout, &piece).await;
+        }
+        assert!(
+            watcher.live.queued() <= WATCH_BYTES,
+            "{} queued",
+            watcher.live.queued()
+        );
+        session.finish(SessionEnd::default(), |_, _| async {}).await;
+        let (mut chunks, mut missed) = (0, 0);
+        while let Some(watched) = watcher.live.recv().await {
+            match watched {
+                Watched::Chunk(_) => chunks += 1,
+                Watched::Missed(n) => missed += n,
+            }
+        }
+        assert_eq!(chunks + missed, 4 * WATCH_BYTES as u64 / piece.len() as u64);
+        assert!(
+            missed >= 3 * WATCH_BYTES as u64 / piece.len() as u64,
+            "{missed} missed"
+        );
     }
 
     #[tokio::test]
