@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::audit::AuditEvent;
+use crate::audit::{AuditEvent, AuditKind};
 use crate::budget::{Account, Budget};
 use crate::store::{Store, StoreError};
 pub use disk::RecordingLimits;
@@ -48,6 +48,22 @@ pub use watchers::{Feed, Watched, WATCH_ALLOWANCE, WATCH_BYTES};
 /// Decompresses and decodes one stored batch (for tools and fuzzing).
 pub fn decode_stored(stored: &[u8]) -> Result<Vec<Chunk>, TranscriptError> {
     transcript::decode(&transcript::decompress(stored)?)
+}
+
+/// The `session.interrupted` event of `session`, sealed by [`Recorder::recover`]
+/// (or by the bastion itself when a session's task stopped early): its digest
+/// was computed from the store. `declared_by`: the node that found the node
+/// carrying it dead, when it was not that node's own next start.
+pub fn interrupted_event(session: &SessionRecord, declared_by: Option<&str>) -> AuditEvent {
+    AuditEvent::new(AuditKind::SessionInterrupted, "portcullis", Utc::now())
+        .target(&session.target)
+        .grant(&session.grant)
+        .detail("session", session.id)
+        .detail("user", session.user.as_str())
+        .detail("node", session.node.as_str())
+        .detail("declared_by", declared_by)
+        .detail("transcript_sha256", session.digest.clone())
+        .detail("digest_source", session.digest_source.map(|s| s.as_str()))
 }
 
 /// Longest time a recorded chunk stays only in memory: what a crash can lose.
@@ -618,7 +634,7 @@ impl Recorder {
             live,
             full,
             record_input: record.input_recorded,
-            flusher,
+            flusher: Some(flusher),
         })
     }
 
@@ -776,36 +792,66 @@ impl Recorder {
             live: true,
             ..SessionQuery::default()
         };
-        for mut session in self.store.find(&live)? {
+        for session in self.store.find(&live)? {
             if !(session.node == node || session.node.is_empty()) {
                 continue;
             }
-            session.state = SessionState::Interrupted;
-            session.digest = Some(self.digest_of(session.id)?);
-            session.digest_source = Some(DigestSource::Recovery);
-            // Recounted batch by batch: a crash in a huge session must not make the
-            // next start load its whole transcript.
-            let (mut batches, mut stored_bytes) = (0, 0);
-            while let Some(stored) = self.store.batch(session.id, batches)? {
-                batches += 1;
-                stored_bytes += stored.len() as u64;
-            }
-            let (mut transcript_bytes, mut received_input) = (0, false);
-            for batch in self.batches(session.id) {
-                for chunk in batch? {
-                    transcript_bytes += chunk.data.len() as u64;
-                    received_input |= chunk.stream == Stream::Stdin;
-                }
-            }
-            session.batches = batches;
-            session.stored_bytes = stored_bytes;
-            session.transcript_bytes = transcript_bytes;
-            session.received_input = received_input;
-            announce(&session)?;
-            self.store.save_session(&session)?;
-            recovered.push(session);
+            recovered.push(self.interrupt(session, &mut announce)?);
         }
         Ok(recovered)
+    }
+
+    /// Marks one session `interrupted` as [`Recorder::recover`] says, once
+    /// `announce` has chained its event.
+    fn interrupt(
+        &self,
+        mut session: SessionRecord,
+        announce: &mut impl FnMut(&SessionRecord) -> Result<(), StoreError>,
+    ) -> Result<SessionRecord, StoreError> {
+        session.state = SessionState::Interrupted;
+        session.digest = Some(self.digest_of(session.id)?);
+        session.digest_source = Some(DigestSource::Recovery);
+        // Recounted batch by batch: a crash in a huge session must not make the
+        // next start load its whole transcript.
+        let (mut batches, mut stored_bytes) = (0, 0);
+        while let Some(stored) = self.store.batch(session.id, batches)? {
+            batches += 1;
+            stored_bytes += stored.len() as u64;
+        }
+        let (mut transcript_bytes, mut received_input) = (0, false);
+        for batch in self.batches(session.id) {
+            for chunk in batch? {
+                transcript_bytes += chunk.data.len() as u64;
+                received_input |= chunk.stream == Stream::Stdin;
+            }
+        }
+        session.batches = batches;
+        session.stored_bytes = stored_bytes;
+        session.transcript_bytes = transcript_bytes;
+        session.received_input = received_input;
+        announce(&session)?;
+        self.store.save_session(&session)?;
+        Ok(session)
+    }
+
+    /// Seals the recording of a session whose task stopped before the session
+    /// ended (see `Drop for SessionRecorder`), once its flusher has written what
+    /// was pending: `interrupted`, with its `session.interrupted` event.
+    fn abandoned(&self, id: u64) -> Result<(), StoreError> {
+        let Some(session) = self.store.session(id)? else {
+            return Ok(());
+        };
+        if !session.is_live() {
+            return Ok(());
+        }
+        self.interrupt(session, &mut |session| {
+            let event = interrupted_event(session, None).detail(
+                "reason",
+                "the session's task stopped before the session ended",
+            );
+            self.store.append_audit(event).map(|_| ())
+        })?;
+        Ok(())
     }
 
     /// Removes the transcripts of sessions last seen before `cutoff`; returns the
@@ -939,7 +985,9 @@ pub struct SessionRecorder {
     live: Arc<Live>,
     full: bool,
     record_input: bool,
-    flusher: JoinHandle<Flushed>,
+    /// Taken by [`SessionRecorder::finish`]; still here when dropped, the session
+    /// ended without it.
+    flusher: Option<JoinHandle<Flushed>>,
 }
 
 impl SessionRecorder {
@@ -1051,17 +1099,13 @@ impl SessionRecorder {
     /// `session.end` event (the future it returns is awaited) before the record is
     /// stored as closed, so a record never says `closed` without one.
     pub async fn finish<Announced: std::future::Future<Output = ()>>(
-        self,
+        mut self,
         end: SessionEnd,
         announce: impl FnOnce(&SessionRecord, Option<&str>) -> Announced,
     ) -> (SessionRecord, Option<String>) {
-        {
-            let mut pending = self.live.inner.lock().expect("recording lock poisoned");
-            pending.finished = true;
-            pending.watchers = Watchers::default();
-        }
-        self.live.flush_now.notify_one();
-        let (mut record, digest, error) = match self.flusher.await {
+        let flusher = self.flusher.take().expect("finished once");
+        self.live.finish();
+        let (mut record, digest, error) = match flusher.await {
             Ok(flushed) => (flushed.record, flushed.digest.hex(), flushed.error),
             Err(panicked) => (
                 self.initial.clone(),
@@ -1087,6 +1131,45 @@ impl SessionRecorder {
         let saved = self.recorder.store.save_session(&record);
         let error = error.or(saved.err().map(|e| e.to_string()));
         (record, error)
+    }
+}
+
+impl Drop for SessionRecorder {
+    /// A session whose task stopped before the session ended (a panic, a task
+    /// dropped at shutdown) still ends: its flusher writes what was pending, then
+    /// the record is sealed `interrupted` with its event, and the session leaves
+    /// `sessions --active`, instead of staying live until the next start. Without
+    /// a runtime to do that, the next start recovers it.
+    fn drop(&mut self) {
+        let Some(flusher) = self.flusher.take() else {
+            return; // finished
+        };
+        tracing::error!(session = self.id, "the session's task stopped before the session ended; its recording is sealed as interrupted");
+        self.live.finish();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (recorder, id) = (self.recorder.clone(), self.id);
+        runtime.spawn(async move {
+            let _ = flusher.await;
+            recorder.forget(id);
+            let sealed = tokio::task::spawn_blocking(move || recorder.abandoned(id)).await;
+            if let Ok(Err(err)) = sealed {
+                tracing::error!(session = id, error = %err, "cannot seal an interrupted session; the next start will");
+            }
+        });
+    }
+}
+
+impl Live {
+    /// No more chunks: watchers see the end, the flusher writes the rest and stops.
+    fn finish(&self) {
+        {
+            let mut pending = self.inner.lock().expect("recording lock poisoned");
+            pending.finished = true;
+            pending.watchers = Watchers::default();
+        }
+        self.flush_now.notify_one();
     }
 }
 
@@ -1636,6 +1719,62 @@ mod tests {
         assert_eq!(error, None);
         assert!(second.live.recv().await.is_none(), "closed");
         assert!(recorder.follow(id).unwrap().is_none(), "ended");
+    }
+
+    /// A session whose task stops before the session ends (a panic in the relay
+    /// drops its recorder) still ends: what it showed is written, the record
+    /// is sealed `interrupted` with its event, which `audit verify` accepts, and
+    /// it leaves the live sessions.
+    #[tokio::test]
+    async fn a_session_whose_task_stopped_is_sealed_as_interrupted() {
+        let (_dir, recorder, session) = recording();
+        let id = session.id();
+        show(&session, b"shown before the task stopped\r\n").await;
+        let task = tokio::spawn(async move {
+            let _owned = session;
+            panic!("a bug in the relay");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        let sealed = async {
+            loop {
+                let record = recorder.session(id).unwrap().unwrap();
+                if !record.is_live() {
+                    return record;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let record = tokio::time::timeout(Duration::from_secs(5), sealed)
+            .await
+            .expect("sealed within 5 s, not left live");
+        assert_eq!(record.state, SessionState::Interrupted);
+        assert_eq!(record.digest, Some(recorder.digest_of(id).unwrap()));
+        let shown: Vec<u8> = (recorder.chunks(id).unwrap().into_iter())
+            .flat_map(|chunk| chunk.data.to_vec())
+            .collect();
+        assert_eq!(shown, b"shown before the task stopped\r\n");
+        assert!(recorder.follow(id).unwrap().is_none(), "no longer live");
+        let events = recorder.store.audit_events().unwrap();
+        let ended = events
+            .iter()
+            .find(|e| e.kind == "session.interrupted")
+            .unwrap();
+        assert!(ended.details["reason"]
+            .as_str()
+            .unwrap()
+            .contains("task stopped"));
+        let start = AuditEvent::new(AuditKind::SessionStart, &record.user, record.started_at)
+            .target(&record.target)
+            .grant(&record.grant)
+            .detail("session", id)
+            .detail("login", record.login.as_str())
+            .detail("kind", record.kind.as_str())
+            .detail("command", record.command.clone())
+            .detail("client", record.client.as_str());
+        let chain = [start, ended.clone()];
+        let records = [record];
+        let checked = check::cross_check(&records, id, &BTreeSet::new(), &chain, &records);
+        assert_eq!(checked.unwrap().unsealed, [id]);
     }
 
     /// A watcher whose client reads nothing never holds up the session, and holds

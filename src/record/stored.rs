@@ -66,6 +66,11 @@ impl SessionStore {
         self.audit.append(event)
     }
 
+    #[cfg(test)]
+    pub fn audit_events(&self) -> Result<Vec<AuditEvent>> {
+        self.audit.events()
+    }
+
     /// A fresh session id: 1, 2, 3… (short enough to type after `replay`).
     pub fn next_session_id(&self) -> Result<u64> {
         self.store.next_id(SESSION_ID)

@@ -392,20 +392,9 @@ pub(crate) fn mark_interrupted_sessions(
         .recorder
         .recover(node, |session| {
             tracing::warn!(session = session.id, user = %session.user, target = %session.target, node = %session.node, "session was interrupted by a bastion stop; its transcript digest is computed now, unsealed");
-            state.grants.audit(
-                AuditEvent::new(AuditKind::SessionInterrupted, "portcullis", chrono::Utc::now())
-                    .target(&session.target)
-                    .grant(&session.grant)
-                    .detail("session", session.id)
-                    .detail("user", session.user.as_str())
-                    .detail("node", session.node.as_str())
-                    .detail("declared_by", declared_by)
-                    .detail("transcript_sha256", session.digest.clone())
-                    .detail(
-                        "digest_source",
-                        session.digest_source.map(|s| s.as_str()),
-                    ),
-            )
+            state
+                .grants
+                .audit(crate::record::interrupted_event(session, declared_by))
         })
         .context("cannot recover the recordings of interrupted sessions")?;
     state
