@@ -134,6 +134,7 @@ impl Lock {
                 .create(true)
                 .truncate(false)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
                 .map_err(|err| unwritable(dir, &err))?;
             if let Err(err) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
@@ -225,6 +226,7 @@ impl ReloadStatus {
             .create(true)
             .truncate(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&temp)?;
         file.write_all(serde_json::to_string(self)?.as_bytes())?;
         file.sync_all()?;

@@ -145,8 +145,7 @@ pub async fn run(config: &Config, options: &Options) -> Result<String> {
         ("targets.toml", &targets),
         ("flows.toml", &flows),
     ] {
-        let path = config.policies.join(name);
-        fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        write_policy_file(&config.policies.join(name), text)?;
     }
     let policy = crate::policy::load_dir(&config.policies).map_err(|errors| {
         anyhow::anyhow!("portcullis init wrote a policy it cannot load (a bug):\n{errors}")
@@ -449,6 +448,28 @@ async fn is_loopback(address: &str) -> bool {
     }
 }
 
+/// Writes one policy file, never through a symbolic link: with `--force`, a link
+/// planted where a policy file goes would otherwise have the file written
+/// wherever it points (as root, anywhere).
+fn write_policy_file(path: &Path, text: &str) -> Result<()> {
+    let opened = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path);
+    let mut file = match opened {
+        Err(err) if err.raw_os_error() == Some(libc::ELOOP) => bail!(
+            "{} is a symbolic link; portcullis init does not write through links. Remove it, or run init with --config pointing at another policies directory",
+            path.display()
+        ),
+        opened => opened.with_context(|| format!("cannot write {}", path.display()))?,
+    };
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Appends the upstream key to `~/.ssh/authorized_keys` unless it is there.
 fn authorize_upstream(upstream: &str) -> Result<PathBuf> {
     let home = std::env::var_os("HOME")
@@ -587,6 +608,24 @@ mod tests {
         assert!(!is_shipped_example(dir.path()));
         let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
         assert!(is_shipped_example(&shipped));
+    }
+
+    #[test]
+    fn policy_files_are_never_written_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        let planted = dir.path().join("users.toml");
+        std::os::unix::fs::symlink(&elsewhere, &planted).unwrap();
+        let refused = write_policy_file(&planted, "[users]\n").unwrap_err();
+        assert!(
+            refused.to_string().contains("is a symbolic link"),
+            "{refused}"
+        );
+        assert!(!elsewhere.exists(), "nothing written where the link points");
+        let plain = dir.path().join("flows.toml");
+        write_policy_file(&plain, "# flows\n").unwrap();
+        write_policy_file(&plain, "# again\n").unwrap();
+        assert_eq!(fs::read_to_string(&plain).unwrap(), "# again\n");
     }
 
     #[test]

@@ -71,13 +71,22 @@ pub fn load_or_create(path: &Path) -> Result<PrivateKey> {
     file.write_all(pem.as_bytes())?;
     file.sync_all()?;
     let public = key.public_key().to_openssh()?;
-    // Every file in the data directory is 0600, whatever the umask.
+    // Every file in the data directory is 0600, whatever the umask, and none is
+    // written through a link planted where it goes.
+    let public_path = path.with_extension("pub");
     let mut file = fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
-        .open(path.with_extension("pub"))?;
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&public_path)
+        .with_context(|| {
+            format!(
+                "cannot write {} (a symbolic link is refused)",
+                public_path.display()
+            )
+        })?;
     file.write_all(format!("{public}\n").as_bytes())?;
     tracing::info!(path = %path.display(), "generated new ed25519 key");
     Ok(key)
