@@ -111,7 +111,7 @@ pub async fn trim_periodically() {
     }
 }
 
-fn trim() {
+pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory, under each arena's own lock;
     // it may be called from any thread at any time.

@@ -136,7 +136,13 @@ impl Lock {
                 .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
-                .map_err(|err| unwritable(dir, &err))?;
+                .map_err(|err| match err.raw_os_error() {
+                    Some(libc::ELOOP) => anyhow::anyhow!(
+                        "{} is a symbolic link; portcullis keeps its lock file in the data dir itself. Remove the link",
+                        path.display()
+                    ),
+                    _ => unwritable(dir, &err),
+                })?;
             if let Err(err) = flock(&file, FlockOperation::NonBlockingLockExclusive) {
                 if err == rustix::io::Errno::WOULDBLOCK {
                     let mut text = String::new();
@@ -314,5 +320,17 @@ mod tests {
         drop(lock);
         assert_eq!(serving_pid(dir.path()).unwrap(), None);
         Lock::acquire(dir.path()).unwrap();
+    }
+
+    /// A link planted where the lock file goes would have the bastion create or
+    /// lock a file elsewhere: refused, naming the link.
+    #[test]
+    fn the_lock_file_is_never_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join(PID_FILE)).unwrap();
+        let err = Lock::acquire(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("is a symbolic link"), "{err}");
+        assert!(!elsewhere.exists());
     }
 }

@@ -274,7 +274,8 @@ pub async fn watch(
     session: &SessionRecord,
     raw: bool,
 ) -> Reply {
-    let follow = caller.state.recorder.follow(session.id)?;
+    let follow = (caller.state.recorder.follow(session.id))
+        .map_err(|full| ControlError::refused(full.to_string()))?;
     let Some(mut follow) = follow else {
         if session.is_live() && session.node != caller.state.cluster.node() {
             return watch_elsewhere(caller, client, session, raw).await;

@@ -24,7 +24,7 @@ mod watchers;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -42,8 +42,8 @@ use disk::Size;
 pub use index::SessionQuery;
 pub use stored::SessionStore;
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
-use watchers::Watchers;
-pub use watchers::{Feed, Watched, WATCH_ALLOWANCE, WATCH_BYTES};
+pub use watchers::{Feed, Watched, WatchesFull, WATCHES_MAX, WATCH_BYTES};
+use watchers::{Slots, Watchers};
 
 /// Decompresses and decodes one stored batch (for tools and fuzzing).
 pub fn decode_stored(stored: &[u8]) -> Result<Vec<Chunk>, TranscriptError> {
@@ -259,6 +259,8 @@ pub struct Recorder {
     memory: Arc<Budget>,
     /// The node id written into every session record this recorder starts.
     node: String,
+    /// Watches of live sessions running now (at most [`WATCHES_MAX`]).
+    watch_slots: Slots,
 }
 
 /// A session id taken from the counter before connecting to the target (so the
@@ -382,6 +384,7 @@ impl Recorder {
             data_dir: None,
             memory: Budget::new(crate::budget::DEFAULT_LIMIT),
             node: String::new(),
+            watch_slots: Slots::default(),
         })
     }
 
@@ -635,11 +638,14 @@ impl Recorder {
             full,
             record_input: record.input_recorded,
             flusher: Some(flusher),
+            ending: false,
         })
     }
 
     /// Joins a live session: what it has shown so far, then everything new.
-    pub fn follow(&self, id: u64) -> Result<Option<Follow>, StoreError> {
+    /// `None`: the session is not live here; refused while [`WATCHES_MAX`]
+    /// watches run.
+    pub fn follow(&self, id: u64) -> Result<Option<Follow>, WatchesFull> {
         let Some(live) = self
             .live
             .lock()
@@ -649,17 +655,14 @@ impl Recorder {
         else {
             return Ok(None);
         };
-        let (stored, pending, feed) = {
-            let mut pending = live.inner.lock().expect("recording lock poisoned");
-            if pending.finished {
-                return Ok(None); // ending right now
-            }
-            let feed = pending.watchers.join(self.memory.clone());
-            (pending.batches, pending.chunks.clone(), feed)
-        };
+        let mut pending = live.inner.lock().expect("recording lock poisoned");
+        if pending.finished {
+            return Ok(None); // ending right now
+        }
+        let feed = pending.watchers.join(self.watch_slots.take()?);
         Ok(Some(Follow {
-            stored,
-            pending,
+            stored: pending.batches,
+            pending: pending.chunks.clone(),
             live: feed,
         }))
     }
@@ -882,10 +885,12 @@ impl Recorder {
             .sum()
     }
 
+    /// Drops a session from the live ones (also while a panic unwinds: never
+    /// panics itself).
     fn forget(&self, id: u64) {
         self.live
             .lock()
-            .expect("recorder lock poisoned")
+            .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
     }
 }
@@ -985,9 +990,11 @@ pub struct SessionRecorder {
     live: Arc<Live>,
     full: bool,
     record_input: bool,
-    /// Taken by [`SessionRecorder::finish`]; still here when dropped, the session
-    /// ended without it.
+    /// Until [`SessionRecorder::finish`] has awaited it.
     flusher: Option<JoinHandle<Flushed>>,
+    /// Whether `finish` got as far as announcing the end: from then on the end
+    /// is its to write, and a drop leaves it alone.
+    ending: bool,
 }
 
 impl SessionRecorder {
@@ -1103,9 +1110,12 @@ impl SessionRecorder {
         end: SessionEnd,
         announce: impl FnOnce(&SessionRecord, Option<&str>) -> Announced,
     ) -> (SessionRecord, Option<String>) {
-        let flusher = self.flusher.take().expect("finished once");
         self.live.finish();
-        let (mut record, digest, error) = match flusher.await {
+        let flusher = self.flusher.as_mut().expect("finished once");
+        let flushed = flusher.await;
+        // Awaited: a drop from here on must not await it again.
+        self.flusher = None;
+        let (mut record, digest, error) = match flushed {
             Ok(flushed) => (flushed.record, flushed.digest.hex(), flushed.error),
             Err(panicked) => (
                 self.initial.clone(),
@@ -1127,6 +1137,7 @@ impl SessionRecorder {
         record.state = SessionState::Closed;
         record.digest = Some(digest);
         record.digest_source = Some(DigestSource::Bastion);
+        self.ending = true;
         announce(&record, error.as_deref()).await;
         let saved = self.recorder.store.save_session(&record);
         let error = error.or(saved.err().map(|e| e.to_string()));
@@ -1135,23 +1146,29 @@ impl SessionRecorder {
 }
 
 impl Drop for SessionRecorder {
-    /// A session whose task stopped before the session ended (a panic, a task
-    /// dropped at shutdown) still ends: its flusher writes what was pending, then
-    /// the record is sealed `interrupted` with its event, and the session leaves
-    /// `sessions --active`, instead of staying live until the next start. Without
-    /// a runtime to do that, the next start recovers it.
+    /// A session whose task stopped before the session ended (a bug that panics
+    /// in the relay) still ends: its flusher writes what was pending, then the
+    /// record is sealed `interrupted` with its event, and the session leaves
+    /// `sessions --active`, instead of staying live until the next start. At
+    /// shutdown, when the runtime drops every task, nothing can run any more: the
+    /// next start recovers those sessions, as after a crash. This never panics,
+    /// even on a poisoned lock: it may run while a panic unwinds.
     fn drop(&mut self) {
-        let Some(flusher) = self.flusher.take() else {
-            return; // finished
-        };
-        tracing::error!(session = self.id, "the session's task stopped before the session ended; its recording is sealed as interrupted");
+        if self.ending {
+            return;
+        }
         self.live.finish();
+        let flusher = self.flusher.take();
+        let (recorder, id) = (self.recorder.clone(), self.id);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            recorder.forget(id);
             return;
         };
-        let (recorder, id) = (self.recorder.clone(), self.id);
+        tracing::error!(session = id, "the session's task stopped before the session ended; sealing its recording as interrupted");
         runtime.spawn(async move {
-            let _ = flusher.await;
+            if let Some(flusher) = flusher {
+                let _ = flusher.await;
+            }
             recorder.forget(id);
             let sealed = tokio::task::spawn_blocking(move || recorder.abandoned(id)).await;
             if let Ok(Err(err)) = sealed {
@@ -1165,7 +1182,7 @@ impl Live {
     /// No more chunks: watchers see the end, the flusher writes the rest and stops.
     fn finish(&self) {
         {
-            let mut pending = self.inner.lock().expect("recording lock poisoned");
+            let mut pending = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
             pending.finished = true;
             pending.watchers = Watchers::default();
         }
@@ -1753,13 +1770,16 @@ mod tests {
             .flat_map(|chunk| chunk.data.to_vec())
             .collect();
         assert_eq!(shown, b"shown before the task stopped\r\n");
-        assert!(recorder.follow(id).unwrap().is_none(), "no longer live");
+        assert!(
+            !recorder.live.lock().unwrap().contains_key(&id),
+            "forgotten"
+        );
         let events = recorder.store.audit_events().unwrap();
-        let ended = events
-            .iter()
-            .find(|e| e.kind == "session.interrupted")
-            .unwrap();
-        assert!(ended.details["reason"]
+        let ends: Vec<_> = (events.iter())
+            .filter(|e| e.kind == "session.interrupted")
+            .collect();
+        assert_eq!(ends.len(), 1, "one end event: {events:?}");
+        assert!(ends[0].details["reason"]
             .as_str()
             .unwrap()
             .contains("task stopped"));
@@ -1771,7 +1791,8 @@ mod tests {
             .detail("kind", record.kind.as_str())
             .detail("command", record.command.clone())
             .detail("client", record.client.as_str());
-        let chain = [start, ended.clone()];
+        // The recorder's own chain, behind the start the relay would have chained.
+        let chain: Vec<AuditEvent> = std::iter::once(start).chain(events).collect();
         let records = [record];
         let checked = check::cross_check(&records, id, &BTreeSet::new(), &chain, &records);
         assert_eq!(checked.unwrap().unsealed, [id]);

@@ -1,26 +1,31 @@
-//! A live session's feed to its watchers, bounded in bytes per watcher.
+//! A live session's feed to its watchers, bounded in bytes per watcher and in
+//! watchers per bastion.
 //!
 //! `watch` shows an auditor a session as it happens. The auditor's client may read
 //! slowly or not at all (a window that stays shut, a laptop lid closed), and the
 //! session may be a bulk copy. Each watcher therefore has a queue of its own whose
-//! bytes are counted: up to [`WATCH_ALLOWANCE`] is the watcher's own, more (up to
-//! [`WATCH_BYTES`]) is charged to the bastion's memory budget (`[limits]
-//! relay_memory`). A chunk that does not fit is not queued; the watcher is told
-//! how many it missed, in order, before the next chunk that fits. The session
-//! never waits for a watcher.
+//! bytes are counted, slots included, up to [`WATCH_BYTES`]: a chunk that does not
+//! fit is not queued, and the watcher is told how many it missed, in order, before
+//! the next chunk that fits. The session never waits for a watcher.
+//!
+//! Watchers are not charged to `[limits] relay_memory`, which sessions need to make
+//! progress: a few stalled watches must not slow every session down. Instead at
+//! most [`WATCHES_MAX`] run at once on a bastion, so watchers together hold at most
+//! [`WATCHES_MAX`] × [`WATCH_BYTES`].
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use thiserror::Error;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::transcript::Chunk;
-use crate::budget::{Account, Budget};
 
 /// What one watcher may have queued before it misses chunks.
-pub const WATCH_BYTES: usize = 4 * 1024 * 1024;
+pub const WATCH_BYTES: usize = 1024 * 1024;
 
-/// What one watcher may have queued without charging the memory budget.
-pub const WATCH_ALLOWANCE: usize = 256 * 1024;
+/// Watches of live sessions that may run at once on one bastion.
+pub const WATCHES_MAX: usize = 64;
 
 /// What a watcher receives, in the session's order.
 #[derive(Debug)]
@@ -28,6 +33,26 @@ pub enum Watched {
     Chunk(Chunk),
     /// This many chunks came here that the watcher did not have room for.
     Missed(u64),
+}
+
+/// A watch refused because [`WATCHES_MAX`] are running.
+#[derive(Debug, Error)]
+#[error("{WATCHES_MAX} watches of live sessions are running on this bastion, its limit; try again once one ends, or replay the session")]
+pub struct WatchesFull;
+
+/// The bastion's watch slots, shared by every session.
+pub(super) struct Slots(Arc<Semaphore>);
+
+impl Default for Slots {
+    fn default() -> Slots {
+        Slots(Arc::new(Semaphore::new(WATCHES_MAX)))
+    }
+}
+
+impl Slots {
+    pub fn take(&self) -> Result<OwnedSemaphorePermit, WatchesFull> {
+        self.0.clone().try_acquire_owned().map_err(|_| WatchesFull)
+    }
 }
 
 /// The sending side: every watcher of one session (none while nobody watches,
@@ -40,32 +65,10 @@ pub(super) struct Watchers {
 /// One watcher, as the session sees it.
 struct Watcher {
     sender: mpsc::UnboundedSender<Watched>,
-    backlog: Arc<Mutex<Backlog>>,
+    /// Bytes queued and not read yet, shared with the watcher's [`Feed`].
+    queued: Arc<AtomicUsize>,
     /// Chunks not queued since the last one that was.
     missed: u64,
-}
-
-/// What a watcher has queued and not read yet, shared by both sides.
-struct Backlog {
-    bytes: usize,
-    account: Account,
-}
-
-impl Backlog {
-    /// Takes `cost` more bytes if they fit under [`WATCH_BYTES`] and the budget.
-    fn take(&mut self, cost: usize) -> bool {
-        let total = self.bytes + cost;
-        let fits = total <= WATCH_BYTES && self.account.hold(total);
-        if fits {
-            self.bytes = total;
-        }
-        fits
-    }
-
-    fn release(&mut self, cost: usize) {
-        self.bytes -= cost;
-        self.account.hold(self.bytes);
-    }
 }
 
 impl Watchers {
@@ -74,19 +77,20 @@ impl Watchers {
         self.each.is_empty()
     }
 
-    /// A new watcher, charging beyond its allowance to `memory`.
-    pub fn join(&mut self, memory: Arc<Budget>) -> Feed {
+    /// A new watcher, holding one of the bastion's watch slots while it watches.
+    pub fn join(&mut self, slot: OwnedSemaphorePermit) -> Feed {
         let (sender, receiver) = mpsc::unbounded_channel();
-        let backlog = Arc::new(Mutex::new(Backlog {
-            bytes: 0,
-            account: Account::new(memory, WATCH_ALLOWANCE),
-        }));
+        let queued = Arc::new(AtomicUsize::new(0));
         self.each.push(Watcher {
             sender,
-            backlog: backlog.clone(),
+            queued: queued.clone(),
             missed: 0,
         });
-        Feed { receiver, backlog }
+        Feed {
+            receiver,
+            queued,
+            _slot: slot,
+        }
     }
 
     /// Queues `chunk` for every watcher that has room, counts it as missed for
@@ -99,34 +103,42 @@ impl Watchers {
 impl Watcher {
     /// False once the watcher has left.
     fn send(&mut self, chunk: &Chunk) -> bool {
-        let cost = cost_of(chunk);
-        if !self.backlog.lock().expect("watch lock poisoned").take(cost) {
-            self.missed += 1;
-            return !self.sender.is_closed();
+        if self.sender.is_closed() {
+            return false;
         }
+        // Only this side adds, so what it reads can only have shrunk since.
+        let queued = self.queued.load(Ordering::Acquire);
+        let marker = if self.missed > 0 { SLOT } else { 0 };
+        let cost = cost_of(chunk) + marker;
+        if queued + cost > WATCH_BYTES {
+            self.missed += 1;
+            return true;
+        }
+        self.queued.fetch_add(cost, Ordering::AcqRel);
         if self.missed > 0 {
             let missed = std::mem::take(&mut self.missed);
-            if self.sender.send(Watched::Missed(missed)).is_err() {
-                return false;
-            }
+            let _ = self.sender.send(Watched::Missed(missed));
         }
         self.sender.send(Watched::Chunk(chunk.clone())).is_ok()
     }
 }
 
 impl Drop for Watcher {
-    /// The session ended (or the watcher left): what it missed last is still said.
+    /// The session ended (or the watcher left): what it missed last is still said
+    /// (one slot over the bound, once).
     fn drop(&mut self) {
         if self.missed > 0 {
+            self.queued.fetch_add(SLOT, Ordering::AcqRel);
             let _ = self.sender.send(Watched::Missed(self.missed));
         }
     }
 }
 
-/// The receiving side: one watcher's feed.
+/// The receiving side: one watcher's feed, and its watch slot.
 pub struct Feed {
     receiver: mpsc::UnboundedReceiver<Watched>,
-    backlog: Arc<Mutex<Backlog>>,
+    queued: Arc<AtomicUsize>,
+    _slot: OwnedSemaphorePermit,
 }
 
 impl Feed {
@@ -134,21 +146,29 @@ impl Feed {
     /// ended and everything queued was read. Cancel-safe.
     pub async fn recv(&mut self) -> Option<Watched> {
         let watched = self.receiver.recv().await?;
-        if let Watched::Chunk(chunk) = &watched {
-            (self.backlog.lock().expect("watch lock poisoned")).release(cost_of(chunk));
-        }
+        self.queued.fetch_sub(held(&watched), Ordering::AcqRel);
         Some(watched)
     }
 
-    /// Bytes queued for this watcher and not read yet.
+    /// Bytes queued for this watcher and not read yet, slots included.
     pub fn queued(&self) -> usize {
-        self.backlog.lock().expect("watch lock poisoned").bytes
+        self.queued.load(Ordering::Acquire)
     }
 }
 
+/// What one queued message holds besides its data.
+const SLOT: usize = std::mem::size_of::<Watched>();
+
 /// What a queued chunk holds: its bytes and its slot.
 fn cost_of(chunk: &Chunk) -> usize {
-    std::mem::size_of::<Watched>() + chunk.data.len()
+    SLOT + chunk.data.len()
+}
+
+fn held(watched: &Watched) -> usize {
+    match watched {
+        Watched::Chunk(chunk) => cost_of(chunk),
+        Watched::Missed(_) => SLOT,
+    }
 }
 
 #[cfg(test)]
@@ -166,13 +186,15 @@ mod tests {
         }
     }
 
+    fn slot() -> OwnedSemaphorePermit {
+        Slots::default().take().unwrap()
+    }
+
     /// What a feed holds right now, read without waiting.
     fn drain(feed: &mut Feed) -> Vec<String> {
         let mut seen = Vec::new();
         while let Ok(watched) = feed.receiver.try_recv() {
-            if let Watched::Chunk(chunk) = &watched {
-                (feed.backlog.lock().unwrap()).release(cost_of(chunk));
-            }
+            feed.queued.fetch_sub(held(&watched), Ordering::AcqRel);
             seen.push(match watched {
                 Watched::Chunk(chunk) => format!("chunk {}", chunk.data.len()),
                 Watched::Missed(n) => format!("missed {n}"),
@@ -183,52 +205,71 @@ mod tests {
 
     #[test]
     fn a_watcher_that_reads_nothing_holds_at_most_its_bound() {
-        let budget = Budget::new(64 * 1024 * 1024);
-        let mut watchers = Watchers::default();
-        let feed = watchers.join(budget.clone());
-        for _ in 0..1000 {
-            watchers.send(&chunk(32 * 1024));
+        for size in [1, 100, 32 * 1024] {
+            let mut watchers = Watchers::default();
+            let feed = watchers.join(slot());
+            for _ in 0..(2 * WATCH_BYTES / cost_of(&chunk(size)) + 10) {
+                watchers.send(&chunk(size));
+            }
+            let queued = feed.queued();
+            assert!(queued <= WATCH_BYTES, "{size}-byte chunks: {queued} queued");
+            assert!(
+                queued > WATCH_BYTES - cost_of(&chunk(size)),
+                "filled its bound"
+            );
+            drop(feed);
+            watchers.send(&chunk(1));
+            assert!(watchers.is_empty(), "a watcher that left is forgotten");
         }
-        assert!(feed.queued() <= WATCH_BYTES, "{} queued", feed.queued());
-        assert!(
-            feed.queued() > WATCH_BYTES - 64 * 1024,
-            "it filled its bound"
-        );
-        assert_eq!(budget.used(), feed.queued() - WATCH_ALLOWANCE);
-        drop(feed);
-        watchers.send(&chunk(1));
-        assert!(watchers.is_empty(), "a watcher that left is forgotten");
-        assert_eq!(budget.used(), 0, "and its charge refunded");
     }
 
     #[test]
     fn missed_chunks_are_reported_in_order_and_at_the_end() {
-        let budget = Budget::new(0); // the allowance only
         let mut watchers = Watchers::default();
-        let mut feed = watchers.join(budget);
-        let big = WATCH_ALLOWANCE / 2 - std::mem::size_of::<Watched>(); // two fill it
+        let mut feed = watchers.join(slot());
+        let half = WATCH_BYTES / 2 - SLOT; // two fill the bound
         for _ in 0..3 {
-            watchers.send(&chunk(big)); // the third does not fit
+            watchers.send(&chunk(half)); // the third does not fit
         }
         assert_eq!(
             drain(&mut feed),
-            [format!("chunk {big}"), format!("chunk {big}")]
+            [format!("chunk {half}"), format!("chunk {half}")]
         );
         watchers.send(&chunk(10));
-        watchers.send(&chunk(WATCH_ALLOWANCE)); // missed: 10 bytes still queued
+        watchers.send(&chunk(WATCH_BYTES)); // missed: never fits
         assert_eq!(drain(&mut feed), ["missed 1", "chunk 10"]);
         drop(watchers); // the session ended
         assert_eq!(drain(&mut feed), ["missed 1"]);
+        assert_eq!(feed.queued(), 0, "every slot and byte was given back");
     }
 
     #[tokio::test]
     async fn the_feed_ends_after_what_was_queued() {
         let mut watchers = Watchers::default();
-        let mut feed = watchers.join(Budget::new(0));
+        let mut feed = watchers.join(slot());
         watchers.send(&chunk(3));
         drop(watchers);
         assert!(matches!(feed.recv().await, Some(Watched::Chunk(c)) if c.data.len() == 3));
         assert!(feed.recv().await.is_none());
         assert_eq!(feed.queued(), 0);
+    }
+
+    #[test]
+    fn watches_beyond_the_bastions_limit_are_refused_until_one_ends() {
+        let slots = Slots::default();
+        let mut watchers = Watchers::default();
+        let feeds: Vec<Feed> = (0..WATCHES_MAX)
+            .map(|_| watchers.join(slots.take().unwrap()))
+            .collect();
+        let refused = slots.take().unwrap_err();
+        assert!(
+            refused.to_string().contains("replay the session"),
+            "{refused}"
+        );
+        drop(feeds);
+        assert!(
+            slots.take().is_ok(),
+            "a slot comes back when its watch ends"
+        );
     }
 }
