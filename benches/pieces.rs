@@ -6,14 +6,18 @@
 //! cargo bench --bench pieces
 //! ```
 //!
-//! For each piece size in `PIECES_KIB` (default `16,64,256`), writes `PIECES_MIB`
-//! MiB (default 1024) of random bytes through the store's sled backend, as a
-//! recording does (writes of a MiB, four sessions interleaved, the bastion's sled
-//! settings and allocator), reads them back one piece at a time, and prints: CPU
-//! seconds per GiB written, bytes the store wrote per byte (`wchar`), the data
-//! directory's size per byte once closed, and the RSS after writing and after
-//! reading. Each size runs in a process of its own (this binary, run again), so
-//! what one keeps does not count for the next.
+//! For each piece size in `PIECES_KIB` (default `16,64,256`; 1 KiB to 8 MiB),
+//! writes `PIECES_MIB` MiB (default 1024) of incompressible bytes through the
+//! store's sled backend, as a recording does (writes of a MiB, four sessions
+//! interleaved, the bastion's sled settings and allocator), reads them back one
+//! piece at a time, and prints: CPU seconds per GiB written, bytes passed to
+//! `write(2)` per byte until the final flush (`wchar`; a lower bound of what sled
+//! writes, since its segment cleaner goes on afterwards), the data directory's
+//! size per byte once closed, and the RSS after writing and after reading (16
+//! MiB of it is the random buffer the pieces are cut from, at rotating offsets:
+//! sled compresses nothing, so repeating it changes nothing). Each size runs in a
+//! process of its own (this binary, run again), so what one keeps does not count
+//! for the next.
 
 #[path = "../tests/common/mod.rs"]
 pub mod common;
@@ -39,6 +43,15 @@ fn main() {
         return measure(kib, env_number("PIECES_MIB", 1024));
     }
     let sizes = std::env::var("PIECES_KIB").unwrap_or_else(|_| "16,64,256".into());
+    for kib in sizes.split(',').map(str::trim) {
+        let fits = kib
+            .parse::<usize>()
+            .is_ok_and(|kib| (1..=8 * 1024).contains(&kib));
+        assert!(
+            fits,
+            "PIECES_KIB: {kib:?} is not a size from 1 to 8192 (KiB)"
+        );
+    }
     println!("piece | CPU s/GiB | written per byte | on disk per byte | RSS after writing | after reading");
     for kib in sizes.split(',').map(str::trim) {
         let ran = Command::new(std::env::current_exe().expect("this benchmark's path"))

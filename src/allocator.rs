@@ -111,6 +111,8 @@ pub async fn trim_periodically() {
     }
 }
 
+/// Hands the allocator's free pages back to the system now (also for benchmarks
+/// that measure what stays resident).
 pub fn trim() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory, under each arena's own lock;

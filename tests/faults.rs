@@ -550,3 +550,75 @@ fn a_client_that_floods_without_reading_is_held_to_the_memory_budget() {
     );
     assert!(refunded, "the budget was not refunded\n{}", w.logs());
 }
+
+/// An auditor whose client reads nothing of a `watch` keeps its watch slot only
+/// for the idle window: with the per-auditor limit taken by stalled watches, one
+/// more is refused with the limit named, and allowed once the idle window has
+/// ended them (the watched session goes on).
+#[test]
+fn stalled_watches_give_their_slots_back_after_the_idle_window() {
+    const PER_USER: usize = 8; // record::WATCHES_PER_USER
+    let w = world_with_limits("idle_window_timeout = \"3s\"\n");
+    let writes = "while :; do head -c 200000 /dev/zero | tr '\\0' x; sleep 0.1; done";
+    let mut session = w
+        .alice
+        .ssh_command(&local(), &[], &[writes])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut id = String::new();
+    assert!(wait_until(Duration::from_secs(15), || {
+        let live: Vec<Value> =
+            serde_json::from_str(&w.ok(&w.dave, &["sessions", "--active", "--json"])).unwrap();
+        id = live
+            .first()
+            .map(|s| s["id"].to_string())
+            .unwrap_or_default();
+        !id.is_empty()
+    }));
+    let watch = || {
+        w.dave
+            .ssh_command(CONTROL_USER, &[], &[&quote_words(&["watch", &id])])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped()) // never read
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut stalled: Vec<Child> = (0..PER_USER).map(|_| watch()).collect();
+    let refused = wait_until(Duration::from_secs(20), || {
+        refusal(watch()).is_some_and(|stderr| stderr.contains("your limit"))
+    });
+    assert!(refused, "a ninth watch was never refused\n{}", w.logs());
+    let ended = wait_until(Duration::from_secs(30), || {
+        w.bastion
+            .log()
+            .matches("read nothing for the idle window")
+            .count()
+            >= PER_USER
+    });
+    assert!(ended, "the stalled watches were not ended\n{}", w.logs());
+    assert_eq!(refusal(watch()), None, "a watch once the slots came back");
+    for child in stalled.iter_mut().chain([&mut session]) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// What a watch said on stderr if it exited within 3 s (refused); `None` if it
+/// was still watching, when it is stopped.
+fn refusal(mut watch: Child) -> Option<String> {
+    let exited = wait_until(Duration::from_secs(3), || {
+        watch.try_wait().ok().flatten().is_some()
+    });
+    if !exited {
+        let _ = watch.kill();
+        let _ = watch.wait();
+        return None;
+    }
+    let mut stderr = String::new();
+    let _ = watch.stderr.take().unwrap().read_to_string(&mut stderr);
+    Some(stderr)
+}

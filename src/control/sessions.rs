@@ -1,5 +1,7 @@
 //! Auditor commands on recordings: `sessions`, `replay`, `watch`, `export`.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use russh::ChannelMsg;
 
@@ -179,26 +181,45 @@ fn next_batch(batches: &mut crate::record::Batches) -> Result<Option<Vec<Chunk>>
 }
 
 /// What reaches the auditor's terminal: the recorded bytes, less the sequences that
-/// act outside the screen unless `--raw` ([`ScreenFilter`]).
-struct Shown(Option<ScreenFilter>);
+/// act outside the screen unless `--raw` ([`ScreenFilter`]), each write waiting at
+/// most `idle` for an auditor whose client reads nothing (`[limits]
+/// idle_window_timeout`, as for sessions): a stalled `watch` must not keep its
+/// slot, nor a stalled `replay` its channel, for ever.
+struct Shown {
+    filter: Option<ScreenFilter>,
+    idle: Duration,
+}
 
 impl Shown {
-    fn new(raw: bool) -> Shown {
-        Shown((!raw).then(ScreenFilter::new))
+    fn new(raw: bool, idle: Duration) -> Shown {
+        Shown {
+            filter: (!raw).then(ScreenFilter::new),
+            idle,
+        }
     }
 
     fn pass(&mut self, data: Bytes) -> Bytes {
-        match &mut self.0 {
+        match &mut self.filter {
             Some(filter) => Bytes::from(filter.filter(&data)),
             None => data,
         }
     }
 }
 
-/// Writes what may be shown of `data`; false once the auditor went away.
+/// Writes what may be shown of `data`; false once the auditor went away, or read
+/// nothing for the idle window.
 async fn show(out: &ClientOut, shown: &mut Shown, data: Bytes) -> bool {
     let data = shown.pass(data);
-    data.is_empty() || out.writer.data_bytes(data).await.is_ok()
+    if data.is_empty() {
+        return true;
+    }
+    match tokio::time::timeout(shown.idle, out.writer.data_bytes(data)).await {
+        Ok(written) => written.is_ok(),
+        Err(_) => {
+            tracing::info!(idle = ?shown.idle, "an auditor's client read nothing for the idle window; its replay or watch ends");
+            false
+        }
+    }
 }
 
 /// `replay`: the recording's output, with its pauses, to the caller's terminal.
@@ -216,7 +237,7 @@ pub async fn replay(
     }
     let mut batches = transcript(caller, session)?;
     let with_input = !session.echoes_input();
-    let mut shown = Shown::new(raw);
+    let mut shown = Shown::new(raw, caller.state.config.limits.idle_window_timeout);
     let mut timing = replay::Timing::default();
     while let Some(chunks) = next_batch(&mut batches)? {
         for (pause, data) in timing.schedule(&chunks, speed, with_input) {
@@ -274,7 +295,7 @@ pub async fn watch(
     session: &SessionRecord,
     raw: bool,
 ) -> Reply {
-    let follow = (caller.state.recorder.follow(session.id))
+    let follow = (caller.state.recorder.follow(session.id, caller.user))
         .map_err(|full| ControlError::refused(full.to_string()))?;
     let Some(mut follow) = follow else {
         if session.is_live() && session.node != caller.state.cluster.node() {
@@ -291,7 +312,7 @@ pub async fn watch(
     };
     let out = &client.out;
     let with_input = !session.echoes_input();
-    let mut shown = Shown::new(raw);
+    let mut shown = Shown::new(raw, caller.state.config.limits.idle_window_timeout);
     // What it showed so far: the stored batches one at a time, then what is not
     // stored yet. Live chunks queue meanwhile (up to `WATCH_BYTES`).
     let mut stored = caller
@@ -359,7 +380,7 @@ async fn watch_elsewhere(
 ) -> Reply {
     let out = &client.out;
     let with_input = !session.echoes_input();
-    let mut shown = Shown::new(raw);
+    let mut shown = Shown::new(raw, caller.state.config.limits.idle_window_timeout);
     let mut next = 0;
     let mut tick = tokio::time::interval(FLUSH_INTERVAL / 2);
     loop {

@@ -42,7 +42,7 @@ use disk::Size;
 pub use index::SessionQuery;
 pub use stored::SessionStore;
 pub use transcript::{Chunk, Stream, TranscriptDigest, TranscriptError};
-pub use watchers::{Feed, Watched, WatchesFull, WATCHES_MAX, WATCH_BYTES};
+pub use watchers::{Feed, Watched, WatchesFull, WATCHES_MAX, WATCHES_PER_USER, WATCH_BYTES};
 use watchers::{Slots, Watchers};
 
 /// Decompresses and decodes one stored batch (for tools and fuzzing).
@@ -642,10 +642,10 @@ impl Recorder {
         })
     }
 
-    /// Joins a live session: what it has shown so far, then everything new.
-    /// `None`: the session is not live here; refused while [`WATCHES_MAX`]
-    /// watches run.
-    pub fn follow(&self, id: u64) -> Result<Option<Follow>, WatchesFull> {
+    /// Joins a live session as `watcher`: what it has shown so far, then
+    /// everything new. `None`: the session is not live here; refused while
+    /// [`WATCHES_MAX`] watches run, or [`WATCHES_PER_USER`] of the watcher's.
+    pub fn follow(&self, id: u64, watcher: &str) -> Result<Option<Follow>, WatchesFull> {
         let Some(live) = self
             .live
             .lock()
@@ -659,7 +659,7 @@ impl Recorder {
         if pending.finished {
             return Ok(None); // ending right now
         }
-        let feed = pending.watchers.join(self.watch_slots.take()?);
+        let feed = pending.watchers.join(self.watch_slots.take(watcher)?);
         Ok(Some(Follow {
             stored: pending.batches,
             pending: pending.chunks.clone(),
@@ -1130,7 +1130,7 @@ impl SessionRecorder {
         record.bytes_in = end.bytes_in;
         record.bytes_out = end.bytes_out;
         {
-            let pending = self.live.inner.lock().expect("recording lock poisoned");
+            let pending = (self.live.inner.lock()).unwrap_or_else(PoisonError::into_inner);
             record.resizes = pending.resizes;
             record.received_input = pending.input_bytes > 0 || end.bytes_in > 0;
         }
@@ -1164,7 +1164,7 @@ impl Drop for SessionRecorder {
             recorder.forget(id);
             return;
         };
-        tracing::error!(session = id, "the session's task stopped before the session ended; sealing its recording as interrupted");
+        tracing::error!(session = id, "the session's task stopped before the session ended; its recording will be sealed as interrupted (now, or at the next start)");
         runtime.spawn(async move {
             if let Some(flusher) = flusher {
                 let _ = flusher.await;
@@ -1721,12 +1721,12 @@ mod tests {
         };
         show(&session, b"before anyone watched\r\n").await;
         assert!(!watched(), "nobody watches yet");
-        let first = recorder.follow(id).unwrap().expect("live");
+        let first = recorder.follow(id, "auditor").unwrap().expect("live");
         assert!(watched());
         drop(first);
         show(&session, b"after the first left\r\n").await;
         assert!(!watched(), "forgotten once the last watcher left");
-        let mut second = recorder.follow(id).unwrap().expect("live");
+        let mut second = recorder.follow(id, "auditor").unwrap().expect("live");
         show(&session, b"while the second watches\r\n").await;
         let Some(Watched::Chunk(chunk)) = second.live.recv().await else {
             panic!("a chunk")
@@ -1735,7 +1735,7 @@ mod tests {
         let (_, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
         assert_eq!(error, None);
         assert!(second.live.recv().await.is_none(), "closed");
-        assert!(recorder.follow(id).unwrap().is_none(), "ended");
+        assert!(recorder.follow(id, "auditor").unwrap().is_none(), "ended");
     }
 
     /// A session whose task stops before the session ends (a panic in the relay
@@ -1804,7 +1804,10 @@ mod tests {
     #[tokio::test]
     async fn a_watcher_that_reads_nothing_holds_a_bounded_backlog() {
         let (_dir, recorder, session) = recording();
-        let mut watcher = recorder.follow(session.id()).unwrap().expect("live");
+        let mut watcher = recorder
+            .follow(session.id(), "auditor")
+            .unwrap()
+            .expect("live");
         let piece = Bytes::from(vec![b'x'; 32 * 1024]);
         for _ in 0..(4 * WATCH_BYTES / piece.len()) {
             session.output(Stream::Stdout, &piece).await;

@@ -10,11 +10,13 @@
 //!
 //! Watchers are not charged to `[limits] relay_memory`, which sessions need to make
 //! progress: a few stalled watches must not slow every session down. Instead at
-//! most [`WATCHES_MAX`] run at once on a bastion, so watchers together hold at most
-//! [`WATCHES_MAX`] × [`WATCH_BYTES`].
+//! most [`WATCHES_MAX`] watches of sessions this node carries run at once, at most
+//! [`WATCHES_PER_USER`] of them one auditor's, so watchers together hold at most
+//! [`WATCHES_MAX`] × [`WATCH_BYTES`] and one auditor cannot take every slot.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use thiserror::Error;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -27,6 +29,9 @@ pub const WATCH_BYTES: usize = 1024 * 1024;
 /// Watches of live sessions that may run at once on one bastion.
 pub const WATCHES_MAX: usize = 64;
 
+/// Watches of live sessions one auditor may run at once.
+pub const WATCHES_PER_USER: usize = 8;
+
 /// What a watcher receives, in the session's order.
 #[derive(Debug)]
 pub enum Watched {
@@ -35,23 +40,67 @@ pub enum Watched {
     Missed(u64),
 }
 
-/// A watch refused because [`WATCHES_MAX`] are running.
+/// A watch refused for want of a slot.
 #[derive(Debug, Error)]
-#[error("{WATCHES_MAX} watches of live sessions are running on this bastion, its limit; try again once one ends, or replay the session")]
-pub struct WatchesFull;
+pub enum WatchesFull {
+    #[error("{WATCHES_MAX} watches of live sessions are running on this bastion, its limit; try again once one ends, or replay the session")]
+    Bastion,
+    #[error("you are watching {WATCHES_PER_USER} live sessions, your limit; end one of those watches first, or replay the session")]
+    User,
+}
 
-/// The bastion's watch slots, shared by every session.
-pub(super) struct Slots(Arc<Semaphore>);
+/// The bastion's watch slots, shared by every session, and how many each user
+/// holds.
+#[derive(Clone)]
+pub(super) struct Slots {
+    bastion: Arc<Semaphore>,
+    by_user: Arc<Mutex<HashMap<String, usize>>>,
+}
 
 impl Default for Slots {
     fn default() -> Slots {
-        Slots(Arc::new(Semaphore::new(WATCHES_MAX)))
+        Slots {
+            bastion: Arc::new(Semaphore::new(WATCHES_MAX)),
+            by_user: Arc::default(),
+        }
     }
 }
 
 impl Slots {
-    pub fn take(&self) -> Result<OwnedSemaphorePermit, WatchesFull> {
-        self.0.clone().try_acquire_owned().map_err(|_| WatchesFull)
+    /// A slot for one watch by `user`, given back when it is dropped.
+    pub fn take(&self, user: &str) -> Result<Slot, WatchesFull> {
+        let mut by_user = self.by_user.lock().unwrap_or_else(PoisonError::into_inner);
+        let held = by_user.entry(user.to_string()).or_default();
+        if *held >= WATCHES_PER_USER {
+            return Err(WatchesFull::User);
+        }
+        let permit =
+            (self.bastion.clone().try_acquire_owned()).map_err(|_| WatchesFull::Bastion)?;
+        *held += 1;
+        Ok(Slot {
+            _permit: permit,
+            slots: self.clone(),
+            user: user.to_string(),
+        })
+    }
+}
+
+/// One watch's slot.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    slots: Slots,
+    user: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut by_user = (self.slots.by_user.lock()).unwrap_or_else(PoisonError::into_inner);
+        if let Some(held) = by_user.get_mut(&self.user) {
+            *held -= 1;
+            if *held == 0 {
+                by_user.remove(&self.user);
+            }
+        }
     }
 }
 
@@ -78,7 +127,7 @@ impl Watchers {
     }
 
     /// A new watcher, holding one of the bastion's watch slots while it watches.
-    pub fn join(&mut self, slot: OwnedSemaphorePermit) -> Feed {
+    pub fn join(&mut self, slot: Slot) -> Feed {
         let (sender, receiver) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         self.each.push(Watcher {
@@ -138,7 +187,7 @@ impl Drop for Watcher {
 pub struct Feed {
     receiver: mpsc::UnboundedReceiver<Watched>,
     queued: Arc<AtomicUsize>,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Feed {
@@ -186,8 +235,8 @@ mod tests {
         }
     }
 
-    fn slot() -> OwnedSemaphorePermit {
-        Slots::default().take().unwrap()
+    fn slot() -> Slot {
+        Slots::default().take("auditor").unwrap()
     }
 
     /// What a feed holds right now, read without waiting.
@@ -255,21 +304,27 @@ mod tests {
     }
 
     #[test]
-    fn watches_beyond_the_bastions_limit_are_refused_until_one_ends() {
+    fn watches_beyond_the_limits_are_refused_until_one_ends() {
         let slots = Slots::default();
         let mut watchers = Watchers::default();
-        let feeds: Vec<Feed> = (0..WATCHES_MAX)
-            .map(|_| watchers.join(slots.take().unwrap()))
+        let mut join = |user: &str| slots.take(user).map(|slot| watchers.join(slot));
+        let mut mine: Vec<Feed> = (0..WATCHES_PER_USER)
+            .map(|_| join("eve").unwrap())
             .collect();
-        let refused = slots.take().unwrap_err();
-        assert!(
-            refused.to_string().contains("replay the session"),
-            "{refused}"
-        );
-        drop(feeds);
-        assert!(
-            slots.take().is_ok(),
-            "a slot comes back when its watch ends"
-        );
+        let refused = join("eve").err().unwrap();
+        assert!(refused.to_string().contains("your limit"), "{refused}");
+        let others: Vec<Feed> = (WATCHES_PER_USER..WATCHES_MAX)
+            .map(|n| join(&format!("auditor{}", n % 7)).unwrap())
+            .collect();
+        let refused = join("carol").err().unwrap();
+        assert!(refused.to_string().contains("on this bastion"), "{refused}");
+        mine.pop();
+        let carol = join("carol").expect("a slot comes back when its watch ends");
+        let refused = join("eve")
+            .err()
+            .expect("the bastion's are all taken again");
+        assert!(refused.to_string().contains("on this bastion"), "{refused}");
+        drop((others, carol));
+        assert!(join("eve").is_ok(), "eve's own slot came back too");
     }
 }

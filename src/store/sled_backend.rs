@@ -127,12 +127,13 @@ impl Backend for SledBackend {
         self.written(self.tree(tree)?.apply_batch(batch))
     }
 
-    /// sled 0.34 keeps every value larger than a few pages in memory for as long
-    /// as the process lives, whatever its cache capacity: 300 MiB of 1 MiB values
-    /// took 300 MiB of RSS, and wrote 2.8 bytes per byte. Cut into 16 KiB pieces
-    /// the same data plateaus at about 135 MiB of RSS with a 64 MiB cache and
-    /// writes 1.4 bytes per byte (measured with sled 0.34.7 on incompressible
-    /// data; 8 KiB pieces: 76 MiB, 1.66x; 4 KiB: 35 MiB, 1.76x).
+    /// sled 0.34 keeps large values in memory whatever its cache capacity: its
+    /// cache evicts only once 64 accesses have queued up in one of its 256
+    /// shards, which leaves of large values rarely reach. `benches/pieces.rs`
+    /// writes and reads back 1 GiB of random bytes per piece size: 16 KiB pieces
+    /// end at 126 to 204 MiB of RSS, 64 KiB pieces at 851 MiB, 256 KiB at 1 GiB;
+    /// every size writes 3 to 3.7 bytes per byte and keeps 1.37 to 1.62 on disk
+    /// (README, "What sled itself costs, by piece size").
     fn piece_bytes(&self) -> usize {
         16 * 1024
     }
