@@ -47,10 +47,12 @@ fn main() {
         let fits = kib
             .parse::<usize>()
             .is_ok_and(|kib| (1..=8 * 1024).contains(&kib));
-        assert!(
-            fits,
-            "PIECES_KIB: {kib:?} is not a size from 1 to 8192 (KiB)"
-        );
+        if !fits {
+            eprintln!(
+                "PIECES_KIB: {kib:?} is not a size from 1 to 8192 (KiB); e.g. PIECES_KIB=16,64"
+            );
+            std::process::exit(2);
+        }
     }
     println!("piece | CPU s/GiB | written per byte | on disk per byte | RSS after writing | after reading");
     for kib in sizes.split(',').map(str::trim) {
