@@ -25,7 +25,7 @@ pub mod common;
 use std::io::Read;
 use std::process::Command;
 
-use common::{cpu_seconds, status_kib};
+use common::{cpu_seconds, du_bytes, env_number, status_kib};
 use portcullis::store::Store;
 
 /// The tree the pieces go to (a scratch store: nothing else is in it).
@@ -100,7 +100,7 @@ fn measure(kib: usize, mib: usize) {
     portcullis::allocator::trim();
     let rss_read = status_kib(pid, "VmRSS:") / 1024;
     drop(store);
-    let on_disk = disk_bytes(dir.path()) as f64 / (mib << 20) as f64;
+    let on_disk = du_bytes(dir.path()) as f64 / (mib << 20) as f64;
     println!(
         "{kib:>4} KiB | {cpu:>9.2} | {written:>16.2} | {on_disk:>16.2} | {rss_written:>13} MiB | {rss_read:>9} MiB"
     );
@@ -127,26 +127,4 @@ fn bytes_written() -> u64 {
         .find_map(|l| l.strip_prefix("wchar:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
-}
-
-/// Space the files under `dir` take on disk.
-fn disk_bytes(dir: &std::path::Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0;
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let Ok(meta) = entry.metadata() else { continue };
-        total += if meta.is_dir() {
-            disk_bytes(&entry.path())
-        } else {
-            meta.blocks() * 512
-        };
-    }
-    total
-}
-
-fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }

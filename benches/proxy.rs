@@ -48,7 +48,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use common::{cpu_seconds, login_user, text, Sshd, World, WorldOptions, CONTROL_USER, TARGET};
+use common::{
+    cpu_seconds, env_number, login_user, text, Sshd, World, WorldOptions, CONTROL_USER, TARGET,
+};
 
 /// One way of reaching the target with the plain OpenSSH client.
 struct Route {
@@ -628,14 +630,5 @@ fn median(samples: &mut [f64]) -> f64 {
         (samples[mid - 1] + samples[mid]) / 2.0
     } else {
         samples[mid]
-    }
-}
-
-fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
-    match std::env::var(name) {
-        Ok(value) => value
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
-        Err(_) => default,
     }
 }

@@ -24,8 +24,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    cpu_seconds, login_user, quote_words, random_file, stat_fields, status_kib, text, wait_until,
-    World, CONTROL_USER,
+    cpu_seconds, du_bytes, env_number, login_user, quote_words, random_file, stat_fields,
+    status_kib, text, wait_until, World, CONTROL_USER,
 };
 
 fn main() {
@@ -151,27 +151,6 @@ fn record_file(w: &World, target: &str, file: &std::path::Path) {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
-}
-
-/// Bytes under `dir`, as `du` counts them.
-fn du_bytes(dir: &std::path::Path) -> u64 {
-    let out = std::process::Command::new("du")
-        .args(["-sb"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    text(&out.stdout)
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
-fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// Minor page faults a process has taken so far (pages it touched for the first

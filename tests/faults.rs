@@ -557,17 +557,10 @@ fn a_client_that_floods_without_reading_is_held_to_the_memory_budget() {
 /// ended them (the watched session goes on).
 #[test]
 fn stalled_watches_give_their_slots_back_after_the_idle_window() {
-    const PER_USER: usize = 8; // record::WATCHES_PER_USER
+    const PER_USER: usize = portcullis::record::WATCHES_PER_USER;
     let w = world_with_limits("idle_window_timeout = \"3s\"\n");
     let writes = "while :; do head -c 200000 /dev/zero | tr '\\0' x; sleep 0.1; done";
-    let mut session = w
-        .alice
-        .ssh_command(&local(), &[], &[writes])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut session = quiet_session(&w, &[], writes);
     let mut id = String::new();
     assert!(wait_until(Duration::from_secs(15), || {
         let live: Vec<Value> =

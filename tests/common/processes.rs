@@ -331,6 +331,28 @@ pub fn stat_fields(pid: u32) -> Vec<String> {
     }
 }
 
+/// Bytes under `dir`, as `du -sb` counts them (0 if it cannot).
+pub fn du_bytes(dir: &Path) -> u64 {
+    let out = Command::new("du").args(["-sb"]).arg(dir).output();
+    out.map(|out| text(&out.stdout))
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A number from the environment (benchmark settings), `default` when unset; a
+/// value that is not a number stops the run with its name.
+pub fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    match std::env::var(name) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
 /// User plus system CPU seconds a process has used so far, from /proc.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let fields = stat_fields(pid);
