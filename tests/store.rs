@@ -250,13 +250,104 @@ fn scans_follow_prefix_from_and_key_order() {
         assert_eq!(seam.remove("s", b"q").unwrap(), None);
         // Pieces as large as the backend keeps: PostgreSQL's pages end by bytes
         // as well as by rows, and a scan still sees every piece once, in order.
-        let piece = vec![7u8; seam.piece_bytes()];
+        let piece = vec![7u8; seam.largest_piece()];
         let big: Vec<_> = (0..10u64).map(|n| (be(n), piece.clone())).collect();
         seam.put_all("big", big.clone()).unwrap();
         let scanned: Vec<_> = seam.scan("big", b"", None).map(|e| e.unwrap()).collect();
         assert_eq!(scanned.len(), big.len());
         assert!(scanned == big, "every piece once, in key order");
     });
+}
+
+/// A prefix's removal takes exactly the keys under it, in one change, and says
+/// how many and how many bytes; an all-`0xff` prefix (no end to its range) too.
+#[test]
+fn removing_a_prefix_takes_exactly_its_keys() {
+    on_both(|database| {
+        let store = database.open();
+        let seam = store.backend();
+        let entries: [(&[u8], &[u8]); 7] = [
+            (b"a", b"before"),
+            (b"ab", b"1"),
+            (b"ab\x00", b"22"),
+            (b"ab\xff\xff", b"333"),
+            (b"ac", b"after"),
+            (b"\xff", b"4444"),
+            (b"\xff\xff", b"55555"),
+        ];
+        for (key, value) in entries {
+            seam.put("r", key, value).unwrap();
+        }
+        seam.put("other", b"ab", b"elsewhere").unwrap();
+        let removed = seam.remove_prefix("r", b"ab").unwrap();
+        assert_eq!((removed.entries, removed.bytes), (3, 6));
+        let removed = seam.remove_prefix("r", b"\xff").unwrap();
+        assert_eq!((removed.entries, removed.bytes), (2, 9));
+        assert_eq!(seam.remove_prefix("r", b"zz").unwrap().entries, 0);
+        let left: Vec<Vec<u8>> = seam.scan("r", b"", None).map(|e| e.unwrap().0).collect();
+        assert_eq!(left, [b"a".to_vec(), b"ac".to_vec()]);
+        assert_eq!(seam.get("other", b"ab").unwrap(), Some(b"elsewhere".to_vec()));
+    });
+}
+
+/// PostgreSQL keeps a transcript piece of the size it asks for in the row's
+/// own page: nothing goes to the TOAST table, by `COPY` (a large flush of new
+/// pieces) or by upsert (a piece written again), while a larger value still
+/// does.
+#[test]
+fn postgres_keeps_a_piece_in_its_row() {
+    let (name, store) = fresh_postgres_store();
+    let seam = store.backend();
+    let toasted = "SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE relname = 'kv'";
+    let piece = vec![0x5au8; seam.piece_bytes()];
+    let pieces: Vec<Entry> = (0..64u64).map(|n| (be(n), piece.clone())).collect();
+    seam.put_all("chunks/like", pieces.clone()).unwrap();
+    seam.put_all("chunks/like", pieces[..2].to_vec()).unwrap();
+    seam.put("chunks/like", &be(99), &piece).unwrap();
+    assert_eq!(postgres().sql(&name, toasted), "0", "no piece was TOASTed");
+    seam.put("chunks/like", &be(100), &vec![1u8; 9000]).unwrap();
+    assert_ne!(postgres().sql(&name, toasted), "0", "a larger value is");
+    assert_eq!(seam.get("chunks/like", &be(63)).unwrap(), Some(piece));
+}
+
+/// PostgreSQL: rows of a tree nobody watches call no trigger function (a call
+/// per transcript piece cost the server about 1 s of CPU per GiB), whether
+/// added by `COPY`, written again or removed; a watched tree's rows do. The
+/// writes go through one connection (a pool of one), which reports its
+/// statistics in order: once the watched write's call shows, an earlier call
+/// would have.
+#[test]
+fn postgres_calls_no_trigger_for_trees_nobody_watches() {
+    let url = postgres().fresh_database();
+    let name = database_of(&url).to_string();
+    postgres().sql(
+        &name,
+        &format!("ALTER DATABASE {name} SET track_functions = 'pl'"),
+    );
+    let settings = PgSettings {
+        pool_size: 1,
+        ..pg_settings(&url)
+    };
+    let store = Database::Postgres(settings).open();
+    let seam = store.backend();
+    let mut feed = seam.subscribe("watched").unwrap();
+    let pieces: Vec<Entry> = (0..100u64).map(|n| (be(n), vec![1; 1000])).collect();
+    seam.put_all("unwatched", pieces.clone()).unwrap();
+    seam.put_all("unwatched", pieces[..3].to_vec()).unwrap();
+    assert_eq!(seam.remove_prefix("unwatched", &[0; 7]).unwrap().entries, 100);
+    seam.put("watched", b"k", b"v").unwrap();
+    assert!(
+        next_change(&mut feed, Duration::from_secs(5)).is_some(),
+        "the watched write notified"
+    );
+    let calls = "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions \
+                 WHERE funcname = 'portcullis_kv_notify'";
+    assert!(
+        wait_until(Duration::from_secs(20), || postgres().sql(&name, calls)
+            != "0"),
+        "the watched write's call is counted"
+    );
+    assert_eq!(postgres().sql(&name, calls), "1", "one call: the watched write's");
 }
 
 #[test]

@@ -200,30 +200,35 @@ impl SessionStore {
 
     /// One stored batch of a session, if there is one at `index` (batches are
     /// numbered from 0 without gaps). Readers go batch by batch, so memory holds one
-    /// batch, never a whole transcript. Pieces are fetched one `get` at a time:
-    /// sled's range iterators keep what they read in memory (reading 512 MiB through
-    /// `scan_prefix` grew RSS by 440 MiB; by `get`, it levels off near 240 MiB).
+    /// batch, never a whole transcript: one scan of the batch's own keys (sled's
+    /// range iterators keep what they read in memory, so a scan never spans more
+    /// than a batch; PostgreSQL answers a batch of pieces in a round trip or two).
     pub fn batch(&self, session: u64, index: u32) -> Result<Option<Vec<u8>>> {
-        let seam = self.store.backend();
-        // A batch stored whole under its own key, as recordings made before
-        // batches were cut into pieces are.
-        if let Some(whole) = seam.get(CHUNKS, &batch_key(session, index))? {
-            return Ok(Some(whole));
-        }
+        let whole = batch_key(session, index);
         let mut batch = Vec::new();
-        let mut piece = 0;
-        while let Some(bytes) = seam.get(CHUNKS, &piece_key(session, index, piece))? {
+        let mut pieces = 0;
+        for entry in self.store.backend().scan(CHUNKS, &whole, None) {
+            let (key, bytes) = entry?;
+            // A batch stored whole under its own key, as recordings made before
+            // batches were cut into pieces are (it sorts before its pieces).
+            if key == whole {
+                return Ok(Some(bytes));
+            }
+            // Pieces count from 0 without gaps; one out of turn ends the batch.
+            if key != piece_key(session, index, pieces) {
+                break;
+            }
             batch.extend_from_slice(&bytes);
-            piece += 1;
+            pieces += 1;
         }
-        Ok((piece > 0).then_some(batch))
+        Ok((pieces > 0).then_some(batch))
     }
 
-    /// Removes a session's transcript (retention); returns the bytes freed. Key by
-    /// key in the order [`SessionStore::batch`] reads them, from the first key
-    /// left (an earlier delete may have stopped half-way), so that memory never
-    /// holds a whole transcript: sled's range iterators keep what they read, so a
-    /// scan only ever finds where to go on.
+    /// Removes a session's transcript (retention); returns the bytes freed. Batch
+    /// by batch in the order [`SessionStore::batch`] reads them, from the first key
+    /// left (an earlier delete may have stopped half-way), so that no change and no
+    /// scan ever spans more than a batch: sled's range iterators keep what they
+    /// read, so the scan over the whole session only finds where to go on.
     pub fn delete_batches(&self, session: u64) -> Result<u64> {
         let seam = self.store.backend();
         let mut freed = 0;
@@ -246,24 +251,17 @@ impl SessionStore {
     }
 
     /// Removes batches `index`, `index + 1`, … of a session until one is missing;
-    /// returns the bytes freed.
+    /// returns the bytes freed. Each batch goes in one change (its whole key and
+    /// its pieces share its key as a prefix).
     fn delete_from(&self, session: u64, index: u32) -> Result<u64> {
         let seam = self.store.backend();
         let mut freed = 0;
         for index in index.. {
-            let whole = seam.remove(CHUNKS, &batch_key(session, index))?;
-            let mut found = whole.is_some();
-            freed += whole.map_or(0, |bytes| bytes.len() as u64);
-            for piece in 0u32.. {
-                let Some(bytes) = seam.remove(CHUNKS, &piece_key(session, index, piece))? else {
-                    break;
-                };
-                found = true;
-                freed += bytes.len() as u64;
-            }
-            if !found {
+            let removed = seam.remove_prefix(CHUNKS, &batch_key(session, index))?;
+            if removed.entries == 0 {
                 break;
             }
+            freed += removed.bytes;
         }
         Ok(freed)
     }

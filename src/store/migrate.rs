@@ -57,10 +57,10 @@ pub fn copy(
     }
     // Values are copied as they are, so pieces cut for the source must suit the
     // destination.
-    if from.piece_bytes() > to.piece_bytes() {
+    if from.largest_piece() > to.largest_piece() {
         return Err(MigrateError::PiecesTooLarge {
-            from: from.piece_bytes(),
-            to: to.piece_bytes(),
+            from: from.largest_piece(),
+            to: to.largest_piece(),
         });
     }
     let mut copied = Copied::default();

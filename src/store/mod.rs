@@ -44,6 +44,13 @@ pub type Result<T> = std::result::Result<T, StoreError>;
 /// One stored pair.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+/// What [`Backend::remove_prefix`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Removed {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
 /// An ordered scan: entries in key order, fetched lazily.
 pub type Scan<'a> = Box<dyn Iterator<Item = Result<Entry>> + Send + 'a>;
 
@@ -66,12 +73,25 @@ pub trait Backend: Send + Sync {
     /// Writes all of `entries` or none of them.
     fn put_all(&self, tree: &str, entries: Vec<Entry>) -> Result<()>;
 
-    /// The largest value this backend keeps well: a caller that stores bulk data
-    /// (transcripts) cuts it into pieces of at most this size.
+    /// The size a caller that stores bulk data (transcripts) cuts it into: the
+    /// piece this backend writes and reads most cheaply.
     fn piece_bytes(&self) -> usize;
+
+    /// The largest piece this backend still keeps well (`store migrate` copies
+    /// pieces as they are): [`Backend::piece_bytes`], unless pieces were once cut
+    /// larger.
+    fn largest_piece(&self) -> usize {
+        self.piece_bytes()
+    }
 
     /// Removes `key`; returns the value it had.
     fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Removes every entry whose key starts with `prefix`, in one atomic
+    /// change; returns how many there were and their values' bytes. For a range
+    /// a caller keeps small (one transcript batch): sled removes it key by key
+    /// under one batch, PostgreSQL in one statement.
+    fn remove_prefix(&self, tree: &str, prefix: &[u8]) -> Result<Removed>;
 
     /// Sets `key` to `new` (removes it when `None`) only if its value is still
     /// exactly `old` (absent when `None`). `Ok(false)`: someone changed it first;

@@ -6,8 +6,9 @@
 //!   same order as sled's.
 //! - `counters(name text primary key, value bigint)`: [`Backend::increment`].
 //! - `watched_trees(tree text primary key)`: the trees some bastion subscribed
-//!   to. A trigger on `kv` sends `pg_notify('portcullis_kv', tree:hexkey)` for
-//!   writes to those trees only, so transcript writes cost no notification.
+//!   to. For each, a pair of triggers on `kv` (`portcullis_watch`) sends
+//!   `pg_notify('portcullis_kv', tree:hexkey)` for writes to that tree only, so
+//!   transcript writes cost neither a notification nor a trigger call.
 //! - `schema_migrations(version, applied_at)`: which migrations ran.
 //!
 //! Every atomic operation is one statement, atomic across nodes under
@@ -54,7 +55,7 @@ use tokio_postgres::AsyncMessage;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::feed::{Change, Fanout};
-use super::{Backend, Entry, Result, Scan, StoreError, Subscription};
+use super::{Backend, Entry, Removed, Result, Scan, StoreError, Subscription};
 
 /// Longest one operation may take, waiting for a pooled connection included:
 /// past it the caller gets an error instead of hanging on a database that does
@@ -144,7 +145,71 @@ CREATE TRIGGER kv_notify AFTER INSERT OR UPDATE OR DELETE ON kv
 ALTER TABLE kv ALTER COLUMN value SET STORAGE EXTERNAL;
 "#,
     ),
+    (
+        3,
+        // A row up to a page (8160 bytes) stays in its page instead of having
+        // its value cut into TOAST chunks of 2 KB, each one more row and index
+        // entry: transcript pieces of `INLINE_PIECE_BYTES` are one row each.
+        r#"
+ALTER TABLE kv SET (toast_tuple_target = 8160);
+"#,
+    ),
+    (
+        4,
+        // One trigger for every row of every tree cost a PL/pgSQL call per row
+        // (about 1 s of the server's CPU per GiB of transcript pieces, where the
+        // rest of a `COPY` costs 2.5 to 3); a trigger per watched tree whose
+        // `WHEN` names the tree costs the other trees' rows one comparison.
+        r#"
+DROP TRIGGER kv_notify ON kv;
+CREATE OR REPLACE FUNCTION portcullis_kv_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    changed kv;
+BEGIN
+    IF TG_OP = 'DELETE' THEN changed := OLD; ELSE changed := NEW; END IF;
+    PERFORM pg_notify('portcullis_kv', changed.tree || ':' ||
+        CASE WHEN length(changed.key) <= 3000 THEN encode(changed.key, 'hex') ELSE '' END);
+    RETURN NULL;
+END
+$$;
+-- Makes every write to `watched` notify, for the whole cluster: its row in
+-- watched_trees, and two triggers (PostgreSQL's WHEN sees NEW on writes, OLD on
+-- deletes) named after a hash of the tree. Serialised, so that two nodes that
+-- subscribe at once do not both create them.
+CREATE FUNCTION portcullis_watch(watched text) RETURNS void LANGUAGE plpgsql AS $$
+DECLARE
+    name text := 'kv_notify_' || md5(watched);
+BEGIN
+    PERFORM pg_advisory_xact_lock(8101820099207459939); -- "portwatc"
+    INSERT INTO watched_trees (tree) VALUES (watched) ON CONFLICT DO NOTHING;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'kv'::regclass AND tgname = name || '_w') THEN
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE ON kv FOR EACH ROW '
+                       'WHEN (NEW.tree = %L) EXECUTE FUNCTION portcullis_kv_notify()',
+                       name || '_w', watched);
+        EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON kv FOR EACH ROW '
+                       'WHEN (OLD.tree = %L) EXECUTE FUNCTION portcullis_kv_notify()',
+                       name || '_d', watched);
+    END IF;
+END
+$$;
+SELECT portcullis_watch(tree) FROM watched_trees;
+"#,
+    ),
 ];
+
+/// The transcript piece this backend asks for ([`Backend::piece_bytes`]): one
+/// row that fits in a heap page with its tree and key (an 8 KiB page holds one
+/// row of up to 8160 bytes, with 24 of header), so that PostgreSQL stores it as
+/// it is. A larger value is cut into TOAST chunks of about 2 KB, each a row of
+/// the TOAST table and an entry of its index: a binary `COPY` of 1 GiB of random
+/// pieces cost PostgreSQL 15 6.3 to 7.0 s of CPU in 1 MiB values, and 2.7 s in
+/// 8000-byte rows (README, "Storage backends").
+const INLINE_PIECE_BYTES: usize = 8000;
+
+/// The pieces of builds before schema version 3 (1 MiB, TOASTed), which a
+/// database may still hold; a scan page is sized for them ([`SCAN_PAGE_BYTES`]).
+const LARGEST_PIECE_BYTES: usize = 1024 * 1024;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
@@ -737,6 +802,21 @@ fn deliver(shared: &Shared, payload: &str) {
 /// `$4` bytes of values are in (the first row always comes, however large),
 /// below key `$5` when `bounded`. `octet_length` reads a TOASTed value's size
 /// from its pointer, so values past the budget are never fetched.
+/// The statement of [`Backend::remove_prefix`]: with `bounded`, keys from `$2`
+/// below `$3`; else every key from `$2` on (a prefix of `0xff` bytes has no end).
+/// It answers how many entries it removed and their bytes.
+fn remove_query(bounded: bool) -> &'static str {
+    if bounded {
+        "WITH removed AS (DELETE FROM kv WHERE tree = $1 AND key >= $2 AND key < $3 \
+           RETURNING octet_length(value) AS bytes) \
+         SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM removed"
+    } else {
+        "WITH removed AS (DELETE FROM kv WHERE tree = $1 AND key >= $2 \
+           RETURNING octet_length(value) AS bytes) \
+         SELECT count(*), coalesce(sum(bytes), 0)::bigint FROM removed"
+    }
+}
+
 fn page_query(bounded: bool) -> &'static str {
     if bounded {
         "SELECT key, value FROM (\
@@ -1096,12 +1176,14 @@ impl Backend for PgBackend {
         Ok(self.write_entries(tree, order, values)?)
     }
 
-    /// Every row costs an index entry and a trigger call whatever its size, and
-    /// a large value is cut into TOAST chunks by the server anyway: 1 GiB of
-    /// 1 MiB values cost PostgreSQL 15 3.24 s of CPU against 3.96 s for 16 KiB
-    /// ones (by `COPY`). Scans page by bytes as well as rows ([`SCAN_PAGE_BYTES`]).
+    /// See [`INLINE_PIECE_BYTES`]. Scans page by bytes as well as rows
+    /// ([`SCAN_PAGE_BYTES`]), so a batch of pieces is read in a round trip or two.
     fn piece_bytes(&self) -> usize {
-        1024 * 1024
+        INLINE_PIECE_BYTES
+    }
+
+    fn largest_piece(&self) -> usize {
+        LARGEST_PIECE_BYTES
     }
 
     fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
@@ -1114,6 +1196,32 @@ impl Backend for PgBackend {
                     .await?;
                 let row = client.query_opt(&statement, &[&tree, &key]).await?;
                 Ok(row.map(|row| row.get(0)))
+            };
+            let cancel = cancel_on(&shared, &client);
+            let (removed, reusable) = settle_change(delete, cancel).await;
+            put_back_or_close(client, reusable);
+            removed
+        })?;
+        Ok(removed)
+    }
+
+    /// One `DELETE` of the prefix's key range, settled as [`Backend::remove`]'s.
+    fn remove_prefix(&self, tree: &str, prefix: &[u8]) -> Result<Removed> {
+        let (tree, from, until) = (tree.to_string(), prefix.to_vec(), prefix_end(prefix));
+        let removed = self.attempt(SETTLED_WITHIN, move |shared| async move {
+            let client = shared.client().await?;
+            let delete = async {
+                let statement = client.prepare_cached(remove_query(until.is_some())).await?;
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tree, &from];
+                if let Some(until) = &until {
+                    params.push(until);
+                }
+                let row = client.query_one(&statement, &params).await?;
+                let (entries, bytes): (i64, i64) = (row.get(0), row.get(1));
+                Ok(Removed {
+                    entries: entries as u64,
+                    bytes: bytes as u64,
+                })
             };
             let cancel = cancel_on(&shared, &client);
             let (removed, reusable) = settle_change(delete, cancel).await;
@@ -1227,10 +1335,7 @@ impl Backend for PgBackend {
         self.call(move |shared| async move {
             let client = shared.client().await?;
             client
-                .execute(
-                    "INSERT INTO watched_trees (tree) VALUES ($1) ON CONFLICT DO NOTHING",
-                    &[&name],
-                )
+                .execute("SELECT portcullis_watch($1)", &[&name])
                 .await?;
             Ok(())
         })?;

@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::feed::{self, Change, Sink};
-use super::{Backend, Entry, Result, Scan, StoreError, Subscription, META};
+use super::{Backend, Entry, Removed, Result, Scan, StoreError, Subscription, META};
 
 /// How often a subscription's thread looks whether its subscriber is gone while
 /// the tree is quiet.
@@ -142,6 +142,22 @@ impl Backend for SledBackend {
         Ok(self
             .written(self.tree(tree)?.remove(key))?
             .map(|v| v.to_vec()))
+    }
+
+    fn remove_prefix(&self, tree: &str, prefix: &[u8]) -> Result<Removed> {
+        let tree = self.tree(tree)?;
+        let mut removed = Removed::default();
+        let mut batch = sled::Batch::default();
+        for entry in tree.scan_prefix(prefix) {
+            let (key, value) = entry?;
+            removed.entries += 1;
+            removed.bytes += value.len() as u64;
+            batch.remove(key);
+        }
+        if removed.entries > 0 {
+            self.written(tree.apply_batch(batch))?;
+        }
+        Ok(removed)
     }
 
     fn compare_and_swap(
