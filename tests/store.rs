@@ -286,7 +286,10 @@ fn removing_a_prefix_takes_exactly_its_keys() {
         assert_eq!(seam.remove_prefix("r", b"zz").unwrap().entries, 0);
         let left: Vec<Vec<u8>> = seam.scan("r", b"", None).map(|e| e.unwrap().0).collect();
         assert_eq!(left, [b"a".to_vec(), b"ac".to_vec()]);
-        assert_eq!(seam.get("other", b"ab").unwrap(), Some(b"elsewhere".to_vec()));
+        assert_eq!(
+            seam.get("other", b"ab").unwrap(),
+            Some(b"elsewhere".to_vec())
+        );
     });
 }
 
@@ -300,22 +303,25 @@ fn postgres_keeps_a_piece_in_its_row() {
     let seam = store.backend();
     let toasted = "SELECT pg_relation_size(reltoastrelid) FROM pg_class WHERE relname = 'kv'";
     let piece = vec![0x5au8; seam.piece_bytes()];
-    let pieces: Vec<Entry> = (0..64u64).map(|n| (be(n), piece.clone())).collect();
-    seam.put_all("chunks/like", pieces.clone()).unwrap();
-    seam.put_all("chunks/like", pieces[..2].to_vec()).unwrap();
-    seam.put("chunks/like", &be(99), &piece).unwrap();
+    // Keys as long as a transcript piece's (session, batch, piece: 16 bytes), in
+    // the transcripts' tree.
+    let key = |n: u64| [be(7), be(n)].concat();
+    let pieces: Vec<Entry> = (0..64u64).map(|n| (key(n), piece.clone())).collect();
+    seam.put_all("chunks", pieces.clone()).unwrap();
+    seam.put_all("chunks", pieces[..2].to_vec()).unwrap();
+    seam.put("chunks", &key(99), &piece).unwrap();
     assert_eq!(postgres().sql(&name, toasted), "0", "no piece was TOASTed");
-    seam.put("chunks/like", &be(100), &vec![1u8; 9000]).unwrap();
+    seam.put("chunks", &key(100), &vec![1u8; 9000]).unwrap();
     assert_ne!(postgres().sql(&name, toasted), "0", "a larger value is");
-    assert_eq!(seam.get("chunks/like", &be(63)).unwrap(), Some(piece));
+    assert_eq!(seam.get("chunks", &key(63)).unwrap(), Some(piece));
 }
 
 /// PostgreSQL: rows of a tree nobody watches call no trigger function (a call
 /// per transcript piece cost the server about 1 s of CPU per GiB), whether
 /// added by `COPY`, written again or removed; a watched tree's rows do. The
-/// writes go through one connection (a pool of one), which reports its
-/// statistics in order: once the watched write's call shows, an earlier call
-/// would have.
+/// writes go through one connection (a pool of one), whose calls add up in one
+/// pending count per function: once the watched write's call shows, an earlier
+/// call would have too.
 #[test]
 fn postgres_calls_no_trigger_for_trees_nobody_watches() {
     let url = postgres().fresh_database();
@@ -334,7 +340,10 @@ fn postgres_calls_no_trigger_for_trees_nobody_watches() {
     let pieces: Vec<Entry> = (0..100u64).map(|n| (be(n), vec![1; 1000])).collect();
     seam.put_all("unwatched", pieces.clone()).unwrap();
     seam.put_all("unwatched", pieces[..3].to_vec()).unwrap();
-    assert_eq!(seam.remove_prefix("unwatched", &[0; 7]).unwrap().entries, 100);
+    assert_eq!(
+        seam.remove_prefix("unwatched", &[0; 7]).unwrap().entries,
+        100
+    );
     seam.put("watched", b"k", b"v").unwrap();
     assert!(
         next_change(&mut feed, Duration::from_secs(5)).is_some(),
@@ -347,7 +356,11 @@ fn postgres_calls_no_trigger_for_trees_nobody_watches() {
             != "0"),
         "the watched write's call is counted"
     );
-    assert_eq!(postgres().sql(&name, calls), "1", "one call: the watched write's");
+    assert_eq!(
+        postgres().sql(&name, calls),
+        "1",
+        "one call: the watched write's"
+    );
 }
 
 #[test]
@@ -731,6 +744,74 @@ fn migrations_are_idempotent_and_safe_at_concurrent_start() {
         refused.contains("schema version 999") && refused.contains("newer"),
         "{refused}"
     );
+}
+
+/// PostgreSQL only: a database as schema version 2 left it (one notify trigger
+/// for every row, a watched tree, 1 MiB pieces TOASTed) is brought to the
+/// current schema at the next start: the watched tree gets its own pair of
+/// triggers and keeps notifying, the all-rows trigger is gone, and pieces
+/// written before still read. Nodes subscribing to a new tree at once all
+/// start, and the tree gets one pair.
+#[test]
+fn an_older_schema_is_upgraded_and_keeps_notifying() {
+    let url = postgres().fresh_database();
+    let name = database_of(&url);
+    let store = Database::Postgres(pg_settings(&url)).open();
+    let old_piece = vec![3u8; 1024 * 1024];
+    store.backend().put("chunks", &be(1), &old_piece).unwrap();
+    drop(store);
+    // Back to what version 2 left (its trigger function, called for every row,
+    // looked the tree up itself; which body it has does not matter here).
+    postgres().sql(
+        name,
+        "INSERT INTO watched_trees (tree) VALUES ('requests'); \
+         DO $$ DECLARE t text; BEGIN \
+           FOR t IN SELECT tgname FROM pg_trigger \
+                    WHERE tgrelid = 'kv'::regclass AND NOT tgisinternal LOOP \
+             EXECUTE format('DROP TRIGGER %I ON kv', t); \
+           END LOOP; END $$; \
+         DROP FUNCTION portcullis_watch(text); \
+         ALTER TABLE kv RESET (toast_tuple_target); \
+         CREATE TRIGGER kv_notify AFTER INSERT OR UPDATE OR DELETE ON kv \
+           FOR EACH ROW EXECUTE FUNCTION portcullis_kv_notify(); \
+         DELETE FROM schema_migrations WHERE version > 2;",
+    );
+    let triggers = || {
+        postgres().sql(
+            name,
+            "SELECT string_agg(tgname, ',' ORDER BY tgname) FROM pg_trigger \
+             WHERE tgrelid = 'kv'::regclass AND NOT tgisinternal",
+        )
+    };
+    assert_eq!(triggers(), "kv_notify");
+    let (listener, writer) = (
+        Database::Postgres(pg_settings(&url)).open(),
+        Database::Postgres(pg_settings(&url)).open(),
+    );
+    let pair = |tree: &str| {
+        let hash = postgres().sql(name, &format!("SELECT md5('{tree}')"));
+        format!("kv_notify_{hash}_d,kv_notify_{hash}_w")
+    };
+    assert_eq!(triggers(), pair("requests"), "the watched tree's pair only");
+    assert_eq!(
+        listener.backend().get("chunks", &be(1)).unwrap(),
+        Some(old_piece)
+    );
+    let mut feed = listener.backend().subscribe("requests").unwrap();
+    writer.backend().put("requests", b"k", b"v").unwrap();
+    assert_eq!(
+        next_change(&mut feed, Duration::from_secs(5)),
+        Some(Change::Key(b"k".to_vec()))
+    );
+
+    let subscribed = on_threads(&Database::Postgres(pg_settings(&url)), 6, |store| {
+        store.backend().subscribe("grants").map(drop)
+    });
+    assert!(subscribed.iter().all(Result::is_ok), "{subscribed:?}");
+    let expected = [pair("grants"), pair("requests")];
+    let mut expected: Vec<&str> = expected.iter().flat_map(|p| p.split(',')).collect();
+    expected.sort();
+    assert_eq!(triggers(), expected.join(","));
 }
 
 /// TLS by default: a URL without `sslmode` gets `require`, and the server's

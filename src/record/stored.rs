@@ -237,15 +237,19 @@ impl SessionStore {
                 None => return Ok(freed),
                 Some(entry) => entry?.0,
             };
-            if let Some(index) = first.get(8..12) {
-                let index = u32::from_be_bytes(index.try_into().expect("four bytes"));
-                freed += self.delete_from(session, index)?;
-            }
-            // A key the walk does not reach (a piece whose batch lost its first
-            // piece, a key of another shape): removed alone, so each round
-            // removes at least one key.
-            if let Some(value) = seam.remove(CHUNKS, &first)? {
-                freed += value.len() as u64;
+            match first.get(8..12) {
+                // Removes `first` too: it shares its batch's key as a prefix.
+                Some(index) => {
+                    let index = u32::from_be_bytes(index.try_into().expect("four bytes"));
+                    freed += self.delete_from(session, index)?;
+                }
+                // A key of another shape: removed alone, so each round removes
+                // at least one key.
+                None => {
+                    if let Some(value) = seam.remove(CHUNKS, &first)? {
+                        freed += value.len() as u64;
+                    }
+                }
             }
         }
     }

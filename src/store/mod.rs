@@ -77,9 +77,9 @@ pub trait Backend: Send + Sync {
     /// piece this backend writes and reads most cheaply.
     fn piece_bytes(&self) -> usize;
 
-    /// The largest piece this backend still keeps well (`store migrate` copies
-    /// pieces as they are): [`Backend::piece_bytes`], unless pieces were once cut
-    /// larger.
+    /// The largest piece a database of this backend may hold, which is also the
+    /// largest it accepts from another (`store migrate` copies pieces as they
+    /// are): [`Backend::piece_bytes`], unless older versions cut pieces larger.
     fn largest_piece(&self) -> usize {
         self.piece_bytes()
     }
@@ -87,10 +87,11 @@ pub trait Backend: Send + Sync {
     /// Removes `key`; returns the value it had.
     fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
-    /// Removes every entry whose key starts with `prefix`, in one atomic
-    /// change; returns how many there were and their values' bytes. For a range
-    /// a caller keeps small (one transcript batch): sled removes it key by key
-    /// under one batch, PostgreSQL in one statement.
+    /// Removes the entries whose keys start with `prefix`, all or none; returns
+    /// how many there were and their values' bytes. For a range a caller keeps
+    /// small and no one writes into meanwhile (one sealed transcript batch): sled
+    /// removes the keys its scan found in one batch, PostgreSQL the range in one
+    /// statement.
     fn remove_prefix(&self, tree: &str, prefix: &[u8]) -> Result<Removed>;
 
     /// Sets `key` to `new` (removes it when `None`) only if its value is still

@@ -79,7 +79,7 @@ const LINGER: Duration = Duration::from_secs(OPERATION_TIMEOUT.as_secs() * 2);
 const SCAN_PAGE: i64 = 128;
 
 /// Value bytes after which a page of a scan ends (it holds at most this plus one
-/// value of at most [`Backend::piece_bytes`] when the values are transcript pieces).
+/// value of at most [`Backend::largest_piece`] when the values are transcript pieces).
 const SCAN_PAGE_BYTES: i64 = 4 * 1024 * 1024;
 
 /// From how many bytes `put_all` first tries to add its entries by `COPY`
@@ -184,12 +184,18 @@ BEGIN
     INSERT INTO watched_trees (tree) VALUES (watched) ON CONFLICT DO NOTHING;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger
                    WHERE tgrelid = 'kv'::regclass AND tgname = name || '_w') THEN
-        EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE ON kv FOR EACH ROW '
-                       'WHEN (NEW.tree = %L) EXECUTE FUNCTION portcullis_kv_notify()',
-                       name || '_w', watched);
-        EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON kv FOR EACH ROW '
-                       'WHEN (OLD.tree = %L) EXECUTE FUNCTION portcullis_kv_notify()',
-                       name || '_d', watched);
+        BEGIN
+            EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE ON kv FOR EACH ROW '
+                           'WHEN (NEW.tree = %L) EXECUTE FUNCTION portcullis_kv_notify()',
+                           name || '_w', watched);
+            EXECUTE format('CREATE TRIGGER %I AFTER DELETE ON kv FOR EACH ROW '
+                           'WHEN (OLD.tree = %L) EXECUTE FUNCTION portcullis_kv_notify()',
+                           name || '_d', watched);
+        EXCEPTION WHEN duplicate_object THEN
+            -- Made by another node meanwhile (a snapshot older than its commit,
+            -- under an isolation level above read committed).
+            NULL;
+        END;
     END IF;
 END
 $$;
@@ -798,10 +804,6 @@ fn deliver(shared: &Shared, payload: &str) {
     shared.subscribers.deliver(tree, change);
 }
 
-/// One page of a scan of tree `$1` from key `$2`: at most `$3` rows, ending once
-/// `$4` bytes of values are in (the first row always comes, however large),
-/// below key `$5` when `bounded`. `octet_length` reads a TOASTed value's size
-/// from its pointer, so values past the budget are never fetched.
 /// The statement of [`Backend::remove_prefix`]: with `bounded`, keys from `$2`
 /// below `$3`; else every key from `$2` on (a prefix of `0xff` bytes has no end).
 /// It answers how many entries it removed and their bytes.
@@ -817,6 +819,10 @@ fn remove_query(bounded: bool) -> &'static str {
     }
 }
 
+/// One page of a scan of tree `$1` from key `$2`: at most `$3` rows, ending once
+/// `$4` bytes of values are in (the first row always comes, however large),
+/// below key `$5` when `bounded`. `octet_length` reads a TOASTed value's size
+/// from its pointer, so values past the budget are never fetched.
 fn page_query(bounded: bool) -> &'static str {
     if bounded {
         "SELECT key, value FROM (\
@@ -1014,26 +1020,32 @@ async fn copy_new(
         .await?;
     let sink = client.copy_in::<_, Bytes>(&statement).await?;
     let mut sink = std::pin::pin!(sink);
-    let mut framing = BytesMut::with_capacity(256);
-    framing.put_slice(COPY_SIGNATURE);
-    framing.put_i32(0); // flags
-    framing.put_i32(0); // header extension length
+    let mut message = BytesMut::with_capacity(COPY_MESSAGE_BYTES);
+    message.put_slice(COPY_SIGNATURE);
+    message.put_i32(0); // flags
+    message.put_i32(0); // header extension length
     for (key, value) in keys.iter().zip(values) {
-        framing.put_i16(3);
-        put_field(&mut framing, tree.as_bytes());
-        put_field(&mut framing, key);
-        framing.put_i32(copy_len(value.len()));
-        // `feed`, not `send`: the sink gathers small rows into messages of about
-        // 4 KiB and sends a large value with the framing before it as one message,
-        // copied once (into the connection's buffer) instead of twice.
-        sink.feed(framing.split().freeze()).await?;
-        sink.feed(value.clone()).await?;
+        message.put_i16(3);
+        put_field(&mut message, tree.as_bytes());
+        put_field(&mut message, key);
+        put_field(&mut message, value);
+        if message.len() >= COPY_MESSAGE_BYTES {
+            let full = std::mem::replace(&mut message, BytesMut::with_capacity(COPY_MESSAGE_BYTES));
+            sink.feed(full.freeze()).await?;
+        }
     }
-    framing.put_i16(-1); // end of data
-    sink.feed(framing.split().freeze()).await?;
+    message.put_i16(-1); // end of data
+    sink.feed(message.freeze()).await?;
     // Flushes what is gathered and ends the copy.
     sink.as_mut().finish().await
 }
+
+/// How many bytes of rows [`copy_new`] gathers into one `CopyData` message.
+/// The driver flushes its connection (through TLS, one `send`) once it holds
+/// 8 KiB, so a message per transcript piece of 8000 bytes made a flush every
+/// two rows; gathered, a MiB of pieces goes in four messages, for one more
+/// copy of the bytes.
+const COPY_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// The start of every binary `COPY` stream.
 const COPY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
