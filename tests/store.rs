@@ -293,6 +293,29 @@ fn removing_a_prefix_takes_exactly_its_keys() {
     });
 }
 
+/// Transcript batches on either backend: a batch of many pieces (more than one
+/// run of pieces is asked for), one of a single piece and an empty one read
+/// back exactly; retention removes every piece and counts its bytes.
+#[test]
+fn transcript_batches_read_back_whole_and_are_deleted_on_both() {
+    on_both(|database| {
+        let sessions = portcullis::record::SessionStore::open(database.open()).unwrap();
+        let pieces = database.open().backend().piece_bytes();
+        let large: Vec<u8> = (0..pieces * 37 + 5).map(|i| (i * 31 % 251) as u8).collect();
+        let batches = vec![large.clone(), b"one keystroke".to_vec(), Vec::new()];
+        sessions.put_batches(9, 0, batches).unwrap();
+        assert_eq!(sessions.batch(9, 0).unwrap(), Some(large.clone()));
+        assert_eq!(
+            sessions.batch(9, 1).unwrap(),
+            Some(b"one keystroke".to_vec())
+        );
+        assert_eq!(sessions.batch(9, 3).unwrap(), None);
+        let freed = sessions.delete_batches(9).unwrap();
+        assert_eq!(freed, large.len() as u64 + 13);
+        assert_eq!(sessions.batch(9, 0).unwrap(), None);
+    });
+}
+
 /// PostgreSQL keeps a transcript piece of the size it asks for in the row's
 /// own page: nothing goes to the TOAST table, by `COPY` (a large flush of new
 /// pieces) or by upsert (a piece written again), while a larger value still

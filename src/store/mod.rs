@@ -61,6 +61,21 @@ pub type Scan<'a> = Box<dyn Iterator<Item = Result<Entry>> + Send + 'a>;
 pub trait Backend: Send + Sync {
     fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>>;
 
+    /// The values of `keys`, in order, up to the first key that is absent: the
+    /// pieces of one transcript batch. By default one [`Backend::get`] after the
+    /// other (sled: its range iterators keep what they read, so a scan would
+    /// hold a whole batch and more); PostgreSQL reads them in one round trip.
+    fn get_run(&self, tree: &str, keys: &[Vec<u8>]) -> Result<Vec<Vec<u8>>> {
+        let mut values = Vec::new();
+        for key in keys {
+            match self.get(tree, key)? {
+                Some(value) => values.push(value),
+                None => break,
+            }
+        }
+        Ok(values)
+    }
+
     /// The entries whose keys start with `prefix`, from `from` on (inclusive; the
     /// whole prefix when `None`), in key order.
     fn scan<'a>(&'a self, tree: &str, prefix: &[u8], from: Option<&[u8]>) -> Scan<'a>;

@@ -1130,6 +1130,21 @@ impl Backend for PgBackend {
         })
     }
 
+    /// One `SELECT` for all of `keys`; the run is cut at the first one missing.
+    fn get_run(&self, tree: &str, keys: &[Vec<u8>]) -> Result<Vec<Vec<u8>>> {
+        let (tree, wanted) = (tree.to_string(), keys.to_vec());
+        let rows: Vec<Entry> = self.call(move |shared| async move {
+            let client = shared.client().await?;
+            let statement = client
+                .prepare_cached("SELECT key, value FROM kv WHERE tree = $1 AND key = ANY($2)")
+                .await?;
+            let rows = client.query(&statement, &[&tree, &wanted]).await?;
+            Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+        })?;
+        let mut found: std::collections::HashMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
+        Ok(keys.iter().map_while(|key| found.remove(key)).collect())
+    }
+
     fn scan<'a>(&'a self, tree: &str, prefix: &[u8], from: Option<&[u8]>) -> Scan<'a> {
         let start = match from {
             Some(from) if from > prefix => from.to_vec(),
