@@ -1,23 +1,29 @@
-//! What the embedded store costs to keep incompressible transcript bytes, by the
-//! size of the pieces they are stored in: the floor under the bastion's own
-//! figures for random data (`benches/proxy.rs`, `benches/soak.rs`).
+//! What a store costs to keep incompressible transcript bytes, by the size of
+//! the pieces they are stored in: the floor under the bastion's own figures for
+//! random data (`benches/proxy.rs`, `benches/soak.rs`).
 //!
 //! ```text
 //! cargo bench --bench pieces
+//! PIECES_STORE=postgres cargo bench --bench pieces
 //! ```
 //!
-//! For each piece size in `PIECES_KIB` (default `16,64,256`; 1 KiB to 8 MiB),
+//! For each piece size in `PIECES_KIB` (KiB from 1 to 8192, or bytes with a `B`
+//! after them; default `16,64,256` on sled and `8000B,1024` on PostgreSQL),
 //! writes `PIECES_MIB` MiB (default 1024) of incompressible bytes through the
-//! store's sled backend, as a recording does (writes of a MiB, four sessions
-//! interleaved, the bastion's sled settings and allocator), reads them back one
-//! piece at a time, and prints: CPU seconds per GiB written, bytes passed to
-//! `write(2)` per byte until the final flush (`wchar`; a lower bound of what sled
-//! writes, since its segment cleaner goes on afterwards), the data directory's
-//! size per byte once closed, and the RSS after writing and after reading (16
-//! MiB of it is the random buffer the pieces are cut from, at rotating offsets:
-//! sled compresses nothing, so repeating it changes nothing). Each size runs in a
-//! process of its own (this binary, run again), so what one keeps does not count
-//! for the next.
+//! store's backend, as a recording does (writes of a MiB, four sessions
+//! interleaved, the bastion's settings and allocator), reads them back a MiB of
+//! pieces at a time as a replay does (`Backend::get_run`), and prints: CPU
+//! seconds per GiB written, this process's and (on PostgreSQL, `PIECES_STORE=
+//! postgres`: a server the benchmark starts on loopback, `fsync` off) the
+//! server's; bytes passed to `write(2)` per byte until the final flush (`wchar`;
+//! sled only: a lower bound of what sled writes, since its segment cleaner goes
+//! on afterwards); the store's size per byte once closed (sled: its data
+//! directory; PostgreSQL: the table with its TOAST and indexes); and the RSS
+//! after writing and after reading (16 MiB of it is the random buffer the
+//! pieces are cut from, at rotating offsets: neither store compresses them, so
+//! repeating it changes nothing). Each size runs in a process of its own (this
+//! binary, run again, with a server of its own), so what one keeps does not
+//! count for the next.
 
 #[path = "../tests/common/mod.rs"]
 pub mod common;
@@ -25,8 +31,8 @@ pub mod common;
 use std::io::Read;
 use std::process::Command;
 
-use common::{cpu_seconds, du_bytes, env_number, status_kib};
-use portcullis::store::Store;
+use common::{cpu_seconds, database_of, du_bytes, env_number, postgres, status_kib};
+use portcullis::store::{PgSettings, Settings, Store};
 
 /// The tree the pieces go to (a scratch store: nothing else is in it).
 const TREE: &str = "pieces";
@@ -38,40 +44,126 @@ const SESSIONS: u64 = 4;
 const WRITE: usize = 1024 * 1024;
 
 fn main() {
-    if let Ok(kib) = std::env::var("PIECES_ONE") {
-        let kib = kib.parse().expect("PIECES_ONE: a size in KiB");
-        return measure(kib, env_number("PIECES_MIB", 1024));
-    }
-    let sizes = std::env::var("PIECES_KIB").unwrap_or_else(|_| "16,64,256".into());
-    for kib in sizes.split(',').map(str::trim) {
-        let fits = kib
-            .parse::<usize>()
-            .is_ok_and(|kib| (1..=8 * 1024).contains(&kib));
-        if !fits {
-            eprintln!(
-                "PIECES_KIB: {kib:?} is not a size from 1 to 8192 (KiB); e.g. PIECES_KIB=16,64"
-            );
+    let on_postgres = match std::env::var("PIECES_STORE").as_deref() {
+        Err(_) | Ok("sled") => false,
+        Ok("postgres") => true,
+        Ok(other) => {
+            eprintln!("PIECES_STORE: {other:?} is not a store; use sled or postgres");
             std::process::exit(2);
         }
+    };
+    if let Ok(bytes) = std::env::var("PIECES_ONE") {
+        let bytes = bytes.parse().expect("PIECES_ONE: a size in bytes");
+        return measure(bytes, env_number("PIECES_MIB", 1024), on_postgres);
     }
-    println!("piece | CPU s/GiB | written per byte | on disk per byte | RSS after writing | after reading");
-    for kib in sizes.split(',').map(str::trim) {
+    let default = if on_postgres {
+        "8000B,1024"
+    } else {
+        "16,64,256"
+    };
+    let sizes = std::env::var("PIECES_KIB").unwrap_or_else(|_| default.into());
+    let mut bytes = Vec::new();
+    for size in sizes.split(',').map(str::trim) {
+        match piece_bytes(size) {
+            Some(piece) => bytes.push(piece),
+            None => {
+                eprintln!(
+                    "PIECES_KIB: {size:?} is not a size from 1 to 8192 KiB (or bytes with a B \
+                     after them); e.g. PIECES_KIB=16,64 or PIECES_KIB=8000B"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    println!("piece | CPU s/GiB | server CPU s/GiB | written per byte | stored per byte | RSS after writing | after reading");
+    for piece in bytes {
         let ran = Command::new(std::env::current_exe().expect("this benchmark's path"))
-            .env("PIECES_ONE", kib)
+            .env("PIECES_ONE", piece.to_string())
             .status()
             .expect("run one piece size");
-        assert!(ran.success(), "piece size {kib} KiB failed");
+        assert!(ran.success(), "piece size {piece} bytes failed");
     }
 }
 
-fn measure(kib: usize, mib: usize) {
+/// A size of `PIECES_KIB` in bytes: KiB, or bytes with a `B` after them; from 1
+/// KiB to 8 MiB.
+fn piece_bytes(size: &str) -> Option<usize> {
+    let bytes = match size.strip_suffix('B') {
+        Some(bytes) => bytes.parse::<usize>().ok()?,
+        None => size.parse::<usize>().ok()?.checked_mul(1024)?,
+    };
+    (1024..=8 * 1024 * 1024).contains(&bytes).then_some(bytes)
+}
+
+/// The store to measure, and how to read its size and its server's CPU.
+struct Measured {
+    store: Store,
+    /// The scratch directory (sled's data; PostgreSQL's is the server's).
+    dir: tempfile::TempDir,
+    /// The database's name on the test server, on PostgreSQL.
+    database: Option<String>,
+}
+
+impl Measured {
+    fn open(on_postgres: bool) -> Measured {
+        let dir = tempfile::tempdir().expect("a scratch directory");
+        if !on_postgres {
+            let store = Store::sled(dir.path()).expect("open the store");
+            return Measured {
+                store,
+                dir,
+                database: None,
+            };
+        }
+        let url = postgres().fresh_database();
+        let settings = Settings::Postgres(PgSettings {
+            url: url.clone(),
+            password_file: Some(postgres().password_file().to_path_buf()),
+            pool_size: portcullis::store::DEFAULT_POOL_SIZE,
+            connect_timeout: portcullis::store::DEFAULT_CONNECT_TIMEOUT,
+            ca_file: None,
+        });
+        let store = Store::open(&settings, dir.path()).expect("open the store");
+        let database = Some(database_of(&url).to_string());
+        Measured {
+            store,
+            dir,
+            database,
+        }
+    }
+
+    /// The server's CPU seconds so far (0 on sled: the store is this process).
+    fn server_cpu(&self) -> f64 {
+        self.database
+            .as_ref()
+            .map_or(0.0, |_| postgres().cpu_seconds())
+    }
+
+    /// What the store takes, closed.
+    fn stored_bytes(self) -> u64 {
+        let Measured {
+            store,
+            dir,
+            database,
+        } = self;
+        drop(store);
+        match database {
+            None => du_bytes(dir.path()),
+            Some(name) => postgres()
+                .sql(&name, "SELECT pg_total_relation_size('kv')")
+                .parse()
+                .expect("the table's size"),
+        }
+    }
+}
+
+fn measure(piece: usize, mib: usize, on_postgres: bool) {
     portcullis::allocator::tune();
-    let dir = tempfile::tempdir().expect("a scratch directory");
-    let store = Store::sled(dir.path()).expect("open the store");
-    let piece = kib * 1024;
+    let measured = Measured::open(on_postgres);
+    let seam = measured.store.backend();
     let random = random_bytes(16 * WRITE);
     let pid = std::process::id();
-    let (cpu, wrote) = (cpu_seconds(pid), bytes_written());
+    let (cpu, server_cpu, wrote) = (cpu_seconds(pid), measured.server_cpu(), bytes_written());
     let pieces = (mib * 1024 * 1024 / piece) as u64;
     let per_write = (WRITE / piece).max(1) as u64;
     let mut next = 0;
@@ -83,26 +175,35 @@ fn measure(kib: usize, mib: usize) {
                 (key(session, n), random[at..at + piece].to_vec())
             })
             .collect();
-        store.backend().put_all(TREE, entries).expect("write");
+        seam.put_all(TREE, entries).expect("write");
         next += per_write;
     }
-    store.flush().expect("flush");
+    measured.store.flush().expect("flush");
     let gib = mib as f64 / 1024.0;
     let cpu = (cpu_seconds(pid) - cpu) / gib;
+    let server_cpu = (measured.server_cpu() - server_cpu) / gib;
     let written = (bytes_written() - wrote) as f64 / (mib << 20) as f64;
     portcullis::allocator::trim();
     let rss_written = status_kib(pid, "VmRSS:") / 1024;
-    for n in 0..pieces {
-        let session = (n / per_write) % SESSIONS;
-        let value = store.backend().get(TREE, &key(session, n)).expect("read");
-        assert_eq!(value.map(|v| v.len()), Some(piece));
+    for first in (0..pieces).step_by(per_write as usize) {
+        let session = (first / per_write) % SESSIONS;
+        let keys: Vec<Vec<u8>> = (first..(first + per_write).min(pieces))
+            .map(|n| key(session, n))
+            .collect();
+        let values = seam.get_run(TREE, &keys).expect("read");
+        assert_eq!(values.len(), keys.len());
+        assert!(values.iter().all(|value| value.len() == piece));
     }
     portcullis::allocator::trim();
     let rss_read = status_kib(pid, "VmRSS:") / 1024;
-    drop(store);
-    let on_disk = du_bytes(dir.path()) as f64 / (mib << 20) as f64;
+    let stored = measured.stored_bytes() as f64 / (mib << 20) as f64;
+    let (server_cpu, written) = if on_postgres {
+        (format!("{server_cpu:.2}"), "-".to_string())
+    } else {
+        ("-".to_string(), format!("{written:.2}"))
+    };
     println!(
-        "{kib:>4} KiB | {cpu:>9.2} | {written:>16.2} | {on_disk:>16.2} | {rss_written:>13} MiB | {rss_read:>9} MiB"
+        "{piece:>7} B | {cpu:>9.2} | {server_cpu:>16} | {written:>16} | {stored:>15.2} | {rss_written:>13} MiB | {rss_read:>9} MiB"
     );
 }
 

@@ -158,7 +158,7 @@ ALTER TABLE kv SET (toast_tuple_target = 8160);
         4,
         // One trigger for every row of every tree cost a PL/pgSQL call per row
         // (about 1 s of the server's CPU per GiB of transcript pieces, where the
-        // rest of a `COPY` costs 2.5 to 3); a trigger per watched tree whose
+        // rest of a `COPY` costs 2.3 to 3.1 s); a trigger per watched tree whose
         // `WHEN` names the tree costs the other trees' rows one comparison.
         r#"
 DROP TRIGGER kv_notify ON kv;
@@ -208,9 +208,10 @@ SELECT portcullis_watch(tree) FROM watched_trees;
 /// row that fits in a heap page with its tree and key (an 8 KiB page holds one
 /// row of up to 8160 bytes, with 24 of header), so that PostgreSQL stores it as
 /// it is. A larger value is cut into TOAST chunks of about 2 KB, each a row of
-/// the TOAST table and an entry of its index: a binary `COPY` of 1 GiB of random
-/// pieces cost PostgreSQL 15 6.3 to 7.0 s of CPU in 1 MiB values, and 2.7 s in
-/// 8000-byte rows (README, "Storage backends").
+/// the TOAST table and an entry of its index: binary `COPY`s of 1 GiB of random
+/// pieces, a MiB per statement, cost PostgreSQL 15 4.0 to 5.1 s of CPU in 1 MiB
+/// values and 2.3 to 2.6 s in 8000-byte rows (README, Performance, "Pieces that
+/// stay in their row").
 const INLINE_PIECE_BYTES: usize = 8000;
 
 /// The pieces of builds before schema version 3 (1 MiB, TOASTed), which a
