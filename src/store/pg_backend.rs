@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use futures_util::future::BoxFuture;
 use futures_util::SinkExt;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::error::{Severity, SqlState};
@@ -947,6 +948,23 @@ fn put_back_or_close(client: deadpool_postgres::Object, reusable: bool) {
     }
 }
 
+/// A change that is not idempotent, on a pooled connection: `change` makes its
+/// statement's future on the connection, [`settle_change`] settles it (with a
+/// cancel over [`cancel_on`]), and the connection goes back to the pool only if
+/// that left it reusable.
+async fn settled<T>(
+    shared: &Shared,
+    change: impl for<'c> FnOnce(
+        &'c deadpool_postgres::Object,
+    ) -> BoxFuture<'c, std::result::Result<T, tokio_postgres::Error>>,
+) -> PgResult<T> {
+    let client = shared.client().await?;
+    let cancel = cancel_on(shared, &client);
+    let (outcome, reusable) = settle_change(change(&client), cancel).await;
+    put_back_or_close(client, reusable);
+    outcome
+}
+
 /// Asks the server to cancel what runs on `client`'s connection, over a
 /// connection of its own (within the connection's connect timeout); a cancel
 /// that cannot be sent is logged.
@@ -1217,18 +1235,18 @@ impl Backend for PgBackend {
     fn remove(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
         let (tree, key) = (tree.to_string(), key.to_vec());
         let removed = self.attempt(SETTLED_WITHIN, move |shared| async move {
-            let client = shared.client().await?;
-            let delete = async {
-                let statement = client
-                    .prepare_cached("DELETE FROM kv WHERE tree = $1 AND key = $2 RETURNING value")
-                    .await?;
-                let row = client.query_opt(&statement, &[&tree, &key]).await?;
-                Ok(row.map(|row| row.get(0)))
-            };
-            let cancel = cancel_on(&shared, &client);
-            let (removed, reusable) = settle_change(delete, cancel).await;
-            put_back_or_close(client, reusable);
-            removed
+            settled(&shared, move |client| {
+                Box::pin(async move {
+                    let statement = client
+                        .prepare_cached(
+                            "DELETE FROM kv WHERE tree = $1 AND key = $2 RETURNING value",
+                        )
+                        .await?;
+                    let row = client.query_opt(&statement, &[&tree, &key]).await?;
+                    Ok(row.map(|row| row.get(0)))
+                })
+            })
+            .await
         })?;
         Ok(removed)
     }
@@ -1237,24 +1255,22 @@ impl Backend for PgBackend {
     fn remove_prefix(&self, tree: &str, prefix: &[u8]) -> Result<Removed> {
         let (tree, from, until) = (tree.to_string(), prefix.to_vec(), prefix_end(prefix));
         let removed = self.attempt(SETTLED_WITHIN, move |shared| async move {
-            let client = shared.client().await?;
-            let delete = async {
-                let statement = client.prepare_cached(remove_query(until.is_some())).await?;
-                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tree, &from];
-                if let Some(until) = &until {
-                    params.push(until);
-                }
-                let row = client.query_one(&statement, &params).await?;
-                let (entries, bytes): (i64, i64) = (row.get(0), row.get(1));
-                Ok(Removed {
-                    entries: entries as u64,
-                    bytes: bytes as u64,
+            settled(&shared, move |client| {
+                Box::pin(async move {
+                    let statement = client.prepare_cached(remove_query(until.is_some())).await?;
+                    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tree, &from];
+                    if let Some(until) = &until {
+                        params.push(until);
+                    }
+                    let row = client.query_one(&statement, &params).await?;
+                    let (entries, bytes): (i64, i64) = (row.get(0), row.get(1));
+                    Ok(Removed {
+                        entries: entries as u64,
+                        bytes: bytes as u64,
+                    })
                 })
-            };
-            let cancel = cancel_on(&shared, &client);
-            let (removed, reusable) = settle_change(delete, cancel).await;
-            put_back_or_close(client, reusable);
-            removed
+            })
+            .await
         })?;
         Ok(removed)
     }
@@ -1270,12 +1286,12 @@ impl Backend for PgBackend {
         let (old, new) = (old.map(<[u8]>::to_vec), new.map(<[u8]>::to_vec));
         // Time for the pool's wait and for the change to settle.
         let changed = self.attempt(SETTLED_WITHIN, move |shared| async move {
-            let client = shared.client().await?;
-            let swap = swap_on(&client, &tree, &key, old.as_deref(), new.as_deref());
-            let cancel = cancel_on(&shared, &client);
-            let (changed, reusable) = settle_change(swap, cancel).await;
-            put_back_or_close(client, reusable);
-            changed
+            settled(&shared, move |client| {
+                Box::pin(async move {
+                    swap_on(client, &tree, &key, old.as_deref(), new.as_deref()).await
+                })
+            })
+            .await
         })?;
         Ok(changed == 1)
     }
