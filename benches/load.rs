@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     authenticated, cpu_seconds, login_user, percentile, proc_kib, russh_config, russh_login,
-    stat_fields, AnyHostKey, World, WorldOptions, TARGET,
+    stat_fields, AnyHostKey, MachineCpu, World, WorldOptions, TARGET,
 };
 use russh::client;
 use russh::keys::PrivateKey;
@@ -233,54 +233,6 @@ fn main() {
     println!(
         "targets: 500 sessions with p99 added echo latency < 10 ms and no worse than proxyjump's, < 1 MiB per session"
     );
-}
-
-/// Busy and total CPU time of the whole machine, from `/proc/stat` (clock ticks):
-/// the target sshd and this load generator share the machine with the bastion, so
-/// a saturated machine explains latency the bastion's own CPU figure does not.
-#[derive(Default, Clone, Copy)]
-struct MachineCpu {
-    busy: u64,
-    total: u64,
-}
-
-impl MachineCpu {
-    fn now() -> MachineCpu {
-        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-        let ticks: Vec<u64> = stat
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        let total: u64 = ticks.iter().sum();
-        // The fourth and fifth fields are idle and iowait.
-        let idle: u64 = ticks.iter().skip(3).take(2).sum();
-        MachineCpu {
-            busy: total - idle,
-            total,
-        }
-    }
-
-    fn since(&self, earlier: &MachineCpu) -> MachineCpu {
-        MachineCpu {
-            busy: self.busy - earlier.busy,
-            total: self.total - earlier.total,
-        }
-    }
-
-    fn add(&mut self, other: MachineCpu) {
-        self.busy += other.busy;
-        self.total += other.total;
-    }
-
-    /// Busy share, 100% per core.
-    fn busy_percent(&self) -> f64 {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        self.busy as f64 / self.total.max(1) as f64 * 100.0 * cores as f64
-    }
 }
 
 /// CPU spent while one route's sessions typed, summed over its rounds.

@@ -82,6 +82,29 @@ struct Figures {
     stored_per_byte: Vec<f64>,
     /// On PostgreSQL: the database server's CPU seconds per GiB moved.
     db_cpu_s_per_gib: Vec<f64>,
+    /// Every route, download and upload: the whole machine's busy CPU seconds per
+    /// GiB moved (clients, hops, target, database), and how busy it was (100 % per
+    /// core). A route that is slower for no more CPU per GiB waits on something
+    /// other than the CPU.
+    machine_s_per_gib: [Vec<f64>; 2],
+    machine_busy: [Vec<f64>; 2],
+}
+
+impl Figures {
+    /// Adds what the machine spent since `before` on a transfer of `mib` in
+    /// `direction` (0 down, 1 up); returns now.
+    fn add_machine(
+        &mut self,
+        direction: usize,
+        before: common::MachineCpu,
+        mib: u64,
+    ) -> common::MachineCpu {
+        let now = common::MachineCpu::now();
+        let spent = now.since(&before);
+        self.machine_s_per_gib[direction].push(spent.busy_seconds() * 1024.0 / mib as f64);
+        self.machine_busy[direction].push(spent.busy_percent());
+        now
+    }
 }
 
 /// What the transfers carry: a file on the (local) target, read from page cache.
@@ -154,10 +177,13 @@ fn main() {
                     .as_ref()
                     .map(|(pid, db)| (cpu_seconds(*pid), dir_size(db)));
                 let db_before = database_cpu(backend);
+                let machine = common::MachineCpu::now();
                 fig.download_mib_s
                     .push(mib as f64 / download(route, &payload.path, bytes));
+                let machine = fig.add_machine(0, machine, mib);
                 fig.upload_mib_s
                     .push(mib as f64 / upload(route, &payload.path, bytes));
+                fig.add_machine(1, machine, mib);
                 if let (Some((pid, db)), Some((cpu, size))) = (&route.bastion, before) {
                     // Sessions are sealed when ssh exits; sled flushes within 200 ms.
                     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -556,14 +582,16 @@ fn connect_and_run_true(route: &Route) -> f64 {
 
 fn print_table(routes: &[Route], figures: &mut [Figures]) {
     println!(
-        "{:<22} {:>16} {:>16} {:>18} {:>14} {:>16} {:>17}",
+        "{:<22} {:>16} {:>16} {:>18} {:>14} {:>16} {:>17} {:>23} {:>18}",
         "route (median)",
         "download MiB/s",
         "upload MiB/s",
         "connect+true ms",
         "CPU s per GiB",
         "stored per byte",
-        "DB CPU s per GiB"
+        "DB CPU s per GiB",
+        "machine s/GiB down/up",
+        "busy down/up"
     );
     let mut medians = Vec::new();
     for (route, fig) in routes.iter().zip(figures.iter_mut()) {
@@ -580,7 +608,7 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
             }
         };
         println!(
-            "{:<22} {:>16.1} {:>16.1} {:>18} {} {} {}",
+            "{:<22} {:>16.1} {:>16.1} {:>18} {} {} {} {:>23} {:>18}",
             route.name,
             row[0],
             row[1],
@@ -592,6 +620,16 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
             optional(&mut fig.cpu_s_per_gib, 14),
             optional(&mut fig.stored_per_byte, 16),
             optional(&mut fig.db_cpu_s_per_gib, 17),
+            format!(
+                "{:.2} / {:.2}",
+                median(&mut fig.machine_s_per_gib[0]),
+                median(&mut fig.machine_s_per_gib[1])
+            ),
+            format!(
+                "{:.0} / {:.0} %",
+                median(&mut fig.machine_busy[0]),
+                median(&mut fig.machine_busy[1])
+            ),
         );
         medians.push(row);
     }

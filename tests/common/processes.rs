@@ -514,3 +514,57 @@ pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     });
     status
 }
+
+/// Busy and total CPU time of the whole machine, from `/proc/stat` (clock ticks):
+/// the target sshd, the clients and the database share the machine with the
+/// bastion, so a saturated machine explains what the bastion's own CPU figure does
+/// not.
+#[derive(Default, Clone, Copy)]
+pub struct MachineCpu {
+    pub busy: u64,
+    pub total: u64,
+}
+
+impl MachineCpu {
+    pub fn now() -> MachineCpu {
+        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let total: u64 = ticks.iter().sum();
+        // The fourth and fifth fields are idle and iowait.
+        let idle: u64 = ticks.iter().skip(3).take(2).sum();
+        MachineCpu {
+            busy: total - idle,
+            total,
+        }
+    }
+
+    pub fn since(&self, earlier: &MachineCpu) -> MachineCpu {
+        MachineCpu {
+            busy: self.busy - earlier.busy,
+            total: self.total - earlier.total,
+        }
+    }
+
+    pub fn add(&mut self, other: MachineCpu) {
+        self.busy += other.busy;
+        self.total += other.total;
+    }
+
+    /// Busy seconds (USER_HZ is 100 on Linux).
+    pub fn busy_seconds(&self) -> f64 {
+        self.busy as f64 / 100.0
+    }
+
+    /// Busy share, 100% per core.
+    pub fn busy_percent(&self) -> f64 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.busy as f64 / self.total.max(1) as f64 * 100.0 * cores as f64
+    }
+}
