@@ -17,9 +17,13 @@
 //! the wall time of connecting and running `true` (ms), with portcullis/ProxyJump
 //! ratios. For portcullis it also prints the bastion's CPU seconds per GiB moved and
 //! the bytes its database grew by per byte moved (every transfer is recorded), and
-//! at the end, after a restart, the database's size per byte recorded. Runs of the
+//! at the end, after a restart, the database's size per byte recorded. For every
+//! route, the whole machine's busy CPU seconds per GiB and how busy it was, by
+//! direction: a route slower for no more CPU waits on something. Runs of the
 //! routes are interleaved, and each run starts with the next route, so drift in
-//! machine load hits all of them alike and no route always follows the same one.
+//! machine load hits all of them alike and no route always follows the same one;
+//! against `sled` and `baseline` it also prints the median of the run-by-run
+//! ratios, with their range.
 //!
 //! Then it measures what recording costs: the same `scp -O` download through a
 //! bastion that stores the transcript (`record_file_transfers = true`) and one that
@@ -209,6 +213,7 @@ fn main() {
             }
         }
         println!("\n{} ({mib} MiB of {})", payload.name, payload.name);
+        print_paired(&routes, &figures);
         print_table(&routes, &mut figures);
     }
     let mut world = world;
@@ -578,6 +583,37 @@ fn connect_and_run_true(route: &Route) -> f64 {
         .expect("run ssh");
     assert!(status.success(), "{} ssh true failed", route.name);
     started.elapsed().as_secs_f64()
+}
+
+/// portcullis against the `sled` and `baseline` routes run by run: each run's
+/// ratio compares two transfers made minutes apart at most, so a machine whose
+/// load drifts over the benchmark (other work on it) moves both alike. Prints
+/// the median ratio and its range, by direction.
+fn print_paired(routes: &[Route], figures: &[Figures]) {
+    let of = |name: &str| {
+        let at = routes.iter().position(|r| r.name == name)?;
+        Some(&figures[at])
+    };
+    let Some(ours) = of("portcullis") else {
+        return;
+    };
+    for other_name in ["sled", "baseline"] {
+        let Some(other) = of(other_name) else {
+            continue;
+        };
+        let paired = |a: &[f64], b: &[f64]| -> String {
+            let mut ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+            let (low, high) = ratios
+                .iter()
+                .fold((f64::INFINITY, 0f64), |(l, h), r| (l.min(*r), h.max(*r)));
+            format!("{:.2}x ({low:.2} to {high:.2})", median(&mut ratios))
+        };
+        println!(
+            "portcullis/{other_name} run by run: download {}, upload {}",
+            paired(&ours.download_mib_s, &other.download_mib_s),
+            paired(&ours.upload_mib_s, &other.upload_mib_s)
+        );
+    }
 }
 
 fn print_table(routes: &[Route], figures: &mut [Figures]) {
