@@ -89,7 +89,8 @@ struct Figures {
     /// Every route, download and upload: the whole machine's busy CPU seconds per
     /// GiB moved (clients, hops, target, database), and how busy it was (100 % per
     /// core). A route that is slower for no more CPU per GiB waits on something
-    /// other than the CPU.
+    /// other than the CPU. (Work that goes on after a transfer, such as a
+    /// bastion's last flush, counts in the next window.)
     machine_s_per_gib: [Vec<f64>; 2],
     machine_busy: [Vec<f64>; 2],
 }
@@ -603,6 +604,9 @@ fn print_paired(routes: &[Route], figures: &[Figures]) {
         };
         let paired = |a: &[f64], b: &[f64]| -> String {
             let mut ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+            if ratios.is_empty() {
+                return "-".into();
+            }
             let (low, high) = ratios
                 .iter()
                 .fold((f64::INFINITY, 0f64), |(l, h), r| (l.min(*r), h.max(*r)));

@@ -534,6 +534,9 @@ impl MachineCpu {
             .unwrap_or_default()
             .split_whitespace()
             .skip(1)
+            // user, nice, system, idle, iowait, irq, softirq, steal: guest time
+            // (the last two) is already counted in user and nice.
+            .take(8)
             .filter_map(|n| n.parse().ok())
             .collect();
         let total: u64 = ticks.iter().sum();
@@ -545,10 +548,12 @@ impl MachineCpu {
         }
     }
 
+    /// What was spent between `earlier` and this reading (iowait may go back,
+    /// and an unreadable `/proc/stat` reads as nothing: never below zero).
     pub fn since(&self, earlier: &MachineCpu) -> MachineCpu {
         MachineCpu {
-            busy: self.busy - earlier.busy,
-            total: self.total - earlier.total,
+            busy: self.busy.saturating_sub(earlier.busy),
+            total: self.total.saturating_sub(earlier.total),
         }
     }
 
