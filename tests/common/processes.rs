@@ -15,8 +15,26 @@ pub fn login_user() -> &'static str {
 }
 
 /// A loopback port that was free a moment ago. Another process may take it
-/// before our daemon binds it, which is why daemon start-up retries.
+/// before our daemon binds it, which is why daemon start-up retries. It comes
+/// from below the kernel's ephemeral range (`ip_local_port_range`), from which
+/// the kernel also gives every outgoing connection (each `ssh`, the bastion's
+/// own connections upstream) its local port: a port picked there was taken by
+/// one of those before a bastion could bind it for its metrics, a port that no
+/// retry picks again.
 pub fn free_port() -> u16 {
+    let ephemeral_from = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(0);
+    const LOWEST: u16 = 10_000;
+    if ephemeral_from > LOWEST + 1_000 {
+        for _ in 0..100 {
+            let port = rand::random_range(LOWEST..ephemeral_from);
+            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("bind an ephemeral loopback port")
