@@ -204,7 +204,8 @@ impl SessionStore {
     /// up to a MiB of pieces ([`store::Backend::get_run`]: one round trip each on
     /// PostgreSQL, one `get` per piece on sled, whose range iterators keep what
     /// they read: a scan per batch took exporting 1 GiB from +63 to +306 MiB), so
-    /// a keystroke's batch costs two asks and a MiB of 8000-byte pieces eight.
+    /// a keystroke's batch costs two asks and a MiB of 8000-byte pieces eight,
+    /// after one `get` for a batch stored whole, as older recordings are.
     pub fn batch(&self, session: u64, index: u32) -> Result<Option<Vec<u8>>> {
         let seam = self.store.backend();
         // A batch stored whole under its own key, as recordings made before
