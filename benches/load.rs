@@ -23,7 +23,8 @@
 //! the hop), and each round's p99 so that a noisy round is visible.
 //!
 //! `BENCH_STORE=postgres` runs the bastion on PostgreSQL (a server started as the
-//! tests start it) instead of sled.
+//! tests start it, but with `fsync` on; `BENCH_PG_SETTINGS` adds server
+//! settings) instead of sled.
 //!
 //! `BENCH_SAMPLES=DIR` also writes every echo of every round to
 //! `DIR/ROUTE-N-ROUND.csv` (milliseconds since the round started, latency in ms)

@@ -14,8 +14,8 @@
 //! interleaved, the bastion's settings and allocator), reads them back a MiB of
 //! pieces at a time as a replay does (`Backend::get_run`), and prints: CPU
 //! seconds per GiB written, this process's and (on PostgreSQL, `PIECES_STORE=
-//! postgres`: a server the benchmark starts on loopback, `fsync` off) the
-//! server's; bytes passed to `write(2)` per byte until the final flush (`wchar`;
+//! postgres`: a server the benchmark starts on loopback, `fsync` on unless
+//! `BENCH_PG_SETTINGS=fsync=off`) the server's; bytes passed to `write(2)` per byte until the final flush (`wchar`;
 //! sled only: a lower bound of what sled writes, since its segment cleaner goes
 //! on afterwards); the store's size per byte once closed (sled: its data
 //! directory; PostgreSQL: the table with its TOAST and indexes); and the RSS
@@ -31,7 +31,7 @@ pub mod common;
 use std::io::Read;
 use std::process::Command;
 
-use common::{cpu_seconds, database_of, du_bytes, env_number, postgres, status_kib};
+use common::{bench_postgres, cpu_seconds, database_of, du_bytes, env_number, status_kib};
 use portcullis::store::{PgSettings, Settings, Store};
 
 /// The tree the pieces go to (a scratch store: nothing else is in it).
@@ -115,10 +115,10 @@ impl Measured {
                 database: None,
             };
         }
-        let url = postgres().fresh_database();
+        let url = bench_postgres().fresh_database();
         let settings = Settings::Postgres(PgSettings {
             url: url.clone(),
-            password_file: Some(postgres().password_file().to_path_buf()),
+            password_file: Some(bench_postgres().password_file().to_path_buf()),
             pool_size: portcullis::store::DEFAULT_POOL_SIZE,
             connect_timeout: portcullis::store::DEFAULT_CONNECT_TIMEOUT,
             ca_file: None,
@@ -136,7 +136,7 @@ impl Measured {
     fn server_cpu(&self) -> f64 {
         self.database
             .as_ref()
-            .map_or(0.0, |_| postgres().cpu_seconds())
+            .map_or(0.0, |_| bench_postgres().cpu_seconds())
     }
 
     /// What the store takes, closed.
@@ -149,7 +149,7 @@ impl Measured {
         drop(store);
         match database {
             None => du_bytes(dir.path()),
-            Some(name) => postgres()
+            Some(name) => bench_postgres()
                 .sql(&name, "SELECT pg_total_relation_size('kv')")
                 .parse()
                 .expect("the table's size"),

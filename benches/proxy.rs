@@ -36,8 +36,10 @@
 //! per route, default 21), `BENCH_ONLY=recording` (only the recording costs),
 //! `BENCH_PAYLOADS` (`zeros`, `random` or both, the default, comma-separated),
 //! `BENCH_STORE=postgres` (the bastion on a fresh database of a PostgreSQL server
-//! the benchmark starts, as the tests do, plus route `sled`, the same build on
-//! the embedded default; it also prints the database server's CPU; default `sled`),
+//! the benchmark starts, as the tests do but with `fsync` on, as in production;
+//! `BENCH_PG_SETTINGS` adds server settings, `fsync=off` measures as before
+//! 2026-11-28; plus route `sled`, the same build on the embedded default; it
+//! also prints the database server's CPU; default `sled`),
 //! `BENCH_BASELINE=PATH` (also measure another portcullis binary, e.g. a release
 //! build of an older commit, as route `baseline`, interleaved with the others, on
 //! the same keys, policies, target and backend (on PostgreSQL, a database of its
@@ -227,7 +229,10 @@ fn main() {
         Some(url) => {
             let database = common::database_of(url);
             let sql = "SELECT pg_database_size(current_database())";
-            common::postgres().sql(database, sql).parse().unwrap_or(0)
+            common::bench_postgres()
+                .sql(database, sql)
+                .parse()
+                .unwrap_or(0)
         }
         None => dir_size(&world.bastion.data_dir().join("db")),
     };
@@ -288,7 +293,7 @@ fn database_url(store_config: &str) -> Option<&str> {
 
 /// The PostgreSQL server's CPU seconds so far, when the bastion is on it.
 fn database_cpu(backend: &str) -> Option<f64> {
-    (backend == "postgres").then(|| common::postgres().cpu_seconds())
+    (backend == "postgres").then(|| common::bench_postgres().cpu_seconds())
 }
 
 /// A second bastion running `binary`, on this world's keys, policies, target and

@@ -33,10 +33,26 @@ pub struct Postgres {
     _shell: Mutex<(Child, ChildStdin)>,
 }
 
-/// The server, started on first use.
+/// The tests' server, started on first use, with `fsync` off: many tests
+/// share it, and none of them tests what reaches the disk.
 pub fn postgres() -> &'static Postgres {
     static SERVER: OnceLock<Postgres> = OnceLock::new();
-    SERVER.get_or_init(Postgres::start)
+    SERVER.get_or_init(|| Postgres::start(&["fsync=off"]))
+}
+
+/// The benchmarks' server, started on first use, with `fsync` on, as a
+/// production server runs (sled, on the other routes, syncs its writes too),
+/// and the settings in `BENCH_PG_SETTINGS` (`name=value` words, each passed
+/// as `-c`, e.g. `fsync=off`, as benchmarks before 2026-11-28 ran).
+pub fn bench_postgres() -> &'static Postgres {
+    static SERVER: OnceLock<Postgres> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        let extra = std::env::var("BENCH_PG_SETTINGS").unwrap_or_default();
+        let settings: Vec<&str> = std::iter::once("fsync=on")
+            .chain(extra.split_whitespace())
+            .collect();
+        Postgres::start(&settings)
+    })
 }
 
 /// The directory of the newest PostgreSQL's programs.
@@ -80,7 +96,9 @@ fn as_server(program: &Path) -> Command {
 }
 
 impl Postgres {
-    fn start() -> Postgres {
+    /// A server with `settings` (`name=value`, each passed as `-c`; a later one
+    /// wins).
+    fn start(settings: &[&str]) -> Postgres {
         let dir = tempfile::Builder::new()
             .prefix("portcullis-pg-")
             .tempdir()
@@ -127,8 +145,9 @@ impl Postgres {
             .arg("-k")
             .arg(&dir)
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-            // Many tests, each with a few pools, run at once; durability is not tested.
-            .args(["-c", "max_connections=300", "-c", "fsync=off"])
+            // Many tests, each with a few pools, run at once.
+            .args(["-c", "max_connections=300"])
+            .args(settings.iter().flat_map(|setting| ["-c", setting]))
             // TLS for the clients that ask (the others say sslmode=disable).
             .args(["-c", "ssl=on", "-c"])
             .arg(format!(
@@ -267,18 +286,19 @@ fn certificates(dir: &Path) -> PathBuf {
 
 /// The store a benchmark runs on, from `BENCH_STORE`: `sled` (the default: no
 /// extra config) or `postgres`. Returns the config lines and the backend's name.
+/// PostgreSQL is [`bench_postgres`].
 pub fn bench_store() -> (String, &'static str) {
-    store_chosen_by("BENCH_STORE")
+    store_chosen_by("BENCH_STORE", bench_postgres)
 }
 
 /// The `[store]` lines for the backend the environment variable `var` names:
-/// `sled` (or unset: none) or `postgres` (a fresh database on the test server,
-/// with the default pool). Also the backend's name.
-pub fn store_chosen_by(var: &str) -> (String, &'static str) {
+/// `sled` (or unset: none) or `postgres` (a fresh database on `server`, with
+/// the default pool). Also the backend's name.
+pub fn store_chosen_by(var: &str, server: fn() -> &'static Postgres) -> (String, &'static str) {
     match std::env::var(var).as_deref() {
         Err(_) | Ok("sled") => (String::new(), "sled"),
         Ok("postgres") => {
-            let server = postgres();
+            let server = server();
             let url = server.fresh_database();
             let config = format!(
                 "\n[store]\nbackend = \"postgres\"\nurl = \"{url}\"\npassword_file = \"{}\"\n",

@@ -85,7 +85,7 @@ impl World {
         // (scripts/test runs some suites that way too).
         let store = match options.extra_config.contains("[store]") {
             true => String::new(),
-            false => store_chosen_by("PORTCULLIS_TEST_STORE").0,
+            false => store_chosen_by("PORTCULLIS_TEST_STORE", postgres).0,
         };
         fs::write(
             root.join(EXTRA_CONFIG),
