@@ -15,9 +15,10 @@
 //! pieces at a time as a replay does (`Backend::get_run`), and prints: CPU
 //! seconds per GiB written, this process's and (on PostgreSQL, `PIECES_STORE=
 //! postgres`: a server the benchmark starts on loopback, `fsync` on unless
-//! `BENCH_PG_SETTINGS=fsync=off`) the server's; bytes passed to `write(2)` per byte until the final flush (`wchar`;
-//! sled only: a lower bound of what sled writes, since its segment cleaner goes
-//! on afterwards); the store's size per byte once closed (sled: its data
+//! `BENCH_PG_SETTINGS=fsync=off`) the server's; bytes passed to `write(2)` per
+//! byte until the final flush (`wchar`; sled only: a lower bound of what sled
+//! writes, since its segment cleaner goes on afterwards); the store's size per
+//! byte once closed (sled: its data
 //! directory; PostgreSQL: the table with its TOAST and indexes); and the RSS
 //! after writing and after reading (16 MiB of it is the random buffer the
 //! pieces are cut from, at rotating offsets: neither store compresses them, so
@@ -100,7 +101,7 @@ struct Measured {
     store: Store,
     /// The scratch directory (sled's data; PostgreSQL's is the server's).
     dir: tempfile::TempDir,
-    /// The database's name on the test server, on PostgreSQL.
+    /// The database's name on the benchmarks' server, on PostgreSQL.
     database: Option<String>,
 }
 

@@ -23,7 +23,10 @@
 //! routes are interleaved, and each run starts with the next route, so drift in
 //! machine load hits all of them alike and no route always follows the same one;
 //! against `sled` and `baseline` it also prints the median of the run-by-run
-//! ratios, with their range.
+//! ratios, with their range. For each portcullis route, from the bastion's
+//! `/metrics`, by direction: the seconds its relays waited for the recording to
+//! be written per GiB moved (the store set the pace then), and the mean store
+//! write.
 //!
 //! Then it measures what recording costs: the same `scp -O` download through a
 //! bastion that stores the transcript (`record_file_transfers = true`) and one that
@@ -66,6 +69,9 @@ struct Route {
     /// A portcullis route's bastion (process id, database directory), whose CPU
     /// time and database growth are measured.
     bastion: Option<(u32, std::path::PathBuf)>,
+    /// A portcullis route's metrics port, where its recording's waits and
+    /// writes are read.
+    metrics: Option<u16>,
 }
 
 impl Route {
@@ -95,6 +101,10 @@ struct Figures {
     /// bastion's last flush, counts in the next window.)
     machine_s_per_gib: [Vec<f64>; 2],
     machine_busy: [Vec<f64>; 2],
+    /// portcullis routes, download and upload: seconds the relay waited for the
+    /// recording to be written, per GiB moved, and the mean store write (ms).
+    store_wait_s_per_gib: [Vec<f64>; 2],
+    write_ms: [Vec<f64>; 2],
 }
 
 impl Figures {
@@ -112,6 +122,51 @@ impl Figures {
         self.machine_busy[direction].push(spent.busy_percent());
         now
     }
+
+    /// Adds what `route`'s recording waited and wrote since `before` during a
+    /// transfer of `mib` in `direction`; returns the totals now.
+    fn add_recording(
+        &mut self,
+        direction: usize,
+        route: &Route,
+        before: Option<Recording>,
+        mib: u64,
+    ) -> Option<Recording> {
+        let now = route.metrics.and_then(recording);
+        if let (Some(now), Some(before)) = (now, before) {
+            let waited = now.wait_seconds - before.wait_seconds;
+            self.store_wait_s_per_gib[direction].push(waited * 1024.0 / mib as f64);
+            let writes = now.writes - before.writes;
+            if writes > 0.0 {
+                let took = now.write_seconds - before.write_seconds;
+                self.write_ms[direction].push(took * 1000.0 / writes);
+            }
+        }
+        now
+    }
+}
+
+/// A bastion's recording totals, from its `/metrics`.
+#[derive(Clone, Copy)]
+struct Recording {
+    wait_seconds: f64,
+    writes: f64,
+    write_seconds: f64,
+}
+
+/// The recording totals of the bastion whose metrics are on `port`; `None` for
+/// a build without them (an older `baseline`).
+fn recording(port: u16) -> Option<Recording> {
+    let (_, body) = common::http_get(port, "/metrics");
+    let value = |name: &str| {
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    };
+    Some(Recording {
+        wait_seconds: value("portcullis_recording_wait_seconds_total")?,
+        writes: value("portcullis_recording_writes_total")?,
+        write_seconds: value("portcullis_recording_write_seconds_total")?,
+    })
 }
 
 /// What the transfers carry: a file on the (local) target, read from page cache.
@@ -132,8 +187,9 @@ fn main() {
     let (store_config, backend) = common::bench_store();
     // The store is this bastion's own setting, so that the `sled` route below (same
     // build, embedded default) can run next to it in the same run.
+    let metrics = common::free_port();
     let world = World::start_with(WorldOptions {
-        node_config: store_config.clone(),
+        node_config: format!("{}{store_config}", metrics_listen(metrics)),
         ..WorldOptions::default()
     });
     // Direct ssh and ProxyJump log in to the target with alice's own key; portcullis
@@ -143,9 +199,15 @@ fn main() {
     let baseline = std::env::var_os("BENCH_BASELINE").map(|bin| baseline_bastion(&world, &bin));
     // On PostgreSQL, the same build on sled runs as route `sled`: the backend's
     // cost is the `portcullis/sled` row of one run.
-    let on_sled = (backend == "postgres")
-        .then(|| world.another_node("sled", Path::new(common::Bastion::binary()), ""));
-    let mut routes = routes(&client_config, &world, &jump);
+    let on_sled = (backend == "postgres").then(|| {
+        let metrics = common::free_port();
+        let binary = Path::new(common::Bastion::binary());
+        (
+            world.another_node("sled", binary, &metrics_listen(metrics)),
+            metrics,
+        )
+    });
+    let mut routes = routes(&client_config, &world, &jump, metrics);
     for (name, other) in [("baseline", &baseline), ("sled", &on_sled)] {
         if let Some(other) = other {
             routes.push(other_bastion_route(name, other, &client_config, &world));
@@ -185,12 +247,15 @@ fn main() {
                     .map(|(pid, db)| (cpu_seconds(*pid), dir_size(db)));
                 let db_before = database_cpu(backend);
                 let machine = common::MachineCpu::now();
+                let recorded = route.metrics.and_then(recording);
                 fig.download_mib_s
                     .push(mib as f64 / download(route, &payload.path, bytes));
                 let machine = fig.add_machine(0, machine, mib);
+                let recorded = fig.add_recording(0, route, recorded, mib);
                 fig.upload_mib_s
                     .push(mib as f64 / upload(route, &payload.path, bytes));
                 fig.add_machine(1, machine, mib);
+                fig.add_recording(1, route, recorded, mib);
                 if let (Some((pid, db)), Some((cpu, size))) = (&route.bastion, before) {
                     // Sessions are sealed when ssh exits; sled flushes within 200 ms.
                     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -218,6 +283,7 @@ fn main() {
         println!("\n{} ({mib} MiB of {})", payload.name, payload.name);
         print_paired(&routes, &figures);
         print_table(&routes, &mut figures);
+        print_recording(&routes, &mut figures);
     }
     let mut world = world;
     world.restart_bastion_after(true, |_| {});
@@ -264,10 +330,16 @@ fn rotated<T>(routes: impl Iterator<Item = T>, run: usize) -> impl Iterator<Item
     routes.into_iter()
 }
 
-/// The route through `bastion`, another portcullis process on this world's keys.
+/// `metrics_listen` on `port`, a line for the top of a bastion's config.
+fn metrics_listen(port: u16) -> String {
+    format!("metrics_listen = \"127.0.0.1:{port}\"\n")
+}
+
+/// The route through `bastion`, another portcullis process on this world's keys,
+/// with its metrics on `metrics`.
 fn other_bastion_route(
     name: &'static str,
-    bastion: &common::Bastion,
+    (bastion, metrics): &(common::Bastion, u16),
     client_config: &Path,
     world: &World,
 ) -> Route {
@@ -282,6 +354,7 @@ fn other_bastion_route(
             world.target_user(),
         ]),
         bastion: Some((bastion.pid(), bastion.data_dir().join("db"))),
+        metrics: Some(*metrics),
     }
 }
 
@@ -298,13 +371,18 @@ fn database_cpu(backend: &str) -> Option<f64> {
 
 /// A second bastion running `binary`, on this world's keys, policies, target and
 /// backend (a fresh database of its own on PostgreSQL).
-fn baseline_bastion(world: &World, binary: &std::ffi::OsStr) -> common::Bastion {
+fn baseline_bastion(world: &World, binary: &std::ffi::OsStr) -> (common::Bastion, u16) {
     println!(
         "baseline: {} (route `baseline`)",
         Path::new(binary).display()
     );
     let (store_config, _) = common::bench_store();
-    world.another_node("baseline", Path::new(binary), &store_config)
+    let metrics = common::free_port();
+    let config = format!("{}{store_config}", metrics_listen(metrics));
+    (
+        world.another_node("baseline", Path::new(binary), &config),
+        metrics,
+    )
 }
 
 /// A payload file of `bytes` from `source`, in the world's directory.
@@ -472,8 +550,9 @@ fn time_to_first_byte(world: &World, command: &[&str]) -> f64 {
     elapsed
 }
 
-/// The three routes to the same target sshd.
-fn routes(config: &Path, world: &World, jump: &Sshd) -> Vec<Route> {
+/// The three routes to the same target sshd (the bastion's metrics on
+/// `metrics`).
+fn routes(config: &Path, world: &World, jump: &Sshd, metrics: u16) -> Vec<Route> {
     let login = login_user();
     let base = |port: u16, user: &str| -> Vec<String> {
         vec![
@@ -492,16 +571,19 @@ fn routes(config: &Path, world: &World, jump: &Sshd) -> Vec<Route> {
             name: "direct",
             ssh_args: with_host(base(world.sshd.port(), login)),
             bastion: None,
+            metrics: None,
         },
         Route {
             name: "proxyjump",
             ssh_args: with_host(proxyjump),
             bastion: None,
+            metrics: None,
         },
         Route {
             name: "portcullis",
             ssh_args: with_host(base(world.bastion.port(), &world.target_user())),
             bastion: Some((world.bastion.pid(), world.bastion.data_dir().join("db"))),
+            metrics: Some(metrics),
         },
     ]
 }
@@ -700,6 +782,28 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
         if routes.iter().any(|r| r.name == other) {
             ratio(&format!("portcullis/{other}"), by_name(other));
         }
+    }
+}
+
+/// What the portcullis routes' relays waited for their recordings, per GiB, and
+/// how long a store write took (medians over the transfers).
+fn print_recording(routes: &[Route], figures: &mut [Figures]) {
+    println!(
+        "{:<22} {:>28} {:>24}",
+        "recording (median)", "store wait s/GiB down/up", "write ms down/up"
+    );
+    for (route, fig) in routes.iter().zip(figures.iter_mut()) {
+        if fig.store_wait_s_per_gib[0].is_empty() {
+            continue;
+        }
+        let [wait_down, wait_up] = &mut fig.store_wait_s_per_gib;
+        let [write_down, write_up] = &mut fig.write_ms;
+        println!(
+            "{:<22} {:>28} {:>24}",
+            route.name,
+            format!("{:.2} / {:.2}", median(wait_down), median(wait_up)),
+            format!("{:.1} / {:.1}", median(write_down), median(write_up)),
+        );
     }
 }
 

@@ -7,6 +7,7 @@
 //! `disk nearly full: …` below `min_free_disk` (new sessions are refused then).
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -27,6 +28,9 @@ pub struct Metrics {
     active_sessions: Gauge,
     pending_requests: Gauge,
     recording_queue_bytes: Gauge,
+    recording_wait_seconds: Counter<f64, AtomicU64>,
+    recording_writes: Counter,
+    recording_write_seconds: Counter<f64, AtomicU64>,
     relay_memory_bytes: Gauge,
     tasks_alive: Gauge,
     open_fds: Gauge,
@@ -45,6 +49,9 @@ impl Default for Metrics {
             active_sessions: Gauge::default(),
             pending_requests: Gauge::default(),
             recording_queue_bytes: Gauge::default(),
+            recording_wait_seconds: Counter::default(),
+            recording_writes: Counter::default(),
+            recording_write_seconds: Counter::default(),
             relay_memory_bytes: Gauge::default(),
             tasks_alive: Gauge::default(),
             open_fds: Gauge::default(),
@@ -97,6 +104,21 @@ impl Metrics {
             self.recording_queue_bytes.clone(),
         );
         r.register(
+            "recording_wait_seconds",
+            "Time relays waited for their recordings to be written: the store is slower than the sessions",
+            self.recording_wait_seconds.clone(),
+        );
+        r.register(
+            "recording_writes",
+            "Transcript writes to the store",
+            self.recording_writes.clone(),
+        );
+        r.register(
+            "recording_write_seconds",
+            "Time the transcript writes to the store took",
+            self.recording_write_seconds.clone(),
+        );
+        r.register(
             "relay_memory_bytes",
             "Session bytes held beyond their own allowances, charged to [limits] relay_memory",
             self.relay_memory_bytes.clone(),
@@ -112,6 +134,16 @@ impl Metrics {
         self.pending_requests.set(now.pending_requests as i64);
         self.recording_queue_bytes
             .set(now.recording_queue_bytes as i64);
+        // Counters from totals the recorder keeps: each scrape adds what grew.
+        let grown = |counter: &Counter<f64, AtomicU64>, total: f64| {
+            counter.inc_by((total - counter.get()).max(0.0));
+        };
+        grown(&self.recording_wait_seconds, now.recording_wait_seconds);
+        grown(&self.recording_write_seconds, now.recording_write_seconds);
+        let writes = now
+            .recording_writes
+            .saturating_sub(self.recording_writes.get());
+        self.recording_writes.inc_by(writes);
         self.relay_memory_bytes.set(now.relay_memory_bytes as i64);
         self.tasks_alive.set(now.tasks_alive as i64);
         let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
@@ -128,6 +160,10 @@ pub struct Snapshot {
     pub live_sessions: usize,
     pub pending_requests: usize,
     pub recording_queue_bytes: u64,
+    /// Totals since start (the recorder's `RecordingTotals`).
+    pub recording_wait_seconds: f64,
+    pub recording_writes: u64,
+    pub recording_write_seconds: f64,
     pub relay_memory_bytes: usize,
     pub tasks_alive: usize,
     /// Why the bastion should get no new users right now (`/healthz` answers 503

@@ -102,6 +102,18 @@ fn metrics_and_health_describe_the_bastion() {
     assert_eq!(m["portcullis_active_sessions"], 0.0, "{m:?}");
     assert_eq!(m["portcullis_upstream_connect_seconds_count"], 1.0, "{m:?}");
     assert!(m.contains_key("portcullis_recording_queue_bytes"), "{m:?}");
+    // The session's recording was written; no relay waited for it.
+    assert!(
+        wait_until(Duration::from_secs(5), || metric(
+            port,
+            "portcullis_recording_writes_total"
+        ) >= 1.0),
+        "{:?}",
+        metrics(port)
+    );
+    let m = metrics(port);
+    assert!(m["portcullis_recording_write_seconds_total"] > 0.0, "{m:?}");
+    assert_eq!(m["portcullis_recording_wait_seconds_total"], 0.0, "{m:?}");
     assert!(
         m["portcullis_tasks_alive"] > 0.0 && m["portcullis_open_fds"] > 0.0,
         "{m:?}"

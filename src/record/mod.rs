@@ -261,6 +261,45 @@ pub struct Recorder {
     node: String,
     /// Watches of live sessions running now (at most [`WATCHES_MAX`]).
     watch_slots: Slots,
+    /// What relays waited for the store, and what its writes took.
+    totals: Arc<Totals>,
+}
+
+/// What relays waited for their recordings to be written and what the store's
+/// writes took, since start: an operator's sign that the store, not the
+/// network, sets the pace of bulk sessions (`/metrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RecordingTotals {
+    /// Time relays waited for room in their recording (its unflushed bytes at
+    /// [`PENDING_CAP`], or the bastion's recording memory spent).
+    pub waited: Duration,
+    /// Transcript writes to the store that ended, landed or not.
+    pub writes: u64,
+    /// The time those writes took.
+    pub writing: Duration,
+}
+
+/// [`RecordingTotals`] as they are counted, in nanoseconds.
+#[derive(Default)]
+struct Totals {
+    waited_ns: AtomicU64,
+    writes: AtomicU64,
+    writing_ns: AtomicU64,
+}
+
+impl Totals {
+    fn waited(&self, time: Duration) {
+        self.waited_ns.fetch_add(nanos(time), Ordering::Relaxed);
+    }
+
+    fn wrote(&self, time: Duration) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+        self.writing_ns.fetch_add(nanos(time), Ordering::Relaxed);
+    }
+}
+
+fn nanos(time: Duration) -> u64 {
+    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A session id taken from the counter before connecting to the target (so the
@@ -385,7 +424,18 @@ impl Recorder {
             memory: Budget::new(crate::budget::DEFAULT_LIMIT),
             node: String::new(),
             watch_slots: Slots::default(),
+            totals: Arc::default(),
         })
+    }
+
+    /// What relays waited for the store and what its writes took, so far.
+    pub fn totals(&self) -> RecordingTotals {
+        let totals = &self.totals;
+        RecordingTotals {
+            waited: Duration::from_nanos(totals.waited_ns.load(Ordering::Relaxed)),
+            writes: totals.writes.load(Ordering::Relaxed),
+            writing: Duration::from_nanos(totals.writing_ns.load(Ordering::Relaxed)),
+        }
     }
 
     /// The same recorder writing `node` into the sessions it starts.
@@ -1094,10 +1144,12 @@ impl SessionRecorder {
             }
             // The disk is behind (or the budget is spent): wait for a flush.
             self.live.flush_now.notify_one();
+            let waiting = Instant::now();
             tokio::select! {
                 _ = room => {}
                 _ = freed => {}
             }
+            self.recorder.totals.waited(waiting.elapsed());
         }
     }
 
@@ -1352,7 +1404,7 @@ impl Flusher {
     /// those that landed, so the caller lands the previous write first). The
     /// write holds `writer` until it is done.
     fn write(&self, work: Work, slice: Footprint, writer: OwnedSemaphorePermit) -> InFlight {
-        let store = self.recorder.store.clone();
+        let (store, totals) = (self.recorder.store.clone(), self.recorder.totals.clone());
         let (id, first, digest) = (self.record.id, self.record.batches, self.digest.clone());
         let task = tokio::task::spawn_blocking(move || {
             let _writer = writer;
@@ -1360,7 +1412,10 @@ impl Flusher {
                 Work::Chunks(chunks) => encode_runs(&chunks),
                 Work::Encoded(batches) => batches,
             };
-            store_runs(&store, id, first, digest, batches)
+            let writing = Instant::now();
+            let landed = store_runs(&store, id, first, digest, batches);
+            totals.wrote(writing.elapsed());
+            landed
         });
         InFlight { task, slice }
     }
@@ -1664,6 +1719,45 @@ mod tests {
             );
         }
         assert!(recorder.queued_bytes() <= BATCH_BYTES);
+    }
+
+    /// A relay that waits for its recording to be written counts the wait (here
+    /// the recording memory is spent and both writer slots are taken, as when
+    /// the disk is behind), and every write counts with its time (`/metrics`).
+    #[tokio::test]
+    async fn waits_for_the_store_and_its_writes_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
+        let recorder = Arc::new(
+            Recorder::open(store, true, false)
+                .unwrap()
+                .with_memory(Budget::new(0)),
+        );
+        let session = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        assert_eq!(recorder.totals(), RecordingTotals::default());
+        let disk = recorder
+            .writers
+            .clone()
+            .acquire_many_owned(WRITERS as u32)
+            .await
+            .unwrap();
+        let batch = Bytes::from(vec![b'x'; BATCH_BYTES]);
+        session.output(Stream::Stdout, &batch).await;
+        let behind = Duration::from_millis(200);
+        let catching_up = tokio::spawn(async move {
+            tokio::time::sleep(behind).await;
+            drop(disk);
+        });
+        session.output(Stream::Stdout, &batch).await;
+        catching_up.await.unwrap();
+        let totals = recorder.totals();
+        assert!(totals.waited >= behind / 2, "{totals:?}");
+        assert!(totals.writes >= 1, "{totals:?}");
+        assert!(totals.writing > Duration::ZERO, "{totals:?}");
+        let (_, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
+        assert_eq!(error, None);
     }
 
     /// Megabytes of mixed output go to the store in slices, each encoded while

@@ -44,10 +44,14 @@ impl crate::metrics::Source for MetricsSource {
 
     fn snapshot(&self) -> crate::metrics::Snapshot {
         let state = &self.state;
+        let recording = state.recorder.totals();
         crate::metrics::Snapshot {
             live_sessions: *state.live_sessions.borrow(),
             pending_requests: state.grants.pending_count(),
             recording_queue_bytes: state.recorder.queued_bytes() as u64,
+            recording_wait_seconds: recording.waited.as_secs_f64(),
+            recording_writes: recording.writes,
+            recording_write_seconds: recording.writing.as_secs_f64(),
             relay_memory_bytes: state.memory.used(),
             tasks_alive: self.runtime.metrics().num_alive_tasks(),
             unhealthy: unhealthy(state),

@@ -97,7 +97,7 @@ fn as_server(program: &Path) -> Command {
 
 impl Postgres {
     /// A server with `settings` (`name=value`, each passed as `-c`; a later one
-    /// wins).
+    /// wins), then the TLS settings every test server has.
     fn start(settings: &[&str]) -> Postgres {
         let dir = tempfile::Builder::new()
             .prefix("portcullis-pg-")
