@@ -5,7 +5,7 @@
 //! in-memory batch (a `Bytes` clone, no copy) and wakes the session's flusher task.
 //! The flusher frames, compresses and writes batches to the `chunks` tree at least
 //! every [`FLUSH_INTERVAL`], off the relay's path. Memory stays bounded: when a batch
-//! grows past [`PENDING_CAP`] (the disk is slower than the session), the relay waits
+//! grows past [`Recorder::pending_cap`] (the disk is slower than the session), the relay waits
 //! for the flusher instead of buffering more.
 //!
 //! If a batch cannot be written, the session fails closed: [`SessionRecorder::failed`]
@@ -82,14 +82,15 @@ const BATCH_BYTES: usize = 1024 * 1024;
 /// (`benches/proxy.rs` measures it; see the README's Performance section).
 const STORED_VALUE_BYTES: usize = 64 * 1024;
 
-/// Pending bytes the flusher takes as one slice, and stored bytes per write (see
-/// [`writes`]).
-const WRITE_BYTES: usize = 1024 * 1024;
-
 /// Unflushed bytes per session beyond which the relay waits for the flusher (those
 /// over [`BATCH_BYTES`] are also charged to the bastion's memory budget, and when
-/// that is spent the relay waits at [`BATCH_BYTES`]).
+/// that is spent the relay waits at [`BATCH_BYTES`]), or [`PENDING_WRITES`]
+/// writes when the store writes more at once ([`Recorder::pending_cap`]).
 const PENDING_CAP: usize = 8 * 1024 * 1024;
+
+/// Writes of unflushed bytes a session may hold, at least: room for the write
+/// under way, the slice encoded meanwhile, and the relay's next bytes.
+const PENDING_WRITES: usize = 4;
 
 /// Slices encoded or being written at once, across all sessions (an encoded
 /// slice keeps its slot until its write ends; one session may use both, one
@@ -263,6 +264,12 @@ pub struct Recorder {
     watch_slots: Slots,
     /// What relays waited for the store, and what its writes took.
     totals: Arc<Totals>,
+    /// Pending bytes the flusher takes as one slice, and stored bytes per write
+    /// (see [`writes`]): the store's [`crate::store::Backend::write_bytes`].
+    write_bytes: usize,
+    /// Unflushed bytes per session beyond which the relay waits: [`PENDING_CAP`],
+    /// or [`PENDING_WRITES`] writes.
+    pending_cap: usize,
 }
 
 /// What relays waited for their recordings to be written and what the store's
@@ -271,7 +278,7 @@ pub struct Recorder {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RecordingTotals {
     /// Time relays waited for room in their recording (its unflushed bytes at
-    /// [`PENDING_CAP`], or the bastion's recording memory spent).
+    /// [`Recorder::pending_cap`], or the bastion's recording memory spent).
     pub waited: Duration,
     /// Transcript writes to the store that ended, landed or not.
     pub writes: u64,
@@ -412,6 +419,7 @@ impl Recorder {
         record_input: bool,
         record_file_transfers: bool,
     ) -> Result<Recorder, StoreError> {
+        let write_bytes = store.backend().write_bytes();
         Ok(Recorder {
             store: SessionStore::open(store)?,
             writers: Arc::new(Semaphore::new(WRITERS)),
@@ -425,6 +433,8 @@ impl Recorder {
             node: String::new(),
             watch_slots: Slots::default(),
             totals: Arc::default(),
+            write_bytes,
+            pending_cap: PENDING_CAP.max(PENDING_WRITES * write_bytes),
         })
     }
 
@@ -1125,8 +1135,8 @@ impl SessionRecorder {
                 let failed = self.live.failure.borrow().is_some();
                 // An empty batch always takes one chunk, so a session never waits on
                 // other sessions' memory for ever.
-                let fits =
-                    pending.bytes == 0 || (total <= PENDING_CAP && pending.account.hold(total));
+                let fits = pending.bytes == 0
+                    || (total <= self.recorder.pending_cap && pending.account.hold(total));
                 if failed || fits {
                     pending.bytes = total;
                     if chunk.stream == Stream::Stdin {
@@ -1250,7 +1260,7 @@ struct Flushed {
 }
 
 /// Writes a session's chunks until it is finished (or the store fails), in slices
-/// of about [`WRITE_BYTES`] taken in order. Two slices are on their way at once:
+/// of about [`Recorder::write_bytes`] taken in order. Two slices are on their way at once:
 /// while one is hashed and written, the next is encoded, so the bastion's work and
 /// the store's overlap instead of taking turns (a serial flusher left the relay
 /// waiting for a third of a bulk transfer). Writes still land one after the other,
@@ -1326,7 +1336,7 @@ impl Flusher {
         loop {
             let (waiting, finished) = self.waiting();
             due |= finished;
-            if waiting >= WRITE_BYTES || (due && waiting > 0) {
+            if waiting >= self.recorder.write_bytes || (due && waiting > 0) {
                 let (chunks, slice, rest) = self.take();
                 due = due && rest > 0;
                 let next = match writing.take() {
@@ -1377,13 +1387,13 @@ impl Flusher {
         (pending.bytes - pending.taken.held, pending.finished)
     }
 
-    /// The next pending chunks no slice has taken, about [`WRITE_BYTES`] of them,
+    /// The next pending chunks no slice has taken, about [`Recorder::write_bytes`] of them,
     /// what they hold, and the bytes left untaken after them.
     fn take(&self) -> (Vec<Chunk>, Footprint, usize) {
         let mut pending = self.live.inner.lock().expect("recording lock poisoned");
         let chunks = cut(
             &pending.chunks[pending.taken.chunks..],
-            WRITE_BYTES,
+            self.recorder.write_bytes,
             held_by,
         )
         .next()
@@ -1406,6 +1416,7 @@ impl Flusher {
     fn write(&self, work: Work, slice: Footprint, writer: OwnedSemaphorePermit) -> InFlight {
         let (store, totals) = (self.recorder.store.clone(), self.recorder.totals.clone());
         let (id, first, digest) = (self.record.id, self.record.batches, self.digest.clone());
+        let write_bytes = self.recorder.write_bytes;
         let task = tokio::task::spawn_blocking(move || {
             let _writer = writer;
             let batches = match work {
@@ -1413,7 +1424,7 @@ impl Flusher {
                 Work::Encoded(batches) => batches,
             };
             let writing = Instant::now();
-            let landed = store_runs(&store, id, first, digest, batches);
+            let landed = store_runs(&store, (id, first), digest, batches, write_bytes);
             totals.wrote(writing.elapsed());
             landed
         });
@@ -1519,17 +1530,17 @@ impl Landed {
     }
 }
 
-/// Stores `stored` as batches `first`, `first + 1`, … in writes of about
-/// [`WRITE_BYTES`]. The digest takes in a write's batches only once the write has
-/// landed; a batch moves into the store without a copy.
+/// Stores `stored` as batches `first`, `first + 1`, … of session `id` in writes
+/// of about `write_bytes`. The digest takes in a write's batches only once the
+/// write has landed; a batch moves into the store without a copy.
 fn store_runs(
     store: &SessionStore,
-    id: u64,
-    first: u32,
+    (id, first): (u64, u32),
     mut digest: TranscriptDigest,
     mut stored: Vec<Vec<u8>>,
+    write_bytes: usize,
 ) -> Landed {
-    let counts: Vec<usize> = writes(&stored).map(<[Vec<u8>]>::len).collect();
+    let counts: Vec<usize> = writes(&stored, write_bytes).map(<[Vec<u8>]>::len).collect();
     let mut rest = stored.drain(..);
     let (mut batches, mut bytes) = (0, 0);
     for count in counts {
@@ -1561,12 +1572,12 @@ fn store_runs(
     }
 }
 
-/// Cuts a flush's stored batches into writes of about [`WRITE_BYTES`], each batch
+/// Cuts a flush's stored batches into writes of about `write_bytes`, each batch
 /// whole in one write (a crash keeps whole batches, which recovery counts). One
 /// write per flush would hold sled's process-wide write lock, or one PostgreSQL
-/// statement, for as long as a flush of up to [`PENDING_CAP`] takes.
-fn writes(batches: &[Vec<u8>]) -> impl Iterator<Item = &[Vec<u8>]> {
-    cut(batches, WRITE_BYTES, Vec::len)
+/// statement, for as long as a flush of up to [`Recorder::pending_cap`] takes.
+fn writes(batches: &[Vec<u8>], write_bytes: usize) -> impl Iterator<Item = &[Vec<u8>]> {
+    cut(batches, write_bytes, Vec::len)
 }
 
 /// What one unflushed chunk holds in memory: its bytes and its own slot. Empty
@@ -1679,7 +1690,9 @@ mod tests {
         recorder.store.fail_batch_writes_after(1);
         // Three incompressible batches of a MiB in one flush: three writes.
         for _ in 0..3 {
-            let random: Vec<u8> = (0..WRITE_BYTES).map(|_| rand::random::<u8>()).collect();
+            let random: Vec<u8> = (0..recorder.write_bytes)
+                .map(|_| rand::random::<u8>())
+                .collect();
             session.output(Stream::Stdout, &Bytes::from(random)).await;
         }
         injected_failure(&session).await;
