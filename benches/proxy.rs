@@ -25,8 +25,8 @@
 //! against `sled` and `baseline` it also prints the median of the run-by-run
 //! ratios, with their range. For each portcullis route, from the bastion's
 //! `/metrics`, by direction: the seconds its relays waited for the recording to
-//! be written per GiB moved (the store set the pace then), and the mean store
-//! write.
+//! be written per GiB moved (the store set the pace then), the seconds the
+//! store's writes took per GiB, and the mean store write.
 //!
 //! Then it measures what recording costs: the same `scp -O` download through a
 //! bastion that stores the transcript (`record_file_transfers = true`) and one that
@@ -102,8 +102,11 @@ struct Figures {
     machine_s_per_gib: [Vec<f64>; 2],
     machine_busy: [Vec<f64>; 2],
     /// portcullis routes, download and upload: seconds the relay waited for the
-    /// recording to be written, per GiB moved, and the mean store write (ms).
+    /// recording to be written and seconds the store's writes took, per GiB
+    /// moved, and the mean store write (ms; its size depends on the backend and
+    /// on how far behind the store was).
     store_wait_s_per_gib: [Vec<f64>; 2],
+    write_s_per_gib: [Vec<f64>; 2],
     write_ms: [Vec<f64>; 2],
 }
 
@@ -134,11 +137,13 @@ impl Figures {
     ) -> Option<Recording> {
         let now = route.metrics.and_then(recording);
         if let (Some(now), Some(before)) = (now, before) {
+            let per_gib = |seconds: f64| seconds * 1024.0 / mib as f64;
             let waited = now.wait_seconds - before.wait_seconds;
-            self.store_wait_s_per_gib[direction].push(waited * 1024.0 / mib as f64);
+            self.store_wait_s_per_gib[direction].push(per_gib(waited));
+            let took = now.write_seconds - before.write_seconds;
+            self.write_s_per_gib[direction].push(per_gib(took));
             let writes = now.writes - before.writes;
             if writes > 0.0 {
-                let took = now.write_seconds - before.write_seconds;
                 self.write_ms[direction].push(took * 1000.0 / writes);
             }
         }
@@ -785,24 +790,29 @@ fn print_table(routes: &[Route], figures: &mut [Figures]) {
     }
 }
 
-/// What the portcullis routes' relays waited for their recordings, per GiB, and
-/// how long a store write took (medians over the transfers).
+/// What the portcullis routes' relays waited for their recordings and what the
+/// store's writes took, per GiB, and the mean write (medians over the transfers).
 fn print_recording(routes: &[Route], figures: &mut [Figures]) {
     println!(
-        "{:<22} {:>28} {:>24}",
-        "recording (median)", "store wait s/GiB down/up", "write ms down/up"
+        "{:<22} {:>28} {:>28} {:>24}",
+        "recording (median)",
+        "store wait s/GiB down/up",
+        "store write s/GiB down/up",
+        "mean write ms down/up"
     );
     for (route, fig) in routes.iter().zip(figures.iter_mut()) {
         if fig.store_wait_s_per_gib[0].is_empty() {
             continue;
         }
-        let [wait_down, wait_up] = &mut fig.store_wait_s_per_gib;
-        let [write_down, write_up] = &mut fig.write_ms;
+        let pair = |[down, up]: &mut [Vec<f64>; 2], decimals: usize| {
+            format!("{:.decimals$} / {:.decimals$}", median(down), median(up))
+        };
         println!(
-            "{:<22} {:>28} {:>24}",
+            "{:<22} {:>28} {:>28} {:>24}",
             route.name,
-            format!("{:.2} / {:.2}", median(wait_down), median(wait_up)),
-            format!("{:.1} / {:.1}", median(write_down), median(write_up)),
+            pair(&mut fig.store_wait_s_per_gib, 2),
+            pair(&mut fig.write_s_per_gib, 2),
+            pair(&mut fig.write_ms, 1),
         );
     }
 }

@@ -1423,10 +1423,7 @@ impl Flusher {
                 Work::Chunks(chunks) => encode_runs(&chunks),
                 Work::Encoded(batches) => batches,
             };
-            let writing = Instant::now();
-            let landed = store_runs(&store, (id, first), digest, batches, write_bytes);
-            totals.wrote(writing.elapsed());
-            landed
+            store_runs(&store, (id, first), digest, batches, (write_bytes, &totals))
         });
         InFlight { task, slice }
     }
@@ -1531,14 +1528,15 @@ impl Landed {
 }
 
 /// Stores `stored` as batches `first`, `first + 1`, … of session `id` in writes
-/// of about `write_bytes`. The digest takes in a write's batches only once the
-/// write has landed; a batch moves into the store without a copy.
+/// of about `write_bytes`, each counted in `totals` with its time. The digest
+/// takes in a write's batches only once the write has landed; a batch moves into
+/// the store without a copy.
 fn store_runs(
     store: &SessionStore,
     (id, first): (u64, u32),
     mut digest: TranscriptDigest,
     mut stored: Vec<Vec<u8>>,
-    write_bytes: usize,
+    (write_bytes, totals): (usize, &Totals),
 ) -> Landed {
     let counts: Vec<usize> = writes(&stored, write_bytes).map(<[Vec<u8>]>::len).collect();
     let mut rest = stored.drain(..);
@@ -1550,10 +1548,12 @@ fn store_runs(
         let size: u64 = write.iter().map(|batch| batch.len() as u64).sum();
         // A panic in the store is a failed write, counted with what landed before
         // it, so the seal still matches the store.
+        let writing = Instant::now();
         let put = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             store.put_batches(id, first + batches, write)
         }))
         .unwrap_or_else(|_| Err(StoreError::Backend("the store panicked".into())));
+        totals.wrote(writing.elapsed());
         if let Err(error) = put {
             return Landed {
                 digest: Some(digest),
@@ -1769,6 +1769,10 @@ mod tests {
         assert!(totals.waited >= behind / 2, "{totals:?}");
         assert!(totals.writes >= 1, "{totals:?}");
         assert!(totals.writing > Duration::ZERO, "{totals:?}");
+        assert!(
+            totals.writing < behind / 2,
+            "the writes, not the wait for a slot: {totals:?}"
+        );
         let (_, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
         assert_eq!(error, None);
     }

@@ -1232,10 +1232,11 @@ impl Backend for PgBackend {
         LARGEST_PIECE_BYTES
     }
 
-    /// 4 MiB: a `COPY` of 4 MiB took 9.8 to 14.0 ms per MiB where one of a MiB
-    /// took 13.6 to 16.0 (`benches/proxy.rs`, the server with `fsync` on), and a
-    /// bulk session moved 1.08 to 1.21× as fast down and 1.03 to 1.12× up
-    /// (README, Performance, "Writes of 4 MiB on PostgreSQL").
+    /// 4 MiB: a quarter of the statements, commits and round trips of writes of
+    /// a MiB. A bulk session's relay waited for the store half as long
+    /// downloading and a fifth less uploading, and moved 1.08 to 1.21× as fast
+    /// down and 1.03 to 1.12× up (`benches/proxy.rs`, the server with `fsync`
+    /// on; README, Performance, "Writes of 4 MiB on PostgreSQL").
     fn write_bytes(&self) -> usize {
         4 * 1024 * 1024
     }

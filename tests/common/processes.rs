@@ -1,6 +1,9 @@
 //! Running and watching processes: commands with a deadline, daemons and
 //! background clients that die with the test, and small helpers for their output.
 
+use std::collections::BTreeSet;
+use std::sync::{Mutex, PoisonError};
+
 use super::*;
 
 /// The unix user the tests run as; it is the login used on the target
@@ -14,31 +17,46 @@ pub fn login_user() -> &'static str {
     })
 }
 
-/// A loopback port that was free a moment ago. Another process may take it
-/// before our daemon binds it, which is why daemon start-up retries. It comes
-/// from below the kernel's ephemeral range (`ip_local_port_range`), from which
-/// the kernel also gives every outgoing connection (each `ssh`, the bastion's
-/// own connections upstream) its local port: a port picked there was taken by
-/// one of those before a bastion could bind it for its metrics, a port that no
-/// retry picks again.
+/// A loopback port that was free a moment ago, and that this test binary has
+/// not handed out before. Another process may take it before our daemon binds
+/// it, which is why daemon start-up retries. It comes from below the kernel's
+/// ephemeral range (`ip_local_port_range`), from which the kernel also gives
+/// every outgoing connection (each `ssh`, the bastion's own connections
+/// upstream) its local port: a port picked there was taken by one of those
+/// before a bastion could bind it for its metrics, a port that no retry picks
+/// again. Never twice in one binary: two tests that started at once picked the
+/// same random port, one daemon failed to bind it, and the other's answered
+/// its start-up probe in its place.
 pub fn free_port() -> u16 {
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let ephemeral_from = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
         .unwrap_or(0);
     const LOWEST: u16 = 10_000;
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut fresh = |port: u16| {
+        !handed_out.contains(&port)
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && handed_out.insert(port)
+    };
     if ephemeral_from > LOWEST + 1_000 {
         for _ in 0..100 {
             let port = rand::random_range(LOWEST..ephemeral_from);
-            if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            if fresh(port) {
                 return port;
             }
         }
     }
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("bind an ephemeral loopback port")
-        .port()
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|listener| listener.local_addr())
+            .expect("bind an ephemeral loopback port")
+            .port();
+        if fresh(port) {
+            return port;
+        }
+    }
 }
 
 /// `GET path` from an HTTP server on loopback `port` (the bastion's metrics
