@@ -440,7 +440,9 @@ impl Daemon {
         unreachable!()
     }
 
-    /// Polls the port until it accepts a connection, the process dies, or the
+    /// Polls the port until it accepts a connection on a socket of this daemon's
+    /// own (another process that holds the port answers too: then ours failed
+    /// to bind it and exits, and start-up retries), the process dies, or the
     /// start-up deadline passes.
     fn wait_listening(&mut self) -> Result<(), String> {
         let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
@@ -452,7 +454,9 @@ impl Daemon {
                     self.what
                 ));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+                && listens(self.child.id(), self.port)
+            {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -486,6 +490,67 @@ impl Daemon {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+}
+
+/// Whether process `pid`, or a process it started, holds a socket listening on
+/// TCP `port` (`/proc/net/tcp` and `tcp6`, and the processes' open files).
+fn listens(pid: u32, port: u16) -> bool {
+    let port = format!(":{port:04X}");
+    let listening: BTreeSet<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| fs::read_to_string(table).ok())
+        .flat_map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let ours = fields.get(1)?.ends_with(&port) && *fields.get(3)? == "0A";
+                    let inode = fields.get(9)?;
+                    ours.then(|| format!("socket:[{inode}]"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    !listening.is_empty()
+        && with_descendants(pid).iter().any(|pid| {
+            fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|fd| fs::read_link(fd.path()).ok())
+                .any(|target| listening.contains(target.to_string_lossy().as_ref()))
+        })
+}
+
+/// `pid` and every process below it (from `/proc/*/stat`).
+fn with_descendants(pid: u32) -> Vec<u32> {
+    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
+            // The parent is the second field after the command, which is in
+            // parentheses and may hold spaces.
+            let parent = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?;
+            Some((child, parent.parse().ok()?))
+        })
+        .collect();
+    let mut family = vec![pid];
+    let mut next = 0;
+    while next < family.len() {
+        let parent = family[next];
+        family.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(child, _)| *child),
+        );
+        next += 1;
+    }
+    family
 }
 
 impl Drop for Daemon {
