@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     authenticated, cpu_seconds, login_user, percentile, proc_kib, russh_config, russh_login,
-    stat_fields, AnyHostKey, MachineCpu, World, WorldOptions, TARGET,
+    AnyHostKey, MachineCpu, World, WorldOptions, TARGET,
 };
 use russh::client;
 use russh::keys::PrivateKey;
@@ -422,45 +422,15 @@ async fn type_until(
     (typist, samples)
 }
 
-/// `pid` and every process below it: the bastion is one process, an sshd is one per
-/// connection (and more per session), all children of the listener.
-fn process_tree(pid: u32) -> Vec<u32> {
-    let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter_map(|p| Some((p, parent_of(p)?)))
-        .collect();
-    let mut tree = vec![pid];
-    let mut at = 0;
-    while at < tree.len() {
-        let parent = tree[at];
-        tree.extend(
-            parents
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        at += 1;
-    }
-    tree
-}
-
-/// The parent pid of `pid`.
-fn parent_of(pid: u32) -> Option<u32> {
-    stat_fields(pid).get(1)?.parse().ok()
-}
-
 /// CPU seconds used so far by `pid` and the processes below it.
 fn tree_cpu_seconds(pid: u32) -> f64 {
-    process_tree(pid).into_iter().map(cpu_seconds).sum()
+    common::process_tree(pid).into_iter().map(cpu_seconds).sum()
 }
 
 /// Proportional set size of `pid` and the processes below it, in KiB: memory
 /// shared between them (sshd's processes share most of theirs) counts once.
 fn tree_pss_kib(pid: u32) -> u64 {
-    process_tree(pid)
+    common::process_tree(pid)
         .into_iter()
         .map(|p| proc_kib(p, "smaps_rollup", "Pss:"))
         .sum()

@@ -1650,6 +1650,22 @@ mod tests {
         (dir, recorder, session)
     }
 
+    /// [`recording`] with no recording memory beyond each session's own
+    /// allowance ([`BATCH_BYTES`]).
+    fn recording_without_memory() -> (tempfile::TempDir, Arc<Recorder>, SessionRecorder) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
+        let recorder = Arc::new(
+            Recorder::open(store, true, false)
+                .unwrap()
+                .with_memory(Budget::new(0)),
+        );
+        let session = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        (dir, recorder, session)
+    }
+
     /// Why `session` failed: an injected write failure, noticed within 2 s.
     async fn injected_failure(session: &SessionRecorder) {
         let reason = tokio::time::timeout(Duration::from_secs(2), session.failed())
@@ -1705,16 +1721,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_chunks_count_against_the_unflushed_batch() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::sled(dir.path()).unwrap());
-        let recorder = Arc::new(
-            Recorder::open(store, true, false)
-                .unwrap()
-                .with_memory(Budget::new(0)),
-        );
-        let session = recorder
-            .start(recorder.reserve(failed()).unwrap(), info())
-            .unwrap();
+        let (_dir, recorder, session) = recording_without_memory();
         // The disk is behind: no batch can be written.
         let _disk = recorder.writers.acquire_many(WRITERS as u32).await.unwrap();
         let most = BATCH_BYTES / std::mem::size_of::<Chunk>() + 1;
@@ -1739,16 +1746,7 @@ mod tests {
     /// the disk is behind), and every write counts with its time (`/metrics`).
     #[tokio::test]
     async fn waits_for_the_store_and_its_writes_are_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::sled(dir.path()).unwrap());
-        let recorder = Arc::new(
-            Recorder::open(store, true, false)
-                .unwrap()
-                .with_memory(Budget::new(0)),
-        );
-        let session = recorder
-            .start(recorder.reserve(failed()).unwrap(), info())
-            .unwrap();
+        let (_dir, recorder, session) = recording_without_memory();
         assert_eq!(recorder.totals(), RecordingTotals::default());
         let disk = recorder
             .writers

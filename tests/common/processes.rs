@@ -513,7 +513,7 @@ fn listens(pid: u32, port: u16) -> bool {
         })
         .collect();
     !listening.is_empty()
-        && with_descendants(pid).iter().any(|pid| {
+        && process_tree(pid).iter().any(|pid| {
             fs::read_dir(format!("/proc/{pid}/fd"))
                 .into_iter()
                 .flatten()
@@ -523,8 +523,10 @@ fn listens(pid: u32, port: u16) -> bool {
         })
 }
 
-/// `pid` and every process below it (from `/proc/*/stat`).
-fn with_descendants(pid: u32) -> Vec<u32> {
+/// `pid` and every process below it (from `/proc/*/stat`): the bastion is one
+/// process, an sshd is one per connection (and more per session), all children
+/// of the listener.
+pub fn process_tree(pid: u32) -> Vec<u32> {
     let parents: Vec<(u32, u32)> = fs::read_dir("/proc")
         .into_iter()
         .flatten()
