@@ -26,7 +26,11 @@
 //! ratios, with their range. For each portcullis route, from the bastion's
 //! `/metrics`, by direction: the seconds its relays waited for the recording to
 //! be written per GiB moved (the store set the pace then), the seconds the
-//! store's writes took per GiB, and the mean store write.
+//! store's writes took per GiB, and the mean store write. Every transfer through
+//! portcullis starts once the bastion has written the last transfer's recording
+//! (since 2026-11-28: before, the bytes a bastion still held when `ssh` exited,
+//! up to 16 MiB on PostgreSQL, were written during the next transfer, an upload
+//! after its download), and those writes count for the transfer they recorded.
 //!
 //! Then it measures what recording costs: the same `scp -O` download through a
 //! bastion that stores the transcript (`record_file_transfers = true`) and one that
@@ -174,6 +178,35 @@ fn recording(port: u16) -> Option<Recording> {
     })
 }
 
+/// Waits until a portcullis route's bastion holds no unwritten recording (its
+/// `portcullis_recording_queue_bytes` is 0), so that every transfer starts with
+/// the store idle: `ssh` exits before the bastion has written the last bytes it
+/// holds (up to 8 MiB a session on sled, 16 MiB on PostgreSQL), and those
+/// writes would otherwise be timed as part of the next transfer.
+fn wait_until_recorded(route: &Route) {
+    let Some(port) = route.metrics else {
+        return;
+    };
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (_, body) = common::http_get(port, "/metrics");
+        let queued = body.lines().find_map(|line| {
+            line.strip_prefix("portcullis_recording_queue_bytes ")?
+                .parse::<f64>()
+                .ok()
+        });
+        if queued == Some(0.0) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: recording still queued after 2 minutes ({queued:?} bytes)",
+            route.name
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// What the transfers carry: a file on the (local) target, read from page cache.
 struct Payload {
     name: &'static str,
@@ -256,13 +289,16 @@ fn main() {
                 fig.download_mib_s
                     .push(mib as f64 / download(route, &payload.path, bytes));
                 let machine = fig.add_machine(0, machine, mib);
+                wait_until_recorded(route);
                 let recorded = fig.add_recording(0, route, recorded, mib);
                 fig.upload_mib_s
                     .push(mib as f64 / upload(route, &payload.path, bytes));
                 fig.add_machine(1, machine, mib);
+                wait_until_recorded(route);
                 fig.add_recording(1, route, recorded, mib);
                 if let (Some((pid, db)), Some((cpu, size))) = (&route.bastion, before) {
-                    // Sessions are sealed when ssh exits; sled flushes within 200 ms.
+                    // Sessions are sealed once their recording is written; sled
+                    // syncs within 200 ms.
                     std::thread::sleep(std::time::Duration::from_millis(500));
                     let cpu = cpu_seconds(*pid) - cpu;
                     fig.cpu_s_per_gib.push(cpu * 1024.0 / (2 * mib) as f64);

@@ -21,7 +21,7 @@ mod stored;
 mod transcript;
 mod watchers;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -84,18 +84,9 @@ const STORED_VALUE_BYTES: usize = 64 * 1024;
 
 /// Unflushed bytes per session beyond which the relay waits for the flusher (those
 /// over [`BATCH_BYTES`] are also charged to the bastion's memory budget, and when
-/// that is spent the relay waits at [`BATCH_BYTES`]), or [`PENDING_WRITES`]
-/// writes when the store writes more at once ([`Recorder::pending_cap`]).
+/// that is spent the relay waits at [`BATCH_BYTES`]), or more when the store
+/// writes more at once ([`Recorder::pending_cap`]).
 const PENDING_CAP: usize = 8 * 1024 * 1024;
-
-/// Writes of unflushed bytes a session may hold, at least: room for the write
-/// under way, the slice encoded meanwhile, and the relay's next bytes.
-const PENDING_WRITES: usize = 4;
-
-/// Slices encoded or being written at once, across all sessions (an encoded
-/// slice keeps its slot until its write ends; one session may use both, one
-/// encoded while the other is written).
-const WRITERS: usize = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -245,8 +236,12 @@ pub struct SessionEnd {
 /// All recordings: starts sessions, finds live ones for `watch`, reads transcripts.
 pub struct Recorder {
     store: SessionStore,
-    /// Batches being compressed and written at once, across all sessions: bounded so
-    /// that a burst of flushes queues instead of taking every core from the relay.
+    /// Slices being encoded or written at once, across all sessions (an encoded
+    /// slice keeps its slot until its write ends): bounded so that a burst of
+    /// flushes queues instead of taking every core from the relay, and so that
+    /// encoded slices, which the memory budget does not count, are at most
+    /// [`Recorder::concurrent_writes`] + 1 writes. One session may take them all:
+    /// its writes under way and the next slice encoded meanwhile.
     writers: Arc<Semaphore>,
     record_input: bool,
     record_file_transfers: bool,
@@ -268,8 +263,12 @@ pub struct Recorder {
     /// (see [`writes`]): the store's [`crate::store::Backend::write_bytes`].
     write_bytes: usize,
     /// Unflushed bytes per session beyond which the relay waits: [`PENDING_CAP`],
-    /// or [`PENDING_WRITES`] writes.
+    /// or room for the writes under way, the slice encoded meanwhile and the
+    /// relay's next write, where that is more (16 MiB on PostgreSQL).
     pending_cap: usize,
+    /// Writes a session's flusher may have under way at once: the store's
+    /// [`crate::store::Backend::concurrent_writes`].
+    concurrent_writes: usize,
 }
 
 /// What relays waited for their recordings to be written and what the store's
@@ -420,9 +419,10 @@ impl Recorder {
         record_file_transfers: bool,
     ) -> Result<Recorder, StoreError> {
         let write_bytes = store.backend().write_bytes();
+        let concurrent_writes = store.backend().concurrent_writes().max(1);
         Ok(Recorder {
             store: SessionStore::open(store)?,
-            writers: Arc::new(Semaphore::new(WRITERS)),
+            writers: Arc::new(Semaphore::new(concurrent_writes + 1)),
             record_input,
             record_file_transfers,
             live: Mutex::new(HashMap::new()),
@@ -434,7 +434,8 @@ impl Recorder {
             watch_slots: Slots::default(),
             totals: Arc::default(),
             write_bytes,
-            pending_cap: PENDING_CAP.max(PENDING_WRITES * write_bytes),
+            pending_cap: PENDING_CAP.max((concurrent_writes + 2) * write_bytes),
+            concurrent_writes,
         })
     }
 
@@ -872,17 +873,23 @@ impl Recorder {
         announce: &mut impl FnMut(&SessionRecord) -> Result<(), StoreError>,
     ) -> Result<SessionRecord, StoreError> {
         session.state = SessionState::Interrupted;
-        session.digest = Some(self.digest_of(session.id)?);
-        session.digest_source = Some(DigestSource::Recovery);
-        // Recounted batch by batch: a crash in a huge session must not make the
-        // next start load its whole transcript.
+        // Recounted batch by batch (a crash in a huge session must not make the
+        // next start load its whole transcript), the digest over the same
+        // batches as the count. The transcript ends at the first gap: a write
+        // that landed after one the crash lost (a store that takes several at
+        // once) is not part of it, and is left for retention, not removed (a
+        // sweep must never destroy what a node it took for dead still wrote).
         let (mut batches, mut stored_bytes) = (0, 0);
+        let mut digest = TranscriptDigest::default();
         while let Some(stored) = self.store.batch(session.id, batches)? {
+            digest.update(&stored);
             batches += 1;
             stored_bytes += stored.len() as u64;
         }
+        session.digest = Some(digest.hex());
+        session.digest_source = Some(DigestSource::Recovery);
         let (mut transcript_bytes, mut received_input) = (0, false);
-        for batch in self.batches(session.id) {
+        for batch in self.batches(session.id).take(batches as usize) {
             for chunk in batch? {
                 transcript_bytes += chunk.data.len() as u64;
                 received_input |= chunk.stream == Stream::Stdin;
@@ -1260,28 +1267,24 @@ struct Flushed {
 }
 
 /// Writes a session's chunks until it is finished (or the store fails), in slices
-/// of about [`Recorder::write_bytes`] taken in order. Two slices are on their way at once:
-/// while one is hashed and written, the next is encoded, so the bastion's work and
-/// the store's overlap instead of taking turns (a serial flusher left the relay
-/// waiting for a third of a bulk transfer). Writes still land one after the other,
-/// so the store always holds a prefix of the transcript and the digest seals only
-/// what landed. A slice's chunks leave memory as soon as it lands, which gives the
-/// relay room a slice at a time rather than once a whole backlog is written.
+/// of about [`Recorder::write_bytes`] taken in order. While one slice is encoded,
+/// up to [`Recorder::concurrent_writes`] earlier ones are written: the bastion's
+/// work and the store's overlap instead of taking turns (a serial flusher left the
+/// relay waiting for a third of a bulk transfer), and a store that gains from
+/// several writes at once (PostgreSQL) gets them. Writes count as landed in order,
+/// so the digest seals a prefix of the transcript, and writes that land after one
+/// failed are removed again. A slice's chunks leave memory as soon as it and every
+/// slice before it landed, which gives the relay room a slice at a time rather
+/// than once a whole backlog is written.
 async fn flush_loop(recorder: Arc<Recorder>, live: Arc<Live>, record: SessionRecord) -> Flushed {
     let mut flusher = Flusher {
         recorder,
         live,
         record,
         digest: TranscriptDigest::default(),
+        write_failed: false,
     };
     let error = flusher.run().await.err();
-    if let Some(error) = &error {
-        let live = &flusher.live;
-        tracing::error!(session = flusher.record.id, %error, "cannot write recording; ending the session");
-        live.failure
-            .send_replace(Some(format!("the recording cannot be written ({error})")));
-        live.room.notify_waiters();
-    }
     Flushed {
         record: flusher.record,
         digest: flusher.digest,
@@ -1295,6 +1298,8 @@ struct Flusher {
     live: Arc<Live>,
     record: SessionRecord,
     digest: TranscriptDigest,
+    /// A write failed: the writes after it follow a gap.
+    write_failed: bool,
 }
 
 /// What a slice of pending chunks holds: its chunks (counted from the front of
@@ -1306,10 +1311,50 @@ struct Footprint {
     plain: u64,
 }
 
-/// What a write stores: chunks still to be encoded, or their stored batches.
-enum Work {
-    Chunks(Vec<Chunk>),
-    Encoded(Vec<Vec<u8>>),
+/// Where the next slice goes: the number of its first batch, and the digest over
+/// every batch before it (those of writes still under way included).
+#[derive(Clone, Default)]
+struct Position {
+    batches: u32,
+    digest: TranscriptDigest,
+}
+
+/// A slice encoded for the store: its writes of about [`Recorder::write_bytes`],
+/// each with the digest over the transcript up to its end.
+struct Encoded {
+    writes: Vec<(Vec<Vec<u8>>, TranscriptDigest)>,
+}
+
+impl Encoded {
+    /// Cuts a slice's stored batches into writes ([`writes`]) and chains each
+    /// write's batches onto `digest`, the digest over everything before them.
+    fn new(mut batches: Vec<Vec<u8>>, mut digest: TranscriptDigest, write_bytes: usize) -> Encoded {
+        let counts: Vec<usize> = writes(&batches, write_bytes)
+            .map(<[Vec<u8>]>::len)
+            .collect();
+        let mut rest = batches.drain(..);
+        let writes = counts
+            .into_iter()
+            .map(|count| {
+                let write: Vec<Vec<u8>> = rest.by_ref().take(count).collect();
+                write.iter().for_each(|batch| digest.update(batch));
+                (write, digest.clone())
+            })
+            .collect();
+        Encoded { writes }
+    }
+
+    /// Where the slice after this one goes, this one following `before`.
+    fn after(&self, before: &Position) -> Position {
+        let batches: usize = self.writes.iter().map(|(write, _)| write.len()).sum();
+        Position {
+            batches: before.batches + batches as u32,
+            digest: self
+                .writes
+                .last()
+                .map_or_else(|| before.digest.clone(), |(_, d)| d.clone()),
+        }
+    }
 }
 
 /// A write on the blocking pool, and what its slice holds (released from the
@@ -1320,7 +1365,24 @@ struct InFlight {
 }
 
 impl Flusher {
+    /// Flushes until the session ends. After a failure it ends the session at
+    /// once, then waits for the writes still under way, so that none lands
+    /// after the seal ([`Flusher::abandon`]).
     async fn run(&mut self) -> Result<(), String> {
+        let mut writing = VecDeque::new();
+        let flushed = self.pump(&mut writing).await;
+        if let Err(error) = &flushed {
+            tracing::error!(session = self.record.id, %error, "cannot write recording; ending the session");
+            let live = &self.live;
+            live.failure
+                .send_replace(Some(format!("the recording cannot be written ({error})")));
+            live.room.notify_waiters();
+            self.abandon(writing).await;
+        }
+        flushed
+    }
+
+    async fn pump(&mut self, writing: &mut VecDeque<InFlight>) -> Result<(), String> {
         // Sessions that start together must not flush together: a random phase
         // spreads hundreds of flushers over the interval instead of waking them in
         // one burst.
@@ -1329,7 +1391,10 @@ impl Flusher {
             tokio::time::interval_at(tokio::time::Instant::now() + phase, FLUSH_INTERVAL);
         // A backlog keeps the flusher busy past its ticks; those are not owed.
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut writing: Option<InFlight> = None;
+        let mut ahead = Position {
+            batches: self.record.batches,
+            digest: self.digest.clone(),
+        };
         // Everything pending is due (at a tick, on request, at the end), not only
         // full slices.
         let mut due = false;
@@ -1339,35 +1404,25 @@ impl Flusher {
             if waiting >= self.recorder.write_bytes || (due && waiting > 0) {
                 let (chunks, slice, rest) = self.take();
                 due = due && rest > 0;
-                let next = match writing.take() {
-                    None => {
-                        let writer = writer(&self.recorder.writers).await;
-                        self.write(Work::Chunks(chunks), slice, writer)
-                    }
-                    Some(mut previous) => {
-                        // Encode this slice while the previous one is written, and
-                        // land that one as soon as it is done, whichever is first.
-                        let encoding = encode(self.recorder.writers.clone(), chunks);
-                        tokio::pin!(encoding);
-                        let encoded = tokio::select! {
-                            encoded = &mut encoding => {
-                                self.land(previous).await?;
-                                encoded
-                            }
-                            landed = &mut previous.task => {
-                                self.settle(landed, previous.slice)?;
-                                encoding.await
-                            }
-                        };
-                        let (batches, writer) = encoded?;
-                        self.write(Work::Encoded(batches), slice, writer)
-                    }
-                };
-                writing = Some(next);
+                let (encoded, writer) = self.encode_landing(chunks, &ahead, writing).await?;
+                while writing.len() >= self.recorder.concurrent_writes {
+                    let oldest = writing.pop_front().expect("a write is under way");
+                    self.land(oldest).await?;
+                }
+                let first = ahead.batches;
+                ahead = encoded.after(&ahead);
+                writing.push_back(self.write(encoded, first, slice, writer));
                 continue;
             }
-            if let Some(previous) = writing.take() {
-                self.land(previous).await?;
+            if let Some(oldest) = writing.front_mut() {
+                // Lands the oldest write, unless the relay fills a slice (or the
+                // session ends) first: that slice is encoded while it is written.
+                let landed = tokio::select! {
+                    landed = &mut oldest.task => landed,
+                    _ = self.live.flush_now.notified() => continue,
+                };
+                let oldest = writing.pop_front().expect("the write that landed");
+                self.settle(landed, oldest.slice)?;
                 continue;
             }
             if finished {
@@ -1378,6 +1433,34 @@ impl Flusher {
                 _ = self.live.flush_now.notified() => {}
             }
             due = true;
+        }
+    }
+
+    /// Encodes `chunks` to follow `ahead`, landing the writes under way that end
+    /// meanwhile, oldest first.
+    async fn encode_landing(
+        &mut self,
+        chunks: Vec<Chunk>,
+        ahead: &Position,
+        writing: &mut VecDeque<InFlight>,
+    ) -> Result<(Encoded, OwnedSemaphorePermit), String> {
+        let encoding = encode(
+            self.recorder.writers.clone(),
+            chunks,
+            ahead.digest.clone(),
+            self.recorder.write_bytes,
+        );
+        tokio::pin!(encoding);
+        loop {
+            let Some(oldest) = writing.front_mut() else {
+                return encoding.await;
+            };
+            let landed = tokio::select! {
+                encoded = &mut encoding => return encoded,
+                landed = &mut oldest.task => landed,
+            };
+            let oldest = writing.pop_front().expect("the write that landed");
+            self.settle(landed, oldest.slice)?;
         }
     }
 
@@ -1410,20 +1493,21 @@ impl Flusher {
         (chunks, slice, rest)
     }
 
-    /// Starts storing a slice after everything before it (its batch numbers follow
-    /// those that landed, so the caller lands the previous write first). The
-    /// write holds `writer` until it is done.
-    fn write(&self, work: Work, slice: Footprint, writer: OwnedSemaphorePermit) -> InFlight {
+    /// Starts storing an encoded slice as batches `first`, `first + 1`, … (the
+    /// numbers after those of every write before it). The write holds `writer`
+    /// until it is done.
+    fn write(
+        &self,
+        encoded: Encoded,
+        first: u32,
+        slice: Footprint,
+        writer: OwnedSemaphorePermit,
+    ) -> InFlight {
         let (store, totals) = (self.recorder.store.clone(), self.recorder.totals.clone());
-        let (id, first, digest) = (self.record.id, self.record.batches, self.digest.clone());
-        let write_bytes = self.recorder.write_bytes;
+        let id = self.record.id;
         let task = tokio::task::spawn_blocking(move || {
             let _writer = writer;
-            let batches = match work {
-                Work::Chunks(chunks) => encode_runs(&chunks),
-                Work::Encoded(batches) => batches,
-            };
-            store_runs(&store, (id, first), digest, batches, (write_bytes, &totals))
+            store_writes(&store, (id, first), encoded, &totals)
         });
         InFlight { task, slice }
     }
@@ -1448,6 +1532,7 @@ impl Flusher {
         record.batches += landed.batches;
         self.digest = landed.digest.unwrap_or_else(|| self.digest.clone());
         if let Some(error) = landed.failed {
+            self.write_failed = true;
             return Err(error);
         }
         record.transcript_bytes += slice.plain;
@@ -1470,9 +1555,40 @@ impl Flusher {
         self.live.room.notify_waiters();
         Ok(())
     }
+
+    /// After the flusher failed: lands the writes still under way in order, as
+    /// long as none failed (the failure may have been an encoding's), and
+    /// removes what the writes after a failed one stored: they follow a gap,
+    /// past the seal. Also removes a failed write's own batches, should its
+    /// store have kept them after all.
+    async fn abandon(&mut self, writing: VecDeque<InFlight>) {
+        for write in writing {
+            let landed = write.task.await;
+            if !self.write_failed {
+                // A failure here sets `write_failed`; the session already failed.
+                let _ = self.settle(landed, write.slice);
+            }
+        }
+        if !self.write_failed {
+            return;
+        }
+        let (store, id, from) = (
+            self.recorder.store.clone(),
+            self.record.id,
+            self.record.batches,
+        );
+        let removed = tokio::task::spawn_blocking(move || store.delete_batches_from(id, from));
+        let error = match removed.await {
+            Ok(Ok(_)) => return,
+            Ok(Err(error)) => error.to_string(),
+            Err(panicked) => panicked.to_string(),
+        };
+        tracing::warn!(session = id, %error, "cannot remove transcript writes past a failed one");
+    }
 }
 
-/// One of the [`WRITERS`] slots for encoding and writing slices.
+/// One of the writer slots (the recorder's [`Recorder::concurrent_writes`] and
+/// one more) for encoding and writing slices.
 async fn writer(writers: &Arc<Semaphore>) -> OwnedSemaphorePermit {
     writers
         .clone()
@@ -1482,25 +1598,36 @@ async fn writer(writers: &Arc<Semaphore>) -> OwnedSemaphorePermit {
 }
 
 /// Encodes chunks on the blocking pool (a MiB took a runtime worker away from the
-/// relays behind it) under a writer slot, which it hands on with the batches to
-/// their write: encoded slices waiting for their turn count against
-/// [`WRITERS`] too, so however many sessions are behind, at most that many hold
+/// relays behind it) and chains them onto `digest`, under a writer slot, which it
+/// hands on with the writes: encoded slices waiting for their turn count against
+/// the slots too, so however many sessions are behind, at most that many hold
 /// one.
 async fn encode(
     writers: Arc<Semaphore>,
     chunks: Vec<Chunk>,
-) -> Result<(Vec<Vec<u8>>, OwnedSemaphorePermit), String> {
+    digest: TranscriptDigest,
+    write_bytes: usize,
+) -> Result<(Encoded, OwnedSemaphorePermit), String> {
     let writer = writer(&writers).await;
-    let batches = tokio::task::spawn_blocking(move || encode_runs(&chunks))
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((batches, writer))
+    let encoded = tokio::task::spawn_blocking(move || {
+        Encoded::new(encode_runs(&chunks), digest, write_bytes)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    Ok((encoded, writer))
 }
 
 /// Frames chunks and compresses them where that pays: runs of about
 /// [`STORED_VALUE_BYTES`], consecutive runs that compress stored as one batch (see
 /// [`transcript::encode_runs`]).
 fn encode_runs(chunks: &[Chunk]) -> Vec<Vec<u8>> {
+    #[cfg(test)]
+    if chunks
+        .iter()
+        .any(|chunk| chunk.data == tests::ENCODING_PANICS)
+    {
+        panic!("injected encoding failure");
+    }
     transcript::encode_runs(pieces(chunks))
 }
 
@@ -1508,8 +1635,8 @@ fn encode_runs(chunks: &[Chunk]) -> Vec<Vec<u8>> {
 /// and the end only: a crash recovery recounts the batches, and one write per
 /// flush would cost a store write per session per interval.)
 struct Landed {
-    /// The digest over every batch stored so far, those of this write included;
-    /// `None` if the write never ran.
+    /// The digest over every batch stored so far, up to the last of this
+    /// slice's writes that landed; `None` if none did.
     digest: Option<TranscriptDigest>,
     batches: u32,
     bytes: u64,
@@ -1527,49 +1654,41 @@ impl Landed {
     }
 }
 
-/// Stores `stored` as batches `first`, `first + 1`, … of session `id` in writes
-/// of about `write_bytes`, each counted in `totals` with its time. The digest
-/// takes in a write's batches only once the write has landed; a batch moves into
-/// the store without a copy.
-fn store_runs(
+/// Stores an encoded slice as batches `first`, `first + 1`, … of session `id`, a
+/// write at a time, each counted in `totals` with its time, up to the first that
+/// fails; a batch moves into the store without a copy.
+fn store_writes(
     store: &SessionStore,
     (id, first): (u64, u32),
-    mut digest: TranscriptDigest,
-    mut stored: Vec<Vec<u8>>,
-    (write_bytes, totals): (usize, &Totals),
+    encoded: Encoded,
+    totals: &Totals,
 ) -> Landed {
-    let counts: Vec<usize> = writes(&stored, write_bytes).map(<[Vec<u8>]>::len).collect();
-    let mut rest = stored.drain(..);
-    let (mut batches, mut bytes) = (0, 0);
-    for count in counts {
-        let write: Vec<Vec<u8>> = rest.by_ref().take(count).collect();
-        let mut after = digest.clone();
-        write.iter().for_each(|batch| after.update(batch));
+    let mut landed = Landed {
+        digest: None,
+        batches: 0,
+        bytes: 0,
+        failed: None,
+    };
+    for (write, digest) in encoded.writes {
+        let count = write.len() as u32;
         let size: u64 = write.iter().map(|batch| batch.len() as u64).sum();
         // A panic in the store is a failed write, counted with what landed before
         // it, so the seal still matches the store.
         let writing = Instant::now();
         let put = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            store.put_batches(id, first + batches, write)
+            store.put_batches(id, first + landed.batches, write)
         }))
         .unwrap_or_else(|_| Err(StoreError::Backend("the store panicked".into())));
         totals.wrote(writing.elapsed());
         if let Err(error) = put {
-            return Landed {
-                digest: Some(digest),
-                batches,
-                bytes,
-                failed: Some(error.to_string()),
-            };
+            landed.failed = Some(error.to_string());
+            return landed;
         }
-        (digest, batches, bytes) = (after, batches + count as u32, bytes + size);
+        landed.digest = Some(digest);
+        landed.batches += count;
+        landed.bytes += size;
     }
-    Landed {
-        digest: Some(digest),
-        batches,
-        bytes,
-        failed: None,
-    }
+    landed
 }
 
 /// Cuts a flush's stored batches into writes of about `write_bytes`, each batch
@@ -1617,6 +1736,10 @@ fn cut<T>(items: &[T], limit: usize, size_of: impl Fn(&T) -> usize) -> impl Iter
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stored::Late;
+
+    /// Output whose encoding panics, as a bug in it would.
+    pub(super) const ENCODING_PANICS: &[u8] = b"(a chunk whose encoding panics)";
 
     fn failed() -> AuditEvent {
         AuditEvent::new(crate::audit::AuditKind::SessionFailed, "alice", Utc::now())
@@ -1719,11 +1842,171 @@ mod tests {
         assert_eq!(record.digest.unwrap(), recorder.digest_of(1).unwrap());
     }
 
+    impl Recorder {
+        /// The recorder with `writes` writes per session under way at once, as
+        /// on a store that takes several ([`crate::store::Backend::concurrent_writes`]).
+        fn with_concurrent_writes(mut self, writes: usize) -> Recorder {
+            self.concurrent_writes = writes.max(1);
+            self.writers = Arc::new(Semaphore::new(self.concurrent_writes + 1));
+            self
+        }
+    }
+
+    /// [`recording`] on a recorder that keeps two writes under way, whose
+    /// transcript write after the first `writes` is late `by` and then lands,
+    /// or fails.
+    fn recording_with_a_late_write(
+        writes: i64,
+        by: Duration,
+        fails: bool,
+    ) -> (tempfile::TempDir, Arc<Recorder>, SessionRecorder) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::sled(dir.path()).unwrap());
+        let recorder = Recorder::open(store, true, false).unwrap();
+        let recorder = Arc::new(recorder.with_concurrent_writes(2));
+        recorder
+            .store
+            .make_one_batch_write_late(writes, Late { by, fails });
+        let session = recorder
+            .start(recorder.reserve(failed()).unwrap(), info())
+            .unwrap();
+        (dir, recorder, session)
+    }
+
+    /// The store holds batches 0 to the sealed count of session 1 and no other,
+    /// and the seal's digest is theirs.
+    fn assert_sealed_exactly(recorder: &Recorder, record: &SessionRecord) {
+        assert_eq!(
+            recorder.store.batch_numbers(1),
+            (0..record.batches).collect::<Vec<_>>(),
+            "stored batches against the seal's {}",
+            record.batches
+        );
+        assert_eq!(
+            record.digest.as_deref(),
+            Some(recorder.digest_of(1).unwrap().as_str())
+        );
+    }
+
+    /// Incompressible output of `mib` MiB, shown in 32 KiB packets as a relay
+    /// passes it on; returns what was shown.
+    async fn show_random(session: &SessionRecorder, mib: usize) -> Vec<u8> {
+        let shown: Vec<u8> = (0..mib << 20).map(|_| rand::random::<u8>()).collect();
+        for packet in shown.chunks(32 * 1024) {
+            session
+                .output(Stream::Stdout, &Bytes::copy_from_slice(packet))
+                .await;
+        }
+        shown
+    }
+
+    /// With two writes under way at once, a later write lands before an earlier
+    /// one that is late; the transcript is still stored whole and in order, and
+    /// the seal covers all of it.
+    #[tokio::test]
+    async fn writes_that_land_out_of_order_store_the_transcript_in_order() {
+        let late = Duration::from_millis(300);
+        let (_dir, recorder, session) = recording_with_a_late_write(1, late, false);
+        let shown = show_random(&session, 12).await;
+        let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
+        assert_eq!(error, None);
+        let landed = recorder.store.landed();
+        assert!(
+            landed.windows(2).any(|pair| pair[0] > pair[1]),
+            "no write landed before an earlier one: {landed:?}"
+        );
+        assert_sealed_exactly(&recorder, &record);
+        let stored: Vec<u8> = (recorder.chunks(1).unwrap().into_iter())
+            .flat_map(|chunk| chunk.data.to_vec())
+            .collect();
+        assert!(
+            stored == shown,
+            "the transcript differs from what was shown"
+        );
+    }
+
+    /// A write that fails while a later one lands: the seal covers the writes
+    /// before the failed one, and what the later one stored is removed, so no
+    /// batch of the session is left past the seal.
+    #[tokio::test]
+    async fn a_failed_write_leaves_no_later_write_behind() {
+        let late = Duration::from_millis(300);
+        let (_dir, recorder, session) = recording_with_a_late_write(1, late, true);
+        show_random(&session, 6).await;
+        injected_failure(&session).await;
+        let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
+        assert!(error.unwrap().contains("injected"));
+        let landed = recorder.store.landed();
+        assert!(
+            landed.len() >= 2 && landed[1] > record.batches,
+            "a write after the failed one landed: {landed:?}"
+        );
+        assert!(record.batches > 0, "the first write landed");
+        assert_sealed_exactly(&recorder, &record);
+    }
+
+    /// A failure that is no write's (here the encoding of a slice panicked)
+    /// still counts the writes under way that land: nothing good is removed.
+    #[tokio::test]
+    async fn writes_under_way_when_the_flusher_fails_otherwise_are_kept() {
+        let late = Duration::from_secs(2);
+        let (_dir, recorder, session) = recording_with_a_late_write(0, late, false);
+        // A MiB is a slice: its write starts, late.
+        show_random(&session, 1).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The rest is written at the end, and its encoding fails meanwhile.
+        let panics = Bytes::from_static(ENCODING_PANICS);
+        session.output(Stream::Stdout, &panics).await;
+        let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
+        assert!(error.unwrap().contains("injected encoding failure"));
+        assert!(record.batches > 0, "the late write counted");
+        assert_sealed_exactly(&recorder, &record);
+    }
+
+    /// A crash that kept a later write without an earlier one: recovery seals
+    /// the batches before the gap, and leaves those after it to retention (a
+    /// sweep never removes what a node it took for dead may still have written).
+    #[tokio::test]
+    async fn recovery_seals_the_batches_before_a_gap() {
+        let (_dir, recorder, session) = recording();
+        let id = session.id();
+        std::mem::forget(session); // the bastion stopped: nothing seals it
+        let batch = |text: &str| {
+            let chunk = Chunk {
+                offset_us: 0,
+                stream: Stream::Stdout,
+                data: Bytes::copy_from_slice(text.as_bytes()),
+            };
+            encode_runs(&[chunk])
+        };
+        recorder.store.put_batches(id, 0, batch("landed")).unwrap();
+        recorder
+            .store
+            .put_batches(id, 2, batch("after a gap"))
+            .unwrap();
+        let recovered = recorder.recover("", |_| Ok(())).unwrap();
+        assert_eq!(recovered.len(), 1);
+        assert_eq!(recovered[0].batches, 1);
+        assert_eq!(recovered[0].transcript_bytes, 6);
+        assert_eq!(recovered[0].digest, Some(recorder.digest_of(id).unwrap()));
+        let kept: Vec<u8> = (recorder.chunks(id).unwrap().into_iter())
+            .flat_map(|chunk| chunk.data.to_vec())
+            .collect();
+        assert_eq!(kept, b"landed");
+        assert_eq!(recorder.store.batch_numbers(id), [0, 2]);
+        recorder.store.delete_batches(id).unwrap();
+        assert_eq!(recorder.store.batch_numbers(id), [] as [u32; 0]);
+    }
+
     #[tokio::test]
     async fn empty_chunks_count_against_the_unflushed_batch() {
         let (_dir, recorder, session) = recording_without_memory();
         // The disk is behind: no batch can be written.
-        let _disk = recorder.writers.acquire_many(WRITERS as u32).await.unwrap();
+        let _disk = recorder
+            .writers
+            .acquire_many(recorder.concurrent_writes as u32 + 1)
+            .await
+            .unwrap();
         let most = BATCH_BYTES / std::mem::size_of::<Chunk>() + 1;
         let empty = Bytes::new();
         for pushed in 0.. {
@@ -1742,7 +2025,7 @@ mod tests {
     }
 
     /// A relay that waits for its recording to be written counts the wait (here
-    /// the recording memory is spent and both writer slots are taken, as when
+    /// the recording memory is spent and every writer slot is taken, as when
     /// the disk is behind), and every write counts with its time (`/metrics`).
     #[tokio::test]
     async fn waits_for_the_store_and_its_writes_are_counted() {
@@ -1751,7 +2034,7 @@ mod tests {
         let disk = recorder
             .writers
             .clone()
-            .acquire_many_owned(WRITERS as u32)
+            .acquire_many_owned(recorder.concurrent_writes as u32 + 1)
             .await
             .unwrap();
         let batch = Bytes::from(vec![b'x'; BATCH_BYTES]);

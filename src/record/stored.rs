@@ -8,6 +8,10 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+#[cfg(test)]
+use std::sync::Mutex;
+#[cfg(test)]
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
@@ -31,6 +35,21 @@ pub struct SessionStore {
     /// Fault injection: makes transcript writes fail, as a full disk would.
     /// Writes that may still succeed before every one fails; negative: no limit.
     fail_batches: Arc<AtomicI64>,
+    /// Fault injection: the one write that is late instead, and whether it
+    /// then fails ([`SessionStore::make_one_batch_write_late`]).
+    #[cfg(test)]
+    late: Arc<Mutex<Option<Late>>>,
+    /// The first batch of every write that landed, in the order they landed.
+    #[cfg(test)]
+    landed: Arc<Mutex<Vec<u32>>>,
+}
+
+/// A write made late by fault injection, which then fails or lands.
+#[cfg(test)]
+#[derive(Clone, Copy)]
+pub struct Late {
+    pub by: Duration,
+    pub fails: bool,
 }
 
 impl SessionStore {
@@ -41,6 +60,10 @@ impl SessionStore {
             audit: AuditLog::open(&store)?,
             store,
             fail_batches: Arc::new(AtomicI64::new(-1)),
+            #[cfg(test)]
+            late: Arc::default(),
+            #[cfg(test)]
+            landed: Arc::default(),
         };
         if index::missing(&sessions.store)? {
             for entry in sessions.sessions.iter() {
@@ -179,7 +202,7 @@ impl SessionStore {
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
                     (left > 0).then_some(left - 1)
                 });
-        if allowed == Err(0) {
+        if allowed == Err(0) && self.fails_injected() {
             return Err(StoreError::Backend("injected write failure".into()));
         }
         let piece_bytes = self.store.backend().piece_bytes();
@@ -195,11 +218,16 @@ impl SessionStore {
                 }),
             );
         }
-        self.store.backend().put_all(CHUNKS, pieces)
+        self.store.backend().put_all(CHUNKS, pieces)?;
+        #[cfg(test)]
+        self.landed.lock().expect("fault lock poisoned").push(first);
+        Ok(())
     }
 
     /// One stored batch of a session, if there is one at `index` (batches are
-    /// numbered from 0 without gaps). Readers go batch by batch, so memory holds one
+    /// numbered from 0, and a transcript ends at its first missing batch:
+    /// writes that landed after a failed or lost one are not part of it).
+    /// Readers go batch by batch, so memory holds one
     /// batch, never a whole transcript. Pieces are asked for in runs of 1, 2, 4, …
     /// up to a MiB of pieces ([`store::Backend::get_run`]: one round trip each on
     /// PostgreSQL, one `get` per piece on sled, whose range iterators keep what
@@ -240,10 +268,22 @@ impl SessionStore {
     /// scan ever spans more than a batch: sled's range iterators keep what they
     /// read, so the scan over the whole session only finds where to go on.
     pub fn delete_batches(&self, session: u64) -> Result<u64> {
+        self.delete_batches_from(session, 0)
+    }
+
+    /// Removes a session's batches from `index` on, those after a gap included
+    /// (writes that landed after an earlier one failed or was lost in a crash,
+    /// see [`store::Backend::concurrent_writes`]); returns the bytes freed. As
+    /// [`SessionStore::delete_batches`] does, a batch at a time.
+    pub fn delete_batches_from(&self, session: u64, index: u32) -> Result<u64> {
         let seam = self.store.backend();
+        let start = batch_key(session, index);
+        // From the first key of the session when from 0, keys of another shape
+        // included.
+        let from = (index > 0).then_some(&start[..]);
         let mut freed = 0;
         loop {
-            let first = match seam.scan(CHUNKS, &session.to_be_bytes(), None).next() {
+            let first = match seam.scan(CHUNKS, &session.to_be_bytes(), from).next() {
                 None => return Ok(freed),
                 Some(entry) => entry?.0,
             };
@@ -289,7 +329,65 @@ impl SessionStore {
     /// Fault injection: `writes` more transcript writes succeed, then every one
     /// fails (negative: none fails).
     pub fn fail_batch_writes_after(&self, writes: i64) {
+        #[cfg(test)]
+        {
+            *self.late.lock().expect("fault lock poisoned") = None;
+        }
         self.fail_batches.store(writes, Ordering::Relaxed);
+    }
+
+    /// Whether a write that found no injected successes left fails: every one
+    /// does.
+    #[cfg(not(test))]
+    fn fails_injected(&self) -> bool {
+        true
+    }
+
+    /// Fault injection: `writes` more transcript writes succeed, and the next
+    /// one is `late` (writes begun after it may land first); no other fails.
+    #[cfg(test)]
+    pub fn make_one_batch_write_late(&self, writes: i64, late: Late) {
+        *self.late.lock().expect("fault lock poisoned") = Some(late);
+        self.fail_batches.store(writes, Ordering::Relaxed);
+    }
+
+    /// The first batch of every write that landed, in the order they landed.
+    #[cfg(test)]
+    pub fn landed(&self) -> Vec<u32> {
+        self.landed.lock().expect("fault lock poisoned").clone()
+    }
+
+    /// The numbers of the batches a session has pieces of, in order, gaps and
+    /// all.
+    #[cfg(test)]
+    pub fn batch_numbers(&self, session: u64) -> Vec<u32> {
+        let seam = self.store.backend();
+        let mut numbers: Vec<u32> = (seam.scan(CHUNKS, &session.to_be_bytes(), None))
+            .map(|entry| {
+                let key = entry.expect("scan").0;
+                u32::from_be_bytes(key[8..12].try_into().expect("a batch key"))
+            })
+            .collect();
+        numbers.dedup();
+        numbers
+    }
+
+    /// Whether a write that found no injected successes left fails: every one,
+    /// or, with a late write planned, the one that claims it, once it waited,
+    /// if it is to fail.
+    #[cfg(test)]
+    fn fails_injected(&self) -> bool {
+        let Some(late) = *self.late.lock().expect("fault lock poisoned") else {
+            return true;
+        };
+        let claimed = self
+            .fail_batches
+            .compare_exchange(0, -1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok();
+        if claimed {
+            std::thread::sleep(late.by);
+        }
+        claimed && late.fails
     }
 }
 

@@ -101,6 +101,15 @@ pub trait Backend: Send + Sync {
         1024 * 1024
     }
 
+    /// How many bulk writes of one caller may be under way at once, each on its
+    /// own (they may land in any order, so a crash can keep a later one without
+    /// an earlier: the caller then holds a prefix and pieces after a gap, which
+    /// it must ignore and clean up). One by default: sled writes through one log,
+    /// so two writes at once only queue.
+    fn concurrent_writes(&self) -> usize {
+        1
+    }
+
     /// The largest piece a database of this backend may hold, which is also the
     /// largest it accepts from another (`store migrate` copies pieces as they
     /// are): [`Backend::piece_bytes`], unless older versions cut pieces larger.
