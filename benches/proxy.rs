@@ -195,7 +195,8 @@ fn wait_until_recorded(route: &Route) {
                 .parse::<f64>()
                 .ok()
         });
-        if queued == Some(0.0) {
+        // A build without the gauge (before 2026-11-24) is not waited for.
+        if queued.is_none_or(|bytes| bytes == 0.0) {
             return;
         }
         assert!(

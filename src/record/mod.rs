@@ -1559,8 +1559,10 @@ impl Flusher {
     /// After the flusher failed: lands the writes still under way in order, as
     /// long as none failed (the failure may have been an encoding's), and
     /// removes what the writes after a failed one stored: they follow a gap,
-    /// past the seal. Also removes a failed write's own batches, should its
-    /// store have kept them after all.
+    /// past the seal. Best effort: the store may be down (then retention
+    /// removes them), and a write whose outcome the store could not tell may
+    /// still commit afterwards; the same removal also takes a failed write's
+    /// own batches that its store kept after all.
     async fn abandon(&mut self, writing: VecDeque<InFlight>) {
         for write in writing {
             let landed = write.task.await;
@@ -1853,20 +1855,16 @@ mod tests {
     }
 
     /// [`recording`] on a recorder that keeps two writes under way, whose
-    /// transcript write after the first `writes` is late `by` and then lands,
-    /// or fails.
+    /// transcript writes after the first `writes` are `late`.
     fn recording_with_a_late_write(
         writes: i64,
-        by: Duration,
-        fails: bool,
+        late: Late,
     ) -> (tempfile::TempDir, Arc<Recorder>, SessionRecorder) {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::sled(dir.path()).unwrap());
         let recorder = Recorder::open(store, true, false).unwrap();
         let recorder = Arc::new(recorder.with_concurrent_writes(2));
-        recorder
-            .store
-            .make_one_batch_write_late(writes, Late { by, fails });
+        recorder.store.make_one_batch_write_late(writes, late);
         let session = recorder
             .start(recorder.reserve(failed()).unwrap(), info())
             .unwrap();
@@ -1905,8 +1903,11 @@ mod tests {
     /// the seal covers all of it.
     #[tokio::test]
     async fn writes_that_land_out_of_order_store_the_transcript_in_order() {
-        let late = Duration::from_millis(300);
-        let (_dir, recorder, session) = recording_with_a_late_write(1, late, false);
+        let late = Late {
+            by: Duration::from_secs(1),
+            ..Late::default()
+        };
+        let (_dir, recorder, session) = recording_with_a_late_write(1, late);
         let shown = show_random(&session, 12).await;
         let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
         assert_eq!(error, None);
@@ -1930,8 +1931,12 @@ mod tests {
     /// batch of the session is left past the seal.
     #[tokio::test]
     async fn a_failed_write_leaves_no_later_write_behind() {
-        let late = Duration::from_millis(300);
-        let (_dir, recorder, session) = recording_with_a_late_write(1, late, true);
+        let late = Late {
+            by: Duration::from_millis(300),
+            fails: true,
+            ..Late::default()
+        };
+        let (_dir, recorder, session) = recording_with_a_late_write(1, late);
         show_random(&session, 6).await;
         injected_failure(&session).await;
         let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
@@ -1945,12 +1950,36 @@ mod tests {
         assert_sealed_exactly(&recorder, &record);
     }
 
+    /// A failed write ends the session at once, not once the write under way
+    /// beside it has landed (which may take as long as a store's timeout).
+    #[tokio::test]
+    async fn a_failed_write_ends_the_session_without_waiting_for_the_other() {
+        let late = Late {
+            by: Duration::from_millis(300),
+            fails: true,
+            others_by: Duration::from_secs(3),
+        };
+        let (_dir, recorder, session) = recording_with_a_late_write(1, late);
+        show_random(&session, 6).await;
+        let told = tokio::time::timeout(Duration::from_secs(2), session.failed()).await;
+        assert!(
+            told.is_ok(),
+            "the session was told only after the other write"
+        );
+        assert!(recorder.store.landed().len() <= 1, "the other write landed");
+        let (record, _) = session.finish(SessionEnd::default(), |_, _| async {}).await;
+        assert_sealed_exactly(&recorder, &record);
+    }
+
     /// A failure that is no write's (here the encoding of a slice panicked)
     /// still counts the writes under way that land: nothing good is removed.
     #[tokio::test]
     async fn writes_under_way_when_the_flusher_fails_otherwise_are_kept() {
-        let late = Duration::from_secs(2);
-        let (_dir, recorder, session) = recording_with_a_late_write(0, late, false);
+        let late = Late {
+            by: Duration::from_secs(2),
+            ..Late::default()
+        };
+        let (_dir, recorder, session) = recording_with_a_late_write(0, late);
         // A MiB is a slice: its write starts, late.
         show_random(&session, 1).await;
         tokio::time::sleep(Duration::from_millis(100)).await;

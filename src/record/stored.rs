@@ -44,12 +44,14 @@ pub struct SessionStore {
     landed: Arc<Mutex<Vec<u32>>>,
 }
 
-/// A write made late by fault injection, which then fails or lands.
+/// A write made late by fault injection, which then fails or lands, and how
+/// late every write after it is.
 #[cfg(test)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 pub struct Late {
     pub by: Duration,
     pub fails: bool,
+    pub others_by: Duration,
 }
 
 impl SessionStore {
@@ -197,12 +199,7 @@ impl SessionStore {
     /// commit, not one per batch).
     /// A batch that fits in one piece is stored as it is, without a copy.
     pub fn put_batches(&self, session: u64, first: u32, batches: Vec<Vec<u8>>) -> Result<()> {
-        let allowed =
-            self.fail_batches
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                    (left > 0).then_some(left - 1)
-                });
-        if allowed == Err(0) && self.fails_injected() {
+        if self.fails_injected() {
             return Err(StoreError::Backend("injected write failure".into()));
         }
         let piece_bytes = self.store.backend().piece_bytes();
@@ -336,11 +333,19 @@ impl SessionStore {
         self.fail_batches.store(writes, Ordering::Relaxed);
     }
 
-    /// Whether a write that found no injected successes left fails: every one
-    /// does.
+    /// Whether this write fails by fault injection: once the writes that may
+    /// still succeed are used up, every one does.
     #[cfg(not(test))]
     fn fails_injected(&self) -> bool {
-        true
+        self.successes_left() == Err(0)
+    }
+
+    /// Counts a write against the injected successes left: `Ok` while some
+    /// are, else `Err` with the count (0: used up; negative: no fault).
+    fn successes_left(&self) -> std::result::Result<i64, i64> {
+        (self.fail_batches).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+            (left > 0).then_some(left - 1)
+        })
     }
 
     /// Fault injection: `writes` more transcript writes succeed, and the next
@@ -372,21 +377,24 @@ impl SessionStore {
         numbers
     }
 
-    /// Whether a write that found no injected successes left fails: every one,
-    /// or, with a late write planned, the one that claims it, once it waited,
-    /// if it is to fail.
+    /// Whether this write fails by fault injection, as in production; with a
+    /// late write planned, the write that comes once the successes are used up
+    /// waits `late.by` and fails if `late.fails`, and every write after it
+    /// waits `late.others_by` and lands.
     #[cfg(test)]
     fn fails_injected(&self) -> bool {
+        let left = self.successes_left();
         let Some(late) = *self.late.lock().expect("fault lock poisoned") else {
-            return true;
+            return left == Err(0);
         };
-        let claimed = self
-            .fail_batches
-            .compare_exchange(0, -1, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok();
-        if claimed {
-            std::thread::sleep(late.by);
+        if left.is_ok() {
+            return false;
         }
+        let claimed = left == Err(0)
+            && (self.fail_batches)
+                .compare_exchange(0, -1, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        std::thread::sleep(if claimed { late.by } else { late.others_by });
         claimed && late.fails
     }
 }
@@ -446,5 +454,31 @@ mod tests {
         assert_eq!(seam.scan(CHUNKS, &3u64.to_be_bytes(), None).count(), 0);
         assert_eq!(sessions.batch(4, 0).unwrap().unwrap(), b"another session");
         assert_eq!(sessions.batch(3, 0).unwrap(), None);
+    }
+
+    /// Removing from a batch on takes that batch and every later one, those
+    /// after a gap too, and nothing before it or of another session.
+    #[test]
+    fn batches_from_one_on_are_removed_gaps_and_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let sessions = SessionStore::open(Arc::new(Store::sled(dir.path()).unwrap())).unwrap();
+        let seam = sessions.store.backend();
+        // Batch 0 stored whole, as older versions did; 1 and 2 in pieces.
+        seam.put(CHUNKS, &batch_key(3, 0), b"whole").unwrap();
+        let pieces = vec![vec![1; 40_000], b"two".to_vec()];
+        sessions.put_batches(3, 1, pieces).unwrap();
+        sessions
+            .put_batches(3, 5, vec![b"after a gap".to_vec()])
+            .unwrap();
+        sessions
+            .put_batches(4, 1, vec![b"another".to_vec()])
+            .unwrap();
+        assert_eq!(sessions.batch_numbers(3), [0, 1, 2, 5]);
+        assert_eq!(sessions.delete_batches_from(3, 2).unwrap(), 3 + 11);
+        assert_eq!(sessions.batch_numbers(3), [0, 1]);
+        assert_eq!(sessions.batch(3, 0).unwrap().unwrap(), b"whole");
+        assert_eq!(sessions.batch(3, 1).unwrap().unwrap(), vec![1; 40_000]);
+        assert_eq!(sessions.batch_numbers(4), [1]);
+        assert_eq!(sessions.delete_batches_from(3, 7).unwrap(), 0);
     }
 }

@@ -1243,10 +1243,10 @@ impl Backend for PgBackend {
 
     /// Two, each a statement and a commit on a pooled connection of its own:
     /// with the server syncing its log (`fsync` on), a write spends part of its
-    /// time waiting for the disk, which a second write fills. Against one write
-    /// at a time, bulk sessions moved 1.05 to 1.17× as fast down and 1.06 to
-    /// 1.12× up; a third write measured no better (README, Performance, "Two
-    /// writes at once on PostgreSQL").
+    /// time waiting for the disk, which a second write fills. Against the build
+    /// before (one write at a time), bulk sessions moved 1.05 to 1.17× as fast
+    /// down and 1.06 to 1.12× up; a third write was not clearly better (README,
+    /// Performance, "Two writes at once on PostgreSQL").
     fn concurrent_writes(&self) -> usize {
         2
     }
