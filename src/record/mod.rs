@@ -1871,6 +1871,13 @@ mod tests {
         (dir, recorder, session)
     }
 
+    /// The bytes of session `id`'s stored transcript, streams and times aside.
+    fn transcript_of(recorder: &Recorder, id: u64) -> Vec<u8> {
+        (recorder.chunks(id).unwrap().into_iter())
+            .flat_map(|chunk| chunk.data.to_vec())
+            .collect()
+    }
+
     /// The store holds batches 0 to the sealed count of session 1 and no other,
     /// and the seal's digest is theirs.
     fn assert_sealed_exactly(recorder: &Recorder, record: &SessionRecord) {
@@ -1917,9 +1924,7 @@ mod tests {
             "no write landed before an earlier one: {landed:?}"
         );
         assert_sealed_exactly(&recorder, &record);
-        let stored: Vec<u8> = (recorder.chunks(1).unwrap().into_iter())
-            .flat_map(|chunk| chunk.data.to_vec())
-            .collect();
+        let stored = transcript_of(&recorder, 1);
         assert!(
             stored == shown,
             "the transcript differs from what was shown"
@@ -2018,10 +2023,7 @@ mod tests {
         assert_eq!(recovered[0].batches, 1);
         assert_eq!(recovered[0].transcript_bytes, 6);
         assert_eq!(recovered[0].digest, Some(recorder.digest_of(id).unwrap()));
-        let kept: Vec<u8> = (recorder.chunks(id).unwrap().into_iter())
-            .flat_map(|chunk| chunk.data.to_vec())
-            .collect();
-        assert_eq!(kept, b"landed");
+        assert_eq!(transcript_of(&recorder, id), b"landed");
         assert_eq!(recorder.store.batch_numbers(id), [0, 2]);
         recorder.store.delete_batches(id).unwrap();
         assert_eq!(recorder.store.batch_numbers(id), [] as [u32; 0]);
@@ -2108,12 +2110,7 @@ mod tests {
         }
         let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
         assert_eq!(error, None);
-        let stored: Vec<u8> = recorder
-            .chunks(id)
-            .unwrap()
-            .iter()
-            .flat_map(|chunk| chunk.data.to_vec())
-            .collect();
+        let stored = transcript_of(&recorder, id);
         assert!(stored == sent, "the transcript differs from the output");
         assert_eq!(record.transcript_bytes, sent.len() as u64);
         assert!(record.batches > 4, "{} batches", record.batches);
@@ -2187,10 +2184,10 @@ mod tests {
             .expect("sealed within 5 s, not left live");
         assert_eq!(record.state, SessionState::Interrupted);
         assert_eq!(record.digest, Some(recorder.digest_of(id).unwrap()));
-        let shown: Vec<u8> = (recorder.chunks(id).unwrap().into_iter())
-            .flat_map(|chunk| chunk.data.to_vec())
-            .collect();
-        assert_eq!(shown, b"shown before the task stopped\r\n");
+        assert_eq!(
+            transcript_of(&recorder, id),
+            b"shown before the task stopped\r\n"
+        );
         assert!(
             !recorder.live.lock().unwrap().contains_key(&id),
             "forgotten"

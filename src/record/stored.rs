@@ -343,9 +343,10 @@ impl SessionStore {
     /// Counts a write against the injected successes left: `Ok` while some
     /// are, else `Err` with the count (0: used up; negative: no fault).
     fn successes_left(&self) -> std::result::Result<i64, i64> {
-        (self.fail_batches).fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-            (left > 0).then_some(left - 1)
-        })
+        self.fail_batches
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                (left > 0).then_some(left - 1)
+            })
     }
 
     /// Fault injection: `writes` more transcript writes succeed, and the next
@@ -391,7 +392,8 @@ impl SessionStore {
             return false;
         }
         let claimed = left == Err(0)
-            && (self.fail_batches)
+            && self
+                .fail_batches
                 .compare_exchange(0, -1, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok();
         std::thread::sleep(if claimed { late.by } else { late.others_by });

@@ -104,8 +104,8 @@ pub trait Backend: Send + Sync {
     /// How many bulk writes of one caller may be under way at once, each on its
     /// own (they may land in any order, so a crash can keep a later one without
     /// an earlier: the caller then holds a prefix and pieces after a gap, which
-    /// it must ignore and clean up). One by default: sled writes through one log,
-    /// so two writes at once only queue.
+    /// its readers must stop at). One by default: sled writes through one log,
+    /// and two writes at once were not measured on it.
     fn concurrent_writes(&self) -> usize {
         1
     }
