@@ -740,6 +740,7 @@ fn event_for(grant: &Grant, kind: AuditKind, actor: &str, now: DateTime<Utc>) ->
 mod tests {
     use super::*;
     use crate::grant::Scope;
+    use crate::store::intercept::{Hooks, Intercepted, Write};
 
     fn policy(dir: &std::path::Path) -> Policy {
         policy_needing(dir, 1)
@@ -805,6 +806,187 @@ mod tests {
         let store = Arc::new(Store::sled(dir).unwrap());
         let grants = Grants::new(store.clone(), Notifier::new(None)).unwrap();
         (policy, store, grants)
+    }
+
+    /// A service on a store whose writes the test intercepts, with an approved
+    /// grant (an hour long) to work on.
+    fn approved_on_intercepted(
+        dir: &std::path::Path,
+    ) -> (Policy, Arc<Store>, Hooks, Grants, Grant) {
+        let policy = policy(dir);
+        let (store, hooks) = Intercepted::sled(dir);
+        let store = Arc::new(store);
+        let grants = Grants::new(store.clone(), Notifier::new(None)).unwrap();
+        let now = Utc::now();
+        let filed = grants.file(&policy, "alice", shell_spec(), now).unwrap();
+        let approved = grants
+            .approve(&policy, &filed.id, "bob", None, now)
+            .unwrap();
+        (policy, store, hooks, grants, approved)
+    }
+
+    fn injected() -> StoreError {
+        StoreError::Backend("injected by the test".into())
+    }
+
+    /// The entries an index tree holds.
+    fn entries(store: &Store, tree: &str) -> usize {
+        store.backend().scan(tree, b"", None).count()
+    }
+
+    #[test]
+    fn an_unaudited_revocation_is_undone_and_the_grant_still_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, _, hooks, grants, approved) = approved_on_intercepted(dir.path());
+        // The revocation's event fails; while the change is being undone, between
+        // putting back the index entries and the grant, a sweep (here or on
+        // another bastion) reads the grant as revoked and drops its entries.
+        let table = grants.inner.table.clone();
+        let (mut event_failed, mut swept) = (false, false);
+        hooks.set(Box::new(move |write| {
+            match write {
+                Write::Swap { tree: "audit", .. } if !event_failed => {
+                    event_failed = true;
+                    return Err(injected());
+                }
+                Write::Swap {
+                    tree: "requests", ..
+                } if event_failed && !swept => {
+                    swept = true;
+                    let later = Utc::now() + Duration::from_secs(7200);
+                    assert!(table.due(later).unwrap().is_empty(), "read as revoked");
+                    assert!(table.live().unwrap().is_empty(), "read as revoked");
+                }
+                _ => {}
+            }
+            Ok(())
+        }));
+        let refused = grants.revoke(&policy, &approved.id, "bob", None, Utc::now());
+        assert!(
+            matches!(refused, Err(GrantError::Unaudited(_))),
+            "{refused:?}"
+        );
+
+        assert_eq!(
+            grants.get(&approved.id).unwrap().state,
+            GrantState::Approved
+        );
+        assert_eq!(grants.live().unwrap(), vec![approved.clone()]);
+        let after_expiry = approved.expires_at.unwrap() + Duration::from_secs(1);
+        assert_eq!(grants.sweep(after_expiry).unwrap(), 1, "still expires");
+        let kinds = event_kinds(&grants);
+        assert!(!kinds
+            .iter()
+            .any(|k| k == AuditKind::RequestRevoked.as_str()));
+        assert_eq!(kinds.last().unwrap(), AuditKind::RequestExpired.as_str());
+    }
+
+    #[test]
+    fn a_sweep_that_drops_an_entry_as_an_undo_lands_puts_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store, hooks, grants, approved) = approved_on_intercepted(dir.path());
+        let table = grants.inner.table.clone();
+        let before = table.read(&approved.id).unwrap().unwrap();
+        let mut revoked = approved.clone();
+        revoked.state = GrantState::Revoked;
+        // Revoked without its due entry removed (the removal fails)...
+        let mut failed = false;
+        hooks.set(Box::new(move |write| match write {
+            Write::Remove {
+                tree: "grants_due", ..
+            } if !failed => {
+                failed = true;
+                Err(injected())
+            }
+            _ => Ok(()),
+        }));
+        let written = table.update(&before, &revoked).unwrap().expect("swapped");
+        assert_eq!(entries(&store, "grants_due"), 1, "the removal failed");
+        // ...then a sweep reads the grant as revoked, and just before it removes
+        // the entry, the revocation is undone (its event failed) on another
+        // bastion: the undo's own entries land before the sweep's removal.
+        let undo_table = table.clone();
+        let mut undo = Some((written, before));
+        hooks.set(Box::new(move |write| {
+            if let (
+                Write::Remove {
+                    tree: "grants_due", ..
+                },
+                Some((written, before)),
+            ) = (write, undo.take())
+            {
+                assert!(undo_table.restore(&written, &before).unwrap());
+            }
+            Ok(())
+        }));
+        let later = approved.expires_at.unwrap() + Duration::from_secs(1);
+        assert!(table.due(later).unwrap().is_empty(), "read as revoked");
+
+        assert_eq!(
+            grants.get(&approved.id).unwrap().state,
+            GrantState::Approved
+        );
+        let due: Vec<String> = table
+            .due(later)
+            .unwrap()
+            .into_iter()
+            .map(|g| g.id)
+            .collect();
+        assert_eq!(due, vec![approved.id.clone()]);
+        assert_eq!(grants.live().unwrap(), vec![approved]);
+    }
+
+    #[test]
+    fn a_sweep_while_a_request_is_filed_keeps_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, _, hooks, grants, _) = approved_on_intercepted(dir.path());
+        // Between the new request's index entries and the request itself.
+        let table = grants.inner.table.clone();
+        let mut swept = false;
+        hooks.set(Box::new(move |write| {
+            if let Write::Swap {
+                tree: "requests", ..
+            } = write
+            {
+                if !swept {
+                    swept = true;
+                    let later = Utc::now() + Duration::from_secs(7200);
+                    table.due(later).unwrap();
+                }
+            }
+            Ok(())
+        }));
+        let now = Utc::now();
+        let pending = grants.file(&policy, "alice", shell_spec(), now).unwrap();
+
+        let after = pending.pending_until + Duration::from_secs(1);
+        let due = grants.inner.table.due(after).unwrap();
+        assert!(due.iter().any(|g| g.id == pending.id), "{due:?}");
+    }
+
+    #[test]
+    fn a_stale_live_entry_is_removed_by_its_first_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, store, hooks, grants, approved) = approved_on_intercepted(dir.path());
+        let mut failed = false;
+        hooks.set(Box::new(move |write| match write {
+            Write::Remove {
+                tree: "grants_live",
+                ..
+            } if !failed => {
+                failed = true;
+                Err(injected())
+            }
+            _ => Ok(()),
+        }));
+        grants
+            .revoke(&policy, &approved.id, "bob", None, Utc::now())
+            .unwrap();
+        assert_eq!(entries(&store, "grants_live"), 1, "the removal failed");
+
+        assert!(grants.live().unwrap().is_empty());
+        assert_eq!(entries(&store, "grants_live"), 0, "the reader removed it");
+        assert!(grants.live_of("alice").unwrap().is_empty());
     }
 
     #[test]

@@ -16,6 +16,11 @@
 //! An index entry is written before the grant it points to and removed after it,
 //! so an index may briefly hold an entry too many but never misses one; readers
 //! check every grant they read through an index against what they asked for.
+//! A reader that finds an entry of an ended grant removes it (its writer's
+//! removal may have failed), then reads the grant again: an ended grant becomes
+//! live again only when its unaudited change is undone, which writes the
+//! entries both before and after putting the grant back. An entry with no
+//! grant behind it is left alone: it may be a request being filed.
 //! Databases from before the indexes get them built once, at open (schema 1).
 
 use std::sync::Arc;
@@ -213,12 +218,19 @@ impl GrantTable {
     /// event could not be written). `Ok(false)`: it changed again meanwhile.
     pub fn restore(&self, written: &Read, before: &Read) -> Result<bool> {
         self.index(&before.grant)?;
-        self.grants.store().backend().compare_and_swap(
+        let restored = self.grants.store().backend().compare_and_swap(
             GRANTS,
             &before.grant.seq.encode(),
             Some(&written.bytes),
             Some(&before.bytes),
-        )
+        )?;
+        if restored {
+            // A reader that found the grant as `written` between the two writes
+            // (a sweep on this node or another) dropped its entries as stale;
+            // the grant is live again, so they go back.
+            self.index(&before.grant)?;
+        }
+        Ok(restored)
     }
 
     /// Every grant ever filed, oldest first (history: `requests --all`).
@@ -259,13 +271,13 @@ impl GrantTable {
                 break;
             }
             match self.read_seq(seq)? {
-                Some(read) if read.grant.state.is_live() => {
-                    if read.grant.deadline().is_some_and(|at| at <= now) {
-                        due.push(read.grant);
-                    }
+                Some(read) if !read.grant.state.is_live() => self.drop_stale(DUE, &key, seq),
+                Some(read) if read.grant.deadline().is_some_and(|at| at <= now) => {
+                    due.push(read.grant);
                 }
-                // Final states are final: this entry can never be due again.
-                _ => self.remove_stale(DUE, &key),
+                // Not due (an entry of a deadline the grant is changing from), or
+                // no grant (yet: a request writes its entries first).
+                _ => {}
             }
         }
         Ok(due)
@@ -290,11 +302,12 @@ impl GrantTable {
                 tree: "grant index",
                 detail: format!("a key of {} bytes", key.len()),
             })?;
-            if let Some(read) = self.read_seq(seq)? {
-                let live_ok = index != LIVE || read.grant.state.is_live();
-                if live_ok && keep(&read.grant) {
-                    grants.push(read.grant);
+            match self.read_seq(seq)? {
+                Some(read) if index == LIVE && !read.grant.state.is_live() => {
+                    self.drop_stale(LIVE, &key, seq);
                 }
+                Some(read) if keep(&read.grant) => grants.push(read.grant),
+                _ => {}
             }
         }
         Ok(grants)
@@ -321,6 +334,27 @@ impl GrantTable {
     fn remove_stale(&self, index: &str, key: &[u8]) {
         if let Err(err) = self.seam().remove(index, key) {
             tracing::warn!(index, error = %err, "a stale grant index entry stays");
+        }
+    }
+
+    /// Removes an index entry whose grant a reader found ended, so that later
+    /// readers skip nothing. An ended grant is live again only when the change
+    /// that ended it is undone ([`GrantTable::restore`], on this bastion or
+    /// another): the grant is read once more after the removal and indexed
+    /// again if so. With `restore` indexing again after its swap, no order of
+    /// the two leaves a live grant out of its indexes.
+    fn drop_stale(&self, index: &str, key: &[u8], seq: u64) {
+        self.remove_stale(index, key);
+        match self.read_seq(seq) {
+            Ok(Some(read)) if read.grant.state.is_live() => {
+                if let Err(err) = self.index(&read.grant) {
+                    tracing::error!(index, grant = %read.grant.id, error = %err, "a live grant lost an index entry; the next change to it writes them again");
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::warn!(index, error = %err, "cannot check a removed grant index entry")
+            }
         }
     }
 

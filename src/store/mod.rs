@@ -12,6 +12,8 @@
 //! record sizes involved (recordings are compressed by `record`).
 
 pub mod feed;
+#[cfg(test)]
+pub mod intercept;
 pub mod migrate;
 mod pg_backend;
 mod sled_backend;
