@@ -82,8 +82,10 @@ impl World {
         let mallory_key = root.join("mallory");
         keygen(&mallory_key, "mallory");
         // PORTCULLIS_TEST_STORE=postgres runs the world's bastion on PostgreSQL
-        // (scripts/test runs some suites that way too).
-        let store = match options.extra_config.contains("[store]") {
+        // (scripts/test runs some suites that way too), unless the test chose a
+        // store itself, in either file (the benchmarks' BENCH_STORE does).
+        let chosen = |config: &str| config.contains("[store]");
+        let store = match chosen(&options.extra_config) || chosen(&options.node_config) {
             true => String::new(),
             false => store_chosen_by("PORTCULLIS_TEST_STORE", postgres).0,
         };
