@@ -740,7 +740,11 @@ fn event_for(grant: &Grant, kind: AuditKind, actor: &str, now: DateTime<Utc>) ->
 mod tests {
     use super::*;
     use crate::grant::Scope;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use crate::store::intercept::{Hooks, Intercepted, Write};
+    use crate::store::table::{millis, trailing_u64};
+    use crate::store::Key;
 
     fn policy(dir: &std::path::Path) -> Policy {
         policy_needing(dir, 1)
@@ -834,6 +838,12 @@ mod tests {
         store.backend().scan(tree, b"", None).count()
     }
 
+    /// A flag a hook raises, for the test to check that its race happened.
+    fn flag() -> (Arc<AtomicBool>, Arc<AtomicBool>) {
+        let raised = Arc::new(AtomicBool::new(false));
+        (raised.clone(), raised)
+    }
+
     #[test]
     fn an_unaudited_revocation_is_undone_and_the_grant_still_expires() {
         let dir = tempfile::tempdir().unwrap();
@@ -842,7 +852,8 @@ mod tests {
         // putting back the index entries and the grant, a sweep (here or on
         // another bastion) reads the grant as revoked and drops its entries.
         let table = grants.inner.table.clone();
-        let (mut event_failed, mut swept) = (false, false);
+        let (swept, raise) = flag();
+        let mut event_failed = false;
         hooks.set(Box::new(move |write| {
             match write {
                 Write::Swap { tree: "audit", .. } if !event_failed => {
@@ -851,8 +862,7 @@ mod tests {
                 }
                 Write::Swap {
                     tree: "requests", ..
-                } if event_failed && !swept => {
-                    swept = true;
+                } if event_failed && !raise.swap(true, Ordering::SeqCst) => {
                     let later = Utc::now() + Duration::from_secs(7200);
                     assert!(table.due(later).unwrap().is_empty(), "read as revoked");
                     assert!(table.live().unwrap().is_empty(), "read as revoked");
@@ -866,6 +876,7 @@ mod tests {
             matches!(refused, Err(GrantError::Unaudited(_))),
             "{refused:?}"
         );
+        assert!(swept.load(Ordering::SeqCst), "the sweep ran in the undo");
 
         assert_eq!(
             grants.get(&approved.id).unwrap().state,
@@ -881,46 +892,57 @@ mod tests {
         assert_eq!(kinds.last().unwrap(), AuditKind::RequestExpired.as_str());
     }
 
-    #[test]
-    fn a_sweep_that_drops_an_entry_as_an_undo_lands_puts_it_back() {
+    /// A grant revoked without its `tree` entry removed (the removal fails);
+    /// then `read` (a reader of that index) finds the grant revoked, and just
+    /// before it removes the entry, the revocation is undone (its event failed)
+    /// on another bastion, whose entries land before the reader's removal. With
+    /// `fail_reindex`, the reader's own attempt to index the grant again fails.
+    /// Afterwards the grant must be live in every index.
+    fn reader_meets_an_undo(
+        tree: &'static str,
+        fail_reindex: bool,
+        read: fn(&GrantTable, DateTime<Utc>),
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let (_, store, hooks, grants, approved) = approved_on_intercepted(dir.path());
         let table = grants.inner.table.clone();
         let before = table.read(&approved.id).unwrap().unwrap();
         let mut revoked = approved.clone();
         revoked.state = GrantState::Revoked;
-        // Revoked without its due entry removed (the removal fails)...
         let mut failed = false;
         hooks.set(Box::new(move |write| match write {
-            Write::Remove {
-                tree: "grants_due", ..
-            } if !failed => {
+            Write::Remove { tree: t, .. } if t == tree && !failed => {
                 failed = true;
                 Err(injected())
             }
             _ => Ok(()),
         }));
         let written = table.update(&before, &revoked).unwrap().expect("swapped");
-        assert_eq!(entries(&store, "grants_due"), 1, "the removal failed");
-        // ...then a sweep reads the grant as revoked, and just before it removes
-        // the entry, the revocation is undone (its event failed) on another
-        // bastion: the undo's own entries land before the sweep's removal.
+        assert_eq!(entries(&store, tree), 1, "the removal failed");
+
         let undo_table = table.clone();
         let mut undo = Some((written, before));
+        let mut reindex_failed = !fail_reindex;
+        let (undone, raise) = flag();
         hooks.set(Box::new(move |write| {
-            if let (
-                Write::Remove {
-                    tree: "grants_due", ..
-                },
-                Some((written, before)),
-            ) = (write, undo.take())
-            {
-                assert!(undo_table.restore(&written, &before).unwrap());
+            match write {
+                Write::Remove { tree: t, .. } if t == tree => {
+                    if let Some((written, before)) = undo.take() {
+                        assert!(undo_table.restore(&written, &before).unwrap());
+                        raise.store(true, Ordering::SeqCst);
+                    }
+                }
+                Write::Put { tree: t, .. } if t == tree && undo.is_none() && !reindex_failed => {
+                    reindex_failed = true;
+                    return Err(injected());
+                }
+                _ => {}
             }
             Ok(())
         }));
         let later = approved.expires_at.unwrap() + Duration::from_secs(1);
-        assert!(table.due(later).unwrap().is_empty(), "read as revoked");
+        read(&table, later);
+        assert!(undone.load(Ordering::SeqCst), "the undo ran in the read");
 
         assert_eq!(
             grants.get(&approved.id).unwrap().state,
@@ -932,8 +954,28 @@ mod tests {
             .into_iter()
             .map(|g| g.id)
             .collect();
-        assert_eq!(due, vec![approved.id.clone()]);
-        assert_eq!(grants.live().unwrap(), vec![approved]);
+        assert_eq!(due, vec![approved.id.clone()], "{tree}");
+        assert_eq!(grants.live().unwrap(), vec![approved], "{tree}");
+    }
+
+    fn sweep_reader(table: &GrantTable, now: DateTime<Utc>) {
+        assert!(table.due(now).unwrap().is_empty(), "read as revoked");
+    }
+
+    fn live_reader(table: &GrantTable, _: DateTime<Utc>) {
+        assert!(table.live().unwrap().is_empty(), "read as revoked");
+    }
+
+    #[test]
+    fn a_reader_that_drops_an_entry_as_an_undo_lands_puts_it_back() {
+        reader_meets_an_undo("grants_due", false, sweep_reader);
+        reader_meets_an_undo("grants_live", false, live_reader);
+    }
+
+    #[test]
+    fn a_reader_that_cannot_index_an_undone_grant_again_keeps_the_entry() {
+        reader_meets_an_undo("grants_due", true, sweep_reader);
+        reader_meets_an_undo("grants_live", true, live_reader);
     }
 
     #[test]
@@ -942,14 +984,13 @@ mod tests {
         let (policy, _, hooks, grants, _) = approved_on_intercepted(dir.path());
         // Between the new request's index entries and the request itself.
         let table = grants.inner.table.clone();
-        let mut swept = false;
+        let (swept, raise) = flag();
         hooks.set(Box::new(move |write| {
             if let Write::Swap {
                 tree: "requests", ..
             } = write
             {
-                if !swept {
-                    swept = true;
+                if !raise.swap(true, Ordering::SeqCst) {
                     let later = Utc::now() + Duration::from_secs(7200);
                     table.due(later).unwrap();
                 }
@@ -958,10 +999,38 @@ mod tests {
         }));
         let now = Utc::now();
         let pending = grants.file(&policy, "alice", shell_spec(), now).unwrap();
+        assert!(swept.load(Ordering::SeqCst), "the sweep ran in the filing");
 
         let after = pending.pending_until + Duration::from_secs(1);
         let due = grants.inner.table.due(after).unwrap();
         assert!(due.iter().any(|g| g.id == pending.id), "{due:?}");
+    }
+
+    #[test]
+    fn a_due_entry_with_no_grant_goes_a_day_after_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store, _, grants, _) = approved_on_intercepted(dir.path());
+        let now = Utc::now();
+        let orphan = |ago: u64, seq: u64| {
+            let mut key = millis(now - Duration::from_secs(ago)).encode();
+            key.extend_from_slice(&seq.encode());
+            store.backend().put("grants_due", &key, b"").unwrap();
+        };
+        let (kept, dropped) = (u64::MAX - 1, u64::MAX);
+        orphan(23 * 3600, kept);
+        orphan(25 * 3600, dropped);
+        let present = || -> Vec<u64> {
+            store
+                .backend()
+                .scan("grants_due", b"", None)
+                .map(|entry| trailing_u64(&entry.unwrap().0).unwrap())
+                .filter(|seq| *seq >= kept)
+                .collect()
+        };
+        assert_eq!(present(), vec![dropped, kept]);
+
+        assert!(grants.inner.table.due(now).unwrap().is_empty());
+        assert_eq!(present(), vec![kept]);
     }
 
     #[test]

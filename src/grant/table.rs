@@ -19,8 +19,10 @@
 //! A reader that finds an entry of an ended grant removes it (its writer's
 //! removal may have failed), then reads the grant again: an ended grant becomes
 //! live again only when its unaudited change is undone, which writes the
-//! entries both before and after putting the grant back. An entry with no
-//! grant behind it is left alone: it may be a request being filed.
+//! entries both before and after putting the grant back (when the store fails
+//! in between, a removed entry is put back rather than lost). An entry with no
+//! grant behind it is left alone (it may be a request being filed) until its
+//! deadline is a day past: a request whose filing failed half-way left it.
 //! Databases from before the indexes get them built once, at open (schema 1).
 
 use std::sync::Arc;
@@ -41,6 +43,10 @@ const DUE: &str = "grants_due";
 const SEQ: &str = "grant_seq";
 /// The schema this module migrates databases to.
 const SCHEMA: u64 = 1;
+/// How long past its deadline a due entry with no grant behind it is kept: a
+/// request being filed writes its entries before itself, and its deadline is
+/// a flow's `pending_ttl` away when it does.
+const ORPHAN_AFTER_MS: u64 = 24 * 3600 * 1000;
 
 /// A grant as stored: the grant's own JSON, plus the version of this record.
 #[derive(Serialize, Deserialize)]
@@ -200,7 +206,7 @@ impl GrantTable {
             return Ok(None);
         }
         // The change is made: from here on, an error would leave it without its
-        // audit event. Entries left behind are skipped by their readers.
+        // audit event. Entries left behind are removed by their readers.
         if !changed.state.is_live() {
             self.remove_stale(LIVE, &user_key(changed));
         }
@@ -227,8 +233,11 @@ impl GrantTable {
         if restored {
             // A reader that found the grant as `written` between the two writes
             // (a sweep on this node or another) dropped its entries as stale;
-            // the grant is live again, so they go back.
-            self.index(&before.grant)?;
+            // the grant is live again, so they go back. The grant is restored
+            // either way: a failure here is logged, not returned as "not undone".
+            if let Err(err) = self.index(&before.grant) {
+                tracing::error!(grant = %before.grant.id, error = %err, "a restored grant may lack an index entry until its next change");
+            }
         }
         Ok(restored)
     }
@@ -275,8 +284,13 @@ impl GrantTable {
                 Some(read) if read.grant.deadline().is_some_and(|at| at <= now) => {
                     due.push(read.grant);
                 }
+                // No grant behind an entry long past its deadline: a request
+                // whose filing failed half-way left it.
+                None if at.saturating_add(ORPHAN_AFTER_MS) < millis(now) => {
+                    self.remove_stale(DUE, &key);
+                }
                 // Not due (an entry of a deadline the grant is changing from), or
-                // no grant (yet: a request writes its entries first).
+                // no grant yet (a request writes its entries first).
                 _ => {}
             }
         }
@@ -329,8 +343,8 @@ impl GrantTable {
     }
 
     /// Removes an index entry that no longer points at a grant it indexes, or
-    /// leaves it for its readers to skip (`through`, `due`) when the store
-    /// refuses: the change that made it stale is already stored.
+    /// leaves it for its next reader to skip and remove (`through`, `due`) when
+    /// the store refuses: the change that made it stale is already stored.
     fn remove_stale(&self, index: &str, key: &[u8]) {
         if let Err(err) = self.seam().remove(index, key) {
             tracing::warn!(index, error = %err, "a stale grant index entry stays");
@@ -343,17 +357,19 @@ impl GrantTable {
     /// another): the grant is read once more after the removal and indexed
     /// again if so. With `restore` indexing again after its swap, no order of
     /// the two leaves a live grant out of its indexes.
+    /// When that cannot be checked or done, the entry goes back: an entry too
+    /// many is skipped, one missing is a grant that never expires.
     fn drop_stale(&self, index: &str, key: &[u8], seq: u64) {
         self.remove_stale(index, key);
-        match self.read_seq(seq) {
-            Ok(Some(read)) if read.grant.state.is_live() => {
-                if let Err(err) = self.index(&read.grant) {
-                    tracing::error!(index, grant = %read.grant.id, error = %err, "a live grant lost an index entry; the next change to it writes them again");
-                }
-            }
-            Ok(_) => {}
-            Err(err) => {
-                tracing::warn!(index, error = %err, "cannot check a removed grant index entry")
+        let indexed = match self.read_seq(seq) {
+            Ok(Some(read)) if read.grant.state.is_live() => self.index(&read.grant),
+            Ok(_) => return,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = indexed {
+            tracing::warn!(index, error = %err, "cannot check a removed grant index entry; putting it back");
+            if let Err(err) = self.seam().put(index, key, b"") {
+                tracing::error!(index, error = %err, "a grant index entry may be missing until the grant's next change");
             }
         }
     }

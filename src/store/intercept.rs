@@ -1,9 +1,10 @@
 //! A store whose writes a test can intercept (tests only): before each write
-//! reaches sled, a hook sees it and may fail it, or act first, as another
-//! bastion on the same database would between two of this one's writes. That is
-//! how module tests reach the paths a shared database makes possible (a write
-//! that fails after the one before it landed; a reader that runs between two
-//! writes) without a real second node.
+//! to a tree reaches sled, a hook sees it and may fail it, or act first, as
+//! another bastion on the same database would between two of this one's
+//! writes. That is how module tests reach the paths a shared database makes
+//! possible (a write that fails after the one before it landed; a reader that
+//! runs between two writes) without a real second node. Counters are not
+//! intercepted.
 
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -14,19 +15,25 @@ use super::{Backend, Entry, Removed, Result, Scan, Store, Subscription};
 pub enum Write<'a> {
     Put { tree: &'a str, key: &'a [u8] },
     Remove { tree: &'a str, key: &'a [u8] },
+    RemovePrefix { tree: &'a str, prefix: &'a [u8] },
     Swap { tree: &'a str, key: &'a [u8] },
 }
 
 impl Write<'_> {
     pub fn tree(&self) -> &str {
         match self {
-            Write::Put { tree, .. } | Write::Remove { tree, .. } | Write::Swap { tree, .. } => tree,
+            Write::Put { tree, .. }
+            | Write::Remove { tree, .. }
+            | Write::RemovePrefix { tree, .. }
+            | Write::Swap { tree, .. } => tree,
         }
     }
 }
 
 /// What a test runs before each write: an error fails the write (it is not
-/// made). The hook may use the store itself: it is not held while it runs.
+/// made). The hook may use the store itself: it is taken out while it runs, so
+/// the writes it makes, and any other thread's meanwhile, pass unhooked. A hook
+/// that panics is gone.
 pub type Hook = Box<dyn FnMut(Write<'_>) -> Result<()> + Send>;
 
 /// Where a test puts the hook of an [`Intercepted`] store (kept after the store
@@ -132,7 +139,7 @@ impl Backend for Intercepted {
     }
 
     fn remove_prefix(&self, tree: &str, prefix: &[u8]) -> Result<Removed> {
-        self.before(Write::Remove { tree, key: prefix })?;
+        self.before(Write::RemovePrefix { tree, prefix })?;
         self.seam().remove_prefix(tree, prefix)
     }
 
