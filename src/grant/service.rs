@@ -892,6 +892,54 @@ mod tests {
         assert_eq!(kinds.last().unwrap(), AuditKind::RequestExpired.as_str());
     }
 
+    #[test]
+    fn an_undo_whose_answer_is_lost_counts_and_indexes_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, store, hooks, grants, approved) = approved_on_intercepted(dir.path());
+        // The revocation's event fails; a sweep drops the grant's entries while
+        // it is undone, and the undo's swap lands but its answer is lost (a
+        // database connection that broke after the commit).
+        let table = grants.inner.table.clone();
+        let (lost, raise) = flag();
+        let mut event_failed = false;
+        hooks.set(Box::new(move |write| {
+            match write {
+                Write::Swap { tree: "audit", .. } if !event_failed => {
+                    event_failed = true;
+                    return Err(injected());
+                }
+                Write::Swap {
+                    tree: "requests",
+                    key,
+                    old,
+                    new,
+                } if event_failed && !raise.swap(true, Ordering::SeqCst) => {
+                    let later = Utc::now() + Duration::from_secs(7200);
+                    assert!(table.due(later).unwrap().is_empty(), "read as revoked");
+                    let backend = store.backend();
+                    assert!(backend.compare_and_swap("requests", key, old, new).unwrap());
+                    return Err(injected());
+                }
+                _ => {}
+            }
+            Ok(())
+        }));
+        let refused = grants.revoke(&policy, &approved.id, "bob", None, Utc::now());
+        assert!(
+            matches!(refused, Err(GrantError::Unaudited(_))),
+            "{refused:?}"
+        );
+        assert!(lost.load(Ordering::SeqCst), "the undo's answer was lost");
+
+        assert_eq!(
+            grants.get(&approved.id).unwrap().state,
+            GrantState::Approved
+        );
+        assert_eq!(grants.live().unwrap(), vec![approved.clone()]);
+        let after_expiry = approved.expires_at.unwrap() + Duration::from_secs(1);
+        assert_eq!(grants.sweep(after_expiry).unwrap(), 1, "still expires");
+    }
+
     /// A grant revoked without its `tree` entry removed (the removal fails);
     /// then `read` (a reader of that index) finds the grant revoked, and just
     /// before it removes the entry, the revocation is undone (its event failed)

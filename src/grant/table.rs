@@ -20,7 +20,9 @@
 //! removal may have failed), then reads the grant again: an ended grant becomes
 //! live again only when its unaudited change is undone, which writes the
 //! entries both before and after putting the grant back (when the store fails
-//! in between, a removed entry is put back rather than lost). An entry with no
+//! in between, a removed entry is put back rather than lost; only when the
+//! undo's second index write fails too may an entry stay missing until the
+//! grant's next change, which is logged). An entry with no
 //! grant behind it is left alone (it may be a request being filed) until its
 //! deadline is a day past: a request whose filing failed half-way left it.
 //! Databases from before the indexes get them built once, at open (schema 1).
@@ -224,12 +226,22 @@ impl GrantTable {
     /// event could not be written). `Ok(false)`: it changed again meanwhile.
     pub fn restore(&self, written: &Read, before: &Read) -> Result<bool> {
         self.index(&before.grant)?;
-        let restored = self.grants.store().backend().compare_and_swap(
+        let seq = before.grant.seq;
+        let swapped = self.seam().compare_and_swap(
             GRANTS,
-            &before.grant.seq.encode(),
+            &seq.encode(),
             Some(&written.bytes),
             Some(&before.bytes),
-        )?;
+        );
+        let restored = match swapped {
+            // As in `swap_grant`: a database whose answer was lost may have
+            // made the swap; the grant read back tells.
+            Err(err) => match self.read_seq(seq) {
+                Ok(Some(now)) if now.bytes == before.bytes => true,
+                _ => return Err(err),
+            },
+            Ok(restored) => restored,
+        };
         if restored {
             // A reader that found the grant as `written` between the two writes
             // (a sweep on this node or another) dropped its entries as stale;
@@ -289,8 +301,10 @@ impl GrantTable {
                 None if at.saturating_add(ORPHAN_AFTER_MS) < millis(now) => {
                     self.remove_stale(DUE, &key);
                 }
-                // Not due (an entry of a deadline the grant is changing from), or
-                // no grant yet (a request writes its entries first).
+                // Not due: an entry of a deadline the grant is changing from, or
+                // one whose removal failed after it changed (read by every sweep
+                // until the grant ends); or no grant yet (a request writes its
+                // entries first).
                 _ => {}
             }
         }
@@ -358,7 +372,8 @@ impl GrantTable {
     /// again if so. With `restore` indexing again after its swap, no order of
     /// the two leaves a live grant out of its indexes.
     /// When that cannot be checked or done, the entry goes back: an entry too
-    /// many is skipped, one missing is a grant that never expires.
+    /// many is skipped, while a missing due entry is a grant that never expires
+    /// and a missing live entry one that sessions cannot use.
     fn drop_stale(&self, index: &str, key: &[u8], seq: u64) {
         self.remove_stale(index, key);
         let indexed = match self.read_seq(seq) {

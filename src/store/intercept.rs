@@ -13,10 +13,24 @@ use super::{Backend, Entry, Removed, Result, Scan, Store, Subscription};
 /// A write about to be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Write<'a> {
-    Put { tree: &'a str, key: &'a [u8] },
-    Remove { tree: &'a str, key: &'a [u8] },
-    RemovePrefix { tree: &'a str, prefix: &'a [u8] },
-    Swap { tree: &'a str, key: &'a [u8] },
+    Put {
+        tree: &'a str,
+        key: &'a [u8],
+    },
+    Remove {
+        tree: &'a str,
+        key: &'a [u8],
+    },
+    RemovePrefix {
+        tree: &'a str,
+        prefix: &'a [u8],
+    },
+    Swap {
+        tree: &'a str,
+        key: &'a [u8],
+        old: Option<&'a [u8]>,
+        new: Option<&'a [u8]>,
+    },
 }
 
 impl Write<'_> {
@@ -110,6 +124,7 @@ impl Backend for Intercepted {
         self.seam().put(tree, key, value)
     }
 
+    /// Each entry is shown to the hook as a put; a failure fails the batch.
     fn put_all(&self, tree: &str, entries: Vec<Entry>) -> Result<()> {
         for (key, _) in &entries {
             self.before(Write::Put { tree, key })?;
@@ -150,7 +165,12 @@ impl Backend for Intercepted {
         old: Option<&[u8]>,
         new: Option<&[u8]>,
     ) -> Result<bool> {
-        self.before(Write::Swap { tree, key })?;
+        self.before(Write::Swap {
+            tree,
+            key,
+            old,
+            new,
+        })?;
         self.seam().compare_and_swap(tree, key, old, new)
     }
 
