@@ -838,6 +838,18 @@ mod tests {
         store.backend().scan(tree, b"", None).count()
     }
 
+    /// The grant is approved, listed as live, and the sweep expires it once
+    /// its time is up.
+    fn assert_still_approved_and_expires(grants: &Grants, approved: &Grant) {
+        assert_eq!(
+            grants.get(&approved.id).unwrap().state,
+            GrantState::Approved
+        );
+        assert_eq!(grants.live().unwrap(), vec![approved.clone()]);
+        let after_expiry = approved.expires_at.unwrap() + Duration::from_secs(1);
+        assert_eq!(grants.sweep(after_expiry).unwrap(), 1, "still expires");
+    }
+
     /// A flag a hook raises, for the test to check that its race happened.
     fn flag() -> (Arc<AtomicBool>, Arc<AtomicBool>) {
         let raised = Arc::new(AtomicBool::new(false));
@@ -878,13 +890,7 @@ mod tests {
         );
         assert!(swept.load(Ordering::SeqCst), "the sweep ran in the undo");
 
-        assert_eq!(
-            grants.get(&approved.id).unwrap().state,
-            GrantState::Approved
-        );
-        assert_eq!(grants.live().unwrap(), vec![approved.clone()]);
-        let after_expiry = approved.expires_at.unwrap() + Duration::from_secs(1);
-        assert_eq!(grants.sweep(after_expiry).unwrap(), 1, "still expires");
+        assert_still_approved_and_expires(&grants, &approved);
         let kinds = event_kinds(&grants);
         assert!(!kinds
             .iter()
@@ -931,13 +937,7 @@ mod tests {
         );
         assert!(lost.load(Ordering::SeqCst), "the undo's answer was lost");
 
-        assert_eq!(
-            grants.get(&approved.id).unwrap().state,
-            GrantState::Approved
-        );
-        assert_eq!(grants.live().unwrap(), vec![approved.clone()]);
-        let after_expiry = approved.expires_at.unwrap() + Duration::from_secs(1);
-        assert_eq!(grants.sweep(after_expiry).unwrap(), 1, "still expires");
+        assert_still_approved_and_expires(&grants, &approved);
     }
 
     /// A grant revoked without its `tree` entry removed (the removal fails);
