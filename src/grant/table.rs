@@ -22,9 +22,9 @@
 //! entries both before and after putting the grant back (when the store fails
 //! in between, a removed entry is put back rather than lost; only when the
 //! undo's second index write fails too may an entry stay missing until the
-//! grant's next change, which is logged). An entry with no
-//! grant behind it is left alone (it may be a request being filed) until its
-//! deadline is a day past: a request whose filing failed half-way left it.
+//! grant's next change, which is logged). An entry with no grant behind it is
+//! left alone (it may be a request being filed) until its deadline is a day
+//! past: a request whose filing failed half-way left it.
 //! Databases from before the indexes get them built once, at open (schema 1).
 
 use std::sync::Arc;
