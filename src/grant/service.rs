@@ -856,39 +856,55 @@ mod tests {
         (raised.clone(), raised)
     }
 
-    #[test]
-    fn an_unaudited_revocation_is_undone_and_the_grant_still_expires() {
-        let dir = tempfile::tempdir().unwrap();
-        let (policy, _, hooks, grants, approved) = approved_on_intercepted(dir.path());
-        // The revocation's event fails; while the change is being undone, between
-        // putting back the index entries and the grant, a sweep (here or on
-        // another bastion) reads the grant as revoked and drops its entries.
-        let table = grants.inner.table.clone();
-        let (swept, raise) = flag();
+    /// Revokes `approved` with its audit event failing, so the revocation is
+    /// undone; `during_undo` runs once, just before the undo's swap of the
+    /// grant, and what it returns is that swap's fate. Checks the revocation
+    /// was refused as unaudited and `during_undo` ran.
+    fn revoke_unaudited(
+        policy: &Policy,
+        hooks: &Hooks,
+        grants: &Grants,
+        approved: &Grant,
+        mut during_undo: impl FnMut(Write<'_>) -> Result<(), StoreError> + Send + 'static,
+    ) {
+        let (ran, raise) = flag();
         let mut event_failed = false;
-        hooks.set(Box::new(move |write| {
-            match write {
-                Write::Swap { tree: "audit", .. } if !event_failed => {
-                    event_failed = true;
-                    return Err(injected());
-                }
-                Write::Swap {
-                    tree: "requests", ..
-                } if event_failed && !raise.swap(true, Ordering::SeqCst) => {
-                    let later = Utc::now() + Duration::from_secs(7200);
-                    assert!(table.due(later).unwrap().is_empty(), "read as revoked");
-                    assert!(table.live().unwrap().is_empty(), "read as revoked");
-                }
-                _ => {}
+        hooks.set(Box::new(move |write| match write {
+            Write::Swap { tree: "audit", .. } if !event_failed => {
+                event_failed = true;
+                Err(injected())
             }
-            Ok(())
+            Write::Swap {
+                tree: "requests", ..
+            } if event_failed && !raise.swap(true, Ordering::SeqCst) => during_undo(write),
+            _ => Ok(()),
         }));
-        let refused = grants.revoke(&policy, &approved.id, "bob", None, Utc::now());
+        let refused = grants.revoke(policy, &approved.id, "bob", None, Utc::now());
         assert!(
             matches!(refused, Err(GrantError::Unaudited(_))),
             "{refused:?}"
         );
-        assert!(swept.load(Ordering::SeqCst), "the sweep ran in the undo");
+        assert!(ran.load(Ordering::SeqCst), "the hook ran in the undo");
+    }
+
+    /// Two hours on: past the test grants' expiry.
+    fn two_hours_on() -> DateTime<Utc> {
+        Utc::now() + Duration::from_secs(7200)
+    }
+
+    #[test]
+    fn an_unaudited_revocation_is_undone_and_the_grant_still_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let (policy, _, hooks, grants, approved) = approved_on_intercepted(dir.path());
+        // While the change is being undone, between putting back the index
+        // entries and the grant, a sweep (here or on another bastion) reads the
+        // grant as revoked and drops its entries.
+        let table = grants.inner.table.clone();
+        revoke_unaudited(&policy, &hooks, &grants, &approved, move |_| {
+            sweep_reader(&table, two_hours_on());
+            live_reader(&table, two_hours_on());
+            Ok(())
+        });
 
         assert_still_approved_and_expires(&grants, &approved);
         let kinds = event_kinds(&grants);
@@ -902,40 +918,21 @@ mod tests {
     fn an_undo_whose_answer_is_lost_counts_and_indexes_again() {
         let dir = tempfile::tempdir().unwrap();
         let (policy, store, hooks, grants, approved) = approved_on_intercepted(dir.path());
-        // The revocation's event fails; a sweep drops the grant's entries while
-        // it is undone, and the undo's swap lands but its answer is lost (a
-        // database connection that broke after the commit).
+        // A sweep drops the grant's entries while it is undone, and the undo's
+        // swap lands but its answer is lost (a database connection that broke
+        // after the commit).
         let table = grants.inner.table.clone();
-        let (lost, raise) = flag();
-        let mut event_failed = false;
-        hooks.set(Box::new(move |write| {
-            match write {
-                Write::Swap { tree: "audit", .. } if !event_failed => {
-                    event_failed = true;
-                    return Err(injected());
-                }
-                Write::Swap {
-                    tree: "requests",
-                    key,
-                    old,
-                    new,
-                } if event_failed && !raise.swap(true, Ordering::SeqCst) => {
-                    let later = Utc::now() + Duration::from_secs(7200);
-                    assert!(table.due(later).unwrap().is_empty(), "read as revoked");
-                    let backend = store.backend();
-                    assert!(backend.compare_and_swap("requests", key, old, new).unwrap());
-                    return Err(injected());
-                }
-                _ => {}
-            }
-            Ok(())
-        }));
-        let refused = grants.revoke(&policy, &approved.id, "bob", None, Utc::now());
-        assert!(
-            matches!(refused, Err(GrantError::Unaudited(_))),
-            "{refused:?}"
-        );
-        assert!(lost.load(Ordering::SeqCst), "the undo's answer was lost");
+        revoke_unaudited(&policy, &hooks, &grants, &approved, move |write| {
+            sweep_reader(&table, two_hours_on());
+            let Write::Swap { key, old, new, .. } = write else {
+                unreachable!("called for the undo's swap")
+            };
+            assert!(store
+                .backend()
+                .compare_and_swap("requests", key, old, new)
+                .unwrap());
+            Err(injected())
+        });
 
         assert_still_approved_and_expires(&grants, &approved);
     }
