@@ -1599,19 +1599,22 @@ async fn writer(writers: &Arc<Semaphore>) -> OwnedSemaphorePermit {
         .expect("the writer semaphore is never closed")
 }
 
-/// Slices of at most this many bytes are encoded on the runtime worker that flushes
-/// them. Encoding a few KiB (framing, a compression attempt, SHA-256) takes tens of
-/// microseconds, about what relaying one packet does, while a trip through the
-/// blocking pool wakes a thread of its own: with 500 sessions typing, each flushing
-/// a few hundred bytes a second, those trips cost the bastion a tenth of a core.
-const ENCODE_INLINE_BYTES: usize = 4 * 1024;
+/// Slices that hold at most this much memory ([`held_by`]: their bytes and a slot
+/// per chunk, so that a slice of many empty chunks counts) are encoded on the
+/// runtime worker that flushes them. Encoding that much (framing, a compression
+/// attempt, SHA-256) takes tens of microseconds, about what relaying one packet
+/// does, while a trip through the blocking pool wakes a thread of its own: with 500
+/// sessions typing, each flushing a second of keystrokes and echoes, the blocking
+/// pool's threads ran 0.12 s a second between them (README, Performance, Load).
+const ENCODE_INLINE_BYTES: usize = 8 * 1024;
 
 /// Encodes chunks and chains them onto `digest`, under a writer slot, which it
 /// hands on with the writes: encoded slices waiting for their turn count against
 /// the slots too, so however many sessions are behind, at most that many hold
-/// one. A slice larger than [`ENCODE_INLINE_BYTES`] is encoded on the blocking pool
-/// (a MiB took a runtime worker away from the relays behind it). A panic while
-/// encoding is an error of this flush either way, not of the task that flushes.
+/// one. A slice that holds more than [`ENCODE_INLINE_BYTES`] is encoded on the
+/// blocking pool (a MiB took a runtime worker away from the relays behind it). A
+/// panic while encoding is an error of this flush either way, not of the task that
+/// flushes.
 async fn encode(
     writers: Arc<Semaphore>,
     chunks: Vec<Chunk>,
@@ -1619,9 +1622,9 @@ async fn encode(
     write_bytes: usize,
 ) -> Result<(Encoded, OwnedSemaphorePermit), String> {
     let writer = writer(&writers).await;
-    let plain: usize = chunks.iter().map(|chunk| chunk.data.len()).sum();
+    let held: usize = chunks.iter().map(held_by).sum();
     let encoding = move || Encoded::new(encode_runs(&chunks), digest, write_bytes);
-    let encoded = if plain <= ENCODE_INLINE_BYTES {
+    let encoded = if held <= ENCODE_INLINE_BYTES {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(encoding))
             .map_err(|panicked| panic_message(&*panicked))?
     } else {
@@ -2022,10 +2025,17 @@ mod tests {
 
     /// A panic while a slice is encoded fails that flush and ends the recording with
     /// the panic's message, whether the slice was small enough to encode on the
-    /// worker or went to the blocking pool; what landed before it stays sealed.
+    /// worker or went to the blocking pool (a `JoinError`, "task … panicked"), as a
+    /// slice of many empty chunks does; what landed before it stays sealed.
     #[tokio::test]
     async fn a_panic_while_encoding_fails_the_flush_on_either_path() {
-        for before in [0, 2 * ENCODE_INLINE_BYTES] {
+        let empty_chunks = ENCODE_INLINE_BYTES / std::mem::size_of::<Chunk>() + 1;
+        let cases = [
+            ("nothing", vec![], "encoding panicked"),
+            ("a slice too large", vec![ENCODE_INLINE_BYTES], "task "),
+            ("empty chunks", vec![0; empty_chunks], "task "),
+        ];
+        for (before, shown, path) in cases {
             let (_dir, recorder, session) = recording();
             show_random(&session, 1).await;
             // Everything shown is written, so the next slice holds only what follows.
@@ -2034,17 +2044,19 @@ mod tests {
                 assert!(Instant::now() < flushed, "the MiB was never written");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let shown: Vec<u8> = (0..before).map(|_| rand::random::<u8>()).collect();
-            session.output(Stream::Stdout, &Bytes::from(shown)).await;
+            for len in shown {
+                let data: Vec<u8> = (0..len).map(|_| rand::random::<u8>()).collect();
+                session.output(Stream::Stdout, &Bytes::from(data)).await;
+            }
             let panics = Bytes::from_static(ENCODING_PANICS);
             session.output(Stream::Stdout, &panics).await;
             let (record, error) = session.finish(SessionEnd::default(), |_, _| async {}).await;
             let error = error.expect("the flush failed");
             assert!(
-                error.contains("injected encoding failure"),
-                "{before} bytes before: {error}"
+                error.contains("injected encoding failure") && error.starts_with(path),
+                "{before} before: {error}"
             );
-            assert!(record.batches > 0, "{before} bytes before: the MiB counted");
+            assert!(record.batches > 0, "{before} before: the MiB counted");
             assert_sealed_exactly(&recorder, &record);
         }
     }
