@@ -1404,7 +1404,9 @@ impl Flusher {
             if waiting >= self.recorder.write_bytes || (due && waiting > 0) {
                 let (chunks, slice, rest) = self.take();
                 due = due && rest > 0;
-                let (encoded, writer) = self.encode_landing(chunks, &ahead, writing).await?;
+                let (encoded, writer) = self
+                    .encode_landing(chunks, slice.held, &ahead, writing)
+                    .await?;
                 while writing.len() >= self.recorder.concurrent_writes {
                     let oldest = writing.pop_front().expect("a write is under way");
                     self.land(oldest).await?;
@@ -1436,17 +1438,19 @@ impl Flusher {
         }
     }
 
-    /// Encodes `chunks` to follow `ahead`, landing the writes under way that end
-    /// meanwhile, oldest first.
+    /// Encodes `chunks` (holding `held`, see [`held_by`]) to follow `ahead`, landing
+    /// the writes under way that end meanwhile, oldest first.
     async fn encode_landing(
         &mut self,
         chunks: Vec<Chunk>,
+        held: usize,
         ahead: &Position,
         writing: &mut VecDeque<InFlight>,
     ) -> Result<(Encoded, OwnedSemaphorePermit), String> {
         let encoding = encode(
             self.recorder.writers.clone(),
             chunks,
+            held,
             ahead.digest.clone(),
             self.recorder.write_bytes,
         );
@@ -1608,21 +1612,21 @@ async fn writer(writers: &Arc<Semaphore>) -> OwnedSemaphorePermit {
 /// pool's threads ran 0.12 s a second between them (README, Performance, Load).
 const ENCODE_INLINE_BYTES: usize = 8 * 1024;
 
-/// Encodes chunks and chains them onto `digest`, under a writer slot, which it
-/// hands on with the writes: encoded slices waiting for their turn count against
-/// the slots too, so however many sessions are behind, at most that many hold
-/// one. A slice that holds more than [`ENCODE_INLINE_BYTES`] is encoded on the
-/// blocking pool (a MiB took a runtime worker away from the relays behind it). A
-/// panic while encoding is an error of this flush either way, not of the task that
-/// flushes.
+/// Encodes chunks, which hold `held` ([`held_by`]), and chains them onto `digest`,
+/// under a writer slot, which it hands on with the writes: encoded slices waiting
+/// for their turn count against the slots too, so however many sessions are
+/// behind, at most that many hold one. A slice that holds more than
+/// [`ENCODE_INLINE_BYTES`] is encoded on the blocking pool (a MiB took a runtime
+/// worker away from the relays behind it). A panic while encoding is an error of
+/// this flush either way, not of the task that flushes.
 async fn encode(
     writers: Arc<Semaphore>,
     chunks: Vec<Chunk>,
+    held: usize,
     digest: TranscriptDigest,
     write_bytes: usize,
 ) -> Result<(Encoded, OwnedSemaphorePermit), String> {
     let writer = writer(&writers).await;
-    let held: usize = chunks.iter().map(held_by).sum();
     let encoding = move || Encoded::new(encode_runs(&chunks), digest, write_bytes);
     let encoded = if held <= ENCODE_INLINE_BYTES {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(encoding))
