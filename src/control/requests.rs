@@ -34,9 +34,14 @@ impl Caller<'_> {
                 .is_member(self.user, &self.state.config.auditors)
     }
 
-    /// A grant the caller may see; others look exactly like unknown ids.
-    pub(super) fn visible(&self, id: &str) -> Result<Grant, ControlError> {
-        let grant = self.state.grants.get(id)?;
+    /// A grant the caller may see; others look exactly like unknown ids. Read on
+    /// the blocking pool, as every read of the grants here: on PostgreSQL a read
+    /// is a round trip, which would stall the other connections of this shard.
+    pub(super) async fn visible(&self, id: &str) -> Result<Grant, ControlError> {
+        let wanted = id.to_string();
+        let grant = (self.state.grants)
+            .run(move |grants| grants.get(&wanted))
+            .await?;
         if self.can_see(&grant) {
             Ok(grant)
         } else {
@@ -168,8 +173,9 @@ pub async fn list(caller: &Caller<'_>, filter: Filter, json: bool) -> Reply {
     Ok(table(caller, &grants))
 }
 
-pub fn grants(caller: &Caller, json: bool) -> Reply {
-    let active: Vec<Grant> = visible(caller, caller.state.grants.live())?
+pub async fn grants(caller: &Caller<'_>, json: bool) -> Reply {
+    let live = caller.state.grants.run(|grants| grants.live()).await;
+    let active: Vec<Grant> = visible(caller, live)?
         .into_iter()
         .filter(|g| g.is_active(caller.now))
         .collect();
@@ -183,15 +189,21 @@ pub fn grants(caller: &Caller, json: bool) -> Reply {
 }
 
 /// The caller's own active grants, for `whoami`.
-pub fn own_active(caller: &Caller) -> Result<Vec<Grant>, ControlError> {
-    Ok(visible(caller, caller.state.grants.live_of(caller.user))?
+pub async fn own_active(caller: &Caller<'_>) -> Result<Vec<Grant>, ControlError> {
+    let user = caller.user.to_string();
+    let live = caller
+        .state
+        .grants
+        .run(move |grants| grants.live_of(&user))
+        .await;
+    Ok(visible(caller, live)?
         .into_iter()
         .filter(|g| g.requester == caller.user && g.is_active(caller.now))
         .collect())
 }
 
-pub fn show(caller: &Caller, id: &str, json: bool) -> Reply {
-    let grant = caller.visible(id)?;
+pub async fn show(caller: &Caller<'_>, id: &str, json: bool) -> Reply {
+    let grant = caller.visible(id).await?;
     if json {
         return Ok(to_json(&grant));
     }
@@ -315,7 +327,7 @@ async fn decide(
     id: &str,
     change: impl FnOnce(&Grants, &Policy, &str, &str) -> Result<Grant, GrantError> + Send + 'static,
 ) -> Result<Grant, ControlError> {
-    let known = caller.visible(id)?;
+    let known = caller.visible(id).await?;
     let (policy, user) = (caller.policy.clone(), caller.user.to_string());
     caller
         .state

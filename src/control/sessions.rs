@@ -162,22 +162,17 @@ pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, ControlError> 
 
 /// The stored transcript of a session, read one batch at a time, unless retention
 /// removed it.
-fn transcript<'a>(
-    caller: &'a Caller,
+fn transcript(
+    caller: &Caller,
     session: &SessionRecord,
-) -> Result<crate::record::Batches<'a>, ControlError> {
+) -> Result<crate::record::BatchReader, ControlError> {
     if session.pruned {
         return Err(ControlError::refused(format!(
             "the recording of session {} was pruned by retention",
             session.id
         )));
     }
-    Ok(caller.state.recorder.batches(session.id))
-}
-
-/// The next batch of a transcript, or the reason it cannot be read.
-fn next_batch(batches: &mut crate::record::Batches) -> Result<Option<Vec<Chunk>>, ControlError> {
-    Ok(batches.next().transpose()?)
+    Ok(caller.state.recorder.reader(session.id))
 }
 
 /// What reaches the auditor's terminal: the recorded bytes, less the sequences that
@@ -239,7 +234,7 @@ pub async fn replay(
     let with_input = !session.echoes_input();
     let mut shown = Shown::new(raw, caller.state.config.limits.idle_window_timeout);
     let mut timing = replay::Timing::default();
-    while let Some(chunks) = next_batch(&mut batches)? {
+    while let Some(chunks) = batches.next().await? {
         for (pause, data) in timing.schedule(&chunks, speed, with_input) {
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
@@ -259,7 +254,7 @@ pub async fn export(caller: &Caller<'_>, out: &ClientOut, session: &SessionRecor
     if !send_in_pieces(out, Bytes::from(cast.header(session))).await {
         return Ok(String::new());
     }
-    while let Some(chunks) = next_batch(&mut batches)? {
+    while let Some(chunks) = batches.next().await? {
         if !send_in_pieces(out, Bytes::from(cast.events(&chunks))).await {
             break; // the auditor went away
         }
@@ -315,12 +310,11 @@ pub async fn watch(
     let mut shown = Shown::new(raw, caller.state.config.limits.idle_window_timeout);
     // What it showed so far: the stored batches one at a time, then what is not
     // stored yet. Live chunks queue meanwhile (up to `WATCH_BYTES`).
-    let mut stored = caller
-        .state
-        .recorder
-        .batches(session.id)
-        .take(follow.stored as usize);
-    while let Some(chunks) = stored.next().transpose()? {
+    let mut stored = caller.state.recorder.reader(session.id);
+    while stored.read() < follow.stored {
+        let Some(chunks) = stored.next().await? else {
+            break;
+        };
         if !show_all(out, &mut shown, chunks, with_input).await {
             return Ok(String::new());
         }

@@ -138,7 +138,7 @@ pub async fn for_decision(
     let (context, caller) = (call.context, &call.caller);
     // A request the caller may not see must answer exactly like an unknown id, so
     // visibility is checked before anything that depends on the request's flow.
-    let Ok(grant) = caller.visible(id) else {
+    let Ok(grant) = caller.visible(id).await else {
         return Ok(()); // the decision itself reports the bad, unknown or invisible id
     };
     let policy = &caller.policy;

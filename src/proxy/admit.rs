@@ -21,11 +21,11 @@ pub async fn admit(
     target: &str,
     login: Option<&str>,
 ) -> Option<Permit> {
-    if let Some(refusal) = not_enrolled(context, target) {
+    if let Some(refusal) = not_enrolled(context, target).await {
         client.out.fail(&refusal, 1).await;
         return None;
     }
-    let denial = match decide(context, setup, start, target, login) {
+    let denial = match decide(context, setup, start, target, login).await {
         Decision::Allow(permit) => return stepped_up(context, client, setup, *permit).await,
         Decision::Deny(denial) => denial,
     };
@@ -61,7 +61,7 @@ pub async fn admit(
     if !filed {
         return None;
     }
-    match decide(context, setup, start, target, login) {
+    match decide(context, setup, start, target, login).await {
         Decision::Allow(permit) => stepped_up(context, client, setup, *permit).await,
         Decision::Deny(denial) => {
             client.out.fail(&denial.reason, 1).await;
@@ -72,11 +72,18 @@ pub async fn admit(
 
 /// In a `step_up = "totp"` flow, a user without TOTP is told how to enrol before
 /// anything is filed for them.
-fn not_enrolled(context: &ChannelContext, target: &str) -> Option<String> {
+async fn not_enrolled(context: &ChannelContext, target: &str) -> Option<String> {
     let policy = context.state.policy();
     let flow = policy.flow_for(policy.targets.get(target)?)?;
     let user = &context.identity.user;
-    if !flow.step_up_totp || context.state.totp.is_enrolled(user).unwrap_or(true) {
+    if !flow.step_up_totp {
+        return None;
+    }
+    let owner = user.clone();
+    let enrolled = (context.state)
+        .blocking(move |state| state.totp.is_enrolled(&owner))
+        .await;
+    if enrolled.unwrap_or(true) {
         return None;
     }
     let enroll = crate::session::hint::control_line(&context.state.config, &["totp", "enroll"]);
@@ -163,7 +170,10 @@ fn stale_step_up(context: &ChannelContext, grant: &crate::grant::Grant) -> Optio
     }
 }
 
-fn decide(
+/// Whether the user's grants allow the session. The grants are read on the
+/// blocking pool: on PostgreSQL each read is a round trip, which would stall the
+/// other connections of this shard.
+async fn decide(
     context: &ChannelContext,
     setup: &SessionSetup,
     start: &Start,
@@ -172,7 +182,11 @@ fn decide(
 ) -> Decision {
     let user = context.identity.user.as_str();
     let now = context.state.now();
-    let grants = match context.state.grants.active_for(user, target, now) {
+    let (owner, place) = (user.to_string(), target.to_string());
+    let active = (context.state)
+        .blocking(move |state| state.grants.active_for(&owner, &place, now))
+        .await;
+    let grants = match active {
         Ok(grants) => grants,
         Err(err) => {
             return Decision::Deny(Box::new(Denial {

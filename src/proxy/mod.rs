@@ -64,7 +64,11 @@ pub async fn run(
         return;
     };
     // Watched from here, before every later check of the grant, so no change is missed.
-    let grant_changes = match context.state.grants.watch(&permit.grant.id) {
+    let id = permit.grant.id.clone();
+    let watched = (context.state)
+        .blocking(move |state| state.grants.watch(&id))
+        .await;
+    let grant_changes = match watched {
         Ok(changes) => changes,
         Err(err) => {
             client.out.fail(&err.to_string(), 1).await;
@@ -106,7 +110,10 @@ pub async fn run(
     let failed = AuditEvent::new(AuditKind::SessionFailed, user, Utc::now())
         .target(target)
         .grant(&permit.grant.id);
-    let reservation = match context.state.recorder.reserve(failed) {
+    let reserved = (context.state)
+        .blocking(move |state| state.recorder.reserve(failed))
+        .await;
+    let reservation = match reserved {
         Ok(reservation) => reservation,
         Err(err) => {
             client
@@ -127,7 +134,7 @@ pub async fn run(
         }
     };
     let grant = &permit.grant;
-    if let Some(ended) = no_longer_allowed(context, grant) {
+    if let Some(ended) = no_longer_allowed(context, grant).await {
         let _ = opened.channel.close().await;
         reservation.fail(&ended).await;
         client.out.fail(&ended, 1).await;
@@ -142,7 +149,10 @@ pub async fn run(
     let pty = setup.pty.clone();
     let info = session_info(context, &permit, &start, pty.as_ref(), certificate);
     let (kind, command) = (info.kind.clone(), info.command.clone());
-    let recording = match context.state.recorder.start(reservation, info) {
+    let started = (context.state)
+        .blocking(move |state| state.recorder.start(reservation, info))
+        .await;
+    let recording = match started {
         Ok(recording) => recording,
         Err(err) => {
             tracing::error!(user, target, error = %err, "cannot start the recording; session refused");
@@ -188,10 +198,10 @@ pub async fn run(
     // The last check before anything runs on the target, and one right after: a
     // revocation or a withdrawn key that lands while the target starts the command
     // ends it before the first byte is relayed.
-    let refused = match no_longer_allowed(context, grant) {
+    let refused = match no_longer_allowed(context, grant).await {
         Some(ended) => Err(ended),
         None => match start_remote_session(&channel, setup, &start).await {
-            Ok(pending) => match no_longer_allowed(context, grant) {
+            Ok(pending) => match no_longer_allowed(context, grant).await {
                 None => Ok(pending),
                 Some(ended) => Err(ended),
             },
@@ -361,12 +371,16 @@ fn peer(context: &ChannelContext) -> String {
 /// Why this session may not go on, if it may not: its grant ended, or the key its
 /// connection authenticated with was withdrawn (the connection is being closed, but
 /// a channel task may be in the middle of set-up).
-fn no_longer_allowed(context: &ChannelContext, grant: &Grant) -> Option<String> {
-    context
-        .identity
-        .withdrawn(&context.state.policy())
-        .map(|why| format!("{why} — session closed"))
-        .or_else(|| grant_ended(&context.state.grants, grant))
+async fn no_longer_allowed(context: &ChannelContext, grant: &Grant) -> Option<String> {
+    if let Some(why) = context.identity.withdrawn(&context.state.policy()) {
+        return Some(format!("{why} — session closed"));
+    }
+    // On the blocking pool: on PostgreSQL the read is a round trip, which would
+    // stall the other connections of this shard.
+    let grant = grant.clone();
+    (context.state)
+        .blocking(move |state| grant_ended(&state.grants, &grant))
+        .await
 }
 
 /// Why the grant no longer allows its sessions, if it does not: re-read from the

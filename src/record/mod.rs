@@ -748,6 +748,16 @@ impl Recorder {
         }
     }
 
+    /// [`Recorder::batches`] for async callers that stream a transcript to a
+    /// client: each batch is read and decoded on the blocking pool.
+    pub fn reader(self: &Arc<Self>, id: u64) -> BatchReader {
+        BatchReader {
+            recorder: self.clone(),
+            session: id,
+            next: 0,
+        }
+    }
+
     /// Every stored chunk of a session, in order (for tests and small tools; the
     /// bastion itself reads with [`Recorder::batches`]).
     pub fn chunks(&self, id: u64) -> Result<Vec<Chunk>, StoreError> {
@@ -987,6 +997,42 @@ impl Iterator for Batches<'_> {
     }
 }
 
+/// A session's stored batches for async code, one at a time. Each is read (a
+/// round trip on PostgreSQL) and decompressed (up to a MiB) on the blocking pool,
+/// never on the runtime thread that carries other sessions too.
+pub struct BatchReader {
+    recorder: Arc<Recorder>,
+    session: u64,
+    next: u32,
+}
+
+impl BatchReader {
+    /// The next batch, or `None` after the last.
+    pub async fn next(&mut self) -> Result<Option<Vec<Chunk>>, StoreError> {
+        let (recorder, session, next) = (self.recorder.clone(), self.session, self.next);
+        let read =
+            tokio::task::spawn_blocking(move || recorder.batches_from(session, next).next()).await;
+        let batch = match read {
+            Ok(batch) => batch.transpose()?,
+            Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+            Err(cancelled) => {
+                return Err(StoreError::Backend(format!(
+                    "the transcript read was cancelled: {cancelled}"
+                )))
+            }
+        };
+        if batch.is_some() {
+            self.next += 1;
+        }
+        Ok(batch)
+    }
+
+    /// How many batches were read so far.
+    pub fn read(&self) -> u32 {
+        self.next
+    }
+}
+
 /// The tail of one stream that a match may still start in, and the search over it.
 struct SearchWindow<'a> {
     needle: &'a [u8],
@@ -1208,8 +1254,15 @@ impl SessionRecorder {
         record.digest_source = Some(DigestSource::Bastion);
         self.ending = true;
         announce(&record, error.as_deref()).await;
-        let saved = self.recorder.store.save_session(&record);
-        let error = error.or(saved.err().map(|e| e.to_string()));
+        // On the blocking pool: several writes, each a round trip on PostgreSQL.
+        let (recorder, saving) = (self.recorder.clone(), record.clone());
+        let saved = tokio::task::spawn_blocking(move || recorder.store.save_session(&saving)).await;
+        let error = match saved {
+            Ok(Ok(())) => error,
+            Ok(Err(err)) => error.or(Some(err.to_string())),
+            Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+            Err(cancelled) => error.or(Some(format!("the record was not saved: {cancelled}"))),
+        };
         (record, error)
     }
 }

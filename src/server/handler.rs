@@ -6,6 +6,7 @@
 //! channel task does the work from the queue, so events stay ordered with the data.
 
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::BufReader;
@@ -54,7 +55,7 @@ pub async fn drive(
         Ok(Ok(())) => {}
         Ok(Err(refusal)) => {
             // Locked out while it waited.
-            let _ = stream.try_write(refusal.message());
+            say(&stream, refusal.message()).await;
             return;
         }
         Err(_) => {
@@ -82,7 +83,14 @@ pub async fn drive(
         user_slot: None,
         refused: None,
     };
-    let ending = run(
+    // Until the connection is charged, the client must not see it closed: a
+    // client that reconnects at once would otherwise pass the door before its
+    // penalty lands. A second descriptor of the socket keeps it open (no FIN)
+    // when russh drops the stream; it goes once the user authenticated, or once
+    // the ending is charged.
+    let mut held_open = stream.as_fd().try_clone_to_owned().ok();
+    let mut signed_in = authenticated.clone();
+    let running = run(
         &state,
         config,
         stream,
@@ -91,8 +99,23 @@ pub async fn drive(
         (handshake_deadline, key_exchanged),
         (deadline, authenticated.clone()),
         policy_changes,
-    )
-    .await;
+    );
+    tokio::pin!(running);
+    let mut watching = true;
+    let ending = loop {
+        tokio::select! {
+            ending = &mut running => break ending,
+            changed = signed_in.changed(), if watching => match changed {
+                Ok(()) if signed_in.borrow().is_some() => {
+                    held_open = None;
+                    watching = false;
+                }
+                Ok(()) => {}
+                // The connection is gone; its ending is charged below.
+                Err(_) => watching = false,
+            },
+        }
+    };
     if authenticated.borrow().is_some() {
         return;
     }
@@ -102,6 +125,24 @@ pub async fn drive(
     }
     let attempts = std::mem::take(&mut *attempts.lock().expect("attempts lock poisoned"));
     charge(&state, &gate, peer.ip(), ending, &attempts).await;
+    drop(held_open);
+}
+
+/// How long a refusal waits for a socket that has just moved to this runtime to
+/// be seen writable (its first readiness event): never for the peer, whose
+/// receive buffer is not involved.
+const REFUSAL_WRITE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Writes a refusal (sshd's words) on a connection about to be closed, best
+/// effort: `try_write` alone fails on a socket whose first readiness event this
+/// runtime has not seen yet.
+async fn say(stream: &TcpStream, message: &[u8]) {
+    if tokio::time::timeout(REFUSAL_WRITE_WAIT, stream.writable())
+        .await
+        .is_ok()
+    {
+        let _ = stream.try_write(message);
+    }
 }
 
 /// Charges a connection from `ip` that ended unauthenticated, and audits the
@@ -142,7 +183,7 @@ async fn client_behind_balancer(
         Ok(Ok(client)) => {
             if let Err(refusal) = preauth.readdress(client.ip(), std::time::Instant::now()) {
                 tracing::debug!(%balancer, %client, ?refusal, "connection refused at the door");
-                let _ = stream.try_write(refusal.message());
+                say(stream, refusal.message()).await;
                 return None;
             }
             tracing::debug!(%balancer, %client, "client address from the PROXY header");
@@ -444,10 +485,24 @@ impl Connection {
             .is_some_and(|flow| flow.step_up_totp)
     }
 
+    /// Whether `user` has TOTP enrolled (yes when it cannot be read: then the
+    /// step-up fails closed). On the blocking pool: a round trip on PostgreSQL.
+    async fn enrolled(&self, user: &str) -> bool {
+        let owner = user.to_string();
+        (self.state)
+            .blocking(move |state| state.totp.is_enrolled(&owner))
+            .await
+            .unwrap_or(true)
+    }
+
     /// The keyboard-interactive question; when the user is locked out, the
     /// instructions say so (any answer is then refused).
-    fn step_up_prompt(&self, user: &str, now: chrono::DateTime<Utc>) -> Auth {
-        let instructions = match self.state.totp.status(user, now) {
+    async fn step_up_prompt(&self, user: &str, now: chrono::DateTime<Utc>) -> Auth {
+        let owner = user.to_string();
+        let status = (self.state)
+            .blocking(move |state| state.totp.status(&owner, now))
+            .await;
+        let instructions = match status {
             Ok(status) => status
                 .locked_until
                 .map(|until| Verdict::Locked { until }.explain(user))
@@ -558,7 +613,7 @@ impl russh::server::Handler for Connection {
                 .await;
             return Ok(Auth::reject());
         };
-        if self.needs_step_up(username) && self.state.totp.is_enrolled(&user).unwrap_or(true) {
+        if self.needs_step_up(username) && self.enrolled(&user).await {
             tracing::info!(peer = %self.peer(), %user, key = %fp, username, "public key accepted; TOTP step-up required");
             self.audit_auth(AuditKind::AuthPublickey, &user, key.public_key, username)
                 .await;
@@ -604,7 +659,7 @@ impl russh::server::Handler for Connection {
         let (user, key) = (step_up.user.clone(), step_up.key.clone());
         let now = Utc::now();
         let Some(mut response) = response else {
-            return Ok(self.step_up_prompt(&user, now));
+            return Ok(self.step_up_prompt(&user, now).await);
         };
         let code = response
             .next()

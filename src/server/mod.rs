@@ -5,6 +5,7 @@ mod channel;
 mod gate;
 mod handler;
 mod proxy_protocol;
+mod shards;
 mod upkeep;
 
 use std::sync::Arc;
@@ -30,11 +31,12 @@ use crate::store::Store;
 use crate::totp::Totp;
 
 pub use gate::{Gate, Preauth, Refusal};
+pub use shards::Shards;
 
-/// What the metrics thread reads: the state, and the runtime whose tasks it counts.
+/// What the metrics thread reads: the state, and the runtimes whose tasks it counts.
 struct MetricsSource {
     state: Arc<State>,
-    runtime: tokio::runtime::Handle,
+    runtimes: Vec<tokio::runtime::Handle>,
 }
 
 impl crate::metrics::Source for MetricsSource {
@@ -53,7 +55,11 @@ impl crate::metrics::Source for MetricsSource {
             recording_writes: recording.writes,
             recording_write_seconds: recording.writing.as_secs_f64(),
             relay_memory_bytes: state.memory.used(),
-            tasks_alive: self.runtime.metrics().num_alive_tasks(),
+            tasks_alive: self
+                .runtimes
+                .iter()
+                .map(|runtime| runtime.metrics().num_alive_tasks())
+                .sum(),
             unhealthy: unhealthy(state),
         }
     }
@@ -136,14 +142,17 @@ fn russh_config(keys: &KeySet, config: &Config) -> russh::server::Config {
     }
 }
 
-/// Runs the bastion until SIGTERM or Ctrl-C.
+/// Runs the bastion until SIGTERM or Ctrl-C, its connections on a shard per core.
 pub async fn serve(config: Config) -> Result<()> {
     let (state, _lock) = open(config)?;
     tokio::spawn(reload_on_sighup(state.clone()));
+    let shards = Shards::per_core()?;
     if let Some(listen) = state.config.metrics_listen {
+        let mut runtimes = shards.handles();
+        runtimes.push(tokio::runtime::Handle::current());
         let source = MetricsSource {
             state: state.clone(),
-            runtime: tokio::runtime::Handle::current(),
+            runtimes,
         };
         crate::metrics::serve(listen, Arc::new(source))?;
     }
@@ -161,7 +170,10 @@ pub async fn serve(config: Config) -> Result<()> {
         "portcullis listening"
     );
     drop(policy);
-    run(listener, state, termination()).await
+    let served = run_on(listener, state, termination(), &shards).await;
+    // What a shard still runs once the sessions drained is dropped with it.
+    let _ = tokio::task::spawn_blocking(move || drop(shards)).await;
+    served
 }
 
 /// Opens everything a bastion needs before it accepts connections: the policy, the
@@ -211,11 +223,21 @@ pub fn open_with_clock(config: Config, clock: Clock) -> Result<(Arc<State>, crat
 /// that run a bastion in their own process (on port 0, and on a paused tokio clock
 /// for timing tests: every timer here is tokio's). The background jobs (grant
 /// expiry, audit anchoring, recording retention, the allocator's trim) live as long
-/// as this call.
+/// as this call. Connections run on the caller's runtime.
 pub async fn run(
     listener: TcpListener,
     state: Arc<State>,
     shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    run_on(listener, state, shutdown, &Shards::none()).await
+}
+
+/// [`run`] with the connections on `shards`.
+pub async fn run_on(
+    listener: TcpListener,
+    state: Arc<State>,
+    shutdown: impl std::future::Future<Output = ()>,
+    shards: &Shards,
 ) -> Result<()> {
     let mut jobs = tokio::task::JoinSet::new();
     jobs.spawn(expire_grants(state.clone()));
@@ -227,7 +249,7 @@ pub async fn run(
     let russh_config = Arc::new(russh_config(&state.keys, &state.config));
     let gate = Gate::new(state.config.limits.clone());
     tokio::select! {
-        _ = accept(listener, state.clone(), russh_config, gate) => {}
+        _ = accept(listener, state.clone(), russh_config, gate, shards) => {}
         _ = shutdown => {}
         failure = upkeep::watch_disk(state.clone()) => {
             // Live sessions could not be recorded any more: nothing to drain.
@@ -262,12 +284,14 @@ pub async fn run(
 }
 
 /// Accepts connections, refusing at the door penalised sources and, under a flood,
-/// a random share of new ones; the rest wait in `drive` for a pre-auth slot.
+/// a random share of new ones; the rest wait in `drive`, on a shard, for a
+/// pre-auth slot.
 async fn accept(
     listener: TcpListener,
     state: Arc<State>,
     config: Arc<russh::server::Config>,
     gate: Arc<Gate>,
+    shards: &Shards,
 ) {
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -288,14 +312,10 @@ async fn accept(
         match admitted {
             Ok(preauth) => {
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(handler::drive(
-                    state.clone(),
-                    config.clone(),
-                    gate.clone(),
-                    stream,
-                    peer,
-                    preauth,
-                ));
+                let (state, config, gate) = (state.clone(), config.clone(), gate.clone());
+                shards.spawn(stream, move |stream| {
+                    handler::drive(state, config, gate, stream, peer, preauth)
+                });
             }
             Err(refusal) => {
                 tracing::debug!(%peer, ?refusal, "connection refused at the door");

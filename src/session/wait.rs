@@ -46,7 +46,9 @@ pub async fn until_decided(
     mut leaves: impl FnMut(Option<&ChannelMsg>) -> bool,
 ) -> Waited {
     // The grant's own watch: woken by its changes only, with the change in hand.
-    let mut changes = match state.grants.watch(id) {
+    let wanted = id.to_string();
+    let watched = state.grants.run(move |grants| grants.watch(&wanted)).await;
+    let mut changes = match watched {
         Ok(changes) => changes,
         Err(err) => return Waited::Failed(err),
     };

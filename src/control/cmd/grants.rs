@@ -41,7 +41,7 @@ pub struct Show {
 
 impl Show {
     pub async fn run(self, call: &mut Call<'_>) -> Reply {
-        requests::show(&call.caller, &self.id, self.json)
+        requests::show(&call.caller, &self.id, self.json).await
     }
 }
 
@@ -53,6 +53,6 @@ pub struct Grants {
 
 impl Grants {
     pub async fn run(self, call: &mut Call<'_>) -> Reply {
-        requests::grants(&call.caller, self.json)
+        requests::grants(&call.caller, self.json).await
     }
 }

@@ -22,8 +22,11 @@ impl Whoami {
             .get(user)
             .map(|u| u.groups.clone())
             .unwrap_or_default();
-        let active = requests::own_active(caller)?;
-        let totp = caller.state.totp.is_enrolled(user)?;
+        let active = requests::own_active(caller).await?;
+        let owner = user.to_string();
+        let totp = (call.context.state)
+            .blocking(move |state| state.totp.is_enrolled(&owner))
+            .await?;
         if self.json {
             let doc = serde_json::json!({
                 "user": user,
