@@ -144,8 +144,9 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
-/// Parses a session id and loads its record.
-pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, ControlError> {
+/// Parses a session id and loads its record (on the blocking pool: a round trip
+/// on PostgreSQL, which would stall the other connections of this shard).
+pub async fn find(caller: &Caller<'_>, text: &str) -> Result<SessionRecord, ControlError> {
     let shown = crate::display::escape(&text.chars().take(20).collect::<String>()).into_owned();
     let list = crate::session::hint::control_line(&caller.state.config, &["sessions"]);
     let id: u64 = text.parse().map_err(|_| {
@@ -153,11 +154,13 @@ pub fn find(caller: &Caller, text: &str) -> Result<SessionRecord, ControlError> 
             "'{shown}' is not a session id: ids are numbers like 42; `{list}` lists them"
         ))
     })?;
-    caller
-        .state
-        .recorder
-        .session(id)?
-        .ok_or_else(|| ControlError::refused(format!("no session {id}; `{list}` lists them")))
+    let recorder = caller.state.recorder.clone();
+    let read = tokio::task::spawn_blocking(move || recorder.session(id)).await;
+    let record = match read {
+        Ok(record) => record?,
+        Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+    };
+    record.ok_or_else(|| ControlError::refused(format!("no session {id}; `{list}` lists them")))
 }
 
 /// The stored transcript of a session, read one batch at a time, unless retention

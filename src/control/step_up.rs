@@ -10,9 +10,13 @@ use crate::audit::{AuditEvent, AuditKind};
 use crate::session::{ChannelContext, ClientChannel};
 use crate::totp::invite;
 
-pub fn status(caller: &Caller) -> Reply {
-    // TOTP runs on the wall clock, as authenticator apps do.
-    let status = caller.state.totp.status(caller.user, Utc::now())?;
+pub async fn status(context: &ChannelContext, caller: &Caller<'_>) -> Reply {
+    // TOTP runs on the wall clock, as authenticator apps do. Read on the blocking
+    // pool: a round trip on PostgreSQL.
+    let user = caller.user.to_string();
+    let status = (context.state)
+        .blocking(move |state| state.totp.status(&user, Utc::now()))
+        .await?;
     let mut text = match status.enrolled_at {
         Some(at) => format!("TOTP: enrolled {}\n", at.format("%Y-%m-%d %H:%M UTC")),
         None => format!(
@@ -40,7 +44,11 @@ pub async fn enroll(
     let user = context.identity.user.as_str();
     let totp = &context.state.totp;
     let mut invited = None;
-    if totp.is_enrolled(user)? {
+    let owner = user.to_string();
+    let enrolled = (context.state)
+        .blocking(move |state| state.totp.is_enrolled(&owner))
+        .await?;
+    if enrolled {
         check_code(context, client, None, "to replace your TOTP", true).await?;
     } else if context.state.config.totp_require_invite {
         invited = Some(check_invite(context, client, invite).await?);

@@ -83,11 +83,13 @@ pub async fn drive(
         user_slot: None,
         refused: None,
     };
-    // Until the connection is charged, the client must not see it closed: a
+    // Until the connection is charged, the client should not see it closed: a
     // client that reconnects at once would otherwise pass the door before its
     // penalty lands. A second descriptor of the socket keeps it open (no FIN)
-    // when russh drops the stream; it goes once the user authenticated, or once
-    // the ending is charged.
+    // when the stream is dropped: a handshake that timed out or failed. (Where
+    // russh ends the session itself, after too many authentication attempts,
+    // it shuts the socket down first; the charge follows a moment later.) The
+    // descriptor goes once the user authenticated, or once the ending is charged.
     let mut held_open = stream.as_fd().try_clone_to_owned().ok();
     let mut signed_in = authenticated.clone();
     let running = run(

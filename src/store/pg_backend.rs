@@ -20,8 +20,9 @@
 //! flush), an upsert otherwise.
 //!
 //! **Why a runtime of its own.** The seam is synchronous (sled is), and it is
-//! called both from tokio's blocking pool and, for quick reads, from the
-//! runtime's worker threads. The driver is async. `Handle::block_on` panics on a
+//! called from tokio's blocking pool and, for the background jobs' quick reads,
+//! from the main runtime's worker threads (never from a connection's shard,
+//! which carries many sessions on one thread). The driver is async. `Handle::block_on` panics on a
 //! worker thread, and `block_in_place` stalls the other tasks of that worker and
 //! panics on a current-thread runtime. So the backend owns a small runtime
 //! (two threads) that runs the driver, its pool and the LISTEN connection; a

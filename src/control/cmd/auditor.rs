@@ -123,7 +123,7 @@ pub struct Replay {
 impl Replay {
     async fn run(self, call: &mut Call<'_>) -> Reply {
         let caller = &call.caller;
-        let found = sessions::find(caller, &self.session)?;
+        let found = sessions::find(caller, &self.session).await?;
         let raw = self.raw;
         record(
             caller,
@@ -145,7 +145,7 @@ pub struct Watch {
 
 impl Watch {
     async fn run(self, call: &mut Call<'_>) -> Reply {
-        let found = sessions::find(&call.caller, &self.session)?;
+        let found = sessions::find(&call.caller, &self.session).await?;
         let raw = self.raw;
         record(
             &call.caller,
@@ -165,7 +165,7 @@ pub struct Export {
 impl Export {
     async fn run(self, call: &mut Call<'_>) -> Reply {
         let caller = &call.caller;
-        let found = sessions::find(caller, &self.session)?;
+        let found = sessions::find(caller, &self.session).await?;
         record(
             caller,
             |e| e.detail("session", found.id),

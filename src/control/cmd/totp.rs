@@ -31,7 +31,7 @@ impl Totp {
             TotpAction::Enroll { invite } => {
                 step_up::enroll(call.context, call.client, invite).await
             }
-            TotpAction::Status => step_up::status(&call.caller),
+            TotpAction::Status => step_up::status(call.context, &call.caller).await,
         }
     }
 }
