@@ -158,7 +158,12 @@ pub async fn find(caller: &Caller<'_>, text: &str) -> Result<SessionRecord, Cont
     let read = tokio::task::spawn_blocking(move || recorder.session(id)).await;
     let record = match read {
         Ok(record) => record?,
-        Err(failed) => std::panic::resume_unwind(failed.into_panic()),
+        Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+        Err(cancelled) => {
+            return Err(ControlError::refused(format!(
+                "session {id} could not be read: {cancelled}"
+            )))
+        }
     };
     record.ok_or_else(|| ControlError::refused(format!("no session {id}; `{list}` lists them")))
 }
