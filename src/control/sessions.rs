@@ -154,18 +154,8 @@ pub async fn find(caller: &Caller<'_>, text: &str) -> Result<SessionRecord, Cont
             "'{shown}' is not a session id: ids are numbers like 42; `{list}` lists them"
         ))
     })?;
-    let recorder = caller.state.recorder.clone();
-    let read = tokio::task::spawn_blocking(move || recorder.session(id)).await;
-    let record = match read {
-        Ok(record) => record?,
-        Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
-        Err(cancelled) => {
-            return Err(ControlError::refused(format!(
-                "session {id} could not be read: {cancelled}"
-            )))
-        }
-    };
-    record.ok_or_else(|| ControlError::refused(format!("no session {id}; `{list}` lists them")))
+    (caller.state.recorder.read_session(id).await?)
+        .ok_or_else(|| ControlError::refused(format!("no session {id}; `{list}` lists them")))
 }
 
 /// The stored transcript of a session, read one batch at a time, unless retention

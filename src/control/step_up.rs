@@ -44,11 +44,7 @@ pub async fn enroll(
     let user = context.identity.user.as_str();
     let totp = &context.state.totp;
     let mut invited = None;
-    let owner = user.to_string();
-    let enrolled = (context.state)
-        .blocking(move |state| state.totp.is_enrolled(&owner))
-        .await?;
-    if enrolled {
+    if context.state.totp_enrolled(user).await? {
         check_code(context, client, None, "to replace your TOTP", true).await?;
     } else if context.state.config.totp_require_invite {
         invited = Some(check_invite(context, client, invite).await?);

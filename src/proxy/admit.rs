@@ -79,11 +79,7 @@ async fn not_enrolled(context: &ChannelContext, target: &str) -> Option<String> 
     if !flow.step_up_totp {
         return None;
     }
-    let owner = user.clone();
-    let enrolled = (context.state)
-        .blocking(move |state| state.totp.is_enrolled(&owner))
-        .await;
-    if enrolled.unwrap_or(true) {
+    if context.state.totp_enrolled(user).await.unwrap_or(true) {
         return None;
     }
     let enroll = crate::session::hint::control_line(&context.state.config, &["totp", "enroll"]);

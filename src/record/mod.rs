@@ -838,6 +838,17 @@ impl Recorder {
         self.store.session(id)
     }
 
+    /// [`Recorder::session`] for async callers, read on the blocking pool.
+    pub async fn read_session(
+        self: &Arc<Self>,
+        id: u64,
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let recorder = self.clone();
+        off_the_runtime(move || recorder.session(id))
+            .await
+            .map_err(StoreError::Backend)?
+    }
+
     /// Recomputes a transcript's SHA-256 from the stored batches.
     pub fn digest_of(&self, id: u64) -> Result<String, StoreError> {
         let mut digest = TranscriptDigest::default();
@@ -1010,17 +1021,10 @@ impl BatchReader {
     /// The next batch, or `None` after the last.
     pub async fn next(&mut self) -> Result<Option<Vec<Chunk>>, StoreError> {
         let (recorder, session, next) = (self.recorder.clone(), self.session, self.next);
-        let read =
-            tokio::task::spawn_blocking(move || recorder.batches_from(session, next).next()).await;
-        let batch = match read {
-            Ok(batch) => batch.transpose()?,
-            Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
-            Err(cancelled) => {
-                return Err(StoreError::Backend(format!(
-                    "the transcript read was cancelled: {cancelled}"
-                )))
-            }
-        };
+        let batch = off_the_runtime(move || recorder.batches_from(session, next).next())
+            .await
+            .map_err(StoreError::Backend)?
+            .transpose()?;
         if batch.is_some() {
             self.next += 1;
         }
@@ -1030,6 +1034,20 @@ impl BatchReader {
     /// How many batches were read so far.
     pub fn read(&self) -> u32 {
         self.next
+    }
+}
+
+/// Runs `work` on the blocking pool, for reads and writes that async code must
+/// not wait for on its runtime thread (a round trip each on PostgreSQL). A panic
+/// in `work` goes on in the caller, as if it had run there; the runtime stopping
+/// before `work` ran is an error.
+async fn off_the_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(done) => Ok(done),
+        Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+        Err(cancelled) => Err(format!("the runtime is stopping: {cancelled}")),
     }
 }
 
@@ -1256,12 +1274,11 @@ impl SessionRecorder {
         announce(&record, error.as_deref()).await;
         // On the blocking pool: several writes, each a round trip on PostgreSQL.
         let (recorder, saving) = (self.recorder.clone(), record.clone());
-        let saved = tokio::task::spawn_blocking(move || recorder.store.save_session(&saving)).await;
+        let saved = off_the_runtime(move || recorder.store.save_session(&saving)).await;
         let error = match saved {
             Ok(Ok(())) => error,
             Ok(Err(err)) => error.or(Some(err.to_string())),
-            Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
-            Err(cancelled) => error.or(Some(format!("the record was not saved: {cancelled}"))),
+            Err(cancelled) => error.or(Some(cancelled)),
         };
         (record, error)
     }

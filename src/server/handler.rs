@@ -490,11 +490,7 @@ impl Connection {
     /// Whether `user` has TOTP enrolled (yes when it cannot be read: then the
     /// step-up fails closed). On the blocking pool: a round trip on PostgreSQL.
     async fn enrolled(&self, user: &str) -> bool {
-        let owner = user.to_string();
-        (self.state)
-            .blocking(move |state| state.totp.is_enrolled(&owner))
-            .await
-            .unwrap_or(true)
+        self.state.totp_enrolled(user).await.unwrap_or(true)
     }
 
     /// The keyboard-interactive question; when the user is locked out, the

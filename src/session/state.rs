@@ -151,6 +151,14 @@ impl State {
         }
     }
 
+    /// Whether `user` has TOTP enrolled, read on the blocking pool (a round trip
+    /// on PostgreSQL would stall the other connections of this shard).
+    pub async fn totp_enrolled(self: &Arc<Self>, user: &str) -> Result<bool, StoreError> {
+        let user = user.to_string();
+        self.blocking(move |state| state.totp.is_enrolled(&user))
+            .await
+    }
+
     /// Now, by the grant service's clock: the time grants are filed, decided,
     /// checked and expired at (the wall clock, unless a test runs the bastion on
     /// tokio's paused clock).

@@ -23,10 +23,7 @@ impl Whoami {
             .map(|u| u.groups.clone())
             .unwrap_or_default();
         let active = requests::own_active(caller).await?;
-        let owner = user.to_string();
-        let totp = (call.context.state)
-            .blocking(move |state| state.totp.is_enrolled(&owner))
-            .await?;
+        let totp = call.context.state.totp_enrolled(user).await?;
         if self.json {
             let doc = serde_json::json!({
                 "user": user,
